@@ -1,0 +1,33 @@
+"""TinyLlama-1.1B on Shakespeare, for a single GPU/TPU host.
+
+  ultrametric run --config configs/tinyllama.py \
+      --config.model.path=/models/TinyLlama-1.1B-intermediate-step-1431k-3T
+"""
+import pathlib
+import runpy
+
+_base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
+
+
+def get_config():
+    config = _base["get_config"]()
+    config.name = "tinyllama"
+    config.model.path = "TinyLlama-1.1B"
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"
+    config.surgery.max_len = 2048    # p=2 -> L=11, d_max=5
+    config.surgery.window = 64
+    config.surgery.tau_steps = 1000
+    config.surgery.lambda_ramp_steps = 100
+    config.data.corpus = "shakespeare"
+    config.train.steps = 1000
+    config.train.batch_size = 16
+    config.train.seq_len = 2048
+    config.train.warmup_steps = 50
+    config.eval.batches = 16
+    config.eval.batch_size = 8
+    config.checkpoint.every = 100
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    return config

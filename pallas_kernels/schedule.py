@@ -1,0 +1,179 @@
+"""Block schedule: which key blocks each query block must visit, built from cluster ids alone.
+
+For every (batch, query head, query block) the schedule lists the key blocks holding at least
+one allowed pair (FlexAttention's kv_num_blocks / kv_indices), and the transposed lists for the
+dk/dv pass. Visited blocks whose every pair is causal and allowed are "full": the kernels skip
+the token mask there. Each list holds the masked blocks first, then the full ones; entries past
+the count repeat the last visited block (a TPU pipeline then fetches nothing new).
+
+Nothing here is S x S. Work and memory, per head:
+  - shared clusters, ignoring causality: key ids are sorted and each distinct id gets a bitmap of
+    the key blocks holding it; a query block ORs the bitmaps of its tokens' ids.
+    O(S log S + Sq * nk / 32).
+  - blocks straddling the diagonal (at most block_q // block_k + 2 per query block) are decided
+    token by token: O(Sq * block_k).
+  - window and sink blocks and the "full" test are structural, O(1) per block pair, using the
+    start of each run of equal ids.
+  - the block-level lists themselves: O(nq * nk).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.masking import allowed_pairs
+from pallas_kernels.validation import check_block_size, check_mask_params
+
+
+class BlockSchedule(NamedTuple):
+    kv_indices: jax.Array     # [B, H, nq, nk] int32: key blocks per query block, masked first
+    kv_num_blocks: jax.Array  # [B, H, nq] int32: how many entries of kv_indices are visited
+    kv_num_masked: jax.Array  # [B, H, nq] int32: the first ones that need the token mask
+    q_indices: jax.Array      # [B, H, nk, nq] int32: query blocks per key block (dk/dv pass)
+    q_num_blocks: jax.Array   # [B, H, nk] int32
+    q_num_masked: jax.Array   # [B, H, nk] int32
+    density: jax.Array        # float32 scalar: visited blocks / blocks holding a causal pair
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pad_to(x, length, value):
+    return jnp.pad(x, (0, length - x.shape[0]), constant_values=value)
+
+
+def _run_starts(ids):
+    """Index where the run of equal consecutive ids containing each position begins."""
+    t = jnp.arange(ids.shape[0], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    return jax.lax.cummax(jnp.where(starts, t, 0))
+
+
+def _shared_cluster_blocks(qc, kc, bq, bk, nq, nk):
+    """[nq, nk] bool: query block i and key block j hold a common cluster id (any positions)."""
+    kv_len = kc.shape[0]
+    order = jnp.argsort(kc, stable=True)  # equal ids stay in position (hence block) order
+    ids = kc[order]
+    blk = (order // bk).astype(jnp.int32)
+    new_id = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    row = jax.lax.cummax(jnp.where(new_id, jnp.arange(kv_len, dtype=jnp.int32), 0))
+    new_pair = new_id | jnp.concatenate([jnp.ones((1,), bool), blk[1:] != blk[:-1]])
+    words = _cdiv(nk, 32)
+    bit = jnp.left_shift(jnp.uint32(1), (blk % 32).astype(jnp.uint32))
+    # One add per distinct (id, block) pair, so adding bits is an exact OR.
+    table = jnp.zeros((kv_len, words), jnp.uint32).at[row, blk // 32].add(
+        jnp.where(new_pair, bit, jnp.uint32(0)))
+    at = jnp.minimum(jnp.searchsorted(ids, qc), kv_len - 1)
+    rows = jnp.where((ids[at] == qc)[:, None], table[at], jnp.uint32(0))
+    rows = jnp.pad(rows, ((0, nq * bq - rows.shape[0]), (0, 0))).reshape(nq, bq, words)
+    rows = jax.lax.reduce(rows, jnp.uint32(0), jax.lax.bitwise_or, (1,))
+    j = jnp.arange(nk)
+    return (jnp.right_shift(rows[:, j // 32], (j % 32).astype(jnp.uint32)) & 1).astype(bool)
+
+
+def _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window, sink_tokens):
+    """Token-exact visit test for the key blocks that cross each query block's diagonal.
+    Returns [nq, nk] bool, meaningful only where the geometry says the block straddles."""
+    q_len, kv_len = qc.shape[0], kc.shape[0]
+    nd = min(nk, bq // bk + 2)
+    i = jnp.arange(nq)
+    q_first = q_offset + i * bq
+    q_last = q_offset + jnp.minimum((i + 1) * bq, q_len) - 1
+    js = (q_first + 1) // bk
+    js = js[:, None] + jnp.arange(nd)[None, :]
+    valid = js <= jnp.minimum(q_last // bk, nk - 1)[:, None]
+    js = jnp.minimum(js, nk - 1)
+    q_idx = jnp.arange(nq * bq).reshape(nq, bq)
+    q_ids = _pad_to(qc, nq * bq, 0).reshape(nq, bq)
+    k_ids = _pad_to(kc, nk * bk, 0).reshape(nk, bk)[js]            # [nq, nd, bk]
+    k_pos = jnp.arange(nk * bk).reshape(nk, bk)[js]
+    ok = allowed_pairs((q_offset + q_idx)[:, None, :, None], k_pos[:, :, None, :],
+                       q_ids[:, None, :, None], k_ids[:, :, None, :],
+                       window=window, sink_tokens=sink_tokens, kv_len=kv_len)
+    ok = ok & (q_idx < q_len)[:, None, :, None]
+    hit = jnp.any(ok, axis=(2, 3)) & valid                             # [nq, nd]
+    dense = (js[:, :, None] == jnp.arange(nk)[None, None, :]) & hit[:, :, None]
+    return jnp.any(dense, axis=1)
+
+
+def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
+    """(visited, full, causal) [nq, nk] bool for one head."""
+    q_len, kv_len = qc.shape[0], kc.shape[0]
+    nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
+    i = jnp.arange(nq)[:, None]
+    j = jnp.arange(nk)[None, :]
+    q_first = q_offset + i * bq
+    q_last = q_offset + jnp.minimum((i + 1) * bq, q_len) - 1
+    k_first = j * bk
+    k_last = jnp.minimum((j + 1) * bk, kv_len) - 1
+    causal = k_first <= q_last
+    straddle = causal & (k_last > q_first)
+    below = causal & ~straddle                 # every (real) pair of the block is causal
+
+    shared = _shared_cluster_blocks(qc, kc, bq, bk, nq, nk)
+    visited_below = below & ((k_first < sink_tokens) | (q_first - k_last < window) | shared)
+    visited = jnp.where(straddle, _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window,
+                                                    sink_tokens), visited_below)
+
+    # Full: the pairs that neither the sink nor the window allow (keys [k_lo, k_hi] against
+    # rows [r_lo, q_last]) must all share one cluster id. Row q_last meets every such key and
+    # key k_lo every such row, so both ranges must hold one id each, and the same one.
+    k_lo = jnp.maximum(k_first, sink_tokens)
+    k_hi = jnp.minimum(k_last, q_last - window)
+    none_left = k_lo > k_hi
+    r_lo = jnp.maximum(q_first, k_lo + window) - q_offset
+    r_hi = q_last - q_offset
+    k_lo_c = jnp.clip(k_lo, 0, kv_len - 1)
+    k_hi_c = jnp.clip(k_hi, 0, kv_len - 1)
+    r_hi_c = jnp.clip(r_hi, 0, q_len - 1)
+    one_id = ((_run_starts(qc)[r_hi_c] <= r_lo) & (_run_starts(kc)[k_hi_c] <= k_lo)
+              & (qc[r_hi_c] == kc[k_lo_c]))
+    no_padding = (j + 1) * bk <= kv_len
+    full = below & no_padding & (none_left | one_id)
+    return visited, full, jnp.broadcast_to(causal, visited.shape)
+
+
+def _compact(masked, full):
+    """Per row of [..., n] flags: the indices of masked entries, then of full ones; padding
+    repeats the last entry. Returns (indices, count, masked_count)."""
+    n = masked.shape[-1]
+    n_masked = jnp.sum(masked, axis=-1, dtype=jnp.int32)
+    count = n_masked + jnp.sum(full, axis=-1, dtype=jnp.int32)
+    dest = jnp.where(masked, jnp.cumsum(masked, axis=-1) - 1,
+                     jnp.where(full, n_masked[..., None] + jnp.cumsum(full, axis=-1) - 1, n))
+    lead = dest.shape[:-1]
+    flat = dest.reshape(-1, n)
+    src = jnp.arange(n, dtype=jnp.int32)
+    idx = jax.vmap(lambda d: jnp.zeros((n,), jnp.int32).at[d].set(src, mode="drop"))(flat)
+    idx = idx.reshape(*lead, n)
+    last = jnp.take_along_axis(idx, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    idx = jnp.where(src < count[..., None], idx, last)
+    return idx, count, n_masked
+
+
+def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
+                   block_q=128, block_k=128) -> BlockSchedule:
+    """Block schedule for clusters q_clusters [B, H, Sq] and k_clusters [B, H, Sk] (int ids),
+    queries at positions q_offset .. q_offset + Sq - 1 and keys at 0 .. Sk - 1."""
+    window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset)
+    block_q = check_block_size("block_q", block_q, power_of_two=False)
+    block_k = check_block_size("block_k", block_k, power_of_two=False)
+    if q_clusters.ndim != 3 or k_clusters.ndim != 3 or q_clusters.shape[:2] != k_clusters.shape[:2]:
+        raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
+                         f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
+    for name, ids in (("q_clusters", q_clusters), ("k_clusters", k_clusters)):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must hold integer cluster ids, got dtype {ids.dtype}")
+    flags = jax.vmap(jax.vmap(lambda qc, kc: _block_flags(
+        qc, kc, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
+        sink_tokens=sink_tokens)))
+    visited, full, causal = flags(q_clusters.astype(jnp.int32), k_clusters.astype(jnp.int32))
+    masked = visited & ~full
+    kv_indices, kv_num, kv_masked = _compact(masked, full)
+    q_indices, q_num, q_masked = _compact(jnp.swapaxes(masked, -1, -2), jnp.swapaxes(full, -1, -2))
+    density = jnp.sum(visited) / jnp.maximum(jnp.sum(causal), 1)
+    return BlockSchedule(kv_indices, kv_num, kv_masked, q_indices, q_num, q_masked,
+                         density.astype(jnp.float32))

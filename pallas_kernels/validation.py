@@ -1,0 +1,63 @@
+"""Argument checks shared by every entry point; each error names the offending argument."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _nonnegative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def check_mask_params(window, sink_tokens, q_offset):
+    return (_nonnegative_int("window", window), _nonnegative_int("sink_tokens", sink_tokens),
+            _nonnegative_int("q_offset", q_offset))
+
+
+def check_block_size(name, value, *, power_of_two=True):
+    if value is None:
+        return None
+    value = _nonnegative_int(name, value)
+    if value == 0 or (power_of_two and value & (value - 1)):
+        raise ValueError(f"{name} must be a positive power of two, got {value}")
+    return value
+
+
+def check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, kv_len):
+    for name, ids, length in (("q_clusters", q_clusters, q_len), ("k_clusters", k_clusters, kv_len)):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must hold integer cluster ids, got dtype {ids.dtype}")
+        if tuple(ids.shape) != (batch, q_heads, length):
+            raise ValueError(f"{name} must have shape [B, Hq, S] = {(batch, q_heads, length)}, "
+                             f"got {tuple(ids.shape)}")
+    return q_clusters.astype(jnp.int32), k_clusters.astype(jnp.int32)
+
+
+def check_attention_args(q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset):
+    """Validates shapes and dtypes; returns int32 clusters and the checked mask parameters."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k and v must be rank 4 [B, S, heads, D], got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, q_len, q_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must be [B={batch}, Sk, Hkv, D={head_dim}], got {tuple(k.shape)}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q_len == 0 or k.shape[1] == 0:
+        raise ValueError("sequence lengths must be positive")
+    qc, kc = check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, k.shape[1])
+    return (qc, kc) + check_mask_params(window, sink_tokens, q_offset)

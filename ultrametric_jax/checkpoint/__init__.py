@@ -1,0 +1,90 @@
+"""Checkpoints: load a Llama from HF safetensors, GGUF or the native format; save as HF.
+
+    model = load_pretrained(path, dtype=jnp.float32)   # model.config is its LlamaConfig
+    save_hf(model, out_dir, tokenizer=None)             # transformers-loadable directory
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ultrametric_jax.checkpoint.hf import CheckpointError, load_hf, save_hf_weights
+
+__all__ = ["CheckpointError", "load_pretrained", "save_hf", "detect_format", "resolve_dtype"]
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    """A jnp dtype from a name ('float32', 'bf16', ...) or a dtype."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype.lower()]
+    return jnp.dtype(dtype).type
+
+
+def detect_format(path: str) -> str:
+    """'gguf', 'native' or 'hf' for a checkpoint path; raises naming what is missing."""
+    from ultrametric_jax.checkpoint import native
+    if os.path.isfile(path):
+        if path.endswith(".gguf") or _has_gguf_magic(path):
+            return "gguf"
+        raise CheckpointError(f"unrecognised checkpoint file {path}: expected a .gguf file or a "
+                              "directory (HF safetensors or native)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if native.is_native(path):
+        return "native"
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"missing config.json in {path}")
+    return "hf"
+
+
+def _has_gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_pretrained(path: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
+    """Load a Llama model from an HF dir, a .gguf file or a native checkpoint dir.
+
+    `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype.
+    Tensors are streamed one at a time into an abstractly built model.
+    """
+    dtype = resolve_dtype(dtype)
+    param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from ultrametric_jax.checkpoint.gguf import load_gguf
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, progress=progress)
+    if fmt == "native":
+        from ultrametric_jax.checkpoint.native import load_native
+        return load_native(path, dtype=dtype, param_dtype=param_dtype)
+    return load_hf(path, dtype=dtype, param_dtype=param_dtype, progress=progress)
+
+
+def save_hf(model, out_dir: str, tokenizer=None, max_shard_size="5GB", filter_=nnx.Param,
+            progress: bool = False) -> str:
+    """Write config.json, safetensors weights and (when known) tokenizer.json to out_dir.
+
+    `tokenizer` may be a `tokenizers.Tokenizer`, a transformers tokenizer or a path to a
+    tokenizer.json. `filter_` selects the variables written (default: every nnx.Param).
+    """
+    from ultrametric_jax.tokenizer import save_tokenizer
+    os.makedirs(out_dir, exist_ok=True)
+    config = model.config.to_hf_dict()
+    param = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].get_value()
+    dtype_name = jnp.dtype(param.dtype).name
+    config.update(dtype=dtype_name, torch_dtype=dtype_name)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_hf_weights(model, out_dir, max_shard_size=max_shard_size, filter_=filter_,
+                    progress=progress)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out_dir, config=model.config)
+    return out_dir

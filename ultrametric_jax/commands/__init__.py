@@ -1,0 +1,1 @@
+"""Subcommands of the `ultrametric` CLI; each module exposes `main(argv) -> int`."""

@@ -1,0 +1,219 @@
+"""Checkpoints of a surgery run: Orbax, keep-last-N, atomic, resumable, corruption-proof.
+
+A checkpoint holds what changes during a run — router parameters, optimiser state, RNG state —
+as one flat dict of arrays, plus a JSON record: step, data-iterator state, the identity of the
+frozen base model (paths and sha256 of its files, never a copy of the weights), the tree
+structure and a sha256 of every array's bytes. Orbax writes each step to a temporary directory
+and renames it when complete, so a killed run leaves no half-written step under its name.
+
+Restoring walks the steps newest first. A step that fails to load, or whose arrays do not match
+their recorded checksum, is moved aside to `<directory>.corrupt/` with a warning and the
+previous step is tried; a corrupt checkpoint is never returned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ultrametric_jax.config import ConfigError
+
+FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 23
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint exists but belongs to another base model or another state layout."""
+
+
+# ----------------------------------------------------------------------------- base identity
+
+def _hash_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "ultrametric_jax", "sha256.json")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, cached by (absolute path, size, mtime) so large weights hash once."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        with open(cache_file) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = f"{cache_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # the cache is an optimisation only
+    return cache[key]
+
+
+def model_files(path: str) -> list[str]:
+    """The files that define a base model: a .gguf file, or an HF directory's weights + config."""
+    if os.path.isfile(path):
+        return [os.path.abspath(path)]
+    if not os.path.isdir(path):
+        raise ConfigError(f"base model path {path!r} does not exist")
+    names = sorted(n for n in os.listdir(path)
+                   if n == "config.json" or n.endswith((".safetensors", ".gguf", ".bin")))
+    if not names:
+        raise ConfigError(f"base model directory {path!r} holds no config.json or weight files")
+    return [os.path.abspath(os.path.join(path, n)) for n in names]
+
+
+def base_model_identity(path: str) -> dict:
+    """{"path": abs path, "files": {name: sha256}} of the frozen base model."""
+    files = model_files(path)
+    return {"path": os.path.abspath(path),
+            "files": {os.path.basename(f): file_sha256(f) for f in files}}
+
+
+def check_same_base(saved: dict, current: dict) -> None:
+    if saved.get("files") != current.get("files"):
+        raise CheckpointMismatchError(
+            f"the checkpoint was trained on base model {saved.get('path')!r} with files "
+            f"{saved.get('files')}, but this run uses {current.get('path')!r} with files "
+            f"{current.get('files')}; use the original base model or a fresh --workdir")
+
+
+# ----------------------------------------------------------------------------- array trees
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_storable(x) -> np.ndarray:
+    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+
+
+def _checksum(arrays: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def flatten_tree(tree: Any) -> tuple[dict, str]:
+    """(flat {"00000": array, ...}, structure string) of a pytree; PRNG keys as raw key data."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return {f"{i:05d}": _to_storable(x) for i, x in enumerate(leaves)}, str(treedef)
+
+
+def unflatten_like(template: Any, flat: dict) -> Any:
+    """Rebuild `template`'s structure from flat arrays (re-wrapping PRNG keys, keeping dtypes)."""
+    leaves, treedef = jax.tree.flatten(template)
+    out = []
+    for i, ref in enumerate(leaves):
+        value = flat[f"{i:05d}"]
+        if _is_key(ref):
+            out.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref)))
+        else:
+            out.append(jax.numpy.asarray(value, dtype=ref.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- manager
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any          # the template's structure, filled with the saved arrays
+    meta: dict          # data_state, base_model, extra fields given to save()
+
+
+class RunCheckpointer:
+    """Orbax CheckpointManager of one run directory, keeping the last `keep` steps."""
+
+    def __init__(self, directory: str, *, keep: int):
+        if keep < 1:
+            raise ConfigError(f"invalid checkpoint.keep={keep}: must be >= 1")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ConfigError(f"checkpoint directory {directory!r} exists and is not a directory")
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, *, data_state: dict, base_model: dict,
+             **extra) -> None:
+        """Write step `step` synchronously (temp dir + rename) and prune to the last `keep`."""
+        flat, structure = flatten_tree(state)
+        meta = dict(extra, version=FORMAT_VERSION, step=int(step), data_state=data_state,
+                    base_model=base_model, structure=structure, checksum=_checksum(flat))
+        self._manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+
+    def _load(self, step: int, template: Any) -> Restored:
+        flat_template, structure = flatten_tree(template)
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("structure") != structure:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds a different state layout "
+                "(another surgery or optimiser configuration); use a fresh --workdir")
+        flat = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(flat_template)))["state"]
+        flat = {k: np.asarray(v) for k, v in flat.items()}
+        if _checksum(flat) != meta.get("checksum"):
+            raise ValueError("array contents do not match the recorded checksum")
+        return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
+
+    def _quarantine(self, step: int, why: str) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst_root = self.directory + ".corrupt"
+        os.makedirs(dst_root, exist_ok=True)
+        dst = os.path.join(dst_root, f"{step}-{time.time_ns()}")
+        warnings.warn(f"skipping corrupt or partial checkpoint step {step} in {self.directory} "
+                      f"({why}); moved it to {dst}", RuntimeWarning, stacklevel=3)
+        if os.path.exists(src):
+            shutil.move(src, dst)
+        self._manager.reload()
+
+    def restore_latest(self, template: Any) -> Optional[Restored]:
+        """The newest loadable step (corrupt ones are moved aside), or None if there is none."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self._load(step, template)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # anything unreadable: fall back to the previous step
+                self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                 if str(e) else type(e).__name__)
+        return None
+
+    def close(self) -> None:
+        self._manager.close()

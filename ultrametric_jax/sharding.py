@@ -1,0 +1,233 @@
+"""Device mesh, logical axis rules and partition specs (MaxText style).
+
+Every parameter carries logical axis names as NNX metadata (`out_sharding`, e.g.
+("embed", "heads") for q_proj's kernel). A rule table maps each logical name to a mesh axis
+(or None). The mesh has three axes:
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters sharded along their `embed` dimension
+  tensor  tensor parallelism over heads, kv heads, the MLP width and the vocabulary
+A logical dimension whose size the mesh axis does not divide is replicated instead (a 9-head
+model on tensor=2, say), so any model runs on any mesh.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (a name, a tuple of names, or None to replicate).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("router_hidden", "tensor"),
+    ("router_out", None),
+    ("length", None),
+    ("norm", None),
+)
+
+log = logging.getLogger(__name__)
+
+
+class ShardingError(ValueError):
+    """The mesh request cannot be satisfied; the message says why."""
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves a {data, fsdp, tensor} request with at most one -1 into concrete sizes."""
+    unknown = [k for k in axis_sizes if k not in MESH_AXES]
+    if unknown:
+        raise ShardingError(f"unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}")
+    sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ShardingError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ShardingError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ShardingError(
+                f"cannot fill mesh axis {MESH_AXES[fill[0]]!r}: {num_devices} devices are not "
+                f"divisible by the other axes' product {known}")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ShardingError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(axis_sizes: Optional[Mapping[str, int]] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 fills the remainder."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(dict(axis_sizes or {"data": -1}), len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # non-physical device counts (CPU tests) fall back to a plain reshape
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def _rule_table(rules: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    return {name: axes for name, axes in rules}
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                    rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """Maps logical dimension names to a PartitionSpec, replicating what the mesh cannot divide.
+
+    A mesh axis is used at most once per array (the first dimension that asks for it wins).
+    """
+    table = _rule_table(rules)
+    used: set[str] = set()
+    out = []
+    for name, size in zip(logical, shape):
+        axes = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise ShardingError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        names = tuple(a for a in names if a not in used and mesh.shape.get(a, 1) > 1)
+        if names and size % _axis_size(mesh, names) == 0:
+            used.update(names)
+            out.append(names[0] if len(names) == 1 else names)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def variable_logical_axes(var: nnx.Variable) -> Optional[tuple]:
+    """The logical names a Variable was annotated with (flax renamed the key over versions)."""
+    meta = var.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names:
+            return tuple(names)
+    return None
+
+
+def _value_of(var: nnx.Variable):
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
+    shape = getattr(_value_of(var), "shape", ())
+    names = variable_logical_axes(var)
+    if names is None or len(names) != len(shape):
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh,
+                    rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.State:
+    """The NamedSharding of every variable of an NNX state (a state of the same structure,
+    usable as jax.jit in/out shardings)."""
+    rules = tuple(rules)
+    return jax.tree.map(lambda v: v.replace(_variable_sharding(v, mesh, rules)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh,
+                 rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+    """Places every array of `module` on `mesh` according to its logical axes, in place."""
+    rules = tuple(rules)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Variable) and hasattr(_value_of(node), "shape"):
+            placed = jax.device_put(_value_of(node), _variable_sharding(node, mesh, rules))
+            if hasattr(node, "set_value"):
+                node.set_value(placed)
+            else:
+                node.value = placed
+    return module
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch-major arrays: the batch over (data, fsdp), the rest replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+    if axes is not None and len(axes) == 1:
+        axes = axes[0]
+    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global array from this process's slice of the batch (multi-host ready)."""
+    local = np.asarray(local)
+    sharding = batch_sharding(mesh, local.ndim)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def maybe_initialize_distributed(enabled: Optional[bool] = None, **kwargs) -> bool:
+    """Calls jax.distributed.initialize() when asked by config or environment.
+
+    Asked when `enabled` is True, or when it is None and the launcher set
+    ULTRAMETRIC_DISTRIBUTED=1 (or JAX's own coordinator variable). On TPU pod slices and
+    SLURM/Open MPI GPU clusters jax discovers the coordinator itself; elsewhere pass
+    coordinator_address, num_processes and process_id.
+    """
+    if enabled is None:
+        enabled = (os.environ.get("ULTRAMETRIC_DISTRIBUTED") == "1"
+                   or "JAX_COORDINATOR_ADDRESS" in os.environ)
+    if not enabled:
+        return False
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed initialised: process %d of %d, %d global devices",
+             jax.process_index(), jax.process_count(), jax.device_count())
+    return True
+
+
+def attention_specs(mesh: Mesh) -> tuple[PartitionSpec, PartitionSpec]:
+    """Specs of [B,S,heads,D] activations and [B,heads,S] cluster ids: batch over (data, fsdp),
+    heads over tensor."""
+    batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+    if batch is not None and len(batch) == 1:
+        batch = batch[0]
+    heads = "tensor" if mesh.shape["tensor"] > 1 else None
+    return PartitionSpec(batch, None, heads, None), PartitionSpec(batch, heads, None)
+
+
+def sharded_block_sparse_attention(mesh: Mesh, q, k, v, q_clusters, k_clusters, **kwargs):
+    """pallas_kernels.block_sparse_attention run per device under shard_map.
+
+    Attention is independent per (sequence, head), so each device runs the kernel on its
+    slice with no communication. With GQA the tensor axis must divide the kv heads: query
+    head h uses kv head h // (Hq // Hkv), and contiguous head slices keep each group whole.
+    """
+    from pallas_kernels import block_sparse_attention
+
+    tensor = mesh.shape["tensor"]
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % tensor or hkv % tensor:
+        raise ShardingError(
+            f"tensor axis of size {tensor} must divide both the query heads ({hq}) and the "
+            f"kv heads ({hkv}) to shard attention over heads")
+    act, ids = attention_specs(mesh)
+    return_lse = kwargs.get("return_lse", False)
+    lse_spec = PartitionSpec(act[0], act[2], None)  # lse is [B, heads, S]
+
+    def local(q, k, v, qc, kc):
+        return block_sparse_attention(q, k, v, qc, kc, **kwargs)
+
+    out_specs = (act, lse_spec) if return_lse else act
+    return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, ids, ids),
+                         out_specs=out_specs, check_vma=False)(q, k, v, q_clusters, k_clusters)
