@@ -1,0 +1,14 @@
+"""pallas_kernels: exact block-sparse flash attention from cluster ids (GPU and TPU Pallas).
+
+  reference_attention     dense jnp oracle (small sequences)
+  build_schedule          block lists from cluster ids (BlockSchedule)
+  block_sparse_attention  the kernels, with a custom VJP
+  allowed_pairs           the token-level mask every path reproduces
+"""
+from pallas_kernels.masking import allowed_pairs
+from pallas_kernels.ops import attention_with_schedule, block_sparse_attention
+from pallas_kernels.reference import reference_attention
+from pallas_kernels.schedule import BlockSchedule, build_schedule
+
+__all__ = ["allowed_pairs", "attention_with_schedule", "block_sparse_attention",
+           "reference_attention", "BlockSchedule", "build_schedule"]

@@ -195,3 +195,58 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         for axis in ("data", "fsdp", "tensor"):
             size = config.mesh.get(axis, 1)
             _check(size == -1 or size >= 1, f"mesh.{axis}", size, "must be -1 or >= 1")
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Create the run directory; a path that is a file, or not creatable, is a clear error."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is" if probe == path else f"lies under {probe!r}, which is"
+        raise ConfigError(f"--workdir {workdir!r} {what} a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir!r} is not writable")
+    return path
+
+
+def default_workdir(config_path: str) -> str:
+    """./workdir/<config file name without .py>."""
+    return os.path.join("workdir", os.path.splitext(os.path.basename(config_path))[0])
+
+
+COMMAND_USAGE = """usage: ultrametric {name} [--config FILE|NAME] [--config.KEY=VALUE ...] [--workdir DIR]
+
+{description}
+
+  --config FILE|NAME   a config file with get_config(), or a name under configs/
+                       (default: {default})
+  --config.KEY=VALUE   override any field, e.g. --config.train.steps=50
+  --workdir DIR        run directory: checkpoints, metrics.jsonl, eval.json, eval.png
+                       (default: ./workdir/<config name>)"""
+
+
+def command_main(name: str, description: str, argv, body) -> int:
+    """Shared front end of run/train/eval: parse, validate, call body(config, path, workdir);
+    configuration errors print one clear line to stderr and return 2."""
+    import sys
+    argv = list(argv or [])
+    if any(a in ("-h", "--help") for a in argv):
+        print(COMMAND_USAGE.format(name=name, description=description,
+                                   default=DEFAULT_CONFIG_NAME))
+        return 0
+    try:
+        config, path, flags, rest = parse_config_args(argv)
+        if rest:
+            raise ConfigError(f"unexpected argument(s) {rest}; see `ultrametric {name} --help`")
+        validate_config(config)
+        workdir = prepare_workdir(flags.get("workdir") or default_workdir(path))
+        return int(body(config, path, workdir) or 0)
+    except ConfigError as e:
+        print(f"ultrametric {name}: error: {e}", file=sys.stderr)
+        return 2

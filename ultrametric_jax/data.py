@@ -296,3 +296,13 @@ def eval_batches(data: PackedSequences, batch_size: int, num_batches: int) -> li
         raise ConfigError(f"the validation split packs into {len(data)} sequence(s), fewer "
                           f"than eval.batch_size={batch_size}")
     return out
+
+
+def build_splits(data_config, tokenizer: CorpusTokenizer, seq_len: int
+                 ) -> tuple[PackedSequences, PackedSequences]:
+    """(train, validation) packed sequences of the configured corpus."""
+    docs = load_corpus(data_config.corpus, max_chars=data_config.max_chars,
+                       chunk_chars=data_config.chunk_chars)
+    train_docs, val_docs = split_documents(docs, data_config.val_fraction)
+    return (pack_documents(train_docs, tokenizer, seq_len),
+            pack_documents(val_docs, tokenizer, seq_len))

@@ -38,8 +38,26 @@ def select_token(logits, key, temperature: float, top_k: int | None):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+_COMPILED: dict = {}
+CACHE_BUCKET = 32
+
+
 def _compiled(model, temperature, top_k):
+    """(state, prefill, step), jitted once per model structure and sampling setting."""
     graphdef, state = nnx.split(model)
+    key = (graphdef, temperature, top_k)
+    try:
+        hash(key)
+    except TypeError:  # a structure holding unhashable static fields: compile afresh
+        return (state, *_build_steps(graphdef, temperature, top_k))
+    if key not in _COMPILED:
+        if len(_COMPILED) > 16:
+            _COMPILED.clear()
+        _COMPILED[key] = _build_steps(graphdef, temperature, top_k)
+    return (state, *_COMPILED[key])
+
+
+def _build_steps(graphdef, temperature, top_k):
 
     @jax.jit
     def prefill(state, ids, positions, mask, cache, key):
@@ -54,7 +72,7 @@ def _compiled(model, temperature, top_k):
                                                    attention_mask=mask, cache=cache)
         return select_token(logits[:, -1], key, temperature, top_k), logits[:, -1], cache
 
-    return state, prefill, step
+    return prefill, step
 
 
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
@@ -79,7 +97,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
 
     state, prefill, step = _compiled(model, float(temperature), top_k)
-    cache = model.init_cache(batch, width + max_new_tokens)
+    # Cache length rounded up so that calls with nearby lengths share one compiled step.
+    cache = model.init_cache(batch, -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
     key = jax.random.PRNGKey(seed)
     token, logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions),
                                    jnp.asarray(mask), cache, jax.random.fold_in(key, 0))

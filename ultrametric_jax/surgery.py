@@ -124,20 +124,26 @@ class Routes:
     tree_density: jax.Array         # scalar, over all layers
 
 
+@nnx.jit
+def _route_records(model, input_ids, attention_mask, positions):
+    with collect_aux() as records:
+        model(input_ids, positions=positions, attention_mask=attention_mask)
+    return tuple(jnp.stack([r[key] for r in records])
+                 for key in ("clusters", "density", "tree_density"))
+
+
 def extract_routes(model, input_ids, attention_mask=None, *, positions=None) -> Routes:
-    """The evaluation (argmax, noise-free) routes of every layer; the mode is restored."""
+    """The evaluation (argmax, noise-free) routes of every layer (compiled); the mode of the
+    model is restored afterwards."""
     layers = _require_surgery(model)
     modes = [attn.deterministic for attn in layers]
     for attn in layers:
         attn.deterministic = True
     try:
-        with collect_aux() as records:
-            model(input_ids, positions=positions, attention_mask=attention_mask)
+        clusters, density, tree = _route_records(model, jnp.asarray(input_ids), attention_mask,
+                                                 positions)
     finally:
         for attn, mode in zip(layers, modes):
             attn.deterministic = mode
-    density = jnp.stack([r["density"] for r in records])
-    tree = jnp.stack([r["tree_density"] for r in records])
-    return Routes(cluster_ids=jnp.stack([r["clusters"] for r in records]),
-                  density_per_layer=density, tree_density_per_layer=tree,
+    return Routes(cluster_ids=clusters, density_per_layer=density, tree_density_per_layer=tree,
                   density=jnp.mean(density), tree_density=jnp.mean(tree))

@@ -84,7 +84,9 @@ class SurgicalAttention(llama.LlamaAttention):
         self.router = DynamicTopologyRouter(c.hidden_size, c.num_attention_heads, s.num_levels,
                                             s.arity, s.init_margin, rngs=rngs)
         self.tau = GumbelTemperature(jnp.asarray(s.tau_start, jnp.float32))
-        self.rngs = nnx.Rngs(gumbel=rngs.gumbel())
+        # rngs["gumbel"] (falling back to the default stream); rngs.gumbel would be the
+        # Gumbel sampler method of nnx.Rngs when no such stream exists.
+        self.rngs = nnx.Rngs(gumbel=rngs["gumbel"]())
 
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by nnx.view: deterministic=True selects the evaluation path."""
@@ -102,7 +104,7 @@ class SurgicalAttention(llama.LlamaAttention):
         else:
             # Noise bounded by the collapse margin: a collapsed router samples the collapsed
             # routes for every seed (see ultrametric.gumbel_softmax).
-            assign = um.gumbel_softmax(logits, self.tau[...], self.rngs.gumbel(), hard=True,
+            assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
                                        noise_bound=self.surgery_config.init_margin)
         digits = jnp.argmax(jax.lax.stop_gradient(assign), axis=-1).astype(jnp.int32)
         return assign, digits, probs

@@ -20,8 +20,13 @@ def load_tokenizer(path: str):
     if path.endswith(".json"):
         return Tokenizer.from_file(path)
     if path.endswith(".gguf"):
-        return tokenizer_from_gguf(path)
+        return tokenizer_from_gguf(path) if gguf_has_tokenizer(path) else None
     return None
+
+
+def gguf_has_tokenizer(gguf_path: str) -> bool:
+    from ultrametric_jax.checkpoint.gguf import open_gguf
+    return "tokenizer.ggml.tokens" in open_gguf(gguf_path).fields
 
 
 def tokenizer_from_gguf(gguf_path: str):

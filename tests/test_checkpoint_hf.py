@@ -1,0 +1,168 @@
+"""HF safetensors and native checkpoints: round trips against transformers, and bad input."""
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_logits, rel_err
+from ultrametric_jax import ConfigError, load_pretrained, save_hf
+from ultrametric_jax.checkpoint import CheckpointError
+from ultrametric_jax.checkpoint.hf import (SafetensorsReader, hf_name, parse_size,
+                                          write_safetensors)
+from ultrametric_jax.checkpoint.native import is_native, save_native
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_hf_loads_in_transformers(tiny_hf, tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+    hf, path = tiny_hf(tie_word_embeddings=tied, attention_bias=True)
+    model = load_pretrained(path)
+    out = save_hf(model, str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for name, p in hf.state_dict().items():
+        np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+    ids = np.random.RandomState(0).randint(0, 96, (2, 11))
+    assert rel_err(hf_logits(reloaded, ids), hf_logits(hf, ids)) <= TOL
+    assert rel_err(model(jnp.asarray(ids)), hf_logits(reloaded, ids)) <= TOL
+
+
+def test_save_hf_sharded(tiny_hf, tmp_path):
+    from transformers import AutoModelForCausalLM
+    hf, path = tiny_hf()
+    out = save_hf(load_pretrained(path), str(tmp_path / "out"), max_shard_size="30KB")
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all(os.path.exists(os.path.join(out, s)) for s in shards)
+    assert all(os.path.getsize(os.path.join(out, s)) < 30e3 + 2e4 for s in shards)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.RandomState(1).randint(0, 96, (1, 9))
+    assert rel_err(hf_logits(reloaded, ids), hf_logits(hf, ids)) <= TOL
+
+
+def test_save_hf_bfloat16_and_tokenizer(tiny_hf, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _, path = tiny_hf()
+    model = load_pretrained(path, dtype="bfloat16")
+    vocab = {f"w{i}": i for i in range(96)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = save_hf(model, str(tmp_path / "out"), tokenizer=tok)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    w = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert w.dtype == torch.bfloat16
+    ours = np.asarray(model.model.layers[0].self_attn.q_proj.kernel.get_value().astype(jnp.float32)).T
+    np.testing.assert_array_equal(w.detach().float().numpy(), ours)
+    assert AutoTokenizer.from_pretrained(out)("w3 w5").input_ids == [3, 5]
+
+
+def test_hf_to_native_roundtrip(tiny_hf, tmp_path):
+    hf, path = tiny_hf(attention_bias=True)
+    model = load_pretrained(path)
+    out = save_native(model, str(tmp_path / "native"))
+    assert is_native(out)
+    again = load_pretrained(out)
+    ids = np.random.RandomState(2).randint(0, 96, (2, 10))
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids))),
+                                  np.asarray(model(jnp.asarray(ids))))
+    assert rel_err(again(jnp.asarray(ids)), hf_logits(hf, ids)) <= TOL
+    assert again.config == model.config
+    # A different target dtype is restored directly.
+    bf16 = load_pretrained(out, dtype="bfloat16")
+    assert bf16.model.norm.weight.get_value().dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- safetensors io
+
+def test_safetensors_writer_read_by_reference_library(tmp_path):
+    from safetensors.torch import load_file
+    rng = np.random.RandomState(0)
+    tensors = {"a": rng.randn(3, 5).astype(np.float32),
+               "b": rng.randn(7).astype(ml_dtypes.bfloat16),
+               "c": rng.randn(2, 2, 3).astype(np.float16)}
+    path = str(tmp_path / "x.safetensors")
+    write_safetensors(path, [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.get)
+    ref = load_file(path)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(ref[k].float().numpy(), v.astype(np.float32))
+    reader_dir = tmp_path / "d"
+    reader_dir.mkdir()
+    os.rename(path, reader_dir / "model.safetensors")
+    reader = SafetensorsReader(str(reader_dir))
+    for k, v in tensors.items():
+        got = reader.get(k)
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(got.astype(np.float32), v.astype(np.float32))
+
+
+def test_name_table():
+    assert hf_name(("model", "layers", 3, "self_attn", "q_proj", "kernel")) == (
+        "model.layers.3.self_attn.q_proj.weight", True)
+    assert hf_name(("model", "embed_tokens", "embedding")) == ("model.embed_tokens.weight", False)
+    assert hf_name(("model", "norm", "weight")) == ("model.norm.weight", False)
+    assert hf_name(("lm_head", "kernel")) == ("lm_head.weight", True)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("10KiB") == 10240
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _edit_config(path, **changes):
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_error_non_llama_architecture(tiny_hf):
+    _, path = tiny_hf()
+    _edit_config(path, model_type="mistral", architectures=["MistralForCausalLM"])
+    with pytest.raises(ConfigError, match="unsupported architecture.*mistral"):
+        load_pretrained(path)
+
+
+def test_error_missing_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load_pretrained(str(tmp_path))
+
+
+def test_error_missing_tensor(tiny_hf):
+    from safetensors.torch import load_file, save_file
+    _, path = tiny_hf()
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(path)
+
+
+def test_error_shape_mismatch(tiny_hf):
+    _, path = tiny_hf()
+    _edit_config(path, intermediate_size=80)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for tensor "
+                       r"model\.layers\.0\.mlp\.down_proj\.weight.*expected \(32, 80\), got \(32, 64\)"):
+        load_pretrained(path)
+
+
+def test_error_missing_weights(tiny_hf):
+    _, path = tiny_hf()
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        load_pretrained(path)
+
+
+def test_error_nonexistent_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(str(tmp_path / "nope"))
