@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 
+    import jax
     import numpy as np
+    from flax import nnx
     from ultrametric_jax.checkpoint import load_pretrained
     from ultrametric_jax.checkpoint.native import save_native
 
@@ -47,8 +49,7 @@ def main(argv=None) -> int:
     rss_after_load = peak_rss_gib()
     save_native(model, args.dst)
     saved = time.time()
-    params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(
-        __import__("flax").nnx.state(model)))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     report = {"src": args.src, "dst": args.dst, "dtype": args.dtype, "params": params,
               "src_bytes": dir_bytes(args.src), "dst_bytes": dir_bytes(args.dst),
               "load_s": round(loaded - start, 1), "save_s": round(saved - loaded, 1),

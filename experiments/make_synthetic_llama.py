@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ultrametric_jax.checkpoint.hf import write_sharded  # noqa: E402
+from ultrametric_jax.checkpoint.hf import parse_size, write_sharded  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -77,10 +77,10 @@ def main(argv=None) -> int:
                    num_attention_heads=4, num_key_value_heads=2)
     if args.layers is not None:
         cfg["num_hidden_layers"] = args.layers
-    from ultrametric_jax.checkpoint.hf import parse_size
     specs = tensor_specs(cfg)
+    shapes = {name: shape for name, shape, _ in specs}
     start = time.time()
-    files = write_sharded(args.out, specs, lambda n: random_bf16(n, dict((s[0], s[1]) for s in specs)[n]),
+    files = write_sharded(args.out, specs, lambda name: random_bf16(name, shapes[name]),
                           parse_size(args.max_shard_size), progress=True)
     config = {**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
               "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"], "hidden_act": "silu",

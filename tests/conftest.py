@@ -54,6 +54,14 @@ def rel_err(a, ref) -> float:
 
 
 @pytest.fixture
+def highest_precision():
+    """Full float32 matmuls (GPUs default to TF32, ~1e-3 off); a no-op on CPU."""
+    import jax
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture
 def tiny_hf(tmp_path):
     """Factory: (torch model, saved dir) for TINY + overrides, saved with save_pretrained."""
     def make(save_kwargs=None, **overrides):
@@ -106,6 +114,12 @@ def smollm2_torch(smollm2_path):
 def smollm2_tokenizer(smollm2_path):
     from ultrametric_jax.tokenizer import tokenizer_from_gguf
     return tokenizer_from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A session-wide ULTRAMETRIC_CACHE dir, so SmolLM2's tokenizer is converted only once."""
+    return str(tmp_path_factory.mktemp("ultrametric_cache"))
 
 
 @pytest.fixture(scope="session")

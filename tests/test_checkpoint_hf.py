@@ -15,6 +15,8 @@ from ultrametric_jax.checkpoint.hf import (SafetensorsReader, hf_name, parse_siz
                                           write_safetensors)
 from ultrametric_jax.checkpoint.native import is_native, save_native
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 TOL = 1e-4
 
 

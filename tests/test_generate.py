@@ -9,6 +9,8 @@ from conftest import build_hf_llama, jit_forward, rel_err
 from ultrametric_jax import load_pretrained
 from ultrametric_jax.generate import generate, left_pad, select_token
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

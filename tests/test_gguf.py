@@ -8,6 +8,8 @@ from ultrametric_jax import ConfigError, load_pretrained
 from ultrametric_jax.checkpoint import CheckpointError
 from ultrametric_jax.checkpoint.gguf import NAME_TABLE, permute_rope_rows, unpermute_rope_rows
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 def write_llama_gguf(hf, path, arch="llama", drop=()):
     """Write a float32 GGUF the way llama.cpp's converter does (q/k rows permuted)."""

@@ -12,6 +12,8 @@ from conftest import hf_logits, rel_err
 from ultrametric_jax import LlamaConfig, load_pretrained
 from ultrametric_jax.llama import LlamaForCausalLM, causal_mask, masked_attention
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 TOL = 1e-4
 
 CASES = {
@@ -133,6 +135,15 @@ def test_logical_axis_metadata():
     assert specs["model.layers.0.input_layernorm.weight"] == (None,)
     assert specs["lm_head.kernel"] == ("embed", "vocab")
     assert all(s is not None for s in specs.values())
+
+
+def test_loaded_model_keeps_axis_metadata(tiny_hf):
+    _, path = tiny_hf(attention_bias=True)
+    model = load_pretrained(path)
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.kernel.get_metadata()["out_sharding"] == ("embed", "heads")
+    assert attn.k_proj.bias.get_metadata()["out_sharding"] == ("kv_heads",)
+    assert model.lm_head.kernel.get_metadata()["out_sharding"] == ("embed", "vocab")
 
 
 # ----------------------------------------------------------------------------- attention math

@@ -188,6 +188,7 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (ax_loss, ax_density) = plt.subplots(1, 2, figsize=(12, 4.5))
     if train_records:
         steps = [r["step"] for r in train_records]
@@ -206,6 +207,7 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
                    label="total (tree + sink + window)")
     ax_density.bar(layers, report.surgical["tree_density_per_layer"], color="tab:orange",
                    width=0.5, label="tree only")
+    ax_density.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_density.set_ylim(0, 1.05)
     ax_density.set_xlabel("layer")
     ax_density.set_ylabel("fraction of causal pairs attended")

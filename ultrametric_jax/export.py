@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -116,6 +117,30 @@ def _write_tokenizer(out_dir: str, tokenizer, tokenizer_dir: Optional[str], conf
     return written
 
 
+def _is_export(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return EXPORT_INFO_KEY in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """An output directory must be new or empty; overwrite replaces only an earlier export."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"output directory {out_dir} exists and is not a directory")
+    if not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise ExportError(f"output directory {out_dir} exists and is not empty; choose a new "
+                          "directory or pass --overwrite")
+    if not _is_export(out_dir):
+        raise ExportError(f"output directory {out_dir} is not an earlier export; refusing to "
+                          "replace it even with --overwrite")
+
+
 def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
                           router_params: Optional[nnx.State] = None, tokenizer=None,
                           tokenizer_dir: Optional[str] = None, provenance: Optional[dict] = None,
@@ -136,12 +161,7 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
         router_params = nnx.state(model, RouterParam)
     tensors = router_tensors(router_params, model.config, surgery)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ExportError(f"--out {out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
-            raise ExportError(f"--out {out_dir} exists and is not empty; choose a new "
-                              "directory or pass --overwrite")
+    _check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
@@ -221,8 +241,15 @@ class _ReadOnlyRun:
         import orbax.checkpoint as ocp
         self._ocp = ocp
         self.directory = directory
-        self._manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        # Orbax logs a warning for each option a read-only manager overrides; nothing to act on.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(
+                directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        finally:
+            absl_logger.setLevel(level)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

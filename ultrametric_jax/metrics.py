@@ -6,11 +6,13 @@ lines of steps after its restored checkpoint, so the log never holds two histori
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
 import os
 import sys
+import warnings
 from typing import Iterable, Mapping, Optional
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,6 +39,18 @@ def read_metrics(path: str, split: Optional[str] = None) -> list[dict]:
     return out
 
 
+def _tensorboard_writer(logdir: str):
+    """A SummaryWriter (torch's or tensorboardX's, both need tensorboard), or None."""
+    for module in ("torch.utils.tensorboard", "tensorboardX"):
+        try:
+            return importlib.import_module(module).SummaryWriter(logdir)
+        except Exception:  # missing or broken optional dependency: JSONL only
+            continue
+    warnings.warn("tensorboard is installed but no SummaryWriter (torch or tensorboardX) "
+                  "could be created; metrics go to metrics.jsonl only", RuntimeWarning)
+    return None
+
+
 class MetricsWriter:
     """Appends scalars to <workdir>/metrics.jsonl and, when available, to TensorBoard."""
 
@@ -45,10 +59,8 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         if tensorboard is None:
             tensorboard = importlib.util.find_spec("tensorboard") is not None
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs tensorboard installed
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard")) if tensorboard \
+            else None
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps > step (left by a run that was interrupted)."""

@@ -72,13 +72,16 @@ def set_tau(model, tau) -> None:
         attn.tau[...] = jnp.asarray(tau, jnp.float32)
 
 
-def set_attention_impl(model, impl: str) -> None:
-    """"dense" (llama.masked_attention) or "kernel" (pallas_kernels) for evaluation."""
+def set_attention_impl(model, impl: str, **kernel_options) -> None:
+    """Evaluation backend: "dense" (llama.masked_attention) or "kernel"
+    (pallas_kernels.block_sparse_attention, for unpadded calls without a cache; kernel_options
+    such as backend="gpu", interpret=True or block sizes are passed on to it)."""
     from ultrametric_jax.surgical_attention import ATTENTION_IMPLS
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     for attn in _require_surgery(model):
         attn.attention_impl = impl
+        attn.kernel_options = tuple(sorted(kernel_options.items()))
 
 
 def init_cache(model, batch: int, max_len: int, dtype=None):

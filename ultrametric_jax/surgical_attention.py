@@ -79,6 +79,9 @@ class SurgicalAttention(llama.LlamaAttention):
         self.scale = base.scale
         self.surgery_config = surgery_config
         self.attention_impl = attention_impl
+        # Extra keyword arguments of pallas_kernels.block_sparse_attention (backend, interpret,
+        # block sizes), as a hashable tuple of (name, value) pairs.
+        self.kernel_options: tuple = ()
         self.deterministic = True
         s = surgery_config
         self.router = DynamicTopologyRouter(c.hidden_size, c.num_attention_heads, s.num_levels,
@@ -126,8 +129,7 @@ class SurgicalAttention(llama.LlamaAttention):
             cache, k, v, k_pos, k_valid, k_clusters = self._append(cache, k, v, positions,
                                                                    attention_mask, clusters)
         causal = llama.causal_mask(positions, k_pos, k_valid)              # [B,1,Sq,Sk]
-        _, fixed = um.positional_pairs(0, 0, s.window, s.sink_tokens,
-                                       q_positions=positions, k_positions=k_pos)
+        _, fixed = um.positional_pairs(positions, k_pos, s.window, s.sink_tokens)
         fixed = fixed[:, None]                                             # [B,1,Sq,Sk]
         tree = clusters[..., :, None] == k_clusters[..., None, :]          # [B,H,Sq,Sk]
         allowed = causal & (tree | fixed)
@@ -162,10 +164,12 @@ class SurgicalAttention(llama.LlamaAttention):
         s = self.surgery_config
         if self.attention_impl == "kernel" and cache is None and attention_mask is None:
             from pallas_kernels import block_sparse_attention  # optional, imported on use
-            # The kernel indexes tokens by position in the sequence: valid for the default
-            # positions 0..S-1 (no padding, no cache).
+            # The kernel takes no padding mask and indexes tokens by their place in the
+            # sequence, which is their position for the default positions 0..S-1; padded and
+            # cached calls take the dense path.
             return block_sparse_attention(q, k, v, clusters, k_clusters, window=s.window,
-                                          sink_tokens=s.sink_tokens, scale=self.scale)
+                                          sink_tokens=s.sink_tokens, scale=self.scale,
+                                          **dict(self.kernel_options))
         return llama.masked_attention(q, k, v, allowed, self.scale)
 
     def _training_attention(self, q, k, v, assign, tree, fixed, causal, allowed):

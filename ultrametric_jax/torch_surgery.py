@@ -93,8 +93,8 @@ def _model_mask_allows(attention_mask, q_len: int, k_len: int) -> Optional[torch
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         raise TypeError(
-            f"surgical attention needs a 4-D tensor attention mask, got {type(attention_mask).__name__}"
-            "; load the model with attn_implementation='eager'")
+            "surgical attention needs a 4-D tensor attention mask, got "
+            f"{type(attention_mask).__name__}; load the model with attn_implementation='eager'")
     mask = attention_mask[..., -q_len:, :k_len]
     return mask if mask.dtype == torch.bool else mask == 0
 
@@ -152,17 +152,17 @@ class _PastKeyRoutes:
             if old is None or old[0].shape[-1] < past_len or old[0].shape[0] != clusters.shape[0]:
                 known = 0 if old is None else old[0].shape[-1]
                 raise RuntimeError(
-                    f"the KV cache holds {past_len} past keys of layer {layer_idx} but the cluster "
-                    f"ids of only {known} are known: a surgical model's cache must be filled by the "
-                    "surgical model itself")
+                    f"the KV cache holds {past_len} past keys of layer {layer_idx} but the "
+                    f"cluster ids of only {known} are known: a surgical model's cache must be "
+                    "filled by the surgical model itself")
             clusters = torch.cat([old[0][..., :past_len], clusters], dim=-1)
             positions = torch.cat([old[1][..., :past_len], positions], dim=-1)
         self.layers[layer_idx] = (clusters, positions)
         missing = key_len - clusters.shape[-1]
         if missing < 0:
             raise RuntimeError(
-                f"layer {layer_idx}'s cache returned {key_len} keys for {clusters.shape[-1]} routed "
-                "tokens; sliding-window caches are not supported by the surgical model")
+                f"layer {layer_idx}'s cache returned {key_len} keys for {clusters.shape[-1]} "
+                "routed tokens; sliding-window caches are not supported by the surgical model")
         if missing:
             clusters = F.pad(clusters, (0, missing), value=-1)
             positions = F.pad(positions, (0, missing), value=torch.iinfo(positions.dtype).max)
@@ -211,7 +211,8 @@ class SurgicalLlamaAttention(modeling_llama.LlamaAttention):
             allowed = allowed & model_mask
         else:  # no mask given: plain causality over cache slots
             slots = torch.arange(k.shape[-2], device=q.device)
-            allowed = allowed & (slots[None, :] <= (past_len + torch.arange(q_len, device=q.device))[:, None])
+            q_slots = past_len + torch.arange(q_len, device=q.device)
+            allowed = allowed & (slots[None, :] <= q_slots[:, None])
         out, probs = masked_attention(q, k, v, allowed, self.scaling)
         out = out.reshape(bsz, q_len, -1).to(hidden_states.dtype)
         return self.o_proj(out), probs
@@ -219,20 +220,19 @@ class SurgicalLlamaAttention(modeling_llama.LlamaAttention):
 
 def _check_router_state(state: dict, config, surgery: SurgeryConfig) -> None:
     d, out = config.hidden_size, config.num_attention_heads * surgery.num_levels * surgery.arity
-    expected = {"fc1.weight": (d, d), "fc1.bias": (d,), "fc2.weight": (out, d), "fc2.bias": (out,)}
-    for i in range(config.num_hidden_layers):
-        for name, shape in expected.items():
-            key = router_param_name(i, name)
-            if key not in state:
-                raise ValueError(f"router weights are missing {key}")
-            if tuple(state[key].shape) != shape:
-                raise ValueError(f"router weight {key} has shape {tuple(state[key].shape)}, "
-                                 f"expected {shape} (H*L*p = {config.num_attention_heads}*"
-                                 f"{surgery.num_levels}*{surgery.arity})")
-    extra = [k for k in state if not any(k == router_param_name(i, n) for i in
-                                         range(config.num_hidden_layers) for n in expected)]
+    shapes = {"fc1.weight": (d, d), "fc1.bias": (d,), "fc2.weight": (out, d), "fc2.bias": (out,)}
+    expected = {router_param_name(i, name): shape
+                for i in range(config.num_hidden_layers) for name, shape in shapes.items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"router weights are missing {key}")
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"router weight {key} has shape {tuple(state[key].shape)}, "
+                             f"expected {shape} (H*L*p = {config.num_attention_heads}*"
+                             f"{surgery.num_levels}*{surgery.arity})")
+    extra = sorted(set(state) - set(expected))
     if extra:
-        raise ValueError(f"unexpected router weights: {sorted(extra)[:4]}")
+        raise ValueError(f"unexpected router weights: {extra[:4]}")
 
 
 def attach_surgery(model, surgery: SurgeryConfig, router_state: dict):
@@ -249,8 +249,9 @@ def attach_surgery(model, surgery: SurgeryConfig, router_state: dict):
         with torch.device("meta"):
             new = SurgicalLlamaAttention(config, i, surgery)
         state = dict(old.state_dict())
-        state.update({f"router.{n}": router_state[router_param_name(i, n)].to(torch.float32)
-                      for n in ROUTER_PARAM_NAMES})
+        device = old.q_proj.weight.device
+        state.update({f"router.{n}": router_state[router_param_name(i, n)].to(
+            device=device, dtype=torch.float32) for n in ROUTER_PARAM_NAMES})
         new.load_state_dict(state, strict=True, assign=True)
         new.train(old.training)
         layer.self_attn = new

@@ -58,10 +58,9 @@ def build_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransform
     return adamw
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable,
-                    lambda_fn: Callable) -> Callable:
-    """jit(step(params, opt_state, mutable, frozen, step, input_ids [A,b,S], mask [A,b,S]))
-    -> (params, opt_state, mutable, metrics)."""
+def make_grad_fn(graphdef) -> Callable:
+    """(params, mutable, frozen, input_ids [b,S], mask [b,S], lam)
+    -> ((loss, (scalars, new mutable)), grads wrt params) of one micro-batch."""
 
     def micro_loss(params, mutable, frozen, input_ids, mask, lam):
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
@@ -75,23 +74,39 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable
                    "tokens": count}
         return loss, (scalars, new_mutable)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    return jax.value_and_grad(micro_loss, has_aux=True)
+
+
+def accumulate_gradients(grad_fn: Callable, params, mutable, frozen, input_ids, mask, lam):
+    """Mean gradient over the leading (micro-batch) axis of input_ids / mask, threading the
+    mutable state (RNG counters) through the micro-batches in order; returns
+    (grads, mutable, per-micro-batch scalars stacked)."""
+    accum = input_ids.shape[0]
+
+    def body(carry, batch):
+        grads, mutable = carry
+        (_, (scalars, mutable)), g = grad_fn(params, mutable, frozen, batch[0], batch[1], lam)
+        grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
+        return (grads, mutable), scalars
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, mutable), per_micro = jax.lax.scan(body, (zeros, mutable), (input_ids, mask))
+    return grads, mutable, per_micro
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable,
+                    lambda_fn: Callable) -> Callable:
+    """jit(step(params, opt_state, mutable, frozen, step, input_ids [A,b,S], mask [A,b,S]))
+    -> (params, opt_state, mutable, metrics)."""
+    grad_fn = make_grad_fn(graphdef)
 
     def step(params, opt_state, mutable, frozen, step_index, input_ids, mask):
         tau, lam = tau_fn(step_index), lambda_fn(step_index)
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
         set_tau(model, tau)
         mutable = nnx.state(model, MUTABLE)
-        accum = input_ids.shape[0]
-
-        def body(carry, batch):
-            grads, mutable = carry
-            (_, (scalars, mutable)), g = grad_fn(params, mutable, frozen, batch[0], batch[1], lam)
-            grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
-            return (grads, mutable), scalars
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, mutable), per_micro = jax.lax.scan(body, (zeros, mutable), (input_ids, mask))
+        grads, mutable, per_micro = accumulate_gradients(grad_fn, params, mutable, frozen,
+                                                         input_ids, mask, lam)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {k: (jnp.sum(v) if k == "tokens" else jnp.mean(v)) for k, v in per_micro.items()}
@@ -100,6 +115,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable
         return params, opt_state, mutable, metrics
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+_STEP_CACHE: dict = {}
+
+
+def cached_train_step(graphdef, train: ml_collections.ConfigDict, surgery) -> Callable:
+    """make_train_step for this model structure and these hyper-parameters, built once per
+    process, so that a second trainer of the same run reuses the compiled step."""
+    key = (graphdef, surgery, train.lr, train.warmup_steps, train.weight_decay, train.clip_norm)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = make_train_step(graphdef, build_optimizer(train),
+                                           tau_schedule(surgery), lambda_schedule(surgery))
+    return _STEP_CACHE[key]
 
 
 @dataclasses.dataclass
@@ -131,8 +159,7 @@ class SurgeryTrainer:
                                   seed=config.seed)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             keep=config.checkpoint.keep)
-        self._step_fn = make_train_step(self.graphdef, self.tx, tau_schedule(surgery),
-                                        lambda_schedule(surgery))
+        self._step_fn = cached_train_step(self.graphdef, config.train, surgery)
         self.metrics = MetricsWriter(workdir)
 
     # ------------------------------------------------------------------ state
@@ -199,7 +226,8 @@ class SurgeryTrainer:
                 if self.step % self.config.train.log_every == 0 or self.step == total:
                     self.metrics.write(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix(format_scalars(metrics, ("loss", "ce", "density", "tau")), refresh=False)
+                bar.set_postfix(format_scalars(metrics, ("loss", "ce", "density", "tau")),
+                                refresh=False)
                 if self.step % self.config.checkpoint.every == 0 or self.step == total:
                     self.save()
         finally:

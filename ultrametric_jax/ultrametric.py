@@ -133,23 +133,13 @@ def cluster_ids(digits: jax.Array, arity: int, cut_level: int) -> jax.Array:
     return ids
 
 
-def positional_pairs(num_queries: int, num_keys: int, window: int, sink_tokens: int,
-                     q_offset=0, q_positions=None, k_positions=None):
-    """(causal, fixed) bool pair masks of query/key positions: causal = j <= i and
-    fixed = sink (j < sink_tokens) or window (i - j < window) pairs, which bypass the tree.
-
-    Positions default to q_offset + arange(Sq) and arange(Sk); explicit positions [..., S]
-    broadcast over leading dimensions.
-    """
-    if q_positions is None:
-        q_positions = q_offset + jnp.arange(num_queries)
-    if k_positions is None:
-        k_positions = jnp.arange(num_keys)
+def positional_pairs(q_positions, k_positions, window: int, sink_tokens: int):
+    """(causal, fixed) bool pair masks [..., Sq, Sk] from query / key positions [..., S]:
+    causal = j <= i; fixed = sink (j < sink_tokens) or window (i - j < window) pairs, which
+    bypass the tree."""
     i = jnp.asarray(q_positions)[..., :, None]
     j = jnp.asarray(k_positions)[..., None, :]
-    causal = j <= i
-    fixed = (j < sink_tokens) | (i - j < window)
-    return causal, fixed
+    return j <= i, (j < sink_tokens) | (i - j < window)
 
 
 def allowed_mask(q_clusters: jax.Array, k_clusters: jax.Array, window: int, sink_tokens: int,
@@ -161,8 +151,8 @@ def allowed_mask(q_clusters: jax.Array, k_clusters: jax.Array, window: int, sink
     """
     if window < 0 or sink_tokens < 0:
         raise ValueError(f"window={window} and sink_tokens={sink_tokens} must be >= 0")
-    causal, fixed = positional_pairs(q_clusters.shape[-1], k_clusters.shape[-1], window,
-                                     sink_tokens, q_offset=q_offset)
+    causal, fixed = positional_pairs(q_offset + jnp.arange(q_clusters.shape[-1]),
+                                     jnp.arange(k_clusters.shape[-1]), window, sink_tokens)
     same = q_clusters[..., :, None] == k_clusters[..., None, :]
     return causal & (same | fixed)
 

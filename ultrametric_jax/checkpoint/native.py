@@ -10,6 +10,7 @@ Loading restores straight into the target dtype and shapes of an abstractly buil
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -22,6 +23,22 @@ from ultrametric_jax.config import LlamaConfig
 FORMAT_FILE = "ultrametric.json"
 FORMAT_NAME = "ultrametric_jax.native"
 PARAMS_DIR = "params"
+
+
+def _checkpointer(largest_bytes: int):
+    """A synchronous Orbax checkpointer (an async one first copies the whole model to host).
+
+    Bytes in flight are bounded by the largest tensor (rounded up to whole GB, as Orbax counts
+    them), so converting costs the model plus about one tensor of memory.
+    """
+    import orbax.checkpoint as ocp
+    limit = max(1, math.ceil(largest_bytes / 1e9))
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(
+        save_concurrent_gb=limit, restore_concurrent_gb=limit))
+
+
+def _largest(arrays) -> int:
+    return max(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
 def is_native(path: str) -> bool:
@@ -54,9 +71,8 @@ def save_native(model, out_dir: str, tokenizer=None) -> str:
     params = _nested(leaves, lambda v: v.get_value())
     dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
     target = os.path.join(out_dir, PARAMS_DIR)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, params, force=True)
-    checkpointer.wait_until_finished()
+    checkpointer = _checkpointer(_largest(v.get_value() for _, v in leaves))
+    checkpointer.save(target, args=ocp.args.StandardSave(params), force=True)
     checkpointer.close()
     del params
     config = model.config.to_hf_dict()
@@ -88,9 +104,9 @@ def load_native(path: str, dtype=jnp.float32, param_dtype=None):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = _nested(leaves, lambda v: jax.ShapeDtypeStruct(
         v.get_value().shape, v.get_value().dtype, sharding=device))
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _checkpointer(_largest(v.get_value() for _, v in leaves))
     try:
-        restored = checkpointer.restore(params_dir, target)
+        restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
     except Exception as e:
         raise CheckpointError(f"cannot restore native checkpoint {path}: {e}") from e
     finally:

@@ -1,0 +1,124 @@
+"""build_schedule against a brute-force numpy construction from the full token mask."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import build_schedule
+
+schedule = jax.jit(build_schedule, static_argnames=(
+    "window", "sink_tokens", "q_offset", "block_q", "block_k"))
+
+
+def brute_force(qc, kc, *, window, sink, q_offset, bq, bk):
+    """(visited, full, density) from the explicit [Sq, Sk] mask of every head."""
+    batch, heads, q_len = qc.shape
+    kv_len = kc.shape[-1]
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    qp, kp = q_offset + np.arange(q_len), np.arange(kv_len)
+    visited = np.zeros((batch, heads, nq, nk), bool)
+    full = np.zeros_like(visited)
+    causal = 0
+    for i in range(nq):
+        for j in range(nk):
+            causal += kp[j * bk] <= qp[min((i + 1) * bq, q_len) - 1]
+    for b in range(batch):
+        for h in range(heads):
+            ok = (kp[None, :] <= qp[:, None]) & (
+                (qc[b, h][:, None] == kc[b, h][None, :]) | (kp[None, :] < sink)
+                | (qp[:, None] - kp[None, :] < window))
+            for i in range(nq):
+                for j in range(nk):
+                    tile = ok[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                    visited[b, h, i, j] = tile.any()
+                    full[b, h, i, j] = tile.all() and (j + 1) * bk <= kv_len
+    return visited, full, visited.sum() / (batch * heads * causal)
+
+
+def unpack(indices, count, masked, n_rows, n_cols):
+    """Dense (visited, full) flags from block lists; also checks the list invariants."""
+    lead = indices.shape[:-2]
+    visited = np.zeros((*lead, n_rows, n_cols), bool)
+    full = np.zeros_like(visited)
+    for idx in np.ndindex(*lead, n_rows):
+        entries = indices[idx][:count[idx]]
+        assert len(set(entries.tolist())) == len(entries), "a block is listed twice"
+        assert np.all(indices[idx][count[idx]:] == (entries[-1] if len(entries) else 0))
+        assert 0 <= masked[idx] <= count[idx]
+        visited[idx][entries] = True
+        full[idx][entries[masked[idx]:]] = True
+    return visited, full
+
+
+def cluster_variants(rng, batch, heads, q_len, kv_len, q_offset):
+    total = max(kv_len, q_offset + q_len)
+    pos = np.arange(total)
+    for clusters in (1, 2, 7):  # contiguous runs, the same cut for queries and keys
+        ids = np.broadcast_to(pos * clusters // total, (batch, heads, total))
+        yield ids[..., q_offset:q_offset + q_len], ids[..., :kv_len]
+    for clusters in (2, 7, 50):  # interleaved, queries and keys drawn independently
+        yield (rng.integers(0, clusters, (batch, heads, q_len)),
+               rng.integers(0, clusters, (batch, heads, kv_len)))
+    ids = np.broadcast_to(pos * 5 // total, (batch, heads, total)).copy()
+    ids[:, 1] = rng.integers(0, 5, (batch, total))  # one contiguous head, one interleaved
+    yield ids[..., q_offset:q_offset + q_len], ids[..., :kv_len]
+
+
+# (Sq, Sk, block_q, block_k, q_offset) x two (window, sink) settings each; every window/sink
+# setting meets three geometries. Window 1000 exceeds every sequence.
+GEOMETRIES = [
+    ((1, 1, 16, 16, 0), [(0, 0), (5, 1)]),
+    ((100, 100, 16, 32, 0), [(1000, 4), (20, 0)]),
+    ((257, 257, 32, 16, 0), [(0, 0), (1000, 4)]),
+    ((37, 100, 16, 16, 63), [(5, 1), (20, 0)]),
+    ((64, 300, 32, 32, 200), [(0, 0), (20, 0)]),
+    ((200, 150, 16, 32, 10), [(5, 1), (1000, 4)]),
+]
+
+
+@pytest.mark.parametrize("geometry, window, sink", [
+    (g, w, s) for g, settings in GEOMETRIES for w, s in settings])
+def test_schedule_matches_brute_force(geometry, window, sink):
+    q_len, kv_len, bq, bk, q_offset = geometry
+    rng = np.random.default_rng(q_len * 1000 + kv_len + window)
+    for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
+        # arbitrary int32 ids: the schedule must not assume 0..n-1
+        qc, kc = (np.asarray(x, np.int32) * 7919 - 5 for x in (qc, kc))
+        s = schedule(jnp.asarray(qc), jnp.asarray(kc), window=window, sink_tokens=sink,
+                     q_offset=q_offset, block_q=bq, block_k=bk)
+        visited, full, density = brute_force(qc, kc, window=window, sink=sink,
+                                             q_offset=q_offset, bq=bq, bk=bk)
+        nq, nk = visited.shape[-2:]
+        s = jax.tree.map(np.asarray, s)
+        rows = unpack(s.kv_indices, s.kv_num_blocks, s.kv_num_masked, nq, nk)
+        cols = unpack(s.q_indices, s.q_num_blocks, s.q_num_masked, nk, nq)
+        np.testing.assert_array_equal(rows[0], visited)
+        np.testing.assert_array_equal(rows[1], full)
+        np.testing.assert_array_equal(np.swapaxes(cols[0], -1, -2), visited)
+        np.testing.assert_array_equal(np.swapaxes(cols[1], -1, -2), full)
+        assert float(s.density) == pytest.approx(density, abs=1e-6)
+
+
+def test_contiguous_clusters_density_closed_form():
+    """8 runs of 4 blocks, no sink or window: 8 * (4 * 5 / 2) of 32 * 33 / 2 causal blocks."""
+    ids = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 128)[None, None]
+    s = schedule(ids, ids, window=0, sink_tokens=0, block_q=32, block_k=32)
+    assert float(s.density) == pytest.approx(80 / 528)
+    # every visited block is full except the 32 diagonal ones, which hold non-causal pairs
+    assert int(jnp.sum(s.kv_num_masked)) == 32 and int(jnp.sum(s.kv_num_blocks)) == 80
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(window=-2), ValueError, "window must be >= 0"),
+    (dict(block_q=0), ValueError, "block_q must be a positive"),
+    (dict(q_clusters=jnp.zeros((1, 2, 8))), TypeError, "q_clusters must hold integer"),
+    (dict(k_clusters=jnp.zeros((1, 3, 8), jnp.int32)), ValueError, "the same B and H"),
+])
+def test_bad_arguments_raise(kwargs, error, match):
+    args = dict(q_clusters=jnp.zeros((1, 2, 8), jnp.int32), k_clusters=jnp.zeros((1, 2, 8),
+                jnp.int32), window=1, sink_tokens=0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        build_schedule(**args)
