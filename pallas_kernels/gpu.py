@@ -28,12 +28,14 @@ warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
+def _dot_nt(a, b, dims=_NT):
+    # Triton multiplies float32 in TF32 unless asked for full precision.
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return _dot_nt(a, b, (((1,), (0,)), ((), ())))
 
 
 def _mask(cfg, q_pos, k_pos, q_ids, k_ids, scores):
@@ -52,7 +54,7 @@ def _two_loops(cnt_ref, step, carry, *idx):
 # ----------------------------------------------------------------------------- forward
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, lse_ref, *,
-                cfg: AttentionConfig):
+                cfg: AttentionConfig, tk: int):
     bq, bk = cfg.block_q, cfg.block_k
     i = cfg.num_q_blocks - 1 - pl.program_id(0)  # the longest rows (last blocks) start first
     q = q_ref[...]
@@ -62,18 +64,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
 
     def step(t, carry, masked):
         m, l, acc = carry
-        ks = pl.multiple_of(idx_ref[t] * bk, bk)
-        s = _dot_nt(q, k_ref[pl.ds(ks, bk), :]) * c
-        if masked:
-            s = _mask(cfg, q_pos, (ks + jnp.arange(bk))[None, :], q_ids,
-                      kc_ref[pl.ds(ks, bk)][None, :], s)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = safe_max(m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - m_use[:, None])
-        v = v_ref[pl.ds(ks, bk), :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+        for r in range(bk // tk):
+            ks = pl.multiple_of(idx_ref[t] * bk + r * tk, tk)
+            s = _dot_nt(q, k_ref[pl.ds(ks, tk), :]) * c
+            if masked:
+                s = _mask(cfg, q_pos, (ks + jnp.arange(tk))[None, :], q_ids,
+                          kc_ref[pl.ds(ks, tk)][None, :], s)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            m_use = safe_max(m_new) if masked else m_new
+            alpha = jnp.exp2(m - m_use)
+            p = jnp.exp2(s - m_use[:, None])
+            v = v_ref[pl.ds(ks, tk), :]
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            m, l = m_new, l * alpha + jnp.sum(p, axis=1)
+        return m, l, acc
 
     init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
@@ -110,7 +114,7 @@ def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
         return bh // hq, bh % hq, nq - 1 - p, 0
 
     out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg),
+        functools.partial(_fwd_kernel, cfg=cfg, tk=min(cfg.gpu.fwd_tile_k, cfg.block_k)),
         grid=(nq, batch * hq),
         in_specs=[
             pl.BlockSpec((None, bq, None, dp), qmap),

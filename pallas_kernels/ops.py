@@ -1,7 +1,6 @@
 """Public entry point: argument checks, backend dispatch, padding and the custom VJP."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 
@@ -77,8 +76,9 @@ def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpre
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cfg = AttentionConfig(q_len=q.shape[1], kv_len=k.shape[1], q_offset=q_offset, window=window,
                           sink_tokens=sink_tokens, scale=scale, block_q=block_q, block_k=block_k,
-                          interpret=bool(interpret))
-    return dataclasses.replace(cfg, gpu=gpu_tuning) if gpu_tuning is not None else cfg
+                          interpret=bool(interpret),
+                          gpu=gpu_tuning or GpuTuning.for_dtype(q.dtype))
+    return cfg
 
 
 def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSchedule, *,

@@ -13,6 +13,7 @@ from ultrametric_jax import ConfigError, load_pretrained, save_hf
 from ultrametric_jax.checkpoint import CheckpointError
 from ultrametric_jax.checkpoint.hf import (SafetensorsReader, hf_name, parse_size,
                                           write_safetensors)
+from ultrametric_jax.checkpoint import convert_checkpoint
 from ultrametric_jax.checkpoint.native import is_native, save_native
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -81,6 +82,45 @@ def test_hf_to_native_roundtrip(tiny_hf, tmp_path):
     # A different target dtype is restored directly.
     bf16 = load_pretrained(out, dtype="bfloat16")
     assert bf16.model.norm.weight.get_value().dtype == jnp.bfloat16
+
+
+def test_streaming_convert_equals_loaded_model(tiny_hf, tmp_path):
+    """HF -> native without building the model gives exactly the loaded model's parameters."""
+    from flax import nnx
+    hf, path = tiny_hf(tie_word_embeddings=True, save_kwargs={"max_shard_size": "20KB"})
+    out = convert_checkpoint(path, str(tmp_path / "native"), to="native", dtype="bfloat16")
+    streamed, loaded = load_pretrained(out, dtype="bfloat16"), load_pretrained(path, dtype="bfloat16")
+    a = dict(nnx.to_flat_state(nnx.state(streamed, nnx.Param)))
+    b = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+    assert a.keys() == b.keys() and streamed.config == loaded.config
+    for key in a:
+        assert a[key].get_value().dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a[key].get_value()), np.asarray(b[key].get_value()))
+    f32 = load_pretrained(out)  # bf16 on disk, restored as float32
+    ids = np.random.RandomState(3).randint(0, 96, (1, 8))
+    assert rel_err(f32(ids), hf_logits(hf, ids)) < 5e-2
+
+
+def test_streaming_convert_reports_shape_mismatch(tiny_hf, tmp_path):
+    _, path = tiny_hf()
+    _edit_config(path, intermediate_size=80)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for tensor .*mlp\.down_proj"):
+        convert_checkpoint(path, str(tmp_path / "native"), to="native")
+    assert not is_native(str(tmp_path / "native"))  # an unfinished conversion is not loadable
+
+
+def test_native_missing_group(tiny_hf, tmp_path):
+    import json as _json
+    _, path = tiny_hf()
+    out = convert_checkpoint(path, str(tmp_path / "native"), to="native")
+    meta_path = os.path.join(out, "ultrametric.json")
+    with open(meta_path) as f:
+        meta = _json.load(f)
+    meta["groups"].remove("model.layers.1")
+    with open(meta_path, "w") as f:
+        _json.dump(meta, f)
+    with pytest.raises(CheckpointError, match=r"lacks the parameter groups \['model.layers.1'\]"):
+        load_pretrained(out)
 
 
 # ----------------------------------------------------------------------------- safetensors io

@@ -71,6 +71,13 @@ def test_run_then_eval(tiny_model_dir, tmp_path, capsys):
     # Training further in the same workdir resumes from step 6.
     assert cli.main(["train", *_args(tiny_model_dir, workdir, "train.steps=8")]) == 0
     assert "trained 8 steps (resumed from step 6)" in capsys.readouterr().out
+    # A damaged newest checkpoint is skipped with a warning: eval falls back to step 6.
+    ckpt = workdir / "checkpoints"
+    assert sorted(os.listdir(ckpt)) == ["6", "8"]
+    os.remove(ckpt / "8" / "meta" / "metadata")
+    with pytest.warns(RuntimeWarning, match="skipping corrupt or partial checkpoint step 8"):
+        assert cli.main(["eval", *_args(tiny_model_dir, workdir)]) == 0
+    assert json.load(open(workdir / "eval.json"))["surgical"] == report["surgical"]
 
 
 def test_eval_without_checkpoint_reports_the_collapsed_model(tiny_model_dir, tmp_path, capsys):

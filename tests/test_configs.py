@@ -16,16 +16,17 @@ def test_every_config_loads_and_validates(name):
                                                                             name + ".py")])
     assert path.endswith(name + ".py") and flags == {} and rest == []
     validate_config(config)
-    assert config.train.lr == 1e-3 or name == "tiny_random"
+    assert config.train.lr == 1e-3 or name in ("tiny_random", "smollm2_shakespeare")
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) in ((-1, 1, 1), (1, -1, 1))
 
 
-def test_default_config_is_the_preprint_cpu_setting():
+def test_default_config_is_the_cpu_setting():
     config, path, _, _ = parse_config_args([])
     assert os.path.basename(path) == "smollm2_shakespeare.py"
     s = surgery_config(config)
-    assert (s.arity, s.num_levels, s.max_distance, s.window) == (2, 13, 6, 16)
+    assert (s.arity, s.num_levels, s.max_distance, s.cut_level, s.window) == (2, 8, 4, 4, 16)
     assert (config.train.batch_size, config.train.seq_len) == (2, 256)
+    assert config.model.path == "" and config.data.corpus == "shakespeare"
 
 
 def test_large_configs_derive_levels_in_integers():

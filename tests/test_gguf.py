@@ -62,6 +62,15 @@ def test_tiny_gguf_matches_transformers(tmp_path, overrides):
     assert rel_err(model(ids), hf_logits(hf, ids)) <= 1e-4
 
 
+def test_gguf_to_native_streaming(tmp_path):
+    from ultrametric_jax.checkpoint import convert_checkpoint
+    hf = build_hf_llama(num_attention_heads=4, num_key_value_heads=2)
+    path = write_llama_gguf(hf, tmp_path / "tiny.gguf")
+    out = convert_checkpoint(path, str(tmp_path / "native"), to="native")
+    ids = np.random.RandomState(4).randint(0, 96, (1, 10))
+    assert rel_err(load_pretrained(out)(ids), hf_logits(hf, ids)) <= 1e-4
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.random.RandomState(0).randn(3 * 8, 5)
     np.testing.assert_array_equal(unpermute_rope_rows(permute_rope_rows(w, 3), 3), w)

@@ -432,7 +432,7 @@ def test_collapse_on_smollm2(smollm2_jax, smollm2_tokenizer, shakespeare_text):
     ids = jnp.asarray(smollm2_tokenizer.encode(shakespeare_text[5000:8000]).ids[:64])[None]
     assert ids.shape == (1, 64)
     base = np.asarray(smollm2_jax(ids))
-    model = nnx.clone(smollm2_jax)            # the session's model stays untouched
+    model = nnx.clone(smollm2_jax)            # the shared fixture model stays untouched
     surgery.inject_topology(model, SurgeryConfig(max_len=2048, window=0, sink_tokens=0),
                             nnx.Rngs(0))
     assert not isinstance(smollm2_jax.model.layers[0].self_attn, SurgicalAttention)
@@ -460,3 +460,16 @@ def test_kernel_backend_matches_dense_evaluation(options):
     # Padded calls fall back to the dense path.
     np.testing.assert_array_equal(np.asarray(forward(model, ids, jnp.arange(24)[None] < 20)),
                                   padded)
+
+
+def test_generate_with_left_padding_matches_full_recomputation():
+    from ultrametric_jax.generate import generate
+    cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
+    model = surgery.inject_topology(tiny_model(qk_gain=6.0), cfg, nnx.Rngs(0))
+    perturb_routers(model, seed=3)
+    prompts = [[5, 17, 33, 2, 71, 8, 40], [9, 60, 12]]          # the second is left-padded
+    tokens, logits = generate(model, prompts, 5, return_logits=True)
+    for row, prompt in enumerate(prompts):
+        seq = jnp.asarray(prompt + list(tokens[row, :-1]))[None]
+        full = np.asarray(model(seq))[0, len(prompt) - 1:]
+        np.testing.assert_allclose(logits[row], full, rtol=0, atol=1e-5 * np.abs(full).max())

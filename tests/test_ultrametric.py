@@ -57,7 +57,8 @@ def test_closed_form_soft_mask():
     soft = np.asarray(um.soft_tree_mask(d[0], d_max=1, temperature=0.5), np.float64)
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     np.testing.assert_allclose(soft, [sig(2.0), 0.5, sig(-2.0), sig(-4.0)], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(um.hard_tree_mask(d[0], 1)), [True, True, False, False])
+    np.testing.assert_array_equal(np.asarray(um.hard_tree_mask(d[0], 1)),
+                                  [True, True, False, False])
 
 
 def test_soft_depth_closed_form():
@@ -161,7 +162,8 @@ def test_gradients_finite_on_exact_one_hot(arity, levels, data):
 
 def test_cumprod_gradient_closed_form_on_one_hot():
     # Two tokens, L=2, p=2, both on child 0: depth(0,1) = M0 + M0*M1 with M_l = sum_c a0c a1c.
-    # d depth / d a_{0,l=0,c} = a_{1,0,c} (1 + M1) = [2, 0]; d / d a_{0,1,c} = M0 a_{1,1,c} = [1, 0].
+    # d depth / d a_{0,l=0,c} = a_{1,0,c} (1 + M1) = [2, 0];
+    # d depth / d a_{0,1,c} = M0 a_{1,1,c} = [1, 0].
     a = one_hot_routes([[0, 0], [0, 0]], 2)
     g = jax.grad(lambda x: um.expected_depth(x, "cumprod")[0, 1])(a)
     np.testing.assert_array_equal(np.asarray(g[0]), [[2.0, 0.0], [1.0, 0.0]])

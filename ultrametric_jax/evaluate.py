@@ -189,12 +189,17 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    fig, (ax_loss, ax_density) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if train_records:
-        steps = [r["step"] for r in train_records]
-        for key, label in (("loss", "total loss"), ("ce", "cross-entropy"),
-                           ("balance_loss", "balance loss")):
-            ax_loss.plot(steps, [r.get(key, np.nan) for r in train_records], label=label)
+    fig, (ax_loss, ax_train, ax_density) = plt.subplots(1, 3, figsize=(17, 4.5))
+    steps = [r["step"] for r in train_records]
+    for key, label in (("loss", "total loss"), ("ce", "cross-entropy"),
+                       ("balance_loss", "balance loss")):
+        ax_loss.plot(steps, [r.get(key, np.nan) for r in train_records], label=label)
+    for key, label in (("density", "total"), ("tree_density", "tree only")):
+        ax_train.plot(steps, [r.get(key, np.nan) for r in train_records], label=label)
+    ax_train.set_ylim(0, 1.05)
+    ax_train.set_xlabel("step")
+    ax_train.set_title("attention density while training (Gumbel routes)")
+    ax_train.legend(fontsize=8)
     if report.dense:
         ax_loss.axhline(report.dense["loss"], color="k", ls="--", lw=1, label="dense held-out CE")
     ax_loss.axhline(report.surgical["loss"], color="r", ls=":", lw=1,
@@ -211,7 +216,7 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
     ax_density.set_ylim(0, 1.05)
     ax_density.set_xlabel("layer")
     ax_density.set_ylabel("fraction of causal pairs attended")
-    ax_density.set_title(f"attention density per layer (step {report.step})")
+    ax_density.set_title(f"held-out density per layer, hard routes (step {report.step})")
     ax_density.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

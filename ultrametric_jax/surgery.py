@@ -13,7 +13,6 @@ initialisation, computes exactly the base model's logits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

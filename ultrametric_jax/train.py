@@ -178,7 +178,6 @@ class SurgeryTrainer:
         self.mutable = restored.state["mutable"]
         self.data.set_state(restored.meta["data_state"])
         self.step = restored.step
-        self.metrics.truncate_after(self.step)
         self.sync_model()
         return restored.step
 
@@ -201,6 +200,8 @@ class SurgeryTrainer:
     def train(self, resume: bool = True) -> TrainOutcome:
         total = int(self.config.train.steps)
         resumed = self.restore() if resume else None
+        # Records past the restored step come from an interrupted attempt: drop them.
+        self.metrics.truncate_after(self.step)
         start_time, last = time.time(), {}
         bar = progress_bar(total, initial=self.step, enabled=self.progress)
         try:

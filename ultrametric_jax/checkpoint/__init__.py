@@ -13,7 +13,8 @@ from flax import nnx
 
 from ultrametric_jax.checkpoint.hf import CheckpointError, load_hf, save_hf_weights
 
-__all__ = ["CheckpointError", "load_pretrained", "save_hf", "detect_format", "resolve_dtype"]
+__all__ = ["CheckpointError", "load_pretrained", "save_hf", "detect_format", "resolve_dtype",
+           "convert_checkpoint"]
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
@@ -66,6 +67,33 @@ def load_pretrained(path: str, dtype=jnp.float32, param_dtype=None, progress: bo
         from ultrametric_jax.checkpoint.native import load_native
         return load_native(path, dtype=dtype, param_dtype=param_dtype)
     return load_hf(path, dtype=dtype, param_dtype=param_dtype, progress=progress)
+
+
+def convert_checkpoint(src: str, dst: str, to: str = "native", dtype=jnp.float32, tokenizer=None,
+                       max_shard_size="5GB", progress: bool = False) -> str:
+    """Convert src (HF dir, .gguf, native dir) to dst in the `to` format ('native' or 'hf').
+
+    HF/GGUF -> native streams one group of tensors at a time and never builds the model;
+    the other directions load the model (one copy) and write it out.
+    """
+    from ultrametric_jax.checkpoint.native import convert_to_native, save_native
+    dtype = resolve_dtype(dtype)
+    fmt = detect_format(src)
+    if to == "native" and fmt in ("hf", "gguf"):
+        if fmt == "hf":
+            from ultrametric_jax.checkpoint.hf import hf_source as source_of
+        else:
+            from ultrametric_jax.checkpoint.gguf import gguf_source as source_of
+        config, fetch = source_of(src)
+        return convert_to_native(config, fetch, dst, dtype, source=src, tokenizer=tokenizer,
+                                 progress=progress)
+    model = load_pretrained(src, dtype=dtype, progress=progress)
+    if to == "native":
+        return save_native(model, dst, tokenizer=tokenizer)
+    if to == "hf":
+        return save_hf(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                       progress=progress)
+    raise ValueError(f"unknown target format {to!r}; expected 'native' or 'hf'")
 
 
 def save_hf(model, out_dir: str, tokenizer=None, max_shard_size="5GB", filter_=nnx.Param,

@@ -156,7 +156,8 @@ def read_tensor(tensor) -> np.ndarray:
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
 
 
-def load_gguf(path: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
+def gguf_source(path: str):
+    """(config, fetch) of a llama GGUF; fetch(hf_name, flax_path) dequantises one tensor."""
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -173,5 +174,10 @@ def load_gguf(path: str, dtype=jnp.float32, param_dtype=None, progress: bool = F
             arr = unpermute_rope_rows(arr, heads)
         return arr
 
+    return config, fetch
+
+
+def load_gguf(path: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
+    config, fetch = gguf_source(path)
     return fill_model(abstract_model(config, dtype, param_dtype), fetch, source=path,
                       progress=progress)

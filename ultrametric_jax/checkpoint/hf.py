@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +180,7 @@ def write_sharded(directory: str, specs: list[tuple[str, tuple, np.dtype]],
     """Write model.safetensors, or model-0000k-of-0000n.safetensors + index when it is larger."""
     os.makedirs(directory, exist_ok=True)
     shards = plan_shards(specs, max_shard_bytes)
-    bar = _progress(sum(len(s) for s in shards), "writing tensors", progress)
+    bar = progress_bar(sum(len(s) for s in shards), "writing tensors", progress)
     counted = _counting(fetch, bar)
     if len(shards) == 1:
         write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], counted)
@@ -200,7 +200,7 @@ def write_sharded(directory: str, specs: list[tuple[str, tuple, np.dtype]],
     return names
 
 
-def _progress(total, desc, enabled):
+def progress_bar(total, desc, enabled):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
@@ -223,53 +223,55 @@ def abstract_model(config: LlamaConfig, dtype=jnp.float32, param_dtype=None):
                                                    rngs=nnx.Rngs(0)))
 
 
+def prepare_leaf(path: tuple, want, arr: np.ndarray, source: str):
+    """A transformers-layout tensor -> the jnp value of the Flax leaf `path`.
+
+    Checks the shape against `want` (a ShapeDtypeStruct), transposes kernels and casts to the
+    parameter dtype; a wrong shape raises naming the tensor, the expected and the actual shape.
+    """
+    name, transpose = hf_name(path)
+    transpose = transpose and arr.ndim == 2
+    expected = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
+    if tuple(arr.shape) != expected:
+        raise CheckpointError(f"shape mismatch for tensor {name} in {source}: "
+                              f"expected {expected}, got {tuple(arr.shape)}")
+    arr = arr.T if transpose else arr
+    return jnp.asarray(np.asarray(arr).astype(want.dtype, copy=False))
+
+
 def fill_model(abstract, fetch: Callable[[str, tuple], np.ndarray], *, source: str,
                progress: bool = False):
     """Materialise an abstract model leaf by leaf.
 
-    fetch(hf_name, flax_path) returns the tensor in transformers layout (numpy); it is checked
-    against the expected shape, transposed when needed and cast to the parameter dtype.
+    fetch(hf_name, flax_path) returns the tensor in transformers layout (numpy); only one
+    source tensor is alive at a time.
     """
     graphdef, state = nnx.split(abstract)
     leaves = list(nnx.to_flat_state(state))
-    bar = _progress(len(leaves), f"loading {os.path.basename(str(source)) or source}", progress)
+    bar = progress_bar(len(leaves), f"loading {os.path.basename(str(source)) or source}", progress)
     for path, var in leaves:
-        name, transpose = hf_name(path)
-        want = var.get_value()
-        arr = fetch(name, path)
-        if transpose and arr.ndim == 2:
-            arr = arr.T
-        if tuple(arr.shape) != tuple(want.shape):
-            got = tuple(arr.T.shape if transpose and arr.ndim == 2 else arr.shape)
-            exp = tuple(want.shape[::-1] if transpose and len(want.shape) == 2 else want.shape)
-            raise CheckpointError(
-                f"shape mismatch for tensor {name} in {source}: expected {exp}, got {got}")
-        var.set_value(jnp.asarray(np.asarray(arr).astype(want.dtype, copy=False)))
-        del arr
+        var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0], path), source))
         bar.update(1)
     bar.close()
     return nnx.merge(graphdef, state)
 
 
-def iter_hf_tensors(model, filter_=nnx.Param) -> Iterator[tuple[str, np.ndarray]]:
-    """(transformers name, numpy tensor in torch layout) for every parameter."""
-    for path, var in param_leaves(model, filter_):
-        name, transpose = hf_name(path)
-        arr = np.asarray(jax.device_get(var.get_value()))
-        yield name, (arr.T if transpose and arr.ndim == 2 else arr)
-
-
 # ----------------------------------------------------------------------------- public entry
 
-def load_hf(directory: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
-    """Load an HF Llama dir (config.json + model.safetensors[.index.json])."""
+def hf_source(directory: str):
+    """(config, fetch) of an HF Llama dir; fetch(hf_name, flax_path) reads one tensor."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing config.json in {directory}")
     config = LlamaConfig.from_json_file(config_path)
     reader = SafetensorsReader(directory)
-    abstract = abstract_model(config, dtype, param_dtype)
-    return fill_model(abstract, lambda name, _: reader.get(name), source=directory,
+    return config, lambda name, _path: reader.get(name)
+
+
+def load_hf(directory: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
+    """Load an HF Llama dir (config.json + model.safetensors[.index.json])."""
+    config, fetch = hf_source(directory)
+    return fill_model(abstract_model(config, dtype, param_dtype), fetch, source=directory,
                       progress=progress)
 
 

@@ -1,14 +1,19 @@
 """The project's own checkpoint format: a directory holding
 
-    ultrametric.json   {"format": "ultrametric_jax.native", "version": 1, "param_dtype": ...}
+    ultrametric.json   {"format": "ultrametric_jax.native", "version": 1, "param_dtype": ...,
+                        "groups": [...]}
     config.json        the transformers-style Llama config
-    params/            an Orbax checkpoint of the parameters, keyed by their Flax paths
+    params/GROUP/      one Orbax checkpoint per group of parameters: model.embed_tokens,
+                       model.layers.N (each decoder layer), model.norm, lm_head
     tokenizer.json     when the source had a tokenizer
 
-Loading restores straight into the target dtype and shapes of an abstractly built model.
+Groups keep every step streaming: `convert_to_native` reads a source checkpoint and writes
+one group at a time without ever building the whole model, and loading restores group by
+group straight into the target dtype of an abstractly built model.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrametric_jax.checkpoint.hf import CheckpointError, abstract_model, param_leaves
+from ultrametric_jax.checkpoint.hf import (CheckpointError, abstract_model, hf_name,
+                                           param_leaves, prepare_leaf, progress_bar)
 from ultrametric_jax.config import LlamaConfig
 
 FORMAT_FILE = "ultrametric.json"
@@ -25,11 +31,36 @@ FORMAT_NAME = "ultrametric_jax.native"
 PARAMS_DIR = "params"
 
 
+def is_native(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, FORMAT_FILE))
+
+
+def group_of(path: tuple) -> str:
+    """'model.layers.N' for a decoder layer's parameters, else the module holding the leaf."""
+    keys = [str(k) for k in path]
+    depth = 3 if keys[:2] == ["model", "layers"] else len(keys) - 1
+    return ".".join(keys[:depth])
+
+
+def _relative(path: tuple, group: str) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)[len(group.split(".")):]
+
+
+def _nested(items):
+    tree = {}
+    for keys, value in items:
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return tree
+
+
 def _checkpointer(largest_bytes: int):
-    """A synchronous Orbax checkpointer (an async one first copies the whole model to host).
+    """A synchronous Orbax checkpointer (an async one first copies everything to host).
 
     Bytes in flight are bounded by the largest tensor (rounded up to whole GB, as Orbax counts
-    them), so converting costs the model plus about one tensor of memory.
+    them).
     """
     import orbax.checkpoint as ocp
     limit = max(1, math.ceil(largest_bytes / 1e9))
@@ -37,81 +68,126 @@ def _checkpointer(largest_bytes: int):
         save_concurrent_gb=limit, restore_concurrent_gb=limit))
 
 
-def _largest(arrays) -> int:
-    return max(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
+def _nbytes(a) -> int:
+    return int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
 
 
-def is_native(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, FORMAT_FILE))
+class _GroupWriter:
+    """Writes params/GROUP checkpoints, then the metadata files that mark completion."""
 
+    def __init__(self, out_dir: str, largest_bytes: int):
+        self.out_dir = os.path.abspath(out_dir)
+        os.makedirs(os.path.join(self.out_dir, PARAMS_DIR), exist_ok=True)
+        marker = os.path.join(self.out_dir, FORMAT_FILE)
+        if os.path.exists(marker):
+            os.remove(marker)  # an overwritten checkpoint is incomplete until finished
+        self.checkpointer = _checkpointer(largest_bytes)
+        self.groups = []
 
-def _nested(leaves, value_of):
-    tree = {}
-    for path, var in leaves:
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = value_of(var)
-    return tree
+    def write(self, group: str, items):
+        import orbax.checkpoint as ocp
+        target = os.path.join(self.out_dir, PARAMS_DIR, group)
+        self.checkpointer.save(target, args=ocp.args.StandardSave(_nested(items)), force=True)
+        self.groups.append(group)
 
-
-def _lookup(tree, path):
-    for key in path:
-        tree = tree[str(key)]
-    return tree
+    def finish(self, config: LlamaConfig, dtype: str, tokenizer=None) -> str:
+        from ultrametric_jax.tokenizer import save_tokenizer
+        self.checkpointer.close()
+        hf_config = config.to_hf_dict()
+        hf_config.update(dtype=dtype, torch_dtype=dtype)
+        with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, self.out_dir, config=config)
+        with open(os.path.join(self.out_dir, FORMAT_FILE), "w") as f:
+            json.dump({"format": FORMAT_NAME, "version": 1, "param_dtype": dtype,
+                       "groups": self.groups}, f, indent=2)
+        return self.out_dir
 
 
 def save_native(model, out_dir: str, tokenizer=None) -> str:
     """Write `model` (its nnx.Param leaves), its config and tokenizer to out_dir."""
-    import orbax.checkpoint as ocp
-    from ultrametric_jax.tokenizer import save_tokenizer
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     leaves = param_leaves(model)
-    params = _nested(leaves, lambda v: v.get_value())
+    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
+    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+        writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
     dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
-    target = os.path.join(out_dir, PARAMS_DIR)
-    checkpointer = _checkpointer(_largest(v.get_value() for _, v in leaves))
-    checkpointer.save(target, args=ocp.args.StandardSave(params), force=True)
-    checkpointer.close()
-    del params
-    config = model.config.to_hf_dict()
-    config.update(dtype=dtype, torch_dtype=dtype)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, out_dir, config=model.config)
-    # Written last: its presence marks a complete checkpoint.
-    with open(os.path.join(out_dir, FORMAT_FILE), "w") as f:
-        json.dump({"format": FORMAT_NAME, "version": 1, "param_dtype": dtype}, f, indent=2)
-    return out_dir
+    return writer.finish(model.config, dtype, tokenizer)
 
 
-def load_native(path: str, dtype=jnp.float32, param_dtype=None):
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
+def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float32, *,
+                      source: str, tokenizer=None, progress: bool = False) -> str:
+    """Stream a checkpoint into the native format, one group of tensors in memory at a time.
+
+    `fetch(hf_name, flax_path)` returns a tensor in transformers layout (see hf_source and
+    gguf_source).
+    """
+    leaves = param_leaves(abstract_model(config, dtype, dtype))
+    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
+    bar = progress_bar(len(leaves), f"converting {os.path.basename(source) or source}", progress)
+    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+        arrays = []
+        for path, var in items:
+            arrays.append((_relative(path, group),
+                           prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0], path), source)))
+            bar.update(1)
+        writer.write(group, arrays)
+        del arrays
+    bar.close()
+    return writer.finish(config, jnp.dtype(dtype).name, tokenizer)
+
+
+def _read_meta(path: str) -> dict:
     with open(os.path.join(path, FORMAT_FILE)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}/{FORMAT_FILE} does not describe a {FORMAT_NAME} checkpoint")
-    config = LlamaConfig.from_json_file(os.path.join(path, "config.json"))
-    params_dir = os.path.join(path, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise CheckpointError(f"missing parameter directory {params_dir}")
-    abstract = abstract_model(config, dtype, param_dtype)
-    graphdef, state = nnx.split(abstract)
-    leaves = list(nnx.to_flat_state(state))
+    return meta
+
+
+def iter_native_leaves(path: str, leaves):
+    """Restore the (flax path, abstract Variable) `leaves` group by group; yields
+    (flax path, array) with each group's arrays only alive while consumed."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    meta = _read_meta(path)
+    groups = {g: list(items) for g, items in
+              itertools.groupby(leaves, key=lambda pv: group_of(pv[0]))}
+    missing = sorted(set(groups) - set(meta.get("groups", [])))
+    if missing:
+        raise CheckpointError(f"native checkpoint {path} lacks the parameter groups {missing}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _nested(leaves, lambda v: jax.ShapeDtypeStruct(
-        v.get_value().shape, v.get_value().dtype, sharding=device))
-    checkpointer = _checkpointer(_largest(v.get_value() for _, v in leaves))
+    checkpointer = _checkpointer(max(_nbytes(v.get_value()) for _, v in leaves))
     try:
-        restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
-    except Exception as e:
-        raise CheckpointError(f"cannot restore native checkpoint {path}: {e}") from e
+        for group, items in groups.items():
+            target = _nested([(_relative(p, group), jax.ShapeDtypeStruct(
+                v.get_value().shape, v.get_value().dtype, sharding=device)) for p, v in items])
+            try:
+                restored = checkpointer.restore(os.path.join(path, PARAMS_DIR, group),
+                                                args=ocp.args.StandardRestore(target))
+            except Exception as e:
+                raise CheckpointError(f"cannot restore group {group} of native checkpoint "
+                                      f"{path}: {e}") from e
+            for p, _ in items:
+                node = restored
+                for key in _relative(p, group):
+                    node = node[key]
+                yield p, node
+            del restored
     finally:
         checkpointer.close()
-    for path_, var in leaves:
-        var.set_value(_lookup(restored, path_))
-    del restored
+
+
+def native_config(path: str) -> LlamaConfig:
+    _read_meta(path)
+    return LlamaConfig.from_json_file(os.path.join(path, "config.json"))
+
+
+def load_native(path: str, dtype=jnp.float32, param_dtype=None):
+    config = native_config(path)
+    graphdef, state = nnx.split(abstract_model(config, dtype, param_dtype))
+    leaves = list(nnx.to_flat_state(state))
+    variables = dict(leaves)
+    for p, value in iter_native_leaves(path, leaves):
+        variables[p].set_value(value)
     return nnx.merge(graphdef, state)

@@ -36,21 +36,15 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
 
     from ultrametric_jax.assets import resolve_model
-    from ultrametric_jax.checkpoint import load_pretrained, save_hf
-    from ultrametric_jax.checkpoint.native import save_native
+    from ultrametric_jax.checkpoint import convert_checkpoint
     from ultrametric_jax.tokenizer import load_tokenizer
 
     source = resolve_model(args.src)
     dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
     start = time.time()
-    model = load_pretrained(source.weights, dtype=dtype, progress=True)
     tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
-    loaded = time.time()
-    if args.to == "native":
-        save_native(model, args.dst, tokenizer=tokenizer)
-    else:
-        save_hf(model, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size,
-                progress=True)
-    print(f"converted {args.src} -> {args.dst} ({args.to}, {dtype}): load "
-          f"{loaded - start:.1f}s, save {time.time() - loaded:.1f}s", file=sys.stderr)
+    convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype, tokenizer=tokenizer,
+                       max_shard_size=args.max_shard_size, progress=True)
+    print(f"converted {args.src} -> {args.dst} ({args.to}, {dtype}) in "
+          f"{time.time() - start:.1f}s", file=sys.stderr)
     return 0

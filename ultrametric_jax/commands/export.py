@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint step to export (default: the latest)")
     parser.add_argument("--out", required=True, help="output directory (HF format)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out when it exists and is not empty")
+                        help="replace --out when it holds an earlier export")
     return parser
 
 
