@@ -58,9 +58,14 @@ def random_bf16(name: str, shape: tuple) -> np.ndarray:
     """Random finite bf16 values, seeded by the tensor name (cheap: integer ops only)."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-    # Keep sign and mantissa bits; exponent 117..124, i.e. |x| in [2^-10, 2^-3).
-    bits = (bits & np.uint16(0x807F)) | ((np.uint16(117) + ((bits >> np.uint16(7)) & np.uint16(7)))
-                                         << np.uint16(7))
+    # Keep sign and mantissa bits; exponent 117..124, i.e. |x| in [2^-10, 2^-3). In place, so
+    # that a tensor costs two buffers of its size.
+    exponent = bits >> np.uint16(7)
+    exponent &= np.uint16(7)
+    exponent += np.uint16(117)
+    exponent <<= np.uint16(7)
+    bits &= np.uint16(0x807F)
+    bits |= exponent
     return bits.view(ml_dtypes.bfloat16)
 
 

@@ -71,6 +71,9 @@ CASES = [
     Case(2, 1024, "interleaved", 0, 1, 3, 37, "bfloat16", "tpu", block_q=32, block_k=32),
     Case(7, 1024, "interleaved", 5000, 0, 1, 37, "float32", "gpu", block_q=32, block_k=32),
     Case(64, 1024, "contiguous", 5000, 1, 3, 0, "bfloat16", "tpu", block_q=32, block_k=32),
+    # float32 GPU tiles are 32 wide: 64-blocks make every GPU kernel loop over sub-tiles
+    Case(7, 257, "interleaved", 5, 1, 2, 0, "float32", "gpu", kv_heads=2, block_q=64,
+         block_k=64),
 ]
 
 

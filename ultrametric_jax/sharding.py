@@ -162,6 +162,21 @@ def shard_module(module: nnx.Module, mesh: Mesh,
     return module
 
 
+def shard_state(state: nnx.State, mesh: Mesh,
+                rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.State:
+    """A copy of `state` with every array placed on `mesh` by its logical axes (e.g. router and
+    optimiser state restored from a checkpoint written on another mesh)."""
+    rules = tuple(rules)
+
+    def place(var):
+        value = _value_of(var)
+        if not hasattr(value, "shape"):
+            return var
+        return var.replace(jax.device_put(value, _variable_sharding(var, mesh, rules)))
+
+    return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch-major arrays: the batch over (data, fsdp), the rest replicated."""
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None

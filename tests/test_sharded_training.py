@@ -1,0 +1,160 @@
+"""Sharded router training, sharded kernels and checkpoints across meshes, on 8 CPU devices.
+
+The oracle is the same computation on one device: sharding must change where numbers are
+computed, never what they are.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pallas_kernels import block_sparse_attention
+from ultrametric_jax import sharding
+from ultrametric_jax.config import LlamaConfig, SurgeryConfig
+from ultrametric_jax.llama import LlamaForCausalLM
+from ultrametric_jax.router import RouterParam
+from ultrametric_jax.run_checkpoint import RunCheckpointer
+from ultrametric_jax.surgery import inject_topology
+from ultrametric_jax.train import MUTABLE, make_grad_fn, make_train_step
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                     max_position_embeddings=64)
+SURGERY = SurgeryConfig(arity=2, levels=3, d_max=1, max_len=64, window=2, sink_tokens=1,
+                        init_margin=1.0, tau_steps=10, lambda_ramp_steps=0)
+
+
+def surgical_model(seed=0):
+    model = LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(seed))
+    inject_topology(model, SURGERY, nnx.Rngs(params=seed + 1, gumbel=seed + 2))
+    # Move the routers off the collapse point so that routes (and gradients) are non-trivial.
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, RouterParam):
+            key = jax.random.key(hash(str(path)) % (2 ** 31))
+            var.set_value(var.get_value() + 0.5 * jax.random.normal(key, var.get_value().shape))
+    model.train()
+    return model
+
+
+def batch():
+    ids = jax.random.randint(jax.random.key(7), (8, 16), 0, CONFIG.vocab_size)
+    mask = jnp.ones((8, 16), bool).at[5, 12:].set(False)   # one padded row
+    return np.asarray(ids), np.asarray(mask)
+
+
+def loss_and_grads(model, ids, mask, mesh=None):
+    if mesh is not None:
+        sharding.shard_module(model, mesh)
+        ids, mask = sharding.global_batch(ids, mesh), sharding.global_batch(mask, mesh)
+    graphdef, params, mutable, frozen = nnx.split(model, RouterParam, MUTABLE, ...)
+    grad_fn = jax.jit(make_grad_fn(graphdef))
+    (loss, (scalars, _)), grads = grad_fn(params, mutable, frozen, ids, mask, 0.5)
+    return loss, scalars, grads, params
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    ids, mask = batch()
+    loss, scalars, grads, _ = loss_and_grads(surgical_model(), ids, mask)
+    return ids, mask, float(loss), jax.device_get(scalars), jax.device_get(grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_loss_and_router_gradients_equal_single_device(single_device, shape):
+    ids, mask, loss_1, scalars_1, grads_1 = single_device
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    loss, scalars, grads, params = loss_and_grads(surgical_model(), ids, mask, mesh)
+    assert 0.0 < float(scalars["density"]) < 1.0       # routes are really sparse
+    np.testing.assert_allclose(float(loss), loss_1, rtol=1e-5)
+    leaves_1, leaves = jax.tree.leaves(grads_1), jax.tree.leaves(grads)
+    assert len(leaves) == len(leaves_1) > 0
+    assert any(np.abs(g).max() > 0 for g in leaves_1)
+    for g1, g in zip(leaves_1, leaves):
+        np.testing.assert_allclose(np.asarray(g), g1, rtol=1e-5, atol=1e-7)
+    # The router parameters really are sharded as their logical axes say.
+    fc1 = [v for p, v in nnx.iter_graph(params) if isinstance(v, RouterParam)
+           and p[-2:] == ("fc1", "kernel")][0].get_value()
+    expected = sharding.logical_to_spec(("embed", "router_hidden"), fc1.shape, mesh)
+    assert fc1.sharding.spec == expected
+
+
+@pytest.mark.slow
+def test_sharded_train_step_equals_single_device():
+    ids, mask = batch()
+    # SGD keeps the update proportional to the gradient; Adam's first step g/|g| would turn
+    # rounding-level differences of near-zero gradients into full-size update differences.
+    tx = optax.sgd(1e-2)
+    results = []
+    for mesh in (None, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        model = surgical_model()
+        ids_, mask_ = ids, mask
+        if mesh is not None:
+            sharding.shard_module(model, mesh)
+            ids_, mask_ = sharding.global_batch(ids, mesh), sharding.global_batch(mask, mesh)
+        graphdef, params, mutable, frozen = nnx.split(model, RouterParam, MUTABLE, ...)
+        step = make_train_step(graphdef, tx, lambda s: 0.5, lambda s: 0.1)
+        out = step(params, tx.init(params), mutable, frozen, jnp.int32(0),
+                   ids_[None], mask_[None])
+        results.append(jax.device_get((out[0], out[3])))
+    (p1, m1), (p8, m8) = results
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    assert m1["grad_norm"] > 0
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
+    model = surgical_model()
+    sharding.shard_module(model, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    params = nnx.state(model, RouterParam)
+    ckpt = RunCheckpointer(str(tmp_path / "ckpt"), keep=1)
+    ckpt.save(3, {"router": params}, data_state={"position": 0}, base_model={"path": "x"})
+    restored = ckpt.restore_latest({"router": nnx.state(surgical_model(seed=5), RouterParam)})
+    ckpt.close()
+    assert restored.step == 3
+    other = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    placed = sharding.shard_state(restored.state["router"], other)
+    before = jax.tree.leaves(params)
+    after = jax.tree.leaves(placed)
+    assert len(before) == len(after) > 0
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    fc1 = [v for p, v in nnx.iter_graph(placed) if isinstance(v, RouterParam)
+           and p[-2:] == ("fc1", "kernel")][0].get_value()
+    assert fc1.sharding.mesh.shape == other.shape
+    assert fc1.sharding.spec == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("shape,hq,hkv", [((2, 1, 4), 8, 4), ((1, 2, 2), 4, 2)])
+def test_kernel_under_shard_map_equals_unsharded_call(shape, hq, hkv):
+    devices = jax.devices()[:int(np.prod(shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
+    b, s, d = 4, 40, 16
+    keys = jax.random.split(jax.random.key(11), 4)
+    q = jax.random.normal(keys[0], (b, s, hq, d), jnp.float32)
+    k = jax.random.normal(keys[1], (b, s, hkv, d), jnp.float32)
+    v = jax.random.normal(keys[2], (b, s, hkv, d), jnp.float32)
+    clusters = jax.random.randint(keys[3], (b, hq, s), 0, 3).astype(jnp.int32)
+    kw = dict(window=3, sink_tokens=1, backend="gpu", interpret=True, block_q=16, block_k=16)
+    expected = block_sparse_attention(q, k, v, clusters, clusters, **kw)
+    act, ids = sharding.attention_specs(mesh)
+    place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    out = jax.jit(lambda *a: sharding.sharded_block_sparse_attention(mesh, *a, **kw))(
+        place(q, act), place(k, act), place(v, act), place(clusters, ids), place(clusters, ids))
+    assert out.sharding.spec == act
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_shard_map_rejects_heads_the_tensor_axis_cannot_split():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    q = jnp.ones((2, 8, 6, 4))
+    k = jnp.ones((2, 8, 2, 4))
+    c = jnp.zeros((2, 6, 8), jnp.int32)
+    with pytest.raises(sharding.ShardingError, match="must divide both the query heads"):
+        sharding.sharded_block_sparse_attention(mesh, q, k, k, c, c, window=1, sink_tokens=1)
