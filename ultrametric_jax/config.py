@@ -64,6 +64,10 @@ class LlamaConfig:
                 raise ConfigError(f"rope_scaling type {rope_type!r} is not supported "
                                   "(supported: default, linear, llama3)")
 
+    def __hash__(self):
+        # rope_scaling is a dict; hash the canonical JSON form so jit caches can key on configs.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
     @property
     def num_groups(self) -> int:
         """Query heads per kv head."""

@@ -46,10 +46,6 @@ def _compiled(model, temperature, top_k):
     """(state, prefill, step), jitted once per model structure and sampling setting."""
     graphdef, state = nnx.split(model)
     key = (graphdef, temperature, top_k)
-    try:
-        hash(key)
-    except TypeError:  # a structure holding unhashable static fields: compile afresh
-        return (state, *_build_steps(graphdef, temperature, top_k))
     if key not in _COMPILED:
         if len(_COMPILED) > 16:
             _COMPILED.clear()
