@@ -30,7 +30,8 @@ def check_block_size(name, value, *, power_of_two=True):
 
 
 def check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, kv_len):
-    for name, ids, length in (("q_clusters", q_clusters, q_len), ("k_clusters", k_clusters, kv_len)):
+    for name, ids, length in (("q_clusters", q_clusters, q_len),
+                              ("k_clusters", k_clusters, kv_len)):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"{name} must hold integer cluster ids, got dtype {ids.dtype}")
         if tuple(ids.shape) != (batch, q_heads, length):
@@ -46,7 +47,8 @@ def check_attention_args(q, k, v, q_clusters, k_clusters, window, sink_tokens, q
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     batch, q_len, q_heads, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k must be [B={batch}, Sk, Hkv, D={head_dim}], got {tuple(k.shape)}")
     kv_heads = k.shape[2]
