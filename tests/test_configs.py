@@ -20,6 +20,16 @@ def test_every_config_loads_and_validates(name):
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) in ((-1, 1, 1), (1, -1, 1))
 
 
+def test_surgery_section_mirrors_surgery_config():
+    import dataclasses
+
+    from ultrametric_jax.config import SurgeryConfig
+    config, _, _, _ = parse_config_args(["--config", "base"])
+    assert set(config.surgery.keys()) == {f.name for f in dataclasses.fields(SurgeryConfig)}
+    # Unset optional fields resolve exactly as SurgeryConfig's own defaults do.
+    assert surgery_config(config) == SurgeryConfig()
+
+
 def test_default_config_is_the_cpu_setting():
     config, path, _, _ = parse_config_args([])
     assert os.path.basename(path) == "smollm2_shakespeare.py"

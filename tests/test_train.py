@@ -83,6 +83,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tiny_model_d
     assert result["density"] < 0.9
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, "train.steps=8", "checkpoint.every=2")
     setup = setup_run(config)
@@ -208,3 +209,29 @@ def test_metrics_jsonl_truncation_and_tensorboard(tmp_path, monkeypatch):
     MetricsWriter(str(tmp_path), tensorboard=False).truncate_after(1)
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert records == [{"step": 1, "split": "train", "loss": 1.0, "ce": 2.0}]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_cross_entropy_matches_float64_reference():
+    from ultrametric_jax.losses import mean_cross_entropy, token_cross_entropy, total_loss
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 5, 7)) * 3
+    ids = rng.integers(0, 7, size=(2, 5))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    shifted = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    weights = mask[:, 1:]
+    total, count = token_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(ids),
+                                       jnp.asarray(mask))
+    assert float(count) == 6.0
+    np.testing.assert_allclose(float(total), (nll * weights).sum(), rtol=1e-6)
+    mean = mean_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(ids),
+                              jnp.asarray(mask))
+    np.testing.assert_allclose(float(mean), (nll * weights).sum() / 6, rtol=1e-6)
+    np.testing.assert_allclose(float(mean_cross_entropy(jnp.asarray(logits, jnp.float32),
+                                                        jnp.asarray(ids))),
+                               nll.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(total_loss(mean, jnp.float32(1.5), 0.25)),
+                               (nll * weights).sum() / 6 + 0.375, rtol=1e-6)
