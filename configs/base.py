@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.every = 100
     config.checkpoint.keep = 3
 
+    # Multi-host runs: call jax.distributed.initialize() first (also when the environment sets
+    # ULTRAMETRIC_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS).
+    config.distributed = False
     # Device mesh axes; -1 takes all remaining devices.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1

@@ -43,6 +43,7 @@ def get_config():
     config.eval.batch_size = 4
     config.checkpoint.every = 4
     config.checkpoint.keep = 2
+    config.mesh.data = 1              # one device unless a test asks for a mesh
     return config
 
 

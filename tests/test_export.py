@@ -342,7 +342,7 @@ def test_smollm2_round_trip(smollm2_jax, smollm2_tokenizer, tmp_path):
         "--config.train.steps=3", "--config.train.seq_len=64", "--config.train.batch_size=2",
         "--config.data.max_chars=30000", "--config.data.chunk_chars=3000",
         "--config.eval.batches=1", "--config.eval.batch_size=1", "--config.checkpoint.every=3",
-        "--workdir", workdir])
+        "--config.mesh.data=1", "--workdir", workdir])
     assert rc == 0
     restored = export_run(os.path.join(workdir, "checkpoints"), out)  # the command's own path
     assert restored.step == 3

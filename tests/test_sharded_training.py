@@ -158,3 +158,56 @@ def test_shard_map_rejects_heads_the_tensor_axis_cannot_split():
     c = jnp.zeros((2, 6, 8), jnp.int32)
     with pytest.raises(sharding.ShardingError, match="must divide both the query heads"):
         sharding.sharded_block_sparse_attention(mesh, q, k, k, c, c, window=1, sink_tokens=1)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def _tiny_run_config(model_dir, *overrides):
+    import os
+    from ultrametric_jax.config_flags import configs_dir, parse_config_args
+    tiny = os.path.join(configs_dir(), "tiny_random.py")
+    config, _, _, _ = parse_config_args(["--config", tiny, f"--config.model.path={model_dir}",
+                                         *[f"--config.{o}" for o in overrides]])
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    import os
+    import runpy
+    from ultrametric_jax.config_flags import configs_dir
+    write = runpy.run_path(os.path.join(configs_dir(), "tiny_random.py"))["write_model"]
+    return write(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _train(config, workdir):
+    from ultrametric_jax.train import SurgeryTrainer, inject, setup_run
+    setup = setup_run(config)
+    inject(config, setup.model)
+    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(workdir),
+                             setup.identity, progress=False)
+    try:
+        outcome = trainer.train()
+    finally:
+        trainer.close()
+    return trainer, outcome
+
+
+@pytest.mark.slow
+def test_trainer_on_a_mesh_matches_one_device(tiny_model_dir, tmp_path):
+    steps = ["train.steps=1", "checkpoint.every=1"]
+    single, out_1 = _train(_tiny_run_config(tiny_model_dir, *steps), tmp_path / "one")
+    sharded, out_8 = _train(_tiny_run_config(tiny_model_dir, *steps, "mesh.data=2",
+                                             "mesh.fsdp=-1", "mesh.tensor=2"), tmp_path / "mesh")
+    assert dict(sharded.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for key in ("loss", "ce", "balance_loss", "grad_norm"):
+        np.testing.assert_allclose(out_8.last_metrics[key], out_1.last_metrics[key], rtol=1e-5)
+    q = sharded.model.model.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor")
+
+
+def test_trainer_rejects_a_batch_the_mesh_cannot_split(tiny_model_dir, tmp_path):
+    from ultrametric_jax.config import ConfigError
+    config = _tiny_run_config(tiny_model_dir, "mesh.data=-1", "train.batch_size=4")
+    with pytest.raises(ConfigError, match="must split evenly over the 8 data-parallel devices"):
+        _train(config, tmp_path)

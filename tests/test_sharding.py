@@ -29,6 +29,7 @@ def test_eight_devices_available():
     ({"data": 2, "fsdp": -1, "tensor": 2}, 8, (2, 2, 2)),
     ({"tensor": 4, "data": -1}, 8, (2, 1, 4)),
     ({"data": 1, "fsdp": 2, "tensor": 4}, 8, (1, 2, 4)),
+    ({"data": 2, "tensor": 2}, 8, (2, 1, 2)),   # a sub-mesh of the first four devices
 ])
 def test_mesh_shape_fills_one_axis(request_, devices, expected):
     assert sharding.mesh_shape(request_, devices) == expected
@@ -37,13 +38,19 @@ def test_mesh_shape_fills_one_axis(request_, devices, expected):
 @pytest.mark.parametrize("request_, devices, message", [
     ({"data": -1, "tensor": -1}, 8, "at most one mesh axis may be -1"),
     ({"data": 3, "tensor": -1}, 8, "not divisible"),
-    ({"data": 2, "tensor": 2}, 8, "needs 4 devices, but 8 are available"),
+    ({"data": 4, "tensor": 4}, 8, "needs 16 devices, but 8 are available"),
     ({"model": 2}, 8, "unknown mesh axes"),
     ({"data": 0}, 8, "positive or -1"),
 ])
 def test_mesh_shape_errors(request_, devices, message):
     with pytest.raises(sharding.ShardingError, match=message):
         sharding.mesh_shape(request_, devices)
+
+
+def test_mesh_without_fill_takes_the_first_devices():
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+    assert mesh.devices.size == 4
+    assert set(mesh.devices.flat) == set(jax.devices()[:4])
 
 
 def test_logical_to_spec_rules_and_indivisible_dims():

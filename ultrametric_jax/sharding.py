@@ -63,7 +63,7 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
                 f"cannot fill mesh axis {MESH_AXES[fill[0]]!r}: {num_devices} devices are not "
                 f"divisible by the other axes' product {known}")
         sizes[fill[0]] = num_devices // known
-    if math.prod(sizes) != num_devices:
+    if math.prod(sizes) > num_devices:
         raise ShardingError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
             f"but {num_devices} are available")
@@ -72,9 +72,11 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
 
 def make_mesh(axis_sizes: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 fills the remainder."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 fills the remainder;
+    without -1 the mesh takes the first data x fsdp x tensor devices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(dict(axis_sizes or {"data": -1}), len(devices))
+    devices = devices[:math.prod(shape)]
     try:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
@@ -177,19 +179,31 @@ def shard_state(state: nnx.State, mesh: Mesh,
     return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch-major arrays: the batch over (data, fsdp), the rest replicated."""
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split: data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+    """Batch-major arrays: dimension `batch_dim` over (data, fsdp), the rest replicated."""
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
     if axes is not None and len(axes) == 1:
         axes = axes[0]
-    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+    spec = [None] * ndim
+    spec[batch_dim] = axes
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+def global_batch(local: np.ndarray, mesh: Mesh, batch_dim: int = 0) -> jax.Array:
     """A global array from this process's slice of the batch (multi-host ready)."""
     local = np.asarray(local)
-    sharding = batch_sharding(mesh, local.ndim)
+    sharding = batch_sharding(mesh, local.ndim, batch_dim)
     return jax.make_array_from_process_local_data(sharding, local)
+
+
+def mesh_from_config(mesh_config: Mapping[str, int]) -> Mesh:
+    """The mesh a run's `config.mesh` ({data, fsdp, tensor}, -1 fills) asks for."""
+    return make_mesh({a: int(mesh_config.get(a, 1)) for a in MESH_AXES})
 
 
 def maybe_initialize_distributed(enabled: Optional[bool] = None, **kwargs) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ultrametric_jax import sharding
 from ultrametric_jax.config import ConfigError
 from ultrametric_jax.config_flags import surgery_config
 from ultrametric_jax.data import (BatchIterator, PackedSequences, build_splits, corpus_tokenizer,
@@ -148,19 +149,38 @@ class SurgeryTrainer:
         surgery = surgery_config(config)
         self.tx = build_optimizer(config.train)
         model.train()
+        accum = config.train.grad_accum
+        self.micro_batch = config.train.batch_size // accum
+        self.accum = accum
+        self.mesh = self._place_on_mesh(config, model)
         self.graphdef, self.params, self.mutable, self.frozen = nnx.split(
             model, RouterParam, MUTABLE, ...)
         self.opt_state = self.tx.init(self.params)
         self.step = 0
-        accum = config.train.grad_accum
-        self.micro_batch = config.train.batch_size // accum
-        self.accum = accum
         self.data = BatchIterator(train_data, config.train.batch_size,
                                   seed=config.seed)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             keep=config.checkpoint.keep)
         self._step_fn = cached_train_step(self.graphdef, config.train, surgery)
         self.metrics = MetricsWriter(workdir)
+
+    def _place_on_mesh(self, config, model):
+        """Shards the model over config.mesh (a no-op on one device); the jitted step then
+        runs with the parameters' shardings and the batch split over data x fsdp."""
+        try:
+            mesh = sharding.mesh_from_config(config.mesh)
+        except sharding.ShardingError as e:
+            raise ConfigError(f"invalid config value mesh={config.mesh.to_dict()}: {e}") from None
+        ways = sharding.data_parallel_size(mesh)
+        if self.micro_batch % ways:
+            raise ConfigError(
+                f"invalid config value train.batch_size={config.train.batch_size}: each "
+                f"micro-batch of {self.micro_batch} sequences must split evenly over the "
+                f"{ways} data-parallel devices of mesh {dict(mesh.shape)}; change "
+                "train.batch_size or config.mesh")
+        if mesh.size > 1:
+            sharding.shard_module(model, mesh)
+        return mesh
 
     # ------------------------------------------------------------------ state
 
@@ -174,6 +194,8 @@ class SurgeryTrainer:
             return None
         check_same_base(restored.meta["base_model"], self.base_identity)
         self.params = restored.state["router"]
+        if self.mesh.size > 1:
+            self.params = sharding.shard_state(self.params, self.mesh)
         self.opt_state = restored.state["opt"]
         self.mutable = restored.state["mutable"]
         self.data.set_state(restored.meta["data_state"])
@@ -194,8 +216,11 @@ class SurgeryTrainer:
     def _next_batch(self):
         batch = next(self.data)
         shape = (self.accum, self.micro_batch, -1)
-        return (jnp.asarray(batch["input_ids"].reshape(shape)),
-                jnp.asarray(batch["attention_mask"].reshape(shape)))
+        ids, mask = batch["input_ids"].reshape(shape), batch["attention_mask"].reshape(shape)
+        if self.mesh.size == 1:
+            return jnp.asarray(ids), jnp.asarray(mask)
+        return (sharding.global_batch(ids, self.mesh, batch_dim=1),
+                sharding.global_batch(mask, self.mesh, batch_dim=1))
 
     def train(self, resume: bool = True) -> TrainOutcome:
         total = int(self.config.train.steps)

@@ -40,7 +40,9 @@ def train_pipeline(config, workdir: str, *, install: bool, evaluate: bool):
     """(train outcome, eval report or None); raises NonFiniteLossError / ConfigError."""
     from ultrametric_jax.config_flags import surgery_config
     from ultrametric_jax.evaluate import EvalReport, evaluate_surgical, write_report
+    from ultrametric_jax.sharding import maybe_initialize_distributed
     from ultrametric_jax.train import SurgeryTrainer, inject, setup_run
+    maybe_initialize_distributed(True if config.get("distributed") else None)
     setup = setup_run(config, install=install)
     write_run_config(config, workdir)
     dense = dense_baseline(setup, config, workdir) if evaluate else None
