@@ -53,6 +53,23 @@ def rel_err(a, ref) -> float:
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 
 
+def torch_clusters(model, ids) -> np.ndarray:
+    """Cluster ids [layers, B, H, S] of a torch surgical Llama, read at each attention input."""
+    import torch
+    seen = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(mod.router.cluster_ids(
+            kwargs.get("hidden_states", args[0] if args else None), mod.surgery.cut_level)),
+        with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(np.asarray(ids)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.stack([c.numpy() for c in seen])
+
+
 @pytest.fixture
 def highest_precision():
     """Full float32 matmuls (GPUs default to TF32, ~1e-3 off); a no-op on CPU."""

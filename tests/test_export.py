@@ -18,6 +18,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import torch_clusters  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from ultrametric_jax import generate as jax_generate  # noqa: E402
@@ -49,21 +50,6 @@ def export_cli(capsys, *argv):
 def torch_logits(model, ids):
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(ids))).logits.float().numpy()
-
-
-def torch_clusters(model, ids):
-    """Cluster ids [layers, B, H, S] of the torch model, read at each attention input."""
-    seen = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(mod.router.cluster_ids(
-            kwargs.get("hidden_states", args[0] if args else None), mod.surgery.cut_level)),
-        with_kwargs=True) for layer in model.model.layers]
-    try:
-        torch_logits(model, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return np.stack([c.numpy() for c in seen])
 
 
 def torch_greedy(model, prompt, new_tokens):

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import torch_clusters  # noqa: E402
 from ultrametric_jax.config import SurgeryConfig  # noqa: E402
 from ultrametric_jax import torch_surgery as ts  # noqa: E402
 
@@ -128,22 +129,6 @@ def weights64(model, router):
          if "router" not in k}
     w.update({k: v.double().numpy() for k, v in router.items()})
     return w
-
-
-def torch_clusters(model, ids):
-    """Cluster ids per layer from the torch model, read at each layer's attention input."""
-    seen = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(mod.router.cluster_ids(
-            kwargs.get("hidden_states", args[0] if args else None), mod.surgery.cut_level)),
-        with_kwargs=True) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(torch.as_tensor(ids))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [c.numpy() for c in seen]
 
 
 # ---------------------------------------------------------------- tests

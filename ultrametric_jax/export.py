@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -234,59 +233,6 @@ def checkpoint_dir_of(workdir: Optional[str] = None, checkpoint: Optional[str] =
     return os.path.abspath(checkpoint), step
 
 
-class _ReadOnlyRun:
-    """Read access to a RunCheckpointer directory through a read-only Orbax manager."""
-
-    def __init__(self, directory: str):
-        import orbax.checkpoint as ocp
-        self._ocp = ocp
-        self.directory = directory
-        # Orbax logs a warning for each option a read-only manager overrides; nothing to act on.
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)
-        try:
-            self._manager = ocp.CheckpointManager(
-                directory, options=ocp.CheckpointManagerOptions(read_only=True))
-        finally:
-            absl_logger.setLevel(level)
-
-    def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
-    def meta(self, step: int) -> dict:
-        ocp = self._ocp
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:
-            raise ExportError(f"checkpoint step {step} in {self.directory} is unreadable "
-                              f"({type(e).__name__}: {str(e)[:200]}); pick another --step")
-
-    def state(self, step: int, template, meta: dict):
-        """The saved state in `template`'s structure, verified against its recorded checksum."""
-        from ultrametric_jax.run_checkpoint import _checksum, flatten_tree, unflatten_like
-        ocp = self._ocp
-        flat_template, structure = flatten_tree(template)
-        if meta.get("structure") != structure:
-            raise ExportError(f"checkpoint step {step} in {self.directory} holds a state layout "
-                              "that its own recorded config does not produce")
-        try:
-            flat = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(flat_template)))["state"]
-        except Exception as e:
-            raise ExportError(f"checkpoint step {step} in {self.directory} is unreadable "
-                              f"({type(e).__name__}: {str(e)[:200]}); pick another --step")
-        flat = {k: np.asarray(v) for k, v in flat.items()}
-        if _checksum(flat) != meta.get("checksum"):
-            raise ExportError(f"checkpoint step {step} in {self.directory} is corrupt: its "
-                              "arrays do not match their recorded checksum; pick another --step")
-        return unflatten_like(template, flat)
-
-    def close(self):
-        self._manager.close()
-
-
 def verify_base_model(recorded: dict) -> str:
     """The recorded base model's path, after checking its files still hash as recorded."""
     from ultrametric_jax.run_checkpoint import base_model_identity
@@ -312,9 +258,20 @@ def restore_run(checkpoint_dir: str, step: Optional[int] = None) -> RestoredRun:
     from ultrametric_jax import train
     from ultrametric_jax.checkpoint import load_pretrained
     from ultrametric_jax.config_flags import surgery_config
-    run = _ReadOnlyRun(checkpoint_dir)
+    from ultrametric_jax.run_checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
+                                                RunCheckpointReader)
+
+    def unreadable(e: CorruptCheckpointError) -> ExportError:
+        if e.cause is None:
+            return ExportError(f"checkpoint step {step} in {checkpoint_dir} is corrupt: its "
+                               "arrays do not match their recorded checksum; pick another --step")
+        return ExportError(f"checkpoint step {step} in {checkpoint_dir} is unreadable "
+                           f"({type(e.cause).__name__}: {str(e.cause)[:200]}); pick another "
+                           "--step")
+
+    run = RunCheckpointReader(checkpoint_dir)
     try:
-        steps = run.steps()
+        steps = run.all_steps()
         if not steps:
             raise ExportError(f"no checkpoint in {checkpoint_dir}: the run has not saved a "
                               "step yet")
@@ -323,7 +280,10 @@ def restore_run(checkpoint_dir: str, step: Optional[int] = None) -> RestoredRun:
         elif step not in steps:
             raise ExportError(f"no checkpoint step {step} in {checkpoint_dir} "
                               f"(available: {steps})")
-        meta = run.meta(step)
+        try:
+            meta = run.read_meta(step)
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
         if "config" not in meta or "base_model" not in meta:
             raise ExportError(f"checkpoint step {step} in {checkpoint_dir} records no run "
                               "config or base model identity")
@@ -332,12 +292,13 @@ def restore_run(checkpoint_dir: str, step: Optional[int] = None) -> RestoredRun:
         model = load_pretrained(base_path, dtype=config.model.dtype,
                                 param_dtype=config.model.param_dtype)
         train.inject(config, model)
-        # The trainer's state layout: router params, optimiser state, mutable (RNG, tau).
-        model.train()
-        _, params, mutable, _ = nnx.split(model, RouterParam, train.MUTABLE, ...)
-        template = {"router": params, "opt": train.build_optimizer(config.train).init(params),
-                    "mutable": mutable}
-        state = run.state(step, template, meta)
+        try:
+            state = run.restore(step, train.checkpoint_template(config, model)).state
+        except CheckpointMismatchError:
+            raise ExportError(f"checkpoint step {step} in {checkpoint_dir} holds a state layout "
+                              "that its own recorded config does not produce") from None
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
     finally:
         run.close()
     nnx.update(model, state["router"], state["mutable"])

@@ -9,12 +9,16 @@ and renames it when complete, so a killed run leaves no half-written step under 
 Restoring walks the steps newest first. A step that fails to load, or whose arrays do not match
 their recorded checksum, is moved aside to `<directory>.corrupt/` with a warning and the
 previous step is tried; a corrupt checkpoint is never returned.
+
+`RunCheckpointReader` reads given steps of a run directory without ever creating, deleting,
+moving or pruning anything in it, so it is safe on the directory of a run still writing.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,6 +37,19 @@ _HASH_CHUNK = 1 << 23
 
 class CheckpointMismatchError(ConfigError):
     """A checkpoint exists but belongs to another base model or another state layout."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step cannot be read, or its arrays do not match their recorded checksum.
+
+    `step` is the step; `cause` the exception that made it unreadable (None for a checksum
+    mismatch); `reason` a one-line description without the step.
+    """
+
+    def __init__(self, message: str, *, step: int, reason: str,
+                 cause: Optional[BaseException] = None):
+        super().__init__(message)
+        self.step, self.reason, self.cause = step, reason, cause
 
 
 # ----------------------------------------------------------------------------- base identity
@@ -109,7 +126,8 @@ def _to_storable(x) -> np.ndarray:
     return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
 
 
-def _checksum(arrays: dict) -> str:
+def checksum(arrays: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a flat dict of arrays."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -146,7 +164,88 @@ class Restored:
     meta: dict          # data_state, base_model, extra fields given to save()
 
 
-class RunCheckpointer:
+def _unreadable(step: int, directory: str, e: Exception) -> CorruptCheckpointError:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return CorruptCheckpointError(f"checkpoint step {step} in {directory} is unreadable "
+                                  f"({reason})", step=step, reason=reason, cause=e)
+
+
+class _StepAccess:
+    """Reading of given steps through `self._manager`, which subclasses open."""
+
+    directory: str
+    _manager: ocp.CheckpointManager
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of `step`; CorruptCheckpointError if it cannot be read."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise _unreadable(step, self.directory, e) from e
+
+    def restore(self, step: int, template: Any) -> Restored:
+        """Step `step` in `template`'s structure, its arrays verified against their checksum.
+
+        CheckpointMismatchError: the step holds another state layout than `template`'s.
+        CorruptCheckpointError: the step is unreadable or fails its checksum.
+        """
+        meta = self.read_meta(step)
+        flat_template, structure = flatten_tree(template)
+        if meta.get("structure") != structure:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds a different state layout "
+                "(another surgery or optimiser configuration); use a fresh --workdir")
+        try:
+            flat = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(flat_template)))["state"]
+            flat = {k: np.asarray(v) for k, v in flat.items()}
+        except Exception as e:
+            raise _unreadable(step, self.directory, e) from e
+        if checksum(flat) != meta.get("checksum"):
+            reason = "array contents do not match the recorded checksum"
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt: its arrays do not "
+                "match their recorded checksum", step=step, reason=reason)
+        return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+class RunCheckpointReader(_StepAccess):
+    """Read-only access to the steps of a run directory.
+
+    Never creates, deletes, moves or prunes anything: no root directory is created, temporary
+    directories of an unfinished save are left alone, and nothing is quarantined, so it
+    is safe on the directory of a run that is still writing.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        # Every option that could write is off explicitly; the read-only flag is a second guard.
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+            save_interval_steps=0, enable_async_checkpointing=False)
+        # Orbax logs a warning that the manager is read-only; nothing to act on.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_logger.setLevel(level)
+
+
+class RunCheckpointer(_StepAccess):
     """Orbax CheckpointManager of one run directory, keeping the last `keep` steps."""
 
     def __init__(self, directory: str, *, keep: int):
@@ -160,37 +259,15 @@ class RunCheckpointer:
             cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
-    def latest_step(self) -> Optional[int]:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
     def save(self, step: int, state: Any, *, data_state: dict, base_model: dict,
              **extra) -> None:
         """Write step `step` synchronously (temp dir + rename) and prune to the last `keep`."""
         flat, structure = flatten_tree(state)
         meta = dict(extra, version=FORMAT_VERSION, step=int(step), data_state=data_state,
-                    base_model=base_model, structure=structure, checksum=_checksum(flat))
+                    base_model=base_model, structure=structure, checksum=checksum(flat))
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
-
-    def _load(self, step: int, template: Any) -> Restored:
-        flat_template, structure = flatten_tree(template)
-        meta = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("structure") != structure:
-            raise CheckpointMismatchError(
-                f"checkpoint step {step} in {self.directory} holds a different state layout "
-                "(another surgery or optimiser configuration); use a fresh --workdir")
-        flat = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(flat_template)))["state"]
-        flat = {k: np.asarray(v) for k, v in flat.items()}
-        if _checksum(flat) != meta.get("checksum"):
-            raise ValueError("array contents do not match the recorded checksum")
-        return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
 
     def _quarantine(self, step: int, why: str) -> None:
         src = os.path.join(self.directory, str(step))
@@ -207,13 +284,12 @@ class RunCheckpointer:
         """The newest loadable step (corrupt ones are moved aside), or None if there is none."""
         for step in reversed(self.all_steps()):
             try:
-                return self._load(step, template)
+                return self.restore(step, template)
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # anything unreadable: fall back to the previous step
+            except CorruptCheckpointError as e:
+                self._quarantine(step, e.reason)
+            except Exception as e:  # anything else unloadable: fall back to the previous step
                 self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                                  if str(e) else type(e).__name__)
         return None
-
-    def close(self) -> None:
-        self._manager.close()

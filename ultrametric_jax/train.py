@@ -131,6 +131,23 @@ def cached_train_step(graphdef, train: ml_collections.ConfigDict, surgery) -> Ca
     return _STEP_CACHE[key]
 
 
+def checkpoint_layout(params, opt_state, mutable) -> dict:
+    """The state a run checkpoint holds; the one definition shared by saving, resuming and
+    `checkpoint_template`, so that they cannot disagree."""
+    return {"router": params, "opt": opt_state, "mutable": mutable}
+
+
+def checkpoint_template(config: ml_collections.ConfigDict, model) -> dict:
+    """The checkpoint state layout SurgeryTrainer saves for `model` (injected) under `config`:
+    a restore template whose leaves have the saved structure, shapes and dtypes.
+
+    Puts `model` in training mode, as the trainer does before splitting it.
+    """
+    model.train()
+    _, params, mutable, _ = nnx.split(model, RouterParam, MUTABLE, ...)
+    return checkpoint_layout(params, build_optimizer(config.train).init(params), mutable)
+
+
 @dataclasses.dataclass
 class TrainOutcome:
     step: int                 # steps completed (== train.steps unless stopped)
@@ -185,7 +202,7 @@ class SurgeryTrainer:
     # ------------------------------------------------------------------ state
 
     def _checkpoint_state(self) -> dict:
-        return {"router": self.params, "opt": self.opt_state, "mutable": self.mutable}
+        return checkpoint_layout(self.params, self.opt_state, self.mutable)
 
     def restore(self) -> Optional[int]:
         """Load the newest readable checkpoint, if any; returns its step."""
