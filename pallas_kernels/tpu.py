@@ -93,13 +93,9 @@ def _head_major(q, k, v, qc, kc):
             qc[..., None], kc[..., None, :])
 
 
-def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
-    """out [B, Sqp, Hq, D] (q.dtype), lse [B, Hq, Sqp] float32 (natural log)."""
-    batch, sqp, hq, d = q.shape
-    group = hq // k.shape[2]
-    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.num_q_blocks, cfg.num_k_blocks
-    q, k, v, qc, kc = _head_major(q, k, v, qc, kc)
-    counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
+def _query_block_maps(group):
+    """Index maps of a grid over (batch, query head, query block, scheduled entry): the query
+    block itself, the scheduled key block of the head's kv head, and that block's cluster ids."""
 
     def rows(b, h, i, t, idx, cnt):
         return b, h, i, 0
@@ -109,6 +105,19 @@ def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
 
     def key_ids(b, h, i, t, idx, cnt):
         return b, h, 0, idx[b, h, i, t]
+
+    return rows, keys, key_ids
+
+
+def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
+    """out [B, Sqp, Hq, D] (q.dtype), lse [B, Hq, Sqp] float32 (natural log)."""
+    batch, sqp, hq, d = q.shape
+    group = hq // k.shape[2]
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.num_q_blocks, cfg.num_k_blocks
+    q, k, v, qc, kc = _head_major(q, k, v, qc, kc)
+    counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
+
+    rows, keys, key_ids = _query_block_maps(group)
 
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
@@ -204,14 +213,7 @@ def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
     kv_counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
     q_counts = jnp.stack([sched.q_num_masked, sched.q_num_blocks], axis=-1)
 
-    def rows(b, h, i, t, idx, cnt):
-        return b, h, i, 0
-
-    def keys(b, h, i, t, idx, cnt):
-        return b, h // group, idx[b, h, i, t], 0
-
-    def key_ids(b, h, i, t, idx, cnt):
-        return b, h, 0, idx[b, h, i, t]
+    rows, keys, key_ids = _query_block_maps(group)
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
