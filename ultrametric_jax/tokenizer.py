@@ -31,7 +31,15 @@ def gguf_has_tokenizer(gguf_path: str) -> bool:
 
 def tokenizer_from_gguf(gguf_path: str):
     """Convert the tokenizer stored in a GGUF file's metadata (takes a few seconds)."""
+    import importlib.util
+
     from transformers import AutoTokenizer
+    # transformers reads GGUF metadata through its PyTorch integration.
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: transformers' "
+            "GGUF reader needs PyTorch; install it (`pip install torch`, or "
+            "`bash scripts/install.sh`, which installs the CPU build) or pass a tokenizer.json")
     directory, name = os.path.split(os.path.abspath(gguf_path))
     try:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
