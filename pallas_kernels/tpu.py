@@ -200,6 +200,19 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+def _backward_in_specs(q_map, kv_map, key_ids_map, bq, bk, d):
+    """Blocks of (q, k, v, do, lse, delta, q cluster ids, k cluster ids) for a backward pass
+    whose grid visits query blocks through q_map and key blocks through kv_map."""
+    return [pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bq, 1), q_map),
+            pl.BlockSpec((None, None, bq, 1), q_map),
+            pl.BlockSpec((None, None, bq, 1), q_map),
+            pl.BlockSpec((None, None, 1, bk), key_ids_map)]
+
+
 def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
     """dq, dk, dv for padded inputs; lse2 is the base-2 LSE (+inf on rows without keys)."""
     batch, sqp, hq, d = q.shape
@@ -220,14 +233,7 @@ def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(batch, hq, nq, nk),
-            in_specs=[pl.BlockSpec((None, None, bq, d), rows),
-                      pl.BlockSpec((None, None, bk, d), keys),
-                      pl.BlockSpec((None, None, bk, d), keys),
-                      pl.BlockSpec((None, None, bq, d), rows),
-                      pl.BlockSpec((None, None, bq, 1), rows),
-                      pl.BlockSpec((None, None, bq, 1), rows),
-                      pl.BlockSpec((None, None, bq, 1), rows),
-                      pl.BlockSpec((None, None, 1, bk), key_ids)],
+            in_specs=_backward_in_specs(rows, keys, key_ids, bq, bk, d),
             out_specs=pl.BlockSpec((None, None, bq, d), rows),
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((batch, hq, sqp, d), q.dtype),
@@ -251,14 +257,7 @@ def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(batch, hkv, nk, group * nq),
-            in_specs=[pl.BlockSpec((None, None, bq, d), q_rows),
-                      pl.BlockSpec((None, None, bk, d), own_keys),
-                      pl.BlockSpec((None, None, bk, d), own_keys),
-                      pl.BlockSpec((None, None, bq, d), q_rows),
-                      pl.BlockSpec((None, None, bq, 1), q_rows),
-                      pl.BlockSpec((None, None, bq, 1), q_rows),
-                      pl.BlockSpec((None, None, bq, 1), q_rows),
-                      pl.BlockSpec((None, None, 1, bk), own_key_ids)],
+            in_specs=_backward_in_specs(q_rows, own_keys, own_key_ids, bq, bk, d),
             out_specs=[pl.BlockSpec((None, None, bk, d), own_keys),
                        pl.BlockSpec((None, None, bk, d), own_keys)],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
