@@ -74,7 +74,9 @@ def set_tau(model, tau) -> None:
 def set_attention_impl(model, impl: str, **kernel_options) -> None:
     """Evaluation backend: "dense" (llama.masked_attention) or "kernel"
     (pallas_kernels.block_sparse_attention, for unpadded calls without a cache; kernel_options
-    such as backend="gpu", interpret=True or block sizes are passed on to it)."""
+    such as backend="gpu", interpret=True or block sizes are passed on to it). With
+    mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map (batch over data and
+    fsdp, heads over tensor), as a model placed by sharding.shard_module needs."""
     from ultrametric_jax.surgical_attention import ATTENTION_IMPLS
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")

@@ -163,13 +163,21 @@ class SurgicalAttention(llama.LlamaAttention):
                               attention_mask, cache):
         s = self.surgery_config
         if self.attention_impl == "kernel" and cache is None and attention_mask is None:
-            from pallas_kernels import block_sparse_attention  # optional, imported on use
             # The kernel takes no padding mask and indexes tokens by their place in the
             # sequence, which is their position for the default positions 0..S-1; padded and
             # cached calls take the dense path.
-            return block_sparse_attention(q, k, v, clusters, k_clusters, window=s.window,
-                                          sink_tokens=s.sink_tokens, scale=self.scale,
-                                          **dict(self.kernel_options))
+            options = dict(self.kernel_options)
+            mesh = options.pop("mesh", None)
+            kwargs = dict(window=s.window, sink_tokens=s.sink_tokens, scale=self.scale,
+                          **options)
+            if mesh is not None:
+                # A Pallas call is opaque to the SPMD partitioner: on a mesh each device runs
+                # the kernel on its own batch and head slice under shard_map.
+                from ultrametric_jax.sharding import sharded_block_sparse_attention
+                return sharded_block_sparse_attention(mesh, q, k, v, clusters, k_clusters,
+                                                      **kwargs)
+            from pallas_kernels import block_sparse_attention  # optional, imported on use
+            return block_sparse_attention(q, k, v, clusters, k_clusters, **kwargs)
         return llama.masked_attention(q, k, v, allowed, self.scale)
 
     def _training_attention(self, q, k, v, assign, tree, fixed, causal, allowed):
