@@ -187,9 +187,15 @@ def tune(seq, blocks):
             bwd.append((t, var))
             rows.append(dict(seq=seq, block_q=bq, block_k=bk, **var, bwd_ms=1e3 * t))
             print(f"tune S={seq} blocks {bq}x{bk} {var}: bwd {1e3 * t:.3f} ms", flush=True)
+        if not bwd:
+            print(f"tune S={seq} blocks {bq}x{bk}: every backward variant failed", flush=True)
+            continue
         f, b = min(fwd, key=lambda x: x[0]), min(bwd, key=lambda x: x[0])
         if best is None or f[0] + b[0] < best[0]:
             best = (f[0] + b[0], (bq, bk), GpuTuning(**f[1], **b[1]))
+    if best is None:
+        raise RuntimeError(f"tune S={seq}: no backward variant ran at any of the blocks {blocks} "
+                           "(the failures are printed above)")
     return rows, best[1], best[2]
 
 

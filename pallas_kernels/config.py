@@ -5,12 +5,18 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.common import cdiv
+from pallas_kernels.validation import check_block_size
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuTuning:
     """Launch parameters of the GPU kernels. Each kernel walks the schedule's blocks in
     sub-tiles (divisors of block_q / block_k) so that its tiles fit registers and shared memory.
-    The defaults are the fastest of a sweep on an H200 (bf16, D=128, 128 x 128 blocks)."""
+    The defaults are the fastest of a sweep on an H200 (bf16, D=128, 128 x 128 blocks).
+
+    Tiles are powers of two >= 16 (Triton's dot needs 16), so a tile either covers its
+    power-of-two block or divides it; warps are powers of two and stages at least 1."""
     fwd_tile_k: int = 128
     fwd_warps: int = 8
     fwd_stages: int = 3
@@ -22,6 +28,19 @@ class GpuTuning:
     dkv_tile_k: int = 128
     dkv_warps: int = 8
     dkv_stages: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"GpuTuning.{name} must be an int, got {type(value).__name__}")
+            power_of_two = value > 0 and not value & (value - 1)
+            if "_tile_" in name and not (power_of_two and value >= 16):
+                raise ValueError(f"GpuTuning.{name} must be a power of two >= 16, got {value}")
+            if name.endswith("_warps") and not power_of_two:
+                raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
+            if name.endswith("_stages") and value < 1:
+                raise ValueError(f"GpuTuning.{name} must be >= 1, got {value}")
 
     @classmethod
     def for_dtype(cls, dtype):
@@ -49,10 +68,14 @@ class AttentionConfig:
     interpret: bool = False
     gpu: GpuTuning = GpuTuning()
 
+    def __post_init__(self):
+        check_block_size("block_q", self.block_q)
+        check_block_size("block_k", self.block_k)
+
     @property
     def num_q_blocks(self):
-        return -(-self.q_len // self.block_q)
+        return cdiv(self.q_len, self.block_q)
 
     @property
     def num_k_blocks(self):
-        return -(-self.kv_len // self.block_k)
+        return cdiv(self.kv_len, self.block_k)

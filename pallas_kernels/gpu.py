@@ -17,31 +17,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common import NT, dot, pad_axis
 from pallas_kernels.config import AttentionConfig
-from pallas_kernels.masking import LOG2E, allowed_pairs, safe_max
+from pallas_kernels.masking import LOG2E, mask_scores, safe_max
 
 # jax >= 0.11 warns at every lowering that the Triton backend of Pallas is deprecated; this
 # module chooses it on purpose (it runs on every CUDA GPU from sm80 on).
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*",
                         category=DeprecationWarning)
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-
-
-def _dot_nt(a, b, dims=_NT):
-    # Triton multiplies float32 in TF32 unless asked for full precision.
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return _dot_nt(a, b, (((1,), (0,)), ((), ())))
-
-
-def _mask(cfg, q_pos, k_pos, q_ids, k_ids, scores):
-    ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
-                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len)
-    return jnp.where(ok, scores, -jnp.inf)
 
 
 def _two_loops(cnt_ref, step, carry, *idx):
@@ -66,16 +49,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
         m, l, acc = carry
         for r in range(bk // tk):
             ks = pl.multiple_of(idx_ref[t] * bk + r * tk, tk)
-            s = _dot_nt(q, k_ref[pl.ds(ks, tk), :]) * c
+            s = dot(q, k_ref[pl.ds(ks, tk), :], NT) * c
             if masked:
-                s = _mask(cfg, q_pos, (ks + jnp.arange(tk))[None, :], q_ids,
-                          kc_ref[pl.ds(ks, tk)][None, :], s)
+                s = mask_scores(cfg, s, q_pos, (ks + jnp.arange(tk))[None, :], q_ids,
+                                kc_ref[pl.ds(ks, tk)][None, :])
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_use = safe_max(m_new) if masked else m_new
             alpha = jnp.exp2(m - m_use)
             p = jnp.exp2(s - m_use[:, None])
             v = v_ref[pl.ds(ks, tk), :]
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
             m, l = m_new, l * alpha + jnp.sum(p, axis=1)
         return m, l, acc
 
@@ -88,11 +71,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
 
 
 def _pad_head_dim(*xs):
-    d = xs[0].shape[-1]
-    dp = max(16, pl.next_power_of_2(d))
-    if dp == d:
-        return xs
-    return tuple(jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, dp - d),)) for x in xs)
+    dp = max(16, pl.next_power_of_2(xs[0].shape[-1]))
+    return tuple(pad_axis(x, dp, axis=-1) for x in xs)
 
 
 def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
@@ -155,13 +135,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref, 
         for r in range(bk // tk):
             ks = pl.multiple_of(idx_ref[t] * bk + r * tk, tk)
             k, v = k_ref[pl.ds(ks, tk), :], v_ref[pl.ds(ks, tk), :]
-            s = _dot_nt(q, k) * c
+            s = dot(q, k, NT) * c
             if masked:
-                s = _mask(cfg, q_pos, (ks + jnp.arange(tk))[None, :], q_ids,
-                          kc_ref[pl.ds(ks, tk)][None, :], s)
+                s = mask_scores(cfg, s, q_pos, (ks + jnp.arange(tk))[None, :], q_ids,
+                                kc_ref[pl.ds(ks, tk)][None, :])
             p = jnp.exp2(s - lse2)
-            ds = p * (_dot_nt(do, v) - delta)
-            dq = dq + _dot(ds.astype(k.dtype), k)
+            ds = p * (dot(do, v, NT) - delta)
+            dq = dq + dot(ds.astype(k.dtype), k)
         return dq
 
     dq = _two_loops(cnt_ref, step, jnp.zeros(q.shape, jnp.float32))
@@ -184,14 +164,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
             for r in range(bq // tq):
                 qs = pl.multiple_of(idx_ref[hh, t] * bq + r * tq, tq)
                 q, do = q_ref[pl.ds(qs, tq), hh, :], do_ref[pl.ds(qs, tq), hh, :]
-                s = _dot_nt(k, q) * c                                     # [tk, tq]
+                s = dot(k, q, NT) * c                                     # [tk, tq]
                 if masked:
                     q_pos = (cfg.q_offset + qs + jnp.arange(tq))[None, :]
-                    s = _mask(cfg, q_pos, k_pos, qc_ref[hh, pl.ds(qs, tq)][None, :], k_ids, s)
+                    s = mask_scores(cfg, s, q_pos, k_pos, qc_ref[hh, pl.ds(qs, tq)][None, :],
+                                    k_ids)
                 p = jnp.exp2(s - lse_ref[hh, pl.ds(qs, tq)][None, :])
-                dv = dv + _dot(p.astype(do.dtype), do)
-                ds = p * (_dot_nt(v, do) - delta_ref[hh, pl.ds(qs, tq)][None, :])
-                dk = dk + _dot(ds.astype(q.dtype), q)
+                dv = dv + dot(p.astype(do.dtype), do)
+                ds = p * (dot(v, do, NT) - delta_ref[hh, pl.ds(qs, tq)][None, :])
+                dk = dk + dot(ds.astype(q.dtype), q)
             return dk, dv
 
         return _two_loops(cnt_ref, step, carry, hh)
@@ -202,10 +183,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
-    """dq, dk, dv for padded inputs. lse2 [B, Hq, Sqp] is the base-2 LSE with +inf on rows
+def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
+    """dq, dk, dv for padded inputs. lse [B, Hq, Sqp] is the natural-log LSE with +inf on rows
     without keys (so their probabilities are 0); delta = rowsum(out * dout) - dlse."""
     d = q.shape[-1]
+    lse2 = lse * LOG2E  # the kernels' scores are in base 2; +inf stays +inf
     q, k, v, do = _pad_head_dim(q, k, v, do)
     batch, sqp, hq, dp = q.shape
     skp, hkv = k.shape[1], k.shape[2]

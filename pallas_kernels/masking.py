@@ -25,6 +25,13 @@ def allowed_pairs(q_pos, k_pos, q_cluster, k_cluster, *, window: int, sink_token
     return ok
 
 
+def mask_scores(cfg, scores, q_pos, k_pos, q_ids, k_ids):
+    """scores with -inf where the pair is not allowed under cfg (an AttentionConfig)."""
+    ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
+                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len)
+    return jnp.where(ok, scores, -jnp.inf)
+
+
 def safe_max(m):
     """The running maximum with -inf (a row that has seen only masked keys) replaced by 0,
     so that exp(s - m) stays 0 for masked scores instead of becoming NaN."""

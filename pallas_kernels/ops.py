@@ -1,15 +1,16 @@
 """Public entry point: argument checks, backend dispatch, padding and the custom VJP."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import pad_axis
 from pallas_kernels.config import AttentionConfig, GpuTuning
-from pallas_kernels.masking import LOG2E
-from pallas_kernels.reference import reference_attention
+from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
 
@@ -23,14 +24,8 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
-    return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "xla")
-
-
-def _pad_seq(x, length, axis, value=0):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value) if length != x.shape[axis] else x
+    # jax reports CUDA and ROCm devices alike as "gpu"
+    return {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -41,8 +36,8 @@ def _attend(q, k, v, qc, kc, sched, backend, cfg):
 def _attend_fwd(q, k, v, qc, kc, sched, backend, cfg):
     mod = importlib.import_module(_MODULES[backend])
     sqp, skp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
-    out, lse = mod.forward(_pad_seq(q, sqp, 1), _pad_seq(k, skp, 1), _pad_seq(v, skp, 1),
-                           _pad_seq(qc, sqp, 2), _pad_seq(kc, skp, 2), sched, cfg)
+    out, lse = mod.forward(pad_axis(q, sqp, 1), pad_axis(k, skp, 1), pad_axis(v, skp, 1),
+                           pad_axis(qc, sqp, 2), pad_axis(kc, skp, 2), sched, cfg)
     out, lse = out[:, :cfg.q_len], lse[..., :cfg.q_len]
     return (out, lse), (q, k, v, qc, kc, sched, out, lse)
 
@@ -55,11 +50,11 @@ def _attend_bwd(backend, cfg, res, cotangents):
     # d lse / d s = p, so an LSE cotangent only shifts delta.
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST) - dlse
-    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)  # rows without keys: p = 0
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows without keys: p = exp(s - inf) = 0
     dq, dk, dv = mod.backward(
-        _pad_seq(q, sqp, 1), _pad_seq(k, skp, 1), _pad_seq(v, skp, 1),
-        _pad_seq(dout.astype(q.dtype), sqp, 1), _pad_seq(lse2, sqp, 2, jnp.inf),
-        _pad_seq(delta, sqp, 2), _pad_seq(qc, sqp, 2), _pad_seq(kc, skp, 2), sched, cfg)
+        pad_axis(q, sqp, 1), pad_axis(k, skp, 1), pad_axis(v, skp, 1),
+        pad_axis(dout.astype(q.dtype), sqp, 1), pad_axis(lse, sqp, 2, jnp.inf),
+        pad_axis(delta, sqp, 2), pad_axis(qc, sqp, 2), pad_axis(kc, skp, 2), sched, cfg)
     zeros = jax.tree.map(lambda x: None, (qc, kc, sched))
     return (dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], *zeros)
 
@@ -67,25 +62,54 @@ def _attend_bwd(backend, cfg, res, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def _check_kernel_backend(backend):
+    if backend not in _MODULES:
+        raise ValueError(f"the kernels' backend must be one of {tuple(_MODULES)}, got {backend!r}")
+
+
+def _check_gpu_blocks(backend, cfg):
+    if backend == "gpu" and min(cfg.block_q, cfg.block_k) < 16:
+        raise ValueError(f"GPU block sizes must be >= 16, got block_q={cfg.block_q}, "
+                         f"block_k={cfg.block_k}")
+
+
 def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpret,
                 block_q, block_k, gpu_tuning=None) -> AttentionConfig:
-    block_q = check_block_size("block_q", block_q) or DEFAULT_BLOCKS[backend][0]
-    block_k = check_block_size("block_k", block_k) or DEFAULT_BLOCKS[backend][1]
-    if backend == "gpu" and min(block_q, block_k) < 16:
-        raise ValueError(f"GPU block sizes must be >= 16, got block_q={block_q}, block_k={block_k}")
+    _check_kernel_backend(backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cfg = AttentionConfig(q_len=q.shape[1], kv_len=k.shape[1], q_offset=q_offset, window=window,
-                          sink_tokens=sink_tokens, scale=scale, block_q=block_q, block_k=block_k,
+                          sink_tokens=sink_tokens, scale=scale,
+                          block_q=DEFAULT_BLOCKS[backend][0] if block_q is None else block_q,
+                          block_k=DEFAULT_BLOCKS[backend][1] if block_k is None else block_k,
                           interpret=bool(interpret),
                           gpu=gpu_tuning or GpuTuning.for_dtype(q.dtype))
+    _check_gpu_blocks(backend, cfg)
     return cfg
 
 
 def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSchedule, *,
                             backend: str, config: AttentionConfig):
-    """The kernels alone, for a schedule built beforehand with the config's block sizes.
-    Returns (out, lse); differentiable in q, k and v."""
-    return _attend(q, k, v, q_clusters, k_clusters, schedule, backend, config)
+    """The kernels alone, for a schedule built beforehand (build_schedule) with the config's
+    window, sink_tokens, q_offset and block sizes. Returns (out, lse); differentiable in q, k
+    and v."""
+    _check_kernel_backend(backend)
+    _check_gpu_blocks(backend, config)
+    qc, kc, window, sink_tokens, q_offset = check_attention_args(
+        q, k, v, q_clusters, k_clusters, config.window, config.sink_tokens, config.q_offset)
+    if (config.q_len, config.kv_len) != (q.shape[1], k.shape[1]):
+        raise ValueError(f"config is for q_len={config.q_len}, kv_len={config.kv_len}, but q and "
+                         f"k hold {q.shape[1]} and {k.shape[1]} positions")
+    lead, nq, nk = qc.shape[:2], config.num_q_blocks, config.num_k_blocks
+    want = BlockSchedule(kv_indices=(*lead, nq, nk), kv_num_blocks=(*lead, nq),
+                         kv_num_masked=(*lead, nq), q_indices=(*lead, nk, nq),
+                         q_num_blocks=(*lead, nk), q_num_masked=(*lead, nk), density=())
+    for name, array, shape in zip(BlockSchedule._fields, schedule, want):
+        if tuple(array.shape) != shape:
+            raise ValueError(f"schedule.{name} has shape {tuple(array.shape)}, but the config's "
+                             f"blocks ({config.block_q} x {config.block_k}) need {shape}")
+    config = dataclasses.replace(config, window=window, sink_tokens=sink_tokens,
+                                 q_offset=q_offset)
+    return _attend(q, k, v, qc, kc, schedule, backend, config)
 
 
 def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
@@ -106,8 +130,8 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)
-        return reference_attention(q, k, v, qc, kc, window=window, sink_tokens=sink_tokens,
-                                   q_offset=q_offset, scale=scale, return_lse=return_lse)
+        return dense_attention(q, k, v, qc, kc, window=window, sink_tokens=sink_tokens,
+                               q_offset=q_offset, scale=scale, return_lse=return_lse)
     cfg = make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=q_offset,
                       scale=scale, backend=backend, interpret=interpret,
                       block_q=block_q, block_k=block_k)

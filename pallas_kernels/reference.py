@@ -12,14 +12,18 @@ from pallas_kernels.validation import check_attention_args
 
 
 def reference_attention(q, k, v, q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
-                        scale=None, backend=None, interpret=False, return_lse=False,
-                        block_q=None, block_k=None):
-    """Same arguments and results as block_sparse_attention (backend, interpret and the block
-    sizes are accepted and ignored). Returns out [B, Sq, Hq, D] in q's dtype and, with
-    return_lse, the natural-log LSE [B, Hq, Sq] in float32 (-inf for rows with no allowed key)."""
-    del backend, interpret, block_q, block_k
+                        scale=None, return_lse=False):
+    """The arguments and results of block_sparse_attention, without its kernel options.
+    Returns out [B, Sq, Hq, D] in q's dtype and, with return_lse, the natural-log LSE
+    [B, Hq, Sq] in float32 (-inf for rows with no allowed key)."""
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
+    return dense_attention(q, k, v, qc, kc, window=window, sink_tokens=sink_tokens,
+                           q_offset=q_offset, scale=scale, return_lse=return_lse)
+
+
+def dense_attention(q, k, v, qc, kc, *, window, sink_tokens, q_offset, scale, return_lse):
+    """reference_attention on arguments already checked by check_attention_args."""
     q_len, q_heads, head_dim = q.shape[1:]
     kv_len, kv_heads = k.shape[1], k.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale

@@ -23,8 +23,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import cdiv, pad_axis
 from pallas_kernels.masking import allowed_pairs
-from pallas_kernels.validation import check_block_size, check_mask_params
+from pallas_kernels.validation import check_block_size, check_clusters, check_mask_params
 
 
 class BlockSchedule(NamedTuple):
@@ -35,14 +36,6 @@ class BlockSchedule(NamedTuple):
     q_num_blocks: jax.Array   # [B, H, nk] int32
     q_num_masked: jax.Array   # [B, H, nk] int32
     density: jax.Array        # float32 scalar: visited blocks / blocks holding a causal pair
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _pad_to(x, length, value):
-    return jnp.pad(x, (0, length - x.shape[0]), constant_values=value)
 
 
 def _run_starts(ids):
@@ -58,10 +51,10 @@ def _shared_cluster_blocks(qc, kc, bq, bk, nq, nk):
     order = jnp.argsort(kc, stable=True)  # equal ids stay in position (hence block) order
     ids = kc[order]
     blk = (order // bk).astype(jnp.int32)
-    new_id = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
-    row = jax.lax.cummax(jnp.where(new_id, jnp.arange(kv_len, dtype=jnp.int32), 0))
+    row = _run_starts(ids)  # each id's table row: where its run of sorted keys begins
+    new_id = row == jnp.arange(kv_len)
     new_pair = new_id | jnp.concatenate([jnp.ones((1,), bool), blk[1:] != blk[:-1]])
-    words = _cdiv(nk, 32)
+    words = cdiv(nk, 32)
     bit = jnp.left_shift(jnp.uint32(1), (blk % 32).astype(jnp.uint32))
     # One add per distinct (id, block) pair, so adding bits is an exact OR.
     table = jnp.zeros((kv_len, words), jnp.uint32).at[row, blk // 32].add(
@@ -87,8 +80,8 @@ def _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window, sink_tokens):
     valid = js <= jnp.minimum(q_last // bk, nk - 1)[:, None]
     js = jnp.minimum(js, nk - 1)
     q_idx = jnp.arange(nq * bq).reshape(nq, bq)
-    q_ids = _pad_to(qc, nq * bq, 0).reshape(nq, bq)
-    k_ids = _pad_to(kc, nk * bk, 0).reshape(nk, bk)[js]            # [nq, nd, bk]
+    q_ids = pad_axis(qc, nq * bq).reshape(nq, bq)
+    k_ids = pad_axis(kc, nk * bk).reshape(nk, bk)[js]            # [nq, nd, bk]
     k_pos = jnp.arange(nk * bk).reshape(nk, bk)[js]
     ok = allowed_pairs((q_offset + q_idx)[:, None, :, None], k_pos[:, :, None, :],
                        q_ids[:, None, :, None], k_ids[:, :, None, :],
@@ -102,7 +95,7 @@ def _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window, sink_tokens):
 def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
     """(visited, full, causal) [nq, nk] bool for one head."""
     q_len, kv_len = qc.shape[0], kc.shape[0]
-    nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
+    nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     i = jnp.arange(nq)[:, None]
     j = jnp.arange(nk)[None, :]
     q_first = q_offset + i * bq
@@ -158,19 +151,18 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
                    block_q=128, block_k=128) -> BlockSchedule:
     """Block schedule for clusters q_clusters [B, H, Sq] and k_clusters [B, H, Sk] (int ids),
     queries at positions q_offset .. q_offset + Sq - 1 and keys at 0 .. Sk - 1."""
-    window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset)
-    block_q = check_block_size("block_q", block_q, power_of_two=False)
-    block_k = check_block_size("block_k", block_k, power_of_two=False)
     if q_clusters.ndim != 3 or k_clusters.ndim != 3 or q_clusters.shape[:2] != k_clusters.shape[:2]:
         raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
                          f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
-    for name, ids in (("q_clusters", q_clusters), ("k_clusters", k_clusters)):
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{name} must hold integer cluster ids, got dtype {ids.dtype}")
+    (batch, heads, q_len), kv_len = q_clusters.shape, k_clusters.shape[2]
+    qc, kc = check_clusters(q_clusters, k_clusters, batch, heads, q_len, kv_len)
+    window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset, q_len, kv_len)
+    block_q = check_block_size("block_q", block_q, power_of_two=False)
+    block_k = check_block_size("block_k", block_k, power_of_two=False)
     flags = jax.vmap(jax.vmap(lambda qc, kc: _block_flags(
         qc, kc, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
         sink_tokens=sink_tokens)))
-    visited, full, causal = flags(q_clusters.astype(jnp.int32), k_clusters.astype(jnp.int32))
+    visited, full, causal = flags(qc, kc)
     masked = visited & ~full
     kv_indices, kv_num, kv_masked = _compact(masked, full)
     q_indices, q_num, q_masked = _compact(jnp.swapaxes(masked, -1, -2), jnp.swapaxes(full, -1, -2))

@@ -20,25 +20,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import NT, TN, dot
 from pallas_kernels.config import AttentionConfig
-from pallas_kernels.masking import allowed_pairs, safe_max
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+from pallas_kernels.masking import mask_scores, safe_max
 
 
 def _masked(cfg, s, q_start, k_start, q_ids, k_ids):
     """Applies the token mask to a [bq, bk] score tile (2-D iotas: Mosaic wants no 1-D ones)."""
     q_pos = cfg.q_offset + q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
-                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len)
-    return jnp.where(ok, s, -jnp.inf)
+    return mask_scores(cfg, s, q_pos, k_pos, q_ids, k_ids)
 
 
 def _run_entry(t, cnt, body):
@@ -65,7 +56,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qc_ref, kc_ref, o_ref, ls
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def body(masked):
-        s = _dot(q_ref[...], k_ref[...], _NT) * cfg.scale
+        s = dot(q_ref[...], k_ref[...], NT) * cfg.scale
         if masked:
             s = _masked(cfg, s, i * cfg.block_q, idx_ref[b, h, i, t] * cfg.block_k,
                         qc_ref[...], kc_ref[...])
@@ -75,7 +66,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qc_ref, kc_ref, o_ref, ls
         alpha = jnp.exp(m_prev - m_use)
         p = jnp.exp(s - m_use)
         l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
+        acc_sc[...] = acc_sc[...] * alpha + dot(p.astype(v_ref.dtype), v_ref[...])
         m_sc[...] = m_new
 
     _run_entry(t, (cnt_ref[b, h, i, 0], cnt_ref[b, h, i, 1]), body)
@@ -154,13 +145,13 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
 
     def body(masked):
         k = k_ref[...]
-        s = _dot(q_ref[...], k, _NT) * cfg.scale
+        s = dot(q_ref[...], k, NT) * cfg.scale
         if masked:
             s = _masked(cfg, s, i * cfg.block_q, idx_ref[b, h, i, t] * cfg.block_k,
                         qc_ref[...], kc_ref[...])
         p = jnp.exp(s - lse_ref[...])
-        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...])
-        dq_sc[...] += _dot(ds.astype(k.dtype), k)
+        ds = p * (dot(do_ref[...], v_ref[...], NT) - delta_ref[...])
+        dq_sc[...] += dot(ds.astype(k.dtype), k)
 
     _run_entry(t, (cnt_ref[b, h, i, 0], cnt_ref[b, h, i, 1]), body)
 
@@ -183,14 +174,14 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 
     def body(masked):
         q, do = q_ref[...], do_ref[...]
-        s = _dot(q, k_ref[...], _NT) * cfg.scale                        # [bq, bk]
+        s = dot(q, k_ref[...], NT) * cfg.scale                        # [bq, bk]
         if masked:
             s = _masked(cfg, s, idx_ref[b, h, j, e] * cfg.block_q, j * cfg.block_k,
                         qc_ref[...], kc_ref[...])
         p = jnp.exp(s - lse_ref[...])
-        dv_sc[...] += _dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_dot(do, v_ref[...], _NT) - delta_ref[...])
-        dk_sc[...] += _dot(ds.astype(q.dtype), q, _TN)
+        dv_sc[...] += dot(p.astype(do.dtype), do, TN)
+        ds = p * (dot(do, v_ref[...], NT) - delta_ref[...])
+        dk_sc[...] += dot(ds.astype(q.dtype), q, TN)
 
     _run_entry(e, (cnt_ref[b, h, j, 0], cnt_ref[b, h, j, 1]), body)
 
@@ -213,15 +204,15 @@ def _backward_in_specs(q_map, kv_map, key_ids_map, bq, bk, d):
             pl.BlockSpec((None, None, 1, bk), key_ids_map)]
 
 
-def backward(q, k, v, do, lse2, delta, qc, kc, sched, cfg: AttentionConfig):
-    """dq, dk, dv for padded inputs; lse2 is the base-2 LSE (+inf on rows without keys)."""
+def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
+    """dq, dk, dv for padded inputs; lse is the natural-log LSE (+inf on rows without keys)."""
     batch, sqp, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
     bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.num_q_blocks, cfg.num_k_blocks
     q, k, v, qc, kc = _head_major(q, k, v, qc, kc)
     do = do.transpose(0, 2, 1, 3)
-    lse = (lse2 / jnp.log2(jnp.e))[..., None]  # back to natural log; +inf stays +inf
+    lse = lse[..., None]
     delta = delta[..., None]
     kv_counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
     q_counts = jnp.stack([sched.q_num_masked, sched.q_num_blocks], axis=-1)

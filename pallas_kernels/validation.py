@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_INT32_MAX = 2**31 - 1
 
 
 def _nonnegative_int(name, value):
@@ -15,9 +16,18 @@ def _nonnegative_int(name, value):
     return int(value)
 
 
-def check_mask_params(window, sink_tokens, q_offset):
-    return (_nonnegative_int("window", window), _nonnegative_int("sink_tokens", sink_tokens),
-            _nonnegative_int("q_offset", q_offset))
+def check_mask_params(window, sink_tokens, q_offset, q_len, kv_len):
+    """Checked (window, sink_tokens, q_offset). The window is clamped to q_offset + Sq (it then
+    holds every causal pair) and sink_tokens to Sk (every key is then a sink): the mask is
+    unchanged, and a "no window" such as 2**31 stays within int32 arithmetic."""
+    window = _nonnegative_int("window", window)
+    sink_tokens = _nonnegative_int("sink_tokens", sink_tokens)
+    q_offset = _nonnegative_int("q_offset", q_offset)
+    # The schedule adds a key position to the window, which may reach q_offset + q_len.
+    if q_offset + q_len + kv_len > _INT32_MAX:
+        raise ValueError(f"q_offset + Sq + Sk must be < 2**31 (int32 positions), got "
+                         f"{q_offset} + {q_len} + {kv_len}")
+    return min(window, q_offset + q_len), min(sink_tokens, kv_len), q_offset
 
 
 def check_block_size(name, value, *, power_of_two=True):
@@ -62,4 +72,4 @@ def check_attention_args(q, k, v, q_clusters, k_clusters, window, sink_tokens, q
     if q_len == 0 or k.shape[1] == 0:
         raise ValueError("sequence lengths must be positive")
     qc, kc = check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, k.shape[1])
-    return (qc, kc) + check_mask_params(window, sink_tokens, q_offset)
+    return (qc, kc) + check_mask_params(window, sink_tokens, q_offset, q_len, k.shape[1])

@@ -8,6 +8,9 @@ parameters appears in some case), which keeps the file to a few minutes in inter
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import pathlib
 import zlib
 
 import jax
@@ -15,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import allowed_pairs, block_sparse_attention, reference_attention
+from pallas_kernels import (allowed_pairs, attention_with_schedule, block_sparse_attention,
+                            build_schedule, reference_attention)
+from pallas_kernels.config import AttentionConfig, GpuTuning
+from pallas_kernels.ops import make_config
 
 PLATFORM = jax.default_backend()
 INTERPRET = PLATFORM == "cpu"
@@ -188,14 +194,11 @@ def test_key_length_other_than_query_end(kernel, kv_len):
     check_against_reference(case, seed=11 + kv_len, kv_len=kv_len)
 
 
-def test_xla_backend_is_the_reference():
-    case = Case(7, 33, "interleaved", 3, 1, 2, 4, "float32", "gpu")
-    q, k, v, qc, kc, _, _ = make_inputs(case, seed=5)
-    kwargs = dict(window=3, sink_tokens=1, q_offset=4, return_lse=True)
-    got = block_sparse_attention(q, k, v, qc, kc, backend="xla", **kwargs)
-    want = reference_attention(q, k, v, qc, kc, **kwargs)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+def test_window_and_sinks_beyond_the_sequence(kernel):
+    """A window of 2**31 ("no window") and more sinks than keys allow every causal pair."""
+    case = Case(3, 40, "interleaved", 2**31, 2**40, 2, 5, "float32", kernel)
+    check_against_reference(case, seed=21)
 
 
 def test_mask_matches_explicit_loops():
@@ -210,17 +213,22 @@ def test_mask_matches_explicit_loops():
             assert got[i, j] == want, (i, j)
 
 
-def test_reference_matches_float64_loops():
-    case = Case(3, 12, "interleaved", 2, 1, 2, 3, "float32", "gpu", head_dim=8)
+@pytest.mark.parametrize("attention", [
+    reference_attention, functools.partial(block_sparse_attention, backend="xla")],
+    ids=["reference", "xla_backend"])
+@pytest.mark.parametrize("window, sink", [(2, 1), (2**31, 2**40)])
+def test_reference_matches_float64_loops(attention, window, sink):
+    """The reference, and the xla backend that dispatches to it, against float64 loops."""
+    case = Case(3, 12, "interleaved", window, sink, 2, 3, "float32", "gpu", head_dim=8)
     q, k, v, qc, kc, _, _ = make_inputs(case, seed=9)
-    out, lse = reference_attention(q, k, v, qc, kc, window=2, sink_tokens=1, q_offset=3,
-                                   scale=0.3, return_lse=True)
+    out, lse = attention(q, k, v, qc, kc, window=window, sink_tokens=sink, q_offset=3,
+                         scale=0.3, return_lse=True)
     q, k, v, qc, kc = (np.asarray(x, np.float64) for x in (q, k, v, qc, kc))
     for h in range(q.shape[2]):
         for i in range(q.shape[1]):
             pos = 3 + i
             keys = [j for j in range(k.shape[1]) if j <= pos and (
-                qc[0, h, i] == kc[0, h, j] or j < 1 or pos - j < 2)]
+                qc[0, h, i] == kc[0, h, j] or j < sink or pos - j < window)]
             s = np.array([0.3 * q[0, i, h] @ k[0, j, h // 2] for j in keys])
             if not keys:
                 assert np.isneginf(lse[0, h, i]) and np.all(np.asarray(out[0, i, h]) == 0)
@@ -229,6 +237,13 @@ def test_reference_matches_float64_loops():
             want = (p / p.sum()) @ v[0, keys, h // 2]
             np.testing.assert_allclose(out[0, i, h], want, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(lse[0, h, i], s.max() + np.log(p.sum()), rtol=1e-6)
+
+
+_RNG = np.random.default_rng(1)
+
+
+def _randn(*shape, dtype=jnp.float32):
+    return jnp.asarray(_RNG.standard_normal(shape), dtype)
 
 
 def _args(**overrides):
@@ -256,6 +271,13 @@ def _args(**overrides):
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(block_q=24, backend="gpu"), ValueError, "block_q must be a positive power of two"),
     (dict(q=jnp.ones((1, 8, 4, 16), jnp.int32)), TypeError, "q must be float32"),
+    (dict(block_k=8, backend="gpu"), ValueError, "GPU block sizes must be >= 16"),
+    (dict(k=_randn(1, 8, 2, 16, dtype=jnp.bfloat16), v=_randn(1, 8, 2, 16, dtype=jnp.bfloat16)),
+     TypeError, "q, k and v must share one dtype"),
+    (dict(q=_randn(1, 0, 4, 16)), ValueError, "sequence lengths must be positive"),
+    (dict(k=_randn(1, 8, 2, 8), v=_randn(1, 8, 2, 8)), ValueError,
+     r"k must be \[B=1, Sk, Hkv, D=16\]"),
+    (dict(q_offset=2**31 - 10), ValueError, r"q_offset \+ Sq \+ Sk must be < 2\*\*31"),
 ])
 def test_bad_arguments_raise(overrides, error, match):
     args, kwargs = _args(**overrides)
@@ -266,3 +288,80 @@ def test_bad_arguments_raise(overrides, error, match):
 def test_auto_backend_follows_platform():
     from pallas_kernels.ops import resolve_backend
     assert resolve_backend("auto") == {"cpu": "xla", "tpu": "tpu"}.get(PLATFORM, "gpu")
+
+
+def _scheduled_attention(kernel, q, k, qc, kc, *, schedule_block=16, **mask):
+    """attention_with_schedule on a 16 x 16-block config and a schedule built beforehand with
+    schedule_block-sized blocks, as the benchmarks call it."""
+    backend = kernel_backend(kernel)
+    cfg = make_config(q, k, **mask, scale=None, backend=backend, interpret=INTERPRET,
+                      block_q=16, block_k=16)
+    sched = build_schedule(qc, kc, **mask, block_q=schedule_block, block_k=schedule_block)
+    return functools.partial(attention_with_schedule, schedule=sched, backend=backend,
+                             config=cfg)
+
+
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+def test_attention_with_schedule_matches_reference(kernel):
+    case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", kernel)  # sink 1: no empty rows
+    q, k, v, qc, kc, d_out, d_lse = make_inputs(case, seed=31)
+    mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
+    attend = _scheduled_attention(kernel, q, k, qc, kc, **mask)
+    out, lse, grads = outputs_and_grads(lambda *args, return_lse: attend(*args),
+                                        q, k, v, qc, kc, d_out, d_lse)
+    ref_out, ref_lse, ref_grads = outputs_and_grads(reference_attention, q, k, v, qc, kc,
+                                                    d_out, d_lse, **mask)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads),
+                               (ref_out, ref_lse, *ref_grads)):
+        assert_close(name, got, want, TOL["float32"])
+
+
+def test_attention_with_schedule_rejects_mismatches():
+    case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", "gpu")
+    q, k, v, qc, kc, _, _ = make_inputs(case, seed=32)
+    mask = dict(window=4, sink_tokens=1, q_offset=5)
+    wrong_blocks = _scheduled_attention("gpu", q, k, qc, kc, **mask, schedule_block=32)
+    with pytest.raises(ValueError, match=r"schedule.kv_indices has shape \(1, 2, 2, 2\), but "
+                       r"the config's blocks \(16 x 16\) need \(1, 2, 3, 3\)"):
+        wrong_blocks(q, k, v, qc, kc)
+    attend = _scheduled_attention("gpu", q, k, qc, kc, **mask)
+    with pytest.raises(ValueError, match="config is for q_len=40, kv_len=45, but q and k hold 39"):
+        attend(q[:, 1:], k, v, qc[..., 1:], kc)
+    with pytest.raises(TypeError, match="q_clusters must hold integer"):
+        attend(q, k, v, qc.astype(jnp.float32), kc)
+    with pytest.raises(ValueError, match=r"the kernels' backend must be one of \('gpu', 'tpu'\)"):
+        attend(q, k, v, qc, kc, backend="xla")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: GpuTuning(fwd_tile_k=48), ValueError,
+     r"GpuTuning.fwd_tile_k must be a power of two >= 16, got 48"),
+    (lambda: GpuTuning(dq_tile_q=8), ValueError, "GpuTuning.dq_tile_q must be a power of two"),
+    (lambda: GpuTuning(dkv_tile_k=32.0), TypeError, "GpuTuning.dkv_tile_k must be an int"),
+    (lambda: GpuTuning(dkv_warps=3), ValueError,
+     "GpuTuning.dkv_warps must be a positive power of two"),
+    (lambda: GpuTuning(fwd_stages=0), ValueError, "GpuTuning.fwd_stages must be >= 1"),
+    (lambda: AttentionConfig(q_len=8, kv_len=8, q_offset=0, window=1, sink_tokens=0, scale=1.0,
+                             block_q=16, block_k=48), ValueError,
+     "block_k must be a positive power of two, got 48"),
+])
+def test_bad_kernel_config_raises(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bench_tuning_reports_when_no_backward_variant_runs(monkeypatch):
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def time_kernels(self, *args, fwd=True, bwd=True, reps=7):
+        if bwd:
+            raise RuntimeError("shared memory exhausted")
+        return {"fwd": 1e-3}
+
+    monkeypatch.setattr(bench.Problem, "time_kernels", time_kernels)
+    with pytest.raises(RuntimeError, match=r"tune S=16: no backward variant ran at any of the "
+                       r"blocks \[\(16, 16\)\]"):
+        bench.tune(16, [(16, 16)])

@@ -66,13 +66,14 @@ def cluster_variants(rng, batch, heads, q_len, kv_len, q_offset):
     yield ids[..., q_offset:q_offset + q_len], ids[..., :kv_len]
 
 
-# (Sq, Sk, block_q, block_k, q_offset) x two (window, sink) settings each; every window/sink
-# setting meets three geometries. Window 1000 exceeds every sequence.
+# (Sq, Sk, block_q, block_k, q_offset) x (window, sink) settings; each of the five main settings
+# meets three geometries. Window 1000 exceeds every sequence; window 2**31 ("no window") and
+# 2**40 sinks exceed int32 as well.
 GEOMETRIES = [
     ((1, 1, 16, 16, 0), [(0, 0), (5, 1)]),
     ((100, 100, 16, 32, 0), [(1000, 4), (20, 0)]),
     ((257, 257, 32, 16, 0), [(0, 0), (1000, 4)]),
-    ((37, 100, 16, 16, 63), [(5, 1), (20, 0)]),
+    ((37, 100, 16, 16, 63), [(5, 1), (20, 0), (2**31, 2**40)]),
     ((64, 300, 32, 32, 200), [(0, 0), (20, 0)]),
     ((200, 150, 16, 32, 10), [(5, 1), (1000, 4)]),
 ]
@@ -115,6 +116,8 @@ def test_contiguous_clusters_density_closed_form():
     (dict(block_q=0), ValueError, "block_q must be a positive"),
     (dict(q_clusters=jnp.zeros((1, 2, 8))), TypeError, "q_clusters must hold integer"),
     (dict(k_clusters=jnp.zeros((1, 3, 8), jnp.int32)), ValueError, "the same B and H"),
+    (dict(k_clusters=jnp.zeros((1, 2, 8), jnp.float16)), TypeError, "k_clusters must hold integer"),
+    (dict(q_offset=2**31 - 16), ValueError, r"q_offset \+ Sq \+ Sk must be < 2\*\*31"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
     args = dict(q_clusters=jnp.zeros((1, 2, 8), jnp.int32), k_clusters=jnp.zeros((1, 2, 8),
