@@ -208,3 +208,87 @@ def test_error_missing_weights(tiny_hf):
 def test_error_nonexistent_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pretrained(str(tmp_path / "nope"))
+
+
+def _raw_safetensors(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x02", "shorter than 8 bytes"),
+    ((10**6).to_bytes(8, "little") + b"{}", "bad header length 1000000"),
+    ((4).to_bytes(8, "little") + b"{no}", "invalid safetensors file .*Expecting property name"),
+], ids=["short", "header_length", "json"])
+def test_error_invalid_safetensors_header(tiny_hf, content, message):
+    _, path = tiny_hf()
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(path)
+
+
+def test_error_missing_shard(tiny_hf):
+    _, path = tiny_hf(save_kwargs={"max_shard_size": "20KB"})
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[1]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(CheckpointError, match=f"missing safetensors shard {shard} in "):
+        load_pretrained(path)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]},
+     "tensor x: unsupported safetensors dtype F8_E4M3"),
+    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
+     r"tensor x: byte size 8 does not match shape \[3\] of F32"),
+], ids=["dtype", "byte_size"])
+def test_error_bad_safetensors_entry(tmp_path, entry, message):
+    _raw_safetensors(tmp_path / "model.safetensors", {"x": entry}, b"\x00" * 8)
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsReader(str(tmp_path)).get("x")
+
+
+def test_error_unrecognised_checkpoint_file(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(CheckpointError, match=r"unrecognised checkpoint file .*pytorch_model\.bin: "
+                       "expected a .gguf file or a directory"):
+        load_pretrained(str(path))
+
+
+def test_error_unknown_target_format_is_checked_first(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown target format 'onnx'; expected one of "
+                       r"\('native', 'hf'\)"):
+        convert_checkpoint(str(tmp_path / "no_such_source"), str(tmp_path / "out"), to="onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_native_metadata_of_another_format(tiny_hf, tmp_path):
+    _, path = tiny_hf()
+    out = convert_checkpoint(path, str(tmp_path / "native"), to="native")
+    with open(os.path.join(out, "ultrametric.json"), "w") as f:
+        json.dump({"format": "something.else", "version": 1}, f)
+    with pytest.raises(CheckpointError, match=r"ultrametric\.json does not describe a "
+                       r"ultrametric_jax\.native checkpoint"):
+        load_pretrained(out)
+
+
+def test_save_hf_after_injection_writes_only_the_base_model(tiny_hf, tmp_path):
+    """Routers are no part of a transformers Llama: save_hf leaves them out."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+    from ultrametric_jax.config import SurgeryConfig
+    from ultrametric_jax.surgery import inject_topology
+    hf, path = tiny_hf(attention_bias=True)
+    model = load_pretrained(path)
+    inject_topology(model, SurgeryConfig(levels=3, d_max=1, max_len=64), nnx.Rngs(0))
+    out = save_hf(model, str(tmp_path / "out"))
+    assert sorted(load_file(os.path.join(out, "model.safetensors"))) == sorted(hf.state_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for name, p in hf.state_dict().items():
+        np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+    ids = np.random.RandomState(5).randint(0, 96, (2, 11))
+    np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(hf, ids))

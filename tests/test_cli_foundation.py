@@ -77,8 +77,22 @@ def test_convert_gguf_to_hf(tmp_path):
 
 def test_convert_reports_missing_config(tmp_path, capsys):
     (tmp_path / "src").mkdir()
-    with pytest.raises(FileNotFoundError, match="missing config.json"):
-        cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ultrametric convert: error: missing config.json in {tmp_path / 'src'}\n"
+
+
+@pytest.mark.parametrize("argv", [["convert", "{missing}", "{dst}"],
+                                  ["generate", "--model", "{missing}", "--prompt", "hi"]],
+                         ids=["convert", "generate"])
+def test_nonexistent_model_path_is_one_line_and_status_2(tmp_path, capsys, argv):
+    missing = str(tmp_path / "no_such_model")
+    argv = [a.format(missing=missing, dst=tmp_path / "dst") for a in argv]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"ultrametric {argv[0]}: error: model {missing!r} is neither a path "
+                            "nor one of ('smollm2',)\n")
 
 
 def test_generate_command(tiny_hf, capsys):

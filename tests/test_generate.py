@@ -7,7 +7,8 @@ import torch
 
 from conftest import build_hf_llama, jit_forward, rel_err
 from ultrametric_jax import load_pretrained
-from ultrametric_jax.generate import generate, left_pad, select_token
+from ultrametric_jax import generate as generate_module
+from ultrametric_jax.generate import CACHE_BUCKET, generate, left_pad, select_token
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -65,6 +66,26 @@ def test_left_padded_batch_equals_single_prompts(tiny):
     assert ids.shape == (3, 6) and mask.sum(1).tolist() == [6, 2, 4]
 
 
+def test_prompt_widths_in_one_bucket_share_a_compile(tiny, monkeypatch):
+    _, model = tiny
+    monkeypatch.setattr(generate_module, "_COMPILED", {})   # fresh jitted functions
+    generate(model, [[5, 6, 7]], 4)
+    _, prefill, _ = generate_module._compiled(model, 0.0, None)
+    generate(model, [list(range(1, CACHE_BUCKET))], 4)
+    assert prefill._cache_size() == 1
+    generate(model, [list(range(1, CACHE_BUCKET + 2))], 4)  # the next bucket
+    assert prefill._cache_size() == 2
+    ids, mask = left_pad([[1, 2], [3]], multiple=CACHE_BUCKET)
+    assert ids.shape == (2, CACHE_BUCKET) and mask.sum(1).tolist() == [2, 1]
+
+
+def test_kv_cache_overflow_is_refused(tiny):
+    _, model = tiny
+    cache = model.init_cache(1, 4)
+    with pytest.raises(ValueError, match="6 new tokens do not fit in a KV cache of length 4"):
+        model(jnp.arange(6)[None], cache=cache)
+
+
 def test_eos_stops_and_repeats(tiny):
     _, model = tiny
     free = generate(model, [[3, 4, 5]], 8)[0]
@@ -107,6 +128,8 @@ def test_bad_arguments(tiny):
     _, model = tiny
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         generate(model, [[1]], 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate(model, [[1]], 0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], 2)
 

@@ -6,30 +6,37 @@ import torch
 from conftest import build_hf_llama, hf_logits, rel_err
 from ultrametric_jax import ConfigError, load_pretrained
 from ultrametric_jax.checkpoint import CheckpointError
-from ultrametric_jax.checkpoint.gguf import NAME_TABLE, permute_rope_rows, unpermute_rope_rows
+from ultrametric_jax.checkpoint.gguf import permute_rope_rows, unpermute_rope_rows
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
-def write_llama_gguf(hf, path, arch="llama", drop=()):
-    """Write a float32 GGUF the way llama.cpp's converter does (q/k rows permuted)."""
+def write_llama_gguf(hf, path, arch="llama", drop=(), omit=(), edit=None):
+    """Write a float32 GGUF the way llama.cpp's converter does (q/k rows permuted).
+
+    Tensor names come from the gguf package's own llama table. `drop` leaves out tensors (GGUF
+    names), `omit` metadata fields (llama.* keys without the prefix); `edit(writer)` adds more.
+    """
     import gguf
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_vocab_size(c.vocab_size)
-    reverse = {}
-    for hf_pattern, gguf_pattern in NAME_TABLE.items():
-        for i in range(c.num_hidden_layers):
-            reverse[hf_pattern.format(i=i)] = gguf_pattern.format(i=i)
+    metadata = {
+        "block_count": lambda: w.add_block_count(c.num_hidden_layers),
+        "context_length": lambda: w.add_context_length(c.max_position_embeddings),
+        "embedding_length": lambda: w.add_embedding_length(c.hidden_size),
+        "feed_forward_length": lambda: w.add_feed_forward_length(c.intermediate_size),
+        "attention.head_count": lambda: w.add_head_count(c.num_attention_heads),
+        "attention.head_count_kv": lambda: w.add_head_count_kv(c.num_key_value_heads),
+        "rope.freq_base": lambda: w.add_rope_freq_base(float(c.rope_parameters["rope_theta"])),
+        "attention.layer_norm_rms_epsilon": lambda: w.add_layer_norm_rms_eps(c.rms_norm_eps),
+        "rope.dimension_count": lambda: w.add_rope_dimension_count(
+            c.hidden_size // c.num_attention_heads),
+        "vocab_size": lambda: w.add_vocab_size(c.vocab_size),
+    }
+    for key, add in metadata.items():
+        if key not in omit:
+            add()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for name, p in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue  # llama.cpp stores tied embeddings once, as token_embd.weight
@@ -38,8 +45,12 @@ def write_llama_gguf(hf, path, arch="llama", drop=()):
             arr = permute_rope_rows(arr, c.num_attention_heads)
         elif ".k_proj." in name:
             arr = permute_rope_rows(arr, c.num_key_value_heads)
-        if reverse[name] not in drop:
-            w.add_tensor(reverse[name], arr)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        if gguf_name not in drop:
+            w.add_tensor(gguf_name, arr)
+    if edit is not None:
+        edit(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -101,6 +112,69 @@ def test_error_gguf_missing_tensor(tmp_path):
                             drop=("blk.1.ffn_up.weight",))
     with pytest.raises(CheckpointError, match=r"missing tensor blk\.1\.ffn_up\.weight"):
         load_pretrained(path)
+
+
+def _rope_scaling(kind, factor=None):
+    def edit(w):
+        import gguf
+        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        if factor is not None:
+            w.add_rope_scaling_factor(factor)
+    return edit
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+    hf = build_hf_llama(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                         "rope_theta": 10000.0})
+    path = write_llama_gguf(hf, tmp_path / "linear.gguf", edit=_rope_scaling("linear", 2.0))
+    model = load_pretrained(path)
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    ids = np.random.RandomState(5).randint(0, 96, (1, 40))
+    assert rel_err(model(ids), hf_logits(hf, ids)) <= 1e-4
+
+
+def _rope_freqs(w):
+    w.add_tensor("rope_freqs.weight", np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(omit=("feed_forward_length",)), ConfigError,
+     r"missing the metadata field llama\.feed_forward_length"),
+    (dict(omit=("attention.head_count",)), ConfigError,
+     r"missing the metadata field llama\.attention\.head_count"),
+    (dict(omit=("block_count",)), ConfigError, r"missing the metadata field llama\.block_count"),
+    (dict(edit=_rope_scaling("yarn", 4.0)), ConfigError, "rope scaling 'yarn' is not supported"),
+    (dict(edit=_rope_scaling("linear")), ConfigError,
+     r"missing the metadata field llama\.rope\.scaling\.factor"),
+    (dict(edit=_rope_freqs), ConfigError,
+     r"per-frequency rope factors \(rope_freqs\.weight\), which are not supported"),
+    (dict(omit=("vocab_size",), drop=("token_embd.weight",)), CheckpointError,
+     "has no token_embd.weight tensor and no llama.vocab_size or tokenizer.ggml.tokens"),
+], ids=["no_ffn_length", "no_head_count", "no_block_count", "yarn", "linear_no_factor",
+        "rope_freqs", "no_vocab"])
+def test_error_bad_gguf_metadata(tmp_path, kwargs, error, message):
+    path = write_llama_gguf(build_hf_llama(), tmp_path / "bad.gguf", **kwargs)
+    with pytest.raises(error, match=message):
+        load_pretrained(path)
+
+
+def test_error_partial_rotary(tmp_path):
+    def edit(w):
+        w.add_rope_dimension_count(4)
+    path = write_llama_gguf(build_hf_llama(), tmp_path / "partial.gguf",
+                            omit=("rope.dimension_count",), edit=edit)
+    with pytest.raises(ConfigError, match=r"partial rotary embeddings \(rope dimension 4 != "
+                       r"head_dim 8\) are not supported"):
+        load_pretrained(path)
+
+
+def test_gguf_names_follow_the_gguf_package():
+    import gguf
+    from ultrametric_jax.checkpoint.gguf import gguf_name
+    assert gguf_name("model.layers.2.self_attn.q_proj.weight", 3) == "blk.2.attn_q.weight"
+    assert gguf_name("lm_head.weight", 3) == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+    with pytest.raises(CheckpointError, match=r"no GGUF name for tensor model\.layers\.3\.mlp"):
+        gguf_name("model.layers.3.mlp.up_proj.weight", 3)
 
 
 # ----------------------------------------------------------------------------- real model

@@ -257,7 +257,8 @@ def test_bad_router_state_names_the_tensor():
     model = tiny_llama()
     state = random_router_state(model.config, surgery)
     del state[ts.router_param_name(1, "fc2.bias")]
-    with pytest.raises(ValueError, match=r"missing model\.layers\.1\.self_attn\.router\.fc2\.bias"):
+    with pytest.raises(ValueError, match=r"lack 1 of 8 tensors, "
+                       r"e\.g\. model\.layers\.1\.self_attn\.router\.fc2\.bias"):
         ts.attach_surgery(model, surgery, state)
     state = random_router_state(model.config, surgery)
     state["model.layers.2.self_attn.router.fc1.weight"] = torch.zeros(32, 32)
@@ -266,6 +267,25 @@ def test_bad_router_state_names_the_tensor():
     state = random_router_state(model.config, SurgeryConfig(arity=3, levels=3, d_max=1))
     with pytest.raises(ValueError, match=r"fc2\.weight has shape \(36, 32\), expected \(24, 32\)"):
         ts.attach_surgery(tiny_llama(), surgery, state)
+
+
+def test_sliding_window_cache_is_refused():
+    """A cache returning fewer keys than the routed tokens (a sliding window) is named."""
+    routes = ts._PastKeyRoutes()
+    clusters, positions = torch.zeros(1, 4, 6, dtype=torch.long), torch.arange(6)[None]
+    with pytest.raises(RuntimeError, match="layer 0's cache returned 4 keys for 6 routed tokens; "
+                       "sliding-window caches are not supported"):
+        routes.extend(0, 0, clusters, positions, key_len=4)
+
+
+def test_non_4d_attention_mask_is_refused():
+    _, model, _, _ = surgical()
+    hidden = torch.randn(1, 5, 32)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    with torch.no_grad(), pytest.raises(TypeError, match="needs a 4-D tensor attention mask, got "
+                                        "Tensor; load the model with attn_implementation='eager'"):
+        model.model.layers[0].self_attn(hidden, position_embeddings=position_embeddings,
+                                        attention_mask=torch.ones(1, 5))
 
 
 def test_bfloat16_model_runs():

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 LLAMA_MODEL_TYPES = ("llama",)
+# Choices of SurgeryConfig.depth_op / .ste, and the bound on cluster ids (packed in int32).
+DEPTH_OPS = ("cumprod", "cummin")
+STE_FORMS = ("gate", "renorm")
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +62,7 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu')")
-        if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type not in ("llama3", "linear"):
-                raise ConfigError(f"rope_scaling type {rope_type!r} is not supported "
-                                  "(supported: default, linear, llama3)")
+        object.__setattr__(self, "rope_scaling", _checked_rope_scaling(self.rope_scaling))
 
     def __hash__(self):
         # rope_scaling is a dict; hash the canonical JSON form so jit caches can key on configs.
@@ -88,19 +88,13 @@ class LlamaConfig:
         if legacy:
             rope.update(legacy)
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None
-        if rope_type != "default":
-            rope.pop("type", None)
-            rope["rope_type"] = rope_type
-            rope_scaling = rope
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in fields and k not in ("rope_theta", "rope_scaling")}
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                          "num_attention_heads"):
             if required not in kwargs:
                 raise ConfigError(f"config.json is missing the required field {required!r}")
-        return cls(rope_theta=rope_theta, rope_scaling=rope_scaling, **kwargs)
+        return cls(rope_theta=rope_theta, rope_scaling=rope or None, **kwargs)
 
     @classmethod
     def from_json_file(cls, path: str) -> "LlamaConfig":
@@ -123,6 +117,39 @@ class LlamaConfig:
             rope_theta=rope["rope_theta"],
             rope_scaling=dict(scaling) if scaling else None)
         return d
+
+
+# Fields each supported rope scaling needs; llama3's original_max_position_embeddings is
+# optional (transformers falls back to max_position_embeddings).
+ROPE_SCALING_FIELDS = {"linear": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def _checked_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
+    """A copy keyed by `rope_type` (the legacy key is `type`), None for the default rope.
+
+    Checked here so that a bad rope config fails on load, not inside the first traced forward.
+    """
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    legacy_type = scaling.pop("type", "default")
+    rope_type = scaling.setdefault("rope_type", legacy_type)
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported "
+                          f"(supported: default, {', '.join(ROPE_SCALING_FIELDS)})")
+    for field in ROPE_SCALING_FIELDS[rope_type]:
+        value = scaling.get(field)
+        if value is None:
+            raise ConfigError(f"rope_scaling type {rope_type!r} is missing the field {field!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"rope_scaling.{field}={value!r} must be a number > 0")
+    if rope_type == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ConfigError(f"llama3 rope_scaling needs low_freq_factor < high_freq_factor, got "
+                          f"{scaling['low_freq_factor']} and {scaling['high_freq_factor']}")
+    return scaling
 
 
 def levels_for(arity: int, max_len: int) -> int:
@@ -171,10 +198,14 @@ class SurgeryConfig:
             bad("window", "must be >= 0")
         if self.sink_tokens < 0:
             bad("sink_tokens", "must be >= 0")
-        if self.depth_op not in ("cumprod", "cummin"):
-            bad("depth_op", "must be 'cumprod' or 'cummin'")
-        if self.ste not in ("gate", "renorm"):
-            bad("ste", "must be 'gate' or 'renorm'")
+        if self.depth_op not in DEPTH_OPS:
+            bad("depth_op", f"must be one of {DEPTH_OPS}")
+        if self.ste not in STE_FORMS:
+            bad("ste", f"must be one of {STE_FORMS}")
+        if self.arity ** self.cut_level - 1 > INT32_MAX:
+            raise ConfigError(
+                f"invalid SurgeryConfig: arity**(L - d_max) = {self.arity}**{self.cut_level} "
+                "cluster ids do not fit in int32; raise d_max or lower levels / arity")
         if self.init_margin <= 0:
             bad("init_margin", "must be > 0")
         if not 0 < self.tau_end <= self.tau_start:

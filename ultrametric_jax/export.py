@@ -29,12 +29,10 @@ import numpy as np
 from flax import nnx
 
 from ultrametric_jax.config import ConfigError, SurgeryConfig
+from ultrametric_jax.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURGERY_CONFIG_KEY,
+                                           router_shape_problem)
 from ultrametric_jax.router import RouterParam
 
-# Mirrored in torch_surgery (which must not import this module's JAX dependencies).
-ROUTER_FILE = "router.safetensors"
-SURGERY_CONFIG_KEY = "ultrametric_surgery"
-EXPORT_INFO_KEY = "ultrametric_export"
 EXPORT_FORMAT_VERSION = 1
 # Tokenizer-side files of an HF directory, copied verbatim when the base model is one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -48,11 +46,6 @@ class ExportError(ConfigError):
 
 # ----------------------------------------------------------------------------- router tensors
 
-def base_filter():
-    """The base model's parameters: every nnx.Param that is not a router parameter."""
-    return nnx.All(nnx.Param, nnx.Not(RouterParam))
-
-
 def router_tensors(router_params: nnx.State, config, surgery: SurgeryConfig) -> dict:
     """HF-named float32 numpy tensors (torch layout) of a router state, checked complete."""
     from ultrametric_jax.checkpoint.hf import hf_name
@@ -62,25 +55,9 @@ def router_tensors(router_params: nnx.State, config, surgery: SurgeryConfig) -> 
         value = var.get_value() if hasattr(var, "get_value") else var
         arr = np.asarray(value, dtype=np.float32)
         tensors[name] = np.ascontiguousarray(arr.T if transpose and arr.ndim == 2 else arr)
-    d = config.hidden_size
-    out = config.num_attention_heads * surgery.num_levels * surgery.arity
-    expected = {}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}.self_attn.router."
-        expected.update({p + "fc1.weight": (d, d), p + "fc1.bias": (d,),
-                         p + "fc2.weight": (out, d), p + "fc2.bias": (out,)})
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ExportError(f"the router state lacks {len(missing)} tensors, e.g. {missing[0]}: "
-                          "the model carries no complete ultrametric topology")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise ExportError(f"unexpected router tensors, e.g. {extra[0]}")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise ExportError(f"router tensor {name} has shape {tensors[name].shape}, expected "
-                              f"{shape} for the surgery config (H*L*p = "
-                              f"{config.num_attention_heads}*{surgery.num_levels}*{surgery.arity})")
+    problem = router_shape_problem({n: t.shape for n, t in tensors.items()}, config, surgery)
+    if problem:
+        raise ExportError(problem)
     return tensors
 
 
@@ -165,18 +142,13 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
-        save_hf(model, tmp, filter_=base_filter())
+        save_hf(model, tmp, config_extra={
+            SURGERY_CONFIG_KEY: surgery.to_dict(),
+            EXPORT_INFO_KEY: {"format_version": EXPORT_FORMAT_VERSION,
+                              "router_file": ROUTER_FILE, **(provenance or {})}})
         write_safetensors(os.path.join(tmp, ROUTER_FILE),
                           [(n, t.shape, t.dtype) for n, t in tensors.items()], tensors.__getitem__,
-                          metadata={"ultrametric_surgery": json.dumps(surgery.to_dict())})
-        config_path = os.path.join(tmp, "config.json")
-        with open(config_path) as f:
-            config = json.load(f)
-        config[SURGERY_CONFIG_KEY] = surgery.to_dict()
-        config[EXPORT_INFO_KEY] = {"format_version": EXPORT_FORMAT_VERSION,
-                                   "router_file": ROUTER_FILE, **(provenance or {})}
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
+                          metadata={SURGERY_CONFIG_KEY: json.dumps(surgery.to_dict())})
         _write_tokenizer(tmp, tokenizer, tokenizer_dir, model.config)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(README.format(router=ROUTER_FILE, key=SURGERY_CONFIG_KEY,

@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded; padding is masked out and positions count real
 tokens only, so every row decodes exactly as it would alone. The prefill and the one-token
-step are jitted once per shape.
+step are jitted once per shape; prompt widths and cache lengths are rounded up to a multiple
+of CACHE_BUCKET so that nearby lengths share one compile.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import numpy as np
 from flax import nnx
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """(ids [B,S] int32, mask [B,S] bool) with every prompt right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
+    """(ids [B,S] int32, mask [B,S] bool) with every prompt right-aligned; S is the longest
+    prompt's length rounded up to a multiple of `multiple`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for row, p in enumerate(prompts):
@@ -87,13 +89,12 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     if hasattr(prompts, "shape"):  # a [B,S] array of equal-length prompts
         prompts = np.asarray(prompts).tolist()
     prompts = [list(map(int, p)) for p in prompts]
-    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
     batch, width = ids.shape
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
 
     state, prefill, step = _compiled(model, float(temperature), top_k)
-    # Cache length rounded up so that calls with nearby lengths share one compiled step.
     cache = model.init_cache(batch, -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
     key = jax.random.PRNGKey(seed)
     token, logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions),

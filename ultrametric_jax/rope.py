@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from ultrametric_jax.config import ConfigError, LlamaConfig
+from ultrametric_jax.config import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -20,24 +20,18 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
-    scaling = config.rope_scaling
+    scaling = config.rope_scaling  # validated by LlamaConfig: rope_type and its fields exist
     if not scaling:
         return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type == "linear":
+    if scaling["rope_type"] == "linear":
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if rope_type == "llama3":
-        return _llama3_frequencies(inv_freq, scaling, config.max_position_embeddings)
-    raise ConfigError(f"rope_scaling type {rope_type!r} is not supported")
+    return _llama3_frequencies(inv_freq, scaling, config.max_position_embeddings)
 
 
 def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict, max_positions: int) -> np.ndarray:
-    try:
-        factor = float(scaling["factor"])
-        low = float(scaling["low_freq_factor"])
-        high = float(scaling["high_freq_factor"])
-    except KeyError as e:
-        raise ConfigError(f"llama3 rope_scaling is missing the field {e.args[0]!r}") from None
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
     # transformers falls back to max_position_embeddings when the original length is absent.
     old_len = float(scaling.get("original_max_position_embeddings", max_positions))
     low_wavelen = old_len / low

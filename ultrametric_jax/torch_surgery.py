@@ -30,15 +30,8 @@ import transformers
 from transformers.models.llama import modeling_llama
 
 from ultrametric_jax.config import SurgeryConfig
-
-ROUTER_FILE = "router.safetensors"
-SURGERY_CONFIG_KEY = "ultrametric_surgery"
-ROUTER_PARAM_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
-
-
-def router_param_name(layer_idx: int, name: str) -> str:
-    """HF-style name of a router tensor, e.g. model.layers.3.self_attn.router.fc1.weight."""
-    return f"model.layers.{layer_idx}.self_attn.router.{name}"
+from ultrametric_jax.export_format import (ROUTER_FILE, ROUTER_PARAM_NAMES, SURGERY_CONFIG_KEY,
+                                           router_param_name, router_shape_problem)
 
 
 class UltrametricRouter(nn.Module):
@@ -218,28 +211,13 @@ class SurgicalLlamaAttention(modeling_llama.LlamaAttention):
         return self.o_proj(out), probs
 
 
-def _check_router_state(state: dict, config, surgery: SurgeryConfig) -> None:
-    d, out = config.hidden_size, config.num_attention_heads * surgery.num_levels * surgery.arity
-    shapes = {"fc1.weight": (d, d), "fc1.bias": (d,), "fc2.weight": (out, d), "fc2.bias": (out,)}
-    expected = {router_param_name(i, name): shape
-                for i in range(config.num_hidden_layers) for name, shape in shapes.items()}
-    for key, shape in expected.items():
-        if key not in state:
-            raise ValueError(f"router weights are missing {key}")
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"router weight {key} has shape {tuple(state[key].shape)}, "
-                             f"expected {shape} (H*L*p = {config.num_attention_heads}*"
-                             f"{surgery.num_levels}*{surgery.arity})")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ValueError(f"unexpected router weights: {extra[:4]}")
-
-
 def attach_surgery(model, surgery: SurgeryConfig, router_state: dict):
     """Swap every attention layer of a transformers LlamaForCausalLM, in place, for a surgical one
     with the given router weights (HF names, see router_param_name); returns the model."""
     config = model.config
-    _check_router_state(router_state, config, surgery)
+    problem = router_shape_problem({k: v.shape for k, v in router_state.items()}, config, surgery)
+    if problem:
+        raise ValueError(problem)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the surgical attention needs a 4-D tensor mask
     else:

@@ -5,16 +5,17 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrametric_jax.checkpoint.hf import CheckpointError, load_hf, save_hf_weights
+from ultrametric_jax.checkpoint.hf import (CheckpointError, load_hf, param_leaves,
+                                           save_hf_weights, write_hf_config)
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "detect_format", "resolve_dtype",
-           "convert_checkpoint"]
+           "convert_checkpoint", "base_filter"]
+TARGET_FORMATS = ("native", "hf")
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
@@ -77,6 +78,8 @@ def convert_checkpoint(src: str, dst: str, to: str = "native", dtype=jnp.float32
     the other directions load the model (one copy) and write it out.
     """
     from ultrametric_jax.checkpoint.native import convert_to_native, save_native
+    if to not in TARGET_FORMATS:
+        raise ValueError(f"unknown target format {to!r}; expected one of {TARGET_FORMATS}")
     dtype = resolve_dtype(dtype)
     fmt = detect_format(src)
     if to == "native" and fmt in ("hf", "gguf"):
@@ -90,28 +93,29 @@ def convert_checkpoint(src: str, dst: str, to: str = "native", dtype=jnp.float32
     model = load_pretrained(src, dtype=dtype, progress=progress)
     if to == "native":
         return save_native(model, dst, tokenizer=tokenizer)
-    if to == "hf":
-        return save_hf(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size,
-                       progress=progress)
-    raise ValueError(f"unknown target format {to!r}; expected 'native' or 'hf'")
+    return save_hf(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                   progress=progress)
 
 
-def save_hf(model, out_dir: str, tokenizer=None, max_shard_size="5GB", filter_=nnx.Param,
-            progress: bool = False) -> str:
-    """Write config.json, safetensors weights and (when known) tokenizer.json to out_dir.
+def base_filter():
+    """The base Llama's parameters: every nnx.Param that is not a router parameter."""
+    from ultrametric_jax.router import RouterParam
+    return nnx.All(nnx.Param, nnx.Not(RouterParam))
 
-    `tokenizer` may be a `tokenizers.Tokenizer`, a transformers tokenizer or a path to a
-    tokenizer.json. `filter_` selects the variables written (default: every nnx.Param).
+
+def save_hf(model, out_dir: str, tokenizer=None, max_shard_size="5GB", progress: bool = False,
+            config_extra: dict | None = None) -> str:
+    """Write config.json, the base model's safetensors weights and (when known) tokenizer.json.
+
+    Routers of an injected topology are not written: they are no part of a transformers Llama
+    (`ultrametric_jax.export` writes them). `tokenizer` may be a `tokenizers.Tokenizer`, a
+    transformers tokenizer or a path to a tokenizer.json; `config_extra` adds config.json keys.
     """
     from ultrametric_jax.tokenizer import save_tokenizer
     os.makedirs(out_dir, exist_ok=True)
-    config = model.config.to_hf_dict()
-    param = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].get_value()
-    dtype_name = jnp.dtype(param.dtype).name
-    config.update(dtype=dtype_name, torch_dtype=dtype_name)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_hf_weights(model, out_dir, max_shard_size=max_shard_size, filter_=filter_,
+    first = param_leaves(model, base_filter())[0][1].get_value()
+    write_hf_config(model.config, first.dtype, out_dir, config_extra)
+    save_hf_weights(model, out_dir, max_shard_size=max_shard_size, filter_=base_filter(),
                     progress=progress)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir, config=model.config)

@@ -6,8 +6,8 @@ two halves), so those rows are permuted back here. The config comes from the met
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,37 +15,18 @@ import numpy as np
 from ultrametric_jax.checkpoint.hf import CheckpointError, abstract_model, fill_model
 from ultrametric_jax.config import ConfigError, LlamaConfig
 
-# transformers name (layer index as {i}) <- GGUF name.
-NAME_TABLE = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
-    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
-    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.self_attn.o_proj.bias": "blk.{i}.attn_output.bias",
-    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "model.layers.{i}.mlp.gate_proj.bias": "blk.{i}.ffn_gate.bias",
-    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.up_proj.bias": "blk.{i}.ffn_up.bias",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-    "model.layers.{i}.mlp.down_proj.bias": "blk.{i}.ffn_down.bias",
-}
-_LAYER = re.compile(r"\.(\d+)\.")
+@functools.lru_cache(maxsize=8)
+def _name_map(n_blocks: int):
+    import gguf
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
 
 
-def gguf_name(hf: str) -> str:
-    m = _LAYER.search(hf)
-    key = _LAYER.sub(".{i}.", hf, count=1) if m else hf
-    if key not in NAME_TABLE:
+def gguf_name(hf: str, n_blocks: int) -> str:
+    """The GGUF name of a transformers tensor name, from the gguf package's own llama table."""
+    name = _name_map(n_blocks).get_name(hf, try_suffixes=(".weight", ".bias"))
+    if name is None:
         raise CheckpointError(f"no GGUF name for tensor {hf}")
-    return NAME_TABLE[key].format(i=m.group(1)) if m else NAME_TABLE[key]
+    return name
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -94,8 +75,8 @@ def config_from_gguf(reader, path: str = "") -> LlamaConfig:
     if arch != "llama":
         raise ConfigError(f"unsupported GGUF architecture {arch!r} in {path}: only 'llama' "
                           "GGUF files can be loaded")
-    names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
         raise ConfigError(f"GGUF {path} uses per-frequency rope factors (rope_freqs.weight), "
                           "which are not supported")
 
@@ -115,15 +96,20 @@ def config_from_gguf(reader, path: str = "") -> LlamaConfig:
     vocab = field_value(reader, "llama.vocab_size")
     if vocab is None:
         tokens = field_value(reader, "tokenizer.ggml.tokens")
-        vocab = len(tokens) if tokens else _tensor(reader, "token_embd.weight").shape[1]
+        if tokens:
+            vocab = len(tokens)
+        elif "token_embd.weight" in tensors:
+            vocab = tensors["token_embd.weight"].shape[1]  # ggml order: [hidden, vocab]
+        else:
+            raise CheckpointError(f"GGUF {path} has no token_embd.weight tensor and no "
+                                  "llama.vocab_size or tokenizer.ggml.tokens metadata")
     rope_scaling = None
     scaling_type = field_value(reader, "llama.rope.scaling.type")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear",
-                        "factor": float(field_value(reader, "llama.rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise ConfigError(f"GGUF {path}: rope scaling {scaling_type!r} is not supported")
-    bias = "blk.0.attn_q.bias" in names
+    bias = "blk.0.attn_q.bias" in tensors
     return LlamaConfig(
         vocab_size=int(vocab), hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -135,18 +121,11 @@ def config_from_gguf(reader, path: str = "") -> LlamaConfig:
         rms_norm_eps=float(field_value(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(field_value(reader, "llama.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias=bias, mlp_bias="blk.0.ffn_up.bias" in names,
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias=bias, mlp_bias="blk.0.ffn_up.bias" in tensors,
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"))
-
-
-def _tensor(reader, name):
-    for t in reader.tensors:
-        if t.name == name:
-            return t
-    return None
 
 
 def read_tensor(tensor) -> np.ndarray:
@@ -157,13 +136,13 @@ def read_tensor(tensor) -> np.ndarray:
 
 
 def gguf_source(path: str):
-    """(config, fetch) of a llama GGUF; fetch(hf_name, flax_path) dequantises one tensor."""
+    """(config, fetch) of a llama GGUF; fetch(hf_name) dequantises one tensor."""
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
 
-    def fetch(hf, _path):
-        name = gguf_name(hf)
+    def fetch(hf):
+        name = gguf_name(hf, config.num_hidden_layers)
         if name not in tensors:
             raise CheckpointError(f"missing tensor {name} (for {hf}) in GGUF file {path}")
         arr = read_tensor(tensors[name])

@@ -108,14 +108,8 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
     def shape(self, name: str) -> tuple:
         return tuple(self._entries[name][2]["shape"])
-
-    def dtype(self, name: str) -> np.dtype:
-        return _ST_DTYPES[self._entries[name][2]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:
         """Read one tensor from disk into a fresh numpy array (no memory map kept)."""
@@ -239,18 +233,18 @@ def prepare_leaf(path: tuple, want, arr: np.ndarray, source: str):
     return jnp.asarray(np.asarray(arr).astype(want.dtype, copy=False))
 
 
-def fill_model(abstract, fetch: Callable[[str, tuple], np.ndarray], *, source: str,
+def fill_model(abstract, fetch: Callable[[str], np.ndarray], *, source: str,
                progress: bool = False):
     """Materialise an abstract model leaf by leaf.
 
-    fetch(hf_name, flax_path) returns the tensor in transformers layout (numpy); only one
-    source tensor is alive at a time.
+    fetch(hf_name) returns the tensor in transformers layout (numpy); only one source tensor
+    is alive at a time.
     """
     graphdef, state = nnx.split(abstract)
     leaves = list(nnx.to_flat_state(state))
     bar = progress_bar(len(leaves), f"loading {os.path.basename(str(source)) or source}", progress)
     for path, var in leaves:
-        var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0], path), source))
+        var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source))
         bar.update(1)
     bar.close()
     return nnx.merge(graphdef, state)
@@ -259,13 +253,13 @@ def fill_model(abstract, fetch: Callable[[str, tuple], np.ndarray], *, source: s
 # ----------------------------------------------------------------------------- public entry
 
 def hf_source(directory: str):
-    """(config, fetch) of an HF Llama dir; fetch(hf_name, flax_path) reads one tensor."""
+    """(config, fetch) of an HF Llama dir; fetch(hf_name) reads one tensor."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing config.json in {directory}")
     config = LlamaConfig.from_json_file(config_path)
     reader = SafetensorsReader(directory)
-    return config, lambda name, _path: reader.get(name)
+    return config, reader.get
 
 
 def load_hf(directory: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
@@ -273,6 +267,17 @@ def load_hf(directory: str, dtype=jnp.float32, param_dtype=None, progress: bool 
     config, fetch = hf_source(directory)
     return fill_model(abstract_model(config, dtype, param_dtype), fetch, source=directory,
                       progress=progress)
+
+
+def write_hf_config(config: LlamaConfig, dtype, out_dir: str, extra: dict | None = None) -> str:
+    """Write out_dir/config.json: the transformers config, its dtype, plus `extra` keys."""
+    dtype_name = jnp.dtype(dtype).name
+    hf_config = {**config.to_hf_dict(), "dtype": dtype_name, "torch_dtype": dtype_name,
+                 **(extra or {})}
+    path = os.path.join(out_dir, "config.json")
+    with open(path, "w") as f:
+        json.dump(hf_config, f, indent=2)
+    return path
 
 
 def save_hf_weights(model, directory: str, max_shard_size: int | str = "5GB",

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ultrametric_jax.checkpoint.hf import (CheckpointError, abstract_model, hf_name,
-                                           param_leaves, prepare_leaf, progress_bar)
+                                           param_leaves, prepare_leaf, progress_bar,
+                                           write_hf_config)
 from ultrametric_jax.config import LlamaConfig
 
 FORMAT_FILE = "ultrametric.json"
@@ -93,10 +94,7 @@ class _GroupWriter:
     def finish(self, config: LlamaConfig, dtype: str, tokenizer=None) -> str:
         from ultrametric_jax.tokenizer import save_tokenizer
         self.checkpointer.close()
-        hf_config = config.to_hf_dict()
-        hf_config.update(dtype=dtype, torch_dtype=dtype)
-        with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+        write_hf_config(config, dtype, self.out_dir)
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.out_dir, config=config)
         with open(os.path.join(self.out_dir, FORMAT_FILE), "w") as f:
@@ -106,8 +104,9 @@ class _GroupWriter:
 
 
 def save_native(model, out_dir: str, tokenizer=None) -> str:
-    """Write `model` (its nnx.Param leaves), its config and tokenizer to out_dir."""
-    leaves = param_leaves(model)
+    """Write `model`'s base Llama parameters (no routers), config and tokenizer to out_dir."""
+    from ultrametric_jax.checkpoint import base_filter
+    leaves = param_leaves(model, base_filter())
     writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
     for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
         writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
@@ -119,7 +118,7 @@ def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float3
                       source: str, tokenizer=None, progress: bool = False) -> str:
     """Stream a checkpoint into the native format, one group of tensors in memory at a time.
 
-    `fetch(hf_name, flax_path)` returns a tensor in transformers layout (see hf_source and
+    `fetch(hf_name)` returns a tensor in transformers layout (see hf_source and
     gguf_source).
     """
     leaves = param_leaves(abstract_model(config, dtype, dtype))
@@ -129,7 +128,7 @@ def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float3
         arrays = []
         for path, var in items:
             arrays.append((_relative(path, group),
-                           prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0], path), source)))
+                           prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source)))
             bar.update(1)
         writer.write(group, arrays)
         del arrays

@@ -36,15 +36,21 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
 
     from ultrametric_jax.assets import resolve_model
-    from ultrametric_jax.checkpoint import convert_checkpoint
+    from ultrametric_jax.checkpoint import CheckpointError, convert_checkpoint
+    from ultrametric_jax.config import ConfigError
     from ultrametric_jax.tokenizer import load_tokenizer
 
-    source = resolve_model(args.src)
-    dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
     start = time.time()
-    tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
-    convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype, tokenizer=tokenizer,
-                       max_shard_size=args.max_shard_size, progress=True)
+    try:
+        source = resolve_model(args.src)
+        dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
+        tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
+        convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype,
+                           tokenizer=tokenizer, max_shard_size=args.max_shard_size,
+                           progress=True)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"ultrametric convert: error: {e}", file=sys.stderr)
+        return 2
     print(f"converted {args.src} -> {args.dst} ({args.to}, {dtype}) in "
           f"{time.time() - start:.1f}s", file=sys.stderr)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv) -> int:
@@ -17,9 +18,15 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
 
     from ultrametric_jax.assets import load_model_and_tokenizer
+    from ultrametric_jax.checkpoint import CheckpointError
+    from ultrametric_jax.config import ConfigError
     from ultrametric_jax.generate import generate_text
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"ultrametric generate: error: {e}", file=sys.stderr)
+        return 2
     if tokenizer is None:
         parser.error(f"no tokenizer found for {args.model} (expected tokenizer.json)")
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
