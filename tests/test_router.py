@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from ultrametric_jax.router import DynamicTopologyRouter, RouterParam, collapse_bias
+from ultrametric_jax.router import DynamicTopologyRouter, RouterLinear, RouterParam, collapse_bias
 
 
 def np_router(x, w1, b1, w2, b2, heads, levels, arity):
@@ -108,3 +108,15 @@ def test_router_errors():
 
 def test_collapse_bias_values():
     np.testing.assert_array_equal(collapse_bias(1, 2, 3, 2.5), [2.5, -2.5, -2.5] * 2)
+
+
+def test_router_shape_errors():
+    with pytest.raises(ValueError, match="invalid router shape: hidden_size=8, num_heads=0"):
+        DynamicTopologyRouter(8, 0, 3, 2, 5.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="levels=0"):
+        DynamicTopologyRouter(8, 2, 0, 2, 5.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"router kernel \(4, 3\) / bias \(3,\) do not match "
+                                         r"\(4, 5\)"):
+        RouterLinear(4, 5, jnp.zeros((4, 3)), jnp.zeros((3,)), ("embed", "router_hidden"))
+    with pytest.raises(ValueError, match=r"bias \(4,\) do not match \(4, 5\)"):
+        RouterLinear(4, 5, jnp.zeros((4, 5)), jnp.zeros((4,)), ("embed", "router_hidden"))

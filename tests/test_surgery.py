@@ -344,14 +344,13 @@ def test_extract_routes_matches_oracle_and_restores_mode():
 
 # ---------------------------------------------------------------- decoding and training state
 
-@pytest.mark.parametrize("prepared", [True, False])
-def test_kv_cache_decoding_equals_full_recomputation(prepared):
+def test_kv_cache_decoding_equals_full_recomputation():
     cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
     model = surgery.inject_topology(tiny_model(qk_gain=6.0), cfg, nnx.Rngs(0))
     perturb_routers(model, seed=3)
     ids = random_ids(2, 12)
     full = np.asarray(nnx.jit(lambda m, i: m(i))(model, ids))
-    cache = (surgery.init_cache(model, 2, 16) if prepared else model.init_cache(2, 16))
+    cache = model.init_cache(2, 16)
     decode = nnx.jit(lambda m, i, c: m(i, cache=c))
     logits, cache = decode(model, ids[:, :5], cache)
     steps = [np.asarray(logits)]
@@ -473,3 +472,57 @@ def test_generate_with_left_padding_matches_full_recomputation():
         seq = jnp.asarray(prompt + list(tokens[row, :-1]))[None]
         full = np.asarray(model(seq))[0, len(prompt) - 1:]
         np.testing.assert_allclose(logits[row], full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_kernel_mode_with_explicit_positions_equals_dense():
+    """The kernel takes token i to sit at position i; explicit positions (here 10..33, which
+    put no key among the sink tokens) must give the dense path's answer."""
+    cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
+    model = surgery.inject_topology(tiny_model(4, 2, qk_gain=6.0), cfg, nnx.Rngs(0))
+    perturb_routers(model, seed=6)
+    ids = random_ids(2, 24)
+    positions = jnp.broadcast_to(jnp.arange(24) + 10, (2, 24))
+    forward = nnx.jit(lambda m, i, p: m(i, positions=p))
+    dense = np.asarray(forward(model, ids, positions))
+    surgery.set_attention_impl(model, "kernel", backend="gpu", interpret=True)
+    np.testing.assert_array_equal(np.asarray(forward(model, ids, positions)), dense)
+
+
+def test_kernel_mode_aux_densities_from_cluster_ids():
+    """On the kernel path the densities are counted from the cluster ids, not from a mask."""
+    cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
+    model = surgery.inject_topology(tiny_model(4, 2, qk_gain=6.0), cfg, nnx.Rngs(0))
+    perturb_routers(model, seed=6)
+    ids = random_ids(2, 24)
+    surgery.set_attention_impl(model, "kernel")
+    _, aux = aux_of(model, ids)
+    for layer in range(2):
+        total, tree = np_density(np.asarray(aux["clusters"][layer]), np.ones((2, 24), bool), 2, 1)
+        np.testing.assert_allclose(aux["density_per_layer"][layer], total, rtol=1e-6)
+        np.testing.assert_allclose(aux["tree_density_per_layer"][layer], tree, rtol=1e-6)
+        assert tree < total < 1.0
+
+
+def test_evaluate_surgical_matches_oracle_and_restores_the_mode():
+    from scipy.special import log_softmax
+
+    from ultrametric_jax.evaluate import evaluate_surgical
+    cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
+    model = surgery.inject_topology(tiny_model(qk_gain=6.0), cfg, nnx.Rngs(0))
+    perturb_routers(model, seed=3)
+    ids = np.asarray(random_ids(2, 10))
+    mask = np.arange(10)[None] < np.array([[10], [6]])             # right padding
+    model.train()
+    result = evaluate_surgical(model, [{"input_ids": ids, "attention_mask": mask}], cfg)
+    assert not any(a.deterministic for a in surgery.surgical_layers(model))
+    model.eval()
+    logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float64)
+    logp = log_softmax(logits, axis=-1)
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    weights = mask[:, 1:]
+    np.testing.assert_allclose(result["loss"], (nll * weights).sum() / weights.sum(), rtol=1e-6)
+    assert result["tokens"] == weights.sum()
+    routes = surgery.extract_routes(model, jnp.asarray(ids), jnp.asarray(mask))
+    totals = [np_density(np.asarray(routes.cluster_ids[layer]), mask, 2, 1)[0]
+              for layer in range(2)]
+    np.testing.assert_allclose(result["density_per_layer"], totals, rtol=1e-6)

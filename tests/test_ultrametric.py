@@ -57,8 +57,6 @@ def test_closed_form_soft_mask():
     soft = np.asarray(um.soft_tree_mask(d[0], d_max=1, temperature=0.5), np.float64)
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     np.testing.assert_allclose(soft, [sig(2.0), 0.5, sig(-2.0), sig(-4.0)], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(um.hard_tree_mask(d[0], 1)),
-                                  [True, True, False, False])
 
 
 def test_soft_depth_closed_form():
@@ -76,6 +74,7 @@ def test_hard_digits_and_cluster_ids():
     digits = um.hard_digits(logits)
     assert digits.dtype == jnp.int32
     np.testing.assert_array_equal(digits, [[2, 0, 1], [1, 2, 2]])
+    np.testing.assert_array_equal(um.hard_digits(one_hot_routes(digits, 3)), digits)
     np.testing.assert_array_equal(um.cluster_ids(digits, 3, 2), [2 * 3 + 0, 1 * 3 + 2])
     np.testing.assert_array_equal(um.cluster_ids(digits, 3, 3), [2 * 9 + 0 + 1, 9 + 6 + 2])
     np.testing.assert_array_equal(um.cluster_ids(digits, 3, 0), [0, 0])
@@ -88,8 +87,12 @@ def test_cluster_ids_errors():
         um.cluster_ids(digits, 2, 4)
     with pytest.raises(ValueError, match="do not fit in int32"):
         um.cluster_ids(jnp.zeros((4, 40), jnp.int32), 2, 32)
+    with pytest.raises(ValueError, match="arity=1 must be >= 2"):
+        um.cluster_ids(digits, 1, 2)
     with pytest.raises(ValueError, match="unknown depth_op"):
         um.expected_depth(one_hot_routes(digits, 2), "cumsum")
+    with pytest.raises(ValueError, match=r"assign must have shape \[..., S, L, p\], got \(3, 2\)"):
+        um.expected_depth(jnp.zeros((3, 2)))
     with pytest.raises(ValueError, match="unknown ste"):
         um.bridged_softmax(jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.ones((2, 2), bool), "soft")
 
@@ -221,18 +224,45 @@ def test_allowed_mask_matches_loop_oracle(window, sink, q_offset):
     for _ in range(5):
         q = rng.integers(0, 3, size=6)
         k = rng.integers(0, 3, size=6 + q_offset)
-        got = np.asarray(um.allowed_mask(jnp.asarray(q), jnp.asarray(k), window, sink, q_offset))
-        np.testing.assert_array_equal(got, np_allowed(q, k, window, sink, q_offset))
+        q_pos = jnp.asarray(q_offset + np.arange(6))[None]
+        k_pos = jnp.asarray(np.arange(6 + q_offset))[None]
+        got = um.allowed_mask(q_pos, k_pos, jnp.asarray(q)[None, None], jnp.asarray(k)[None, None],
+                              window, sink)
+        want = np_allowed(q, k, window, sink, q_offset)
+        np.testing.assert_array_equal(np.asarray(got)[0, 0], want)
 
 
-def test_allowed_mask_batched_and_errors():
-    q = jnp.array([[[0, 1, 0, 1]], [[2, 2, 2, 2]]], jnp.int32)  # [B=2, H=1, S=4]
-    got = np.asarray(um.allowed_mask(q, q, 1, 0))
-    assert got.shape == (2, 1, 4, 4)
-    np.testing.assert_array_equal(got[0, 0], np_allowed([0, 1, 0, 1], [0, 1, 0, 1], 1, 0))
-    np.testing.assert_array_equal(got[1, 0], np.tril(np.ones((4, 4), bool)))
-    with pytest.raises(ValueError, match="window=-1"):
-        um.allowed_mask(q, q, -1, 0)
+def test_allowed_mask_batched_heads_and_padding():
+    c = jnp.array([[[0, 1, 0, 1], [2, 2, 2, 2]], [[0, 0, 1, 1], [3, 1, 3, 1]]])  # [B=2, H=2, S=4]
+    pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    valid = jnp.array([[True] * 4, [True, True, True, False]])
+    got = np.asarray(um.allowed_mask(pos, pos, c, c, 1, 0, valid))
+    assert got.shape == (2, 2, 4, 4)
+    for b in range(2):
+        for h in range(2):
+            want = np_allowed(np.asarray(c[b, h]), np.asarray(c[b, h]), 1, 0)
+            np.testing.assert_array_equal(got[b, h], want & np.asarray(valid[b])[None, :])
+    # Cluster ids broadcast over heads: [B, 1, S] gives [B, 1, Sq, Sk].
+    assert um.allowed_mask(pos, pos, c[:, :1], c[:, :1], 1, 0).shape == (2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("window,sink,seq", [(0, 0, 9), (2, 1, 9), (3, 4, 9), (12, 2, 9),
+                                             (0, 12, 9), (4, 0, 1)])
+def test_causal_pair_counts_match_loop_oracle(window, sink, seq):
+    rng = np.random.default_rng(window + 7 * sink + seq)
+    clusters = rng.integers(0, 3, size=(2, 3, seq))
+    tree, allowed, causal = (np.asarray(a) for a in um.causal_pair_counts(
+        jnp.asarray(clusters, jnp.int32), window, sink))
+    assert tree.shape == allowed.shape == causal.shape == (2, 3)
+    for b in range(2):
+        for h in range(3):
+            c = clusters[b, h]
+            causal_pairs = np.tril(np.ones((seq, seq), bool))
+            assert tree[b, h] == (causal_pairs & (c[:, None] == c[None, :])).sum()
+            assert allowed[b, h] == np_allowed(c, c, window, sink).sum()
+            assert causal[b, h] == causal_pairs.sum()
+    with pytest.raises(ValueError, match="window=-1 and sink_tokens=0 must be >= 0"):
+        um.causal_pair_counts(jnp.asarray(clusters), -1, 0)
 
 
 # ---------------------------------------------------------------- straight-through bridge
@@ -251,9 +281,9 @@ def random_bridge_inputs(seed, s=7):
     scores = rng.normal(size=(2, 3, s, s)).astype(np.float32) * 3
     hard = rng.random((2, 3, s, s)) < 0.5
     soft = rng.random((2, 3, s, s)).astype(np.float32)
-    causal, fixed = um.positional_pairs(jnp.arange(s), jnp.arange(s), window=2, sink_tokens=1)
-    causal = np.broadcast_to(np.asarray(causal), scores.shape)
-    fixed = np.broadcast_to(np.asarray(fixed), scores.shape)
+    i, j = np.arange(s)[:, None], np.arange(s)[None, :]
+    causal = np.broadcast_to(j <= i, scores.shape)
+    fixed = np.broadcast_to((j < 1) | (i - j < 2), scores.shape)       # sink 1, window 2
     allowed = causal & (hard | fixed)
     return scores, hard, soft, causal, fixed, allowed
 
@@ -262,7 +292,7 @@ def random_bridge_inputs(seed, s=7):
 def test_bridge_forward_equals_masked_softmax(ste):
     for seed in range(3):
         scores, hard, soft, causal, fixed, allowed = random_bridge_inputs(seed)
-        m = um.straight_through_mask(jnp.asarray(hard), jnp.asarray(soft), fixed, causal)
+        m = um.straight_through_mask(jnp.asarray(allowed), jnp.asarray(soft), causal & ~fixed)
         np.testing.assert_array_equal(np.asarray(m), allowed.astype(np.float32))
         p = um.bridged_softmax(jnp.asarray(scores), m, jnp.asarray(allowed), ste)
         np.testing.assert_allclose(np.asarray(p), np_masked_softmax(scores, allowed),
@@ -276,7 +306,7 @@ def test_bridge_gradient_reaches_masked_pairs_only_with_gate():
     grads = {}
     for ste in um.STE_FORMS:
         def loss(soft_values):
-            m = um.straight_through_mask(jnp.asarray(hard), soft_values, fixed, causal)
+            m = um.straight_through_mask(jnp.asarray(allowed), soft_values, causal & ~fixed)
             return jnp.sum(cot * um.bridged_softmax(jnp.asarray(scores), m, allowed, ste))
         grads[ste] = np.asarray(jax.grad(loss)(jnp.asarray(soft)))
     assert np.isfinite(grads["gate"]).all() and np.isfinite(grads["renorm"]).all()

@@ -24,6 +24,7 @@ from flax import nnx
 from ultrametric_jax.config import SurgeryConfig
 from ultrametric_jax.losses import token_cross_entropy
 from ultrametric_jax.metrics import read_metrics
+from ultrametric_jax.surgery import evaluation_mode, forward_with_aux
 
 RESULTS_JSON = "eval.json"
 RESULTS_PNG = "eval.png"
@@ -35,8 +36,9 @@ def pair_counts(clusters: np.ndarray, valid: np.ndarray, window: int, sink_token
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tree, allowed, causal) pair counts per head, summed over the batch.
 
-    clusters int [B, H, S] (tokens at positions 0..S-1), valid bool [B, S]. Runs in
-    O(S * (window + sink)) per row, never materialising S x S.
+    clusters int [B, H, S], valid bool [B, S]. Token t is taken to sit at position t, which
+    holds for right-padded rows (real tokens first, from position 0), not for left padding.
+    Runs in O(S * (window + sink)) per row, never materialising S x S.
     """
     clusters = np.asarray(clusters, np.int64)
     valid = np.asarray(valid, bool)
@@ -88,54 +90,60 @@ def node_entropy_bits(clusters: np.ndarray, valid: np.ndarray, arity: int, cut_l
 # ----------------------------------------------------------------------------- forward passes
 
 @nnx.jit
-def _dense_ce(model, input_ids, mask):
-    return token_cross_entropy(model(input_ids, attention_mask=mask), input_ids, mask)
+def _cross_entropy(model, input_ids, mask):
+    return token_cross_entropy(model(input_ids, attention_mask=mask), input_ids, mask), None
 
 
 @nnx.jit
-def _surgical_ce_and_clusters(model, input_ids, mask):
-    from ultrametric_jax.surgical_attention import collect_aux
-    with collect_aux() as records:
-        logits = model(input_ids, attention_mask=mask)
-    clusters = jnp.stack([r["clusters"] for r in records])           # [layers, B, H, S]
-    return token_cross_entropy(logits, input_ids, mask), clusters
+def _cross_entropy_and_clusters(model, input_ids, mask):
+    logits, aux = forward_with_aux(model, input_ids, mask)
+    return token_cross_entropy(logits, input_ids, mask), aux["clusters"]
+
+
+def _held_out_loss(forward, model, batches: Sequence[dict], visit=None) -> dict:
+    """Loss, perplexity and token count of forward(model, input_ids, mask) -> ((CE sum, count),
+    extra) over the batches; visit(extra, mask), if given, sees every batch. The sums stay on
+    the device: one host sync at the end."""
+    total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    for batch in batches:
+        mask = np.asarray(batch["attention_mask"], bool)
+        (s, c), extra = forward(model, jnp.asarray(batch["input_ids"]), jnp.asarray(mask))
+        total, count = total + s, count + c.astype(jnp.int32)
+        if visit is not None:
+            visit(extra, mask)
+    loss = float(total) / int(count)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
 
 
 def perplexity(model, batches: Sequence[dict]) -> dict:
     """Perplexity of a (dense or surgical, evaluation-mode) model over held-out batches."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        s, c = _dense_ce(model, jnp.asarray(batch["input_ids"]),
-                         jnp.asarray(batch["attention_mask"]))
-        total, count = total + float(s), count + float(c)
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": int(count)}
+    return _held_out_loss(_cross_entropy, model, batches)
 
 
 def evaluate_surgical(model, batches: Sequence[dict], surgery: SurgeryConfig) -> dict:
-    """Perplexity, density per layer (tree / total) and routing entropy of the hard routes."""
-    model.eval()
-    total, count = 0.0, 0.0
+    """Perplexity, density per layer (tree / total) and routing entropy of the hard routes
+    (evaluation mode; the model's mode is restored afterwards)."""
     layers = len(model.model.layers)
     tree = np.zeros(layers, np.int64)
     allowed = np.zeros(layers, np.int64)
     causal = np.zeros(layers, np.int64)
     entropy = np.zeros(surgery.cut_level)
-    for batch in batches:
-        mask = np.asarray(batch["attention_mask"], bool)
-        (s, c), clusters = _surgical_ce_and_clusters(model, jnp.asarray(batch["input_ids"]),
-                                                     jnp.asarray(mask))
-        total, count = total + float(s), count + float(c)
+
+    def count_pairs(clusters, mask):
         clusters = np.asarray(jax.device_get(clusters))
         for layer in range(layers):
             t, a, n = pair_counts(clusters[layer], mask, surgery.window, surgery.sink_tokens)
             tree[layer] += t.sum()
             allowed[layer] += a.sum()
             causal[layer] += n.sum()
-            entropy += node_entropy_bits(clusters[layer], mask, surgery.arity,
-                                         surgery.cut_level) / (layers * len(batches))
+            entropy[:] += node_entropy_bits(clusters[layer], mask, surgery.arity,
+                                            surgery.cut_level) / (layers * len(batches))
+
+    with evaluation_mode(model):
+        result = _held_out_loss(_cross_entropy_and_clusters, model, batches, count_pairs)
     density = allowed / np.maximum(causal, 1)
     tree_density = tree / np.maximum(causal, 1)
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": int(count),
+    return {**result,
             "density": float(allowed.sum() / max(causal.sum(), 1)),
             "tree_density": float(tree.sum() / max(causal.sum(), 1)),
             "density_per_layer": density.tolist(),

@@ -8,7 +8,9 @@ norms.
 
 Attention layers are called as `self_attn(x_normed, positions, attention_mask=..., cache=...)`
 where `attention_mask` is the [B, S] padding mask of the new tokens (True = real token), so any
-module with that signature can replace `layer.self_attn`.
+module with that signature can replace `layer.self_attn`. positions=None (what the model passes
+when its caller gives none) means the default positions of `default_positions`; a layer can
+then rely on token i sitting at position i (after the cache's slots).
 
 KV cache: `model.init_cache(batch, max_len)` returns one dict per layer,
   {"k": [B,T,G,D], "v": [B,T,G,D], "positions": [B,T] int32, "valid": [B,T] bool,
@@ -39,6 +41,14 @@ def _linear(d_in, d_out, axes, *, use_bias, dtype, param_dtype, rngs):
 
 
 # ----------------------------------------------------------------------------- attention math
+
+def default_positions(x, cache=None):
+    """Positions [B, S] int32 of new tokens x [B, S, ...] given none: 0..S-1, shifted by the
+    cache's `length` (the slots written before them)."""
+    batch, seq = x.shape[:2]
+    start = 0 if cache is None else cache["length"]
+    return jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
 
 def causal_mask(q_positions, k_positions, attention_mask=None):
     """bool [B, 1, Sq, Sk]: key position <= query position, and the key is a real token."""
@@ -83,6 +93,10 @@ def append_to_cache(cache, k, v, positions, attention_mask=None):
     """
     start = cache["length"]
     batch, seq = k.shape[:2]
+    # dynamic_update_slice would clamp the start and silently overwrite earlier keys.
+    if seq > cache["k"].shape[1]:
+        raise ValueError(f"{seq} new tokens do not fit in a KV cache of length "
+                         f"{cache['k'].shape[1]}; init_cache with a larger max_len")
     valid = (jnp.ones((batch, seq), bool) if attention_mask is None
              else attention_mask.astype(bool))
     zero = jnp.zeros((), jnp.int32)
@@ -139,6 +153,8 @@ class LlamaAttention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, x, positions, attention_mask=None, cache=None):
+        if positions is None:
+            positions = default_positions(x, cache)
         q, k, v = self.project(x, positions)
         if cache is None:
             k_pos, k_valid = positions, attention_mask
@@ -222,11 +238,8 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids, *, positions=None, attention_mask=None, cache=None):
         """logits [B,S,V] float32; with a cache, (logits, new_cache)."""
         input_ids = jnp.asarray(input_ids)
-        batch, seq = input_ids.shape
-        if positions is None:
-            start = 0 if cache is None else cache[0]["length"]
-            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        positions = jnp.asarray(positions, jnp.int32)
+        if positions is not None:      # None reaches the layers: see default_positions
+            positions = jnp.asarray(positions, jnp.int32)
         hidden, new_cache = self.model(input_ids, positions, attention_mask=attention_mask,
                                        cache=cache)
         logits = self.logits(hidden)

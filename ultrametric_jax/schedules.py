@@ -1,7 +1,7 @@
 """Optax schedules of a surgery run: the Gumbel temperature tau and the balance-loss weight.
 
-tau anneals tau_start -> tau_end over tau_steps (exponential by default, or cosine) and stays
-at tau_end afterwards; lambda ramps linearly 0 -> lambda_max over lambda_ramp_steps.
+tau anneals exponentially tau_start -> tau_end over tau_steps and stays at tau_end afterwards;
+lambda ramps linearly 0 -> lambda_max over lambda_ramp_steps.
 """
 from __future__ import annotations
 
@@ -10,18 +10,12 @@ import optax
 
 from ultrametric_jax.config import SurgeryConfig
 
-TAU_KINDS = ("exponential", "cosine")
 
-
-def tau_schedule(config: SurgeryConfig, kind: str = "exponential") -> optax.Schedule:
+def tau_schedule(config: SurgeryConfig) -> optax.Schedule:
     """step -> tau."""
-    if kind not in TAU_KINDS:
-        raise ValueError(f"unknown tau schedule {kind!r}; expected one of {TAU_KINDS}")
     start, end, steps = float(config.tau_start), float(config.tau_end), int(config.tau_steps)
     if steps == 0 or start == end:
         return optax.constant_schedule(end)
-    if kind == "cosine":
-        return optax.cosine_decay_schedule(init_value=start, decay_steps=steps, alpha=end / start)
     ratio = end / start
 
     def exponential(step):

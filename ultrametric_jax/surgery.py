@@ -12,6 +12,7 @@ initialisation, computes exactly the base model's logits.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -73,48 +74,46 @@ def set_tau(model, tau) -> None:
 
 def set_attention_impl(model, impl: str, **kernel_options) -> None:
     """Evaluation backend: "dense" (llama.masked_attention) or "kernel"
-    (pallas_kernels.block_sparse_attention, for unpadded calls without a cache; kernel_options
-    such as backend="gpu", interpret=True or block sizes are passed on to it). With
-    mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map (batch over data and
-    fsdp, heads over tensor), as a model placed by sharding.shard_module needs."""
-    from ultrametric_jax.surgical_attention import ATTENTION_IMPLS
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    (pallas_kernels.block_sparse_attention, for calls with the default positions, no padding
+    mask and no cache; kernel_options such as backend="gpu", interpret=True or block sizes are
+    passed on to it). With mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map
+    (batch over data and fsdp, heads over tensor), as a model placed by sharding.shard_module
+    needs."""
     for attn in _require_surgery(model):
-        attn.attention_impl = impl
-        attn.kernel_options = tuple(sorted(kernel_options.items()))
+        attn.set_attention_impl(impl, **kernel_options)
 
 
-def init_cache(model, batch: int, max_len: int, dtype=None):
-    """model.init_cache plus each layer's key cluster ids [B, H, T] (int32), so the cache keeps
-    one pytree structure from the first decoding step on."""
-    cache = model.init_cache(batch, max_len, dtype)
-    heads = model.config.num_attention_heads
-    return [dict(c, clusters=jnp.zeros((batch, heads, max_len), jnp.int32)) for c in cache]
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """Within the context the surgical layers take the evaluation (argmax, noise-free) path;
+    each layer's previous mode is restored afterwards."""
+    layers = _require_surgery(model)
+    modes = [attn.deterministic for attn in layers]
+    for attn in layers:
+        attn.deterministic = True
+    try:
+        yield model
+    finally:
+        for attn, mode in zip(layers, modes):
+            attn.deterministic = mode
 
 
 def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None):
     """(logits [B,S,V] float32, aux) in the model's current mode.
 
     aux: balance_loss (mean over layers of L_bal), density / tree_density (fraction of causal
-    pairs between real tokens allowed, overall), and per layer balance_loss_per_layer,
-    density_per_layer, tree_density_per_layer [layers].
+    pairs between real tokens allowed, overall), per layer balance_loss_per_layer,
+    density_per_layer, tree_density_per_layer [layers], and clusters [layers, B, H, S] (int32
+    cluster ids at the cut level).
     """
-    layers = _require_surgery(model)
+    _require_surgery(model)
     with collect_aux() as records:
         logits = model(input_ids, positions=positions, attention_mask=attention_mask)
-    if len(records) != len(layers):
-        raise RuntimeError(f"expected {len(layers)} attention records, got {len(records)}")
-    per_layer = {key: jnp.stack([r[key] for r in records])
-                 for key in ("balance_loss", "density", "tree_density")}
-    aux = {
-        "balance_loss": jnp.mean(per_layer["balance_loss"]),
-        "density": jnp.mean(per_layer["density"]),
-        "tree_density": jnp.mean(per_layer["tree_density"]),
-        "balance_loss_per_layer": per_layer["balance_loss"],
-        "density_per_layer": per_layer["density"],
-        "tree_density_per_layer": per_layer["tree_density"],
-    }
+    per_layer = {key: jnp.stack([r[key] for r in records]) for key in records[0]}
+    aux = {"clusters": per_layer["clusters"]}
+    for key in ("balance_loss", "density", "tree_density"):
+        aux[key] = jnp.mean(per_layer[key])
+        aux[key + "_per_layer"] = per_layer[key]
     return logits, aux
 
 
@@ -129,25 +128,15 @@ class Routes:
 
 
 @nnx.jit
-def _route_records(model, input_ids, attention_mask, positions):
-    with collect_aux() as records:
-        model(input_ids, positions=positions, attention_mask=attention_mask)
-    return tuple(jnp.stack([r[key] for r in records])
-                 for key in ("clusters", "density", "tree_density"))
+def _route_aux(model, input_ids, attention_mask, positions):
+    return forward_with_aux(model, input_ids, attention_mask, positions=positions)[1]
 
 
 def extract_routes(model, input_ids, attention_mask=None, *, positions=None) -> Routes:
     """The evaluation (argmax, noise-free) routes of every layer (compiled); the mode of the
     model is restored afterwards."""
-    layers = _require_surgery(model)
-    modes = [attn.deterministic for attn in layers]
-    for attn in layers:
-        attn.deterministic = True
-    try:
-        clusters, density, tree = _route_records(model, jnp.asarray(input_ids), attention_mask,
-                                                 positions)
-    finally:
-        for attn, mode in zip(layers, modes):
-            attn.deterministic = mode
-    return Routes(cluster_ids=clusters, density_per_layer=density, tree_density_per_layer=tree,
-                  density=jnp.mean(density), tree_density=jnp.mean(tree))
+    with evaluation_mode(model):
+        aux = _route_aux(model, jnp.asarray(input_ids), attention_mask, positions)
+    return Routes(cluster_ids=aux["clusters"], density_per_layer=aux["density_per_layer"],
+                  tree_density_per_layer=aux["tree_density_per_layer"],
+                  density=aux["density"], tree_density=aux["tree_density"])

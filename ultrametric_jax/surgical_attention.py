@@ -6,10 +6,13 @@ router sends every token down a p-ary tree; key j is visible to query i iff j <=
 share the first L - d_max digits of head h's routes, or j < sink_tokens, or i - j < window).
 
 Evaluation (`deterministic=True`, the default; `model.eval()`): hard routes from argmax, the
-boolean mask handed to llama.masked_attention, no straight-through arithmetic, so a collapse
-initialised model is bit-identical to the base. Training (`model.train()`): Gumbel hard routes
-at temperature `tau` (a GumbelTemperature variable the trainer sets every step), the
-straight-through bridge of ultrametric.bridged_softmax (ste "gate" or "renorm").
+boolean mask (ultrametric.allowed_mask, i.e. pallas_kernels.masking.allowed_pairs) handed to
+llama.masked_attention, no straight-through arithmetic, so a collapse initialised model is
+bit-identical to the base; after set_attention_impl("kernel"), calls with the default positions,
+no padding mask and no cache run pallas_kernels.block_sparse_attention instead. Training
+(`model.train()`): Gumbel hard routes at temperature `tau` (a GumbelTemperature variable the
+trainer sets every step), the straight-through bridge of ultrametric.bridged_softmax (ste
+"gate" or "renorm").
 
 Auxiliary values (balance loss, densities, cluster ids) are produced only inside
 `collect_aux()`; forward_with_aux and extract_routes (surgery.py) use it.
@@ -21,6 +24,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from ultrametric_jax import llama
@@ -43,7 +47,8 @@ _AUX_COLLECTORS: list[list] = []
 def collect_aux():
     """Within this context every surgical attention call appends its aux dict to the yielded
     list: balance_loss (scalar), density / tree_density (scalars; fractions of the causal
-    pairs between real tokens allowed in total / by the tree alone), clusters [B, H, S].
+    pairs between real tokens allowed in total / by the tree alone; on the kernel path counted
+    from the cluster ids without an S x S mask), clusters [B, H, S].
     The values are traced arrays of the enclosing computation (use them inside it)."""
     records: list = []
     _AUX_COLLECTORS.append(records)
@@ -53,12 +58,13 @@ def collect_aux():
         _AUX_COLLECTORS.pop()
 
 
-def _causal_density(allowed, causal, q_valid):
-    """Fraction of causal pairs between real tokens that `allowed` keeps (mean over heads)."""
+def _masked_density(kept, causal, q_valid):
+    """Fraction of the causal pairs between real tokens (q_valid [B, Sq]) that `kept` keeps,
+    over every head; kept [B, H, Sq, Sk] and causal [B, 1, Sq, Sk] bool, causal excluding
+    padded keys."""
     pairs = causal & q_valid[:, None, :, None]
-    kept = jnp.sum(allowed & pairs, dtype=jnp.float32)
-    total = jnp.sum(jnp.broadcast_to(pairs, allowed.shape), dtype=jnp.float32)
-    return kept / jnp.maximum(total, 1.0)
+    total = jnp.sum(jnp.broadcast_to(pairs, kept.shape), dtype=jnp.float32)
+    return jnp.sum(kept & pairs, dtype=jnp.float32) / jnp.maximum(total, 1.0)
 
 
 class SurgicalAttention(llama.LlamaAttention):
@@ -66,11 +72,6 @@ class SurgicalAttention(llama.LlamaAttention):
 
     def __init__(self, base: llama.LlamaAttention, surgery_config: SurgeryConfig, *,
                  rngs: nnx.Rngs, attention_impl: str = "dense"):
-        if isinstance(base, SurgicalAttention):
-            raise ValueError(f"layer {base.layer_idx} already carries an ultrametric topology")
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention_impl {attention_impl!r}; expected one of "
-                             f"{ATTENTION_IMPLS}")
         c = base.config
         self.config = c
         self.layer_idx = base.layer_idx
@@ -78,10 +79,7 @@ class SurgicalAttention(llama.LlamaAttention):
             base.q_proj, base.k_proj, base.v_proj, base.o_proj)
         self.scale = base.scale
         self.surgery_config = surgery_config
-        self.attention_impl = attention_impl
-        # Extra keyword arguments of pallas_kernels.block_sparse_attention (backend, interpret,
-        # block sizes), as a hashable tuple of (name, value) pairs.
-        self.kernel_options: tuple = ()
+        self.set_attention_impl(attention_impl)
         self.deterministic = True
         s = surgery_config
         self.router = DynamicTopologyRouter(c.hidden_size, c.num_attention_heads, s.num_levels,
@@ -90,6 +88,16 @@ class SurgicalAttention(llama.LlamaAttention):
         # rngs["gumbel"] (falling back to the default stream); rngs.gumbel would be the
         # Gumbel sampler method of nnx.Rngs when no such stream exists.
         self.rngs = nnx.Rngs(gumbel=rngs["gumbel"]())
+
+    def set_attention_impl(self, impl: str, **kernel_options) -> None:
+        """Evaluation backend "dense" or "kernel"; kernel_options are extra keyword arguments
+        of pallas_kernels.block_sparse_attention (backend, interpret, block sizes) or mesh=."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {impl!r}; expected one of "
+                             f"{ATTENTION_IMPLS}")
+        self.attention_impl = impl
+        # A hashable tuple of (name, value) pairs.
+        self.kernel_options = tuple(sorted(kernel_options.items()))
 
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by nnx.view: deterministic=True selects the evaluation path."""
@@ -109,13 +117,18 @@ class SurgicalAttention(llama.LlamaAttention):
             # routes for every seed (see ultrametric.gumbel_softmax).
             assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
                                        noise_bound=self.surgery_config.init_margin)
-        digits = jnp.argmax(jax.lax.stop_gradient(assign), axis=-1).astype(jnp.int32)
-        return assign, digits, probs
+        return assign, um.hard_digits(assign), probs
 
     # ------------------------------------------------------------------ forward
 
     def __call__(self, x, positions, attention_mask=None, cache=None):
         s = self.surgery_config
+        # The kernel takes token i to sit at position i and every token to be real: it serves
+        # only calls with the default positions, no padding mask and no cache.
+        use_kernel = (self.attention_impl == "kernel" and self.deterministic
+                      and positions is None and attention_mask is None and cache is None)
+        if positions is None:
+            positions = llama.default_positions(x, cache)
         q, k, v = self.project(x, positions)
         assign, digits, probs = self._routes(x)
         clusters = um.cluster_ids(digits, s.arity, s.cut_level)            # [B,H,S]
@@ -128,20 +141,35 @@ class SurgicalAttention(llama.LlamaAttention):
                     "runs full sequences without a cache")
             cache, k, v, k_pos, k_valid, k_clusters = self._append(cache, k, v, positions,
                                                                    attention_mask, clusters)
-        causal = llama.causal_mask(positions, k_pos, k_valid)              # [B,1,Sq,Sk]
-        _, fixed = um.positional_pairs(positions, k_pos, s.window, s.sink_tokens)
-        fixed = fixed[:, None]                                             # [B,1,Sq,Sk]
-        tree = clusters[..., :, None] == k_clusters[..., None, :]          # [B,H,Sq,Sk]
-        allowed = causal & (tree | fixed)
 
-        if self.deterministic:
-            out = self._evaluation_attention(q, k, v, allowed, clusters, k_clusters, positions,
-                                             attention_mask, cache)
+        def pair_mask(window, sink_tokens):                            # [B,H,Sq,Sk]
+            return um.allowed_mask(positions, k_pos, clusters, k_clusters, window, sink_tokens,
+                                   k_valid)
+
+        if use_kernel:
+            out = self._kernel_attention(q, k, v, clusters)
         else:
-            out = self._training_attention(q, k, v, assign, tree, fixed, causal, allowed)
+            allowed = pair_mask(s.window, s.sink_tokens)
+            if self.deterministic:
+                out = llama.masked_attention(q, k, v, allowed, self.scale)
+            else:
+                out = self._training_attention(q, k, v, assign, allowed, positions, k_valid)
         if _AUX_COLLECTORS:
-            _AUX_COLLECTORS[-1].append(self._aux(assign, probs, clusters, tree, allowed, causal,
-                                                 positions, attention_mask, k_pos))
+            if use_kernel:
+                tree, kept, causal = um.causal_pair_counts(clusters, s.window, s.sink_tokens)
+                density = jnp.sum(kept) / jnp.sum(causal)
+                tree_density = jnp.sum(tree) / jnp.sum(causal)
+            else:
+                causal = llama.causal_mask(positions, k_pos, k_valid)     # [B,1,Sq,Sk]
+                q_valid = (jnp.ones(positions.shape, bool) if attention_mask is None
+                           else attention_mask.astype(bool))
+                density = _masked_density(allowed, causal, q_valid)
+                # The tree alone: allowed pairs without sink and window.
+                tree_density = _masked_density(pair_mask(0, 0), causal, q_valid)
+            valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
+            _AUX_COLLECTORS[-1].append({
+                "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
+                "density": density, "tree_density": tree_density, "clusters": clusters})
         out = self.o_proj(out.reshape(*out.shape[:2], -1))
         return out if cache is None else (out, cache)
 
@@ -159,52 +187,34 @@ class SurgicalAttention(llama.LlamaAttention):
                                                                     attention_mask)
         return cache, k_all, v_all, k_pos, k_valid, cached
 
-    def _evaluation_attention(self, q, k, v, allowed, clusters, k_clusters, positions,
-                              attention_mask, cache):
+    def _kernel_attention(self, q, k, v, clusters):
         s = self.surgery_config
-        if self.attention_impl == "kernel" and cache is None and attention_mask is None:
-            # The kernel takes no padding mask and indexes tokens by their place in the
-            # sequence, which is their position for the default positions 0..S-1; padded and
-            # cached calls take the dense path.
-            options = dict(self.kernel_options)
-            mesh = options.pop("mesh", None)
-            kwargs = dict(window=s.window, sink_tokens=s.sink_tokens, scale=self.scale,
-                          **options)
-            if mesh is not None:
-                # A Pallas call is opaque to the SPMD partitioner: on a mesh each device runs
-                # the kernel on its own batch and head slice under shard_map.
-                from ultrametric_jax.sharding import sharded_block_sparse_attention
-                return sharded_block_sparse_attention(mesh, q, k, v, clusters, k_clusters,
-                                                      **kwargs)
-            from pallas_kernels import block_sparse_attention  # optional, imported on use
-            return block_sparse_attention(q, k, v, clusters, k_clusters, **kwargs)
-        return llama.masked_attention(q, k, v, allowed, self.scale)
+        options = dict(self.kernel_options)
+        mesh = options.pop("mesh", None)
+        kwargs = dict(window=s.window, sink_tokens=s.sink_tokens, scale=self.scale, **options)
+        if mesh is not None:
+            # A Pallas call is opaque to the SPMD partitioner: on a mesh each device runs the
+            # kernel on its own batch and head slice under shard_map.
+            from ultrametric_jax.sharding import sharded_block_sparse_attention
+            return sharded_block_sparse_attention(mesh, q, k, v, clusters, clusters, **kwargs)
+        from pallas_kernels import block_sparse_attention
+        return block_sparse_attention(q, k, v, clusters, clusters, **kwargs)
 
-    def _training_attention(self, q, k, v, assign, tree, fixed, causal, allowed):
+    def _training_attention(self, q, k, v, assign, allowed, positions, k_valid):
         s = self.surgery_config
         distance = um.ultrametric_distance(assign, s.depth_op)            # [B,H,S,S]
         soft = um.soft_tree_mask(distance, s.max_distance, s.mask_temperature)
-        m = um.straight_through_mask(tree, soft, fixed, causal)
-        batch, sq, heads, dim = q.shape
+        causal = llama.causal_mask(positions, positions, k_valid)         # [B,1,S,S]
+        # Sink and window pairs: the pairs allowed under cluster ids that never agree.
+        never = jnp.zeros(positions.shape, jnp.int32)[:, None]            # [B,1,S]
+        bypass = um.allowed_mask(positions, positions, never, never + 1, s.window,
+                                 s.sink_tokens, k_valid)
+        m = um.straight_through_mask(allowed, soft, causal & ~bypass)
         groups = k.shape[2]
-        qg = q.reshape(batch, sq, groups, heads // groups, dim)
+        qg = rearrange(q, "b q (g r) d -> b q g r d", g=groups)
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32)
-        scores = (scores * jnp.float32(self.scale)).reshape(batch, heads, sq, k.shape[1])
+        scores = rearrange(scores * jnp.float32(self.scale), "b g r q k -> b (g r) q k")
         probs = um.bridged_softmax(scores, m, allowed, s.ste)
-        probs = probs.reshape(batch, groups, heads // groups, sq, k.shape[1])
+        probs = rearrange(probs, "b (g r) q k -> b g r q k", g=groups)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v)
-        return out.reshape(batch, sq, heads, dim)
-
-    def _aux(self, assign, probs, clusters, tree, allowed, causal, positions, attention_mask,
-             k_pos):
-        batch, seq = positions.shape
-        q_valid = (jnp.ones((batch, seq), bool) if attention_mask is None
-                   else attention_mask.astype(bool))
-        balance = um.load_balance_loss(probs, assign, self.surgery_config.arity,
-                                       q_valid[:, None, :])
-        return {
-            "balance_loss": balance,
-            "density": _causal_density(allowed, causal, q_valid),
-            "tree_density": _causal_density(tree & causal, causal, q_valid),
-            "clusters": clusters,
-        }
+        return rearrange(out, "b q g r d -> b q (g r) d")

@@ -1,5 +1,6 @@
-"""The ultrametric topology: relaxed routes, tree depth and distance, masks, cluster ids,
-the straight-through bridge into attention and the load-balancing loss.
+"""The ultrametric topology: relaxed routes, tree depth and distance, the soft tree mask,
+cluster ids, pair counts, the straight-through bridge into attention and the load-balancing
+loss. The hard allowed-pair rule itself is pallas_kernels.masking.allowed_pairs.
 
 Conventions: an assignment has shape [..., S, L, p] (token, level, child); level 0 is the root.
 Every function here is pure jnp and works under jit, vmap and grad.
@@ -10,10 +11,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-
-DEPTH_OPS = ("cumprod", "cummin")
-STE_FORMS = ("gate", "renorm")
-INT32_MAX = 2**31 - 1
+from pallas_kernels.masking import allowed_pairs
+from ultrametric_jax.config import DEPTH_OPS, INT32_MAX, STE_FORMS
 
 # In the "gate" bridge a masked pair's weight is m * exp(s - row_max); its forward value is 0,
 # but exp() of a masked score far above every allowed one would overflow (and 0 * inf = nan).
@@ -72,27 +71,22 @@ def _check_depth_op(depth_op: str) -> None:
         raise ValueError(f"unknown depth_op {depth_op!r}; expected one of {DEPTH_OPS}")
 
 
-def expected_depth(assign: jax.Array, depth_op: str = "cumprod",
-                   key_assign: Optional[jax.Array] = None) -> jax.Array:
+def expected_depth(assign: jax.Array, depth_op: str = "cumprod") -> jax.Array:
     """Expected depth of the lowest common ancestor, [..., S, L, p] -> [..., S, S].
 
     depth(i, j) = sum_l prod_{m <= l} M_m(i, j) with M_l(i, j) = sum_c a_{i,l,c} a_{j,l,c}
     (cummin replaces the running product by a running minimum). The levels are accumulated one
     at a time, so memory is O(S^2) per level, never [..., S, S, L]; the running product and
     minimum are plain multiplications / minimums, whose gradients stay finite on exact zeros.
-    key_assign ([..., Sk, L, p]) gives the keys' assignment when it differs from the queries'.
     """
     _check_depth_op(depth_op)
     if assign.ndim < 3:
         raise ValueError(f"assign must have shape [..., S, L, p], got {assign.shape}")
-    keys = assign if key_assign is None else key_assign
-    if keys.shape[-2:] != assign.shape[-2:]:
-        raise ValueError(f"query and key assignments disagree on (L, p): {assign.shape} vs "
-                         f"{keys.shape}")
     running = None
     depth = None
     for level in range(assign.shape[-2]):
-        agree = jnp.einsum("...ic,...jc->...ij", assign[..., level, :], keys[..., level, :],
+        routes = assign[..., level, :]
+        agree = jnp.einsum("...ic,...jc->...ij", routes, routes,
                            precision=jax.lax.Precision.HIGHEST)
         if running is None:
             running = agree
@@ -104,15 +98,15 @@ def expected_depth(assign: jax.Array, depth_op: str = "cumprod",
     return depth
 
 
-def ultrametric_distance(assign: jax.Array, depth_op: str = "cumprod",
-                         key_assign: Optional[jax.Array] = None) -> jax.Array:
+def ultrametric_distance(assign: jax.Array, depth_op: str = "cumprod") -> jax.Array:
     """d(i, j) = L - depth(i, j), [..., S, L, p] -> [..., S, S]."""
-    return assign.shape[-2] - expected_depth(assign, depth_op, key_assign)
+    return assign.shape[-2] - expected_depth(assign, depth_op)
 
 
-def hard_digits(logits: jax.Array) -> jax.Array:
-    """The hard route digits argmax_c, [..., S, L, p] -> int32 [..., S, L]."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def hard_digits(scores: jax.Array) -> jax.Array:
+    """The hard route digits argmax_c of logits or one-hot routes, [..., S, L, p] -> int32
+    [..., S, L]."""
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def cluster_ids(digits: jax.Array, arity: int, cut_level: int) -> jax.Array:
@@ -133,33 +127,50 @@ def cluster_ids(digits: jax.Array, arity: int, cut_level: int) -> jax.Array:
     return ids
 
 
-def positional_pairs(q_positions, k_positions, window: int, sink_tokens: int):
-    """(causal, fixed) bool pair masks [..., Sq, Sk] from query / key positions [..., S]:
-    causal = j <= i; fixed = sink (j < sink_tokens) or window (i - j < window) pairs, which
-    bypass the tree."""
-    i = jnp.asarray(q_positions)[..., :, None]
-    j = jnp.asarray(k_positions)[..., None, :]
-    return j <= i, (j < sink_tokens) | (i - j < window)
+def allowed_mask(q_pos: jax.Array, k_pos: jax.Array, q_clusters: jax.Array,
+                 k_clusters: jax.Array, window: int, sink_tokens: int,
+                 k_valid: Optional[jax.Array] = None) -> jax.Array:
+    """bool [B, H, Sq, Sk]: pallas_kernels.masking.allowed_pairs for queries at positions
+    q_pos [B, Sq] and keys at k_pos [B, Sk] with cluster ids q_clusters [B, H, Sq] and
+    k_clusters [B, H, Sk] (H may be 1), restricted to real keys (k_valid [B, Sk], or None when
+    every key is real). Materialises S x S: for the dense and training paths."""
+    ok = allowed_pairs(q_pos[:, None, :, None], k_pos[:, None, None, :],
+                       q_clusters[..., :, None], k_clusters[..., None, :],
+                       window=window, sink_tokens=sink_tokens)
+    return ok if k_valid is None else ok & k_valid.astype(bool)[:, None, None, :]
 
 
-def allowed_mask(q_clusters: jax.Array, k_clusters: jax.Array, window: int, sink_tokens: int,
-                 q_offset=0) -> jax.Array:
-    """bool [..., Sq, Sk]: j <= i and (same cluster or j < sink_tokens or i - j < window).
+def causal_pair_counts(clusters: jax.Array, window: int, sink_tokens: int):
+    """(tree, allowed, causal) float32 [...]: per row of cluster ids [..., S] for tokens at
+    positions 0..S-1, all real, the number of causal pairs (j <= i) in the same cluster, of
+    those allowed (same cluster, j < sink_tokens or i - j < window) and of all of them. The
+    counts are float32 (S^2 / 2 outgrows int32 at S = 64k; ratios keep float32 accuracy).
 
-    Query i sits at position q_offset + i, key j at position j. Materialises S x S: meant for
-    tests, small inputs and the dense path, never for long sequences.
+    Time O(S log S + S (window + sink_tokens)); never materialises S x S.
     """
     if window < 0 or sink_tokens < 0:
         raise ValueError(f"window={window} and sink_tokens={sink_tokens} must be >= 0")
-    causal, fixed = positional_pairs(q_offset + jnp.arange(q_clusters.shape[-1]),
-                                     jnp.arange(k_clusters.shape[-1]), window, sink_tokens)
-    same = q_clusters[..., :, None] == k_clusters[..., None, :]
-    return causal & (same | fixed)
-
-
-def hard_tree_mask(distance: jax.Array, d_max) -> jax.Array:
-    """[d <= d_max] as bool."""
-    return distance <= d_max
+    seq = clusters.shape[-1]
+    token = jnp.arange(seq)
+    # Token i pairs causally with itself and the earlier members of its cluster: after sorting,
+    # that is its rank within its run of equal ids, plus one.
+    ordered = jnp.sort(clusters, axis=-1)
+    starts = jnp.concatenate([jnp.ones_like(ordered[..., :1], bool),
+                              ordered[..., 1:] != ordered[..., :-1]], axis=-1)
+    run_start = jax.lax.cummax(jnp.where(starts, token, 0), axis=clusters.ndim - 1)
+    tree = jnp.sum(token - run_start + 1, axis=-1, dtype=jnp.float32)
+    # The keys a query reaches whatever the routes: the window (i - d for d < window) and the
+    # sink tokens before the window.
+    offsets = jnp.arange(min(window, seq))
+    sinks = jnp.arange(min(sink_tokens, seq))
+    keys = jnp.concatenate([token[:, None] - offsets,
+                            jnp.broadcast_to(sinks, (seq, sinks.size))], axis=1)   # [S, W + K]
+    reached = jnp.concatenate([token[:, None] >= offsets,
+                               sinks <= token[:, None] - window], axis=1)
+    same = clusters[..., :, None] == clusters[..., jnp.maximum(keys, 0)]
+    bypass_in_tree = jnp.sum(same & reached, axis=(-2, -1), dtype=jnp.float32)
+    causal = jnp.full(tree.shape, seq * (seq + 1) / 2, jnp.float32)
+    return tree, tree + jnp.sum(reached, dtype=jnp.float32) - bypass_in_tree, causal
 
 
 def soft_tree_mask(distance: jax.Array, d_max, temperature) -> jax.Array:
@@ -167,13 +178,14 @@ def soft_tree_mask(distance: jax.Array, d_max, temperature) -> jax.Array:
     return jax.nn.sigmoid((d_max - distance) / temperature)
 
 
-def straight_through_mask(hard_tree: jax.Array, soft_tree: jax.Array, fixed: jax.Array,
-                          causal: jax.Array) -> jax.Array:
-    """m of the bridge: sg(hard - soft) + soft on tree pairs (forward exactly 0/1), the
-    constant 1 on fixed (sink / window) pairs, the constant 0 outside causal/padding."""
-    tree = straight_through(hard_tree.astype(jnp.float32), soft_tree.astype(jnp.float32))
-    m = jnp.where(fixed, jnp.float32(1.0), tree)
-    return jnp.where(causal, m, jnp.float32(0.0))
+def straight_through_mask(allowed: jax.Array, soft_tree: jax.Array,
+                          routed: jax.Array) -> jax.Array:
+    """m of the bridge, forward exactly `allowed` (0/1): sg(hard - soft) + soft on the pairs
+    whose fate the routes decide (`routed`: causal pairs between real tokens outside the sink
+    and window), where `allowed` is the hard tree mask; the constant `allowed` elsewhere (1 on
+    sink and window pairs, 0 on non-causal and padding pairs)."""
+    hard = allowed.astype(jnp.float32)
+    return jnp.where(routed, straight_through(hard, soft_tree.astype(jnp.float32)), hard)
 
 
 def bridged_softmax(scores: jax.Array, m: jax.Array, allowed: jax.Array,
