@@ -1,5 +1,8 @@
 """Llama-3-8B on WikiText-style prose, for a GPU/TPU host (the preprint's large setting).
 
+Only the fields that differ from base.py are set; base's surgery.max_len 8192 gives p=2 ->
+L=13 levels, d_max=6.
+
 Point `model.path` at a local HF checkpoint directory and `data.corpus` at the text, e.g.
   ultrametric run --config configs/llama3_8b_wikitext.py \
       --config.model.path=/models/Meta-Llama-3-8B --config.data.corpus=/data/wikitext103.jsonl
@@ -16,8 +19,6 @@ def get_config():
     config.model.path = "Meta-Llama-3-8B"
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "bfloat16"
-    config.surgery.max_len = 8192    # p=2 -> L=13, d_max=6
-    config.surgery.window = 128
     config.surgery.tau_steps = 2000
     config.surgery.lambda_ramp_steps = 200
     config.data.corpus = "wikitext103.jsonl"
@@ -28,11 +29,8 @@ def get_config():
     config.train.seq_len = 4096
     config.train.warmup_steps = 100
     config.eval.batches = 32
-    config.eval.batch_size = 4
     config.checkpoint.every = 200
-    config.checkpoint.keep = 3
     # Fully-sharded data parallel over all devices of the host.
     config.mesh.data = 1
     config.mesh.fsdp = -1
-    config.mesh.tensor = 1
     return config

@@ -23,8 +23,6 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 def get_config():
     config = _base["get_config"]()
     config.name = "tiny_random"
-    config.seed = 0
-    config.model.path = ""            # set to the directory written by write_model
     config.surgery.levels = 3
     config.surgery.d_max = 1
     config.surgery.max_len = 256
@@ -32,7 +30,6 @@ def get_config():
     config.surgery.init_margin = 2.0
     config.surgery.tau_steps = 40
     config.surgery.lambda_ramp_steps = 0
-    config.data.corpus = "shakespeare"
     config.data.max_chars = 60000
     config.data.chunk_chars = 3000
     config.train.steps = 12
@@ -40,7 +37,6 @@ def get_config():
     config.train.seq_len = 32
     config.train.lr = 3e-2
     config.eval.batches = 2
-    config.eval.batch_size = 4
     config.checkpoint.every = 4
     config.checkpoint.keep = 2
     config.mesh.data = 1              # one device unless a test asks for a mesh

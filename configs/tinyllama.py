@@ -1,5 +1,8 @@
 """TinyLlama-1.1B on Shakespeare, for a single GPU/TPU host.
 
+Only the fields that differ from base.py are set: base's corpus (Shakespeare), 1000 steps and
+data-parallel mesh over every device are kept.
+
   ultrametric run --config configs/tinyllama.py \
       --config.model.path=/models/TinyLlama-1.1B-intermediate-step-1431k-3T
 """
@@ -17,17 +20,9 @@ def get_config():
     config.model.param_dtype = "bfloat16"
     config.surgery.max_len = 2048    # p=2 -> L=11, d_max=5
     config.surgery.window = 64
-    config.surgery.tau_steps = 1000
-    config.surgery.lambda_ramp_steps = 100
-    config.data.corpus = "shakespeare"
-    config.train.steps = 1000
     config.train.batch_size = 16
     config.train.seq_len = 2048
     config.train.warmup_steps = 50
     config.eval.batches = 16
     config.eval.batch_size = 8
-    config.checkpoint.every = 100
-    config.mesh.data = -1
-    config.mesh.fsdp = 1
-    config.mesh.tensor = 1
     return config

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-rss-gib", type=float, default=20.0)
     parser.add_argument("--verify", action="store_true",
-                        help="reload the output and compare sample tensors with the source")
+                        help="reload the output and compare every tensor with the source")
     parser.add_argument("--json", default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 

@@ -19,7 +19,9 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ultrametric_jax.checkpoint.hf import parse_size, write_sharded  # noqa: E402
+from ultrametric_jax.checkpoint.hf import (abstract_model, hf_name, param_leaves,  # noqa: E402
+                                           parse_size, write_sharded)
+from ultrametric_jax.config import LlamaConfig  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -31,26 +33,15 @@ LLAMA3_8B = dict(
 
 
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple, np.dtype]]:
-    """(transformers name, torch-layout shape, dtype) of every Llama weight, in file order."""
+    """(transformers name, torch-layout shape, bf16) of every weight of the Llama `cfg`
+    describes, as the project's conversion table (checkpoint.hf) names and lays them out."""
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = d // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    specs = [("model.embed_tokens.weight", (v, d), bf16)]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        specs += [(p + "input_layernorm.weight", (d,), bf16),
-                  (p + "self_attn.q_proj.weight", (q, d), bf16),
-                  (p + "self_attn.k_proj.weight", (kv, d), bf16),
-                  (p + "self_attn.v_proj.weight", (kv, d), bf16),
-                  (p + "self_attn.o_proj.weight", (d, q), bf16),
-                  (p + "post_attention_layernorm.weight", (d,), bf16),
-                  (p + "mlp.gate_proj.weight", (f, d), bf16),
-                  (p + "mlp.up_proj.weight", (f, d), bf16),
-                  (p + "mlp.down_proj.weight", (d, f), bf16)]
-    specs += [("model.norm.weight", (d,), bf16)]
-    if not cfg["tie_word_embeddings"]:
-        specs += [("lm_head.weight", (v, d), bf16)]
+    model = abstract_model(LlamaConfig.from_hf_dict({**cfg, "model_type": "llama"}))
+    specs = []
+    for path, var in param_leaves(model):
+        name, transpose = hf_name(path)
+        shape = tuple(var.get_value().shape)
+        specs.append((name, shape[::-1] if transpose and len(shape) == 2 else shape, bf16))
     return specs
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import runpy
+import shutil
 
 import numpy as np
 import pytest
@@ -41,8 +42,20 @@ def _torch_dense_perplexity(model_dir, batches):
     return float(np.exp(total / count))
 
 
+def _listing(root):
+    """Every path under root (relative), with the size and mtime of files."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        out += [(os.path.relpath(os.path.join(dirpath, n), root), "dir") for n in dirnames]
+        for name in filenames:
+            st = os.stat(os.path.join(dirpath, name))
+            out.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size,
+                        st.st_mtime_ns))
+    return sorted(out, key=str)
+
+
 @pytest.mark.slow
-def test_run_then_eval(tiny_model_dir, tmp_path, capsys):
+def test_run_then_eval(tiny_model_dir, tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "w"
     assert cli.main(["run", *_args(tiny_model_dir, workdir, "train.steps=6")]) == 0
     out = capsys.readouterr().out
@@ -63,21 +76,37 @@ def test_run_then_eval(tiny_model_dir, tmp_path, capsys):
                                         [f"--config.model.path={tiny_model_dir}"])
     oracle = _torch_dense_perplexity(tiny_model_dir, setup_run(config).val_batches)
     assert report["dense"]["perplexity"] == pytest.approx(oracle, rel=1e-4)
-    # eval of the same workdir evaluates the same checkpoint: identical numbers.
-    assert cli.main(["eval", *_args(tiny_model_dir, workdir, "train.steps=6")]) == 0
+    # eval of the same workdir evaluates the same checkpoint: identical numbers. It reads the
+    # checkpoints without touching them, even the temporary directory of a save in progress,
+    # and serves the dense baseline from run's cache.
+    ckpt = workdir / "checkpoints"
+    shutil.copytree(ckpt / "6", ckpt / "7.orbax-checkpoint-tmp-1234567890")
+    before = _listing(ckpt)
+    from ultrametric_jax import evaluate
+
+    def no_dense_recompute(model, batches):
+        raise AssertionError("eval measured the dense baseline again")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "perplexity", no_dense_recompute)
+        assert cli.main(["eval", *_args(tiny_model_dir, workdir, "train.steps=6")]) == 0
+    assert _listing(ckpt) == before
+    shutil.rmtree(ckpt / "7.orbax-checkpoint-tmp-1234567890")
     again = json.load(open(workdir / "eval.json"))
-    assert again["surgical"] == report["surgical"] and again["dense"] == report["dense"]
+    assert again["surgical"] == report["surgical"]
+    assert again["dense"]["perplexity"] == pytest.approx(oracle, rel=1e-4)
     assert "step 6: held-out perplexity" in capsys.readouterr().out
     # Training further in the same workdir resumes from step 6.
     assert cli.main(["train", *_args(tiny_model_dir, workdir, "train.steps=8")]) == 0
     assert "trained 8 steps (resumed from step 6)" in capsys.readouterr().out
-    # A damaged newest checkpoint is skipped with a warning: eval falls back to step 6.
-    ckpt = workdir / "checkpoints"
+    # A damaged newest checkpoint is skipped with a warning and left in place: eval falls back
+    # to step 6.
     assert sorted(os.listdir(ckpt)) == ["6", "8"]
     os.remove(ckpt / "8" / "meta" / "metadata")
     with pytest.warns(RuntimeWarning, match="skipping corrupt or partial checkpoint step 8"):
         assert cli.main(["eval", *_args(tiny_model_dir, workdir)]) == 0
     assert json.load(open(workdir / "eval.json"))["surgical"] == report["surgical"]
+    assert sorted(os.listdir(ckpt)) == ["6", "8"]
 
 
 def test_eval_without_checkpoint_reports_the_collapsed_model(tiny_model_dir, tmp_path, capsys):
@@ -113,6 +142,57 @@ def test_workdir_that_is_a_file_is_refused(command, tiny_model_dir, tmp_path, ca
         assert cli.main([command, *_args(tiny_model_dir, workdir)]) == 2
         err = capsys.readouterr().err
         assert f"--workdir '{workdir}'" in err and message in err
+
+
+@pytest.mark.parametrize("command", ["run", "train", "eval"])
+@pytest.mark.parametrize("override, message", [
+    ("mesh.data=16", "invalid config value mesh={'data': 16, 'fsdp': 1, 'tensor': 1}: mesh "
+                     "{'data': 16, 'fsdp': 1, 'tensor': 1} needs 16 devices, but 8 are available"),
+    ("mesh.data=-1", "invalid config value train.batch_size=4: each micro-batch of 4 sequences "
+                     "must split evenly over the 8 data-parallel devices"),
+])
+def test_mesh_errors_come_before_the_model_loads(command, override, message, tmp_path, capsys):
+    # model.path names nothing: the mesh error can only win by coming first.
+    assert cli.main([command, "--config", TINY, "--config.model.path=/no/such/model",
+                     "--workdir", str(tmp_path / "w"), f"--config.{override}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ultrametric {command}: error: ") and message in err
+
+
+def test_dense_baseline_cache(tmp_path, monkeypatch):
+    """Keyed by the dtypes too, written atomically, and a torn or unwritable file costs only a
+    re-measurement."""
+    from types import SimpleNamespace
+
+    from ultrametric_jax import evaluate
+    from ultrametric_jax.commands.train import DENSE_CACHE, dense_baseline
+    from ultrametric_jax.config_flags import parse_config_args
+    config, _, _, _ = parse_config_args(["--config", TINY])
+    setup = SimpleNamespace(identity={"files": {"model.safetensors": "ab" * 32}}, model=None,
+                            val_batches=[])
+    measured = []
+
+    def perplexity(model, batches):
+        measured.append(config.model.param_dtype)
+        return {"perplexity": float(len(measured))}
+
+    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    workdir, path = str(tmp_path), tmp_path / DENSE_CACHE
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}     # from the cache
+    config.model.param_dtype = "bfloat16"
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 2.0}
+    assert measured == ["float32", "bfloat16"]
+    path.write_text('{"key": {"base_model": ')                                 # torn by a kill
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 3.0}
+    assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
+    # A write that fails leaves the previous cache whole and no temporary file behind.
+    config.model.param_dtype = "float16"
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        dense_baseline(setup, config, workdir)
+    assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
+    assert os.listdir(tmp_path) == [DENSE_CACHE]
 
 
 def test_missing_model_and_bad_flags(tmp_path, capsys):

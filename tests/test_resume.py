@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ultrametric_jax.config_flags import configs_dir, parse_config_args
-from ultrametric_jax.run_checkpoint import RunCheckpointer
-from ultrametric_jax.train import SurgeryTrainer, inject, setup_run
+from ultrametric_jax.run_checkpoint import RunCheckpointReader
+from ultrametric_jax.train import checkpoint_template, inject, setup_run
 
 REPO = os.path.dirname(configs_dir())
 TINY = os.path.join(configs_dir(), "tiny_random.py")
@@ -40,13 +40,15 @@ def _steps(workdir):
 
 
 def _final_state(model_dir, workdir):
-    """The newest checkpoint of workdir, restored into a fresh trainer's state layout."""
+    """The newest checkpoint of workdir, read (never changed) in the trainer's state layout."""
     config, _, _, _ = parse_config_args(["--config", TINY, f"--config.model.path={model_dir}"])
     setup = setup_run(config)
     inject(config, setup.model)
-    template = SurgeryTrainer(config, setup.model, setup.train_data, str(workdir) + "_probe",
-                              setup.identity, progress=False)._checkpoint_state()
-    return RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=3).restore_latest(template)
+    reader = RunCheckpointReader(os.path.join(workdir, "checkpoints"))
+    try:
+        return reader.restore_latest(checkpoint_template(config, setup.model))
+    finally:
+        reader.close()
 
 
 @pytest.mark.slow

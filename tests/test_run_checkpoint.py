@@ -296,3 +296,59 @@ def test_checkpoint_template_is_the_trainers_layout(tmp_path, monkeypatch):
             assert (a.dtype, a.shape) == (b.dtype, b.shape)
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_transient_read_error_is_raised_and_moves_nothing(tmp_path, monkeypatch, reader):
+    """An I/O error says nothing about the step: it is raised, the step stays where it is."""
+    import errno
+    directory = str(tmp_path / "ckpt")
+    _saved_run(directory, steps=(1, 2))
+    before = _listing(tmp_path)
+    ckpt = RunCheckpointReader(directory) if reader else RunCheckpointer(directory, keep=3)
+
+    def failing_restore(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt._manager, "restore", failing_restore)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        ckpt.restore_latest(_template())
+    assert not isinstance(info.value, CorruptCheckpointError)
+    assert ckpt.all_steps() == [1, 2]
+    ckpt.close()
+    assert _listing(tmp_path) == before
+    assert not os.path.exists(directory + ".corrupt")
+
+
+def test_reader_skips_a_corrupt_newest_step_in_place(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    _saved_run(directory)
+    os.remove(os.path.join(directory, "3", "meta", "metadata"))
+    before = _listing(tmp_path)
+    reader = RunCheckpointReader(directory)
+    with pytest.warns(RuntimeWarning, match=r"skipping corrupt or partial checkpoint step 3 in "
+                                            r".*ckpt \(FileNotFoundError: .*\); left in place"):
+        restored = reader.restore_latest(_template())
+    reader.close()
+    assert restored.step == 2
+    _assert_bits_equal(restored.state, _state(2))
+    assert _listing(tmp_path) == before
+
+
+def test_restored_arrays_are_placed_like_the_template(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+    placement = {"fc1": {"kernel": NamedSharding(mesh, P(None, "b")),
+                         "bias": NamedSharding(mesh, P("b"))}}
+    ckpt = RunCheckpointer(str(tmp_path / "ckpt"), keep=1)
+    ckpt.save(1, _state(1), data_state={}, base_model=BASE)
+    template = _template()
+    template["router"] = jax.device_put(template["router"], placement)
+    template["rng"] = jax.device_put(template["rng"], NamedSharding(mesh, P()))
+    template["count"] = jax.device_put(template["count"], jax.devices()[5])
+    restored = ckpt.restore_latest(template)
+    ckpt.close()
+    _equal(restored.state, _state(1))
+    for got, ref in zip(jax.tree.leaves(restored.state), jax.tree.leaves(template)):
+        assert got.sharding == ref.sharding
+    assert restored.state["router"]["fc1"]["bias"].addressable_shards[0].data.shape == (1,)

@@ -115,11 +115,14 @@ def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
     params = nnx.state(model, RouterParam)
     ckpt = RunCheckpointer(str(tmp_path / "ckpt"), keep=1)
     ckpt.save(3, {"router": params}, data_state={"position": 0}, base_model={"path": "x"})
-    restored = ckpt.restore_latest({"router": nnx.state(surgical_model(seed=5), RouterParam)})
+    # The template lives on another mesh; the restored arrays are placed as it is.
+    other = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    template = nnx.state(surgical_model(seed=5), RouterParam)
+    template = jax.device_put(template, sharding.state_shardings(template, other))
+    restored = ckpt.restore_latest({"router": template})
     ckpt.close()
     assert restored.step == 3
-    other = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-    placed = sharding.shard_state(restored.state["router"], other)
+    placed = restored.state["router"]
     before = jax.tree.leaves(params)
     after = jax.tree.leaves(placed)
     assert len(before) == len(after) > 0
@@ -233,3 +236,73 @@ def test_trainer_rejects_a_batch_the_mesh_cannot_split(tiny_model_dir, tmp_path)
     config = _tiny_run_config(tiny_model_dir, "mesh.data=-1", "train.batch_size=4")
     with pytest.raises(ConfigError, match="must split evenly over the 8 data-parallel devices"):
         _train(config, tmp_path)
+
+
+def _key_data(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x), tree)
+
+
+@pytest.mark.slow
+def test_mesh_run_compiles_its_step_once_and_resumes_in_place(tiny_model_dir, tmp_path, caplog):
+    """A (2,2,2) run stopped right after saving step 3, then resumed to step 6 in the same
+    process, compiles its train step once; the resumed state is the saved one, bit for bit,
+    with every optimiser moment sharded like its parameter."""
+    import logging
+
+    from ultrametric_jax.train import SurgeryTrainer, inject, setup_run
+    config = _tiny_run_config(tiny_model_dir, "train.steps=6", "checkpoint.every=3",
+                              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+
+    class Killed(Exception):
+        pass
+
+    def trainer():
+        setup = setup_run(config)
+        inject(config, setup.model)
+        return SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path),
+                              setup.identity, progress=False)
+
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        first = trainer()
+        save = first.save
+
+        def save_then_die():
+            save()
+            raise Killed
+
+        first.save = save_then_die
+        with pytest.raises(Killed):
+            first.train()
+        assert first.step == 3
+        saved = _key_data(first._checkpoint_state())
+        first.close()
+        second = trainer()
+        assert second.restore() == 3
+        restored = _key_data(second._checkpoint_state())
+        outcome = second.train()
+        second.close()
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
+    assert (outcome.step, outcome.resumed_from) == (6, 3)
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(a, b)
+    # Oracle: each parameter's spec from its logical axes; Adam's moments must match it.
+    mesh = second.mesh
+    expected = {path: sharding.logical_to_spec(sharding.variable_logical_axes(var),
+                                               var.get_value().shape, mesh)
+                for path, var in nnx.to_flat_state(second.params)}
+    assert any(spec != P() for spec in expected.values())
+    adam = [s for s in jax.tree.leaves(second.opt_state,
+                                       is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1
+    for moments in (adam[0].mu, adam[0].nu):
+        placed = dict(nnx.to_flat_state(moments))
+        assert placed.keys() == expected.keys()
+        for path, var in placed.items():
+            assert var.get_value().sharding.mesh.shape == mesh.shape
+            assert var.get_value().sharding.spec == expected[path], path
+    count = adam[0].count
+    assert count.sharding.is_fully_replicated and count.sharding.mesh.shape == mesh.shape

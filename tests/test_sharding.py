@@ -1,6 +1,5 @@
 """Mesh construction, logical-axis rules and parameter placement."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -95,6 +94,50 @@ def test_global_batch_splits_over_data_and_fsdp():
     assert arr.sharding.spec == P(("data", "fsdp"), None)
     assert arr.addressable_shards[0].data.shape == (2, 5)
     np.testing.assert_array_equal(np.asarray(arr), local)
+
+
+def test_global_batch_splits_the_batch_dimension_it_is_given():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    batch = np.arange(2 * 8 * 3, dtype=np.int32).reshape(2, 8, 3)   # [accum, batch, seq]
+    arr = sharding.global_batch(batch, mesh, batch_dim=1)
+    assert arr.shape == batch.shape
+    assert arr.sharding.spec == P(None, ("data", "fsdp"), None)
+    for shard in arr.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), batch[shard.index])
+        assert shard.data.shape == (2, 2, 3)
+
+
+def test_distributed_initialize_takes_the_launcher_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("ULTRAMETRIC_DISTRIBUTED", raising=False)
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding.maybe_initialize_distributed() is False and calls == []
+    monkeypatch.setenv("ULTRAMETRIC_DISTRIBUTED", "1")
+    assert sharding.maybe_initialize_distributed() is True
+    assert calls[-1] == {}                  # nothing set: jax discovers the cluster itself
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", " 2 ")
+    monkeypatch.delenv("ULTRAMETRIC_DISTRIBUTED")
+    assert sharding.maybe_initialize_distributed() is True   # the coordinator variable asks
+    assert calls[-1] == {"coordinator_address": "host0:1234", "num_processes": 4,
+                         "process_id": 2}
+    sharding.maybe_initialize_distributed(True, process_id=0)    # an explicit argument wins
+    assert calls[-1] == {"coordinator_address": "host0:1234", "num_processes": 4,
+                         "process_id": 0}
+    assert sharding.maybe_initialize_distributed(False) is False and len(calls) == 3
+
+
+@pytest.mark.parametrize("var", ["JAX_NUM_PROCESSES", "JAX_PROCESS_ID"])
+def test_distributed_environment_must_hold_integers(monkeypatch, var):
+    from ultrametric_jax.config import ConfigError
+    monkeypatch.setattr(jax.distributed, "initialize",
+                        lambda **kwargs: pytest.fail("initialised despite a bad variable"))
+    monkeypatch.setenv(var, "two")
+    with pytest.raises(ConfigError, match=f"environment variable {var}='two' must be an integer"):
+        sharding.maybe_initialize_distributed(True)
 
 
 def test_sharded_forward_equals_single_device():

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ultrametric_jax.config import ConfigError
 from ultrametric_jax.config_flags import configs_dir, parse_config_args, surgery_config
 from ultrametric_jax.evaluate import evaluate_surgical, node_entropy_bits, pair_counts, perplexity
 from ultrametric_jax.router import RouterParam
 from ultrametric_jax.surgery import forward_with_aux
 from ultrametric_jax.train import (MUTABLE, NonFiniteLossError, SurgeryTrainer,
-                                   accumulate_gradients, base_parameters_fingerprint, inject,
-                                   make_grad_fn, setup_run)
+                                   accumulate_gradients, inject, make_grad_fn, setup_run)
 
 TINY = os.path.join(configs_dir(), "tiny_random.py")
 
@@ -23,6 +23,12 @@ TINY = os.path.join(configs_dir(), "tiny_random.py")
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return runpy.run_path(TINY)["write_model"](str(tmp_path_factory.mktemp("tiny")))
+
+
+def base_parameters_fingerprint(model) -> np.ndarray:
+    """All non-router parameters flattened to one float64 vector (for identity checks)."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(RouterParam)))
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(state)])
 
 
 def tiny_config(model_dir, *overrides):
@@ -84,7 +90,9 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tiny_model_d
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
+                                                              log_every):
     config = tiny_config(tiny_model_dir, "train.steps=8", "checkpoint.every=2")
     setup = setup_run(config)
     inject(config, setup.model)
@@ -93,13 +101,50 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tm
     config.train.steps = 4
     trainer.train()
     assert trainer.checkpointer.all_steps() == [2, 4]
-    config.train.steps = 8
+    config.train.steps, config.train.log_every, config.checkpoint.every = 8, log_every, 4
+    reads, read = [], trainer._read_metrics
+    trainer._read_metrics = lambda pending, seconds: (
+        reads.append([step for step, _ in pending]), read(pending, seconds))[1]
     trainer.params = jax.tree.map(lambda x: x * jnp.nan, trainer.params)
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5 .*"
                                                  r"last good checkpoint is step 4"):
         trainer.train(resume=False)
+    # The host reads the metrics on logging and saving steps only; with log_every=4 the NaN of
+    # step 5 is found at step 8, before step 8 is saved.
+    assert reads == ([[5]] if log_every == 1 else [[5, 6, 7, 8]])
     assert trainer.checkpointer.all_steps() == [2, 4]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     trainer.close()
+
+
+@pytest.mark.slow
+def test_metrics_are_read_on_logging_and_saving_steps(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, "train.steps=7", "train.log_every=3",
+                         "checkpoint.every=5")
+    setup = setup_run(config)
+    inject(config, setup.model)
+    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path),
+                             setup.identity, progress=False)
+    reads, read = [], trainer._read_metrics
+    trainer._read_metrics = lambda pending, seconds: (
+        reads.append([step for step, _ in pending]), read(pending, seconds))[1]
+    outcome = trainer.train()
+    trainer.close()
+    assert reads == [[1, 2, 3], [4, 5], [6], [7]]
+    assert trainer.checkpointer.all_steps() == [5, 7]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    assert outcome.last_metrics == {k: v for k, v in records[-1].items()
+                                    if k not in ("step", "split")}
+    assert all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_seq_len_beyond_the_model_positions_is_named(tiny_model_dir):
+    config = tiny_config(tiny_model_dir, "train.seq_len=300", "surgery.max_len=512")
+    with pytest.raises(ConfigError, match=r"invalid config value train.seq_len=300: the model "
+                                          r"supports at most 256 positions"):
+        setup_run(config)
 
 
 @pytest.mark.slow

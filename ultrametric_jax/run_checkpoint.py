@@ -6,9 +6,11 @@ frozen base model (paths and sha256 of its files, never a copy of the weights), 
 structure and a sha256 of every array's bytes. Orbax writes each step to a temporary directory
 and renames it when complete, so a killed run leaves no half-written step under its name.
 
-Restoring walks the steps newest first. A step that fails to load, or whose arrays do not match
-their recorded checksum, is moved aside to `<directory>.corrupt/` with a warning and the
-previous step is tried; a corrupt checkpoint is never returned.
+Restoring walks the steps newest first. A step whose files are missing or do not decode, or
+whose arrays do not match their recorded checksum, is moved aside to `<directory>.corrupt/`
+with a warning and the previous step is tried; a corrupt checkpoint is never returned. Any other
+error (a failing disk or network file system, say) is raised and moves nothing. Restored arrays
+are placed as the template's are (same devices and sharding).
 
 `RunCheckpointReader` reads given steps of a run directory without ever creating, deleting,
 moving or pruning anything in it, so it is safe on the directory of a run still writing.
@@ -28,6 +30,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ultrametric_jax.config import ConfigError
 
@@ -123,7 +126,14 @@ def _is_key(x) -> bool:
 
 
 def _to_storable(x) -> np.ndarray:
-    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+    """The whole array on the host; PRNG keys as key data. An array spread over several
+    processes is gathered to every one of them first (a run's router state is small), so every
+    process checksums, and hands Orbax, the same arrays."""
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def checksum(arrays: dict) -> str:
@@ -143,15 +153,18 @@ def flatten_tree(tree: Any) -> tuple[dict, str]:
 
 
 def unflatten_like(template: Any, flat: dict) -> Any:
-    """Rebuild `template`'s structure from flat arrays (re-wrapping PRNG keys, keeping dtypes)."""
+    """Rebuild `template`'s structure from flat host arrays: each leaf takes its template leaf's
+    dtype (PRNG keys re-wrapped in their implementation) and, for a jax.Array, its sharding."""
     leaves, treedef = jax.tree.flatten(template)
     out = []
     for i, ref in enumerate(leaves):
         value = flat[f"{i:05d}"]
         if _is_key(ref):
-            out.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref)))
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
         else:
-            out.append(jax.numpy.asarray(value, dtype=ref.dtype))
+            value = np.asarray(value, dtype=ref.dtype)
+        out.append(jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array)
+                   else jax.numpy.asarray(value))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -162,6 +175,13 @@ class Restored:
     step: int
     state: Any          # the template's structure, filled with the saved arrays
     meta: dict          # data_state, base_model, extra fields given to save()
+
+
+# What reading a step whose files are missing or damaged raises: a file or item that is not
+# there, or bytes that do not decode (JSON, text, array chunks). Other errors, e.g. an OSError
+# of a failing disk or network file system, say nothing about the step and are not caught.
+DAMAGE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, LookupError,
+                 ValueError, EOFError)
 
 
 def _unreadable(step: int, directory: str, e: Exception) -> CorruptCheckpointError:
@@ -185,18 +205,19 @@ class _StepAccess:
         return steps[-1] if steps else None
 
     def read_meta(self, step: int) -> dict:
-        """The JSON record of `step`; CorruptCheckpointError if it cannot be read."""
+        """The JSON record of `step`; CorruptCheckpointError if it is missing or damaged."""
         try:
             return self._manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:
+        except DAMAGE_ERRORS as e:
             raise _unreadable(step, self.directory, e) from e
 
     def restore(self, step: int, template: Any) -> Restored:
         """Step `step` in `template`'s structure, its arrays verified against their checksum.
 
         CheckpointMismatchError: the step holds another state layout than `template`'s.
-        CorruptCheckpointError: the step is unreadable or fails its checksum.
+        CorruptCheckpointError: the step's files are missing or damaged, or its arrays fail
+        their checksum.
         """
         meta = self.read_meta(step)
         flat_template, structure = flatten_tree(template)
@@ -208,7 +229,7 @@ class _StepAccess:
             flat = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(flat_template)))["state"]
             flat = {k: np.asarray(v) for k, v in flat.items()}
-        except Exception as e:
+        except DAMAGE_ERRORS as e:
             raise _unreadable(step, self.directory, e) from e
         if checksum(flat) != meta.get("checksum"):
             reason = "array contents do not match the recorded checksum"
@@ -216,6 +237,21 @@ class _StepAccess:
                 f"checkpoint step {step} in {self.directory} is corrupt: its arrays do not "
                 "match their recorded checksum", step=step, reason=reason)
         return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
+
+    def restore_latest(self, template: Any) -> Optional[Restored]:
+        """The newest step that loads, or None if none does; each corrupt step on the way is
+        passed to `_skip`. Errors other than a corrupt step (CheckpointMismatchError, an I/O
+        error) are raised."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, template)
+            except CorruptCheckpointError as e:
+                self._skip(step, e.reason)
+        return None
+
+    def _skip(self, step: int, why: str) -> None:
+        """What restore_latest does with a corrupt step; each subclass says."""
+        raise NotImplementedError
 
     def close(self) -> None:
         self._manager.close()
@@ -244,6 +280,11 @@ class RunCheckpointReader(_StepAccess):
         finally:
             absl_logger.setLevel(level)
 
+    def _skip(self, step: int, why: str) -> None:
+        """Warns and leaves the step where it is."""
+        warnings.warn(f"skipping corrupt or partial checkpoint step {step} in {self.directory} "
+                      f"({why}); left in place", RuntimeWarning, stacklevel=3)
+
 
 class RunCheckpointer(_StepAccess):
     """Orbax CheckpointManager of one run directory, keeping the last `keep` steps."""
@@ -269,7 +310,8 @@ class RunCheckpointer(_StepAccess):
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
 
-    def _quarantine(self, step: int, why: str) -> None:
+    def _skip(self, step: int, why: str) -> None:
+        """Moves the corrupt step aside, so that the run saves that step afresh."""
         src = os.path.join(self.directory, str(step))
         dst_root = self.directory + ".corrupt"
         os.makedirs(dst_root, exist_ok=True)
@@ -279,17 +321,3 @@ class RunCheckpointer(_StepAccess):
         if os.path.exists(src):
             shutil.move(src, dst)
         self._manager.reload()
-
-    def restore_latest(self, template: Any) -> Optional[Restored]:
-        """The newest loadable step (corrupt ones are moved aside), or None if there is none."""
-        for step in reversed(self.all_steps()):
-            try:
-                return self.restore(step, template)
-            except CheckpointMismatchError:
-                raise
-            except CorruptCheckpointError as e:
-                self._quarantine(step, e.reason)
-            except Exception as e:  # anything else unloadable: fall back to the previous step
-                self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                 if str(e) else type(e).__name__)
-        return None

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ultrametric_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (a name, a tuple of names, or None to replicate).
@@ -141,13 +143,21 @@ def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.State:
-    """The NamedSharding of every variable of an NNX state (a state of the same structure,
-    usable as jax.jit in/out shardings)."""
+def state_shardings(tree: Any, mesh: Mesh,
+                    rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+    """The NamedSharding of every array of a pytree of NNX state (an nnx.State, or an optimiser
+    state whose moments are States): a Variable's from its logical axes, any other array (an
+    optimiser's step count, say) replicated. The result has the tree's structure, so it serves
+    as jax.jit in/out shardings and as jax.device_put's target."""
     rules = tuple(rules)
-    return jax.tree.map(lambda v: v.replace(_variable_sharding(v, mesh, rules)), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(_variable_sharding(leaf, mesh, rules))
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh,
@@ -162,21 +172,6 @@ def shard_module(module: nnx.Module, mesh: Mesh,
             else:
                 node.value = placed
     return module
-
-
-def shard_state(state: nnx.State, mesh: Mesh,
-                rules: Iterable[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.State:
-    """A copy of `state` with every array placed on `mesh` by its logical axes (e.g. router and
-    optimiser state restored from a checkpoint written on another mesh)."""
-    rules = tuple(rules)
-
-    def place(var):
-        value = _value_of(var)
-        if not hasattr(value, "shape"):
-            return var
-        return var.replace(jax.device_put(value, _variable_sharding(var, mesh, rules)))
-
-    return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -194,11 +189,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def global_batch(local: np.ndarray, mesh: Mesh, batch_dim: int = 0) -> jax.Array:
-    """A global array from this process's slice of the batch (multi-host ready)."""
-    local = np.asarray(local)
-    sharding = batch_sharding(mesh, local.ndim, batch_dim)
-    return jax.make_array_from_process_local_data(sharding, local)
+def global_batch(batch: np.ndarray, mesh: Mesh, batch_dim: int = 0) -> jax.Array:
+    """The global array of a batch every process holds whole on the host, split over the
+    mesh's data-parallel axes: each process places only the slices of its own devices."""
+    batch = np.asarray(batch)
+    sharding = batch_sharding(mesh, batch.ndim, batch_dim)
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
 def mesh_from_config(mesh_config: Mapping[str, int]) -> Mesh:
@@ -206,20 +202,44 @@ def mesh_from_config(mesh_config: Mapping[str, int]) -> Mesh:
     return make_mesh({a: int(mesh_config.get(a, 1)) for a in MESH_AXES})
 
 
+# jax.distributed.initialize argument <- the environment variable that supplies it.
+DISTRIBUTED_ENV = (("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+                   ("num_processes", "JAX_NUM_PROCESSES"),
+                   ("process_id", "JAX_PROCESS_ID"))
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict:
+    """The jax.distributed.initialize arguments the launcher set as environment variables
+    (only those that are set); a non-integer count or id is a ConfigError naming it."""
+    kwargs = {}
+    for arg, var in DISTRIBUTED_ENV:
+        text = environ.get(var, "").strip()
+        if text and arg == "coordinator_address":
+            kwargs[arg] = text
+        elif text:
+            try:
+                kwargs[arg] = int(text)
+            except ValueError:
+                raise ConfigError(f"environment variable {var}={text!r} must be an "
+                                  "integer") from None
+    return kwargs
+
+
 def maybe_initialize_distributed(enabled: Optional[bool] = None, **kwargs) -> bool:
     """Calls jax.distributed.initialize() when asked by config or environment.
 
     Asked when `enabled` is True, or when it is None and the launcher set
-    ULTRAMETRIC_DISTRIBUTED=1 (or JAX's own coordinator variable). On TPU pod slices and
-    SLURM/Open MPI GPU clusters jax discovers the coordinator itself; elsewhere pass
-    coordinator_address, num_processes and process_id.
+    ULTRAMETRIC_DISTRIBUTED=1 (or JAX_COORDINATOR_ADDRESS). The coordinator address, process
+    count and process id come from `kwargs`, else from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID where set; on TPU pod slices and SLURM/Open MPI GPU
+    clusters jax discovers whatever is left unset.
     """
     if enabled is None:
         enabled = (os.environ.get("ULTRAMETRIC_DISTRIBUTED") == "1"
                    or "JAX_COORDINATOR_ADDRESS" in os.environ)
     if not enabled:
         return False
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**{**distributed_arguments(os.environ), **kwargs})
     log.info("jax.distributed initialised: process %d of %d, %d global devices",
              jax.process_index(), jax.process_count(), jax.device_count())
     return True

@@ -7,6 +7,11 @@ as a read-only input and never copied or updated. One optimiser step averages th
 `grad_accum` micro-batches (a lax.scan), anneals tau and ramps lambda with the surgery's
 schedules, and returns the step's metrics.
 
+On a mesh the step returns its state with the shardings it was given (each array placed by its
+logical axes, optimiser moments like their parameters), so every step, and every step after a
+resume, runs the one compiled program. The host reads the step metrics only on logging and
+saving steps; it then checks every step since the last read.
+
 A run resumes from the newest readable checkpoint of its directory: router and optimiser state,
 RNG state, step and data-iterator position, so an interrupted run continues exactly as an
 uninterrupted one. A non-finite loss stops the run before anything of that step is saved.
@@ -14,6 +19,7 @@ uninterrupted one. A non-finite loss stops the run before anything of that step 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -22,9 +28,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from ultrametric_jax import sharding
 from ultrametric_jax.config import ConfigError
@@ -96,12 +102,17 @@ def accumulate_gradients(grad_fn: Callable, params, mutable, frozen, input_ids, 
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable,
-                    lambda_fn: Callable) -> Callable:
-    """jit(step(params, opt_state, mutable, frozen, step, input_ids [A,b,S], mask [A,b,S]))
-    -> (params, opt_state, mutable, metrics)."""
+                    lambda_fn: Callable, state_shardings: Optional[tuple] = None) -> Callable:
+    """jit(train_step(params, opt_state, mutable, frozen, step, input_ids [A,b,S], mask [A,b,S]))
+    -> (params, opt_state, mutable, metrics).
+
+    state_shardings: the (params, opt_state, mutable) shardings of the state passed in, which
+    the step returns its state with, so that the next step reuses this compilation; None (one
+    device) leaves them to the compiler.
+    """
     grad_fn = make_grad_fn(graphdef)
 
-    def step(params, opt_state, mutable, frozen, step_index, input_ids, mask):
+    def train_step(params, opt_state, mutable, frozen, step_index, input_ids, mask):
         tau, lam = tau_fn(step_index), lambda_fn(step_index)
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
         set_tau(model, tau)
@@ -115,19 +126,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable
                        grad_norm=optax.global_norm(grads))
         return params, opt_state, mutable, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=(0, 1, 2))
+    return jax.jit(train_step, donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, None))
 
 
 _STEP_CACHE: dict = {}
 
 
-def cached_train_step(graphdef, train: ml_collections.ConfigDict, surgery) -> Callable:
-    """make_train_step for this model structure and these hyper-parameters, built once per
-    process, so that a second trainer of the same run reuses the compiled step."""
-    key = (graphdef, surgery, train.lr, train.warmup_steps, train.weight_decay, train.clip_norm)
+def cached_train_step(graphdef, train: ml_collections.ConfigDict, surgery,
+                      state_shardings: Optional[tuple] = None) -> Callable:
+    """make_train_step for this model structure, train config, surgery and state shardings,
+    built once per process, so that a second trainer of the same run reuses the compiled
+    step."""
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    key = (graphdef, surgery, json.dumps(train.to_dict(), sort_keys=True), tuple(leaves),
+           treedef)
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = make_train_step(graphdef, build_optimizer(train),
-                                           tau_schedule(surgery), lambda_schedule(surgery))
+                                           tau_schedule(surgery), lambda_schedule(surgery),
+                                           state_shardings)
     return _STEP_CACHE[key]
 
 
@@ -148,6 +166,31 @@ def checkpoint_template(config: ml_collections.ConfigDict, model) -> dict:
     return checkpoint_layout(params, build_optimizer(config.train).init(params), mutable)
 
 
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The device mesh config.mesh asks for, checked against the training batch: ConfigError
+    naming the field when the devices cannot form it or a micro-batch cannot split over its
+    data-parallel devices. Loads nothing, so a run can check it first."""
+    try:
+        mesh = sharding.mesh_from_config(config.mesh)
+    except sharding.ShardingError as e:
+        raise ConfigError(f"invalid config value mesh={config.mesh.to_dict()}: {e}") from None
+    micro_batch = config.train.batch_size // config.train.grad_accum
+    ways = sharding.data_parallel_size(mesh)
+    if micro_batch % ways:
+        raise ConfigError(
+            f"invalid config value train.batch_size={config.train.batch_size}: each "
+            f"micro-batch of {micro_batch} sequences must split evenly over the "
+            f"{ways} data-parallel devices of mesh {dict(mesh.shape)}; change "
+            "train.batch_size or config.mesh")
+    return mesh
+
+
+def place_on_mesh(model, mesh: Mesh) -> None:
+    """Shards the model's arrays over `mesh` by their logical axes (a no-op on one device)."""
+    if mesh.size > 1:
+        sharding.shard_module(model, mesh)
+
+
 @dataclasses.dataclass
 class TrainOutcome:
     step: int                 # steps completed (== train.steps unless stopped)
@@ -166,38 +209,30 @@ class SurgeryTrainer:
         surgery = surgery_config(config)
         self.tx = build_optimizer(config.train)
         model.train()
-        accum = config.train.grad_accum
-        self.micro_batch = config.train.batch_size // accum
-        self.accum = accum
-        self.mesh = self._place_on_mesh(config, model)
+        self.accum = config.train.grad_accum
+        self.micro_batch = config.train.batch_size // self.accum
+        # The model's arrays on the mesh by their logical axes; the batch splits over
+        # data x fsdp.
+        self.mesh = run_mesh(config)
+        place_on_mesh(model, self.mesh)
         self.graphdef, self.params, self.mutable, self.frozen = nnx.split(
             model, RouterParam, MUTABLE, ...)
         self.opt_state = self.tx.init(self.params)
+        shardings = None
+        if self.mesh.size > 1:
+            layout = self._checkpoint_state()
+            shardings = sharding.state_shardings(layout, self.mesh)
+            layout = jax.device_put(layout, shardings)
+            self.params, self.opt_state, self.mutable = (
+                layout["router"], layout["opt"], layout["mutable"])
+            shardings = (shardings["router"], shardings["opt"], shardings["mutable"])
         self.step = 0
         self.data = BatchIterator(train_data, config.train.batch_size,
                                   seed=config.seed)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             keep=config.checkpoint.keep)
-        self._step_fn = cached_train_step(self.graphdef, config.train, surgery)
+        self._step_fn = cached_train_step(self.graphdef, config.train, surgery, shardings)
         self.metrics = MetricsWriter(workdir)
-
-    def _place_on_mesh(self, config, model):
-        """Shards the model over config.mesh (a no-op on one device); the jitted step then
-        runs with the parameters' shardings and the batch split over data x fsdp."""
-        try:
-            mesh = sharding.mesh_from_config(config.mesh)
-        except sharding.ShardingError as e:
-            raise ConfigError(f"invalid config value mesh={config.mesh.to_dict()}: {e}") from None
-        ways = sharding.data_parallel_size(mesh)
-        if self.micro_batch % ways:
-            raise ConfigError(
-                f"invalid config value train.batch_size={config.train.batch_size}: each "
-                f"micro-batch of {self.micro_batch} sequences must split evenly over the "
-                f"{ways} data-parallel devices of mesh {dict(mesh.shape)}; change "
-                "train.batch_size or config.mesh")
-        if mesh.size > 1:
-            sharding.shard_module(model, mesh)
-        return mesh
 
     # ------------------------------------------------------------------ state
 
@@ -205,14 +240,13 @@ class SurgeryTrainer:
         return checkpoint_layout(self.params, self.opt_state, self.mutable)
 
     def restore(self) -> Optional[int]:
-        """Load the newest readable checkpoint, if any; returns its step."""
+        """Load the newest readable checkpoint, if any, placed as the current state is;
+        returns its step."""
         restored = self.checkpointer.restore_latest(self._checkpoint_state())
         if restored is None:
             return None
         check_same_base(restored.meta["base_model"], self.base_identity)
         self.params = restored.state["router"]
-        if self.mesh.size > 1:
-            self.params = sharding.shard_state(self.params, self.mesh)
         self.opt_state = restored.state["opt"]
         self.mutable = restored.state["mutable"]
         self.data.set_state(restored.meta["data_state"])
@@ -241,38 +275,32 @@ class SurgeryTrainer:
 
     def train(self, resume: bool = True) -> TrainOutcome:
         total = int(self.config.train.steps)
+        log_every, save_every = self.config.train.log_every, self.config.checkpoint.every
         resumed = self.restore() if resume else None
         # Records past the restored step come from an interrupted attempt: drop them.
         self.metrics.truncate_after(self.step)
         start_time, last = time.time(), {}
+        pending, window_start = [], time.time()
         bar = progress_bar(total, initial=self.step, enabled=self.progress)
         try:
             while self.step < total:
-                t0 = time.time()
                 ids, mask = self._next_batch()
                 params, opt_state, mutable, metrics = self._step_fn(
                     self.params, self.opt_state, self.mutable, self.frozen,
                     jnp.asarray(self.step, jnp.int32), ids, mask)
-                # The old state was donated to the step: adopt the new one before judging it.
+                # The old state was donated to the step: adopt the new one.
                 self.params, self.opt_state, self.mutable = params, opt_state, mutable
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    last_good = self.checkpointer.latest_step()
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({metrics['loss']}) at step {self.step + 1} "
-                        f"(ce={metrics['ce']}, balance_loss={metrics['balance_loss']}); "
-                        f"stopping. The last good checkpoint is step {last_good} in "
-                        f"{self.checkpointer.directory}; lower train.lr or check the data.")
                 self.step += 1
-                metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.time() - t0, 1e-9)
-                last = metrics
-                if self.step % self.config.train.log_every == 0 or self.step == total:
-                    self.metrics.write(self.step, metrics)
+                pending.append((self.step, metrics))
                 bar.update(1)
-                bar.set_postfix(format_scalars(metrics, ("loss", "ce", "density", "tau")),
-                                refresh=False)
-                if self.step % self.config.checkpoint.every == 0 or self.step == total:
-                    self.save()
+                saving = self.step % save_every == 0 or self.step == total
+                if saving or self.step % log_every == 0:
+                    last = self._read_metrics(pending, time.time() - window_start)
+                    bar.set_postfix(format_scalars(last, ("loss", "ce", "density", "tau")),
+                                    refresh=False)
+                    if saving:
+                        self.save()
+                    pending, window_start = [], time.time()
         finally:
             bar.close()
             self.sync_model()
@@ -280,15 +308,31 @@ class SurgeryTrainer:
         return TrainOutcome(step=self.step, resumed_from=resumed, last_metrics=last,
                             seconds=time.time() - start_time)
 
+    def _read_metrics(self, pending: list, seconds: float) -> dict:
+        """Fetch the metrics of the steps run since the last read (one host sync), stop on the
+        first non-finite loss among them, and log those of logging steps; returns the newest.
+
+        tokens_per_s is the throughput over those steps.
+        """
+        fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(
+            [m for _, m in pending])]
+        tokens_per_s = sum(m.pop("tokens") for m in fetched) / max(seconds, 1e-9)
+        for (step, _), m in zip(pending, fetched):
+            if not math.isfinite(m["loss"]):
+                last_good = self.checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({m['loss']}) at step {step} "
+                    f"(ce={m['ce']}, balance_loss={m['balance_loss']}); "
+                    f"stopping. The last good checkpoint is step {last_good} in "
+                    f"{self.checkpointer.directory}; lower train.lr or check the data.")
+            m["tokens_per_s"] = tokens_per_s
+            if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+                self.metrics.write(step, m)
+        return fetched[-1]
+
     def close(self) -> None:
         self.metrics.close()
         self.checkpointer.close()
-
-
-def base_parameters_fingerprint(model) -> np.ndarray:
-    """All non-router parameters flattened to one float64 vector (for identity checks)."""
-    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(RouterParam)))
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(state)])
 
 
 # ----------------------------------------------------------------------------- run setup

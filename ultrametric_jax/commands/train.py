@@ -11,28 +11,43 @@ import sys
 import time
 
 DESCRIPTION = "Train the injected topology (routers only, base model frozen); resumable."
+DENSE_CACHE = "dense_eval.json"
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to a temporary file, then rename it over `path`: a reader sees the
+    old file or the new one, never a torn one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_run_config(config, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
 
 def dense_baseline(setup, config, workdir: str) -> dict:
-    """Perplexity of the base model on the held-out batches, cached per base model and data."""
+    """Perplexity of the base model on the held-out batches, cached in the workdir per base
+    model, data, evaluation settings and dtypes; an unreadable cache file is recomputed."""
     from ultrametric_jax.evaluate import perplexity
     key = {"base_model": setup.identity["files"], "data": config.data.to_dict(),
            "seq_len": config.train.seq_len, "eval": config.eval.to_dict(),
-           "dtype": config.model.dtype}
-    path = os.path.join(workdir, "dense_eval.json")
-    if os.path.exists(path):
+           "dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    path = os.path.join(workdir, DENSE_CACHE)
+    try:
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("key") == key:
+        if cached["key"] == key:
             return cached["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache, or one that cannot be read: measure afresh
     result = perplexity(setup.model, setup.val_batches)
-    with open(path, "w") as f:
-        json.dump({"key": key, "result": result}, f, indent=2)
+    write_json(path, {"key": key, "result": result})
     return result
 
 
@@ -41,8 +56,9 @@ def train_pipeline(config, workdir: str, *, install: bool, evaluate: bool):
     from ultrametric_jax.config_flags import surgery_config
     from ultrametric_jax.evaluate import EvalReport, evaluate_surgical, write_report
     from ultrametric_jax.sharding import maybe_initialize_distributed
-    from ultrametric_jax.train import SurgeryTrainer, inject, setup_run
+    from ultrametric_jax.train import SurgeryTrainer, inject, run_mesh, setup_run
     maybe_initialize_distributed(True if config.get("distributed") else None)
+    run_mesh(config)  # a mesh or batch the devices cannot serve fails before anything loads
     setup = setup_run(config, install=install)
     write_run_config(config, workdir)
     dense = dense_baseline(setup, config, workdir) if evaluate else None
