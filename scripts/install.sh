@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# PyTorch (CPU build) is needed even for the main job: transformers reads the GGUF tokenizer
-# through its PyTorch integration. Pinned to the release the test suite runs with.
+# PyTorch is needed even for the main job: transformers reads the GGUF tokenizer through its
+# PyTorch integration. Pinned to the release the test suite runs with (the CPU build is enough).
 extras="[torch]"
 if [[ "${1:-}" == "--test" ]]; then extras="[torch,test]"; fi
 $PY -m pip install --upgrade pip >/dev/null
