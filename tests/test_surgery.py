@@ -445,7 +445,7 @@ def test_collapse_on_smollm2(smollm2_jax, smollm2_tokenizer, shakespeare_text):
 
 
 @pytest.mark.parametrize("options", [{}, {"backend": "gpu", "interpret": True}])
-def test_kernel_backend_matches_dense_evaluation(options):
+def test_kernel_backend_matches_dense_evaluation(options, highest_precision):
     cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
     model = surgery.inject_topology(tiny_model(4, 2, qk_gain=6.0), cfg, nnx.Rngs(0))
     perturb_routers(model, seed=6)
@@ -474,7 +474,7 @@ def test_generate_with_left_padding_matches_full_recomputation():
         np.testing.assert_allclose(logits[row], full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
-def test_kernel_mode_with_explicit_positions_equals_dense():
+def test_kernel_mode_with_explicit_positions_equals_dense(highest_precision):
     """The kernel takes token i to sit at position i; explicit positions (here 10..33, which
     put no key among the sink tokens) must give the dense path's answer."""
     cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
@@ -488,7 +488,7 @@ def test_kernel_mode_with_explicit_positions_equals_dense():
     np.testing.assert_array_equal(np.asarray(forward(model, ids, positions)), dense)
 
 
-def test_kernel_mode_aux_densities_from_cluster_ids():
+def test_kernel_mode_aux_densities_from_cluster_ids(highest_precision):
     """On the kernel path the densities are counted from the cluster ids, not from a mask."""
     cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
     model = surgery.inject_topology(tiny_model(4, 2, qk_gain=6.0), cfg, nnx.Rngs(0))
