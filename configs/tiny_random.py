@@ -60,7 +60,7 @@ def write_model(path: str, seed: int = 0) -> str:
     """Write the tiny random Llama as an HF directory at `path`; returns `path`."""
     from safetensors.numpy import save_file
 
-    from ultrametric_jax.config import LlamaConfig
+    from ultrametric_jax.model.config import LlamaConfig
     cfg = LlamaConfig(**ARCH)
     rng = np.random.default_rng(seed)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim

@@ -32,10 +32,10 @@ def dir_bytes(path: str) -> int:
 def verify(src: str, dst: str, dtype: str) -> bool:
     """Every tensor of dst equals the source's (transposed, cast), one group in memory at a time."""
     import numpy as np
-    from ultrametric_jax.checkpoint import resolve_dtype
-    from ultrametric_jax.checkpoint.hf import (SafetensorsReader, abstract_model, hf_name,
+    from ultrametric_jax.io.checkpoints import resolve_dtype
+    from ultrametric_jax.io.hf import (SafetensorsReader, abstract_model, hf_name,
                                                param_leaves, prepare_leaf)
-    from ultrametric_jax.checkpoint.native import iter_native_leaves, native_config
+    from ultrametric_jax.io.native import iter_native_leaves, native_config
     leaves = param_leaves(abstract_model(native_config(dst), resolve_dtype(dtype)))
     wants = dict(leaves)
     reader = SafetensorsReader(src)
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import numpy as np
-    from ultrametric_jax.checkpoint import convert_checkpoint
-    from ultrametric_jax.checkpoint.hf import SafetensorsReader
+    from ultrametric_jax.io.checkpoints import convert_checkpoint
+    from ultrametric_jax.io.hf import SafetensorsReader
 
     start = time.time()
     convert_checkpoint(args.src, args.dst, to="native", dtype=args.dtype, progress=True)

@@ -26,11 +26,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ultrametric_jax import sharding, surgery  # noqa: E402
-from ultrametric_jax.config import LlamaConfig, SurgeryConfig  # noqa: E402
-from ultrametric_jax.llama import LlamaForCausalLM  # noqa: E402
-from ultrametric_jax.router import RouterParam  # noqa: E402
-from ultrametric_jax.train import MUTABLE, make_train_step  # noqa: E402
+from ultrametric_jax.parallel import sharding  # noqa: E402
+from ultrametric_jax.surgery import inject as surgery  # noqa: E402
+from ultrametric_jax.model.config import LlamaConfig  # noqa: E402
+from ultrametric_jax.surgery.config import SurgeryConfig  # noqa: E402
+from ultrametric_jax.model.llama import LlamaForCausalLM  # noqa: E402
+from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
+from ultrametric_jax.run.trainer import MUTABLE, make_train_step  # noqa: E402
 
 VOCAB = 32000
 

@@ -19,9 +19,9 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ultrametric_jax.checkpoint.hf import (abstract_model, hf_name, param_leaves,  # noqa: E402
+from ultrametric_jax.io.hf import (abstract_model, hf_name, param_leaves,  # noqa: E402
                                            parse_size, write_sharded)
-from ultrametric_jax.config import LlamaConfig  # noqa: E402
+from ultrametric_jax.model.config import LlamaConfig  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

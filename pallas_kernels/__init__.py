@@ -9,6 +9,8 @@ from pallas_kernels.masking import allowed_pairs
 from pallas_kernels.ops import attention_with_schedule, block_sparse_attention
 from pallas_kernels.reference import reference_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
+from pallas_kernels.sharding import sharded_block_sparse_attention
 
 __all__ = ["allowed_pairs", "attention_with_schedule", "block_sparse_attention",
-           "reference_attention", "BlockSchedule", "build_schedule"]
+           "reference_attention", "sharded_block_sparse_attention", "BlockSchedule",
+           "build_schedule"]

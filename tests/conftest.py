@@ -92,7 +92,7 @@ def tiny_hf(tmp_path):
 # ----------------------------------------------------------------------------- real model
 
 def smollm2_gguf_path() -> str | None:
-    from ultrametric_jax.assets import installed_smollm2_gguf
+    from ultrametric_jax.io.assets import installed_smollm2_gguf
     return installed_smollm2_gguf()
 
 
@@ -129,7 +129,7 @@ def smollm2_torch(smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
-    from ultrametric_jax.tokenizer import tokenizer_from_gguf
+    from ultrametric_jax.io.tokenizer import tokenizer_from_gguf
     return tokenizer_from_gguf(smollm2_path)
 
 

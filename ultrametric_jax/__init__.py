@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import importlib
 
-from ultrametric_jax.config import ConfigError, LlamaConfig, SurgeryConfig
+from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.model.config import LlamaConfig
+from ultrametric_jax.surgery.config import SurgeryConfig
 
 _LAZY = {
-    "LlamaForCausalLM": "ultrametric_jax.llama",
-    "load_pretrained": "ultrametric_jax.checkpoint",
-    "save_hf": "ultrametric_jax.checkpoint",
-    "inject_topology": "ultrametric_jax.surgery",
-    "extract_routes": "ultrametric_jax.surgery",
+    "LlamaForCausalLM": "ultrametric_jax.model.llama",
+    "load_pretrained": "ultrametric_jax.io.checkpoints",
+    "save_hf": "ultrametric_jax.io.checkpoints",
+    "inject_topology": "ultrametric_jax.surgery.inject",
+    "extract_routes": "ultrametric_jax.surgery.inject",
 }
 
 __all__ = ["ConfigError", "LlamaConfig", "SurgeryConfig", *_LAZY]

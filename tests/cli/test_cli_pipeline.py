@@ -1,0 +1,212 @@
+"""The run / train / eval commands on the tiny random Llama: reports, files, clear errors."""
+import json
+import os
+import runpy
+import shutil
+
+import numpy as np
+import pytest
+
+from ultrametric_jax.cli.main import main as cli
+from ultrametric_jax.cli.flags import configs_dir
+
+TINY = os.path.join(configs_dir(), "tiny_random.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return runpy.run_path(TINY)["write_model"](str(tmp_path_factory.mktemp("tiny")))
+
+
+def _args(model_dir, workdir, *overrides):
+    return ["--config", TINY, f"--config.model.path={model_dir}", "--workdir", str(workdir),
+            *[f"--config.{o}" for o in overrides]]
+
+
+def _torch_dense_perplexity(model_dir, batches):
+    """Oracle: transformers' PyTorch Llama on the same held-out batches."""
+    import torch
+    import transformers
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir,
+                                                          dtype=torch.float64).eval()
+    total, count = 0.0, 0.0
+    for b in batches:
+        ids = torch.tensor(np.asarray(b["input_ids"], np.int64))
+        mask = torch.tensor(np.asarray(b["attention_mask"], np.int64))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids, attention_mask=mask).logits[:, :-1], -1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        weights = mask[:, 1:].double()
+        total += float((nll * weights).sum())
+        count += float(weights.sum())
+    return float(np.exp(total / count))
+
+
+def _listing(root):
+    """Every path under root (relative), with the size and mtime of files."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        out += [(os.path.relpath(os.path.join(dirpath, n), root), "dir") for n in dirnames]
+        for name in filenames:
+            st = os.stat(os.path.join(dirpath, name))
+            out.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size,
+                        st.st_mtime_ns))
+    return sorted(out, key=str)
+
+
+@pytest.mark.slow
+def test_run_then_eval(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "w"
+    assert cli.main(["run", *_args(tiny_model_dir, workdir, "train.steps=6")]) == 0
+    out = capsys.readouterr().out
+    assert "ultrametric run tiny_random: 6 router steps" in out
+    assert "held-out perplexity dense" in out and "attention density" in out
+    report = json.load(open(workdir / "eval.json"))
+    assert report["step"] == 6
+    assert open(workdir / "eval.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    s = report["surgical"]
+    assert len(s["density_per_layer"]) == 2 and len(s["routing_entropy_bits_per_level"]) == 2
+    assert 0 < s["tree_density"] <= s["density"] <= 1
+    assert report["perplexity_change"] == pytest.approx(
+        s["perplexity"] / report["dense"]["perplexity"] - 1)
+    # The dense baseline agrees with transformers on the same held-out sequences.
+    from ultrametric_jax.cli.flags import parse_config_args
+    from ultrametric_jax.run.trainer import setup_run
+    config, _, _, _ = parse_config_args(_args(tiny_model_dir, workdir)[:2] +
+                                        [f"--config.model.path={tiny_model_dir}"])
+    oracle = _torch_dense_perplexity(tiny_model_dir, setup_run(config).val_batches)
+    assert report["dense"]["perplexity"] == pytest.approx(oracle, rel=1e-4)
+    # eval of the same workdir evaluates the same checkpoint: identical numbers. It reads the
+    # checkpoints without touching them, even the temporary directory of a save in progress,
+    # and serves the dense baseline from run's cache.
+    ckpt = workdir / "checkpoints"
+    shutil.copytree(ckpt / "6", ckpt / "7.orbax-checkpoint-tmp-1234567890")
+    before = _listing(ckpt)
+    from ultrametric_jax.run import evaluate
+
+    def no_dense_recompute(model, batches):
+        raise AssertionError("eval measured the dense baseline again")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "perplexity", no_dense_recompute)
+        assert cli.main(["eval", *_args(tiny_model_dir, workdir, "train.steps=6")]) == 0
+    assert _listing(ckpt) == before
+    shutil.rmtree(ckpt / "7.orbax-checkpoint-tmp-1234567890")
+    again = json.load(open(workdir / "eval.json"))
+    assert again["surgical"] == report["surgical"]
+    assert again["dense"]["perplexity"] == pytest.approx(oracle, rel=1e-4)
+    assert "step 6: held-out perplexity" in capsys.readouterr().out
+    # Training further in the same workdir resumes from step 6.
+    assert cli.main(["train", *_args(tiny_model_dir, workdir, "train.steps=8")]) == 0
+    assert "trained 8 steps (resumed from step 6)" in capsys.readouterr().out
+    # A damaged newest checkpoint is skipped with a warning and left in place: eval falls back
+    # to step 6.
+    assert sorted(os.listdir(ckpt)) == ["6", "8"]
+    os.remove(ckpt / "8" / "meta" / "metadata")
+    with pytest.warns(RuntimeWarning, match="skipping corrupt or partial checkpoint step 8"):
+        assert cli.main(["eval", *_args(tiny_model_dir, workdir)]) == 0
+    assert json.load(open(workdir / "eval.json"))["surgical"] == report["surgical"]
+    assert sorted(os.listdir(ckpt)) == ["6", "8"]
+
+
+def test_eval_without_checkpoint_reports_the_collapsed_model(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["eval", *_args(tiny_model_dir, tmp_path / "e")]) == 0
+    captured = capsys.readouterr()
+    assert "no checkpoint in" in captured.err
+    report = json.load(open(tmp_path / "e" / "eval.json"))
+    # Collapse initialisation: identical to the dense model, fully dense attention.
+    assert report["surgical"]["perplexity"] == report["dense"]["perplexity"]
+    assert report["surgical"]["density"] == 1.0
+
+
+@pytest.mark.parametrize("command", ["run", "train", "eval"])
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "invalid config value train.batch_size=0: must be an integer >= 1"),
+    ("surgery.window=-1", r"invalid SurgeryConfig.window=-1: must be >= 0"),
+    ("train.stepz=4", "unknown config key 'train.stepz'"),
+    ("train.lr=fast", "--config.train.lr='fast': expected a value of type float"),
+])
+def test_invalid_config_values_give_clear_errors(command, override, message, tiny_model_dir,
+                                                 tmp_path, capsys):
+    assert cli.main([command, *_args(tiny_model_dir, tmp_path / "w", override)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ultrametric {command}: error: ") and message in err
+
+
+@pytest.mark.parametrize("command", ["run", "train", "eval"])
+def test_workdir_that_is_a_file_is_refused(command, tiny_model_dir, tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    for workdir, message in ((not_a_dir, "is a file, not a directory"),
+                             (not_a_dir / "sub", "lies under")):
+        assert cli.main([command, *_args(tiny_model_dir, workdir)]) == 2
+        err = capsys.readouterr().err
+        assert f"--workdir '{workdir}'" in err and message in err
+
+
+@pytest.mark.parametrize("command", ["run", "train", "eval"])
+@pytest.mark.parametrize("override, message", [
+    ("mesh.data=16", "invalid config value mesh={'data': 16, 'fsdp': 1, 'tensor': 1}: mesh "
+                     "{'data': 16, 'fsdp': 1, 'tensor': 1} needs 16 devices, but 8 are available"),
+    ("mesh.data=-1", "invalid config value train.batch_size=4: each micro-batch of 4 sequences "
+                     "must split evenly over the 8 data-parallel devices"),
+])
+def test_mesh_errors_come_before_the_model_loads(command, override, message, tmp_path, capsys):
+    # model.path names nothing: the mesh error can only win by coming first.
+    assert cli.main([command, "--config", TINY, "--config.model.path=/no/such/model",
+                     "--workdir", str(tmp_path / "w"), f"--config.{override}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ultrametric {command}: error: ") and message in err
+
+
+def test_dense_baseline_cache(tmp_path, monkeypatch):
+    """Keyed by the dtypes too, written atomically, and a torn or unwritable file costs only a
+    re-measurement."""
+    from types import SimpleNamespace
+
+    from ultrametric_jax.run import evaluate
+    from ultrametric_jax.cli.train import DENSE_CACHE, dense_baseline
+    from ultrametric_jax.cli.flags import parse_config_args
+    config, _, _, _ = parse_config_args(["--config", TINY])
+    setup = SimpleNamespace(identity={"files": {"model.safetensors": "ab" * 32}}, model=None,
+                            val_batches=[])
+    measured = []
+
+    def perplexity(model, batches):
+        measured.append(config.model.param_dtype)
+        return {"perplexity": float(len(measured))}
+
+    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    workdir, path = str(tmp_path), tmp_path / DENSE_CACHE
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}     # from the cache
+    config.model.param_dtype = "bfloat16"
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 2.0}
+    assert measured == ["float32", "bfloat16"]
+    path.write_text('{"key": {"base_model": ')                                 # torn by a kill
+    assert dense_baseline(setup, config, workdir) == {"perplexity": 3.0}
+    assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
+    # A write that fails leaves the previous cache whole and no temporary file behind.
+    config.model.param_dtype = "float16"
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        dense_baseline(setup, config, workdir)
+    assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
+    assert os.listdir(tmp_path) == [DENSE_CACHE]
+
+
+def test_missing_model_and_bad_flags(tmp_path, capsys):
+    assert cli.main(["train", "--config", TINY, "--config.model.path=/no/such/model",
+                     "--workdir", str(tmp_path / "w")]) == 2
+    assert "invalid config value model.path='/no/such/model'" in capsys.readouterr().err
+    assert cli.main(["train", "--config", TINY, "--steps=3"]) == 2
+    assert "unknown flag '--steps'" in capsys.readouterr().err
+    assert cli.main(["run", "--help"]) == 0
+    assert "--config.KEY=VALUE" in capsys.readouterr().out
+
+
+def test_default_workdir_is_named_after_the_config(tiny_model_dir, tmp_path, monkeypatch,
+                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--config", TINY, f"--config.model.path={tiny_model_dir}"]) == 0
+    assert (tmp_path / "workdir" / "tiny_random" / "eval.json").exists()

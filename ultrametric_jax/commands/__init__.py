@@ -1,1 +1,0 @@
-"""Subcommands of the `ultrametric` CLI; each module exposes `main(argv) -> int`."""

@@ -1,0 +1,122 @@
+"""Checkpoints: load a Llama from HF safetensors, GGUF or the native format; save as HF.
+
+    model = load_pretrained(path, dtype=jnp.float32)   # model.config is its LlamaConfig
+    save_hf(model, out_dir, tokenizer=None)             # transformers-loadable directory
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ultrametric_jax.io.hf import (CheckpointError, load_hf, param_leaves,
+                                           save_hf_weights, write_hf_config)
+
+__all__ = ["CheckpointError", "load_pretrained", "save_hf", "detect_format", "resolve_dtype",
+           "convert_checkpoint", "base_filter"]
+TARGET_FORMATS = ("native", "hf")
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    """A jnp dtype from a name ('float32', 'bf16', ...) or a dtype."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype.lower()]
+    return jnp.dtype(dtype).type
+
+
+def detect_format(path: str) -> str:
+    """'gguf', 'native' or 'hf' for a checkpoint path; raises naming what is missing."""
+    from ultrametric_jax.io import native
+    if os.path.isfile(path):
+        if path.endswith(".gguf") or _has_gguf_magic(path):
+            return "gguf"
+        raise CheckpointError(f"unrecognised checkpoint file {path}: expected a .gguf file or a "
+                              "directory (HF safetensors or native)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if native.is_native(path):
+        return "native"
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"missing config.json in {path}")
+    return "hf"
+
+
+def _has_gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_pretrained(path: str, dtype=jnp.float32, param_dtype=None, progress: bool = False):
+    """Load a Llama model from an HF dir, a .gguf file or a native checkpoint dir.
+
+    `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype.
+    Tensors are streamed one at a time into an abstractly built model.
+    """
+    dtype = resolve_dtype(dtype)
+    param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from ultrametric_jax.io.gguf import load_gguf
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, progress=progress)
+    if fmt == "native":
+        from ultrametric_jax.io.native import load_native
+        return load_native(path, dtype=dtype, param_dtype=param_dtype)
+    return load_hf(path, dtype=dtype, param_dtype=param_dtype, progress=progress)
+
+
+def convert_checkpoint(src: str, dst: str, to: str = "native", dtype=jnp.float32, tokenizer=None,
+                       max_shard_size="5GB", progress: bool = False) -> str:
+    """Convert src (HF dir, .gguf, native dir) to dst in the `to` format ('native' or 'hf').
+
+    HF/GGUF -> native streams one group of tensors at a time and never builds the model;
+    the other directions load the model (one copy) and write it out.
+    """
+    from ultrametric_jax.io.native import convert_to_native, save_native
+    if to not in TARGET_FORMATS:
+        raise ValueError(f"unknown target format {to!r}; expected one of {TARGET_FORMATS}")
+    dtype = resolve_dtype(dtype)
+    fmt = detect_format(src)
+    if to == "native" and fmt in ("hf", "gguf"):
+        if fmt == "hf":
+            from ultrametric_jax.io.hf import hf_source as source_of
+        else:
+            from ultrametric_jax.io.gguf import gguf_source as source_of
+        config, fetch = source_of(src)
+        return convert_to_native(config, fetch, dst, dtype, source=src, tokenizer=tokenizer,
+                                 progress=progress)
+    model = load_pretrained(src, dtype=dtype, progress=progress)
+    if to == "native":
+        return save_native(model, dst, tokenizer=tokenizer)
+    return save_hf(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                   progress=progress)
+
+
+def base_filter():
+    """The base Llama's parameters: every nnx.Param that is not a router parameter."""
+    from ultrametric_jax.surgery.router import RouterParam
+    return nnx.All(nnx.Param, nnx.Not(RouterParam))
+
+
+def save_hf(model, out_dir: str, tokenizer=None, max_shard_size="5GB", progress: bool = False,
+            config_extra: dict | None = None) -> str:
+    """Write config.json, the base model's safetensors weights and (when known) tokenizer.json.
+
+    Routers of an injected topology are not written: they are no part of a transformers Llama
+    (`ultrametric_jax.run.export` writes them). `tokenizer` may be a `tokenizers.Tokenizer`, a
+    transformers tokenizer or a path to a tokenizer.json; `config_extra` adds config.json keys.
+    """
+    from ultrametric_jax.io.tokenizer import save_tokenizer
+    os.makedirs(out_dir, exist_ok=True)
+    first = param_leaves(model, base_filter())[0][1].get_value()
+    write_hf_config(model.config, first.dtype, out_dir, config_extra)
+    save_hf_weights(model, out_dir, max_shard_size=max_shard_size, filter_=base_filter(),
+                    progress=progress)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out_dir, config=model.config)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Device meshes, logical axis rules, placement, global batches, multi-host initialisation."""

@@ -1,0 +1,231 @@
+"""Evaluation of a surgery run: dense-baseline vs surgical perplexity on held-out text,
+attention density per layer (tree only and total) and routing entropy per level, written as
+JSON and as a PNG (loss curves and density per layer).
+
+Densities are counted here from the hard cluster ids, independently of the attention code:
+among the causal pairs (j <= i) of real tokens, `tree` counts pairs in the same cluster and
+`total` those allowed by tree, sink or window. Routing entropy at level l is the entropy, in
+bits, of how tokens spread over the tree's nodes at depth l + 1 (mean over layers and heads); it
+is reported for the levels above the cut, the ones that shape the mask (max (l + 1) log2 p).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.losses import token_cross_entropy
+from ultrametric_jax.run.metrics import read_metrics
+from ultrametric_jax.surgery.inject import evaluation_mode, forward_with_aux
+
+RESULTS_JSON = "eval.json"
+RESULTS_PNG = "eval.png"
+
+
+# ----------------------------------------------------------------------------- counting
+
+def pair_counts(clusters: np.ndarray, valid: np.ndarray, window: int, sink_tokens: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tree, allowed, causal) pair counts per head, summed over the batch.
+
+    clusters int [B, H, S], valid bool [B, S]. Token t is taken to sit at position t, which
+    holds for right-padded rows (real tokens first, from position 0), not for left padding.
+    Runs in O(S * (window + sink)) per row, never materialising S x S.
+    """
+    clusters = np.asarray(clusters, np.int64)
+    valid = np.asarray(valid, bool)
+    batch, heads, seq = clusters.shape
+    v = np.broadcast_to(valid[:, None, :], clusters.shape)
+    n_valid = v.sum(axis=-1).astype(np.int64)                          # [B, H]
+    causal = n_valid * (n_valid + 1) // 2
+    # Same-cluster causal pairs: each cluster of n real tokens holds n (n + 1) / 2 of them.
+    tree = np.zeros((batch, heads), np.int64)
+    for b in range(batch):
+        for h in range(heads):
+            _, counts = np.unique(clusters[b, h][v[b, h]], return_counts=True)
+            tree[b, h] = np.sum(counts * (counts + 1) // 2)
+    # Fixed (window or sink) pairs, and those among them that the tree allows too.
+    fixed = np.zeros((batch, heads), np.int64)
+    both = np.zeros((batch, heads), np.int64)
+    for offset in range(min(window, seq)):                            # i - j = offset < window
+        pair = v[..., offset:] & v[..., :seq - offset]
+        fixed += pair.sum(-1)
+        both += (pair & (clusters[..., offset:] == clusters[..., :seq - offset])).sum(-1)
+    for j in range(min(sink_tokens, seq)):                            # j < sink, i - j >= window
+        start = j + max(window, 0)
+        if start >= seq:
+            continue
+        pair = v[..., start:] & v[..., j:j + 1]
+        fixed += pair.sum(-1)
+        both += (pair & (clusters[..., start:] == clusters[..., j:j + 1])).sum(-1)
+    allowed = tree + fixed - both
+    return tree.sum(0), allowed.sum(0), causal.sum(0)
+
+
+def node_entropy_bits(clusters: np.ndarray, valid: np.ndarray, arity: int, cut_level: int
+                      ) -> np.ndarray:
+    """[cut_level] mean over heads of the entropy (bits) of token occupancy of depth-(l+1)
+    nodes; clusters int [B, H, S] at the cut level, pooled over the batch."""
+    clusters = np.asarray(clusters, np.int64)
+    v = np.broadcast_to(np.asarray(valid, bool)[:, None, :], clusters.shape)
+    out = np.zeros(cut_level)
+    heads = clusters.shape[1]
+    for level in range(cut_level):
+        nodes = clusters // arity ** (cut_level - level - 1)
+        for h in range(heads):
+            _, counts = np.unique(nodes[:, h][v[:, h]], return_counts=True)
+            prob = counts / counts.sum()
+            out[level] += float(-(prob * np.log2(prob)).sum()) / heads
+    return out
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+@nnx.jit
+def _cross_entropy(model, input_ids, mask):
+    return token_cross_entropy(model(input_ids, attention_mask=mask), input_ids, mask), None
+
+
+@nnx.jit
+def _cross_entropy_and_clusters(model, input_ids, mask):
+    logits, aux = forward_with_aux(model, input_ids, mask)
+    return token_cross_entropy(logits, input_ids, mask), aux["clusters"]
+
+
+def _held_out_loss(forward, model, batches: Sequence[dict], visit=None) -> dict:
+    """Loss, perplexity and token count of forward(model, input_ids, mask) -> ((CE sum, count),
+    extra) over the batches; visit(extra, mask), if given, sees every batch. The sums stay on
+    the device: one host sync at the end."""
+    total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    for batch in batches:
+        mask = np.asarray(batch["attention_mask"], bool)
+        (s, c), extra = forward(model, jnp.asarray(batch["input_ids"]), jnp.asarray(mask))
+        total, count = total + s, count + c.astype(jnp.int32)
+        if visit is not None:
+            visit(extra, mask)
+    loss = float(total) / int(count)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
+
+
+def perplexity(model, batches: Sequence[dict]) -> dict:
+    """Perplexity of a (dense or surgical, evaluation-mode) model over held-out batches."""
+    return _held_out_loss(_cross_entropy, model, batches)
+
+
+def evaluate_surgical(model, batches: Sequence[dict], surgery: SurgeryConfig) -> dict:
+    """Perplexity, density per layer (tree / total) and routing entropy of the hard routes
+    (evaluation mode; the model's mode is restored afterwards)."""
+    layers = len(model.model.layers)
+    tree = np.zeros(layers, np.int64)
+    allowed = np.zeros(layers, np.int64)
+    causal = np.zeros(layers, np.int64)
+    entropy = np.zeros(surgery.cut_level)
+
+    def count_pairs(clusters, mask):
+        clusters = np.asarray(jax.device_get(clusters))
+        for layer in range(layers):
+            t, a, n = pair_counts(clusters[layer], mask, surgery.window, surgery.sink_tokens)
+            tree[layer] += t.sum()
+            allowed[layer] += a.sum()
+            causal[layer] += n.sum()
+            entropy[:] += node_entropy_bits(clusters[layer], mask, surgery.arity,
+                                            surgery.cut_level) / (layers * len(batches))
+
+    with evaluation_mode(model):
+        result = _held_out_loss(_cross_entropy_and_clusters, model, batches, count_pairs)
+    density = allowed / np.maximum(causal, 1)
+    tree_density = tree / np.maximum(causal, 1)
+    return {**result,
+            "density": float(allowed.sum() / max(causal.sum(), 1)),
+            "tree_density": float(tree.sum() / max(causal.sum(), 1)),
+            "density_per_layer": density.tolist(),
+            "tree_density_per_layer": tree_density.tolist(),
+            "routing_entropy_bits_per_level": entropy.tolist(),
+            "dense_layers": int(np.sum(tree_density >= 1.0))}
+
+
+# ----------------------------------------------------------------------------- reports
+
+@dataclasses.dataclass
+class EvalReport:
+    dense: dict
+    surgical: dict
+    step: Optional[int]
+
+    def to_dict(self) -> dict:
+        d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
+        if self.dense:
+            d["perplexity_change"] = self.surgical["perplexity"] / self.dense["perplexity"] - 1
+        return d
+
+    def summary(self) -> str:
+        s = self.surgical
+        lines = [f"step {self.step}: held-out perplexity"]
+        if self.dense:
+            change = 100 * (s["perplexity"] / self.dense["perplexity"] - 1)
+            lines[0] += f" dense {self.dense['perplexity']:.2f} -> surgical " \
+                        f"{s['perplexity']:.2f} ({change:+.1f}%)"
+        else:
+            lines[0] += f" surgical {s['perplexity']:.2f}"
+        lines.append(f"attention density {100 * s['density']:.1f}% (tree only "
+                     f"{100 * s['tree_density']:.1f}%); {s['dense_layers']} of "
+                     f"{len(s['density_per_layer'])} layers fully dense in the tree")
+        return "\n".join(lines)
+
+
+def write_report(report: EvalReport, workdir: str) -> tuple[str, str]:
+    """<workdir>/eval.json and <workdir>/eval.png; returns their paths."""
+    os.makedirs(workdir, exist_ok=True)
+    json_path = os.path.join(workdir, RESULTS_JSON)
+    with open(json_path, "w") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    png_path = os.path.join(workdir, RESULTS_PNG)
+    plot_report(report, read_metrics(os.path.join(workdir, "metrics.jsonl"), "train"), png_path)
+    return json_path, png_path
+
+
+def plot_report(report: EvalReport, train_records: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, (ax_loss, ax_train, ax_density) = plt.subplots(1, 3, figsize=(17, 4.5))
+    steps = [r["step"] for r in train_records]
+    for key, label in (("loss", "total loss"), ("ce", "cross-entropy"),
+                       ("balance_loss", "balance loss")):
+        ax_loss.plot(steps, [r.get(key, np.nan) for r in train_records], label=label)
+    for key, label in (("density", "total"), ("tree_density", "tree only")):
+        ax_train.plot(steps, [r.get(key, np.nan) for r in train_records], label=label)
+    ax_train.set_ylim(0, 1.05)
+    ax_train.set_xlabel("step")
+    ax_train.set_title("attention density while training (Gumbel routes)")
+    ax_train.legend(fontsize=8)
+    if report.dense:
+        ax_loss.axhline(report.dense["loss"], color="k", ls="--", lw=1, label="dense held-out CE")
+    ax_loss.axhline(report.surgical["loss"], color="r", ls=":", lw=1,
+                    label="surgical held-out CE")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training losses")
+    ax_loss.legend(fontsize=8)
+    layers = np.arange(len(report.surgical["density_per_layer"]))
+    ax_density.bar(layers, report.surgical["density_per_layer"], color="tab:blue",
+                   label="total (tree + sink + window)")
+    ax_density.bar(layers, report.surgical["tree_density_per_layer"], color="tab:orange",
+                   width=0.5, label="tree only")
+    ax_density.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_density.set_ylim(0, 1.05)
+    ax_density.set_xlabel("layer")
+    ax_density.set_ylabel("fraction of causal pairs attended")
+    ax_density.set_title(f"held-out density per layer, hard routes (step {report.step})")
+    ax_density.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

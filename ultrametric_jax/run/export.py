@@ -1,0 +1,306 @@
+"""Export a surgical model to a Hugging Face directory that transformers can load.
+
+Layout of the directory:
+    config.json          the base model's config plus `ultrametric_surgery` (the full
+                         SurgeryConfig) and `ultrametric_export` (router file, provenance)
+    model*.safetensors   the base weights exactly as the run loaded them (same dtype, same bits)
+    router.safetensors   the routers, float32, named model.layers.N.self_attn.router.fc1.weight
+                         etc. in torch layout ([out, in])
+    tokenizer files      when the base model's tokenizer is known
+    README.md            how to load it
+
+A plain `AutoModelForCausalLM.from_pretrained(dir)` loads the dense base model and ignores the
+router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical model.
+
+`restore_run` rebuilds the trained surgical model of a run from its Orbax checkpoint (read
+only: it never prunes, quarantines or cleans the run's directory, so it is safe while the run
+is still writing), after checking that the base model on disk is the one the run trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import numpy as np
+from flax import nnx
+
+from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURGERY_CONFIG_KEY,
+                                           router_shape_problem)
+from ultrametric_jax.surgery.router import RouterParam
+
+EXPORT_FORMAT_VERSION = 1
+# Tokenizer-side files of an HF directory, copied verbatim when the base model is one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+class ExportError(ConfigError):
+    """An export cannot proceed; the message names the missing or mismatching piece."""
+
+
+# ----------------------------------------------------------------------------- router tensors
+
+def router_tensors(router_params: nnx.State, config, surgery: SurgeryConfig) -> dict:
+    """HF-named float32 numpy tensors (torch layout) of a router state, checked complete."""
+    from ultrametric_jax.io.hf import hf_name
+    tensors = {}
+    for path, var in nnx.to_flat_state(router_params):
+        name, transpose = hf_name(path)
+        value = var.get_value() if hasattr(var, "get_value") else var
+        arr = np.asarray(value, dtype=np.float32)
+        tensors[name] = np.ascontiguousarray(arr.T if transpose and arr.ndim == 2 else arr)
+    problem = router_shape_problem({n: t.shape for n, t in tensors.items()}, config, surgery)
+    if problem:
+        raise ExportError(problem)
+    return tensors
+
+
+# ----------------------------------------------------------------------------- writing
+
+README = """# Ultrametric surgery export
+
+The dense base model plus a learned ultrametric attention topology (one router per attention
+layer, in `{router}`; its hyper-parameters are `{key}` in config.json).
+
+- Surgical model (hard block-sparse attention, works with `generate()`):
+
+      from ultrametric_jax.pytorch.surgical_llama import load_surgical_llama
+      model = load_surgical_llama("{name}")
+
+- `AutoModelForCausalLM.from_pretrained("{name}")` loads only the dense base model: the
+  routers in `{router}` are not part of its weights and are ignored.
+"""
+
+
+def _write_tokenizer(out_dir: str, tokenizer, tokenizer_dir: Optional[str], config) -> list:
+    written = []
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+                written.append(name)
+    if tokenizer is not None and "tokenizer.json" not in written:
+        from ultrametric_jax.io.tokenizer import save_tokenizer
+        save_tokenizer(tokenizer, out_dir, config=config)
+        written += ["tokenizer.json", "tokenizer_config.json"]
+    return written
+
+
+def _is_export(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return EXPORT_INFO_KEY in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """An output directory must be new or empty; overwrite replaces only an earlier export."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"output directory {out_dir} exists and is not a directory")
+    if not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise ExportError(f"output directory {out_dir} exists and is not empty; choose a new "
+                          "directory or pass --overwrite")
+    if not _is_export(out_dir):
+        raise ExportError(f"output directory {out_dir} is not an earlier export; refusing to "
+                          "replace it even with --overwrite")
+
+
+def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
+                          router_params: Optional[nnx.State] = None, tokenizer=None,
+                          tokenizer_dir: Optional[str] = None, provenance: Optional[dict] = None,
+                          overwrite: bool = False) -> str:
+    """Write `model`'s base weights, `surgery` and the routers to an HF directory.
+
+    model: the JAX LlamaForCausalLM, with or without the topology injected.
+    router_params: the RouterParam state to export (default: the model's own routers).
+    tokenizer: a tokenizer object or path, and/or tokenizer_dir: an HF directory whose
+    tokenizer files are copied verbatim. provenance: recorded under `ultrametric_export`.
+    The directory is assembled next to out_dir and moved into place when complete.
+    """
+    from ultrametric_jax.io.checkpoints import save_hf
+    from ultrametric_jax.io.hf import write_safetensors
+    if not isinstance(surgery, SurgeryConfig):
+        raise TypeError(f"surgery must be a SurgeryConfig, got {type(surgery).__name__}")
+    if router_params is None:
+        router_params = nnx.state(model, RouterParam)
+    tensors = router_tensors(router_params, model.config, surgery)
+    out_dir = os.path.abspath(out_dir)
+    _check_output_dir(out_dir, overwrite)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        save_hf(model, tmp, config_extra={
+            SURGERY_CONFIG_KEY: surgery.to_dict(),
+            EXPORT_INFO_KEY: {"format_version": EXPORT_FORMAT_VERSION,
+                              "router_file": ROUTER_FILE, **(provenance or {})}})
+        write_safetensors(os.path.join(tmp, ROUTER_FILE),
+                          [(n, t.shape, t.dtype) for n, t in tensors.items()], tensors.__getitem__,
+                          metadata={SURGERY_CONFIG_KEY: json.dumps(surgery.to_dict())})
+        _write_tokenizer(tmp, tokenizer, tokenizer_dir, model.config)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(README.format(router=ROUTER_FILE, key=SURGERY_CONFIG_KEY,
+                                  name=os.path.basename(out_dir)))
+        os.chmod(tmp, 0o755)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- run checkpoints
+
+@dataclasses.dataclass
+class RestoredRun:
+    """The trained surgical model of a run checkpoint and what it was built from."""
+    model: object               # JAX LlamaForCausalLM with the topology, evaluation mode
+    surgery: SurgeryConfig
+    config: object              # the run's ml_collections ConfigDict
+    step: int
+    base_model: dict            # {"path", "files": {name: sha256}} as recorded
+    checkpoint_dir: str
+
+
+def checkpoint_dir_of(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
+                      step: Optional[int] = None) -> tuple[str, Optional[int]]:
+    """(Orbax checkpoint directory, step or None) from --workdir or --checkpoint [--step].
+
+    --checkpoint may name the run's checkpoints directory or one step inside it.
+    """
+    from ultrametric_jax.run.trainer import CHECKPOINT_SUBDIR
+    if (workdir is None) == (checkpoint is None):
+        raise ExportError("give exactly one of --workdir DIR or --checkpoint PATH")
+    if workdir is not None:
+        if not os.path.isdir(workdir):
+            raise ExportError(f"--workdir {workdir} does not exist or is not a directory")
+        directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
+        if not os.path.isdir(directory):
+            raise ExportError(f"--workdir {workdir} is not a surgery run directory: it has no "
+                              f"{CHECKPOINT_SUBDIR}/ (train one with `ultrametric train "
+                              f"--workdir {workdir}`)")
+        return os.path.abspath(directory), step
+    if not os.path.isdir(checkpoint):
+        raise ExportError(f"--checkpoint {checkpoint} does not exist or is not a directory")
+    name = os.path.basename(os.path.normpath(checkpoint))
+    if name.isdigit() and os.path.isfile(os.path.join(checkpoint, "_CHECKPOINT_METADATA")):
+        if step is not None and step != int(name):
+            raise ExportError(f"--checkpoint {checkpoint} is step {name} but --step {step} "
+                              "was given")
+        return os.path.abspath(os.path.dirname(os.path.normpath(checkpoint))), int(name)
+    return os.path.abspath(checkpoint), step
+
+
+def verify_base_model(recorded: dict) -> str:
+    """The recorded base model's path, after checking its files still hash as recorded."""
+    from ultrametric_jax.run.checkpoint import base_model_identity
+    path = recorded.get("path")
+    if not path or not os.path.exists(path):
+        raise ExportError(f"the base model the run trained on, {path!r}, no longer exists")
+    current = base_model_identity(path)["files"]
+    saved = recorded.get("files") or {}
+    changed = sorted(n for n in set(saved) | set(current) if saved.get(n) != current.get(n))
+    if changed:
+        details = "; ".join(f"{n}: recorded sha256 {str(saved.get(n))[:12]}, now "
+                            f"{str(current.get(n))[:12]}" for n in changed[:3])
+        raise ExportError(f"the base model at {path} no longer matches the checkpoint's "
+                          f"recorded hash ({details}); refusing to export routers onto "
+                          "different base weights")
+    return path
+
+
+def restore_run(checkpoint_dir: str, step: Optional[int] = None) -> RestoredRun:
+    """The surgical model of a run's checkpoint (latest step by default), evaluation mode."""
+    import ml_collections
+
+    from ultrametric_jax.run import trainer as train
+    from ultrametric_jax.io.checkpoints import load_pretrained
+    from ultrametric_jax.cli.flags import surgery_config
+    from ultrametric_jax.run.checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
+                                                RunCheckpointReader)
+
+    def unreadable(e: CorruptCheckpointError) -> ExportError:
+        if e.cause is None:
+            return ExportError(f"checkpoint step {step} in {checkpoint_dir} is corrupt: its "
+                               "arrays do not match their recorded checksum; pick another --step")
+        return ExportError(f"checkpoint step {step} in {checkpoint_dir} is unreadable "
+                           f"({type(e.cause).__name__}: {str(e.cause)[:200]}); pick another "
+                           "--step")
+
+    run = RunCheckpointReader(checkpoint_dir)
+    try:
+        steps = run.all_steps()
+        if not steps:
+            raise ExportError(f"no checkpoint in {checkpoint_dir}: the run has not saved a "
+                              "step yet")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"no checkpoint step {step} in {checkpoint_dir} "
+                              f"(available: {steps})")
+        try:
+            meta = run.read_meta(step)
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
+        if "config" not in meta or "base_model" not in meta:
+            raise ExportError(f"checkpoint step {step} in {checkpoint_dir} records no run "
+                              "config or base model identity")
+        config = ml_collections.ConfigDict(meta["config"])
+        base_path = verify_base_model(meta["base_model"])
+        model = load_pretrained(base_path, dtype=config.model.dtype,
+                                param_dtype=config.model.param_dtype)
+        train.inject(config, model)
+        try:
+            state = run.restore(step, train.checkpoint_template(config, model)).state
+        except CheckpointMismatchError:
+            raise ExportError(f"checkpoint step {step} in {checkpoint_dir} holds a state layout "
+                              "that its own recorded config does not produce") from None
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
+    finally:
+        run.close()
+    nnx.update(model, state["router"], state["mutable"])
+    model.eval()
+    return RestoredRun(model=model, surgery=surgery_config(config), config=config, step=step,
+                       base_model=meta["base_model"], checkpoint_dir=checkpoint_dir)
+
+
+def tokenizer_source(base_path: str) -> tuple[object, Optional[str]]:
+    """(tokenizer or None, HF dir to copy tokenizer files from or None) for a base model."""
+    if os.path.isdir(base_path):
+        return None, base_path
+    sibling = os.path.join(os.path.dirname(base_path), "tokenizer.json")
+    if os.path.isfile(sibling):        # e.g. the cached SmolLM2 (model.gguf + tokenizer.json)
+        return sibling, None
+    if base_path.endswith(".gguf"):
+        from ultrametric_jax.io.tokenizer import tokenizer_from_gguf
+        return tokenizer_from_gguf(base_path), None
+    return None, None
+
+
+def export_run(checkpoint_dir: str, out_dir: str, *, step: Optional[int] = None,
+               overwrite: bool = False) -> RestoredRun:
+    """Restore a run checkpoint and export it to out_dir; returns what was exported."""
+    restored = restore_run(checkpoint_dir, step)
+    tokenizer, tokenizer_dir = tokenizer_source(restored.base_model["path"])
+    export_surgical_model(
+        restored.model, restored.surgery, out_dir, tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+        provenance={"checkpoint": checkpoint_dir, "step": restored.step,
+                    "base_model": restored.base_model})
+    return restored

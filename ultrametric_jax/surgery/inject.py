@@ -1,0 +1,142 @@
+"""Topology injection into a loaded Llama, trainable-state selection and route extraction.
+
+    model = load_pretrained(path)
+    inject_topology(model, SurgeryConfig(...), nnx.Rngs(params=0, gumbel=1))
+    model.train(); set_tau(model, 0.5)
+    logits, aux = forward_with_aux(model, input_ids)     # aux["balance_loss"], aux["density"]
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=trainable_filter())
+
+Only RouterParam variables are trainable; the base parameters are the loaded ones, shared,
+untouched. After injection the model is in evaluation mode and, thanks to the collapse
+initialisation, computes exactly the base model's logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.router import RouterParam
+from ultrametric_jax.surgery.attention import SurgicalAttention, collect_aux
+
+
+def surgical_layers(model) -> list[SurgicalAttention]:
+    """The surgical attention modules of `model`, in layer order (empty before injection)."""
+    return [layer.self_attn for layer in model.model.layers
+            if isinstance(layer.self_attn, SurgicalAttention)]
+
+
+def _require_surgery(model) -> list[SurgicalAttention]:
+    layers = surgical_layers(model)
+    if len(layers) != len(model.model.layers):
+        raise ValueError("the model carries no ultrametric topology: call inject_topology first")
+    return layers
+
+
+def inject_topology(model, surgery_config: SurgeryConfig, rngs: nnx.Rngs, *,
+                    attention_impl: str = "dense"):
+    """Replaces every layer's self_attn, in place, by a SurgicalAttention that holds the same
+    q/k/v/o modules plus a collapse-initialised router. Returns the model.
+
+    rngs: its "params" stream initialises the routers' fc1, its "gumbel" stream (or the
+    default one) seeds each layer's Gumbel noise.
+    """
+    if not isinstance(surgery_config, SurgeryConfig):
+        raise TypeError(f"surgery_config must be a SurgeryConfig, got {type(surgery_config)}")
+    if surgical_layers(model):
+        raise ValueError("the model already carries an ultrametric topology")
+    for layer in model.model.layers:
+        layer.self_attn = SurgicalAttention(layer.self_attn, surgery_config, rngs=rngs,
+                                            attention_impl=attention_impl)
+    return model
+
+
+def trainable_filter():
+    """The nnx filter of the state a surgery run trains (nnx.Optimizer(..., wrt=...),
+    nnx.DiffState(0, ...), nnx.split(model, ...))."""
+    return RouterParam
+
+
+def router_state(model) -> nnx.State:
+    """The trainable (router) state of the model."""
+    return nnx.state(model, RouterParam)
+
+
+def set_tau(model, tau) -> None:
+    """Sets the Gumbel temperature of every surgical layer (a float or a scalar array)."""
+    for attn in _require_surgery(model):
+        attn.tau[...] = jnp.asarray(tau, jnp.float32)
+
+
+def set_attention_impl(model, impl: str, **kernel_options) -> None:
+    """Evaluation backend: "dense" (llama.masked_attention) or "kernel"
+    (pallas_kernels.block_sparse_attention, for calls with the default positions, no padding
+    mask and no cache; kernel_options such as backend="gpu", interpret=True or block sizes are
+    passed on to it). With mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map
+    (batch over data and fsdp, heads over tensor), as a model placed by sharding.shard_module
+    needs."""
+    for attn in _require_surgery(model):
+        attn.set_attention_impl(impl, **kernel_options)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """Within the context the surgical layers take the evaluation (argmax, noise-free) path;
+    each layer's previous mode is restored afterwards."""
+    layers = _require_surgery(model)
+    modes = [attn.deterministic for attn in layers]
+    for attn in layers:
+        attn.deterministic = True
+    try:
+        yield model
+    finally:
+        for attn, mode in zip(layers, modes):
+            attn.deterministic = mode
+
+
+def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None):
+    """(logits [B,S,V] float32, aux) in the model's current mode.
+
+    aux: balance_loss (mean over layers of L_bal), density / tree_density (fraction of causal
+    pairs between real tokens allowed, overall), per layer balance_loss_per_layer,
+    density_per_layer, tree_density_per_layer [layers], and clusters [layers, B, H, S] (int32
+    cluster ids at the cut level).
+    """
+    _require_surgery(model)
+    with collect_aux() as records:
+        logits = model(input_ids, positions=positions, attention_mask=attention_mask)
+    per_layer = {key: jnp.stack([r[key] for r in records]) for key in records[0]}
+    aux = {"clusters": per_layer["clusters"]}
+    for key in ("balance_loss", "density", "tree_density"):
+        aux[key] = jnp.mean(per_layer[key])
+        aux[key + "_per_layer"] = per_layer[key]
+    return logits, aux
+
+
+@dataclasses.dataclass
+class Routes:
+    """Hard routes of a batch: cluster ids at the cut level and the attention density."""
+    cluster_ids: jax.Array          # int32 [layers, B, H, S]
+    density_per_layer: jax.Array    # [layers] fraction of causal pairs allowed (tree+sink+window)
+    tree_density_per_layer: jax.Array  # [layers] fraction allowed by the tree alone
+    density: jax.Array              # scalar, over all layers
+    tree_density: jax.Array         # scalar, over all layers
+
+
+@nnx.jit
+def _route_aux(model, input_ids, attention_mask, positions):
+    return forward_with_aux(model, input_ids, attention_mask, positions=positions)[1]
+
+
+def extract_routes(model, input_ids, attention_mask=None, *, positions=None) -> Routes:
+    """The evaluation (argmax, noise-free) routes of every layer (compiled); the mode of the
+    model is restored afterwards."""
+    with evaluation_mode(model):
+        aux = _route_aux(model, jnp.asarray(input_ids), attention_mask, positions)
+    return Routes(cluster_ids=aux["clusters"], density_per_layer=aux["density_per_layer"],
+                  tree_density_per_layer=aux["tree_density_per_layer"],
+                  density=aux["density"], tree_density=aux["tree_density"])
