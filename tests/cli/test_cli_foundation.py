@@ -10,7 +10,7 @@ import torch
 
 from conftest import hf_logits, rel_err
 from ultrametric_jax import load_pretrained
-from ultrametric_jax.cli import main as cli
+from ultrametric_jax.cli import app as cli
 from ultrametric_jax.io import assets
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -35,7 +35,7 @@ def test_help_lists_every_subcommand(capsys):
 
 
 def test_help_imports_no_subcommand():
-    code = ("import sys; from ultrametric_jax.cli import main as cli; cli.main(['--help']); "
+    code = ("import sys; from ultrametric_jax.cli import app as cli; cli.main(['--help']); "
             "print(sorted(m for m in sys.modules if m in cli.SUBCOMMANDS.values()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True).stdout

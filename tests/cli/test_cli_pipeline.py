@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ultrametric_jax.cli.main import main as cli
+from ultrametric_jax.cli.app import main as cli
 from ultrametric_jax.cli.flags import configs_dir
 
 TINY = os.path.join(configs_dir(), "tiny_random.py")

@@ -1,4 +1,4 @@
 """The `ultrametric` command line: thin commands over ultrametric_jax.run."""
-from ultrametric_jax.cli.main import main
+from ultrametric_jax.cli.app import main
 
 __all__ = ["main"]

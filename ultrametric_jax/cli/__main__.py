@@ -1,5 +1,5 @@
 import sys
 
-from ultrametric_jax.cli.main import main
+from ultrametric_jax.cli.app import main
 
 sys.exit(main())
