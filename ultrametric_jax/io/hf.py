@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from ultrametric_jax.errors import CheckpointError
 from ultrametric_jax.model.config import LlamaConfig
 
 # Flax leaf name -> (transformers leaf name, transpose?).
@@ -41,8 +42,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed or does not fit the model; the message says which."""
 
 
 # ----------------------------------------------------------------------------- names
