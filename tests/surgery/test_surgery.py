@@ -11,9 +11,10 @@ from ultrametric_jax.surgery import inject as surgery
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.model.config import LlamaConfig
 from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.model import llama
 from ultrametric_jax.model.llama import LlamaForCausalLM
 from ultrametric_jax.surgery.router import RouterParam
-from ultrametric_jax.surgery.attention import SurgicalAttention, collect_aux
+from ultrametric_jax.surgery.attention import SurgicalAttention, capture_aux
 
 
 def tiny_model(heads=4, kv=2, layers=2, tie=False, seed=0, qk_gain=1.0, dtype=jnp.float32):
@@ -55,7 +56,8 @@ def np_surgical_attention(attn, x, valid, clusters, window, sink):
     """float64 oracle of one surgical attention layer given its routes (cluster ids)."""
     batch, seq = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    q, k, v = (np.asarray(a, np.float64) for a in attn.project(jnp.asarray(x), positions))
+    q, k, v = (np.asarray(a, np.float64) for a in llama.project_qkv(
+        attn.config, attn.q_proj, attn.k_proj, attn.v_proj, jnp.asarray(x), positions))
     heads, groups, dim = q.shape[2], k.shape[2], q.shape[3]
     clusters = np.asarray(clusters)
     out = np.zeros_like(q)
@@ -190,8 +192,7 @@ def test_collapse_training_mode_over_100_seeds():
 @nnx.jit
 def run_layer(attn, x, positions, valid):
     """One surgical attention call: (output, the cluster ids it used)."""
-    with collect_aux() as records:
-        out = attn(x, positions, attention_mask=valid)
+    out, records = capture_aux(lambda a: a(x, positions, attention_mask=valid), attn, [attn])
     return out, records[0]["clusters"]
 
 
@@ -227,8 +228,7 @@ def test_surgical_attention_matches_float64_oracle(mode, ste, heads, kv, window,
 def router_grads_of(model, ids):
     """Gradient of the LM loss w.r.t. the router parameters, and the routes it used."""
     def loss(m):
-        with collect_aux() as records:
-            logits = m(ids)
+        logits, records = capture_aux(lambda model: model(ids), m, surgery.surgical_layers(m))
         return lm_loss(logits, ids), jnp.stack([r["clusters"] for r in records])
     return nnx.grad(loss, argnums=nnx.DiffState(0, RouterParam), has_aux=True)(model)
 

@@ -248,10 +248,10 @@ def test_allowed_mask_batched_heads_and_padding():
 
 @pytest.mark.parametrize("window,sink,seq", [(0, 0, 9), (2, 1, 9), (3, 4, 9), (12, 2, 9),
                                              (0, 12, 9), (4, 0, 1)])
-def test_causal_pair_counts_match_loop_oracle(window, sink, seq):
+def test_pair_counts_match_loop_oracle(window, sink, seq):
     rng = np.random.default_rng(window + 7 * sink + seq)
     clusters = rng.integers(0, 3, size=(2, 3, seq))
-    tree, allowed, causal = (np.asarray(a) for a in um.causal_pair_counts(
+    tree, allowed, causal = (np.asarray(a) for a in um.pair_counts(
         jnp.asarray(clusters, jnp.int32), window, sink))
     assert tree.shape == allowed.shape == causal.shape == (2, 3)
     for b in range(2):
@@ -262,7 +262,7 @@ def test_causal_pair_counts_match_loop_oracle(window, sink, seq):
             assert allowed[b, h] == np_allowed(c, c, window, sink).sum()
             assert causal[b, h] == causal_pairs.sum()
     with pytest.raises(ValueError, match="window=-1 and sink_tokens=0 must be >= 0"):
-        um.causal_pair_counts(jnp.asarray(clusters), -1, 0)
+        um.pair_counts(jnp.asarray(clusters), -1, 0)
 
 
 # ---------------------------------------------------------------- straight-through bridge

@@ -25,7 +25,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def configs_dir() -> str:
     """The repository's configs/ directory (next to the package)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "configs")
 
 
 def resolve_config_path(spec: Optional[str]) -> str:

@@ -58,31 +58,50 @@ def causal_mask(q_positions, k_positions, attention_mask=None):
     return mask
 
 
-def masked_attention(q, k, v, mask, scale):
-    """Softmax attention restricted to `mask`, with grouped kv heads.
+def grouped_attention(q, k, v, scale, probabilities):
+    """Grouped-query attention with the row probabilities left to `probabilities`.
 
-    q [B,Sq,H,D], k/v [B,Sk,G,D], mask bool broadcastable to [B,H,Sq,Sk]. Scores and softmax
-    run in float32; query head h reads kv head h // (H // G). A fully masked row yields the
-    (finite) mean of v instead of NaN.
+    q [B,Sq,H,D], k/v [B,Sk,G,D]; query head h reads kv head h // (H // G). Scores are computed
+    in float32 and handed to probabilities(scores [B,H,Sq,Sk] float32) -> [B,H,Sq,Sk]; the
+    output [B,Sq,H,D] is in v's dtype. Every attention of the model goes through here: the
+    masked softmax of evaluation and the straight-through bridge of surgery training.
     """
     batch, sq, heads, dim = q.shape
     sk, groups = k.shape[1], k.shape[2]
     rep = heads // groups
     qg = q.reshape(batch, sq, groups, rep, dim)
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(scale)
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if mask.shape[1] == 1:
-        mask = mask[:, :, None]                                  # [B,1,1,Sq,Sk]
-    else:
-        mask = jnp.broadcast_to(mask, (mask.shape[0], heads, sq, sk)).reshape(
-            mask.shape[0], groups, rep, sq, sk)
-    # Masked scores take the lowest finite value, not -inf, so empty rows stay finite.
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    scores = (scores * jnp.float32(scale)).reshape(batch, heads, sq, sk)
+    probs = probabilities(scores).reshape(batch, groups, rep, sq, sk)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v)
     return out.reshape(batch, sq, heads, dim)
+
+
+def masked_softmax(scores, mask):
+    """Softmax over the last axis restricted to `mask` (bool, broadcastable to scores). Masked
+    scores take the lowest finite value, not -inf, so a fully masked row yields the (finite)
+    uniform distribution instead of NaN."""
+    scores = jnp.where(jnp.asarray(mask, bool), scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def masked_attention(q, k, v, mask, scale):
+    """Softmax attention restricted to `mask` (bool broadcastable to [B,H,Sq,Sk]), grouped kv
+    heads as in grouped_attention."""
+    return grouped_attention(q, k, v, scale, lambda scores: masked_softmax(scores, mask))
+
+
+def project_qkv(config: LlamaConfig, q_proj, k_proj, v_proj, x, positions):
+    """q [B,S,H,D], k [B,S,G,D], v [B,S,G,D] from the attention input x [B,S,d], RoPE applied
+    to q and k: the projection every attention layer (base or surgical) shares."""
+    c = config
+    batch, seq = x.shape[:2]
+    q = q_proj(x).reshape(batch, seq, c.num_attention_heads, c.head_dim)
+    k = k_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+    v = v_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+    # Frequencies are a trace-time constant derived from the config, not state.
+    cos, sin = rope_cos_sin(positions, inverse_frequencies(c))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def append_to_cache(cache, k, v, positions, attention_mask=None):
@@ -141,21 +160,10 @@ class LlamaAttention(nnx.Module):
         self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
         self.scale = c.head_dim ** -0.5
 
-    def project(self, x, positions):
-        """q [B,S,H,D], k [B,S,G,D], v [B,S,G,D], RoPE applied to q and k."""
-        c = self.config
-        batch, seq = x.shape[:2]
-        q = self.q_proj(x).reshape(batch, seq, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
-        # Frequencies are a trace-time constant derived from the config, not state.
-        cos, sin = rope_cos_sin(positions, inverse_frequencies(c))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
     def __call__(self, x, positions, attention_mask=None, cache=None):
         if positions is None:
             positions = default_positions(x, cache)
-        q, k, v = self.project(x, positions)
+        q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         if cache is None:
             k_pos, k_valid = positions, attention_mask
         else:

@@ -11,6 +11,7 @@ is reported for the levels above the cut, the ones that shape the mask (max (l +
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,50 +26,13 @@ from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.losses import token_cross_entropy
 from ultrametric_jax.run.metrics import read_metrics
 from ultrametric_jax.surgery.inject import evaluation_mode, forward_with_aux
+from ultrametric_jax.surgery.tree import pair_counts
 
 RESULTS_JSON = "eval.json"
 RESULTS_PNG = "eval.png"
 
 
 # ----------------------------------------------------------------------------- counting
-
-def pair_counts(clusters: np.ndarray, valid: np.ndarray, window: int, sink_tokens: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tree, allowed, causal) pair counts per head, summed over the batch.
-
-    clusters int [B, H, S], valid bool [B, S]. Token t is taken to sit at position t, which
-    holds for right-padded rows (real tokens first, from position 0), not for left padding.
-    Runs in O(S * (window + sink)) per row, never materialising S x S.
-    """
-    clusters = np.asarray(clusters, np.int64)
-    valid = np.asarray(valid, bool)
-    batch, heads, seq = clusters.shape
-    v = np.broadcast_to(valid[:, None, :], clusters.shape)
-    n_valid = v.sum(axis=-1).astype(np.int64)                          # [B, H]
-    causal = n_valid * (n_valid + 1) // 2
-    # Same-cluster causal pairs: each cluster of n real tokens holds n (n + 1) / 2 of them.
-    tree = np.zeros((batch, heads), np.int64)
-    for b in range(batch):
-        for h in range(heads):
-            _, counts = np.unique(clusters[b, h][v[b, h]], return_counts=True)
-            tree[b, h] = np.sum(counts * (counts + 1) // 2)
-    # Fixed (window or sink) pairs, and those among them that the tree allows too.
-    fixed = np.zeros((batch, heads), np.int64)
-    both = np.zeros((batch, heads), np.int64)
-    for offset in range(min(window, seq)):                            # i - j = offset < window
-        pair = v[..., offset:] & v[..., :seq - offset]
-        fixed += pair.sum(-1)
-        both += (pair & (clusters[..., offset:] == clusters[..., :seq - offset])).sum(-1)
-    for j in range(min(sink_tokens, seq)):                            # j < sink, i - j >= window
-        start = j + max(window, 0)
-        if start >= seq:
-            continue
-        pair = v[..., start:] & v[..., j:j + 1]
-        fixed += pair.sum(-1)
-        both += (pair & (clusters[..., start:] == clusters[..., j:j + 1])).sum(-1)
-    allowed = tree + fixed - both
-    return tree.sum(0), allowed.sum(0), causal.sum(0)
-
 
 def node_entropy_bits(clusters: np.ndarray, valid: np.ndarray, arity: int, cut_level: int
                       ) -> np.ndarray:
@@ -94,10 +58,15 @@ def _cross_entropy(model, input_ids, mask):
     return token_cross_entropy(model(input_ids, attention_mask=mask), input_ids, mask), None
 
 
-@nnx.jit
-def _cross_entropy_and_clusters(model, input_ids, mask):
+@functools.partial(nnx.jit, static_argnames=("window", "sink_tokens"))
+def _cross_entropy_and_routes(model, input_ids, mask, *, window, sink_tokens):
+    """((CE sum, count), (clusters [layers,B,H,S], per-layer (tree, allowed, causal) pair
+    counts [3, layers]))."""
     logits, aux = forward_with_aux(model, input_ids, mask)
-    return token_cross_entropy(logits, input_ids, mask), aux["clusters"]
+    clusters = aux["clusters"]
+    counts = pair_counts(clusters, window, sink_tokens, mask.astype(bool)[None, :, None, :])
+    per_layer = jnp.stack([jnp.sum(c, axis=(1, 2)) for c in counts])
+    return token_cross_entropy(logits, input_ids, mask), (clusters, per_layer)
 
 
 def _held_out_loss(forward, model, batches: Sequence[dict], visit=None) -> dict:
@@ -124,23 +93,21 @@ def evaluate_surgical(model, batches: Sequence[dict], surgery: SurgeryConfig) ->
     """Perplexity, density per layer (tree / total) and routing entropy of the hard routes
     (evaluation mode; the model's mode is restored afterwards)."""
     layers = len(model.model.layers)
-    tree = np.zeros(layers, np.int64)
-    allowed = np.zeros(layers, np.int64)
-    causal = np.zeros(layers, np.int64)
+    counts = np.zeros((3, layers), np.float64)            # tree, allowed, causal per layer
     entropy = np.zeros(surgery.cut_level)
 
-    def count_pairs(clusters, mask):
-        clusters = np.asarray(jax.device_get(clusters))
+    def visit(routes, mask):
+        clusters, per_layer = (np.asarray(a) for a in jax.device_get(routes))
+        counts[:] += per_layer
         for layer in range(layers):
-            t, a, n = pair_counts(clusters[layer], mask, surgery.window, surgery.sink_tokens)
-            tree[layer] += t.sum()
-            allowed[layer] += a.sum()
-            causal[layer] += n.sum()
             entropy[:] += node_entropy_bits(clusters[layer], mask, surgery.arity,
                                             surgery.cut_level) / (layers * len(batches))
 
+    forward = functools.partial(_cross_entropy_and_routes, window=surgery.window,
+                                sink_tokens=surgery.sink_tokens)
     with evaluation_mode(model):
-        result = _held_out_loss(_cross_entropy_and_clusters, model, batches, count_pairs)
+        result = _held_out_loss(forward, model, batches, visit)
+    tree, allowed, causal = counts
     density = allowed / np.maximum(causal, 1)
     tree_density = tree / np.maximum(causal, 1)
     return {**result,

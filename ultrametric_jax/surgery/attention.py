@@ -1,79 +1,90 @@
-"""LlamaAttention with an injected ultrametric topology.
+"""A Llama attention layer with an injected ultrametric topology.
 
-The module holds the base layer's own q/k/v/o projections (the same objects, so parameter
-paths and values are the base model's) plus a DynamicTopologyRouter. Per query head h, the
-router sends every token down a p-ary tree; key j is visible to query i iff j <= i and (i and j
-share the first L - d_max digits of head h's routes, or j < sink_tokens, or i - j < window).
+SurgicalAttention is built by composition: it holds the base layer's own q/k/v/o projection
+modules (the same objects, so parameter paths and values are the base model's), a
+DynamicTopologyRouter and the attention function that runs the hard topology. Per query head
+h the router sends every token down a p-ary tree; key j is visible to query i iff j <= i and
+(i and j share the first L - d_max digits of head h's routes, or j < sink_tokens, or
+i - j < window).
 
-Evaluation (`deterministic=True`, the default; `model.eval()`): hard routes from argmax, the
-boolean mask (ultrametric.allowed_mask, i.e. pallas_kernels.masking.allowed_pairs) handed to
-llama.masked_attention, no straight-through arithmetic, so a collapse initialised model is
-bit-identical to the base; after set_attention_impl("kernel"), calls with the default positions,
-no padding mask and no cache run pallas_kernels.block_sparse_attention instead. Training
-(`model.train()`): Gumbel hard routes at temperature `tau` (a GumbelTemperature variable the
-trainer sets every step), the straight-through bridge of ultrametric.bridged_softmax (ste
-"gate" or "renorm").
+Three paths, chosen by the call, each a method of its own:
+- evaluation (`deterministic`, the default; `model.eval()`): hard routes from argmax and the
+  boolean mask through llama.masked_attention, so a collapse initialised model is bit-identical
+  to the base;
+- evaluation through a kernel: when an attention function is set (`set_attention_impl`) and the
+  call has the default positions, no padding mask and no cache, the hard topology runs in that
+  function (pallas_kernels), from cluster ids alone;
+- training (`model.train()`): Gumbel hard routes at temperature `tau` (a GumbelTemperature
+  variable the trainer sets every step) and the straight-through bridge of tree.bridged_softmax.
 
-Auxiliary values (balance loss, densities, cluster ids) are produced only inside
-`collect_aux()`; forward_with_aux and extract_routes (surgery.py) use it.
+Auxiliary values (balance loss, densities, cluster ids) are sown as SurgeryAux variables, only
+while `capture_aux` runs them (forward_with_aux and extract_routes in inject.py use it).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
+from jax.sharding import Mesh
 
 from pallas_kernels import block_sparse_attention, sharded_block_sparse_attention
-
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
 
 ATTENTION_IMPLS = ("dense", "kernel")
+AttentionFn = Callable[..., jax.Array]
 
 
 class GumbelTemperature(nnx.Variable):
     """tau of the Gumbel-softmax relaxation: set by the trainer each step, never trained."""
 
 
-# Stack of active aux collectors; each is a list receiving one dict per attention call.
-_AUX_COLLECTORS: list[list] = []
+class SurgeryAux(nnx.Intermediate):
+    """What one surgical attention call reports: a dict of traced arrays (see `capture_aux`)."""
 
 
-@contextlib.contextmanager
-def collect_aux():
-    """Within this context every surgical attention call appends its aux dict to the yielded
-    list: balance_loss (scalar), density / tree_density (scalars; fractions of the causal
-    pairs between real tokens allowed in total / by the tree alone; on the kernel path counted
-    from the cluster ids without an S x S mask), clusters [B, H, S].
-    The values are traced arrays of the enclosing computation (use them inside it)."""
-    records: list = []
-    _AUX_COLLECTORS.append(records)
-    try:
-        yield records
-    finally:
-        _AUX_COLLECTORS.pop()
+@dataclasses.dataclass(frozen=True)
+class KernelAttention:
+    """The hard topology through pallas_kernels.block_sparse_attention, or on a mesh its
+    shard_map form (a Pallas call is opaque to the SPMD partitioner, so each device runs the
+    kernel on its own batch and head slice). Hashable, so a compiled model can key on it."""
+    options: tuple = ()                 # (name, value) pairs for block_sparse_attention
+    mesh: Optional[Mesh] = None
+
+    def __call__(self, q, k, v, clusters, *, window, sink_tokens, scale):
+        kwargs = dict(window=window, sink_tokens=sink_tokens, scale=scale, **dict(self.options))
+        if self.mesh is not None:
+            return sharded_block_sparse_attention(self.mesh, q, k, v, clusters, clusters,
+                                                  **kwargs)
+        return block_sparse_attention(q, k, v, clusters, clusters, **kwargs)
 
 
-def _masked_density(kept, causal, q_valid):
-    """Fraction of the causal pairs between real tokens (q_valid [B, Sq]) that `kept` keeps,
-    over every head; kept [B, H, Sq, Sk] and causal [B, 1, Sq, Sk] bool, causal excluding
-    padded keys."""
-    pairs = causal & q_valid[:, None, :, None]
-    total = jnp.sum(jnp.broadcast_to(pairs, kept.shape), dtype=jnp.float32)
-    return jnp.sum(kept & pairs, dtype=jnp.float32) / jnp.maximum(total, 1.0)
+def attention_fn(impl: str, **kernel_options) -> Optional[AttentionFn]:
+    """The attention function of an evaluation backend: None for "dense" (the masked dense
+    path), a KernelAttention for "kernel" (kernel_options: backend, interpret, block sizes of
+    block_sparse_attention, and mesh=)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "dense":
+        if kernel_options:
+            raise ValueError(f"the dense attention takes no kernel options, got "
+                             f"{sorted(kernel_options)}")
+        return None
+    mesh = kernel_options.pop("mesh", None)
+    return KernelAttention(tuple(sorted(kernel_options.items())), mesh)
 
 
-class SurgicalAttention(llama.LlamaAttention):
-    """Drop-in replacement of a LlamaAttention (same call signature and parameter paths)."""
+class SurgicalAttention(nnx.Module):
+    """Replaces a LlamaAttention in its decoder layer: same call signature, same parameter
+    paths for the base projections, plus `router`."""
 
     def __init__(self, base: llama.LlamaAttention, surgery_config: SurgeryConfig, *,
-                 rngs: nnx.Rngs, attention_impl: str = "dense"):
+                 rngs: nnx.Rngs, attention: Optional[AttentionFn] = None):
         c = base.config
         self.config = c
         self.layer_idx = base.layer_idx
@@ -81,8 +92,9 @@ class SurgicalAttention(llama.LlamaAttention):
             base.q_proj, base.k_proj, base.v_proj, base.o_proj)
         self.scale = base.scale
         self.surgery_config = surgery_config
-        self.set_attention_impl(attention_impl)
+        self.attention = attention
         self.deterministic = True
+        self.reporting = False
         s = surgery_config
         self.router = DynamicTopologyRouter(c.hidden_size, c.num_attention_heads, s.num_levels,
                                             s.arity, s.init_margin, rngs=rngs)
@@ -90,16 +102,6 @@ class SurgicalAttention(llama.LlamaAttention):
         # rngs["gumbel"] (falling back to the default stream); rngs.gumbel would be the
         # Gumbel sampler method of nnx.Rngs when no such stream exists.
         self.rngs = nnx.Rngs(gumbel=rngs["gumbel"]())
-
-    def set_attention_impl(self, impl: str, **kernel_options) -> None:
-        """Evaluation backend "dense" or "kernel"; kernel_options are extra keyword arguments
-        of pallas_kernels.block_sparse_attention (backend, interpret, block sizes) or mesh=."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention_impl {impl!r}; expected one of "
-                             f"{ATTENTION_IMPLS}")
-        self.attention_impl = impl
-        # A hashable tuple of (name, value) pairs.
-        self.kernel_options = tuple(sorted(kernel_options.items()))
 
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by nnx.view: deterministic=True selects the evaluation path."""
@@ -109,69 +111,50 @@ class SurgicalAttention(llama.LlamaAttention):
     # ------------------------------------------------------------------ routes
 
     def _routes(self, x):
-        """(assign [B,H,S,L,p] float32, digits [B,H,S,L], router probabilities)."""
+        """(assign [B,H,S,L,p] float32, router probabilities, cluster ids [B,H,S] int32)."""
+        s = self.surgery_config
         logits = self.router(x)
         probs = jax.nn.softmax(logits, axis=-1)
         if self.deterministic:
             assign = um.hard_assignment(logits)
         else:
             # Noise bounded by the collapse margin: a collapsed router samples the collapsed
-            # routes for every seed (see ultrametric.gumbel_softmax).
+            # routes for every seed (see tree.gumbel_softmax).
             assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
-                                       noise_bound=self.surgery_config.init_margin)
-        return assign, um.hard_digits(assign), probs
+                                       noise_bound=s.init_margin)
+        return assign, probs, um.cluster_ids(um.hard_digits(assign), s.arity, s.cut_level)
 
     # ------------------------------------------------------------------ forward
 
     def __call__(self, x, positions, attention_mask=None, cache=None):
-        s = self.surgery_config
-        # The kernel takes token i to sit at position i and every token to be real: it serves
+        # A kernel takes token i to sit at position i and every token to be real: it serves
         # only calls with the default positions, no padding mask and no cache.
-        use_kernel = (self.attention_impl == "kernel" and self.deterministic
-                      and positions is None and attention_mask is None and cache is None)
+        use_kernel = (self.attention is not None and self.deterministic and positions is None
+                      and attention_mask is None and cache is None)
         if positions is None:
             positions = llama.default_positions(x, cache)
-        q, k, v = self.project(x, positions)
-        assign, digits, probs = self._routes(x)
-        clusters = um.cluster_ids(digits, s.arity, s.cut_level)            # [B,H,S]
-        if cache is None:
-            k_pos, k_valid, k_clusters = positions, attention_mask, clusters
-        else:
+        q, k, v = llama.project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x,
+                                    positions)
+        assign, probs, clusters = self._routes(x)
+        if cache is not None:
             if not self.deterministic:
                 raise NotImplementedError(
                     "a KV cache is only supported in evaluation mode (model.eval()); training "
                     "runs full sequences without a cache")
             cache, k, v, k_pos, k_valid, k_clusters = self._append(cache, k, v, positions,
                                                                    attention_mask, clusters)
-
-        def pair_mask(window, sink_tokens):                            # [B,H,Sq,Sk]
-            return um.allowed_mask(positions, k_pos, clusters, k_clusters, window, sink_tokens,
-                                   k_valid)
+        else:
+            k_pos, k_valid, k_clusters = positions, attention_mask, clusters
 
         if use_kernel:
             out = self._kernel_attention(q, k, v, clusters)
+        elif self.deterministic:
+            out = self._masked_attention(q, k, v, positions, k_pos, clusters, k_clusters,
+                                         k_valid)
         else:
-            allowed = pair_mask(s.window, s.sink_tokens)
-            if self.deterministic:
-                out = llama.masked_attention(q, k, v, allowed, self.scale)
-            else:
-                out = self._training_attention(q, k, v, assign, allowed, positions, k_valid)
-        if _AUX_COLLECTORS:
-            if use_kernel:
-                tree, kept, causal = um.causal_pair_counts(clusters, s.window, s.sink_tokens)
-                density = jnp.sum(kept) / jnp.sum(causal)
-                tree_density = jnp.sum(tree) / jnp.sum(causal)
-            else:
-                causal = llama.causal_mask(positions, k_pos, k_valid)     # [B,1,Sq,Sk]
-                q_valid = (jnp.ones(positions.shape, bool) if attention_mask is None
-                           else attention_mask.astype(bool))
-                density = _masked_density(allowed, causal, q_valid)
-                # The tree alone: allowed pairs without sink and window.
-                tree_density = _masked_density(pair_mask(0, 0), causal, q_valid)
-            valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
-            _AUX_COLLECTORS[-1].append({
-                "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
-                "density": density, "tree_density": tree_density, "clusters": clusters})
+            out = self._training_attention(q, k, v, assign, positions, clusters, k_valid)
+        if self.reporting:
+            self._report(assign, probs, clusters, attention_mask)
         out = self.o_proj(out.reshape(*out.shape[:2], -1))
         return out if cache is None else (out, cache)
 
@@ -189,17 +172,23 @@ class SurgicalAttention(llama.LlamaAttention):
                                                                     attention_mask)
         return cache, k_all, v_all, k_pos, k_valid, cached
 
+    def _allowed(self, positions, k_pos, clusters, k_clusters, k_valid):
+        s = self.surgery_config
+        return um.allowed_mask(positions, k_pos, clusters, k_clusters, s.window, s.sink_tokens,
+                               k_valid)
+
     def _kernel_attention(self, q, k, v, clusters):
         s = self.surgery_config
-        options = dict(self.kernel_options)
-        mesh = options.pop("mesh", None)
-        kwargs = dict(window=s.window, sink_tokens=s.sink_tokens, scale=self.scale, **options)
-        if mesh is not None:
-            return sharded_block_sparse_attention(mesh, q, k, v, clusters, clusters, **kwargs)
-        return block_sparse_attention(q, k, v, clusters, clusters, **kwargs)
+        return self.attention(q, k, v, clusters, window=s.window, sink_tokens=s.sink_tokens,
+                              scale=self.scale)
 
-    def _training_attention(self, q, k, v, assign, allowed, positions, k_valid):
+    def _masked_attention(self, q, k, v, positions, k_pos, clusters, k_clusters, k_valid):
+        allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
+        return llama.masked_attention(q, k, v, allowed, self.scale)
+
+    def _training_attention(self, q, k, v, assign, positions, clusters, k_valid):
         s = self.surgery_config
+        allowed = self._allowed(positions, positions, clusters, clusters, k_valid)
         distance = um.ultrametric_distance(assign, s.depth_op)            # [B,H,S,S]
         soft = um.soft_tree_mask(distance, s.max_distance, s.mask_temperature)
         causal = llama.causal_mask(positions, positions, k_valid)         # [B,1,S,S]
@@ -208,11 +197,40 @@ class SurgicalAttention(llama.LlamaAttention):
         bypass = um.allowed_mask(positions, positions, never, never + 1, s.window,
                                  s.sink_tokens, k_valid)
         m = um.straight_through_mask(allowed, soft, causal & ~bypass)
-        groups = k.shape[2]
-        qg = rearrange(q, "b q (g r) d -> b q g r d", g=groups)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32)
-        scores = rearrange(scores * jnp.float32(self.scale), "b g r q k -> b (g r) q k")
-        probs = um.bridged_softmax(scores, m, allowed, s.ste)
-        probs = rearrange(probs, "b (g r) q k -> b g r q k", g=groups)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v)
-        return rearrange(out, "b q g r d -> b q (g r) d")
+        return llama.grouped_attention(
+            q, k, v, self.scale, lambda scores: um.bridged_softmax(scores, m, allowed, s.ste))
+
+    def _report(self, assign, probs, clusters, attention_mask):
+        """Sows this call's aux dict: balance_loss (scalar), density / tree_density (fractions
+        of the causal pairs between real tokens allowed in total / by the tree alone, counted
+        from the cluster ids), clusters [B, H, S]."""
+        s = self.surgery_config
+        valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
+        tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
+        causal = jnp.sum(causal)
+        self.sow(SurgeryAux, "aux", {
+            "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
+            "density": jnp.sum(kept) / causal, "tree_density": jnp.sum(tree) / causal,
+            "clusters": clusters})
+
+
+def capture_aux(fn: Callable, root: nnx.Module, layers, *args, **kwargs):
+    """(fn(root, *args, **kwargs), aux dicts): runs fn with the given surgical layers (inside
+    `root`) reporting, and returns, per layer in the order of their paths in `root` (layer
+    order), the aux dict of its single call. Uses flax's nnx.capture, so nothing stays sown on
+    the modules and a compiled model keeps its structure. The values are traced arrays of the
+    enclosing computation (use them inside it)."""
+    layers = list(layers)
+    for layer in layers:
+        layer.reporting = True
+    try:
+        result, sown = nnx.capture(fn, SurgeryAux)(root, *args, **kwargs)
+    finally:
+        for layer in layers:
+            layer.reporting = False
+    records = [variable.get_value()[-1]
+               for _, variable in sorted(nnx.to_flat_state(sown), key=lambda item: item[0])]
+    if len(records) != len(layers):
+        raise RuntimeError(f"{len(layers)} surgical layers were asked to report, "
+                           f"{len(records)} did")
+    return result, records

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ultrametric_jax.surgery.attention import (AttentionFn, SurgicalAttention, attention_fn,
+                                              capture_aux)
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.router import RouterParam
-from ultrametric_jax.surgery.attention import SurgicalAttention, collect_aux
 
 
 def surgical_layers(model) -> list[SurgicalAttention]:
@@ -38,12 +40,13 @@ def _require_surgery(model) -> list[SurgicalAttention]:
 
 
 def inject_topology(model, surgery_config: SurgeryConfig, rngs: nnx.Rngs, *,
-                    attention_impl: str = "dense"):
+                    attention: Optional[AttentionFn] = None):
     """Replaces every layer's self_attn, in place, by a SurgicalAttention that holds the same
     q/k/v/o modules plus a collapse-initialised router. Returns the model.
 
     rngs: its "params" stream initialises the routers' fc1, its "gumbel" stream (or the
-    default one) seeds each layer's Gumbel noise.
+    default one) seeds each layer's Gumbel noise. attention: the evaluation attention function
+    of the hard topology (None: the masked dense path; see set_attention_impl).
     """
     if not isinstance(surgery_config, SurgeryConfig):
         raise TypeError(f"surgery_config must be a SurgeryConfig, got {type(surgery_config)}")
@@ -51,7 +54,7 @@ def inject_topology(model, surgery_config: SurgeryConfig, rngs: nnx.Rngs, *,
         raise ValueError("the model already carries an ultrametric topology")
     for layer in model.model.layers:
         layer.self_attn = SurgicalAttention(layer.self_attn, surgery_config, rngs=rngs,
-                                            attention_impl=attention_impl)
+                                            attention=attention)
     return model
 
 
@@ -79,8 +82,9 @@ def set_attention_impl(model, impl: str, **kernel_options) -> None:
     passed on to it). With mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map
     (batch over data and fsdp, heads over tensor), as a model placed by sharding.shard_module
     needs."""
+    fn = attention_fn(impl, **kernel_options)
     for attn in _require_surgery(model):
-        attn.set_attention_impl(impl, **kernel_options)
+        attn.attention = fn
 
 
 @contextlib.contextmanager
@@ -106,9 +110,10 @@ def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None):
     density_per_layer, tree_density_per_layer [layers], and clusters [layers, B, H, S] (int32
     cluster ids at the cut level).
     """
-    _require_surgery(model)
-    with collect_aux() as records:
-        logits = model(input_ids, positions=positions, attention_mask=attention_mask)
+    layers = _require_surgery(model)
+    logits, records = capture_aux(
+        lambda m: m(input_ids, positions=positions, attention_mask=attention_mask), model,
+        layers)
     per_layer = {key: jnp.stack([r[key] for r in records]) for key in records[0]}
     aux = {"clusters": per_layer["clusters"]}
     for key in ("balance_loss", "density", "tree_density"):

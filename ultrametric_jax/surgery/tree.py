@@ -140,37 +140,53 @@ def allowed_mask(q_pos: jax.Array, k_pos: jax.Array, q_clusters: jax.Array,
     return ok if k_valid is None else ok & k_valid.astype(bool)[:, None, None, :]
 
 
-def causal_pair_counts(clusters: jax.Array, window: int, sink_tokens: int):
+def pair_counts(clusters: jax.Array, window: int, sink_tokens: int,
+                valid: Optional[jax.Array] = None):
     """(tree, allowed, causal) float32 [...]: per row of cluster ids [..., S] for tokens at
-    positions 0..S-1, all real, the number of causal pairs (j <= i) in the same cluster, of
-    those allowed (same cluster, j < sink_tokens or i - j < window) and of all of them. The
-    counts are float32 (S^2 / 2 outgrows int32 at S = 64k; ratios keep float32 accuracy).
+    positions 0..S-1 (valid: bool broadcastable to [..., S], False for padding; None when every
+    token is real), the number of causal pairs (j <= i) between real tokens in the same
+    cluster, of those allowed (same cluster, j < sink_tokens or i - j < window), and of all of
+    them. The one pair counter of the project: training metrics, the kernel path and the
+    evaluation report all count with it. The counts are float32 (S^2 / 2 outgrows int32 at
+    S = 64k; ratios keep float32 accuracy).
 
     Time O(S log S + S (window + sink_tokens)); never materialises S x S.
     """
     if window < 0 or sink_tokens < 0:
         raise ValueError(f"window={window} and sink_tokens={sink_tokens} must be >= 0")
     seq = clusters.shape[-1]
+    axis = clusters.ndim - 1
     token = jnp.arange(seq)
-    # Token i pairs causally with itself and the earlier members of its cluster: after sorting,
-    # that is its rank within its run of equal ids, plus one.
-    ordered = jnp.sort(clusters, axis=-1)
+    real = (jnp.ones(clusters.shape, bool) if valid is None
+            else jnp.broadcast_to(jnp.asarray(valid, bool), clusters.shape))
+    # A real token pairs causally with itself and the earlier real members of its cluster: a
+    # stable sort keeps each cluster's members in position order, so that is the number of real
+    # tokens from the start of its run of equal ids up to it.
+    order = jnp.argsort(clusters, axis=-1, stable=True)
+    ordered = jnp.take_along_axis(clusters, order, axis=-1)
+    real_sorted = jnp.take_along_axis(real, order, axis=-1).astype(jnp.int32)
     starts = jnp.concatenate([jnp.ones_like(ordered[..., :1], bool),
                               ordered[..., 1:] != ordered[..., :-1]], axis=-1)
-    run_start = jax.lax.cummax(jnp.where(starts, token, 0), axis=clusters.ndim - 1)
-    tree = jnp.sum(token - run_start + 1, axis=-1, dtype=jnp.float32)
+    run_start = jax.lax.cummax(jnp.where(starts, token, 0), axis=axis)
+    seen = jnp.cumsum(real_sorted, axis=-1)
+    before_run = jnp.take_along_axis(seen - real_sorted, run_start, axis=-1)
+    tree = jnp.sum(real_sorted * (seen - before_run), axis=-1, dtype=jnp.float32)
     # The keys a query reaches whatever the routes: the window (i - d for d < window) and the
     # sink tokens before the window.
     offsets = jnp.arange(min(window, seq))
     sinks = jnp.arange(min(sink_tokens, seq))
     keys = jnp.concatenate([token[:, None] - offsets,
                             jnp.broadcast_to(sinks, (seq, sinks.size))], axis=1)   # [S, W + K]
+    keys = jnp.maximum(keys, 0)
     reached = jnp.concatenate([token[:, None] >= offsets,
                                sinks <= token[:, None] - window], axis=1)
-    same = clusters[..., :, None] == clusters[..., jnp.maximum(keys, 0)]
+    reached = reached & real[..., :, None] & real[..., keys]
+    same = clusters[..., :, None] == clusters[..., keys]
+    bypass = jnp.sum(reached, axis=(-2, -1), dtype=jnp.float32)
     bypass_in_tree = jnp.sum(same & reached, axis=(-2, -1), dtype=jnp.float32)
-    causal = jnp.full(tree.shape, seq * (seq + 1) / 2, jnp.float32)
-    return tree, tree + jnp.sum(reached, dtype=jnp.float32) - bypass_in_tree, causal
+    real_before = jnp.cumsum(real, axis=-1, dtype=jnp.float32)
+    causal = jnp.sum(jnp.where(real, real_before, 0.0), axis=-1)
+    return tree, tree + bypass - bypass_in_tree, causal
 
 
 def soft_tree_mask(distance: jax.Array, d_max, temperature) -> jax.Array:
