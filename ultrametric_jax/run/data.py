@@ -108,9 +108,6 @@ def shard_documents(docs: Sequence[Document],
     """This process's documents: every shard_count-th from shard_index on. Interleaving keeps
     neighbours in id order (often of similar size) on different processes."""
     shard = process_shard(shard)
-    if not 0 <= shard.shard_index < shard.shard_count:
-        raise ConfigError(f"invalid data shard {shard.shard_index} of {shard.shard_count}: "
-                          "the index must lie in [0, count)")
     own = grain.MapDataset.source(list(docs))[shard.shard_index::shard.shard_count]
     return [own[i] for i in range(len(own))]
 
@@ -226,7 +223,8 @@ class BatchIterator:
         self.batches_per_epoch = len(data) // local  # the remainder of each epoch is dropped
         rows = EpochOrder(grain.MapDataset.source(data), seed=self.seed,
                           per_epoch=self.batches_per_epoch * local)
-        self._iterator = iter(rows.batch(local).to_iter_dataset(READ_OPTIONS))
+        batches = rows.batch(local, drop_remainder=True)  # every epoch holds whole batches
+        self._iterator = iter(batches.to_iter_dataset(READ_OPTIONS))
         if state is not None:
             self.set_state(state)
 
