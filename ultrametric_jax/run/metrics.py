@@ -1,8 +1,10 @@
-"""Run metrics: a JSONL log (always), TensorBoard scalars (when tensorboard is importable) and
-a tqdm progress bar.
+"""Run metrics: a JSONL log (always), TensorBoard scalars and figures (when a writer is
+installed: tensorboardX, which needs neither torch nor TensorFlow, else torch's) and a tqdm
+progress bar.
 
 Each JSONL line is {"step": int, "split": str, <name>: float, ...}. A resumed run first drops
-lines of steps after its restored checkpoint, so the log never holds two histories.
+lines of steps after its restored checkpoint, so the log never holds two histories. Only JAX
+process 0 writes: on a pod every process runs the same loop on the same run directory.
 """
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ import math
 import os
 import sys
 import warnings
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
+
+import jax
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+# SummaryWriter modules, in order of preference: tensorboardX needs neither torch nor TensorFlow.
+TENSORBOARD_WRITERS = ("tensorboardX", "torch.utils.tensorboard")
 
 
 def _scalar(value) -> float:
@@ -39,31 +46,67 @@ def read_metrics(path: str, split: Optional[str] = None) -> list[dict]:
     return out
 
 
+def tensorboard_installed() -> bool:
+    """Whether a TensorBoard writer may be importable (checked without importing torch)."""
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))
+
+
 def _tensorboard_writer(logdir: str):
-    """A SummaryWriter (torch's or tensorboardX's, both need tensorboard), or None."""
-    for module in ("torch.utils.tensorboard", "tensorboardX"):
+    """A SummaryWriter (tensorboardX's, else torch's), or None."""
+    for module in TENSORBOARD_WRITERS:
         try:
             return importlib.import_module(module).SummaryWriter(logdir)
         except Exception:  # missing or broken optional dependency: JSONL only
             continue
-    warnings.warn("tensorboard is installed but no SummaryWriter (torch or tensorboardX) "
-                  "could be created; metrics go to metrics.jsonl only", RuntimeWarning)
+    warnings.warn("no TensorBoard SummaryWriter could be created (pip install "
+                  "'ultrametric_jax[tensorboard]' brings tensorboardX); metrics go to "
+                  "metrics.jsonl only", RuntimeWarning)
     return None
 
 
-class MetricsWriter:
-    """Appends scalars to <workdir>/metrics.jsonl and, when available, to TensorBoard."""
+def layer_density_figure(density: Sequence[float], tree_density: Sequence[float], step: int):
+    """A bar chart of the attention density per layer (total and tree only)."""
+    import matplotlib  # heavy, and needed only when a figure is written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = range(len(density))
+    ax.bar(layers, density, color="tab:blue", label="total (tree + sink + window)")
+    ax.bar(layers, tree_density, color="tab:orange", width=0.5, label="tree only")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of causal pairs attended")
+    ax.set_title(f"density per layer, hard routes (step {step})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
-    def __init__(self, workdir: str, *, tensorboard: Optional[bool] = None):
-        os.makedirs(workdir, exist_ok=True)
+
+class MetricsWriter:
+    """Appends scalars to <workdir>/metrics.jsonl and, when available, to TensorBoard.
+
+    Writes only on JAX process 0 (process_index defaults to jax.process_index()); on any other
+    process every method does nothing.
+    """
+
+    def __init__(self, workdir: str, *, tensorboard: Optional[bool] = None,
+                 process_index: Optional[int] = None):
         self.path = os.path.join(workdir, METRICS_FILE)
+        if process_index is None:
+            process_index = jax.process_index()
+        self.enabled = process_index == 0
         if tensorboard is None:
-            tensorboard = importlib.util.find_spec("tensorboard") is not None
-        self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard")) if tensorboard \
-            else None
+            tensorboard = tensorboard_installed()
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            if tensorboard:
+                self._tb = _tensorboard_writer(os.path.join(workdir, TENSORBOARD_SUBDIR))
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps > step (left by a run that was interrupted)."""
+        if not self.enabled:
+            return
         records = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -72,6 +115,8 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), "split": split}
         record.update({k: _scalar(v) for k, v in scalars.items()})
         with open(self.path, "a") as f:
@@ -79,6 +124,14 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(f"{split}/{name}", _scalar(value), int(step))
+
+    def write_layer_density(self, step: int, density: Sequence[float],
+                            tree_density: Sequence[float], split: str = "eval") -> None:
+        """The density-per-layer figure, to TensorBoard (the JSONL log holds scalars only)."""
+        if self._tb is not None:
+            self._tb.add_figure(f"{split}/density_per_layer",
+                                layer_density_figure(density, tree_density, step), int(step),
+                                close=True)
 
     def close(self) -> None:
         if self._tb is not None:
