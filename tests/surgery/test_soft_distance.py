@@ -145,7 +145,7 @@ def training_temp_bytes(levels, remat, seq=128):
     logits, allowed, routed, scores = tiny_layer(levels, seq=seq, window=4)
     weights = jax.random.normal(jax.random.key(9), scores.shape)
 
-    def loss(lg, scores):
+    def loss(lg, scores, allowed, routed, weights):
         assign = um.straight_through(um.hard_assignment(lg), jax.nn.softmax(lg, axis=-1))
         if remat:
             m = sd.bridged_tree_mask(assign, allowed, routed, D_MAX, TEMPERATURE)
@@ -154,7 +154,8 @@ def training_temp_bytes(levels, remat, seq=128):
             m = um.straight_through_mask(allowed, soft, routed)
         return jnp.sum(weights * um.bridged_softmax(scores, m, allowed))
 
-    compiled = jax.jit(jax.grad(loss)).lower(logits, scores).compile()
+    # Everything an argument: closed-over arrays would be constant-folded at compile time.
+    compiled = jax.jit(jax.grad(loss)).lower(logits, scores, allowed, routed, weights).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
