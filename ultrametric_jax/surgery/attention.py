@@ -33,8 +33,11 @@ from jax.sharding import Mesh
 from pallas_kernels import block_sparse_attention, sharded_block_sparse_attention
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
+from ultrametric_jax.surgery.budget import soft_density
 from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.objectives import attention_recall_loss
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
+from ultrametric_jax.surgery.soft_distance import bridged_tree_mask
 
 ATTENTION_IMPLS = ("dense", "kernel")
 AttentionFn = Callable[..., jax.Array]
@@ -94,7 +97,10 @@ class SurgicalAttention(nnx.Module):
         self.surgery_config = surgery_config
         self.attention = attention
         self.deterministic = True
-        self.reporting = False
+        # What a call sows (None: nothing; see capture_aux) and whether it runs as the base
+        # layer (plain causal attention: the frozen teacher of distillation).
+        self.reporting: Optional[frozenset] = None
+        self.as_base = False
         s = surgery_config
         self.router = DynamicTopologyRouter(c.hidden_size, c.num_attention_heads, s.num_levels,
                                             s.arity, s.init_margin, rngs=rngs)
@@ -146,15 +152,20 @@ class SurgicalAttention(nnx.Module):
         else:
             k_pos, k_valid, k_clusters = positions, attention_mask, clusters
 
-        if use_kernel:
+        extras = {}
+        if self.as_base:
+            out = llama.masked_attention(q, k, v, llama.causal_mask(positions, k_pos, k_valid),
+                                         self.scale)
+        elif use_kernel:
             out = self._kernel_attention(q, k, v, clusters)
         elif self.deterministic:
             out = self._masked_attention(q, k, v, positions, k_pos, clusters, k_clusters,
                                          k_valid)
         else:
-            out = self._training_attention(q, k, v, assign, positions, clusters, k_valid)
-        if self.reporting:
-            self._report(assign, probs, clusters, attention_mask)
+            out, extras = self._training_attention(q, k, v, assign, positions, clusters,
+                                                   attention_mask)
+        if self.reporting is not None:
+            self._report(assign, probs, clusters, attention_mask, extras)
         out = self.o_proj(out.reshape(*out.shape[:2], -1))
         return out if cache is None else (out, cache)
 
@@ -186,24 +197,35 @@ class SurgicalAttention(nnx.Module):
         allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
         return llama.masked_attention(q, k, v, allowed, self.scale)
 
-    def _training_attention(self, q, k, v, assign, positions, clusters, k_valid):
+    def _training_attention(self, q, k, v, assign, positions, clusters, q_valid):
+        """(output, extras): the straight-through bridge over the Gumbel routes. extras holds
+        the soft density of this layer (forward: the hard density) and, when reported, the
+        attention recall of the dense probabilities of the same q and k."""
         s = self.surgery_config
-        allowed = self._allowed(positions, positions, clusters, clusters, k_valid)
-        distance = um.ultrametric_distance(assign, s.depth_op)            # [B,H,S,S]
-        soft = um.soft_tree_mask(distance, s.max_distance, s.mask_temperature)
-        causal = llama.causal_mask(positions, positions, k_valid)         # [B,1,S,S]
+        allowed = self._allowed(positions, positions, clusters, clusters, q_valid)
+        causal = llama.causal_mask(positions, positions, q_valid)         # [B,1,S,S]
         # Sink and window pairs: the pairs allowed under cluster ids that never agree.
         never = jnp.zeros(positions.shape, jnp.int32)[:, None]            # [B,1,S]
         bypass = um.allowed_mask(positions, positions, never, never + 1, s.window,
-                                 s.sink_tokens, k_valid)
-        m = um.straight_through_mask(allowed, soft, causal & ~bypass)
-        return llama.grouped_attention(
-            q, k, v, self.scale, lambda scores: um.bridged_softmax(scores, m, allowed, s.ste))
+                                 s.sink_tokens, q_valid)
+        # O(S^2) memory per layer whatever L: the level products are recomputed backward.
+        m = bridged_tree_mask(assign, allowed, causal & ~bypass, s.max_distance,
+                              s.mask_temperature, s.depth_op)
+        extras = {"soft_density": soft_density(m, causal, q_valid)}
+        want_recall = self.reporting is not None and "recall" in self.reporting
 
-    def _report(self, assign, probs, clusters, attention_mask):
+        def probabilities(scores):
+            if want_recall:
+                extras["recall"] = attention_recall_loss(scores, m, causal, q_valid)
+            return um.bridged_softmax(scores, m, allowed, s.ste)
+
+        return llama.grouped_attention(q, k, v, self.scale, probabilities), extras
+
+    def _report(self, assign, probs, clusters, attention_mask, extras):
         """Sows this call's aux dict: balance_loss (scalar), density / tree_density (fractions
         of the causal pairs between real tokens allowed in total / by the tree alone, counted
-        from the cluster ids), clusters [B, H, S]."""
+        from the cluster ids), clusters [B, H, S], and in training soft_density (the density
+        the budget differentiates) and, when asked for, recall."""
         s = self.surgery_config
         valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
         tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
@@ -211,23 +233,24 @@ class SurgicalAttention(nnx.Module):
         self.sow(SurgeryAux, "aux", {
             "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
             "density": jnp.sum(kept) / causal, "tree_density": jnp.sum(tree) / causal,
-            "clusters": clusters})
+            "clusters": clusters, **extras})
 
 
-def capture_aux(fn: Callable, root: nnx.Module, layers, *args, **kwargs):
+def capture_aux(fn: Callable, root: nnx.Module, layers, *args, extras=(), **kwargs):
     """(fn(root, *args, **kwargs), aux dicts): runs fn with the given surgical layers (inside
     `root`) reporting, and returns, per layer in the order of their paths in `root` (layer
-    order), the aux dict of its single call. Uses flax's nnx.capture, so nothing stays sown on
-    the modules and a compiled model keeps its structure. The values are traced arrays of the
-    enclosing computation (use them inside it)."""
+    order), the aux dict of its single call. extras: optional values to add ("recall", in
+    training). Uses flax's nnx.capture, so nothing stays sown on the modules and a compiled
+    model keeps its structure. The values are traced arrays of the enclosing computation (use
+    them inside it)."""
     layers = list(layers)
     for layer in layers:
-        layer.reporting = True
+        layer.reporting = frozenset(extras)
     try:
         result, sown = nnx.capture(fn, SurgeryAux)(root, *args, **kwargs)
     finally:
         for layer in layers:
-            layer.reporting = False
+            layer.reporting = None
     records = [variable.get_value()[-1]
                for _, variable in sorted(nnx.to_flat_state(sown), key=lambda item: item[0])]
     if len(records) != len(layers):

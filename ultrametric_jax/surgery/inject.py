@@ -102,24 +102,42 @@ def evaluation_mode(model):
             attn.deterministic = mode
 
 
-def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None):
+def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None,
+                     extras=()):
     """(logits [B,S,V] float32, aux) in the model's current mode.
 
     aux: balance_loss (mean over layers of L_bal), density / tree_density (fraction of causal
     pairs between real tokens allowed, overall), per layer balance_loss_per_layer,
     density_per_layer, tree_density_per_layer [layers], and clusters [layers, B, H, S] (int32
-    cluster ids at the cut level).
+    cluster ids at the cut level). In training mode also soft_density (and _per_layer: the
+    differentiable density of the bridged masks, equal in value to the hard one) and, with
+    extras=("recall",), recall (and _per_layer): the attention-recall loss of every layer.
     """
     layers = _require_surgery(model)
     logits, records = capture_aux(
         lambda m: m(input_ids, positions=positions, attention_mask=attention_mask), model,
-        layers)
+        layers, extras=extras)
     per_layer = {key: jnp.stack([r[key] for r in records]) for key in records[0]}
-    aux = {"clusters": per_layer["clusters"]}
-    for key in ("balance_loss", "density", "tree_density"):
-        aux[key] = jnp.mean(per_layer[key])
-        aux[key + "_per_layer"] = per_layer[key]
+    aux = {"clusters": per_layer.pop("clusters")}
+    for key, values in per_layer.items():
+        aux[key] = jnp.mean(values)
+        aux[key + "_per_layer"] = values
     return logits, aux
+
+
+@contextlib.contextmanager
+def base_model_mode(model):
+    """Within the context every surgical layer computes the base model's own attention (plain
+    causal softmax, routers unused): the frozen teacher of output distillation, from the same
+    parameters, with no second copy of the model."""
+    layers = _require_surgery(model)
+    for attn in layers:
+        attn.as_base = True
+    try:
+        yield model
+    finally:
+        for attn in layers:
+            attn.as_base = False
 
 
 @dataclasses.dataclass
