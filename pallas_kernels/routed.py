@@ -115,7 +115,7 @@ def prefer_sorted(natural_density, sorted_above: float = SORTED_ABOVE):
     return natural_density > sorted_above
 
 
-def _check_options(layout, sorted_above, q, k):
+def _check_options(layout, sorted_above, q, k, clusters):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if (isinstance(sorted_above, bool) or not isinstance(sorted_above, numbers.Real)
@@ -124,6 +124,11 @@ def _check_options(layout, sorted_above, q, k):
     if q.ndim == 4 and k.ndim == 4 and q.shape[1] != k.shape[1]:
         raise ValueError("routed_attention is self-attention: q and k must hold the same "
                          f"positions, got Sq={q.shape[1]} and Sk={k.shape[1]}")
+    if q.ndim == 4 and tuple(clusters.shape) != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(f"clusters must have shape [B, Hq, S] = "
+                         f"{(q.shape[0], q.shape[2], q.shape[1])}, got {tuple(clusters.shape)}")
+    if not jnp.issubdtype(clusters.dtype, jnp.integer):
+        raise TypeError(f"clusters must hold integer cluster ids, got dtype {clusters.dtype}")
 
 
 def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layout="auto",
@@ -139,7 +144,7 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     (a lax.cond: both paths are compiled, one runs). Returns out [B, S, Hq, D] in q's dtype
     and, with return_lse, the natural-log LSE [B, Hq, S] float32. Differentiable in q, k, v.
     """
-    _check_options(layout, sorted_above, q, k)
+    _check_options(layout, sorted_above, q, k, clusters)
     backend = resolve_backend(backend)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
