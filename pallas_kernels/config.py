@@ -56,7 +56,8 @@ class GpuTuning:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Everything static about a call. Lengths are the real (unpadded) ones; the arrays handed
-    to the kernels are padded to whole blocks."""
+    to the kernels are padded to whole blocks. exclude_same_cluster switches the token mask to
+    the local pairs of other clusters (masking.allowed_pairs); every block is then masked."""
     q_len: int
     kv_len: int
     q_offset: int
@@ -67,6 +68,7 @@ class AttentionConfig:
     block_k: int
     interpret: bool = False
     gpu: GpuTuning = GpuTuning()
+    exclude_same_cluster: bool = False
 
     def __post_init__(self):
         check_block_size("block_q", self.block_q)

@@ -6,6 +6,13 @@ A query at absolute position i may attend to a key at position j when
 
 and the key exists (j < kv_len). Arguments broadcast against each other, so the same
 function builds a [S, S] reference mask, a [block_q, block_k] kernel tile or its transpose.
+
+With exclude_same_cluster the mask keeps only the local pairs of other clusters,
+
+    j <= i  and  (j < sink_tokens  or  i - j < window)  and  q_cluster[i] != k_cluster[j]
+
+the complement of the same-cluster pairs within the allowed set (routed.py runs the two sets as
+separate passes).
 """
 from __future__ import annotations
 
@@ -16,10 +23,11 @@ LOG2E = 1.4426950408889634
 
 
 def allowed_pairs(q_pos, k_pos, q_cluster, k_cluster, *, window: int, sink_tokens: int,
-                  kv_len: int | None = None):
+                  kv_len: int | None = None, exclude_same_cluster: bool = False):
     """Boolean mask of allowed (query, key) pairs; all array arguments broadcast."""
-    ok = (k_pos <= q_pos) & (
-        (q_cluster == k_cluster) | (k_pos < sink_tokens) | (q_pos - k_pos < window))
+    same = q_cluster == k_cluster
+    local = (k_pos < sink_tokens) | (q_pos - k_pos < window)
+    ok = (k_pos <= q_pos) & ((local & ~same) if exclude_same_cluster else (same | local))
     if kv_len is not None:
         ok = ok & (k_pos < kv_len)
     return ok
@@ -28,7 +36,8 @@ def allowed_pairs(q_pos, k_pos, q_cluster, k_cluster, *, window: int, sink_token
 def mask_scores(cfg, scores, q_pos, k_pos, q_ids, k_ids):
     """scores with -inf where the pair is not allowed under cfg (an AttentionConfig)."""
     ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
-                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len)
+                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len,
+                       exclude_same_cluster=cfg.exclude_same_cluster)
     return jnp.where(ok, scores, -jnp.inf)
 
 

@@ -91,7 +91,7 @@ def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSche
                             backend: str, config: AttentionConfig):
     """The kernels alone, for a schedule built beforehand (build_schedule) with the config's
     window, sink_tokens, q_offset and block sizes. Returns (out, lse); differentiable in q, k
-    and v."""
+    and v. With config.exclude_same_cluster every scheduled block is run with the token mask."""
     _check_kernel_backend(backend)
     _check_gpu_blocks(backend, config)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
@@ -109,6 +109,9 @@ def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSche
                              f"blocks ({config.block_q} x {config.block_k}) need {shape}")
     config = dataclasses.replace(config, window=window, sink_tokens=sink_tokens,
                                  q_offset=q_offset)
+    if config.exclude_same_cluster:  # a "full" block would skip the cluster test: mask them all
+        schedule = schedule._replace(kv_num_masked=schedule.kv_num_blocks,
+                                     q_num_masked=schedule.q_num_blocks)
     return _attend(q, k, v, qc, kc, schedule, backend, config)
 
 

@@ -1,0 +1,170 @@
+"""Self-attention on learned routes: the kernels on a cluster-sorted layout.
+
+Learned routes scatter each cluster over the sequence, so in token order nearly every key block
+holds some query's cluster and the natural schedule visits them all. The allowed pairs split in
+two disjoint sets:
+
+  tree set   j <= i and c_i == c_j
+  local set  j <= i and (j < sink or i - j < window) and c_i != c_j
+
+Per (batch, head) a stable argsort of the ids makes every cluster one contiguous segment in
+position order, so the tree set is causal attention within segments (as packed sequences): the
+kernels run it on the sorted layout with window = sink = 0 and segment_schedule's lists, which
+visit about sum_c n_c^2 / (2 block_q block_k) blocks instead of all of them. The local set is a
+band plus the sink columns in natural order (band_schedule, "other cluster" token mask). Each
+pass gives (o_X, lse_X); they merge by log-sum-exp and the tree output is un-permuted. Every
+query keeps (i, i) in the tree set, so no row is empty. Gradients flow through the gathers and
+the kernels' custom VJP (which takes the LSE cotangent of the merge).
+
+GQA: the sorted keys and values are gathered per query head (head h reads kv head
+h // (Hq // Hkv) at its own order), so the sorted pass holds [B, S, Hq, D] keys and values:
+Hq / Hkv times the K/V memory (4x for Llama-3-8B's 32 / 8), plus sorted copies of q and of the
+tree output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ops import attention_with_schedule, make_config, resolve_backend
+from pallas_kernels.reference import dense_attention
+from pallas_kernels.schedule import build_schedule
+from pallas_kernels.segment_schedule import band_schedule, segment_schedule
+from pallas_kernels.validation import check_attention_args, check_block_size
+
+LAYOUTS = ("auto", "natural", "sorted")
+# layout="auto" runs the sorted layout when the natural schedule visits more than this share of
+# the causal blocks. The sorted layout costs about 1/clusters of the causal blocks for the tree
+# pass, the band (window / block_k + 2 blocks per row), and four memory-bound passes (gathers of
+# q, k, v and the un-permute); on the contiguous routes that the natural schedule handles at a
+# few percent it is slower, on scattered routes (natural density near 1) it is many times faster.
+SORTED_ABOVE = 0.25
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over the union of two disjoint key sets from each set's (out, lse);
+    an lse of -inf (no key) weighs 0, with finite gradients. Returns (out, lse) float32."""
+    top = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    wa, wb = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
+    total = wa + wb
+    safe = jnp.where(total > 0, total, 1.0)
+    lse = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+
+    def weigh(out, w):
+        return out.astype(jnp.float32) * jnp.swapaxes(w / safe, 1, 2)[..., None]
+
+    return weigh(out_a, wa) + weigh(out_b, wb), lse
+
+
+def sort_by_cluster(clusters):
+    """(order, sorted_ids, inverse) of ids [B, H, S]: sorted_ids = ids[order] is grouped by id
+    with positions ascending inside a group; inverse undoes order."""
+    order = jnp.argsort(clusters, axis=-1, stable=True).astype(jnp.int32)
+    sorted_ids = jnp.take_along_axis(clusters, order, axis=-1)
+    seq = clusters.shape[-1]
+    inverse = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(
+        jnp.arange(seq, dtype=o.dtype))))(order)
+    return order, sorted_ids, inverse
+
+
+def _gather_heads(x, order, group):
+    """x [B, S, Hx, D] read at order [B, H, S] per head h (from head h // group): [B, S, H, D]."""
+    batch, heads = order.shape[:2]
+    b = jnp.arange(batch)[:, None, None]
+    h = (jnp.arange(heads) // group)[None, None, :]
+    return x[b, jnp.swapaxes(order, 1, 2), h]
+
+
+def _natural(q, k, v, qc, cfg, backend, schedule=None):
+    if schedule is None:
+        schedule = build_schedule(qc, qc, window=cfg.window, sink_tokens=cfg.sink_tokens,
+                                  block_q=cfg.block_q, block_k=cfg.block_k)
+    return attention_with_schedule(q, k, v, qc, qc, schedule, backend=backend, config=cfg)
+
+
+def _sorted(q, k, v, qc, cfg, backend):
+    group = q.shape[2] // k.shape[2]
+    order, sorted_ids, inverse = sort_by_cluster(qc)
+    tree_cfg = dataclasses.replace(cfg, window=0, sink_tokens=0)
+    tree_sched = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
+    out_t, lse_t = attention_with_schedule(
+        _gather_heads(q, order, 1), _gather_heads(k, order, group),
+        _gather_heads(v, order, group), sorted_ids, sorted_ids, tree_sched, backend=backend,
+        config=tree_cfg)
+    out_t = _gather_heads(out_t, inverse, 1)
+    lse_t = jnp.take_along_axis(lse_t, inverse, axis=-1)
+    if cfg.window == 0 and cfg.sink_tokens == 0:  # no local pair at all
+        return out_t, lse_t
+    batch, seq, heads = q.shape[:3]
+    band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
+                         block_q=cfg.block_q, block_k=cfg.block_k)
+    local_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
+    out_l, lse_l = attention_with_schedule(q, k, v, qc, qc, band, backend=backend,
+                                           config=local_cfg)
+    out, lse = merge_partials(out_t, lse_t, out_l, lse_l)
+    return out.astype(q.dtype), lse
+
+
+def prefer_sorted(natural_density, sorted_above: float = SORTED_ABOVE):
+    """layout="auto"'s rule: the sorted layout when the natural schedule's density (visited /
+    causal blocks, BlockSchedule.density) is above sorted_above."""
+    return natural_density > sorted_above
+
+
+def _check_options(layout, sorted_above, q, k, clusters):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if (isinstance(sorted_above, bool) or not isinstance(sorted_above, numbers.Real)
+            or not 0.0 <= sorted_above <= 1.0):
+        raise ValueError(f"sorted_above must be a number in [0, 1], got {sorted_above!r}")
+    if q.ndim == 4 and k.ndim == 4 and q.shape[1] != k.shape[1]:
+        raise ValueError("routed_attention is self-attention: q and k must hold the same "
+                         f"positions, got Sq={q.shape[1]} and Sk={k.shape[1]}")
+    if q.ndim == 4 and tuple(clusters.shape) != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(f"clusters must have shape [B, Hq, S] = "
+                         f"{(q.shape[0], q.shape[2], q.shape[1])}, got {tuple(clusters.shape)}")
+    if not jnp.issubdtype(clusters.dtype, jnp.integer):
+        raise TypeError(f"clusters must hold integer cluster ids, got dtype {clusters.dtype}")
+
+
+def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layout="auto",
+                     sorted_above=SORTED_ABOVE, backend="auto", interpret=False, block_q=None,
+                     block_k=None, return_lse=False):
+    """Causal self-attention restricted to the allowed pairs of one set of cluster ids (the
+    mask of block_sparse_attention with q_clusters = k_clusters = clusters, q_offset 0).
+
+    q [B, S, Hq, D]; k, v [B, S, Hkv, D]; clusters [B, Hq, S] integer ids. layout: "natural"
+    runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout
+    and the window and sink pairs as a band (module docstring); "auto" builds the natural
+    schedule and takes the sorted layout where prefer_sorted(its density, sorted_above) holds
+    (a lax.cond: both paths are compiled, one runs). Returns out [B, S, Hq, D] in q's dtype
+    and, with return_lse, the natural-log LSE [B, Hq, S] float32. Differentiable in q, k, v.
+    """
+    _check_options(layout, sorted_above, q, k, clusters)
+    backend = resolve_backend(backend)
+    qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
+                                                         sink_tokens, 0)
+    if backend == "xla":
+        check_block_size("block_q", block_q)
+        check_block_size("block_k", block_k)
+        return dense_attention(q, k, v, qc, qc, window=window, sink_tokens=sink_tokens,
+                               q_offset=0, scale=scale, return_lse=return_lse)
+    cfg = make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=scale,
+                      backend=backend, interpret=interpret, block_q=block_q, block_k=block_k)
+    if layout == "natural":
+        out, lse = _natural(q, k, v, qc, cfg, backend)
+    elif layout == "sorted":
+        out, lse = _sorted(q, k, v, qc, cfg, backend)
+    else:
+        natural = build_schedule(qc, qc, window=window, sink_tokens=sink_tokens,
+                                 block_q=cfg.block_q, block_k=cfg.block_k)
+        out, lse = jax.lax.cond(
+            prefer_sorted(natural.density, sorted_above),
+            lambda q, k, v, qc, natural: _sorted(q, k, v, qc, cfg, backend),
+            lambda q, k, v, qc, natural: _natural(q, k, v, qc, cfg, backend, natural),
+            q, k, v, qc, natural)
+    return (out, lse) if return_lse else out
