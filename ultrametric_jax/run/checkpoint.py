@@ -14,10 +14,15 @@ are placed as the template's are (same devices and sharding).
 
 `RunCheckpointReader` reads given steps of a run directory without ever creating, deleting,
 moving or pruning anything in it, so it is safe on the directory of a run still writing.
+
+Each step also records the surgery and model configuration that shaped its state;
+`check_same_setup` refuses to restore it under a configuration that gives its routers another
+meaning (another tree, cut level, window or sink, another architecture).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -25,7 +30,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -33,9 +38,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.surgery.config import SurgeryConfig
 
 FORMAT_VERSION = 1
 _HASH_CHUNK = 1 << 23
+# A run directory keeps its checkpoints here.
+CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointMismatchError(ConfigError):
@@ -117,6 +125,64 @@ def check_same_base(saved: dict, current: dict) -> None:
             f"the checkpoint was trained on base model {saved.get('path')!r} with files "
             f"{saved.get('files')}, but this run uses {current.get('path')!r} with files "
             f"{current.get('files')}; use the original base model or a fresh --workdir")
+
+
+# ----------------------------------------------------------------------------- setup drift
+
+def _topology(surgery: SurgeryConfig) -> dict:
+    """The resolved fields that decide which pairs a trained router lets attend."""
+    return {"arity": surgery.arity, "levels": surgery.num_levels, "d_max": surgery.max_distance,
+            "cut_level": surgery.cut_level, "window": surgery.window,
+            "sink_tokens": surgery.sink_tokens}
+
+
+def surgery_changes(recorded: SurgeryConfig, current: SurgeryConfig) -> list[str]:
+    """'field old -> new' for every topology field that differs (levels resolved from max_len
+    where unset, d_max from levels)."""
+    old, new = _topology(recorded), _topology(current)
+    changes = []
+    for name in old:
+        if old[name] != new[name]:
+            note = ""
+            if name == "levels" and recorded.max_len != current.max_len and (
+                    recorded.levels is None or current.levels is None):
+                note = f" (from max_len {recorded.max_len} -> {current.max_len})"
+            changes.append(f"{name} {old[name]} -> {new[name]}{note}")
+    return changes
+
+
+def model_changes(recorded: dict, current: dict) -> list[str]:
+    """'model.field old -> new' for every base-model architecture field that differs."""
+    return [f"model.{k} {recorded.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+
+
+class ConfigDriftError(CheckpointMismatchError):
+    """A checkpoint was trained under a surgery or model configuration that gives its state
+    another meaning than the current one."""
+
+
+def recorded_surgery(meta: dict) -> Optional[SurgeryConfig]:
+    """The SurgeryConfig a checkpoint's state was trained with (None if it records none)."""
+    record = meta.get("surgery") or (meta.get("config") or {}).get("surgery")
+    return SurgeryConfig.from_dict(record) if record else None
+
+
+def check_same_setup(meta: dict, where: str, surgery: SurgeryConfig,
+                     model_config: Optional[dict] = None) -> None:
+    """ConfigDriftError naming the fields when the checkpoint described by `meta` (`where`:
+    e.g. "checkpoint step 8 in DIR") was trained with another topology or architecture."""
+    changes = []
+    saved = recorded_surgery(meta)
+    if saved is not None:
+        changes += surgery_changes(saved, surgery)
+    if model_config is not None and meta.get("model_config") is not None:
+        changes += model_changes(meta["model_config"], model_config)
+    if changes:
+        raise ConfigDriftError(
+            f"{where} was trained with another configuration ({'; '.join(changes)}), which "
+            "changes what its routers mean; use the run's own settings (its config.json) or "
+            "a fresh --workdir")
 
 
 # ----------------------------------------------------------------------------- array trees
@@ -212,14 +278,19 @@ class _StepAccess:
         except DAMAGE_ERRORS as e:
             raise _unreadable(step, self.directory, e) from e
 
-    def restore(self, step: int, template: Any) -> Restored:
+    def restore(self, step: int, template: Any,
+                check_meta: Optional[Callable[[dict, str], None]] = None) -> Restored:
         """Step `step` in `template`'s structure, its arrays verified against their checksum.
 
+        check_meta(meta, where), if given, sees the step's record before any array is read
+        and may refuse it by raising.
         CheckpointMismatchError: the step holds another state layout than `template`'s.
         CorruptCheckpointError: the step's files are missing or damaged, or its arrays fail
         their checksum.
         """
         meta = self.read_meta(step)
+        if check_meta is not None:
+            check_meta(meta, f"checkpoint step {step} in {self.directory}")
         flat_template, structure = flatten_tree(template)
         if meta.get("structure") != structure:
             raise CheckpointMismatchError(
@@ -238,13 +309,15 @@ class _StepAccess:
                 "match their recorded checksum", step=step, reason=reason)
         return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
 
-    def restore_latest(self, template: Any) -> Optional[Restored]:
+    def restore_latest(self, template: Any,
+                       check_meta: Optional[Callable[[dict, str], None]] = None
+                       ) -> Optional[Restored]:
         """The newest step that loads, or None if none does; each corrupt step on the way is
-        passed to `_skip`. Errors other than a corrupt step (CheckpointMismatchError, an I/O
-        error) are raised."""
+        passed to `_skip`. Errors other than a corrupt step (CheckpointMismatchError, what
+        check_meta raises, an I/O error) are raised."""
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, template)
+                return self.restore(step, template, check_meta)
             except CorruptCheckpointError as e:
                 self._skip(step, e.reason)
         return None
@@ -286,6 +359,13 @@ class RunCheckpointReader(_StepAccess):
                       f"({why}); left in place", RuntimeWarning, stacklevel=3)
 
 
+def _is_disk_full(error: Exception) -> bool:
+    """Whether an Orbax / TensorStore write error is the file system's ENOSPC (TensorStore
+    reports it as a ValueError carrying the OS error code)."""
+    text = str(error)
+    return f"os_error_code='{errno.ENOSPC}'" in text or os.strerror(errno.ENOSPC) in text
+
+
 class RunCheckpointer(_StepAccess):
     """Orbax CheckpointManager of one run directory, keeping the last `keep` steps."""
 
@@ -306,9 +386,26 @@ class RunCheckpointer(_StepAccess):
         flat, structure = flatten_tree(state)
         meta = dict(extra, version=FORMAT_VERSION, step=int(step), data_state=data_state,
                     base_model=base_model, structure=structure, checksum=checksum(flat))
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        # Orbax logs a failed write with its traceback before raising it; it is raised here.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+        except ValueError as e:
+            if not _is_disk_full(e):
+                raise
+            # The unfinished step's temporary directory only holds space: free it.
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{int(step)}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            raise OSError(errno.ENOSPC, "No space left on device while writing checkpoint "
+                          f"step {step}; the earlier checkpoints are intact",
+                          self.directory) from None
+        finally:
+            absl_logger.setLevel(level)
 
     def _skip(self, step: int, why: str) -> None:
         """Moves the corrupt step aside, so that the run saves that step afresh."""

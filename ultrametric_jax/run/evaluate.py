@@ -159,9 +159,12 @@ class EvalReport:
     dense: dict
     surgical: dict
     step: Optional[int]
+    surgery: Optional[dict] = None      # the SurgeryConfig the numbers were computed with
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
+        if self.surgery is not None:
+            d["surgery"] = self.surgery
         if self.dense:
             d["perplexity_change"] = self.surgical["perplexity"] / self.dense["perplexity"] - 1
         return d
