@@ -12,6 +12,7 @@ import errno
 import importlib
 import sys
 
+from ultrametric_jax import __version__
 from ultrametric_jax.errors import UserError
 
 SUBCOMMANDS = {
@@ -74,7 +75,6 @@ def main(argv=None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from ultrametric_jax import __version__  # the package root: cheap, only when asked
         print(f"ultrametric_jax {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

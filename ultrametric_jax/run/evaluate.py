@@ -196,6 +196,7 @@ def write_report(report: EvalReport, workdir: str) -> tuple[str, str]:
 
 
 def plot_report(report: EvalReport, train_records: list[dict], path: str) -> None:
+    # matplotlib takes a second to import: only when a figure is drawn, with a file backend.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
