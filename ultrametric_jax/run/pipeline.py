@@ -22,7 +22,7 @@ from typing import Optional
 from flax import nnx
 from jax.sharding import Mesh
 
-from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.errors import CheckpointError, ConfigError
 from ultrametric_jax.io import assets
 from ultrametric_jax.io.checkpoints import load_pretrained
 from ultrametric_jax.parallel import sharding
@@ -81,11 +81,20 @@ def resolve_model_source(run: RunConfig, *, install: bool) -> assets.ModelSource
         raise ConfigError(f"invalid config value model.path={run.model.path!r}: {e}") from None
 
 
+def load_base_model(path: str, run: RunConfig):
+    """The frozen base model at `path` in the run's dtypes; a config.json that is not JSON is
+    a CheckpointError naming the file."""
+    try:
+        return load_pretrained(path, dtype=run.model.dtype, param_dtype=run.model.param_dtype)
+    except json.JSONDecodeError as e:
+        name = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        raise CheckpointError(f"{name} is not valid JSON ({e})") from None
+
+
 def setup_run(run: RunConfig, *, install: bool = False) -> RunSetup:
     """Load the frozen base model, its identity, its tokenizer and the packed data splits."""
     source = resolve_model_source(run, install=install)
-    model = load_pretrained(source.weights, dtype=run.model.dtype,
-                            param_dtype=run.model.param_dtype)
+    model = load_base_model(source.weights, run)
     limit = model.config.max_position_embeddings
     if run.train.seq_len > limit:
         raise ConfigError(f"invalid config value train.seq_len={run.train.seq_len}: the "
@@ -285,12 +294,14 @@ def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
             raise ExportError(f"checkpoint step {step} in {directory} records no run config "
                               "or base model identity")
         run = RunConfig.from_dict(meta["config"])
-        model = load_pretrained(verify_base_model(meta["base_model"]), dtype=run.model.dtype,
-                                param_dtype=run.model.param_dtype)
+        model = load_base_model(verify_base_model(meta["base_model"]), run)
         inject(run, model)
-        # The state was shaped by the surgery it records; the run config must say the same.
-        check = lambda m, where: check_same_setup(m, where, run.surgery,
-                                                  dataclasses.asdict(model.config))
+        model_config = dataclasses.asdict(model.config)
+
+        def check(record: dict, where: str) -> None:
+            # The state was shaped by the surgery it records; its run config must say the same.
+            check_same_setup(record, where, run.surgery, model_config)
+
         try:
             state = reader.restore(step, checkpoint_template(run, model), check).state
         except ConfigDriftError:
