@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from ultrametric_jax.run.checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
-                                            RunCheckpointer, RunCheckpointReader,
-                                            base_model_identity, check_same_base, file_sha256)
+                                            RunCheckpointer, RunCheckpointReader)
+from ultrametric_jax.run.provenance import base_model_identity, check_same_base, file_sha256
 
 
 def _state(seed):

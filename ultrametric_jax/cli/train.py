@@ -5,7 +5,6 @@ stopped on a non-finite step (the last good checkpoint is kept), 2 a user error.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 

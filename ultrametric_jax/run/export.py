@@ -33,7 +33,8 @@ from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURG
                                               router_shape_problem)
 from ultrametric_jax.io.hf import hf_name, write_safetensors
 from ultrametric_jax.io.tokenizer import save_tokenizer, tokenizer_from_gguf
-from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR, base_model_identity
+from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR
+from ultrametric_jax.run.provenance import base_model_identity
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.inject import trainable_filter
 

@@ -27,13 +27,14 @@ from ultrametric_jax.io import assets
 from ultrametric_jax.io.checkpoints import load_pretrained
 from ultrametric_jax.parallel import sharding
 from ultrametric_jax.run import evaluate as evaluation
-from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CheckpointMismatchError,
-                                            ConfigDriftError, CorruptCheckpointError, Restored,
-                                            RunCheckpointReader, base_model_identity,
-                                            check_same_base, check_same_setup)
+from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CorruptCheckpointError, Restored,
+                                            RunCheckpointReader)
 from ultrametric_jax.run.data import PackedSequences, build_splits, corpus_tokenizer, eval_batches
 from ultrametric_jax.run.export import (ExportError, export_surgical_model, tokenizer_source,
                                         verify_base_model)
+from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
+                                            base_model_identity, check_same_base,
+                                            check_same_setup)
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.trainer import (SurgeryTrainer, TrainOutcome, checkpoint_template)
 from ultrametric_jax.surgery.config import SurgeryConfig

@@ -29,11 +29,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ultrametric_jax.parallel import sharding
-from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, RunCheckpointer, check_same_base,
-                                            check_same_setup)
+from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR, RunCheckpointer
 from ultrametric_jax.run.data import BatchIterator, PackedSequences
 from ultrametric_jax.run.metrics import MetricsWriter, format_scalars, progress_bar
 from ultrametric_jax.run.optimizer import build_optimizer
+from ultrametric_jax.run.provenance import check_same_base, check_same_setup
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.step import PARAMS_FINITE, cached_train_step, split_model
 
