@@ -88,6 +88,15 @@ def test_a_diverging_run_keeps_its_last_sound_checkpoint_and_resumes(tiny_model_
     assert line.endswith(f"stopping. The last good checkpoint is step 4 in "
                          f"{run_copy / 'checkpoints'}; lower train.lr or check the data.")
     assert _listing(run_copy / "checkpoints") == before
+    # Diverging on the last step: a trial step from the final state, its update discarded,
+    # finds the NaN before that state is written.
+    assert cli.main(["train", *_args(tiny_model_dir, run_copy, "train.steps=5",
+                                     "train.lr=1e30")]) == 1
+    line = _last_line(capsys.readouterr().err)
+    assert line.startswith("ultrametric train: non-finite training loss (nan) from the state "
+                           "after step 5 (a trial step on the next batch) ")
+    assert "The last good checkpoint is step 4 in" in line
+    assert _listing(run_copy / "checkpoints") == before
     # Resuming with a sane learning rate continues from step 4.
     assert cli.main(["train", *_args(tiny_model_dir, run_copy, "train.steps=8")]) == 0
     assert "trained 8 steps (resumed from step 4)" in capsys.readouterr().out
