@@ -1,11 +1,29 @@
 """The base configuration every experiment starts from (ml_collections, `get_config()`).
 
 Every field can be overridden on the command line, e.g. `--config.train.steps=50`.
-Optional integers are typed placeholders (None until set) so that an override is parsed as an
-int rather than a string.
+The surgery section is SurgeryConfig's own fields and defaults; its optional integers are
+typed placeholders (None until set) so that an override is parsed as an int.
 """
+import dataclasses
+import typing
+
 import ml_collections
 from ml_collections import config_dict
+
+from ultrametric_jax.surgery.config import SurgeryConfig
+
+
+def surgery_section() -> ml_collections.ConfigDict:
+    """Every SurgeryConfig field with its default; Optional[T] = None as a T placeholder."""
+    section = ml_collections.ConfigDict()
+    hints = typing.get_type_hints(SurgeryConfig)
+    for field in dataclasses.fields(SurgeryConfig):
+        if field.default is None:
+            (inner,) = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
+            section[field.name] = config_dict.placeholder(inner)
+        else:
+            section[field.name] = field.default
+    return section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,23 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"        # compute dtype of the base model
     config.model.param_dtype = "float32"  # storage dtype of the base model's weights
 
-    # Mirrors ultrametric_jax.config.SurgeryConfig field by field.
-    config.surgery = ml_collections.ConfigDict()
-    config.surgery.arity = 2
-    config.surgery.levels = config_dict.placeholder(int)  # None: derived from max_len
-    config.surgery.max_len = 8192
-    config.surgery.d_max = config_dict.placeholder(int)   # None: levels // 2
-    config.surgery.mask_temperature = 0.5
-    config.surgery.window = 128
-    config.surgery.sink_tokens = 1
-    config.surgery.depth_op = "cumprod"
-    config.surgery.ste = "gate"
-    config.surgery.init_margin = 5.0
-    config.surgery.tau_start = 1.0
-    config.surgery.tau_end = 0.1
-    config.surgery.tau_steps = 1000
-    config.surgery.lambda_max = 1.0
-    config.surgery.lambda_ramp_steps = 100
+    # The topology and its annealing schedules: SurgeryConfig's fields, at its defaults.
+    config.surgery = surgery_section()
 
     # Corpus: "shakespeare", "stdlib" (Python's own sources), a text file, a directory of text
     # files, or a .jsonl file with a "text" field.

@@ -32,7 +32,7 @@ from ultrametric_jax.model.config import LlamaConfig  # noqa: E402
 from ultrametric_jax.surgery.config import SurgeryConfig  # noqa: E402
 from ultrametric_jax.model.llama import LlamaForCausalLM  # noqa: E402
 from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
-from ultrametric_jax.run.trainer import MUTABLE, make_train_step  # noqa: E402
+from ultrametric_jax.run.step import MUTABLE, make_train_step  # noqa: E402
 
 VOCAB = 32000
 

@@ -1,4 +1,5 @@
 """The run / train / eval commands on the tiny random Llama: reports, files, clear errors."""
+import dataclasses
 import json
 import os
 import runpy
@@ -7,10 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from ultrametric_jax.cli.app import main as cli
-from ultrametric_jax.cli.flags import configs_dir
+from ultrametric_jax.cli import app as cli
+from ultrametric_jax.cli.options import configs_dir, parse_flags
+from ultrametric_jax.run import pipeline
+from ultrametric_jax.run.settings import RunConfig
 
 TINY = os.path.join(configs_dir(), "tiny_random.py")
+
+
+def tiny_run_config(*argv) -> RunConfig:
+    return RunConfig.from_config_dict(parse_flags(["--config", TINY, *argv])[0])
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +76,11 @@ def test_run_then_eval(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert 0 < s["tree_density"] <= s["density"] <= 1
     assert report["perplexity_change"] == pytest.approx(
         s["perplexity"] / report["dense"]["perplexity"] - 1)
+    assert report["surgery"] == json.load(open(workdir / "config.json"))["surgery"]
     # The dense baseline agrees with transformers on the same held-out sequences.
-    from ultrametric_jax.cli.flags import parse_config_args
-    from ultrametric_jax.run.trainer import setup_run
-    config, _, _, _ = parse_config_args(_args(tiny_model_dir, workdir)[:2] +
-                                        [f"--config.model.path={tiny_model_dir}"])
-    oracle = _torch_dense_perplexity(tiny_model_dir, setup_run(config).val_batches)
+    run = tiny_run_config(f"--config.model.path={tiny_model_dir}")
+    assert report["surgery"] == run.surgery.to_dict()
+    oracle = _torch_dense_perplexity(tiny_model_dir, pipeline.setup_run(run).val_batches)
     assert report["dense"]["perplexity"] == pytest.approx(oracle, rel=1e-4)
     # eval of the same workdir evaluates the same checkpoint: identical numbers. It reads the
     # checkpoints without touching them, even the temporary directory of a save in progress,
@@ -165,32 +171,34 @@ def test_dense_baseline_cache(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from ultrametric_jax.run import evaluate
-    from ultrametric_jax.cli.train import DENSE_CACHE, dense_baseline
-    from ultrametric_jax.cli.flags import parse_config_args
-    config, _, _, _ = parse_config_args(["--config", TINY])
+    from ultrametric_jax.run.pipeline import DENSE_CACHE, dense_baseline
+    run = tiny_run_config()
     setup = SimpleNamespace(identity={"files": {"model.safetensors": "ab" * 32}}, model=None,
                             val_batches=[])
     measured = []
 
     def perplexity(model, batches):
-        measured.append(config.model.param_dtype)
+        measured.append(run.model.param_dtype)
         return {"perplexity": float(len(measured))}
+
+    def with_param_dtype(dtype):
+        return dataclasses.replace(run, model=dataclasses.replace(run.model, param_dtype=dtype))
 
     monkeypatch.setattr(evaluate, "perplexity", perplexity)
     workdir, path = str(tmp_path), tmp_path / DENSE_CACHE
-    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}
-    assert dense_baseline(setup, config, workdir) == {"perplexity": 1.0}     # from the cache
-    config.model.param_dtype = "bfloat16"
-    assert dense_baseline(setup, config, workdir) == {"perplexity": 2.0}
+    assert dense_baseline(setup, run, workdir) == {"perplexity": 1.0}
+    assert dense_baseline(setup, run, workdir) == {"perplexity": 1.0}     # from the cache
+    run = with_param_dtype("bfloat16")
+    assert dense_baseline(setup, run, workdir) == {"perplexity": 2.0}
     assert measured == ["float32", "bfloat16"]
     path.write_text('{"key": {"base_model": ')                                 # torn by a kill
-    assert dense_baseline(setup, config, workdir) == {"perplexity": 3.0}
+    assert dense_baseline(setup, run, workdir) == {"perplexity": 3.0}
     assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
     # A write that fails leaves the previous cache whole and no temporary file behind.
-    config.model.param_dtype = "float16"
+    run = with_param_dtype("float16")
     monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        dense_baseline(setup, config, workdir)
+        dense_baseline(setup, run, workdir)
     assert json.loads(path.read_text())["result"] == {"perplexity": 3.0}
     assert os.listdir(tmp_path) == [DENSE_CACHE]
 
@@ -202,7 +210,8 @@ def test_missing_model_and_bad_flags(tmp_path, capsys):
     assert cli.main(["train", "--config", TINY, "--steps=3"]) == 2
     assert "unknown flag '--steps'" in capsys.readouterr().err
     assert cli.main(["run", "--help"]) == 0
-    assert "--config.KEY=VALUE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--config.KEY=VALUE" in out and "tiny_random" in out and "--debug" in out
 
 
 def test_default_workdir_is_named_after_the_config(tiny_model_dir, tmp_path, monkeypatch,

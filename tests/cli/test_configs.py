@@ -1,40 +1,45 @@
 """Config files load and validate; command-line overrides keep types; bad values are named."""
+import dataclasses
 import os
 
 import pytest
 
+from ultrametric_jax.cli.options import configs_dir, parse_flags
 from ultrametric_jax.errors import ConfigError
-from ultrametric_jax.surgery.config import levels_for
-from ultrametric_jax.cli.flags import (configs_dir, parse_config_args, surgery_config,
-                                          validate_config)
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.surgery.config import SurgeryConfig, levels_for
+
+
+def surgery_config(config) -> SurgeryConfig:
+    return RunConfig.from_config_dict(config).surgery
 
 CONFIGS = ["base", "smollm2_shakespeare", "llama3_8b_wikitext", "tinyllama", "tiny_random"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_loads_and_validates(name):
-    config, path, flags, rest = parse_config_args(["--config", os.path.join(configs_dir(),
-                                                                            name + ".py")])
-    assert path.endswith(name + ".py") and flags == {} and rest == []
-    validate_config(config)
-    assert config.train.lr == 1e-3 or name in ("tiny_random", "smollm2_shakespeare")
-    mesh = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    config, path, workdir = parse_flags(["--config", os.path.join(configs_dir(), name + ".py")])
+    assert path.endswith(name + ".py") and workdir is None
+    run = RunConfig.from_config_dict(config)
+    assert run.train.lr == 1e-3 or name in ("tiny_random", "smollm2_shakespeare")
+    assert RunConfig.from_dict(run.to_dict()) == run        # what checkpoints record
+    mesh = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     # The tests' tiny model pins one device; the others take every device there is.
     assert mesh == (1, 1, 1) if name == "tiny_random" else mesh in ((-1, 1, 1), (1, -1, 1))
 
 
-def test_surgery_section_mirrors_surgery_config():
-    import dataclasses
-
-    from ultrametric_jax.surgery.config import SurgeryConfig
-    config, _, _, _ = parse_config_args(["--config", "base"])
+def test_surgery_section_is_surgery_config():
+    config, _, _ = parse_flags(["--config", "base"])
     assert set(config.surgery.keys()) == {f.name for f in dataclasses.fields(SurgeryConfig)}
     # Unset optional fields resolve exactly as SurgeryConfig's own defaults do.
     assert surgery_config(config) == SurgeryConfig()
+    # Optional fields are typed placeholders: an override is parsed as their type.
+    config, _, _ = parse_flags(["--config", "base", "--config.surgery.levels=6"])
+    assert config.surgery.levels == 6 and isinstance(config.surgery.levels, int)
 
 
 def test_default_config_is_the_cpu_setting():
-    config, path, _, _ = parse_config_args([])
+    config, path, _ = parse_flags([])
     assert os.path.basename(path) == "smollm2_shakespeare.py"
     s = surgery_config(config)
     assert (s.arity, s.num_levels, s.max_distance, s.cut_level, s.window) == (2, 8, 4, 4, 16)
@@ -44,14 +49,14 @@ def test_default_config_is_the_cpu_setting():
 
 def test_large_configs_derive_levels_in_integers():
     for name, max_len in (("llama3_8b_wikitext", 8192), ("tinyllama", 2048)):
-        config, _, _, _ = parse_config_args(["--config", name])
+        config, _, _ = parse_flags(["--config", name])
         s = surgery_config(config)
         assert s.num_levels == levels_for(2, max_len) == {8192: 13, 2048: 11}[max_len]
         assert s.max_distance == s.num_levels // 2
 
 
 def test_overrides_keep_field_types():
-    config, _, flags, _ = parse_config_args([
+    config, _, workdir = parse_flags([
         "--config=tiny_random", "--config.train.steps=50", "--config.train.lr", "3e-4",
         "--config.surgery.d_max=2", "--config.data.corpus=stdlib", "--workdir", "/tmp/w",
         "--config.train.clip_norm=0", "--config.surgery.levels=None"])
@@ -59,7 +64,13 @@ def test_overrides_keep_field_types():
     assert config.train.lr == 3e-4 and config.surgery.d_max == 2
     assert config.train.clip_norm == 0.0 and isinstance(config.train.clip_norm, float)
     assert config.surgery.levels is None and config.data.corpus == "stdlib"
-    assert flags == {"workdir": "/tmp/w"}
+    assert workdir == "/tmp/w"
+    # Space-separated values, a boolean, an override before --config, the last one winning.
+    config, path, _ = parse_flags(["--config.train.steps", "7", "--config.distributed",
+                                   "--config", "tiny_random", "--config.train.steps=9",
+                                   "--config.surgery.d_max=None", "--config.surgery.d_max=2"])
+    assert config.train.steps == 9 and config.distributed is True
+    assert config.surgery.d_max == 2 and path.endswith("tiny_random.py")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -70,12 +81,18 @@ def test_overrides_keep_field_types():
     (["--config.train.steps=2.5"], r"expected a value of type int"),
     (["--config.train=3"], r"config key 'train' is a section"),
     (["--bogus=1"], r"unknown flag '--bogus'"),
-    (["--config", "no_such_config"], r"--config 'no_such_config': no such config file"),
+    (["--config", "no_such_config"], r"--config 'no_such_config': no such config file .*"
+                                     r"shipped configs: base, llama3_8b_wikitext"),
     (["--config.train.steps"], r"--config.train.steps needs a value"),
+    (["--config.distributed=maybe"], r"--config.distributed='maybe': expected a boolean"),
+    (["--config.train.steps=None"], r"--config.train.steps='None': expected a value of type "
+                                    r"int"),
+    (["--workdir"], r"--workdir needs a value"),
+    (["stray"], r"unexpected argument\(s\) \['stray'\]"),
 ])
 def test_bad_command_lines_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
-        parse_config_args(["--config", "tiny_random"] + argv if argv[0] != "--config" else argv)
+        parse_flags(["--config", "tiny_random"] + argv if argv[0] != "--config" else argv)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -94,16 +111,32 @@ def test_bad_command_lines_are_named(argv, message):
     ("mesh.fsdp=0", r"invalid config value mesh.fsdp=0"),
 ])
 def test_invalid_values_are_named(override, message):
-    config, _, _, _ = parse_config_args(["--config", "tiny_random", "--config." + override])
+    config, _, _ = parse_flags(["--config", "tiny_random", "--config." + override])
     with pytest.raises(ConfigError, match=message):
-        validate_config(config)
+        RunConfig.from_config_dict(config)
 
 
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="defines no get_config"):
-        parse_config_args(["--config", str(bad)])
+        parse_flags(["--config", str(bad)])
     bad.write_text("def get_config():\n    return {}\n")
     with pytest.raises(ConfigError, match="must return an ml_collections.ConfigDict"):
-        parse_config_args(["--config", str(bad)])
+        parse_flags(["--config", str(bad)])
+    bad.write_text("def get_config():\n    return undefined_name\n")
+    with pytest.raises(ConfigError, match=r"get_config\(\) failed: NameError: name "
+                                          "'undefined_name' is not defined"):
+        parse_flags(["--config", str(bad)])
+    bad.write_text("import no_such_module\n")
+    with pytest.raises(ConfigError, match="the config file failed to run: ModuleNotFoundError"):
+        parse_flags(["--config", str(bad)])
+
+
+def test_parsing_twice_in_one_process_starts_afresh():
+    """Each command line parses into its own flags: nothing carries over between calls."""
+    first, _, _ = parse_flags(["--config", "tiny_random", "--config.train.steps=3",
+                               "--workdir", "/tmp/a"])
+    second, _, workdir = parse_flags(["--config", "tiny_random"])
+    assert (first.train.steps, second.train.steps, workdir) == (3, 12, None)
+    assert parse_flags(["--config", "base"])[0].train.steps == 1000

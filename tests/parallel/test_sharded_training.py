@@ -20,7 +20,7 @@ from ultrametric_jax.model.llama import LlamaForCausalLM
 from ultrametric_jax.surgery.router import RouterParam
 from ultrametric_jax.run.checkpoint import RunCheckpointer
 from ultrametric_jax.surgery.inject import inject_topology, set_attention_impl
-from ultrametric_jax.run.trainer import MUTABLE, make_grad_fn, make_train_step
+from ultrametric_jax.run.step import MUTABLE, make_grad_fn, make_train_step
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -191,28 +191,36 @@ def test_shard_map_rejects_heads_the_tensor_axis_cannot_split():
 
 def _tiny_run_config(model_dir, *overrides):
     import os
-    from ultrametric_jax.cli.flags import configs_dir, parse_config_args
+
+    from ultrametric_jax.cli.options import configs_dir, parse_flags
+    from ultrametric_jax.run.settings import RunConfig
     tiny = os.path.join(configs_dir(), "tiny_random.py")
-    config, _, _, _ = parse_config_args(["--config", tiny, f"--config.model.path={model_dir}",
-                                         *[f"--config.{o}" for o in overrides]])
-    return config
+    config, _, _ = parse_flags(["--config", tiny, f"--config.model.path={model_dir}",
+                                *[f"--config.{o}" for o in overrides]])
+    return RunConfig.from_config_dict(config)
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     import os
     import runpy
-    from ultrametric_jax.cli.flags import configs_dir
+
+    from ultrametric_jax.cli.options import configs_dir
     write = runpy.run_path(os.path.join(configs_dir(), "tiny_random.py"))["write_model"]
     return write(str(tmp_path_factory.mktemp("tiny")))
 
 
-def _train(config, workdir):
-    from ultrametric_jax.run.trainer import SurgeryTrainer, inject, setup_run
+def _trainer(config, workdir):
+    """The pipeline's trainer of a fresh setup (mesh checked first, as a run does)."""
+    from ultrametric_jax.run.pipeline import check_mesh, inject, make_trainer, setup_run
+    mesh = check_mesh(config)
     setup = setup_run(config)
     inject(config, setup.model)
-    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(workdir),
-                             setup.identity, progress=False)
+    return make_trainer(config, setup, mesh, str(workdir), progress=False)
+
+
+def _train(config, workdir):
+    trainer = _trainer(config, workdir)
     try:
         outcome = trainer.train()
     finally:
@@ -247,39 +255,34 @@ def _key_data(tree):
 
 @pytest.mark.slow
 def test_mesh_run_compiles_its_step_once_and_resumes_in_place(tiny_model_dir, tmp_path, caplog):
-    """A (2,2,2) run stopped right after saving step 3, then resumed to step 6 in the same
-    process, compiles its train step once; the resumed state is the saved one, bit for bit,
-    with every optimiser moment sharded like its parameter."""
+    """A (2,2,2) run stopped right after saving step 3 (written once step 4 has shown the
+    state sound), then resumed to step 6 in the same process, compiles its train step once,
+    also for the trial step that confirms the final state; the resumed state is the saved one,
+    bit for bit, with every optimiser moment sharded like its parameter."""
     import logging
 
-    from ultrametric_jax.run.trainer import SurgeryTrainer, inject, setup_run
     config = _tiny_run_config(tiny_model_dir, "train.steps=6", "checkpoint.every=3",
                               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
     class Killed(Exception):
         pass
 
-    def trainer():
-        setup = setup_run(config)
-        inject(config, setup.model)
-        return SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path),
-                              setup.identity, progress=False)
-
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        first = trainer()
-        save = first.save
+        first = _trainer(config, tmp_path)
+        save, written = first.save, []
 
-        def save_then_die():
-            save()
+        def save_then_die(snapshot):
+            save(snapshot)
+            written.append(snapshot)
             raise Killed
 
         first.save = save_then_die
         with pytest.raises(Killed):
             first.train()
-        assert first.step == 3
-        saved = _key_data(first._checkpoint_state())
+        assert first.step == 4 and [s.step for s in written] == [3]
+        saved = _key_data(written[0].state)
         first.close()
-        second = trainer()
+        second = _trainer(config, tmp_path)
         assert second.restore() == 3
         restored = _key_data(second._checkpoint_state())
         outcome = second.train()

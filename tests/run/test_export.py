@@ -24,11 +24,13 @@ from safetensors.numpy import load_file  # noqa: E402
 from ultrametric_jax.run import generate as jax_generate  # noqa: E402
 from ultrametric_jax.pytorch import surgical_llama as torch_surgery  # noqa: E402
 from ultrametric_jax.io.checkpoints import load_pretrained  # noqa: E402
+from ultrametric_jax.cli import app as cli  # noqa: E402
 from ultrametric_jax.cli import export as export_command  # noqa: E402
 from ultrametric_jax.cli import train as train_command  # noqa: E402
 from ultrametric_jax.surgery.config import SurgeryConfig  # noqa: E402
 from ultrametric_jax.run.export import (ROUTER_FILE, SURGERY_CONFIG_KEY, ExportError,  # noqa: E402
-                                    export_run, export_surgical_model, restore_run)
+                                        export_surgical_model)
+from ultrametric_jax.run.pipeline import export_run, restore_run  # noqa: E402
 from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
 from ultrametric_jax.surgery.inject import extract_routes, inject_topology  # noqa: E402
 
@@ -43,7 +45,8 @@ def rel_err(a, ref) -> float:
 
 
 def export_cli(capsys, *argv):
-    rc = export_command.main(list(argv))
+    """`ultrametric export ARGV` as the user runs it: (exit status, stderr)."""
+    rc = cli.main(["export", *argv])
     return rc, capsys.readouterr().err
 
 

@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from ultrametric_jax.cli.flags import configs_dir, parse_config_args
+from ultrametric_jax.cli.options import configs_dir, parse_flags
 from ultrametric_jax.run.checkpoint import RunCheckpointReader
-from ultrametric_jax.run.trainer import checkpoint_template, inject, setup_run
+from ultrametric_jax.run.pipeline import inject, setup_run
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.trainer import checkpoint_template
 
 REPO = os.path.dirname(configs_dir())
 TINY = os.path.join(configs_dir(), "tiny_random.py")
@@ -41,7 +43,8 @@ def _steps(workdir):
 
 def _final_state(model_dir, workdir):
     """The newest checkpoint of workdir, read (never changed) in the trainer's state layout."""
-    config, _, _, _ = parse_config_args(["--config", TINY, f"--config.model.path={model_dir}"])
+    config = RunConfig.from_config_dict(
+        parse_flags(["--config", TINY, f"--config.model.path={model_dir}"])[0])
     setup = setup_run(config)
     inject(config, setup.model)
     reader = RunCheckpointReader(os.path.join(workdir, "checkpoints"))

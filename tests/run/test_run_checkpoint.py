@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from ultrametric_jax.run.checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
-                                            RunCheckpointer, RunCheckpointReader,
-                                            base_model_identity, check_same_base, file_sha256)
+                                            RunCheckpointer, RunCheckpointReader)
+from ultrametric_jax.run.provenance import base_model_identity, check_same_base, file_sha256
 
 
 def _state(seed):
@@ -277,18 +277,21 @@ def test_checkpoint_template_is_the_trainers_layout(tmp_path, monkeypatch):
     """export's restore template and the state the trainer saves have one layout."""
     import runpy
 
-    from ultrametric_jax.cli.flags import configs_dir, parse_config_args
+    from ultrametric_jax.cli.options import configs_dir, parse_flags
     from ultrametric_jax.run.checkpoint import flatten_tree
-    from ultrametric_jax.run.trainer import SurgeryTrainer, checkpoint_template, inject, setup_run
+    from ultrametric_jax.run.pipeline import check_mesh, inject, make_trainer, setup_run
+    from ultrametric_jax.run.settings import RunConfig
+    from ultrametric_jax.run.trainer import checkpoint_template
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tiny = os.path.join(configs_dir(), "tiny_random.py")
     model_dir = runpy.run_path(tiny)["write_model"](str(tmp_path / "tiny"))
-    config, _, _, _ = parse_config_args(["--config", tiny, f"--config.model.path={model_dir}"])
+    config = RunConfig.from_config_dict(
+        parse_flags(["--config", tiny, f"--config.model.path={model_dir}"])[0])
     setup = setup_run(config)
     inject(config, setup.model)
     template = checkpoint_template(config, setup.model)
-    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path / "run"),
-                             setup.identity, progress=False)
+    trainer = make_trainer(config, setup, check_mesh(config), str(tmp_path / "run"),
+                           progress=False)
     try:
         saved = trainer._checkpoint_state()
         assert flatten_tree(template)[1] == flatten_tree(saved)[1]

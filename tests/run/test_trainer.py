@@ -1,4 +1,5 @@
 """Router-only training and evaluation on the tiny random Llama (configs/tiny_random.py)."""
+import dataclasses
 import json
 import os
 import runpy
@@ -9,14 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ultrametric_jax.cli.options import configs_dir, parse_flags
 from ultrametric_jax.errors import ConfigError
-from ultrametric_jax.cli.flags import configs_dir, parse_config_args, surgery_config
 from ultrametric_jax.run.evaluate import evaluate_surgical, node_entropy_bits, perplexity
+from ultrametric_jax.run.pipeline import check_mesh, inject, make_trainer, setup_run
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.step import MUTABLE, accumulate_gradients, make_grad_fn
+from ultrametric_jax.run.trainer import NonFiniteLossError
 from ultrametric_jax.surgery.tree import pair_counts
-from ultrametric_jax.surgery.router import RouterParam
 from ultrametric_jax.surgery.inject import forward_with_aux
-from ultrametric_jax.run.trainer import (MUTABLE, NonFiniteLossError, SurgeryTrainer,
-                                   accumulate_gradients, inject, make_grad_fn, setup_run)
+from ultrametric_jax.surgery.router import RouterParam
 
 TINY = os.path.join(configs_dir(), "tiny_random.py")
 
@@ -32,10 +35,20 @@ def base_parameters_fingerprint(model) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(state)])
 
 
-def tiny_config(model_dir, *overrides):
-    config, _, _, _ = parse_config_args(["--config", TINY, f"--config.model.path={model_dir}",
-                                         *[f"--config.{o}" for o in overrides]])
-    return config
+def tiny_config(model_dir, *overrides) -> RunConfig:
+    config, _, _ = parse_flags(["--config", TINY, f"--config.model.path={model_dir}",
+                                *[f"--config.{o}" for o in overrides]])
+    return RunConfig.from_config_dict(config)
+
+
+def trainer_of(config, setup, workdir):
+    return make_trainer(config, setup, check_mesh(config), str(workdir), progress=False)
+
+
+def with_settings(config, section, **changes) -> RunConfig:
+    """`config` with fields of one section replaced (the settings are frozen)."""
+    return dataclasses.replace(config, **{
+        section: dataclasses.replace(getattr(config, section), **changes)})
 
 
 def _eval_loss(model, batches, lam):
@@ -60,13 +73,12 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tiny_model_d
     dense = perplexity(setup.model, setup.val_batches)
     inject(config, setup.model)
     # Collapse initialisation: the surgical model is the dense model, bit for bit.
-    start = evaluate_surgical(setup.model, setup.val_batches, surgery_config(config))
+    start = evaluate_surgical(setup.model, setup.val_batches, config.surgery)
     assert start["perplexity"] == dense["perplexity"]
     assert start["density"] == 1.0 and start["tree_density"] == 1.0
     lam = config.surgery.lambda_max
     before = _eval_loss(setup.model, setup.val_batches, lam)
-    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path), setup.identity,
-                             progress=False)
+    trainer = trainer_of(config, setup, tmp_path)
     outcome = trainer.train()
     trainer.close()
     assert outcome.step == 16
@@ -80,7 +92,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tiny_model_d
     # Only the routers moved: every base parameter is bit-identical to a fresh load.
     np.testing.assert_array_equal(base_parameters_fingerprint(setup.model), fresh)
     # Evaluation densities counted from cluster ids agree with the attention's own count.
-    result = evaluate_surgical(setup.model, setup.val_batches[:1], surgery_config(config))
+    result = evaluate_surgical(setup.model, setup.val_batches[:1], config.surgery)
     b = setup.val_batches[0]
     _, aux = forward_with_aux(setup.model, jnp.asarray(b["input_ids"]),
                               jnp.asarray(b["attention_mask"]))
@@ -97,12 +109,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tm
     config = tiny_config(tiny_model_dir, "train.steps=8", "checkpoint.every=2")
     setup = setup_run(config)
     inject(config, setup.model)
-    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path),
-                             setup.identity, progress=False)
-    config.train.steps = 4
+    trainer = trainer_of(config, setup, tmp_path)
+    trainer.run = with_settings(config, "train", steps=4)
     trainer.train()
     assert trainer.checkpointer.all_steps() == [2, 4]
-    config.train.steps, config.train.log_every, config.checkpoint.every = 8, log_every, 4
+    trainer.run = with_settings(with_settings(config, "train", steps=8, log_every=log_every),
+                                "checkpoint", every=4)
     reads, read = [], trainer._read_metrics
     trainer._read_metrics = lambda pending, seconds: (
         reads.append([step for step, _ in pending]), read(pending, seconds))[1]
@@ -125,8 +137,7 @@ def test_metrics_are_read_on_logging_and_saving_steps(tiny_model_dir, tmp_path):
                          "checkpoint.every=5")
     setup = setup_run(config)
     inject(config, setup.model)
-    trainer = SurgeryTrainer(config, setup.model, setup.train_data, str(tmp_path),
-                             setup.identity, progress=False)
+    trainer = trainer_of(config, setup, tmp_path)
     reads, read = [], trainer._read_metrics
     trainer._read_metrics = lambda pending, seconds: (
         reads.append([step for step, _ in pending]), read(pending, seconds))[1]

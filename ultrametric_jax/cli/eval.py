@@ -6,46 +6,25 @@ from __future__ import annotations
 import os
 import sys
 
+from ultrametric_jax.cli.options import command_main
+from ultrametric_jax.run.evaluate import RESULTS_JSON, RESULTS_PNG
+from ultrametric_jax.run.pipeline import checkpoint_dir, evaluate_run
+from ultrametric_jax.run.settings import RunConfig
+
 DESCRIPTION = ("Evaluate the newest surgery checkpoint of --workdir against the dense base "
                "model; writes eval.json and eval.png.")
 
 
-def _body(config, config_path: str, workdir: str) -> int:
-    from flax import nnx
-
-    from ultrametric_jax.cli.train import dense_baseline
-    from ultrametric_jax.cli.flags import surgery_config
-    from ultrametric_jax.run.evaluate import EvalReport, evaluate_surgical, write_report
-    from ultrametric_jax.run.checkpoint import RunCheckpointReader, check_same_base
-    from ultrametric_jax.run.trainer import (CHECKPOINT_SUBDIR, checkpoint_template, inject,
-                                       place_on_mesh, run_mesh, setup_run)
-    mesh = run_mesh(config)
-    setup = setup_run(config, install=False)
-    dense = dense_baseline(setup, config, workdir)
-    inject(config, setup.model)
-    place_on_mesh(setup.model, mesh)
-    directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    # Read-only: a run may still be writing to this directory.
-    reader = RunCheckpointReader(directory)
-    try:
-        restored = reader.restore_latest(checkpoint_template(config, setup.model))
-    finally:
-        reader.close()
+def _body(run: RunConfig, config_path: str, workdir: str) -> int:
+    report, restored = evaluate_run(run, workdir)
     if restored is None:
-        print(f"ultrametric eval: no checkpoint in {directory}; evaluating the "
+        print(f"ultrametric eval: no checkpoint in {checkpoint_dir(workdir)}; evaluated the "
               "collapse-initialised topology (step 0)", file=sys.stderr)
-    else:
-        check_same_base(restored.meta["base_model"], setup.identity)
-        nnx.update(setup.model, restored.state["router"], restored.state["mutable"])
-    setup.model.eval()
-    surgical = evaluate_surgical(setup.model, setup.val_batches, surgery_config(config))
-    report = EvalReport(dense=dense, surgical=surgical, step=restored.step if restored else 0)
-    json_path, png_path = write_report(report, workdir)
     print(report.summary())
-    print(f"results: {json_path}, {png_path}")
+    print(f"results: {os.path.join(workdir, RESULTS_JSON)}, "
+          f"{os.path.join(workdir, RESULTS_PNG)}")
     return 0
 
 
 def main(argv) -> int:
-    from ultrametric_jax.cli.flags import command_main
     return command_main("eval", DESCRIPTION, argv, _body)

@@ -11,7 +11,10 @@ Exit status: 0 done, 2 bad arguments or an export that cannot proceed.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.run.export import checkpoint_dir_of
+from ultrametric_jax.run.pipeline import export_run
 
 DESCRIPTION = ("Export a surgery run's checkpoint to a Hugging Face directory: base weights, "
                "config.json with the surgery config, router.safetensors, tokenizer.")
@@ -19,11 +22,12 @@ DESCRIPTION = ("Export a surgery run's checkpoint to a Hugging Face directory: b
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ultrametric export", description=DESCRIPTION)
+    parser = _Parser(prog="ultrametric export", description=DESCRIPTION,
+                     epilog="--debug shows the traceback of an error.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="run directory (its checkpoints/ are read)")
     source.add_argument("--checkpoint", help="a run's checkpoints/ directory or one step in it")
@@ -41,19 +45,9 @@ def main(argv) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return 0
-    try:
-        args = parser.parse_args(argv)
-    except ValueError as e:
-        print(f"ultrametric export: error: {e}", file=sys.stderr)
-        return 2
-    from ultrametric_jax.errors import ConfigError
-    from ultrametric_jax.run.export import checkpoint_dir_of, export_run
-    try:
-        directory, step = checkpoint_dir_of(args.workdir, args.checkpoint, args.step)
-        restored = export_run(directory, args.out, step=step, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"ultrametric export: error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    directory, step = checkpoint_dir_of(args.workdir, args.checkpoint, args.step)
+    restored = export_run(directory, args.out, step=step, overwrite=args.overwrite)
     print(f"exported step {restored.step} of {directory} to {args.out} "
           f"(base model {restored.base_model['path']}); load it with "
           "ultrametric_jax.pytorch.surgical_llama.load_surgical_llama")

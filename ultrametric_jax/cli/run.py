@@ -1,21 +1,25 @@
 """`ultrametric run`: the whole job — fetch the default model if missing, measure the dense
-baseline, train the routers (resumable), evaluate the surgical model, print a short report."""
+baseline, train the routers (resumable), evaluate the surgical model, print a short report.
+Exit status: 0 done, 1 training stopped on a non-finite step, 2 a user error."""
 from __future__ import annotations
 
 import os
 import sys
 import time
 
+from ultrametric_jax.cli.options import command_main
+from ultrametric_jax.run.pipeline import train_and_evaluate
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.trainer import NonFiniteLossError
+
 DESCRIPTION = ("Run the surgery pipeline: dense baseline, router training, surgical "
                "evaluation and report.")
 
 
-def _body(config, config_path: str, workdir: str) -> int:
-    from ultrametric_jax.cli.train import train_pipeline
-    from ultrametric_jax.run.trainer import NonFiniteLossError
+def _body(run: RunConfig, config_path: str, workdir: str) -> int:
     start = time.time()
     try:
-        outcome, report = train_pipeline(config, workdir, install=True, evaluate=True)
+        outcome, report = train_and_evaluate(run, workdir, install=True, evaluate_after=True)
     except NonFiniteLossError as e:
         print(f"ultrametric run: {e}", file=sys.stderr)
         return 1
@@ -29,5 +33,4 @@ def _body(config, config_path: str, workdir: str) -> int:
 
 
 def main(argv) -> int:
-    from ultrametric_jax.cli.flags import command_main
     return command_main("run", DESCRIPTION, argv, _body)

@@ -14,18 +14,21 @@ are placed as the template's are (same devices and sharding).
 
 `RunCheckpointReader` reads given steps of a run directory without ever creating, deleting,
 moving or pruning anything in it, so it is safe on the directory of a run still writing.
+
+Each step also records the surgery and model configuration that shaped its state
+(`ultrametric_jax.run.provenance` compares them with the current ones).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -33,13 +36,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.run.provenance import CheckpointMismatchError
 
 FORMAT_VERSION = 1
-_HASH_CHUNK = 1 << 23
-
-
-class CheckpointMismatchError(ConfigError):
-    """A checkpoint exists but belongs to another base model or another state layout."""
+# A run directory keeps its checkpoints here.
+CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CorruptCheckpointError(ValueError):
@@ -53,70 +54,6 @@ class CorruptCheckpointError(ValueError):
                  cause: Optional[BaseException] = None):
         super().__init__(message)
         self.step, self.reason, self.cause = step, reason, cause
-
-
-# ----------------------------------------------------------------------------- base identity
-
-def _hash_cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "ultrametric_jax", "sha256.json")
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, cached by (absolute path, size, mtime) so large weights hash once."""
-    path = os.path.abspath(path)
-    st = os.stat(path)
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _hash_cache_path()
-    try:
-        with open(cache_file) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    cache[key] = digest.hexdigest()
-    try:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        tmp = f"{cache_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # the cache is an optimisation only
-    return cache[key]
-
-
-def model_files(path: str) -> list[str]:
-    """The files that define a base model: a .gguf file, or an HF directory's weights + config."""
-    if os.path.isfile(path):
-        return [os.path.abspath(path)]
-    if not os.path.isdir(path):
-        raise ConfigError(f"base model path {path!r} does not exist")
-    names = sorted(n for n in os.listdir(path)
-                   if n == "config.json" or n.endswith((".safetensors", ".gguf", ".bin")))
-    if not names:
-        raise ConfigError(f"base model directory {path!r} holds no config.json or weight files")
-    return [os.path.abspath(os.path.join(path, n)) for n in names]
-
-
-def base_model_identity(path: str) -> dict:
-    """{"path": abs path, "files": {name: sha256}} of the frozen base model."""
-    files = model_files(path)
-    return {"path": os.path.abspath(path),
-            "files": {os.path.basename(f): file_sha256(f) for f in files}}
-
-
-def check_same_base(saved: dict, current: dict) -> None:
-    if saved.get("files") != current.get("files"):
-        raise CheckpointMismatchError(
-            f"the checkpoint was trained on base model {saved.get('path')!r} with files "
-            f"{saved.get('files')}, but this run uses {current.get('path')!r} with files "
-            f"{current.get('files')}; use the original base model or a fresh --workdir")
 
 
 # ----------------------------------------------------------------------------- array trees
@@ -212,14 +149,19 @@ class _StepAccess:
         except DAMAGE_ERRORS as e:
             raise _unreadable(step, self.directory, e) from e
 
-    def restore(self, step: int, template: Any) -> Restored:
+    def restore(self, step: int, template: Any,
+                check_meta: Optional[Callable[[dict, str], None]] = None) -> Restored:
         """Step `step` in `template`'s structure, its arrays verified against their checksum.
 
+        check_meta(meta, where), if given, sees the step's record before any array is read
+        and may refuse it by raising.
         CheckpointMismatchError: the step holds another state layout than `template`'s.
         CorruptCheckpointError: the step's files are missing or damaged, or its arrays fail
         their checksum.
         """
         meta = self.read_meta(step)
+        if check_meta is not None:
+            check_meta(meta, f"checkpoint step {step} in {self.directory}")
         flat_template, structure = flatten_tree(template)
         if meta.get("structure") != structure:
             raise CheckpointMismatchError(
@@ -238,13 +180,15 @@ class _StepAccess:
                 "match their recorded checksum", step=step, reason=reason)
         return Restored(step=step, state=unflatten_like(template, flat), meta=meta)
 
-    def restore_latest(self, template: Any) -> Optional[Restored]:
+    def restore_latest(self, template: Any,
+                       check_meta: Optional[Callable[[dict, str], None]] = None
+                       ) -> Optional[Restored]:
         """The newest step that loads, or None if none does; each corrupt step on the way is
-        passed to `_skip`. Errors other than a corrupt step (CheckpointMismatchError, an I/O
-        error) are raised."""
+        passed to `_skip`. Errors other than a corrupt step (CheckpointMismatchError, what
+        check_meta raises, an I/O error) are raised."""
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, template)
+                return self.restore(step, template, check_meta)
             except CorruptCheckpointError as e:
                 self._skip(step, e.reason)
         return None
@@ -286,6 +230,13 @@ class RunCheckpointReader(_StepAccess):
                       f"({why}); left in place", RuntimeWarning, stacklevel=3)
 
 
+def _is_disk_full(error: Exception) -> bool:
+    """Whether an Orbax / TensorStore write error is the file system's ENOSPC (TensorStore
+    reports it as a ValueError carrying the OS error code)."""
+    text = str(error)
+    return f"os_error_code='{errno.ENOSPC}'" in text or os.strerror(errno.ENOSPC) in text
+
+
 class RunCheckpointer(_StepAccess):
     """Orbax CheckpointManager of one run directory, keeping the last `keep` steps."""
 
@@ -306,9 +257,26 @@ class RunCheckpointer(_StepAccess):
         flat, structure = flatten_tree(state)
         meta = dict(extra, version=FORMAT_VERSION, step=int(step), data_state=data_state,
                     base_model=base_model, structure=structure, checksum=checksum(flat))
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        # Orbax logs a failed write with its traceback before raising it; it is raised here.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+        except ValueError as e:
+            if not _is_disk_full(e):
+                raise
+            # The unfinished step's temporary directory only holds space: free it.
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{int(step)}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            raise OSError(errno.ENOSPC, "No space left on device while writing checkpoint "
+                          f"step {step}; the earlier checkpoints are intact",
+                          self.directory) from None
+        finally:
+            absl_logger.setLevel(level)
 
     def _skip(self, step: int, why: str) -> None:
         """Moves the corrupt step aside, so that the run saves that step afresh."""

@@ -126,9 +126,12 @@ class EvalReport:
     dense: dict
     surgical: dict
     step: Optional[int]
+    surgery: Optional[dict] = None      # the SurgeryConfig the numbers were computed with
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
+        if self.surgery is not None:
+            d["surgery"] = self.surgery
         if self.dense:
             d["perplexity_change"] = self.surgical["perplexity"] / self.dense["perplexity"] - 1
         return d
@@ -160,6 +163,7 @@ def write_report(report: EvalReport, workdir: str) -> tuple[str, str]:
 
 
 def plot_report(report: EvalReport, train_records: list[dict], path: str) -> None:
+    # matplotlib takes a second to import: only when a figure is drawn, with a file backend.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,13 +12,12 @@ Layout of the directory:
 A plain `AutoModelForCausalLM.from_pretrained(dir)` loads the dense base model and ignores the
 router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical model.
 
-`restore_run` rebuilds the trained surgical model of a run from its Orbax checkpoint (read
-only: it never prunes, quarantines or cleans the run's directory, so it is safe while the run
-is still writing), after checking that the base model on disk is the one the run trained on.
+The pipeline (`ultrametric_jax.run.pipeline.export_run`) rebuilds a run's trained model from
+its checkpoint and hands it to `export_surgical_model`; `checkpoint_dir_of` and
+`verify_base_model` check the command's source and the base model on disk first.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -29,10 +28,15 @@ import numpy as np
 from flax import nnx
 
 from ultrametric_jax.errors import ConfigError
-from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.io.checkpoints import save_hf
 from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURGERY_CONFIG_KEY,
-                                           router_shape_problem)
-from ultrametric_jax.surgery.router import RouterParam
+                                              router_shape_problem)
+from ultrametric_jax.io.hf import hf_name, write_safetensors
+from ultrametric_jax.io.tokenizer import save_tokenizer, tokenizer_from_gguf
+from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR
+from ultrametric_jax.run.provenance import base_model_identity
+from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.inject import trainable_filter
 
 EXPORT_FORMAT_VERSION = 1
 # Tokenizer-side files of an HF directory, copied verbatim when the base model is one.
@@ -49,7 +53,6 @@ class ExportError(ConfigError):
 
 def router_tensors(router_params: nnx.State, config, surgery: SurgeryConfig) -> dict:
     """HF-named float32 numpy tensors (torch layout) of a router state, checked complete."""
-    from ultrametric_jax.io.hf import hf_name
     tensors = {}
     for path, var in nnx.to_flat_state(router_params):
         name, transpose = hf_name(path)
@@ -88,7 +91,6 @@ def _write_tokenizer(out_dir: str, tokenizer, tokenizer_dir: Optional[str], conf
                 shutil.copyfile(src, os.path.join(out_dir, name))
                 written.append(name)
     if tokenizer is not None and "tokenizer.json" not in written:
-        from ultrametric_jax.io.tokenizer import save_tokenizer
         save_tokenizer(tokenizer, out_dir, config=config)
         written += ["tokenizer.json", "tokenizer_config.json"]
     return written
@@ -130,12 +132,10 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
     tokenizer files are copied verbatim. provenance: recorded under `ultrametric_export`.
     The directory is assembled next to out_dir and moved into place when complete.
     """
-    from ultrametric_jax.io.checkpoints import save_hf
-    from ultrametric_jax.io.hf import write_safetensors
     if not isinstance(surgery, SurgeryConfig):
         raise TypeError(f"surgery must be a SurgeryConfig, got {type(surgery).__name__}")
     if router_params is None:
-        router_params = nnx.state(model, RouterParam)
+        router_params = nnx.state(model, trainable_filter())
     tensors = router_tensors(router_params, model.config, surgery)
     out_dir = os.path.abspath(out_dir)
     _check_output_dir(out_dir, overwrite)
@@ -166,24 +166,12 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
 
 # ----------------------------------------------------------------------------- run checkpoints
 
-@dataclasses.dataclass
-class RestoredRun:
-    """The trained surgical model of a run checkpoint and what it was built from."""
-    model: object               # JAX LlamaForCausalLM with the topology, evaluation mode
-    surgery: SurgeryConfig
-    config: object              # the run's ml_collections ConfigDict
-    step: int
-    base_model: dict            # {"path", "files": {name: sha256}} as recorded
-    checkpoint_dir: str
-
-
 def checkpoint_dir_of(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                       step: Optional[int] = None) -> tuple[str, Optional[int]]:
     """(Orbax checkpoint directory, step or None) from --workdir or --checkpoint [--step].
 
     --checkpoint may name the run's checkpoints directory or one step inside it.
     """
-    from ultrametric_jax.run.trainer import CHECKPOINT_SUBDIR
     if (workdir is None) == (checkpoint is None):
         raise ExportError("give exactly one of --workdir DIR or --checkpoint PATH")
     if workdir is not None:
@@ -208,7 +196,6 @@ def checkpoint_dir_of(workdir: Optional[str] = None, checkpoint: Optional[str] =
 
 def verify_base_model(recorded: dict) -> str:
     """The recorded base model's path, after checking its files still hash as recorded."""
-    from ultrametric_jax.run.checkpoint import base_model_identity
     path = recorded.get("path")
     if not path or not os.path.exists(path):
         raise ExportError(f"the base model the run trained on, {path!r}, no longer exists")
@@ -224,62 +211,6 @@ def verify_base_model(recorded: dict) -> str:
     return path
 
 
-def restore_run(checkpoint_dir: str, step: Optional[int] = None) -> RestoredRun:
-    """The surgical model of a run's checkpoint (latest step by default), evaluation mode."""
-    import ml_collections
-
-    from ultrametric_jax.run import trainer as train
-    from ultrametric_jax.io.checkpoints import load_pretrained
-    from ultrametric_jax.cli.flags import surgery_config
-    from ultrametric_jax.run.checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
-                                                RunCheckpointReader)
-
-    def unreadable(e: CorruptCheckpointError) -> ExportError:
-        if e.cause is None:
-            return ExportError(f"checkpoint step {step} in {checkpoint_dir} is corrupt: its "
-                               "arrays do not match their recorded checksum; pick another --step")
-        return ExportError(f"checkpoint step {step} in {checkpoint_dir} is unreadable "
-                           f"({type(e.cause).__name__}: {str(e.cause)[:200]}); pick another "
-                           "--step")
-
-    run = RunCheckpointReader(checkpoint_dir)
-    try:
-        steps = run.all_steps()
-        if not steps:
-            raise ExportError(f"no checkpoint in {checkpoint_dir}: the run has not saved a "
-                              "step yet")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ExportError(f"no checkpoint step {step} in {checkpoint_dir} "
-                              f"(available: {steps})")
-        try:
-            meta = run.read_meta(step)
-        except CorruptCheckpointError as e:
-            raise unreadable(e) from e
-        if "config" not in meta or "base_model" not in meta:
-            raise ExportError(f"checkpoint step {step} in {checkpoint_dir} records no run "
-                              "config or base model identity")
-        config = ml_collections.ConfigDict(meta["config"])
-        base_path = verify_base_model(meta["base_model"])
-        model = load_pretrained(base_path, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype)
-        train.inject(config, model)
-        try:
-            state = run.restore(step, train.checkpoint_template(config, model)).state
-        except CheckpointMismatchError:
-            raise ExportError(f"checkpoint step {step} in {checkpoint_dir} holds a state layout "
-                              "that its own recorded config does not produce") from None
-        except CorruptCheckpointError as e:
-            raise unreadable(e) from e
-    finally:
-        run.close()
-    nnx.update(model, state["router"], state["mutable"])
-    model.eval()
-    return RestoredRun(model=model, surgery=surgery_config(config), config=config, step=step,
-                       base_model=meta["base_model"], checkpoint_dir=checkpoint_dir)
-
-
 def tokenizer_source(base_path: str) -> tuple[object, Optional[str]]:
     """(tokenizer or None, HF dir to copy tokenizer files from or None) for a base model."""
     if os.path.isdir(base_path):
@@ -288,19 +219,5 @@ def tokenizer_source(base_path: str) -> tuple[object, Optional[str]]:
     if os.path.isfile(sibling):        # e.g. the cached SmolLM2 (model.gguf + tokenizer.json)
         return sibling, None
     if base_path.endswith(".gguf"):
-        from ultrametric_jax.io.tokenizer import tokenizer_from_gguf
         return tokenizer_from_gguf(base_path), None
     return None, None
-
-
-def export_run(checkpoint_dir: str, out_dir: str, *, step: Optional[int] = None,
-               overwrite: bool = False) -> RestoredRun:
-    """Restore a run checkpoint and export it to out_dir; returns what was exported."""
-    restored = restore_run(checkpoint_dir, step)
-    tokenizer, tokenizer_dir = tokenizer_source(restored.base_model["path"])
-    export_surgical_model(
-        restored.model, restored.surgery, out_dir, tokenizer=tokenizer,
-        tokenizer_dir=tokenizer_dir, overwrite=overwrite,
-        provenance={"checkpoint": checkpoint_dir, "step": restored.step,
-                    "base_model": restored.base_model})
-    return restored

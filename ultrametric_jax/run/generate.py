@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ultrametric_jax.io.tokenizer import decode, encode
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
     """(ids [B,S] int32, mask [B,S] bool) with every prompt right-aligned; S is the longest
@@ -125,7 +127,6 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
     """Decode a continuation of `prompt` with the given tokenizer (a `tokenizers.Tokenizer`)."""
-    from ultrametric_jax.io.tokenizer import decode, encode
     ids = encode(tokenizer, prompt)
     eos = kwargs.pop("eos_token_id", model.config.eos_token_id)
     new = generate(model, [ids], max_new_tokens, eos_token_id=eos, **kwargs)[0]

@@ -4,7 +4,7 @@ dual ascent.
 
 rho_l = sum over the causal pairs between real tokens of m_ij / their count, pooled over batch
 and heads. With the bridged mask m (forward exactly the hard mask) its forward value is the hard
-density of the layer, the same number `collect_aux` reports as "density", and its gradient
+density of the layer, the same number `forward_with_aux` reports as "density", and its gradient
 reaches the router through the soft tree mask. Every layer has the same causal pairs, so the
 total density is the mean of rho_l over layers.
 """

@@ -1,0 +1,333 @@
+"""The surgery pipeline that every command runs, in the order a run goes:
+
+    mesh = check_mesh(run)                        # the devices can serve config.mesh
+    refuse_drift(run, workdir)                    # the run directory was trained like this
+    setup = setup_run(run)                        # frozen base model, its identity, the data
+    dense = dense_baseline(setup, run, workdir)   # held-out perplexity of the base model
+    inject(run, setup.model)                      # the collapse-initialised topology
+    outcome = make_trainer(...).train()           # routers only; resumes; checkpoints
+    report = evaluate(run, setup, ...)            # surgical perplexity, density, eval.json
+
+`train_and_evaluate` is `ultrametric run` (and, without the evaluation, `ultrametric train`);
+`evaluate_run` is `ultrametric eval`; `restore_run` / `export_run` rebuild a run's trained model
+from its checkpoint for `ultrametric export`. Everything here takes the typed `RunConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from ultrametric_jax.errors import CheckpointError, ConfigError
+from ultrametric_jax.io import assets
+from ultrametric_jax.io.checkpoints import load_pretrained
+from ultrametric_jax.parallel import sharding
+from ultrametric_jax.run import evaluate as evaluation
+from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CorruptCheckpointError, Restored,
+                                            RunCheckpointReader)
+from ultrametric_jax.run.data import PackedSequences, build_splits, corpus_tokenizer, eval_batches
+from ultrametric_jax.run.export import (ExportError, export_surgical_model, tokenizer_source,
+                                        verify_base_model)
+from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
+                                            base_model_identity, check_same_base,
+                                            check_same_setup)
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.trainer import (SurgeryTrainer, TrainOutcome, checkpoint_template)
+from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.inject import inject_topology
+
+DENSE_CACHE = "dense_eval.json"
+RUN_CONFIG = "config.json"
+
+
+# ----------------------------------------------------------------------------- setup
+
+def check_mesh(run: RunConfig) -> Mesh:
+    """The device mesh run.mesh asks for, checked against the training batch: ConfigError
+    naming the field when the devices cannot form it or a micro-batch cannot split over its
+    data-parallel devices. Loads nothing, so a run can check it first."""
+    try:
+        mesh = sharding.mesh_from_config(run.mesh.axis_sizes())
+    except sharding.ShardingError as e:
+        raise ConfigError(f"invalid config value mesh={run.mesh.axis_sizes()}: {e}") from None
+    ways = sharding.data_parallel_size(mesh)
+    if run.train.micro_batch % ways:
+        raise ConfigError(
+            f"invalid config value train.batch_size={run.train.batch_size}: each "
+            f"micro-batch of {run.train.micro_batch} sequences must split evenly over the "
+            f"{ways} data-parallel devices of mesh {dict(mesh.shape)}; change "
+            "train.batch_size or config.mesh")
+    return mesh
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """A loaded base model (not yet injected) and the data of a run."""
+    model: object
+    weights_path: str
+    identity: dict
+    train_data: PackedSequences
+    val_batches: list
+
+
+def resolve_model_source(run: RunConfig, *, install: bool) -> assets.ModelSource:
+    """Where the base model lives; model.path "" means the default offline SmolLM2."""
+    try:
+        return assets.resolve_model(run.model.path or "smollm2", install=install)
+    except FileNotFoundError as e:
+        raise ConfigError(f"invalid config value model.path={run.model.path!r}: {e}") from None
+
+
+def load_base_model(path: str, run: RunConfig):
+    """The frozen base model at `path` in the run's dtypes; a config.json that is not JSON is
+    a CheckpointError naming the file."""
+    try:
+        return load_pretrained(path, dtype=run.model.dtype, param_dtype=run.model.param_dtype)
+    except json.JSONDecodeError as e:
+        name = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        raise CheckpointError(f"{name} is not valid JSON ({e})") from None
+
+
+def setup_run(run: RunConfig, *, install: bool = False) -> RunSetup:
+    """Load the frozen base model, its identity, its tokenizer and the packed data splits."""
+    source = resolve_model_source(run, install=install)
+    model = load_base_model(source.weights, run)
+    limit = model.config.max_position_embeddings
+    if run.train.seq_len > limit:
+        raise ConfigError(f"invalid config value train.seq_len={run.train.seq_len}: the "
+                          f"model supports at most {limit} positions")
+    tokenizer = corpus_tokenizer(source.tokenizer or source.weights, model.config)
+    train_data, val_data = build_splits(run.data, tokenizer, run.train.seq_len)
+    val_batches = eval_batches(val_data, run.eval.batch_size, run.eval.batches)
+    return RunSetup(model=model, weights_path=source.weights,
+                    identity=base_model_identity(source.weights), train_data=train_data,
+                    val_batches=val_batches)
+
+
+def inject(run: RunConfig, model) -> None:
+    """Inject the configured topology; router initialisation and Gumbel noise follow the seed."""
+    inject_topology(model, run.surgery, nnx.Rngs(params=run.seed, gumbel=run.seed + 1))
+
+
+def place_on_mesh(model, mesh: Mesh) -> None:
+    """Shards the model's arrays over `mesh` by their logical axes (a no-op on one device)."""
+    if mesh.size > 1:
+        sharding.shard_module(model, mesh)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to a temporary file, then rename it over `path`: a reader sees the
+    old file or the new one, never a torn one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINT_SUBDIR)
+
+
+def refuse_drift(run: RunConfig, workdir: str) -> None:
+    """ConfigDriftError when the newest checkpoint of the run directory was trained with
+    another surgery topology; reads only (a run may be writing), before anything loads."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return
+    reader = RunCheckpointReader(directory)
+    try:
+        step = reader.latest_step()
+        if step is None:
+            return
+        try:
+            meta = reader.read_meta(step)
+        except CorruptCheckpointError:
+            return      # restoring skips it, and checks the step it restores
+    finally:
+        reader.close()
+    check_same_setup(meta, f"checkpoint step {step} in {directory}", run.surgery)
+
+
+def dense_baseline(setup: RunSetup, run: RunConfig, workdir: str) -> dict:
+    """Perplexity of the base model on the held-out batches, cached in the workdir per base
+    model, data, evaluation settings and dtypes; an unreadable cache file is recomputed."""
+    key = {"base_model": setup.identity["files"], "data": dataclasses.asdict(run.data),
+           "seq_len": run.train.seq_len, "eval": dataclasses.asdict(run.eval),
+           "dtype": run.model.dtype, "param_dtype": run.model.param_dtype}
+    path = os.path.join(workdir, DENSE_CACHE)
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return cached["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache, or one that cannot be read: measure afresh
+    result = evaluation.perplexity(setup.model, setup.val_batches)
+    write_json(path, {"key": key, "result": result})
+    return result
+
+
+# ----------------------------------------------------------------------------- train, evaluate
+
+def make_trainer(run: RunConfig, setup: RunSetup, mesh: Mesh, workdir: str, *,
+                 progress: bool = True) -> SurgeryTrainer:
+    """The trainer of an injected setup.model, writing to workdir."""
+    return SurgeryTrainer(run, setup.model, setup.train_data, workdir, setup.identity, mesh,
+                          progress=progress)
+
+
+def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict],
+             step: int) -> evaluation.EvalReport:
+    """Evaluate the (trained, injected) setup.model; writes eval.json and eval.png."""
+    surgical = evaluation.evaluate_surgical(setup.model, setup.val_batches, run.surgery)
+    report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
+                                   surgery=run.surgery.to_dict())
+    evaluation.write_report(report, workdir)
+    return report
+
+
+def train_and_evaluate(run: RunConfig, workdir: str, *, install: bool, evaluate_after: bool
+                       ) -> tuple[TrainOutcome, Optional[evaluation.EvalReport]]:
+    """(train outcome, eval report or None); raises NonFiniteLossError / UserError."""
+    sharding.maybe_initialize_distributed(True if run.distributed else None)
+    mesh = check_mesh(run)      # a mesh or batch the devices cannot serve fails first
+    refuse_drift(run, workdir)
+    setup = setup_run(run, install=install)
+    write_json(os.path.join(workdir, RUN_CONFIG), run.to_dict())
+    dense = dense_baseline(setup, run, workdir) if evaluate_after else None
+    inject(run, setup.model)
+    trainer = make_trainer(run, setup, mesh, workdir)
+    try:
+        outcome = trainer.train()
+    finally:
+        trainer.close()
+    if not evaluate_after:
+        return outcome, None
+    return outcome, evaluate(run, setup, workdir, dense, outcome.step)
+
+
+def restore_latest(run: RunConfig, model, identity: dict, workdir: str) -> Optional[Restored]:
+    """The newest readable checkpoint of workdir, read only, written into the injected model;
+    None (model untouched) when there is none. Refuses one of another base model, topology or
+    architecture."""
+    model_config = dataclasses.asdict(model.config)
+
+    def check(meta: dict, where: str) -> None:
+        check_same_base(meta["base_model"], identity)
+        check_same_setup(meta, where, run.surgery, model_config)
+
+    # Read-only: a run may still be writing to this directory.
+    reader = RunCheckpointReader(checkpoint_dir(workdir))
+    try:
+        restored = reader.restore_latest(checkpoint_template(run, model), check)
+    finally:
+        reader.close()
+    if restored is not None:
+        nnx.update(model, restored.state["router"], restored.state["mutable"])
+    return restored
+
+
+def evaluate_run(run: RunConfig, workdir: str
+                 ) -> tuple[evaluation.EvalReport, Optional[Restored]]:
+    """Dense vs surgical evaluation of the newest checkpoint of workdir (the collapse-
+    initialised topology when there is none); (report, restored checkpoint or None)."""
+    mesh = check_mesh(run)
+    refuse_drift(run, workdir)
+    setup = setup_run(run)
+    dense = dense_baseline(setup, run, workdir)
+    inject(run, setup.model)
+    place_on_mesh(setup.model, mesh)
+    restored = restore_latest(run, setup.model, setup.identity, workdir)
+    setup.model.eval()
+    return evaluate(run, setup, workdir, dense, restored.step if restored else 0), restored
+
+
+# ----------------------------------------------------------------------------- export
+
+@dataclasses.dataclass
+class RestoredRun:
+    """The trained surgical model of a run checkpoint and what it was built from."""
+    model: object               # JAX LlamaForCausalLM with the topology, evaluation mode
+    surgery: SurgeryConfig
+    run: RunConfig              # the run's recorded settings
+    step: int
+    base_model: dict            # {"path", "files": {name: sha256}} as recorded
+    checkpoint_dir: str
+
+
+def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
+    """The surgical model of a run's checkpoint (latest step by default), evaluation mode,
+    after checking that the base model on disk is the one the run trained on. Read only: it
+    never prunes, quarantines or cleans the run's directory."""
+
+    def unreadable(e: CorruptCheckpointError) -> ExportError:
+        if e.cause is None:
+            return ExportError(f"checkpoint step {step} in {directory} is corrupt: its "
+                               "arrays do not match their recorded checksum; pick another --step")
+        return ExportError(f"checkpoint step {step} in {directory} is unreadable "
+                           f"({type(e.cause).__name__}: {str(e.cause)[:200]}); pick another "
+                           "--step")
+
+    reader = RunCheckpointReader(directory)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise ExportError(f"no checkpoint in {directory}: the run has not saved a step yet")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"no checkpoint step {step} in {directory} (available: {steps})")
+        try:
+            meta = reader.read_meta(step)
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
+        if "config" not in meta or "base_model" not in meta:
+            raise ExportError(f"checkpoint step {step} in {directory} records no run config "
+                              "or base model identity")
+        run = RunConfig.from_dict(meta["config"])
+        model = load_base_model(verify_base_model(meta["base_model"]), run)
+        inject(run, model)
+        model_config = dataclasses.asdict(model.config)
+
+        def check(record: dict, where: str) -> None:
+            # The state was shaped by the surgery it records; its run config must say the same.
+            check_same_setup(record, where, run.surgery, model_config)
+
+        try:
+            state = reader.restore(step, checkpoint_template(run, model), check).state
+        except ConfigDriftError:
+            raise
+        except CheckpointMismatchError:
+            raise ExportError(f"checkpoint step {step} in {directory} holds a state layout "
+                              "that its own recorded config does not produce") from None
+        except CorruptCheckpointError as e:
+            raise unreadable(e) from e
+    finally:
+        reader.close()
+    nnx.update(model, state["router"], state["mutable"])
+    model.eval()
+    return RestoredRun(model=model, surgery=run.surgery, run=run, step=step,
+                       base_model=meta["base_model"], checkpoint_dir=directory)
+
+
+def export_run(directory: str, out_dir: str, *, step: Optional[int] = None,
+               overwrite: bool = False) -> RestoredRun:
+    """Restore a run checkpoint and export it to out_dir; returns what was exported."""
+    restored = restore_run(directory, step)
+    tokenizer, tokenizer_dir = tokenizer_source(restored.base_model["path"])
+    export_surgical_model(
+        restored.model, restored.surgery, out_dir, tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+        provenance={"checkpoint": directory, "step": restored.step,
+                    "base_model": restored.base_model})
+    return restored
