@@ -189,12 +189,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def global_batch(batch: np.ndarray, mesh: Mesh, batch_dim: int = 0) -> jax.Array:
-    """The global array of a batch every process holds whole on the host, split over the
-    mesh's data-parallel axes: each process places only the slices of its own devices."""
-    batch = np.asarray(batch)
-    sharding = batch_sharding(mesh, batch.ndim, batch_dim)
-    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+def global_batch(local: np.ndarray, mesh: Mesh, batch_dim: int = 0) -> jax.Array:
+    """The global array of a batch from this process's share of it (the rows its data shard
+    yields; with one process, the whole batch), split over the mesh's data-parallel axes: the
+    global batch dimension is the processes' shares concatenated in process order."""
+    local = np.asarray(local)
+    sharding = batch_sharding(mesh, local.ndim, batch_dim)
+    return jax.make_array_from_process_local_data(sharding, local)
 
 
 def mesh_from_config(mesh_config: Mapping[str, int]) -> Mesh:

@@ -30,6 +30,7 @@ from ultrametric_jax.run import evaluate as evaluation
 from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CorruptCheckpointError, Restored,
                                             RunCheckpointReader)
 from ultrametric_jax.run.data import PackedSequences, build_splits, corpus_tokenizer, eval_batches
+from ultrametric_jax.run.metrics import MetricsWriter
 from ultrametric_jax.run.export import (ExportError, export_surgical_model, tokenizer_source,
                                         verify_base_model)
 from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
@@ -193,6 +194,12 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
     report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
                                    surgery=run.surgery.to_dict())
     evaluation.write_report(report, workdir)
+    metrics = MetricsWriter(workdir)      # TensorBoard, where installed (process 0 only)
+    try:
+        metrics.write_layer_density(step, surgical["density_per_layer"],
+                                    surgical["tree_density_per_layer"])
+    finally:
+        metrics.close()
     return report
 
 

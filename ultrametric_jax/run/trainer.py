@@ -152,7 +152,8 @@ class SurgeryTrainer:
 
     def _next_batch(self):
         batch = next(self.data)
-        shape = (self.run.train.grad_accum, self.run.train.micro_batch, -1)
+        # Each process holds its own share of every micro-batch (its Grain data shard).
+        shape = (self.run.train.grad_accum, -1, batch["input_ids"].shape[-1])
         ids, mask = batch["input_ids"].reshape(shape), batch["attention_mask"].reshape(shape)
         if self.mesh.size == 1:
             return jnp.asarray(ids), jnp.asarray(mask)
