@@ -20,11 +20,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from ultrametric_jax.io.hf import (CheckpointError, abstract_model, hf_name,
-                                           param_leaves, prepare_leaf, progress_bar,
-                                           write_hf_config)
+from ultrametric_jax.errors import CheckpointError
+from ultrametric_jax.io.hf import (abstract_model, base_filter, hf_name, param_leaves,
+                                   prepare_leaf, progress_bar, write_hf_config)
+from ultrametric_jax.io.tokenizer import save_tokenizer
+from ultrametric_jax.io.verify import check_finite
 from ultrametric_jax.model.config import LlamaConfig
 
 FORMAT_FILE = "ultrametric.json"
@@ -63,7 +66,6 @@ def _checkpointer(largest_bytes: int):
     Bytes in flight are bounded by the largest tensor (rounded up to whole GB, as Orbax counts
     them).
     """
-    import orbax.checkpoint as ocp
     limit = max(1, math.ceil(largest_bytes / 1e9))
     return ocp.Checkpointer(ocp.StandardCheckpointHandler(
         save_concurrent_gb=limit, restore_concurrent_gb=limit))
@@ -86,13 +88,11 @@ class _GroupWriter:
         self.groups = []
 
     def write(self, group: str, items):
-        import orbax.checkpoint as ocp
         target = os.path.join(self.out_dir, PARAMS_DIR, group)
         self.checkpointer.save(target, args=ocp.args.StandardSave(_nested(items)), force=True)
         self.groups.append(group)
 
     def finish(self, config: LlamaConfig, dtype: str, tokenizer=None) -> str:
-        from ultrametric_jax.io.tokenizer import save_tokenizer
         self.checkpointer.close()
         write_hf_config(config, dtype, self.out_dir)
         if tokenizer is not None:
@@ -105,7 +105,6 @@ class _GroupWriter:
 
 def save_native(model, out_dir: str, tokenizer=None) -> str:
     """Write `model`'s base Llama parameters (no routers), config and tokenizer to out_dir."""
-    from ultrametric_jax.io.checkpoints import base_filter
     leaves = param_leaves(model, base_filter())
     writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
     for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
@@ -146,8 +145,8 @@ def _read_meta(path: str) -> dict:
 
 def iter_native_leaves(path: str, leaves):
     """Restore the (flax path, abstract Variable) `leaves` group by group; yields
-    (flax path, array) with each group's arrays only alive while consumed."""
-    import orbax.checkpoint as ocp
+    (flax path, array) with each group's arrays only alive while consumed; every value is
+    checked finite."""
     path = os.path.abspath(path)
     meta = _read_meta(path)
     groups = {g: list(items) for g, items in
@@ -171,6 +170,7 @@ def iter_native_leaves(path: str, leaves):
                 node = restored
                 for key in _relative(p, group):
                     node = node[key]
+                check_finite(node, hf_name(p)[0], os.path.join(path, PARAMS_DIR, group))
                 yield p, node
             del restored
     finally:

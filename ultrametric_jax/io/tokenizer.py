@@ -5,15 +5,17 @@ fast tokenizer, whose tokenizer.json is what this project stores and reads after
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+
+from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_tokenizer(path: str):
     """A `tokenizers.Tokenizer` for a checkpoint (dir, tokenizer.json or .gguf), or None."""
-    from tokenizers import Tokenizer
     if os.path.isdir(path):
         candidate = os.path.join(path, TOKENIZER_FILE)
         return Tokenizer.from_file(candidate) if os.path.exists(candidate) else None
@@ -25,15 +27,13 @@ def load_tokenizer(path: str):
 
 
 def gguf_has_tokenizer(gguf_path: str) -> bool:
-    from ultrametric_jax.io.gguf import open_gguf
+    from ultrametric_jax.io.gguf import open_gguf  # the gguf package: only for GGUF files
     return "tokenizer.ggml.tokens" in open_gguf(gguf_path).fields
 
 
 def tokenizer_from_gguf(gguf_path: str):
     """Convert the tokenizer stored in a GGUF file's metadata (takes a few seconds)."""
-    import importlib.util
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import: only for a GGUF's tokenizer
     # transformers reads GGUF metadata through its PyTorch integration.
     if importlib.util.find_spec("torch") is None:
         raise ValueError(
@@ -51,7 +51,6 @@ def tokenizer_from_gguf(gguf_path: str):
 
 def as_tokenizer(tokenizer):
     """Normalise a Tokenizer, a transformers tokenizer or a path to a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
