@@ -58,8 +58,11 @@ def staged_directory(dst: str) -> Iterator[str]:
     (replacing what was there), when it fails it is removed and `dst` is left as it was."""
     dst = os.path.abspath(dst)
     parent, name = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    except OSError as e:
+        raise ConfigError(f"cannot write to destination {dst}: {e.strerror or e}") from e
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> the user's usual permissions

@@ -237,26 +237,25 @@ def write_sharded(directory: str, specs: list[tuple[str, tuple, np.dtype]],
     """Write model.safetensors, or model-0000k-of-0000n.safetensors + index when it is larger."""
     os.makedirs(directory, exist_ok=True)
     shards = plan_shards(specs, max_shard_bytes)
-    bar = progress_bar(sum(len(s) for s in shards), "writing tensors", progress)
-    counted = _counting(fetch, bar)
-    if len(shards) == 1:
-        write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], counted)
-        bar.close()
-        return [SINGLE_FILE]
-    names, weight_map = [], {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(directory, fname), shard, counted)
-        names.append(fname)
-        weight_map.update((spec[0], fname) for spec in shard)
+    with progress_bar(sum(len(s) for s in shards), "writing tensors", progress) as bar:
+        counted = _counting(fetch, bar)
+        if len(shards) == 1:
+            write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], counted)
+            return [SINGLE_FILE]
+        names, weight_map = [], {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(directory, fname), shard, counted)
+            names.append(fname)
+            weight_map.update((spec[0], fname) for spec in shard)
     total = sum(_nbytes(spec) for spec in specs)
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    bar.close()
     return names
 
 
 def progress_bar(total, desc, enabled):
+    """A tqdm bar (a context manager: closed when an error interrupts it)."""
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
@@ -291,7 +290,8 @@ def prepare_leaf(path: tuple, want, arr: np.ndarray, source: str):
         raise CheckpointError(f"shape mismatch for tensor {name} in {source}: "
                               f"expected {expected}, got {tuple(arr.shape)}")
     arr = np.asarray(arr.T if transpose else arr)
-    cast = arr.astype(want.dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow is reported by name just below
+        cast = arr.astype(want.dtype, copy=False)
     if cast_overflows(arr.dtype, cast.dtype):
         check_finite(cast, name, source, after=f"casting {arr.dtype} to {cast.dtype}")
     return jnp.asarray(cast)
@@ -306,11 +306,11 @@ def fill_model(abstract, fetch: Callable[[str], np.ndarray], *, source: str,
     """
     graphdef, state = nnx.split(abstract)
     leaves = list(nnx.to_flat_state(state))
-    bar = progress_bar(len(leaves), f"loading {os.path.basename(str(source)) or source}", progress)
-    for path, var in leaves:
-        var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source))
-        bar.update(1)
-    bar.close()
+    desc = f"loading {os.path.basename(str(source)) or source}"
+    with progress_bar(len(leaves), desc, progress) as bar:
+        for path, var in leaves:
+            var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source))
+            bar.update(1)
     return nnx.merge(graphdef, state)
 
 

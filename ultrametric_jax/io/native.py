@@ -76,7 +76,8 @@ def _nbytes(a) -> int:
 
 
 class _GroupWriter:
-    """Writes params/GROUP checkpoints, then the metadata files that mark completion."""
+    """Writes params/GROUP checkpoints, then the metadata files that mark completion; a context
+    manager, so that its Orbax checkpointer is closed however the writing ends."""
 
     def __init__(self, out_dir: str, largest_bytes: int):
         self.out_dir = os.path.abspath(out_dir)
@@ -87,13 +88,18 @@ class _GroupWriter:
         self.checkpointer = _checkpointer(largest_bytes)
         self.groups = []
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.checkpointer.close()
+
     def write(self, group: str, items):
         target = os.path.join(self.out_dir, PARAMS_DIR, group)
         self.checkpointer.save(target, args=ocp.args.StandardSave(_nested(items)), force=True)
         self.groups.append(group)
 
     def finish(self, config: LlamaConfig, dtype: str, tokenizer=None) -> str:
-        self.checkpointer.close()
         write_hf_config(config, dtype, self.out_dir)
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.out_dir, config=config)
@@ -106,11 +112,11 @@ class _GroupWriter:
 def save_native(model, out_dir: str, tokenizer=None) -> str:
     """Write `model`'s base Llama parameters (no routers), config and tokenizer to out_dir."""
     leaves = param_leaves(model, base_filter())
-    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
-    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
-        writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
-    dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
-    return writer.finish(model.config, dtype, tokenizer)
+    with _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves)) as writer:
+        for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+            writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
+        dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
+        return writer.finish(model.config, dtype, tokenizer)
 
 
 def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float32, *,
@@ -121,18 +127,18 @@ def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float3
     gguf_source).
     """
     leaves = param_leaves(abstract_model(config, dtype, dtype))
-    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
-    bar = progress_bar(len(leaves), f"converting {os.path.basename(source) or source}", progress)
-    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
-        arrays = []
-        for path, var in items:
-            arrays.append((_relative(path, group),
-                           prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source)))
-            bar.update(1)
-        writer.write(group, arrays)
-        del arrays
-    bar.close()
-    return writer.finish(config, jnp.dtype(dtype).name, tokenizer)
+    desc = f"converting {os.path.basename(source) or source}"
+    with (_GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves)) as writer,
+          progress_bar(len(leaves), desc, progress) as bar):
+        for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+            arrays = []
+            for path, var in items:
+                arrays.append((_relative(path, group), prepare_leaf(
+                    path, var.get_value(), fetch(hf_name(path)[0]), source)))
+                bar.update(1)
+            writer.write(group, arrays)
+            del arrays
+        return writer.finish(config, jnp.dtype(dtype).name, tokenizer)
 
 
 def _read_meta(path: str) -> dict:

@@ -11,6 +11,8 @@ import os
 
 from tokenizers import Tokenizer
 
+from ultrametric_jax.errors import CheckpointError
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -36,7 +38,7 @@ def tokenizer_from_gguf(gguf_path: str):
     from transformers import AutoTokenizer  # seconds to import: only for a GGUF's tokenizer
     # transformers reads GGUF metadata through its PyTorch integration.
     if importlib.util.find_spec("torch") is None:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: transformers' "
             "GGUF reader needs PyTorch; install it (`pip install torch`, or "
             "`bash scripts/install.sh`, which installs the CPU build) or pass a tokenizer.json")
@@ -44,7 +46,7 @@ def tokenizer_from_gguf(gguf_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except Exception as e:
-        raise ValueError(f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: "
+        raise CheckpointError(f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: "
                          f"{type(e).__name__}: {e}") from e
     return tok.backend_tokenizer
 
