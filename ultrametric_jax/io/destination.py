@@ -58,6 +58,8 @@ def staged_directory(dst: str) -> Iterator[str]:
     (replacing what was there), when it fails it is removed and `dst` is left as it was."""
     dst = os.path.abspath(dst)
     parent, name = os.path.split(dst)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise ConfigError(f"cannot write to destination {dst}: {parent} is not a directory")
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
