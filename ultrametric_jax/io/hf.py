@@ -316,12 +316,24 @@ def fill_model(abstract, fetch: Callable[[str], np.ndarray], *, source: str,
 
 # ----------------------------------------------------------------------------- public entry
 
+def read_config(path: str) -> LlamaConfig:
+    """The LlamaConfig of a config.json; a file that is not a JSON object is a CheckpointError."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid config.json {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"invalid config.json {path}: not a JSON object")
+    return LlamaConfig.from_hf_dict(cfg)
+
+
 def hf_source(directory: str):
     """(config, fetch) of an HF Llama dir; fetch(hf_name) reads one tensor."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing config.json in {directory}")
-    config = LlamaConfig.from_json_file(config_path)
+    config = read_config(config_path)
     reader = SafetensorsReader(directory)
     return config, reader.get
 

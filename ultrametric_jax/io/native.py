@@ -25,7 +25,7 @@ from flax import nnx
 
 from ultrametric_jax.errors import CheckpointError
 from ultrametric_jax.io.hf import (abstract_model, base_filter, hf_name, param_leaves,
-                                   prepare_leaf, progress_bar, write_hf_config)
+                                   prepare_leaf, progress_bar, read_config, write_hf_config)
 from ultrametric_jax.io.tokenizer import save_tokenizer
 from ultrametric_jax.io.verify import check_finite
 from ultrametric_jax.model.config import LlamaConfig
@@ -142,9 +142,13 @@ def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float3
 
 
 def _read_meta(path: str) -> dict:
-    with open(os.path.join(path, FORMAT_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME:
+    meta_path = os.path.join(path, FORMAT_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid {meta_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}/{FORMAT_FILE} does not describe a {FORMAT_NAME} checkpoint")
     return meta
 
@@ -185,7 +189,7 @@ def iter_native_leaves(path: str, leaves):
 
 def native_config(path: str) -> LlamaConfig:
     _read_meta(path)
-    return LlamaConfig.from_json_file(os.path.join(path, "config.json"))
+    return read_config(os.path.join(path, "config.json"))
 
 
 def load_native(path: str, dtype=jnp.float32, param_dtype=None):
