@@ -172,6 +172,13 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple, np.dtype]],
             raise CheckpointError(f"tensor {name}: expected shape {tuple(shape)}, got {arr.shape}")
         arrays[name] = arr
     save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o666 & ~_umask())  # the library creates 0600 files; keep the user's umask
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _nbytes(spec) -> int:
