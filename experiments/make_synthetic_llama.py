@@ -1,8 +1,8 @@
 """Write a synthetic Llama-3-8B-shaped bfloat16 checkpoint as sharded safetensors.
 
-The weights are random bf16 bit patterns (finite, magnitudes 2^-10..2^-3), generated and
-written one tensor at a time, so memory stays at about one tensor whatever the model size.
-It is the input of bench_convert.py.
+The weights are random bf16 bit patterns (finite, magnitudes 2^-10..2^-3), generated tensor by
+tensor and written shard by shard by the safetensors library, so memory stays at about one
+shard (--max-shard-size) whatever the model size. It is the input of bench_convert.py.
 
     python3 experiments/make_synthetic_llama.py --out /tmp/synthetic_llama3_8b
 """

@@ -1,11 +1,13 @@
 """Argument checks shared by every entry point; each error names the offending argument."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _INT32_MAX = 2**31 - 1
+_INT32_MIN = -(2**31)
 
 
 def _nonnegative_int(name, value):
@@ -47,7 +49,24 @@ def check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, kv_len):
         if tuple(ids.shape) != (batch, q_heads, length):
             raise ValueError(f"{name} must have shape [B, Hq, S] = {(batch, q_heads, length)}, "
                              f"got {tuple(ids.shape)}")
+        _check_int32_range(name, ids)
     return q_clusters.astype(jnp.int32), k_clusters.astype(jnp.int32)
+
+
+def _check_int32_range(name, ids):
+    """The kernels compare int32 ids: a wider id outside int32 would alias another after the
+    cast (2**32 + 5 -> 5). Checked when the ids are concrete; traced ids cannot be."""
+    dtype = jnp.dtype(ids.dtype)
+    if dtype.itemsize < 4 or (dtype.itemsize == 4 and dtype.kind == "i"):
+        return
+    try:
+        values = np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if values.size and (values.min() < _INT32_MIN or values.max() > _INT32_MAX):
+        raise ValueError(f"{name} holds ids outside the int32 range [-2**31, 2**31 - 1] "
+                         f"(min {values.min()}, max {values.max()}); renumber them, e.g. with "
+                         "np.unique(ids, return_inverse=True)")
 
 
 def check_attention_args(q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset):

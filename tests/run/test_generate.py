@@ -7,6 +7,7 @@ import torch
 
 from conftest import build_hf_llama, jit_forward, rel_err
 from ultrametric_jax import load_pretrained
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.run import generate as generate_module
 from ultrametric_jax.run.generate import CACHE_BUCKET, generate, left_pad, select_token
 
@@ -132,6 +133,36 @@ def test_bad_arguments(tiny):
         generate(model, [[1]], 0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite, got inf"),
+    (dict(temperature=1.0, top_k=0), r"top_k must be a whole number >= 1 \(or None: no limit\), "
+                                     "got 0"),
+    (dict(temperature=1.0, top_k=-4), "top_k must be a whole number >= 1"),
+], ids=["nan", "inf", "top_k_0", "top_k_negative"])
+def test_sampling_settings_that_cannot_decode_are_refused(tiny, kwargs, message):
+    _, model = tiny
+    with pytest.raises(ConfigError, match=message):
+        generate(model, [[1, 2]], 2, **kwargs)
+
+
+def test_prompt_beyond_the_context_is_refused(tiny):
+    _, model = tiny
+    context = model.config.max_position_embeddings
+    assert context == 128
+    with pytest.raises(ConfigError, match=r"the prompt has 129 tokens, more than the model's "
+                       r"context of 128 tokens"):
+        generate(model, [[1] * 3, [2] * 129], 1)
+    with pytest.raises(ConfigError, match=r"the prompt \(100 tokens\) plus 29 new tokens exceed "
+                       r"the model's context of 128 tokens; ask for at most 28 new tokens"):
+        generate(model, [[3] * 100], 29)
+    # Exactly filling the context is fine, and equals recomputation without a cache.
+    prompt = list(np.random.default_rng(2).integers(1, 96, 120))
+    tokens = generate(model, [prompt], 8)[0]
+    ref, _ = naive_greedy(jit_forward(model), prompt, 8)
+    np.testing.assert_array_equal(tokens, ref)
 
 
 # ----------------------------------------------------------------------------- real model

@@ -1,4 +1,4 @@
-"""`ultrametric convert SRC DST [--to native|hf] [--dtype auto|float32|bfloat16]`."""
+"""`ultrametric convert SRC DST [--to native|hf] [--dtype auto|float32|bfloat16] [--overwrite]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,16 @@ import os
 import sys
 import time
 
+from ultrametric_jax.errors import UserError
+from ultrametric_jax.io.assets import resolve_model
+from ultrametric_jax.io.checkpoints import convert_checkpoint, detect_format, resolve_dtype
+from ultrametric_jax.io.hf import parse_size
+from ultrametric_jax.io.native import FORMAT_FILE
+from ultrametric_jax.io.tokenizer import load_tokenizer
+
 
 def source_dtype(path: str) -> str:
     """The dtype a checkpoint stores its parameters in ('float32' for dequantised GGUF)."""
-    from ultrametric_jax.io.checkpoints import detect_format
-    from ultrametric_jax.io.native import FORMAT_FILE
     fmt = detect_format(path)
     if fmt == "gguf":
         return "float32"
@@ -28,27 +33,28 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="ultrametric convert",
                                      description="Convert a Llama checkpoint.")
     parser.add_argument("src", help="HF dir, .gguf file, native dir, or 'smollm2'")
-    parser.add_argument("dst", help="output directory")
+    parser.add_argument("dst", help="output directory (new or empty, unless --overwrite)")
     parser.add_argument("--to", choices=("native", "hf"), default="native")
     parser.add_argument("--dtype", default="auto",
                         help="float32 | bfloat16 | float16 | auto (keep the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="HF output shard size")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty destination (never the source)")
     args = parser.parse_args(argv)
-
-    from ultrametric_jax.io.assets import resolve_model
-    from ultrametric_jax.io.checkpoints import CheckpointError, convert_checkpoint
-    from ultrametric_jax.errors import ConfigError
-    from ultrametric_jax.io.tokenizer import load_tokenizer
 
     start = time.time()
     try:
+        # Argument errors first, before anything is read.
+        if args.dtype != "auto":
+            resolve_dtype(args.dtype)
+        parse_size(args.max_shard_size)
         source = resolve_model(args.src)
         dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
         tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
         convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype,
                            tokenizer=tokenizer, max_shard_size=args.max_shard_size,
-                           progress=True)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+                           progress=True, overwrite=args.overwrite)
+    except (UserError, OSError) as e:  # OSError: a missing source, a full or failing disk
         print(f"ultrametric convert: error: {e}", file=sys.stderr)
         return 2
     print(f"converted {args.src} -> {args.dst} ({args.to}, {dtype}) in "

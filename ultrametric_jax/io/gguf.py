@@ -3,22 +3,29 @@
 Tensors are dequantised one at a time with `gguf.quants.dequantize`. llama.cpp stores the
 q/k projection rows permuted (its RoPE rotates interleaved pairs, transformers' rotates the
 two halves), so those rows are permuted back here. The config comes from the metadata.
+
+GGUF has no checksums: a file is verified by every tensor's byte range lying inside it (a
+truncated file is refused naming the first tensor cut off) and by every dequantised value
+being finite (overwritten bytes decode to NaN or inf, most of all in quantisation scales).
 """
 from __future__ import annotations
 
 import functools
 import os
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
+from gguf.quants import dequantize
 
-from ultrametric_jax.io.hf import CheckpointError, abstract_model, fill_model
-from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.errors import CheckpointError, ConfigError
+from ultrametric_jax.io.hf import abstract_model, fill_model
+from ultrametric_jax.io.verify import check_finite
 from ultrametric_jax.model.config import LlamaConfig
+
 
 @functools.lru_cache(maxsize=8)
 def _name_map(n_blocks: int):
-    import gguf
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
 
 
@@ -44,13 +51,45 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+class _Truncated(Exception):
+    pass
+
+
+class _RangeCheckedReader(gguf.GGUFReader):
+    """A GGUFReader that first checks every tensor's byte range against the file's size (the
+    stock reader fails on a truncated file with a numpy reshape error naming no tensor)."""
+
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        for field in fields:
+            extent = _tensor_extent(field, start_offs)
+            if extent is not None and extent[2] > len(self.data):
+                name, begin, end = extent
+                raise _Truncated(f"tensor {name} needs bytes [{begin}, {end}) but the file has "
+                                 f"{len(self.data)} bytes: the file is truncated")
+        super()._build_tensors(start_offs, fields)
+
+
+def _tensor_extent(field, start_offs: int):
+    """(name, begin, end) of a tensor-info field, None for a layout this check does not know
+    (the reader's own checks then remain)."""
+    try:
+        _, name, _, dims, raw_type, offset = field.parts
+        block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+        begin = int(start_offs + offset[0])
+        end = begin + int(np.prod(dims, dtype=np.int64)) * type_bytes // block
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return bytes(name).decode(errors="replace"), begin, end
+
+
 def open_gguf(path: str):
     """A gguf.GGUFReader, or a CheckpointError naming the file when it is not valid GGUF."""
-    import gguf
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file does not exist: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return _RangeCheckedReader(path)
+    except _Truncated as e:
+        raise CheckpointError(f"invalid GGUF file {path}: {e}") from None
     except Exception as e:  # the reader raises ValueError/struct errors/IndexError on garbage
         raise CheckpointError(f"invalid GGUF file {path}: {type(e).__name__}: {e}") from None
 
@@ -129,11 +168,14 @@ def config_from_gguf(reader, path: str = "") -> LlamaConfig:
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"))
 
 
-def read_tensor(tensor) -> np.ndarray:
-    """Dequantised float32 tensor in transformers layout ([out, in] for matrices)."""
-    from gguf.quants import dequantize
+def read_tensor(tensor, path: str = "") -> np.ndarray:
+    """Dequantised float32 tensor in transformers layout ([out, in] for matrices), checked
+    finite."""
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # damage is reported just below
+        arr = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    check_finite(arr, tensor.name, path, after="dequantisation")
+    return arr
 
 
 def gguf_source(path: str):
@@ -146,7 +188,7 @@ def gguf_source(path: str):
         name = gguf_name(hf, config.num_hidden_layers)
         if name not in tensors:
             raise CheckpointError(f"missing tensor {name} (for {hf}) in GGUF file {path}")
-        arr = read_tensor(tensors[name])
+        arr = read_tensor(tensors[name], path)
         heads = (config.num_attention_heads if ".q_proj." in hf
                  else config.num_key_value_heads if ".k_proj." in hf else None)
         # A wrongly shaped tensor is left as is so that the shape check names it.

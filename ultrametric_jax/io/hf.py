@@ -1,26 +1,32 @@
-"""Hugging Face safetensors checkpoints <-> the Flax Llama.
+"""Hugging Face checkpoints (config.json + safetensors) <-> the Flax Llama.
 
 The name mapping is a table on the last path component: a Flax parameter path joined with
 dots is the transformers name once its leaf is renamed (and 2-D `kernel`s transposed from
-[in, out] to torch's [out, in]). Reading and writing stream tensor by tensor through a minimal
-safetensors implementation (8-byte little-endian header length, JSON header, raw bytes), so a
-conversion never holds more than the model plus one tensor in host memory.
+[in, out] to torch's [out, in]). The files are read and written tensor by tensor by
+`safetensors_files` (the `safetensors` library, every tensor verified), so loading never
+holds more than the model plus one tensor.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from ultrametric_jax.errors import CheckpointError
+# The file layer, re-exported: the HF format's files.
+from ultrametric_jax.io.safetensors_files import (INDEX_FILE, SINGLE_FILE,  # noqa: F401
+                                                  SafetensorsReader, describe_damage,
+                                                  parse_size, plan_shards, progress_bar,
+                                                  write_safetensors, write_sharded)
+from ultrametric_jax.io.verify import cast_overflows, check_finite
 from ultrametric_jax.model.config import LlamaConfig
+from ultrametric_jax.model.llama import LlamaForCausalLM
+from ultrametric_jax.surgery.router import RouterParam
 
 # Flax leaf name -> (transformers leaf name, transpose?).
 LEAF_TABLE = {
@@ -29,18 +35,6 @@ LEAF_TABLE = {
     "embedding": ("weight", False),
     "weight": ("weight", False),
 }
-
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
 
 
 
@@ -60,157 +54,15 @@ def param_leaves(model, filter_=nnx.Param) -> list[tuple[tuple, nnx.Variable]]:
     return list(nnx.to_flat_state(nnx.state(model, filter_)))
 
 
-# ----------------------------------------------------------------------------- safetensors io
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """(header dict, byte offset of the data section)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"invalid safetensors file {path}: shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", raw)
-            if n > os.path.getsize(path):
-                raise CheckpointError(f"invalid safetensors file {path}: bad header length {n}")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"invalid safetensors file {path}: {e}") from None
-    return header, 8 + n
-
-
-class SafetensorsReader:
-    """Random access to the tensors of an HF checkpoint dir (single file or sharded)."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        index = os.path.join(directory, INDEX_FILE)
-        single = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(single):
-            files = [SINGLE_FILE]
-        else:
-            raise CheckpointError(
-                f"no safetensors weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
-        self._entries = {}  # name -> (file path, data offset, entry)
-        for fname in files:
-            fpath = os.path.join(directory, fname)
-            if not os.path.exists(fpath):
-                raise CheckpointError(f"missing safetensors shard {fname} in {directory}")
-            header, offset = read_safetensors_header(fpath)
-            header.pop("__metadata__", None)
-            for name, entry in header.items():
-                self._entries[name] = (fpath, offset, entry)
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self._entries[name][2]["shape"])
-
-    def get(self, name: str) -> np.ndarray:
-        """Read one tensor from disk into a fresh numpy array (no memory map kept)."""
-        if name not in self._entries:
-            raise CheckpointError(f"missing tensor {name} in checkpoint {self.directory}")
-        fpath, offset, entry = self._entries[name]
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"tensor {name}: unsupported safetensors dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        out = np.empty(entry["shape"], dtype)
-        if out.nbytes != end - begin:
-            raise CheckpointError(f"tensor {name}: byte size {end - begin} does not match "
-                                  f"shape {entry['shape']} of {entry['dtype']}")
-        with open(fpath, "rb") as f:
-            f.seek(offset + begin)
-            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-        return out
-
-
-def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple, np.dtype]],
-                      fetch: Callable[[str], np.ndarray], metadata: dict | None = None):
-    """Write a safetensors file given (name, shape, dtype) specs, fetching each tensor lazily."""
-    specs = list(tensors)
-    header, pos = {}, 0
-    for name, shape, dtype in specs:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data section aligned to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape, dtype in specs:
-            arr = np.ascontiguousarray(fetch(name), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise CheckpointError(f"tensor {name}: expected shape {tuple(shape)}, got {arr.shape}")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-
-
-def plan_shards(specs: list[tuple[str, tuple, np.dtype]], max_shard_bytes: int) -> list[list]:
-    """Group tensor specs, in order, into shards of at most max_shard_bytes (one tensor minimum)."""
-    shards, current, size = [], [], 0
-    for spec in specs:
-        nbytes = int(np.prod(spec[1], dtype=np.int64)) * np.dtype(spec[2]).itemsize
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_sharded(directory: str, specs: list[tuple[str, tuple, np.dtype]],
-                  fetch: Callable[[str], np.ndarray], max_shard_bytes: int,
-                  progress: bool = False) -> list[str]:
-    """Write model.safetensors, or model-0000k-of-0000n.safetensors + index when it is larger."""
-    os.makedirs(directory, exist_ok=True)
-    shards = plan_shards(specs, max_shard_bytes)
-    bar = progress_bar(sum(len(s) for s in shards), "writing tensors", progress)
-    counted = _counting(fetch, bar)
-    if len(shards) == 1:
-        write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], counted)
-        bar.close()
-        return [SINGLE_FILE]
-    names, weight_map, total = [], {}, 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(directory, fname), shard, counted)
-        names.append(fname)
-        for name, shape, dtype in shard:
-            weight_map[name] = fname
-            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    bar.close()
-    return names
-
-
-def progress_bar(total, desc, enabled):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
-
-
-def _counting(fetch, bar):
-    def wrapped(name):
-        out = fetch(name)
-        bar.update(1)
-        return out
-    return wrapped
+def base_filter():
+    """The base Llama's parameters: every nnx.Param that is not a router parameter."""
+    return nnx.All(nnx.Param, nnx.Not(RouterParam))
 
 
 # ----------------------------------------------------------------------------- model fill
 
 def abstract_model(config: LlamaConfig, dtype=jnp.float32, param_dtype=None):
     """The model's structure with ShapeDtypeStruct leaves: no parameter memory allocated."""
-    from ultrametric_jax.model.llama import LlamaForCausalLM
     param_dtype = param_dtype or dtype
     return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype,
                                                    rngs=nnx.Rngs(0)))
@@ -220,7 +72,8 @@ def prepare_leaf(path: tuple, want, arr: np.ndarray, source: str):
     """A transformers-layout tensor -> the jnp value of the Flax leaf `path`.
 
     Checks the shape against `want` (a ShapeDtypeStruct), transposes kernels and casts to the
-    parameter dtype; a wrong shape raises naming the tensor, the expected and the actual shape.
+    parameter dtype; a wrong shape raises naming the tensor, the expected and the actual shape,
+    and a cast that overflows (float32 weights beyond float16's range, say) names the tensor.
     """
     name, transpose = hf_name(path)
     transpose = transpose and arr.ndim == 2
@@ -228,8 +81,12 @@ def prepare_leaf(path: tuple, want, arr: np.ndarray, source: str):
     if tuple(arr.shape) != expected:
         raise CheckpointError(f"shape mismatch for tensor {name} in {source}: "
                               f"expected {expected}, got {tuple(arr.shape)}")
-    arr = arr.T if transpose else arr
-    return jnp.asarray(np.asarray(arr).astype(want.dtype, copy=False))
+    arr = np.asarray(arr.T if transpose else arr)
+    with np.errstate(over="ignore"):  # an overflow is reported by name just below
+        cast = arr.astype(want.dtype, copy=False)
+    if cast_overflows(arr.dtype, cast.dtype):
+        check_finite(cast, name, source, after=f"casting {arr.dtype} to {cast.dtype}")
+    return jnp.asarray(cast)
 
 
 def fill_model(abstract, fetch: Callable[[str], np.ndarray], *, source: str,
@@ -241,22 +98,34 @@ def fill_model(abstract, fetch: Callable[[str], np.ndarray], *, source: str,
     """
     graphdef, state = nnx.split(abstract)
     leaves = list(nnx.to_flat_state(state))
-    bar = progress_bar(len(leaves), f"loading {os.path.basename(str(source)) or source}", progress)
-    for path, var in leaves:
-        var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source))
-        bar.update(1)
-    bar.close()
+    desc = f"loading {os.path.basename(str(source)) or source}"
+    with progress_bar(len(leaves), desc, progress) as bar:
+        for path, var in leaves:
+            var.set_value(prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source))
+            bar.update(1)
     return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------- public entry
+
+def read_config(path: str) -> LlamaConfig:
+    """The LlamaConfig of a config.json; a file that is not a JSON object is a CheckpointError."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid config.json {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"invalid config.json {path}: not a JSON object")
+    return LlamaConfig.from_hf_dict(cfg)
+
 
 def hf_source(directory: str):
     """(config, fetch) of an HF Llama dir; fetch(hf_name) reads one tensor."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing config.json in {directory}")
-    config = LlamaConfig.from_json_file(config_path)
+    config = read_config(config_path)
     reader = SafetensorsReader(directory)
     return config, reader.get
 
@@ -297,16 +166,3 @@ def save_hf_weights(model, directory: str, max_shard_size: int | str = "5GB",
         return arr.T if transpose and arr.ndim == 2 else arr
 
     return write_sharded(directory, specs, fetch, parse_size(max_shard_size), progress)
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like '5GB', '200MB', '10KiB'."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)

@@ -20,11 +20,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from ultrametric_jax.io.hf import (CheckpointError, abstract_model, hf_name,
-                                           param_leaves, prepare_leaf, progress_bar,
-                                           write_hf_config)
+from ultrametric_jax.errors import CheckpointError
+from ultrametric_jax.io.hf import (abstract_model, base_filter, hf_name, param_leaves,
+                                   prepare_leaf, progress_bar, read_config, write_hf_config)
+from ultrametric_jax.io.tokenizer import save_tokenizer
+from ultrametric_jax.io.verify import check_finite
 from ultrametric_jax.model.config import LlamaConfig
 
 FORMAT_FILE = "ultrametric.json"
@@ -63,7 +66,6 @@ def _checkpointer(largest_bytes: int):
     Bytes in flight are bounded by the largest tensor (rounded up to whole GB, as Orbax counts
     them).
     """
-    import orbax.checkpoint as ocp
     limit = max(1, math.ceil(largest_bytes / 1e9))
     return ocp.Checkpointer(ocp.StandardCheckpointHandler(
         save_concurrent_gb=limit, restore_concurrent_gb=limit))
@@ -74,7 +76,8 @@ def _nbytes(a) -> int:
 
 
 class _GroupWriter:
-    """Writes params/GROUP checkpoints, then the metadata files that mark completion."""
+    """Writes params/GROUP checkpoints, then the metadata files that mark completion; a context
+    manager, so that its Orbax checkpointer is closed however the writing ends."""
 
     def __init__(self, out_dir: str, largest_bytes: int):
         self.out_dir = os.path.abspath(out_dir)
@@ -85,15 +88,18 @@ class _GroupWriter:
         self.checkpointer = _checkpointer(largest_bytes)
         self.groups = []
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.checkpointer.close()
+
     def write(self, group: str, items):
-        import orbax.checkpoint as ocp
         target = os.path.join(self.out_dir, PARAMS_DIR, group)
         self.checkpointer.save(target, args=ocp.args.StandardSave(_nested(items)), force=True)
         self.groups.append(group)
 
     def finish(self, config: LlamaConfig, dtype: str, tokenizer=None) -> str:
-        from ultrametric_jax.io.tokenizer import save_tokenizer
-        self.checkpointer.close()
         write_hf_config(config, dtype, self.out_dir)
         if tokenizer is not None:
             save_tokenizer(tokenizer, self.out_dir, config=config)
@@ -105,13 +111,12 @@ class _GroupWriter:
 
 def save_native(model, out_dir: str, tokenizer=None) -> str:
     """Write `model`'s base Llama parameters (no routers), config and tokenizer to out_dir."""
-    from ultrametric_jax.io.checkpoints import base_filter
     leaves = param_leaves(model, base_filter())
-    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
-    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
-        writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
-    dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
-    return writer.finish(model.config, dtype, tokenizer)
+    with _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves)) as writer:
+        for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+            writer.write(group, [(_relative(p, group), v.get_value()) for p, v in items])
+        dtype = jnp.dtype(leaves[0][1].get_value().dtype).name
+        return writer.finish(model.config, dtype, tokenizer)
 
 
 def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float32, *,
@@ -122,32 +127,36 @@ def convert_to_native(config: LlamaConfig, fetch, out_dir: str, dtype=jnp.float3
     gguf_source).
     """
     leaves = param_leaves(abstract_model(config, dtype, dtype))
-    writer = _GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves))
-    bar = progress_bar(len(leaves), f"converting {os.path.basename(source) or source}", progress)
-    for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
-        arrays = []
-        for path, var in items:
-            arrays.append((_relative(path, group),
-                           prepare_leaf(path, var.get_value(), fetch(hf_name(path)[0]), source)))
-            bar.update(1)
-        writer.write(group, arrays)
-        del arrays
-    bar.close()
-    return writer.finish(config, jnp.dtype(dtype).name, tokenizer)
+    desc = f"converting {os.path.basename(source) or source}"
+    with (_GroupWriter(out_dir, max(_nbytes(v.get_value()) for _, v in leaves)) as writer,
+          progress_bar(len(leaves), desc, progress) as bar):
+        for group, items in itertools.groupby(leaves, key=lambda pv: group_of(pv[0])):
+            arrays = []
+            for path, var in items:
+                arrays.append((_relative(path, group), prepare_leaf(
+                    path, var.get_value(), fetch(hf_name(path)[0]), source)))
+                bar.update(1)
+            writer.write(group, arrays)
+            del arrays
+        return writer.finish(config, jnp.dtype(dtype).name, tokenizer)
 
 
 def _read_meta(path: str) -> dict:
-    with open(os.path.join(path, FORMAT_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME:
+    meta_path = os.path.join(path, FORMAT_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid {meta_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}/{FORMAT_FILE} does not describe a {FORMAT_NAME} checkpoint")
     return meta
 
 
 def iter_native_leaves(path: str, leaves):
     """Restore the (flax path, abstract Variable) `leaves` group by group; yields
-    (flax path, array) with each group's arrays only alive while consumed."""
-    import orbax.checkpoint as ocp
+    (flax path, array) with each group's arrays only alive while consumed; every value is
+    checked finite."""
     path = os.path.abspath(path)
     meta = _read_meta(path)
     groups = {g: list(items) for g, items in
@@ -171,6 +180,7 @@ def iter_native_leaves(path: str, leaves):
                 node = restored
                 for key in _relative(p, group):
                     node = node[key]
+                check_finite(node, hf_name(p)[0], os.path.join(path, PARAMS_DIR, group))
                 yield p, node
             del restored
     finally:
@@ -179,7 +189,7 @@ def iter_native_leaves(path: str, leaves):
 
 def native_config(path: str) -> LlamaConfig:
     _read_meta(path)
-    return LlamaConfig.from_json_file(os.path.join(path, "config.json"))
+    return read_config(os.path.join(path, "config.json"))
 
 
 def load_native(path: str, dtype=jnp.float32, param_dtype=None):

@@ -5,15 +5,19 @@ fast tokenizer, whose tokenizer.json is what this project stores and reads after
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+
+from tokenizers import Tokenizer
+
+from ultrametric_jax.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_tokenizer(path: str):
     """A `tokenizers.Tokenizer` for a checkpoint (dir, tokenizer.json or .gguf), or None."""
-    from tokenizers import Tokenizer
     if os.path.isdir(path):
         candidate = os.path.join(path, TOKENIZER_FILE)
         return Tokenizer.from_file(candidate) if os.path.exists(candidate) else None
@@ -25,18 +29,16 @@ def load_tokenizer(path: str):
 
 
 def gguf_has_tokenizer(gguf_path: str) -> bool:
-    from ultrametric_jax.io.gguf import open_gguf
+    from ultrametric_jax.io.gguf import open_gguf  # the gguf package: only for GGUF files
     return "tokenizer.ggml.tokens" in open_gguf(gguf_path).fields
 
 
 def tokenizer_from_gguf(gguf_path: str):
     """Convert the tokenizer stored in a GGUF file's metadata (takes a few seconds)."""
-    import importlib.util
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import: only for a GGUF's tokenizer
     # transformers reads GGUF metadata through its PyTorch integration.
     if importlib.util.find_spec("torch") is None:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: transformers' "
             "GGUF reader needs PyTorch; install it (`pip install torch`, or "
             "`bash scripts/install.sh`, which installs the CPU build) or pass a tokenizer.json")
@@ -44,14 +46,13 @@ def tokenizer_from_gguf(gguf_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except Exception as e:
-        raise ValueError(f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: "
+        raise CheckpointError(f"cannot build a tokenizer from the GGUF metadata of {gguf_path}: "
                          f"{type(e).__name__}: {e}") from e
     return tok.backend_tokenizer
 
 
 def as_tokenizer(tokenizer):
     """Normalise a Tokenizer, a transformers tokenizer or a path to a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Optional
 
@@ -36,6 +37,7 @@ class LlamaConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self):
+        _check_dims(self)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -44,6 +46,10 @@ class LlamaConfig:
                     f"hidden_size={self.hidden_size} is not divisible by "
                     f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if not self.head_dim >= 1:
+            raise ConfigError(f"head_dim={self.head_dim} must be >= 1 (hidden_size="
+                              f"{self.hidden_size}, num_attention_heads="
+                              f"{self.num_attention_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -105,6 +111,16 @@ class LlamaConfig:
             rope_theta=rope["rope_theta"],
             rope_scaling=dict(scaling) if scaling else None)
         return d
+
+
+def _check_dims(config: LlamaConfig) -> None:
+    """Sizes that divide or index must be positive whole numbers (0 heads would divide by 0)."""
+    for field in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        value = getattr(config, field)
+        if value is None and field in ("num_key_value_heads", "head_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{field}={value!r} must be a whole number >= 1")
 
 
 # Fields each supported rope scaling needs; llama3's original_max_position_embeddings is

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ultrametric_jax.errors import ConfigError
+from ultrametric_jax.run.checkpoint_probe import probe_ocdbt_item
 from ultrametric_jax.run.provenance import CheckpointMismatchError
 
 FORMAT_VERSION = 1
@@ -168,6 +169,8 @@ class _StepAccess:
                 f"checkpoint step {step} in {self.directory} holds a different state layout "
                 "(another surgery or optimiser configuration); use a fresh --workdir")
         try:
+            # Damage found here, synchronously, leaves no Orbax read in flight (no noise).
+            probe_ocdbt_item(os.path.join(self.directory, str(step), "state"))
             flat = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(flat_template)))["state"]
             flat = {k: np.asarray(v) for k, v in flat.items()}

@@ -7,6 +7,7 @@ of CACHE_BUCKET so that nearby lengths share one compile.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.io.tokenizer import decode, encode
 
 
@@ -21,7 +23,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 
     """(ids [B,S] int32, mask [B,S] bool) with every prompt right-aligned; S is the longest
     prompt's length rounded up to a multiple of `multiple`."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("every prompt needs at least one token")
     width = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
@@ -40,6 +42,26 @@ def select_token(logits, key, temperature: float, top_k: int | None):
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """Sampling settings that decode as asked (NaN would sample garbage, top_k 0 nothing)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 and finite, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ConfigError(f"top_k must be a whole number >= 1 (or None: no limit), got {top_k}")
+
+
+def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    """A prompt and its continuation must fit in the model's context: beyond the positions
+    it was trained on a Llama decodes garbage."""
+    if prompt_len > context:
+        raise ConfigError(f"the prompt has {prompt_len} tokens, more than the model's context "
+                          f"of {context} tokens")
+    if prompt_len + max_new_tokens > context:
+        raise ConfigError(f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens "
+                          f"exceed the model's context of {context} tokens; ask for at most "
+                          f"{context - prompt_len} new tokens")
 
 
 _COMPILED: dict = {}
@@ -84,14 +106,14 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     return_logits also the float32 logits [B, max_new_tokens, V] each token was chosen from.
     Decoding stops early once every row has produced an EOS.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if hasattr(prompts, "shape"):  # a [B,S] array of equal-length prompts
         prompts = np.asarray(prompts).tolist()
     prompts = [list(map(int, p)) for p in prompts]
     ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
+    check_context(max(map(len, prompts)), max_new_tokens, model.config.max_position_embeddings)
     batch, width = ids.shape
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
