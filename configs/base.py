@@ -1,8 +1,9 @@
 """The base configuration every experiment starts from (ml_collections, `get_config()`).
 
 Every field can be overridden on the command line, e.g. `--config.train.steps=50`.
-The surgery section is SurgeryConfig's own fields and defaults; its optional integers are
-typed placeholders (None until set) so that an override is parsed as an int.
+The surgery and objective sections are SurgeryConfig's and ObjectiveConfig's own fields and
+defaults; their optional fields are typed placeholders (None until set) so that an override is
+parsed with the field's type.
 """
 import dataclasses
 import typing
@@ -11,13 +12,15 @@ import ml_collections
 from ml_collections import config_dict
 
 from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.objectives import ObjectiveConfig
 
 
-def surgery_section() -> ml_collections.ConfigDict:
-    """Every SurgeryConfig field with its default; Optional[T] = None as a T placeholder."""
+def dataclass_section(cls) -> ml_collections.ConfigDict:
+    """Every field of a config dataclass with its default; Optional[T] = None as a T
+    placeholder."""
     section = ml_collections.ConfigDict()
-    hints = typing.get_type_hints(SurgeryConfig)
-    for field in dataclasses.fields(SurgeryConfig):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
         if field.default is None:
             (inner,) = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
             section[field.name] = config_dict.placeholder(inner)
@@ -39,7 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"  # storage dtype of the base model's weights
 
     # The topology and its annealing schedules: SurgeryConfig's fields, at its defaults.
-    config.surgery = surgery_section()
+    config.surgery = dataclass_section(SurgeryConfig)
+
+    # What the routers learn from: weights of CE, distillation (output KL, attention recall)
+    # and the balance loss, and the density budget: ObjectiveConfig's fields, at its defaults
+    # (CE + balance, no budget).
+    config.objective = dataclass_section(ObjectiveConfig)
 
     # Corpus: "shakespeare", "stdlib" (Python's own sources), a text file, a directory of text
     # files, or a .jsonl file with a "text" field.
@@ -63,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batches = 8
     config.eval.batch_size = 4
+    # Out-of-domain held-out texts, each evaluated dense against surgical beside the training
+    # corpus's own held-out split: corpus specs as for data.corpus, comma-separated.
+    config.eval.extra_corpora = ""
+    config.eval.extra_max_chars = 2_000_000
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100

@@ -8,6 +8,7 @@ from ultrametric_jax.cli.options import configs_dir, parse_flags
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.surgery.config import SurgeryConfig, levels_for
+from ultrametric_jax.surgery.objectives import ObjectiveConfig
 
 
 def surgery_config(config) -> SurgeryConfig:
@@ -36,6 +37,19 @@ def test_surgery_section_is_surgery_config():
     # Optional fields are typed placeholders: an override is parsed as their type.
     config, _, _ = parse_flags(["--config", "base", "--config.surgery.levels=6"])
     assert config.surgery.levels == 6 and isinstance(config.surgery.levels, int)
+
+
+def test_objective_section_is_objective_config():
+    config, _, _ = parse_flags(["--config", "base"])
+    assert set(config.objective.keys()) == {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    assert RunConfig.from_config_dict(config).objective == ObjectiveConfig()
+    config, _, _ = parse_flags(["--config", "base", "--config.objective.density_target=0.25",
+                                "--config.objective.kd_weight=1"])
+    objective = RunConfig.from_config_dict(config).objective
+    assert (objective.density_target, objective.kd_weight) == (0.25, 1.0)
+    with pytest.raises(ConfigError, match="ObjectiveConfig.density_target=1.5"):
+        RunConfig.from_config_dict(parse_flags(
+            ["--config", "base", "--config.objective.density_target=1.5"])[0])
 
 
 def test_default_config_is_the_cpu_setting():

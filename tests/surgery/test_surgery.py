@@ -446,8 +446,12 @@ def test_collapse_on_smollm2(smollm2_jax, smollm2_tokenizer, shakespeare_text):
         assert np.abs(np.asarray(logits) - base).max() <= 1e-5 * np.abs(base).max()
 
 
-@pytest.mark.parametrize("options", [{}, {"backend": "gpu", "interpret": True}])
+@pytest.mark.parametrize("options", [
+    {}, {"backend": "gpu", "interpret": True},
+    {"backend": "gpu", "interpret": True, "layout": "sorted", "block_q": 16, "block_k": 16},
+    {"backend": "tpu", "interpret": True, "layout": "natural", "block_q": 16, "block_k": 16}])
 def test_kernel_backend_matches_dense_evaluation(options, highest_precision):
+    """The routed kernels (auto, sorted and natural layouts) give the dense path's logits."""
     cfg = SurgeryConfig(arity=2, levels=3, d_max=1, window=2, sink_tokens=1)
     model = surgery.inject_topology(tiny_model(4, 2, qk_gain=6.0), cfg, nnx.Rngs(0))
     perturb_routers(model, seed=6)

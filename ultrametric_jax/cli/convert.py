@@ -7,7 +7,6 @@ import os
 import sys
 import time
 
-from ultrametric_jax.errors import UserError
 from ultrametric_jax.io.assets import resolve_model
 from ultrametric_jax.io.checkpoints import convert_checkpoint, detect_format, resolve_dtype
 from ultrametric_jax.io.hf import parse_size
@@ -43,20 +42,17 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
 
     start = time.time()
-    try:
-        # Argument errors first, before anything is read.
-        if args.dtype != "auto":
-            resolve_dtype(args.dtype)
-        parse_size(args.max_shard_size)
-        source = resolve_model(args.src)
-        dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
-        tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
-        convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype,
-                           tokenizer=tokenizer, max_shard_size=args.max_shard_size,
-                           progress=True, overwrite=args.overwrite)
-    except (UserError, OSError) as e:  # OSError: a missing source, a full or failing disk
-        print(f"ultrametric convert: error: {e}", file=sys.stderr)
-        return 2
+    # Argument errors first, before anything is read. User errors (UserError, a missing source,
+    # a full disk) reach cli.app as one line, or as a traceback with --debug.
+    if args.dtype != "auto":
+        resolve_dtype(args.dtype)
+    parse_size(args.max_shard_size)
+    source = resolve_model(args.src)
+    dtype = source_dtype(source.weights) if args.dtype == "auto" else args.dtype
+    tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else None
+    convert_checkpoint(source.weights, args.dst, to=args.to, dtype=dtype,
+                       tokenizer=tokenizer, max_shard_size=args.max_shard_size,
+                       progress=True, overwrite=args.overwrite)
     print(f"converted {args.src} -> {args.dst} ({args.to}, {dtype}) in "
           f"{time.time() - start:.1f}s", file=sys.stderr)
     return 0

@@ -5,9 +5,8 @@ import argparse
 import json
 import math
 import os
-import sys
 
-from ultrametric_jax.errors import ConfigError, UserError
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.io.assets import load_model_and_tokenizer
 from ultrametric_jax.io.checkpoints import resolve_dtype
 from ultrametric_jax.io.export_format import ROUTER_FILE, SURGERY_CONFIG_KEY
@@ -62,16 +61,13 @@ def main(argv) -> int:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
 
-    try:
-        check_arguments(args)
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-        if tokenizer is None:
-            raise ConfigError(f"no tokenizer found for {args.model} (expected tokenizer.json "
-                              "beside the weights)")
-        text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    except (UserError, OSError) as e:  # OSError: a missing or unreadable model file
-        print(f"ultrametric generate: error: {e}", file=sys.stderr)
-        return 2
+    # User errors reach cli.app as one line (a traceback with --debug).
+    check_arguments(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer found for {args.model} (expected tokenizer.json "
+                          "beside the weights)")
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + text)
     return 0

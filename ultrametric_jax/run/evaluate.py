@@ -127,11 +127,17 @@ class EvalReport:
     surgical: dict
     step: Optional[int]
     surgery: Optional[dict] = None      # the SurgeryConfig the numbers were computed with
+    # corpus -> {"dense": ..., "surgical": ...} for the out-of-domain held-out corpora
+    by_corpus: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
         if self.surgery is not None:
             d["surgery"] = self.surgery
+        if self.by_corpus:
+            d["by_corpus"] = {name: dict(r, perplexity_change=r["surgical"]["perplexity"]
+                                         / r["dense"]["perplexity"] - 1)
+                              for name, r in self.by_corpus.items()}
         if self.dense:
             d["perplexity_change"] = self.surgical["perplexity"] / self.dense["perplexity"] - 1
         return d
@@ -148,6 +154,11 @@ class EvalReport:
         lines.append(f"attention density {100 * s['density']:.1f}% (tree only "
                      f"{100 * s['tree_density']:.1f}%); {s['dense_layers']} of "
                      f"{len(s['density_per_layer'])} layers fully dense in the tree")
+        for name, r in self.by_corpus.items():
+            dense, surgical = r["dense"]["perplexity"], r["surgical"]["perplexity"]
+            lines.append(f"{name}: perplexity dense {dense:.2f} -> surgical {surgical:.2f} "
+                         f"({100 * (surgical / dense - 1):+.1f}%) at density "
+                         f"{100 * r['surgical']['density']:.1f}%")
         return "\n".join(lines)
 
 

@@ -38,8 +38,9 @@ from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDrift
                                             check_same_setup)
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.trainer import (SurgeryTrainer, TrainOutcome, checkpoint_template)
+from ultrametric_jax.surgery.budget import attach_density_multiplier
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.surgery.inject import inject_topology
+from ultrametric_jax.surgery.inject import base_model_mode, inject_topology
 
 DENSE_CACHE = "dense_eval.json"
 RUN_CONFIG = "config.json"
@@ -73,6 +74,8 @@ class RunSetup:
     identity: dict
     train_data: PackedSequences
     val_batches: list
+    # corpus -> its held-out batches, for every eval.extra_corpora entry
+    extra_batches: dict = dataclasses.field(default_factory=dict)
 
 
 def resolve_model_source(run: RunConfig, *, install: bool) -> assets.ModelSource:
@@ -104,14 +107,25 @@ def setup_run(run: RunConfig, *, install: bool = False) -> RunSetup:
     tokenizer = corpus_tokenizer(source.tokenizer or source.weights, model.config)
     train_data, val_data = build_splits(run.data, tokenizer, run.train.seq_len)
     val_batches = eval_batches(val_data, run.eval.batch_size, run.eval.batches)
+    extra = {}
+    for corpus in run.eval.extra_corpora:
+        # Out of the training domain: every document may be held out, the split only fixes
+        # which ones are read (the same as a training run on that corpus would hold out).
+        data = dataclasses.replace(run.data, corpus=corpus, max_chars=run.eval.extra_max_chars)
+        extra[corpus] = eval_batches(build_splits(data, tokenizer, run.train.seq_len)[1],
+                                     run.eval.batch_size, run.eval.batches)
     return RunSetup(model=model, weights_path=source.weights,
                     identity=base_model_identity(source.weights), train_data=train_data,
-                    val_batches=val_batches)
+                    val_batches=val_batches, extra_batches=extra)
 
 
 def inject(run: RunConfig, model) -> None:
-    """Inject the configured topology; router initialisation and Gumbel noise follow the seed."""
+    """Inject the configured topology; router initialisation and Gumbel noise follow the seed.
+    A dual-ascent density budget also gives the model its multipliers (mutable run state)."""
     inject_topology(model, run.surgery, nnx.Rngs(params=run.seed, gumbel=run.seed + 1))
+    objective = run.objective
+    if objective.density_target is not None and objective.budget == "dual":
+        attach_density_multiplier(model, len(model.model.layers), objective.per_layer)
 
 
 def place_on_mesh(model, mesh: Mesh) -> None:
@@ -189,10 +203,18 @@ def make_trainer(run: RunConfig, setup: RunSetup, mesh: Mesh, workdir: str, *,
 
 def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict],
              step: int) -> evaluation.EvalReport:
-    """Evaluate the (trained, injected) setup.model; writes eval.json and eval.png."""
+    """Evaluate the (trained, injected) setup.model on the training corpus's held-out split
+    and on every extra corpus (dense through base_model_mode: the same parameters without the
+    topology); writes eval.json and eval.png."""
     surgical = evaluation.evaluate_surgical(setup.model, setup.val_batches, run.surgery)
+    by_corpus = {}
+    for corpus, batches in setup.extra_batches.items():
+        with base_model_mode(setup.model):
+            dense_extra = evaluation.perplexity(setup.model, batches)
+        by_corpus[corpus] = {"dense": dense_extra, "surgical": evaluation.evaluate_surgical(
+            setup.model, batches, run.surgery)}
     report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
-                                   surgery=run.surgery.to_dict())
+                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus)
     evaluation.write_report(report, workdir)
     metrics = MetricsWriter(workdir)      # TensorBoard, where installed (process 0 only)
     try:

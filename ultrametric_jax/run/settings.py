@@ -3,7 +3,8 @@
 `RunConfig.from_config_dict(config)` checks every field and returns frozen dataclasses; the
 pipeline and everything below it take these, never the ConfigDict. A bad value is a
 ConfigError naming the field (`invalid config value train.steps=0: must be an integer >= 1`).
-The surgery section becomes the method's own `SurgeryConfig`.
+The surgery section becomes the method's own `SurgeryConfig`, the objective section its
+`ObjectiveConfig` (absent from a config: CE + balance, no budget).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.objectives import ObjectiveConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -92,12 +94,22 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: that many batches of batch_size sequences."""
+    """Held-out evaluation: that many batches of batch_size sequences, of the training corpus's
+    validation split and of every corpus in extra_corpora (held out from training entirely:
+    the out-of-domain texts a surgery must be judged on too), each read up to extra_max_chars."""
     batches: int
     batch_size: int
+    extra_corpora: tuple = ()
+    extra_max_chars: int = 2_000_000
 
     def __post_init__(self):
-        _positive_ints("eval", self, ("batches", "batch_size"))
+        _positive_ints("eval", self, ("batches", "batch_size", "extra_max_chars"))
+        corpora = self.extra_corpora
+        if isinstance(corpora, str):
+            corpora = tuple(c for c in corpora.split(",") if c)
+        _check(all(isinstance(c, str) and c for c in corpora), "eval.extra_corpora",
+               self.extra_corpora, "must be a list of corpus names or paths")
+        object.__setattr__(self, "extra_corpora", tuple(corpora))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +139,8 @@ class MeshConfig:
 
 
 # Section name -> its dataclass (the surgery section is the method's SurgeryConfig).
-SECTIONS = {"model": ModelConfig, "surgery": SurgeryConfig, "data": DataConfig,
+SECTIONS = {"model": ModelConfig, "surgery": SurgeryConfig, "objective": ObjectiveConfig,
+            "data": DataConfig,
             "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
             "mesh": MeshConfig}
 REQUIRED = ("name", "seed", "model", "surgery", "data", "train", "eval", "checkpoint")
@@ -160,6 +173,7 @@ class RunConfig:
     eval: EvalConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig = MeshConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     distributed: bool = False   # call jax.distributed.initialize() first
 
     def __post_init__(self):
@@ -184,4 +198,5 @@ class RunConfig:
         """The nested dict of every field: what run directories and checkpoints record."""
         out = dataclasses.asdict(self)
         out["surgery"] = self.surgery.to_dict()
+        out["objective"] = self.objective.to_dict()
         return out

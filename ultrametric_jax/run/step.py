@@ -16,13 +16,19 @@ from flax import nnx
 
 from ultrametric_jax.run.optimizer import build_optimizer
 from ultrametric_jax.run.settings import TrainConfig
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery.annealing import lambda_schedule, tau_schedule
 from ultrametric_jax.surgery.attention import GumbelTemperature
+from ultrametric_jax.surgery.budget import (DensityMultiplier, density_multiplier,
+                                            dual_ascent_update)
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.surgery.inject import forward_with_aux, set_tau, trainable_filter
-from ultrametric_jax.surgery.losses import token_cross_entropy, total_loss
+from ultrametric_jax.surgery.inject import (base_model_mode, forward_with_aux, set_tau,
+                                            trainable_filter)
+from ultrametric_jax.surgery.losses import token_cross_entropy
+from ultrametric_jax.surgery.objectives import (ObjectiveConfig, combine_objectives,
+                                                output_distillation_loss)
 
-MUTABLE = (nnx.RngState, GumbelTemperature)
+MUTABLE = (nnx.RngState, GumbelTemperature, DensityMultiplier)
 # Metric of the step that is 1.0 when every updated parameter is finite (read, not logged).
 PARAMS_FINITE = "params_finite"
 
@@ -32,20 +38,40 @@ def split_model(model) -> tuple:
     return nnx.split(model, trainable_filter(), MUTABLE, ...)
 
 
-def make_grad_fn(graphdef) -> Callable:
+def make_grad_fn(graphdef, objective: ObjectiveConfig = ObjectiveConfig()) -> Callable:
     """(params, mutable, frozen, input_ids [b,S], mask [b,S], lam)
-    -> ((loss, (scalars, new mutable)), grads wrt params) of one micro-batch."""
+    -> ((loss, (scalars, new mutable)), grads wrt params) of one micro-batch.
+
+    The loss is objective's combination of CE, output distillation from the base model (the
+    same parameters in base_model_mode, without gradient), attention recall, the balance loss
+    and the density budget (surgery/objectives.py)."""
+    if objective.recall_weight > 0 and objective.recall_form != "log_mass":
+        raise ConfigError(f"invalid config value objective.recall_form="
+                          f"{objective.recall_form!r}: training computes the 'log_mass' recall")
+    extras = ("recall",) if objective.recall_weight > 0 else ()
 
     def micro_loss(params, mutable, frozen, input_ids, mask, lam):
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
-        logits, aux = forward_with_aux(model, input_ids, mask)
+        kd = None
+        if objective.kd_weight > 0:
+            with base_model_mode(model):
+                dense_logits = jax.lax.stop_gradient(model(input_ids, attention_mask=mask))
+        logits, aux = forward_with_aux(model, input_ids, mask, extras=extras)
         ce_sum, count = token_cross_entropy(logits, input_ids, mask)
         ce = ce_sum / jnp.maximum(count, 1.0)
-        loss = total_loss(ce, aux["balance_loss"], lam)
+        if objective.kd_weight > 0:
+            kd = output_distillation_loss(dense_logits, logits, mask)
+        nu = density_multiplier(model)
+        loss, terms = combine_objectives(
+            objective, cross_entropy=ce, balance=aux["balance_loss"], lam=lam, kd=kd,
+            recall=aux.get("recall"), rho=aux["soft_density_per_layer"],
+            nu=None if nu is None else jax.lax.stop_gradient(nu))
         new_mutable = nnx.state(model, MUTABLE)
         scalars = {"loss": loss, "ce": ce, "balance_loss": aux["balance_loss"],
                    "density": aux["density"], "tree_density": aux["tree_density"],
-                   "tokens": count}
+                   "argmax_density": aux["argmax_density"],
+                   "density_per_layer": aux["soft_density_per_layer"], "tokens": count,
+                   **{k: v for k, v in terms.items() if k in ("kd", "recall", "budget")}}
         return loss, (scalars, new_mutable)
 
     return jax.value_and_grad(micro_loss, has_aux=True)
@@ -75,7 +101,8 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable,
-                    lambda_fn: Callable, state_shardings: Optional[tuple] = None) -> Callable:
+                    lambda_fn: Callable, state_shardings: Optional[tuple] = None,
+                    objective: ObjectiveConfig = ObjectiveConfig()) -> Callable:
     """jit(train_step(params, opt_state, mutable, frozen, step, input_ids [A,b,S], mask [A,b,S]))
     -> (params, opt_state, mutable, metrics).
 
@@ -85,7 +112,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable
     the step returns its state with, so that the next step reuses this compilation; None (one
     device) leaves them to the compiler.
     """
-    grad_fn = make_grad_fn(graphdef)
+    grad_fn = make_grad_fn(graphdef, objective)
+    dual = objective.density_target is not None and objective.budget == "dual"
 
     def train_step(params, opt_state, mutable, frozen, step_index, input_ids, mask):
         tau, lam = tau_fn(step_index), lambda_fn(step_index)
@@ -96,6 +124,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tau_fn: Callable
                                                          input_ids, mask, lam)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        density_per_layer = jnp.mean(per_micro.pop("density_per_layer"), axis=0)
+        if dual:      # nu <- max(0, nu + eta (rho - rho*)), with this step's densities
+            model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
+            model.density_multiplier[...] = dual_ascent_update(
+                model.density_multiplier[...], density_per_layer, objective.density_target,
+                objective.dual_eta, objective.per_layer)
+            mutable = nnx.state(model, MUTABLE)
         metrics = {k: (jnp.sum(v) if k == "tokens" else jnp.mean(v)) for k, v in per_micro.items()}
         metrics.update(tau=jnp.asarray(tau, jnp.float32), **{"lambda": jnp.asarray(lam)},
                        grad_norm=optax.global_norm(grads),
@@ -114,13 +149,14 @@ _STEP_CACHE: dict = {}
 
 
 def cached_train_step(graphdef, train: TrainConfig, surgery: SurgeryConfig,
-                      state_shardings: Optional[tuple] = None) -> Callable:
-    """make_train_step for this model structure, train settings, surgery and state shardings,
-    built once per process."""
+                      state_shardings: Optional[tuple] = None,
+                      objective: ObjectiveConfig = ObjectiveConfig()) -> Callable:
+    """make_train_step for this model structure, train settings, surgery, objective and state
+    shardings, built once per process."""
     leaves, treedef = jax.tree.flatten(state_shardings)
-    key = (graphdef, train, surgery, tuple(leaves), treedef)
+    key = (graphdef, train, surgery, objective, tuple(leaves), treedef)
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = make_train_step(graphdef, build_optimizer(train),
                                            tau_schedule(surgery), lambda_schedule(surgery),
-                                           state_shardings)
+                                           state_shardings, objective)
     return _STEP_CACHE[key]

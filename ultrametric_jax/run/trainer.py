@@ -105,7 +105,8 @@ class SurgeryTrainer:
         self.data = BatchIterator(train_data, run.train.batch_size, seed=run.seed)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             keep=run.checkpoint.keep)
-        self._step_fn = cached_train_step(self.graphdef, run.train, run.surgery, shardings)
+        self._step_fn = cached_train_step(self.graphdef, run.train, run.surgery, shardings,
+                                          run.objective)
         self.metrics = MetricsWriter(workdir)
 
     # ------------------------------------------------------------------ state

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels import block_sparse_attention, sharded_block_sparse_attention
+from pallas_kernels import routed_attention, sharded_routed_attention
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
 from ultrametric_jax.surgery.budget import soft_density
@@ -53,24 +53,25 @@ class SurgeryAux(nnx.Intermediate):
 
 @dataclasses.dataclass(frozen=True)
 class KernelAttention:
-    """The hard topology through pallas_kernels.block_sparse_attention, or on a mesh its
-    shard_map form (a Pallas call is opaque to the SPMD partitioner, so each device runs the
-    kernel on its own batch and head slice). Hashable, so a compiled model can key on it."""
-    options: tuple = ()                 # (name, value) pairs for block_sparse_attention
+    """The hard topology through pallas_kernels.routed_attention: the kernels in token order or
+    on the cluster-sorted layout (layout="auto" picks per call from the natural schedule's
+    block density), or on a mesh its shard_map form (a Pallas call is opaque to the SPMD
+    partitioner, so each device runs the kernels on its own batch and head slice). Hashable,
+    so a compiled model can key on it."""
+    options: tuple = ()                 # (name, value) pairs for routed_attention
     mesh: Optional[Mesh] = None
 
     def __call__(self, q, k, v, clusters, *, window, sink_tokens, scale):
         kwargs = dict(window=window, sink_tokens=sink_tokens, scale=scale, **dict(self.options))
         if self.mesh is not None:
-            return sharded_block_sparse_attention(self.mesh, q, k, v, clusters, clusters,
-                                                  **kwargs)
-        return block_sparse_attention(q, k, v, clusters, clusters, **kwargs)
+            return sharded_routed_attention(self.mesh, q, k, v, clusters, **kwargs)
+        return routed_attention(q, k, v, clusters, **kwargs)
 
 
 def attention_fn(impl: str, **kernel_options) -> Optional[AttentionFn]:
     """The attention function of an evaluation backend: None for "dense" (the masked dense
-    path), a KernelAttention for "kernel" (kernel_options: backend, interpret, block sizes of
-    block_sparse_attention, and mesh=)."""
+    path), a KernelAttention for "kernel" (kernel_options: layout "auto" | "natural" |
+    "sorted", backend, interpret, block sizes of routed_attention, and mesh=)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     if impl == "dense":
@@ -141,6 +142,12 @@ class SurgicalAttention(nnx.Module):
             positions = llama.default_positions(x, cache)
         q, k, v = llama.project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x,
                                     positions)
+        if self.as_base:           # the teacher: no routing, no noise drawn, nothing reported
+            if cache is not None:
+                raise NotImplementedError("base_model_mode runs full sequences without a cache")
+            out = llama.masked_attention(q, k, v, llama.causal_mask(positions, positions,
+                                                                    attention_mask), self.scale)
+            return self.o_proj(out.reshape(*out.shape[:2], -1))
         assign, probs, clusters = self._routes(x)
         if cache is not None:
             if not self.deterministic:
@@ -153,10 +160,7 @@ class SurgicalAttention(nnx.Module):
             k_pos, k_valid, k_clusters = positions, attention_mask, clusters
 
         extras = {}
-        if self.as_base:
-            out = llama.masked_attention(q, k, v, llama.causal_mask(positions, k_pos, k_valid),
-                                         self.scale)
-        elif use_kernel:
+        if use_kernel:
             out = self._kernel_attention(q, k, v, clusters)
         elif self.deterministic:
             out = self._masked_attention(q, k, v, positions, k_pos, clusters, k_clusters,
@@ -225,11 +229,18 @@ class SurgicalAttention(nnx.Module):
         """Sows this call's aux dict: balance_loss (scalar), density / tree_density (fractions
         of the causal pairs between real tokens allowed in total / by the tree alone, counted
         from the cluster ids), clusters [B, H, S], and in training soft_density (the density
-        the budget differentiates) and, when asked for, recall."""
+        the budget differentiates; its value is the Gumbel routes' hard density),
+        argmax_density (the density of the noise-free routes evaluation runs) and, when asked
+        for, recall."""
         s = self.surgery_config
         valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
         tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
         causal = jnp.sum(causal)
+        if not self.deterministic:
+            # What evaluation will see: the argmax routes, without the Gumbel noise.
+            argmax = um.cluster_ids(um.hard_digits(probs), s.arity, s.cut_level)
+            extras = dict(extras, argmax_density=jnp.sum(
+                um.pair_counts(argmax, s.window, s.sink_tokens, valid)[1]) / causal)
         self.sow(SurgeryAux, "aux", {
             "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
             "density": jnp.sum(kept) / causal, "tree_density": jnp.sum(tree) / causal,

@@ -14,8 +14,26 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 BUDGETS = ("penalty", "dual")
+
+
+class DensityMultiplier(nnx.Variable):
+    """The dual-ascent multipliers nu of a training run ([layers], or a scalar for a total
+    target): state the step updates, checkpointed with the run, never trained by gradient."""
+
+
+def attach_density_multiplier(model, num_layers: int, per_layer: bool = False) -> None:
+    """Gives `model` its DensityMultiplier (zeros), so that it travels with the model's mutable
+    state through the compiled step and the run checkpoints."""
+    model.density_multiplier = DensityMultiplier(init_dual_state(num_layers, per_layer))
+
+
+def density_multiplier(model) -> Optional[jax.Array]:
+    """The model's multipliers nu, or None when it has none."""
+    variable = getattr(model, "density_multiplier", None)
+    return None if variable is None else variable[...]
 
 
 def soft_density(m: jax.Array, causal: jax.Array,

@@ -77,11 +77,12 @@ def set_tau(model, tau) -> None:
 
 def set_attention_impl(model, impl: str, **kernel_options) -> None:
     """Evaluation backend: "dense" (llama.masked_attention) or "kernel"
-    (pallas_kernels.block_sparse_attention, for calls with the default positions, no padding
-    mask and no cache; kernel_options such as backend="gpu", interpret=True or block sizes are
-    passed on to it). With mesh=<jax.sharding.Mesh> the kernel runs per device under shard_map
-    (batch over data and fsdp, heads over tensor), as a model placed by sharding.shard_module
-    needs."""
+    (pallas_kernels.routed_attention, for calls with the default positions, no padding mask and
+    no cache; kernel_options such as layout="sorted", backend="gpu", interpret=True or block
+    sizes are passed on to it; the default layout="auto" runs learned, scattered routes on the
+    cluster-sorted layout). With mesh=<jax.sharding.Mesh> the kernels run per device under
+    shard_map (batch over data and fsdp, heads over tensor), as a model placed by
+    sharding.shard_module needs."""
     fn = attention_fn(impl, **kernel_options)
     for attn in _require_surgery(model):
         attn.attention = fn

@@ -1,0 +1,127 @@
+"""The training objectives through the real step on the tiny random Llama (configs/
+tiny_random.py): distillation and recall terms of the step against direct recomputations, the
+density budget moving the training density toward its target, dual multipliers checkpointed,
+and the base model untouched."""
+import dataclasses
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ultrametric_jax.cli.options import configs_dir, parse_flags
+from ultrametric_jax.run.pipeline import check_mesh, inject, make_trainer, setup_run
+from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.step import MUTABLE, make_grad_fn
+from ultrametric_jax.surgery.inject import base_model_mode, forward_with_aux
+from ultrametric_jax.surgery.objectives import output_distillation_loss
+from ultrametric_jax.surgery.router import RouterParam
+
+TINY = os.path.join(configs_dir(), "tiny_random.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return runpy.run_path(TINY)["write_model"](str(tmp_path_factory.mktemp("tiny")))
+
+
+def tiny_config(model_dir, *overrides) -> RunConfig:
+    config, _, _ = parse_flags(["--config", TINY, f"--config.model.path={model_dir}",
+                                *[f"--config.{o}" for o in overrides]])
+    return RunConfig.from_config_dict(config)
+
+
+def perturb_routers(model, seed):
+    rng = np.random.default_rng(seed)
+    for layer in model.model.layers:
+        fc2 = layer.self_attn.router.fc2
+        fc2.kernel[...] = jnp.asarray(rng.normal(size=fc2.kernel.shape) * 0.5, jnp.float32)
+
+
+def test_step_loss_is_the_weighted_sum_of_its_recomputed_terms(tiny_model_dir):
+    run = tiny_config(tiny_model_dir, "objective.kd_weight=0.5",
+                      "objective.recall_weight=0.25")
+    setup = setup_run(run)
+    inject(run, setup.model)
+    perturb_routers(setup.model, 1)
+    setup.model.train()
+    batch = setup.val_batches[0]
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    graphdef, params, mutable, frozen = nnx.split(setup.model, RouterParam, MUTABLE, ...)
+    lam = 0.7
+    (loss, (scalars, _)), grads = jax.jit(make_grad_fn(graphdef, run.objective))(
+        params, mutable, frozen, ids, mask, lam)
+    # The same terms recomputed from the same model state, outside the step.
+    model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
+    with base_model_mode(model):
+        dense = model(ids, attention_mask=mask)
+    logits, aux = forward_with_aux(model, ids, mask, extras=("recall",))
+    kd = float(output_distillation_loss(dense, logits, mask))
+    assert kd > 1e-4                         # the topology changes the distribution
+    np.testing.assert_allclose(float(scalars["kd"]), kd, rtol=1e-5)
+    np.testing.assert_allclose(float(scalars["recall"]), float(aux["recall"]), rtol=1e-5)
+    want = (float(scalars["ce"]) + 0.5 * kd + 0.25 * float(aux["recall"])
+            + lam * float(aux["balance_loss"]))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["penalty", "dual"])
+def test_density_budget_moves_training_density_toward_the_target(tiny_model_dir, tmp_path,
+                                                                budget):
+    common = ("train.steps=10", "checkpoint.every=5", "surgery.lambda_max=0.0")
+    free = tiny_config(tiny_model_dir, *common)
+    bound = tiny_config(tiny_model_dir, *common, "objective.density_target=0.3",
+                        f"objective.budget={budget}", "objective.budget_mu=50.0",
+                        "objective.dual_eta=5.0")
+    finals = {}
+    for name, run in (("free", free), ("bound", bound)):
+        setup = setup_run(run)
+        fresh = nnx.state(setup.model, nnx.Param)
+        inject(run, setup.model)
+        trainer = make_trainer(run, setup, check_mesh(run), str(tmp_path / f"{name}{budget}"),
+                               progress=False)
+        try:
+            outcome = trainer.train()
+        finally:
+            trainer.close()
+        finals[name] = outcome.last_metrics["density"]
+        # The base model is frozen whatever the objective.
+        after = nnx.state(setup.model, nnx.All(nnx.Param, nnx.Not(RouterParam)))
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(fresh)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if name == "bound" and budget == "dual":
+            nu = np.asarray(setup.model.density_multiplier[...])
+            assert nu.shape == () and nu > 0            # the total density was above 0.3
+    assert finals["bound"] < finals["free"] - 0.05, finals
+
+
+def test_out_of_domain_corpora_are_evaluated_dense_against_surgical(tiny_model_dir, tmp_path):
+    from ultrametric_jax.run import evaluate as evaluation
+    from ultrametric_jax.run.pipeline import evaluate
+    text = tmp_path / "prose.txt"
+    text.write_text("".join(f"Paragraph {i}: the tree routes every token to a leaf. " * 3
+                            + "\n\n" for i in range(400)))
+    run = tiny_config(tiny_model_dir, f"eval.extra_corpora=stdlib,{text}",
+                      "eval.extra_max_chars=40000")
+    assert run.eval.extra_corpora == ("stdlib", str(text))
+    setup = setup_run(run)
+    # The oracle: the base model before any surgery, on the same held-out batches.
+    want = {name: evaluation.perplexity(setup.model, batches)["perplexity"]
+            for name, batches in setup.extra_batches.items()}
+    inject(run, setup.model)
+    perturb_routers(setup.model, 3)
+    report = evaluate(run, setup, str(tmp_path / "work"), None, step=0)
+    assert set(report.by_corpus) == {"stdlib", str(text)}
+    for name, result in report.by_corpus.items():
+        assert result["dense"]["perplexity"] == want[name]
+        direct = evaluation.evaluate_surgical(setup.model, setup.extra_batches[name],
+                                              run.surgery)
+        assert result["surgical"]["perplexity"] == direct["perplexity"]
+        assert result["surgical"]["density"] < 1.0          # the perturbed routes sparsify
+    summary = report.summary()
+    assert "stdlib: perplexity dense" in summary and report.to_dict()["by_corpus"]
