@@ -66,6 +66,9 @@ def check_mesh(run: RunConfig) -> Mesh:
     return mesh
 
 
+EXTRA_CHUNK_CHARS = 4096
+
+
 @dataclasses.dataclass
 class RunSetup:
     """A loaded base model (not yet injected) and the data of a run."""
@@ -111,7 +114,10 @@ def setup_run(run: RunConfig, *, install: bool = False) -> RunSetup:
     for corpus in run.eval.extra_corpora:
         # Out of the training domain: every document may be held out, the split only fixes
         # which ones are read (the same as a training run on that corpus would hold out).
-        data = dataclasses.replace(run.data, corpus=corpus, max_chars=run.eval.extra_max_chars)
+        # Documents are cut into 4k-character pieces first, so the hashed split samples the
+        # whole corpus, not a few whole files.
+        data = dataclasses.replace(run.data, corpus=corpus, max_chars=run.eval.extra_max_chars,
+                                   chunk_chars=run.data.chunk_chars or EXTRA_CHUNK_CHARS)
         extra[corpus] = eval_batches(build_splits(data, tokenizer, run.train.seq_len)[1],
                                      run.eval.batch_size, run.eval.batches)
     return RunSetup(model=model, weights_path=source.weights,
