@@ -2,6 +2,7 @@
 whose "surgical" twin differs at a known token, and a perturbed surgical model, each against a
 float64 numpy oracle; then a tiny end-to-end run_tasks writing the JSON and the PNG."""
 import contextlib
+import dataclasses
 import json
 
 import jax
@@ -15,8 +16,9 @@ from test_tasks_scoring import word_tokenizer
 from ultrametric_jax.model import llama
 from ultrametric_jax.model.config import LlamaConfig
 from ultrametric_jax.model.llama import LlamaForCausalLM
-from ultrametric_jax.run.tasks import TASKS, Task, TaskError, fidelity, parse_task_names, run_tasks
-from ultrametric_jax.run.tasks.decoding import Contestant, contestants
+from ultrametric_jax.run.tasks import (TASKS, Task, TaskError, fidelity, parse_task_names,
+                                      register_task, run_tasks)
+from ultrametric_jax.run.tasks.decoding import Contestant, contestants, fill_cache_bucket
 from ultrametric_jax.run.tasks.fidelity import first_divergence, fidelity_numbers
 from ultrametric_jax.run.tasks.registry import TaskContext, end_token_ids
 from ultrametric_jax.surgery.config import SurgeryConfig
@@ -69,7 +71,7 @@ class BoostedAt(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def context(dense, surgical, *, fast=True, eos=frozenset()):
+def context(dense, surgical, *, fast=False, eos=frozenset()):
     return TaskContext(dense, surgical, word_tokenizer(), fast, batch_size=4, eos_ids=eos,
                        max_context=512, progress=False)
 
@@ -141,8 +143,7 @@ def test_fidelity_against_numpy_with_a_known_diverging_token(monkeypatch):
     dense = Contestant("dense", dense_model, contextlib.nullcontext)
     surgical = Contestant("surgical", surgical_model, contextlib.nullcontext)
     monkeypatch.setattr(fidelity, "PROMPTS", ["w" + " w".join(map(str, p)) for p in prompts])
-    monkeypatch.setattr(fidelity, "FAST_PROMPTS", 3)
-    monkeypatch.setattr(fidelity, "FAST_MAX_NEW_TOKENS", steps)
+    monkeypatch.setattr(fidelity, "MAX_NEW_TOKENS", steps)
     result = fidelity.run(context(dense, surgical))
 
     kl = 0.0
@@ -175,8 +176,7 @@ def test_fidelity_of_a_perturbed_surgical_model_against_numpy(monkeypatch):
              for p, d in zip(prompts, dense_tokens))
     assert 0 < sum(div) < 3 * steps  # the routers change some continuations, not all at once
     monkeypatch.setattr(fidelity, "PROMPTS", ["w" + " w".join(map(str, p)) for p in prompts])
-    monkeypatch.setattr(fidelity, "FAST_PROMPTS", 3)
-    monkeypatch.setattr(fidelity, "FAST_MAX_NEW_TOKENS", steps)
+    monkeypatch.setattr(fidelity, "MAX_NEW_TOKENS", steps)
     result = fidelity.run(context(*contestants(dense_model, surgical_model)))
     s = result["surgical"]
     assert s["greedy_agreement"] == pytest.approx(sum(div) / (3 * steps), abs=1e-12)
@@ -188,7 +188,8 @@ def test_fidelity_of_a_perturbed_surgical_model_against_numpy(monkeypatch):
 
 
 def test_collapsed_surgical_model_is_faithful(monkeypatch):
-    monkeypatch.setattr(fidelity, "FAST_MAX_NEW_TOKENS", 8)
+    monkeypatch.setattr(fidelity, "PROMPTS", fidelity.PROMPTS[:4])
+    monkeypatch.setattr(fidelity, "MAX_NEW_TOKENS", 8)
     result = fidelity.run(context(*contestants(tiny_model(), surgical_twin())))
     s = result["surgical"]
     assert (s["greedy_agreement"], s["identical_share"], s["mean_first_divergence"]) == (1, 1, 8)
@@ -196,6 +197,20 @@ def test_collapsed_surgical_model_is_faithful(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- registry
+
+def test_fast_decoding_fills_one_cache_length_and_is_shared():
+    assert fill_cache_bucket([[1] * 40, [2] * 5], 12, 256) == 256 - 64
+    assert fill_cache_bucket([[1] * 224], 12, 256) == 32
+    assert fill_cache_bucket([[1] * 250], 12, 256) == 12      # does not fit: as asked
+    ctx = context(*contestants(tiny_model(), surgical_twin()), fast=True)
+    calls = []
+    ctx.greedy(ctx.dense, [[3, 4, 5]], 8, tick=calls.append)
+    first = dict(ctx._decoded)
+    again = ctx.greedy(ctx.dense, [[3, 4, 5]], 8, tick=calls.append)
+    assert list(first) == [("dense", ((3, 4, 5),), 256 - 32)] and ctx._decoded == first
+    assert again == first[("dense", ((3, 4, 5),), 224)] and len(again[0]) == 224
+    assert calls == [1, 1]
+
 
 def test_task_names():
     assert list(TASKS)[:4] == ["fidelity", "humaneval", "instructions", "retrieval"]
@@ -216,7 +231,7 @@ def test_registered_task_runs_with_differences_and_duplicates_are_refused(monkey
     task = Task("toy", "a toy", run, lambda r: f"toy {r['surgical']['score']}", ("score",))
     monkeypatch.setitem(TASKS, "toy", task)
     with pytest.raises(ValueError, match="a task named 'toy' is already registered"):
-        fidelity.register_task(task)
+        register_task(task)
     report = run_tasks("toy", tiny_model(), surgical_twin(), word_tokenizer(), progress=False)
     assert report["tasks"]["toy"]["difference"] == {"score": -0.25, "n": 0}
     assert report["summary"] == {"toy": "toy 0.5"} and report["fast"] is True
@@ -230,19 +245,23 @@ def test_run_tasks_rejects_bad_models_and_arguments():
 
 
 def test_humaneval_refuses_prompts_longer_than_the_model():
-    ctx = context(*contestants(tiny_model(), surgical_twin()))
+    ctx = context(*contestants(tiny_model(), surgical_twin()), fast=True)
     ctx.max_context = 64
-    with pytest.raises(TaskError, match=r"humaneval: a prompt and its 64 new tokens need \d+ "
+    with pytest.raises(TaskError, match=r"humaneval: a prompt and its 96 new tokens need \d+ "
                                         r"positions, more than the model's 64"):
         TASKS["humaneval"].run(ctx)
 
 
-def test_end_tokens_include_the_chat_end_of_turn():
+def test_end_tokens_and_chat_format_of_the_vocabulary():
     from tokenizers import Tokenizer, models
-    tok = Tokenizer(models.WordLevel({"a": 0, "<|im_end|>": 7, "<|endoftext|>": 3},
-                                     unk_token="a"))
+    tok = Tokenizer(models.WordLevel({"a": 0, "<|im_start|>": 6, "<|im_end|>": 7,
+                                      "<|endoftext|>": 3}, unk_token="a"))
     assert end_token_ids(surgical_twin(), tok) == frozenset({3, 7})
     assert end_token_ids(tiny_model(), word_tokenizer()) == frozenset()
+    ctx = context(None, None)
+    assert not ctx.knows_chat
+    assert dataclasses.replace(ctx, tokenizer=tok).knows_chat
+    assert dataclasses.replace(ctx, chat_template="{{ messages }}").knows_chat
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -267,10 +286,11 @@ def test_run_tasks_end_to_end_writes_json_and_png(tmp_path):
         assert result["dense"] == result["surgical"], name
         assert set(result["difference"].values()) == {0}, name
     fid = saved["tasks"]["fidelity"]["surgical"]
-    assert (fid["greedy_agreement"], fid["prompts"]) == (1.0, 4) and fid["kl_per_token"] < 1e-6
+    assert (fid["greedy_agreement"], fid["prompts"]) == (1.0, 3) and fid["kl_per_token"] < 1e-6
     problems = saved["tasks"]["humaneval"]["problems"]
-    assert [p["task_id"] for p in problems] == ["HumanEval/23", "HumanEval/53", "HumanEval/2"]
+    assert [p["task_id"] for p in problems] == ["HumanEval/23", "HumanEval/53", "HumanEval/28"]
     assert all(p["dense_status"] in ("passed", "failed", "timeout", "crashed") for p in problems)
     assert saved["tasks"]["humaneval"]["fidelity"]["surgical"]["greedy_agreement"] == 1.0
     assert saved["tasks"]["instructions"]["dense"]["prompts"] == 3
+    assert saved["tasks"]["fidelity"]["prompt_set"] == "instructions"  # decoded once for both
     assert saved["tasks"]["retrieval"]["dense"]["prompts"] == 3

@@ -8,8 +8,8 @@ import pytest
 
 from ultrametric_jax.run.tasks import TaskError, humaneval
 from ultrametric_jax.run.tasks.humaneval import (FAST_PROBLEMS, check_all, check_completion,
-                                                 load_problems, pass_numbers,
-                                                 truncate_completion)
+                                                 extract_code, load_problems, pass_numbers,
+                                                 program_body, truncate_completion)
 from ultrametric_jax.run.tasks.sandbox import (CRASHED, FAILED, PASSED, TIMEOUT, Limits,
                                                Outcome, run_program)
 
@@ -126,6 +126,29 @@ def test_truncate_at_the_first_stop_sequence():
                                "\ndef f(): pass") == body
     assert truncate_completion(body + "    # done\n\nprint(add(1, 2))") == body + "    # done\n"
     assert truncate_completion(body + "# a comment at top level") == body[:-1]
+
+
+def test_extract_code_from_chat_replies():
+    code = "def add(x, y):\n    return x + y\n"
+    assert extract_code(f"Sure:\n```python\n{code}```\nIt adds.") == code
+    assert extract_code(f"```\n{code}```") == code
+    assert extract_code(f"```python\n{code}    # cut by the token limit") == \
+        code + "    # cut by the token limit"
+    assert extract_code("return x + y") == "return x + y"
+    assert extract_code(f"```py\n{code}```\n```python\nprint(1)\n```") == code
+
+
+@pytest.mark.parametrize("reply, status, detail", [
+    ("Here:\n```python\ndef add(x: int, y: int):\n    return x + y\n```\nDone.", PASSED, ""),
+    ("```python\ndef add(x, y):\n    return x * y\n```", FAILED, "AssertionError"),
+    ("```python\ndef plus(x, y):\n    return x + y\n```", FAILED, "AssertionError"),
+    ("I would add the numbers.", FAILED, "SyntaxError: invalid syntax"),
+], ids=["right", "wrong", "other-name", "prose"])
+def test_chat_replies_are_scored(problems, reply, status, detail):
+    assert program_body(problems["HumanEval/53"], reply, "chat").startswith(
+        problems["HumanEval/53"]["prompt"])
+    outcome = check_completion(problems["HumanEval/53"], reply, QUICK, style="chat")
+    assert (outcome.status, outcome.detail) == (status, detail)
 
 
 def test_pass_numbers_of_hand_made_outcomes():

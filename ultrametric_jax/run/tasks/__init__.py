@@ -7,14 +7,17 @@
 
 Tasks: fidelity (greedy agreement, first divergence, teacher-forced KL), humaneval (pass@1,
 sandboxed), instructions (checkable constraints through the chat template), retrieval (pass
-key at several depths). New tasks register themselves with `register_task`.
+key at several depths). Other tasks join with `register_task(Task(...))`.
 """
 from __future__ import annotations
 
 from ultrametric_jax.run.tasks.registry import (TASKS, Task, TaskContext, TaskError,
                                                parse_task_names, register_task, run_tasks)
-# Importing a task module registers its task, in this order.
-from ultrametric_jax.run.tasks import fidelity, humaneval, instructions, retrieval  # noqa: E402,F401
+from ultrametric_jax.run.tasks import fidelity, humaneval, instructions, retrieval
+
+for _module in (fidelity, humaneval, instructions, retrieval):
+    register_task(_module.TASK)
+del _module
 
 __all__ = ["TASKS", "Task", "TaskContext", "TaskError", "parse_task_names", "register_task",
            "run_tasks"]

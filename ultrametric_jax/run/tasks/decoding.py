@@ -64,6 +64,14 @@ def chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
+def fill_cache_bucket(prompts: Sequence[Sequence[int]], new_tokens: int, cache_len: int) -> int:
+    """The number of new tokens, at least new_tokens, that makes generate's cache for these
+    prompts cache_len long (when they fit): decoding calls of equal batch and cache length
+    share one compiled step."""
+    width = -(-max(len(p) for p in prompts) // CACHE_BUCKET) * CACHE_BUCKET
+    return max(new_tokens, cache_len - width)
+
+
 def greedy(contestant: Contestant, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
            eos_ids: frozenset, batch_size: int, tick: Optional[Callable[[int], Any]] = None
            ) -> list[list[int]]:
@@ -89,10 +97,11 @@ def _log_probs(model, ids, mask):
     return jax.nn.log_softmax(model(ids, attention_mask=mask), axis=-1)
 
 
-@jax.jit
-def _kl(ref_log_probs, model_log_probs):
+@nnx.jit
+def _kl_from(model, ids, mask, ref_log_probs):
     """KL(ref || model) [B,S] per position."""
-    return jnp.sum(jnp.exp(ref_log_probs) * (ref_log_probs - model_log_probs), axis=-1)
+    log_probs = _log_probs(model, ids, mask)
+    return jnp.sum(jnp.exp(ref_log_probs) * (ref_log_probs - log_probs), axis=-1)
 
 
 def _right_padded(rows: Sequence[Sequence[int]]):
@@ -117,7 +126,7 @@ def teacher_forced_kl(reference: Contestant, other: Contestant,
         with reference.mode():
             ref = _log_probs(reference.model, ids, mask)
         with other.mode():
-            kl = _kl(ref, _log_probs(other.model, ids, mask))
+            kl = _kl_from(other.model, ids, mask, ref)
         kl = np.asarray(kl, np.float64)
         for i, (p, c) in enumerate(zip(prompts[part], continuations[part])):
             out.append(kl[i, len(p) - 1:len(p) - 1 + len(c)])

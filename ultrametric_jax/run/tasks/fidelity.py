@@ -11,6 +11,8 @@ it (n when none does; a surgical continuation that ends early differs where it e
                          the next-token distributions, both models reading the dense
                          continuation (teacher forcing), divided by sum n; in nats.
 The "dense" side holds the same numbers for the dense model against itself (1, mean n, 1, 0).
+The fast subset measures them on the instruction task's chat prompts, whose continuations
+are then decoded once for both tasks.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ultrametric_jax.run.tasks.decoding import greedy, teacher_forced_kl
-from ultrametric_jax.run.tasks.registry import Task, TaskContext, register_task
+from ultrametric_jax.run.tasks import instructions
+from ultrametric_jax.run.tasks.decoding import teacher_forced_kl
+from ultrametric_jax.run.tasks.registry import Task, TaskContext
 
 PROMPTS = (
     "The history of the printing press begins",
@@ -47,8 +50,7 @@ PROMPTS = (
     "My favourite book is",
     "1, 1, 2, 3, 5, 8, 13,",
 )
-FAST_PROMPTS = 4
-MAX_NEW_TOKENS, FAST_MAX_NEW_TOKENS = 64, 24
+MAX_NEW_TOKENS = 64
 
 
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int:
@@ -92,13 +94,15 @@ def compare_continuations(ctx: TaskContext, prompts: Sequence[Sequence[int]],
 
 
 def run(ctx: TaskContext) -> dict:
-    prompts = [ctx.encode(p) for p in (PROMPTS[:FAST_PROMPTS] if ctx.fast else PROMPTS)]
-    steps = FAST_MAX_NEW_TOKENS if ctx.fast else MAX_NEW_TOKENS
+    if ctx.fast:
+        prompts, steps = instructions.chat_prompts(ctx), instructions.FAST_MAX_NEW_TOKENS
+    else:
+        prompts, steps = [ctx.encode(p) for p in PROMPTS], MAX_NEW_TOKENS
     with ctx.bar(2 * len(prompts), "fidelity") as bar:
-        rows = {c.name: greedy(c, prompts, steps, eos_ids=ctx.eos_ids,
-                               batch_size=ctx.batch_size, tick=bar.update) for c in ctx.both}
+        rows = {c.name: ctx.greedy(c, prompts, steps, tick=bar.update) for c in ctx.both}
     dense, surgical = compare_continuations(ctx, prompts, rows["dense"], rows["surgical"])
     return {"dense": dense, "surgical": surgical, "max_new_tokens": steps,
+            "prompt_set": "instructions" if ctx.fast else "fidelity",
             "examples": [{"prompt": ctx.decode(p), "dense": ctx.decode(d),
                           "surgical": ctx.decode(s)}
                          for p, d, s in list(zip(prompts, rows["dense"], rows["surgical"]))[:4]]}
@@ -113,5 +117,5 @@ def summary(result: dict) -> str:
             f"({s['prompts']} prompts, {s['tokens']} tokens)")
 
 
-register_task(Task("fidelity", "greedy agreement and per-token KL against the dense model",
-                   run, summary, headline=("greedy_agreement", "identical_share")))
+TASK = Task("fidelity", "greedy agreement and per-token KL against the dense model",
+            run, summary, headline=("greedy_agreement", "identical_share"))

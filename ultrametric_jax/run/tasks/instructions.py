@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ultrametric_jax.run.tasks.chat import chat_prompt
-from ultrametric_jax.run.tasks.decoding import greedy
-from ultrametric_jax.run.tasks.registry import Task, TaskContext, register_task
+from ultrametric_jax.run.tasks.registry import Task, TaskContext
 
 WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 NUMBERED_ITEM = re.compile(r"^\s*(\d+)[.)]\s+\S")
@@ -144,16 +143,24 @@ def score_replies(instructions: Sequence[Instruction], replies: Sequence[str]) -
     return numbers
 
 
+def chosen_instructions(fast: bool) -> Sequence[Instruction]:
+    return INSTRUCTIONS[:FAST_INSTRUCTIONS] if fast else INSTRUCTIONS
+
+
+def chat_prompts(ctx: TaskContext) -> list[list[int]]:
+    """Token ids of the chosen instructions as one-turn chats."""
+    return [ctx.encode(chat_prompt(ctx.tokenizer, ins.prompt, ctx.chat_template))
+            for ins in chosen_instructions(ctx.fast)]
+
+
 def run(ctx: TaskContext) -> dict:
-    chosen = INSTRUCTIONS[:FAST_INSTRUCTIONS] if ctx.fast else INSTRUCTIONS
+    chosen = chosen_instructions(ctx.fast)
     steps = FAST_MAX_NEW_TOKENS if ctx.fast else MAX_NEW_TOKENS
-    prompts = [ctx.encode(chat_prompt(ctx.tokenizer, ins.prompt, ctx.chat_template))
-               for ins in chosen]
+    prompts = chat_prompts(ctx)
     result, replies = {}, {}
     with ctx.bar(2 * len(chosen), "instructions") as bar:
         for c in ctx.both:
-            rows = greedy(c, prompts, steps, eos_ids=ctx.eos_ids, batch_size=ctx.batch_size,
-                          tick=bar.update)
+            rows = ctx.greedy(c, prompts, steps, tick=bar.update)
             replies[c.name] = [ctx.decode(r) for r in rows]
             result[c.name] = score_replies(chosen, replies[c.name])
     result["max_new_tokens"] = steps
@@ -171,5 +178,5 @@ def summary(result: dict) -> str:
             f"({s['prompts']} prompts)")
 
 
-register_task(Task("instructions", "chat prompts with constraints checked by code",
-                   run, summary, headline=("prompt_accuracy", "constraint_accuracy")))
+TASK = Task("instructions", "chat prompts with constraints checked by code",
+            run, summary, headline=("prompt_accuracy", "constraint_accuracy"))

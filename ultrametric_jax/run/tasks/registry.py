@@ -17,8 +17,12 @@ import numpy as np
 from ultrametric_jax.errors import UserError
 from ultrametric_jax.io.tokenizer import as_tokenizer, decode, encode
 from ultrametric_jax.run.metrics import progress_bar
+from ultrametric_jax.run.tasks import decoding
 from ultrametric_jax.run.tasks.decoding import Contestant, contestants
 
+# In fast mode every decoding call fills a cache of this length (when its prompts fit), so that
+# the tasks share one compiled decode step per model: compiling dominates a fast CPU run.
+FAST_CACHE_LEN = 256
 # Token strings that end a turn or a document in Llama-family vocabularies (SmolLM2's included).
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
@@ -39,10 +43,27 @@ class TaskContext:
     max_context: int                # the longest prompt + continuation the model takes
     progress: bool = True
     chat_template: Optional[str] = None
+    _decoded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def both(self) -> tuple[Contestant, Contestant]:
         return self.dense, self.surgical
+
+    def greedy(self, contestant: Contestant, prompts: Sequence[Sequence[int]],
+               new_tokens: int, tick: Optional[Callable[[int], Any]] = None,
+               batch_size: Optional[int] = None) -> list[list[int]]:
+        """Greedy continuations of at least new_tokens tokens (cut after an EOS), computed
+        once per contestant, prompts and length and shared by the tasks that ask again."""
+        if self.fast:
+            new_tokens = decoding.fill_cache_bucket(prompts, new_tokens, FAST_CACHE_LEN)
+        key = (contestant.name, tuple(map(tuple, prompts)), new_tokens)
+        if key not in self._decoded:
+            self._decoded[key] = decoding.greedy(contestant, prompts, new_tokens,
+                                                 eos_ids=self.eos_ids,
+                                                 batch_size=batch_size or self.batch_size)
+        if tick is not None:
+            tick(len(prompts))
+        return self._decoded[key]
 
     def encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text)
@@ -52,6 +73,13 @@ class TaskContext:
         ids = list(ids)
         ends = [i for i, t in enumerate(ids) if t in self.eos_ids]
         return decode(self.tokenizer, ids[:ends[0]] if ends else ids)
+
+    @property
+    def knows_chat(self) -> bool:
+        """Whether prompts can go through a chat format: a template was given, the tokenizer
+        has one, or its vocabulary has ChatML's turn tokens."""
+        return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None)
+                    or as_tokenizer(self.tokenizer).token_to_id("<|im_start|>") is not None)
 
     def bar(self, total: int, desc: str):
         return progress_bar(total, desc=desc, enabled=self.progress)

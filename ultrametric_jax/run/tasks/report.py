@@ -39,9 +39,9 @@ def plot_tasks(report: dict, path: str) -> None:
             bars = ax.bar(x + offset, values, width=0.4, color=color, label=side)
             ax.bar_label(bars, labels=[f"{100 * v:.0f}%" for v in values], fontsize=7)
         ax.set_xticks(x, [k.replace("_", " ") for k in keys], fontsize=8)
-        ax.set_ylim(0, 1.12)
+        ax.set_ylim(0, 1.3)
         ax.set_title(name)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
     fig.suptitle("behaviour, dense against surgical" + (" (fast subset)" if report["fast"]
                                                         else ""))
     fig.tight_layout()

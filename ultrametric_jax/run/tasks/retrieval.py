@@ -12,8 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ultrametric_jax.run.tasks.decoding import greedy
-from ultrametric_jax.run.tasks.registry import Task, TaskContext, TaskError, register_task
+from ultrametric_jax.run.tasks.registry import Task, TaskContext, TaskError
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember "
          "it. I will ask you for the pass key at the end.\n")
@@ -21,7 +20,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go aga
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
-LENGTHS, FAST_LENGTHS = (1024, 2048, 4096, 8192), (384,)
+# The fast length leaves a prompt width of 224 (a multiple of generate.CACHE_BUCKET) in the
+# fast cache length (registry.FAST_CACHE_LEN).
+LENGTHS, FAST_LENGTHS = (1024, 2048, 4096, 8192), (224,)
 DEPTHS, FAST_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0), (0.1, 0.5, 0.9)
 TRIALS, FAST_TRIALS = 2, 1
 MAX_NEW_TOKENS = 12
@@ -88,8 +89,8 @@ def run(ctx: TaskContext) -> dict:
             for n in lengths:  # one length at a time: batch size bounded by tokens
                 rows = [p for p, case in zip(prompts, cases) if case[0] == n]
                 batch = max(1, min(ctx.batch_size, TOKENS_PER_BATCH // n))
-                replies += greedy(c, rows, MAX_NEW_TOKENS, eos_ids=ctx.eos_ids,
-                                  batch_size=batch, tick=bar.update)
+                replies += ctx.greedy(c, rows, MAX_NEW_TOKENS, tick=bar.update,
+                                      batch_size=batch)
             correct[c.name] = np.array([is_correct(ctx.decode(r), key)
                                         for r, (_, _, key) in zip(replies, cases)])
     result = {name: accuracy_numbers(cases, ok, lengths) for name, ok in correct.items()}
@@ -119,5 +120,5 @@ def summary(result: dict) -> str:
             f"{max(result['lengths'])} tokens")
 
 
-register_task(Task("retrieval", "pass key at several depths in long filler text",
-                   run, summary, headline=("accuracy",)))
+TASK = Task("retrieval", "pass key at several depths in long filler text",
+            run, summary, headline=("accuracy",))
