@@ -252,6 +252,14 @@ def test_humaneval_refuses_prompts_longer_than_the_model():
         TASKS["humaneval"].run(ctx)
 
 
+def test_retrieval_refuses_a_context_too_short_for_the_prompt():
+    ctx = context(*contestants(tiny_model(), surgical_twin()), fast=True)
+    ctx.max_context = 40
+    with pytest.raises(TaskError, match=r"retrieval: a pass-key prompt needs at least \d+ "
+                                        r"tokens, more than context_tokens=28"):
+        TASKS["retrieval"].run(ctx)
+
+
 def test_end_tokens_and_chat_format_of_the_vocabulary():
     from tokenizers import Tokenizer, models
     tok = Tokenizer(models.WordLevel({"a": 0, "<|im_start|>": 6, "<|im_end|>": 7,

@@ -104,8 +104,8 @@ def _kl_from(model, ids, mask, ref_log_probs):
     return jnp.sum(jnp.exp(ref_log_probs) * (ref_log_probs - log_probs), axis=-1)
 
 
-def _right_padded(rows: Sequence[Sequence[int]]):
-    width = -(-max(len(r) for r in rows) // CACHE_BUCKET) * CACHE_BUCKET
+def _right_padded(rows: Sequence[Sequence[int]], min_width: int = 0):
+    width = max(min_width, -(-max(len(r) for r in rows) // CACHE_BUCKET) * CACHE_BUCKET)
     ids = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, r in enumerate(rows):
@@ -116,13 +116,14 @@ def _right_padded(rows: Sequence[Sequence[int]]):
 
 def teacher_forced_kl(reference: Contestant, other: Contestant,
                       prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                      *, batch_size: int) -> list[np.ndarray]:
+                      *, batch_size: int, min_width: int = 0) -> list[np.ndarray]:
     """Per row, KL(reference || other) in nats of the next-token distributions that predict
-    each continuation token, both models reading prompt + continuation: float64 [len(cont)]."""
+    each continuation token, both models reading prompt + continuation: float64 [len(cont)].
+    Rows are right-padded to a multiple of CACHE_BUCKET, and to min_width at least."""
     out = []
     for part in chunks(len(prompts), batch_size):
         rows = [list(p) + list(c[:-1]) for p, c in zip(prompts[part], continuations[part])]
-        ids, mask = _right_padded(rows)
+        ids, mask = _right_padded(rows, min_width)
         with reference.mode():
             ref = _log_probs(reference.model, ids, mask)
         with other.mode():

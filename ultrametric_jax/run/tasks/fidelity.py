@@ -88,7 +88,7 @@ def compare_continuations(ctx: TaskContext, prompts: Sequence[Sequence[int]],
     """(dense-against-itself numbers, surgical-against-dense numbers) for greedy
     continuations already decoded; computes the teacher-forced KL."""
     kl = teacher_forced_kl(ctx.dense, ctx.surgical, prompts, dense_rows,
-                           batch_size=ctx.batch_size)
+                           batch_size=ctx.batch_size, min_width=ctx.min_width)
     reference = fidelity_numbers(dense_rows, dense_rows, [np.zeros(len(r)) for r in dense_rows])
     return reference, fidelity_numbers(dense_rows, surgical_rows, kl)
 

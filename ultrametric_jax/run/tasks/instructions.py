@@ -104,13 +104,15 @@ class Instruction:
     constraints: tuple
 
 
+# The first FAST_INSTRUCTIONS (one per kind of format, short replies) form the fast subset.
 INSTRUCTIONS = (
     Instruction("What is the capital of Japan? Answer in fewer than 10 words.",
                 (WordCount(max_words=9), IncludesWord("Tokyo"))),
-    Instruction("List three benefits of regular exercise as a numbered list (1., 2., 3.), one "
-                "item per line.", (NumberedList(3),)),
     Instruction('Describe a fictional person as a JSON object with the keys "name" and "age". '
                 "Output only the JSON object.", (JsonObject(("name", "age")),)),
+    Instruction("Name five fruits as a numbered list.", (NumberedList(5),)),
+    Instruction("List three benefits of regular exercise as a numbered list (1., 2., 3.), one "
+                "item per line.", (NumberedList(3),)),
     Instruction("Write a short poem about the sea in at most 40 words. Include the word "
                 "'blue'.", (WordCount(max_words=40), IncludesWord("blue"))),
     Instruction("Explain what a computer is in at least 30 words.", (WordCount(min_words=30),)),
@@ -121,7 +123,6 @@ INSTRUCTIONS = (
                 "colors. Output only the JSON object.", (JsonObject(("colors",)),)),
     Instruction("Write one sentence about the moon that ends with the exact phrase "
                 "'Good night.'", (EndsWith("Good night."),)),
-    Instruction("Name five fruits as a numbered list.", (NumberedList(5),)),
     Instruction("In at most 25 words, say why sleep matters. Mention the word 'memory'.",
                 (WordCount(max_words=25), IncludesWord("memory"))),
     Instruction("Write a birthday card greeting that includes the word 'wonderful' and ends "

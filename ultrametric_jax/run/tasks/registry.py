@@ -20,8 +20,9 @@ from ultrametric_jax.run.metrics import progress_bar
 from ultrametric_jax.run.tasks import decoding
 from ultrametric_jax.run.tasks.decoding import Contestant, contestants
 
-# In fast mode every decoding call fills a cache of this length (when its prompts fit), so that
-# the tasks share one compiled decode step per model: compiling dominates a fast CPU run.
+# In fast mode every decoding call fills a cache of this length (when its prompts fit) and every
+# scoring batch is padded to it, so that the tasks share one compiled decode step and one
+# scoring forward per model: compiling dominates a fast CPU run.
 FAST_CACHE_LEN = 256
 # Token strings that end a turn or a document in Llama-family vocabularies (SmolLM2's included).
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -73,6 +74,11 @@ class TaskContext:
         ids = list(ids)
         ends = [i for i, t in enumerate(ids) if t in self.eos_ids]
         return decode(self.tokenizer, ids[:ends[0]] if ends else ids)
+
+    @property
+    def min_width(self) -> int:
+        """The least width of a scoring batch (fast: one compiled forward for all tasks)."""
+        return FAST_CACHE_LEN if self.fast else 0
 
     @property
     def knows_chat(self) -> bool:

@@ -81,7 +81,10 @@ def run(ctx: TaskContext) -> dict:
     rng = np.random.default_rng(0)
     cases = [(n, d, str(rng.integers(10000, 100000))) for n in lengths for d in depths
              for _ in range(trials)]
-    prompts = [passkey_prompt(ctx.encode, key, n, d)[0] for n, d, key in cases]
+    try:
+        prompts = [passkey_prompt(ctx.encode, key, n, d)[0] for n, d, key in cases]
+    except ValueError as e:
+        raise TaskError(f"retrieval: {e}") from None
     correct = {}
     with ctx.bar(2 * len(cases), "retrieval") as bar:
         for c in ctx.both:
