@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,7 +132,8 @@ def test_fidelity_numbers_of_hand_made_continuations():
 @pytest.mark.slow
 def test_fidelity_against_numpy_with_a_known_diverging_token(monkeypatch):
     dense_model = tiny_model(seed=1)
-    prompts, steps, position = [[5, 17, 3, 88, 41], [7, 1, 60, 22, 13, 4, 9, 30, 2], [11] * 7], 12, 10
+    prompts = [[5, 17, 3, 88, 41], [7, 1, 60, 22, 13, 4, 9, 30, 2], [11] * 7]
+    steps, position = 12, 10
     forward = jit_forward(dense_model)
     dense_tokens = [naive_greedy(forward, p, steps) for p in prompts]
     diverge_at = [position - len(p) + 1 for p in prompts]                 # 6, 2, 4

@@ -18,8 +18,8 @@ from ultrametric_jax.run.tasks.retrieval import (FILLER, NEEDLE, answer_of, cont
 
 # ----------------------------------------------------------------------------- instructions
 
-@pytest.mark.parametrize("text, n", [("", 0), ("Tokyo.", 1), ("It's a well-known fact: 42 cats!", 6),
-                                     ("one,two;three\nfour", 4), ("— … !", 0)])
+@pytest.mark.parametrize("text, n", [("", 0), ("Tokyo.", 1), ("one,two;three\nfour", 4),
+                                     ("It's a well-known fact: 42 cats!", 6), ("— … !", 0)])
 def test_count_words(text, n):
     assert count_words(text) == n
 

@@ -4,7 +4,8 @@ out_dir) tasks.json and tasks.png.
 
 A task is a function of a `TaskContext` returning a dict with at least "dense" and "surgical"
 (flat dicts of numbers, the same keys on both sides); the registry adds "difference"
-(surgical - dense for every number) and "seconds". Register new tasks with `register_task`.
+(surgical - dense for every number), "headline" (the keys its panel of the figure shows) and
+"seconds". Register new tasks with `register_task`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ultrametric_jax.io.tokenizer import as_tokenizer, decode, encode
 from ultrametric_jax.run.metrics import progress_bar
 from ultrametric_jax.run.tasks import decoding
 from ultrametric_jax.run.tasks.decoding import Contestant, contestants
+from ultrametric_jax.run.tasks.report import write_task_report
 
 # In fast mode every decoding call fills a cache of this length (when its prompts fit) and every
 # scoring batch is padded to it, so that the tasks share one compiled decode step and one
@@ -150,7 +152,6 @@ def run_tasks(names: str | Sequence[str], dense_model, surgical_model, tokenizer
     chat_template: a Jinja chat template for the instruction prompts when the tokenizer has
     none of its own (default: SmolLM2's ChatML).
     """
-    from ultrametric_jax.run.tasks.report import write_task_report  # matplotlib: only here
     names = parse_task_names(names)
     dense, surgical = contestants(dense_model, surgical_model)
     if batch_size is not None and batch_size < 1:
@@ -165,6 +166,7 @@ def run_tasks(names: str | Sequence[str], dense_model, surgical_model, tokenizer
         task, t0 = TASKS[name], time.perf_counter()
         result = task.run(ctx)
         result["difference"] = differences(result["dense"], result["surgical"])
+        result["headline"] = list(task.headline)
         result["seconds"] = time.perf_counter() - t0
         results[name], summary[name] = result, task.summary(result)
     report = {"fast": fast, "tasks": results, "summary": summary,

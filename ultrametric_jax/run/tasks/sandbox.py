@@ -6,8 +6,8 @@ timeout kills everything it started), in a temporary working directory that is r
 afterwards, with an empty environment and resource limits set before its own code runs:
 CPU seconds, address space, size of the files it writes (its stdout and stderr go to files,
 so a program that prints forever cannot fill the evaluator's memory) and no core dumps. A
-short preamble removes the process-spawning and file-deleting functions of os, shutil and subprocess, as a
-guard against accidents, not against a determined attacker.
+short preamble removes the process-spawning and file-deleting functions of os, shutil and
+subprocess, as a guard against accidents, not against a determined attacker.
 """
 from __future__ import annotations
 
