@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     # corpus's own held-out split: corpus specs as for data.corpus, comma-separated.
     config.eval.extra_corpora = ""
     config.eval.extra_max_chars = 2_000_000
+    # Behaviour beyond perplexity, dense against surgical (fidelity, humaneval, instructions,
+    # retrieval, or all; comma-separated): fast subsets unless tasks_fast is False.
+    config.eval.tasks = ""
+    config.eval.tasks_fast = True
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100

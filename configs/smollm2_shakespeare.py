@@ -31,6 +31,7 @@ def get_config():
     config.train.lr = 2e-3
     config.eval.batches = 8
     config.eval.batch_size = 2
+    config.eval.tasks = "all"          # the fast subset of every behaviour task (under a minute)
     config.checkpoint.every = 10
     config.checkpoint.keep = 2
     return config

@@ -129,11 +129,14 @@ class EvalReport:
     surgery: Optional[dict] = None      # the SurgeryConfig the numbers were computed with
     # corpus -> {"dense": ..., "surgical": ...} for the out-of-domain held-out corpora
     by_corpus: dict = dataclasses.field(default_factory=dict)
+    tasks: Optional[dict] = None        # task name -> its one-line summary (run/tasks)
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
         if self.surgery is not None:
             d["surgery"] = self.surgery
+        if self.tasks:
+            d["tasks"] = self.tasks
         if self.by_corpus:
             d["by_corpus"] = {name: dict(r, perplexity_change=r["surgical"]["perplexity"]
                                          / r["dense"]["perplexity"] - 1)
@@ -159,6 +162,7 @@ class EvalReport:
             lines.append(f"{name}: perplexity dense {dense:.2f} -> surgical {surgical:.2f} "
                          f"({100 * (surgical / dense - 1):+.1f}%) at density "
                          f"{100 * r['surgical']['density']:.1f}%")
+        lines += list((self.tasks or {}).values())
         return "\n".join(lines)
 
 

@@ -37,6 +37,8 @@ from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDrift
                                             base_model_identity, check_same_base,
                                             check_same_setup)
 from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.tasks import parse_task_names, run_tasks
+from ultrametric_jax.run.tasks.chat import chat_template_from_gguf
 from ultrametric_jax.run.trainer import (SurgeryTrainer, TrainOutcome, checkpoint_template)
 from ultrametric_jax.surgery.budget import attach_density_multiplier
 from ultrametric_jax.surgery.config import SurgeryConfig
@@ -77,6 +79,7 @@ class RunSetup:
     identity: dict
     train_data: PackedSequences
     val_batches: list
+    tokenizer_path: str = ""
     # corpus -> its held-out batches, for every eval.extra_corpora entry
     extra_batches: dict = dataclasses.field(default_factory=dict)
 
@@ -122,7 +125,8 @@ def setup_run(run: RunConfig, *, install: bool = False) -> RunSetup:
                                      run.eval.batch_size, run.eval.batches)
     return RunSetup(model=model, weights_path=source.weights,
                     identity=base_model_identity(source.weights), train_data=train_data,
-                    val_batches=val_batches, extra_batches=extra)
+                    val_batches=val_batches, tokenizer_path=source.tokenizer or source.weights,
+                    extra_batches=extra)
 
 
 def inject(run: RunConfig, model) -> None:
@@ -219,8 +223,17 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
             dense_extra = evaluation.perplexity(setup.model, batches)
         by_corpus[corpus] = {"dense": dense_extra, "surgical": evaluation.evaluate_surgical(
             setup.model, batches, run.surgery)}
+    tasks = None
+    if run.eval.tasks:
+        # One model object serves both sides: the dense side runs in base_model_mode.
+        path = setup.tokenizer_path
+        tasks = run_tasks(run.eval.tasks, setup.model, setup.model, path,
+                          fast=run.eval.tasks_fast, out_dir=workdir,
+                          chat_template=chat_template_from_gguf(path)
+                          if path.endswith(".gguf") else None)
     report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
-                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus)
+                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus,
+                                   tasks=None if tasks is None else tasks["summary"])
     evaluation.write_report(report, workdir)
     metrics = MetricsWriter(workdir)      # TensorBoard, where installed (process 0 only)
     try:
@@ -236,6 +249,8 @@ def train_and_evaluate(run: RunConfig, workdir: str, *, install: bool, evaluate_
     """(train outcome, eval report or None); raises NonFiniteLossError / UserError."""
     sharding.maybe_initialize_distributed(True if run.distributed else None)
     mesh = check_mesh(run)      # a mesh or batch the devices cannot serve fails first
+    if evaluate_after and run.eval.tasks:
+        parse_task_names(run.eval.tasks)
     refuse_drift(run, workdir)
     setup = setup_run(run, install=install)
     write_json(os.path.join(workdir, RUN_CONFIG), run.to_dict())
@@ -278,6 +293,8 @@ def evaluate_run(run: RunConfig, workdir: str
     initialised topology when there is none); (report, restored checkpoint or None)."""
     mesh = check_mesh(run)
     refuse_drift(run, workdir)
+    if run.eval.tasks:
+        parse_task_names(run.eval.tasks)     # an unknown task fails before anything loads
     setup = setup_run(run)
     dense = dense_baseline(setup, run, workdir)
     inject(run, setup.model)

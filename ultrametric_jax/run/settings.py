@@ -101,15 +101,20 @@ class EvalConfig:
     batch_size: int
     extra_corpora: tuple = ()
     extra_max_chars: int = 2_000_000
+    # Behaviour tasks run after the perplexity (run/tasks: fidelity, humaneval, instructions,
+    # retrieval, or "all"), dense against surgical: their fast subsets, or the full sets.
+    tasks: tuple = ()
+    tasks_fast: bool = True
 
     def __post_init__(self):
         _positive_ints("eval", self, ("batches", "batch_size", "extra_max_chars"))
-        corpora = self.extra_corpora
-        if isinstance(corpora, str):
-            corpora = tuple(c for c in corpora.split(",") if c)
-        _check(all(isinstance(c, str) and c for c in corpora), "eval.extra_corpora",
-               self.extra_corpora, "must be a list of corpus names or paths")
-        object.__setattr__(self, "extra_corpora", tuple(corpora))
+        for name in ("extra_corpora", "tasks"):
+            value = getattr(self, name)
+            items = tuple(c.strip() for c in value.split(",") if c.strip()) \
+                if isinstance(value, str) else tuple(value)
+            _check(all(isinstance(c, str) and c for c in items), f"eval.{name}", value,
+                   "must be a comma-separated list of names")
+            object.__setattr__(self, name, items)
 
 
 @dataclasses.dataclass(frozen=True)
