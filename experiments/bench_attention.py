@@ -255,12 +255,18 @@ def run(args):
                   f"bwd {row['bwd_ms']:.3f} ms sched {row['sched_ms']:.3f} ms", flush=True)
         del prob
     result["rows"] = rows
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print_table(rows)
+    return finish(result, args.out, lambda: print_table(rows))
+
+
+def finish(result: dict, out, print_table) -> int:
+    """Writes the JSON (when out is set), prints the table last, and fails (1) when the
+    correctness check of the run failed: its timings would be of wrong results."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    print_table()
     if not all(r["ok"] for r in result["correctness"]):
-        print("CORRECTNESS CHECK FAILED: the timings above are of wrong kernels")
+        print("CORRECTNESS CHECK FAILED: the timings above are of wrong results")
         return 1
     return 0
 

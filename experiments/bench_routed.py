@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attention import rel_err, timed  # noqa: E402
+from bench_attention import finish, rel_err, timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, reference_attention,  # noqa: E402
                             routed_attention, segment_schedule)
 from pallas_kernels.routed import prefer_sorted, sort_by_cluster  # noqa: E402
@@ -187,14 +186,7 @@ def run(args):
                       f"({row['fwd_speedup']:.2f}x cuDNN), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
                       f"({row['fwd_bwd_speedup']:.2f}x)", flush=True)
         del q, k, v, ct
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print_table(result)
-    if not all(r["ok"] for r in result["correctness"]):
-        print("CORRECTNESS CHECK FAILED: the timings above are of wrong results")
-        return 1
-    return 0
+    return finish(result, args.out, lambda: print_table(result))
 
 
 def print_table(result):

@@ -272,7 +272,8 @@ def test_metrics_jsonl_truncation_and_tensorboard(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- losses
 
 def test_cross_entropy_matches_float64_reference():
-    from ultrametric_jax.surgery.losses import mean_cross_entropy, token_cross_entropy, total_loss
+    from ultrametric_jax.surgery.losses import mean_cross_entropy, token_cross_entropy
+    from ultrametric_jax.surgery.objectives import ObjectiveConfig, combine_objectives
     rng = np.random.default_rng(3)
     logits = rng.standard_normal((2, 5, 7)) * 3
     ids = rng.integers(0, 7, size=(2, 5))
@@ -291,5 +292,7 @@ def test_cross_entropy_matches_float64_reference():
     np.testing.assert_allclose(float(mean_cross_entropy(jnp.asarray(logits, jnp.float32),
                                                         jnp.asarray(ids))),
                                nll.mean(), rtol=1e-6)
-    np.testing.assert_allclose(float(total_loss(mean, jnp.float32(1.5), 0.25)),
-                               (nll * weights).sum() / 6 + 0.375, rtol=1e-6)
+    # The default objective is CE + lambda * balance.
+    total, _ = combine_objectives(ObjectiveConfig(), cross_entropy=mean,
+                                  balance=jnp.float32(1.5), lam=0.25)
+    np.testing.assert_allclose(float(total), (nll * weights).sum() / 6 + 0.375, rtol=1e-6)

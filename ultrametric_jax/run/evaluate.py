@@ -24,7 +24,7 @@ from flax import nnx
 
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.losses import token_cross_entropy
-from ultrametric_jax.run.metrics import read_metrics
+from ultrametric_jax.run.metrics import draw_layer_density, read_metrics
 from ultrametric_jax.surgery.inject import evaluation_mode, forward_with_aux
 from ultrametric_jax.surgery.tree import pair_counts
 
@@ -201,17 +201,10 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training losses")
     ax_loss.legend(fontsize=8)
-    layers = np.arange(len(report.surgical["density_per_layer"]))
-    ax_density.bar(layers, report.surgical["density_per_layer"], color="tab:blue",
-                   label="total (tree + sink + window)")
-    ax_density.bar(layers, report.surgical["tree_density_per_layer"], color="tab:orange",
-                   width=0.5, label="tree only")
+    draw_layer_density(ax_density, report.surgical["density_per_layer"],
+                       report.surgical["tree_density_per_layer"],
+                       f"held-out density per layer, hard routes (step {report.step})")
     ax_density.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax_density.set_ylim(0, 1.05)
-    ax_density.set_xlabel("layer")
-    ax_density.set_ylabel("fraction of causal pairs attended")
-    ax_density.set_title(f"held-out density per layer, hard routes (step {report.step})")
-    ax_density.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -64,20 +64,27 @@ def _tensorboard_writer(logdir: str):
     return None
 
 
-def layer_density_figure(density: Sequence[float], tree_density: Sequence[float], step: int):
-    """A bar chart of the attention density per layer (total and tree only)."""
-    import matplotlib  # heavy, and needed only when a figure is written
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def draw_layer_density(ax, density: Sequence[float], tree_density: Sequence[float],
+                       title: str) -> None:
+    """Bars of the attention density per layer (total, and the tree alone) on a matplotlib
+    axis: the figure TensorBoard gets and the last panel of eval.png."""
     layers = range(len(density))
     ax.bar(layers, density, color="tab:blue", label="total (tree + sink + window)")
     ax.bar(layers, tree_density, color="tab:orange", width=0.5, label="tree only")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of causal pairs attended")
-    ax.set_title(f"density per layer, hard routes (step {step})")
+    ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def layer_density_figure(density: Sequence[float], tree_density: Sequence[float], step: int):
+    """A bar chart of the attention density per layer (total and tree only)."""
+    import matplotlib  # heavy, and needed only when a figure is written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    draw_layer_density(ax, density, tree_density, f"density per layer, hard routes (step {step})")
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,6 @@
-"""Losses of a surgery run: next-token cross-entropy over real tokens, plus the balance term.
-
-total = CE + lambda * L_bal, where L_bal is the mean over layers of the Switch-style balance loss
-the surgery reports (`aux["balance_loss"]`). Everything is reduced in float32.
-"""
+"""The next-token cross-entropy over real tokens, reduced in float32. The training loss that
+combines it with distillation, the balance loss and the density budget is
+surgery/objectives.py's combine_objectives."""
 from __future__ import annotations
 
 import jax
@@ -33,8 +31,3 @@ def mean_cross_entropy(logits: jax.Array, input_ids: jax.Array,
     """Mean next-token CE over real targets (0 when there are none)."""
     total, count = token_cross_entropy(logits, input_ids, attention_mask)
     return total / jnp.maximum(count, 1.0)
-
-
-def total_loss(cross_entropy: jax.Array, balance_loss: jax.Array, lam: jax.Array) -> jax.Array:
-    """CE + lambda * L_bal."""
-    return cross_entropy + jnp.asarray(lam, jnp.float32) * balance_loss.astype(jnp.float32)
