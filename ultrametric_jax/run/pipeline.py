@@ -189,6 +189,7 @@ def dense_baseline(setup: RunSetup, run: RunConfig, workdir: str) -> dict:
     key = {"base_model": setup.identity["files"], "data": dataclasses.asdict(run.data),
            "seq_len": run.train.seq_len, "eval": dataclasses.asdict(run.eval),
            "dtype": run.model.dtype, "param_dtype": run.model.param_dtype}
+    key = json.loads(json.dumps(key))      # as the cache file holds it (tuples become lists)
     path = os.path.join(workdir, DENSE_CACHE)
     try:
         with open(path) as f:
@@ -223,18 +224,19 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
             dense_extra = evaluation.perplexity(setup.model, batches)
         by_corpus[corpus] = {"dense": dense_extra, "surgical": evaluation.evaluate_surgical(
             setup.model, batches, run.surgery)}
-    tasks = None
+    report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
+                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus)
+    evaluation.write_report(report, workdir)
     if run.eval.tasks:
-        # One model object serves both sides: the dense side runs in base_model_mode.
+        # One model object serves both sides: the dense side runs in base_model_mode. The
+        # perplexity report is on disk first, so a failing task loses nothing of it.
         path = setup.tokenizer_path
         tasks = run_tasks(run.eval.tasks, setup.model, setup.model, path,
                           fast=run.eval.tasks_fast, out_dir=workdir,
                           chat_template=chat_template_from_gguf(path)
                           if path.endswith(".gguf") else None)
-    report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
-                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus,
-                                   tasks=None if tasks is None else tasks["summary"])
-    evaluation.write_report(report, workdir)
+        report.tasks = tasks["summary"]
+        evaluation.write_report(report, workdir)
     metrics = MetricsWriter(workdir)      # TensorBoard, where installed (process 0 only)
     try:
         metrics.write_layer_density(step, surgical["density_per_layer"],

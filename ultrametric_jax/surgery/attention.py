@@ -142,12 +142,8 @@ class SurgicalAttention(nnx.Module):
             positions = llama.default_positions(x, cache)
         q, k, v = llama.project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x,
                                     positions)
-        if self.as_base:           # the teacher: no routing, no noise drawn, nothing reported
-            if cache is not None:
-                raise NotImplementedError("base_model_mode runs full sequences without a cache")
-            out = llama.masked_attention(q, k, v, llama.causal_mask(positions, positions,
-                                                                    attention_mask), self.scale)
-            return self.o_proj(out.reshape(*out.shape[:2], -1))
+        if self.as_base:           # the base layer: no routing, no noise drawn, no report
+            return self._base_attention(q, k, v, positions, attention_mask, cache)
         assign, probs, clusters = self._routes(x)
         if cache is not None:
             if not self.deterministic:
@@ -170,6 +166,18 @@ class SurgicalAttention(nnx.Module):
                                                    attention_mask)
         if self.reporting is not None:
             self._report(assign, probs, clusters, attention_mask, extras)
+        out = self.o_proj(out.reshape(*out.shape[:2], -1))
+        return out if cache is None else (out, cache)
+
+    def _base_attention(self, q, k, v, positions, attention_mask, cache):
+        """Exactly the base LlamaAttention (plain causal softmax), with or without a cache."""
+        if cache is None:
+            k_pos, k_valid = positions, attention_mask
+        else:
+            cache, k, v, k_pos, k_valid = llama.append_to_cache(cache, k, v, positions,
+                                                                attention_mask)
+        out = llama.masked_attention(q, k, v, llama.causal_mask(positions, k_pos, k_valid),
+                                     self.scale)
         out = self.o_proj(out.reshape(*out.shape[:2], -1))
         return out if cache is None else (out, cache)
 
