@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from ultrametric_jax.cli.options import configs_dir, parse_flags
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.run.pipeline import check_mesh, inject, make_trainer, setup_run
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.step import MUTABLE, make_grad_fn
@@ -125,3 +126,13 @@ def test_out_of_domain_corpora_are_evaluated_dense_against_surgical(tiny_model_d
         assert result["surgical"]["density"] < 1.0          # the perturbed routes sparsify
     summary = report.summary()
     assert "stdlib: perplexity dense" in summary and report.to_dict()["by_corpus"]
+
+
+def test_training_refuses_a_recall_form_it_does_not_compute(tiny_model_dir):
+    run = tiny_config(tiny_model_dir, "objective.recall_weight=1", "objective.recall_form=kl")
+    setup = setup_run(run)
+    inject(run, setup.model)
+    graphdef = nnx.split(setup.model, RouterParam, MUTABLE, ...)[0]
+    with pytest.raises(ConfigError, match="objective.recall_form='kl': training computes the "
+                                        "'log_mass' recall"):
+        make_grad_fn(graphdef, run.objective)

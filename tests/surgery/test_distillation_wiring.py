@@ -162,3 +162,15 @@ def test_training_memory_does_not_grow_with_the_tree_depth():
     # Nine more levels would keep about 2 x 9 more S x S arrays per head with the level-by-level
     # products; the recomputing mask keeps their number fixed.
     assert deep - small < 2 * square, (small / square, deep / square)
+
+
+def test_attention_backends_are_named_and_the_dense_one_takes_no_options():
+    from ultrametric_jax.surgery.attention import KernelAttention, attention_fn
+    assert attention_fn("dense") is None
+    kernel = attention_fn("kernel", layout="sorted", interpret=True)
+    assert kernel == KernelAttention((("interpret", True), ("layout", "sorted")), None)
+    with pytest.raises(ValueError, match="the dense attention takes no kernel options, got "
+                                         r"\['layout'\]"):
+        attention_fn("dense", layout="sorted")
+    with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+        attention_fn("flash")
