@@ -266,3 +266,28 @@ def test_a_bug_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(eval_command, "evaluate_run", broken)
     with pytest.raises(IndexError):
         cli.main(["eval", *_args(tiny_model_dir, tmp_path / "w")])
+
+
+def test_eval_task_flags_become_config_fields():
+    assert eval_command.task_flags(["--tasks", "fidelity,retrieval", "--full-tasks", "--x=1"]) == [
+        "--config.eval.tasks=fidelity,retrieval", "--config.eval.tasks_fast=False", "--x=1"]
+    assert eval_command.task_flags(["--tasks=all"]) == ["--config.eval.tasks=all"]
+
+
+def test_an_unknown_task_is_one_line_before_anything_loads(tmp_path, capsys):
+    # The model path does not exist: the task names are checked before it is read.
+    code = cli.main(["eval", *_args(str(tmp_path / "no_model"), tmp_path / "run"),
+                     "--tasks", "fidelity,nope"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert _last_line(err) == ("ultrametric eval: error: unknown task 'nope'; choose from "
+                               "fidelity, humaneval, instructions, retrieval (or all)")
+
+
+def test_out_of_domain_corpora_must_be_names():
+    from ultrametric_jax.run.settings import EvalConfig
+    assert EvalConfig(batches=1, batch_size=1, extra_corpora="stdlib, a.txt").extra_corpora == (
+        "stdlib", "a.txt")
+    with pytest.raises(ConfigError, match=r"invalid config value eval.extra_corpora=\[3\]: must "
+                                          "be a comma-separated list of names"):
+        EvalConfig(batches=1, batch_size=1, extra_corpora=[3])
