@@ -91,6 +91,7 @@ def test_density_budget_moves_training_density_toward_the_target(tiny_model_dir,
         finally:
             trainer.close()
         finals[name] = outcome.last_metrics["density"]
+        finals[name + "_argmax"] = outcome.last_metrics["argmax_density"]
         # The base model is frozen whatever the objective.
         after = nnx.state(setup.model, nnx.All(nnx.Param, nnx.Not(RouterParam)))
         for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(fresh)):
@@ -99,6 +100,31 @@ def test_density_budget_moves_training_density_toward_the_target(tiny_model_dir,
             nu = np.asarray(setup.model.density_multiplier[...])
             assert nu.shape == () and nu > 0            # the total density was above 0.3
     assert finals["bound"] < finals["free"] - 0.05, finals
+    # The budget binds the routes evaluation runs (objective.budget_routes="argmax").
+    assert finals["bound_argmax"] < finals["free_argmax"] - 0.05, finals
+
+
+@pytest.mark.parametrize("routes", ["argmax", "sampled"])
+def test_budget_binds_the_density_of_the_chosen_routes(tiny_model_dir, routes):
+    """The penalty of one step, recomputed from the reported densities of the routes it
+    binds: the argmax routes (evaluation's) or the Gumbel routes the step sampled."""
+    run = tiny_config(tiny_model_dir, "objective.density_target=0.2",
+                      "objective.budget=penalty", "objective.budget_mu=10.0",
+                      f"objective.budget_routes={routes}")
+    setup = setup_run(run)
+    inject(run, setup.model)
+    perturb_routers(setup.model, 2)
+    setup.model.train()
+    batch = setup.val_batches[0]
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    graphdef, params, mutable, frozen = nnx.split(setup.model, RouterParam, MUTABLE, ...)
+    (_, (scalars, _)), grads = jax.jit(make_grad_fn(graphdef, run.objective))(
+        params, mutable, frozen, ids, mask, 0.0)
+    rho = float(scalars["argmax_density" if routes == "argmax" else "density"])
+    assert rho > 0.25
+    np.testing.assert_allclose(float(scalars["budget"]), 10.0 * (rho - 0.2) ** 2, rtol=1e-4)
+    np.testing.assert_allclose(float(jnp.mean(scalars["density_per_layer"])), rho, rtol=1e-5)
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
 
 
 def test_out_of_domain_corpora_are_evaluated_dense_against_surgical(tiny_model_dir, tmp_path):

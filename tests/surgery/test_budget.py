@@ -146,3 +146,124 @@ def test_per_layer_penalty_reaches_each_layer_target():
     rho = descend(lambda r, nu: bud.density_penalty(r, targets, 100.0, per_layer=True),
                   logits, steps=60, opt=optax.sgd(3.0))
     np.testing.assert_allclose(rho, targets, atol=0.05)
+
+
+def _numpy_expected_density(logits, tau, cut, window, sink, valid):
+    """float64 oracle of the expected density of routes drawn from softmax(logits / tau):
+    sink and window pairs count 1, the others the probability of equal first `cut` digits."""
+    x = np.asarray(logits, np.float64)[..., :cut, :] / tau
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    b_, h_, s_ = p.shape[:3]
+    kept = total = 0.0
+    for b in range(b_):
+        for h in range(h_):
+            for i in range(s_):
+                for j in range(i + 1):
+                    if not (valid[b, i] and valid[b, j]):
+                        continue
+                    total += 1
+                    if j < sink or i - j < window:
+                        kept += 1
+                    else:
+                        kept += np.prod([p[b, h, i, l] @ p[b, h, j, l] for l in range(cut)])
+    return kept / total
+
+
+def _route_density_inputs(logits, valid, window, sink):
+    seq = logits.shape[2]
+    positions = jnp.broadcast_to(jnp.arange(seq), valid.shape)
+    causal = llama.causal_mask(positions, positions, valid)
+    never = jnp.zeros((valid.shape[0], 1, seq), jnp.int32)
+    routed = causal & ~um.allowed_mask(positions, positions, never, never + 1, window, sink,
+                                       valid)
+    return causal, routed
+
+
+def test_route_density_is_the_argmax_density_forward_and_the_expected_density_backward():
+    """Forward: the hard density of the argmax routes (tree.pair_counts). Gradient: that of the
+    expected density under softmax(logits / tau), checked against float64 finite differences
+    of the numpy oracle."""
+    window, sink, cut, tau, seq = 3, 1, 2, 0.7, 9
+    logits = jax.random.normal(jax.random.key(3), (2, 2, seq, 4, 2))
+    valid = jnp.ones((2, seq), bool).at[1, :2].set(False)
+    causal, routed = _route_density_inputs(logits, valid, window, sink)
+    clusters = um.cluster_ids(um.hard_digits(logits), 2, cut)
+    _, kept, pairs = um.pair_counts(clusters, window, sink, valid[:, None])
+    hard = jnp.sum(kept) / jnp.sum(pairs)
+
+    def density(lg):
+        return bud.route_density(lg, tau, cut, routed, causal, valid, hard)
+
+    value, grad = jax.value_and_grad(density)(logits)
+    np.testing.assert_allclose(float(value), float(hard), rtol=1e-6)
+    # The oracle's own hard density, from the argmax digits.
+    digits = np.asarray(logits).argmax(-1)[..., :cut]
+    v = np.asarray(valid)
+    num = den = 0
+    for b in range(2):
+        for h in range(2):
+            for i in range(seq):
+                for j in range(i + 1):
+                    if v[b, i] and v[b, j]:
+                        den += 1
+                        num += (j < sink or i - j < window
+                                or bool(np.all(digits[b, h, i] == digits[b, h, j])))
+    np.testing.assert_allclose(float(value), num / den, rtol=1e-6)
+    base = np.asarray(logits, np.float64)
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        idx = tuple(rng.integers(0, n) for n in base.shape[:3]) + (int(rng.integers(0, cut)),
+                                                                   int(rng.integers(0, 2)))
+        up, down = base.copy(), base.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        fd = (_numpy_expected_density(up, tau, cut, window, sink, v)
+              - _numpy_expected_density(down, tau, cut, window, sink, v)) / (2 * eps)
+        np.testing.assert_allclose(float(grad[idx]), fd, rtol=2e-3, atol=1e-7)
+    # Levels below the cut decide nothing: no gradient reaches them.
+    assert not np.any(np.asarray(grad)[..., cut:, :])
+
+
+def test_route_agreement_matches_numpy():
+    logits = jax.random.normal(jax.random.key(4), (1, 2, 6, 3, 3))
+    got = np.asarray(bud.route_agreement(logits, 0.5, 2))
+    x = np.asarray(logits, np.float64) / 0.5
+    p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    want = np.einsum("hic,hjc->hij", p[0, :, :, 0], p[0, :, :, 0]) * \
+        np.einsum("hic,hjc->hij", p[0, :, :, 1], p[0, :, :, 1])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+
+
+def argmax_route_density(logits, tau=0.5):
+    """The noise-free budget density of one layer [1, 2, S, L, 2] of router logits."""
+    valid = jnp.ones((1, SEQ), bool)
+    causal, routed = _route_density_inputs(logits, valid, WINDOW, SINK)
+    clusters = um.cluster_ids(um.hard_digits(logits), 2, LEVELS - D_MAX)
+    _, kept, pairs = um.pair_counts(clusters, WINDOW, SINK)
+    return bud.route_density(logits, tau, LEVELS - D_MAX, routed, causal, None,
+                             jnp.sum(kept) / jnp.sum(pairs))
+
+
+@pytest.mark.slow
+def test_penalty_on_the_argmax_routes_moves_their_density_to_the_target():
+    """The noise-free budget drives the density evaluation sees (argmax routes, counted by
+    tree.pair_counts) from collapsed to the target."""
+    logits = collapsed_logits(layers=1, seed=5)
+    densities = jax.vmap(argmax_route_density)
+    assert float(densities(logits)[0]) > 0.9
+    opt = optax.sgd(3.0)
+    state = opt.init(logits)
+
+    @jax.jit
+    def step(logits, state):
+        grad = jax.grad(lambda lg: bud.density_penalty(densities(lg), 0.3, 100.0))(logits)
+        updates, state = opt.update(grad, state)
+        return optax.apply_updates(logits, updates), state
+
+    for _ in range(60):
+        logits, state = step(logits, state)
+    clusters = um.cluster_ids(um.hard_digits(logits[0]), 2, LEVELS - D_MAX)
+    _, kept, pairs = um.pair_counts(clusters, WINDOW, SINK)
+    assert abs(float(jnp.sum(kept) / jnp.sum(pairs)) - 0.3) < 0.05

@@ -49,6 +49,10 @@ def make_grad_fn(graphdef, objective: ObjectiveConfig = ObjectiveConfig()) -> Ca
         raise ConfigError(f"invalid config value objective.recall_form="
                           f"{objective.recall_form!r}: training computes the 'log_mass' recall")
     extras = ("recall",) if objective.recall_weight > 0 else ()
+    # The budget's densities: the argmax routes' (what evaluation runs) or the Gumbel routes'.
+    noise_free = objective.density_target is not None and objective.budget_routes == "argmax"
+    rho_key = "route_density_per_layer" if noise_free else "soft_density_per_layer"
+    extras += ("route_density",) if noise_free else ()
 
     def micro_loss(params, mutable, frozen, input_ids, mask, lam):
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
@@ -64,13 +68,13 @@ def make_grad_fn(graphdef, objective: ObjectiveConfig = ObjectiveConfig()) -> Ca
         nu = density_multiplier(model)
         loss, terms = combine_objectives(
             objective, cross_entropy=ce, balance=aux["balance_loss"], lam=lam, kd=kd,
-            recall=aux.get("recall"), rho=aux["soft_density_per_layer"],
+            recall=aux.get("recall"), rho=aux[rho_key],
             nu=None if nu is None else jax.lax.stop_gradient(nu))
         new_mutable = nnx.state(model, MUTABLE)
         scalars = {"loss": loss, "ce": ce, "balance_loss": aux["balance_loss"],
                    "density": aux["density"], "tree_density": aux["tree_density"],
                    "argmax_density": aux["argmax_density"],
-                   "density_per_layer": aux["soft_density_per_layer"], "tokens": count,
+                   "density_per_layer": jax.lax.stop_gradient(aux[rho_key]), "tokens": count,
                    **{k: v for k, v in terms.items() if k in ("kd", "recall", "budget")}}
         return loss, (scalars, new_mutable)
 

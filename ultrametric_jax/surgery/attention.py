@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from pallas_kernels import routed_attention, sharded_routed_attention
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
-from ultrametric_jax.surgery.budget import soft_density
+from ultrametric_jax.surgery.budget import route_density, soft_density
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.objectives import attention_recall_loss
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
@@ -118,7 +118,8 @@ class SurgicalAttention(nnx.Module):
     # ------------------------------------------------------------------ routes
 
     def _routes(self, x):
-        """(assign [B,H,S,L,p] float32, router probabilities, cluster ids [B,H,S] int32)."""
+        """(router logits [B,H,S,L,p], assign [B,H,S,L,p] float32, router probabilities,
+        cluster ids [B,H,S] int32)."""
         s = self.surgery_config
         logits = self.router(x)
         probs = jax.nn.softmax(logits, axis=-1)
@@ -129,7 +130,8 @@ class SurgicalAttention(nnx.Module):
             # routes for every seed (see tree.gumbel_softmax).
             assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
                                        noise_bound=s.init_margin)
-        return assign, probs, um.cluster_ids(um.hard_digits(assign), s.arity, s.cut_level)
+        return logits, assign, probs, um.cluster_ids(um.hard_digits(assign), s.arity,
+                                                     s.cut_level)
 
     # ------------------------------------------------------------------ forward
 
@@ -144,7 +146,7 @@ class SurgicalAttention(nnx.Module):
                                     positions)
         if self.as_base:           # the base layer: no routing, no noise drawn, no report
             return self._base_attention(q, k, v, positions, attention_mask, cache)
-        assign, probs, clusters = self._routes(x)
+        logits, assign, probs, clusters = self._routes(x)
         if cache is not None:
             if not self.deterministic:
                 raise NotImplementedError(
@@ -162,8 +164,8 @@ class SurgicalAttention(nnx.Module):
             out = self._masked_attention(q, k, v, positions, k_pos, clusters, k_clusters,
                                          k_valid)
         else:
-            out, extras = self._training_attention(q, k, v, assign, positions, clusters,
-                                                   attention_mask)
+            out, extras = self._training_attention(q, k, v, logits, assign, positions,
+                                                   clusters, attention_mask)
         if self.reporting is not None:
             self._report(assign, probs, clusters, attention_mask, extras)
         out = self.o_proj(out.reshape(*out.shape[:2], -1))
@@ -209,10 +211,12 @@ class SurgicalAttention(nnx.Module):
         allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
         return llama.masked_attention(q, k, v, allowed, self.scale)
 
-    def _training_attention(self, q, k, v, assign, positions, clusters, q_valid):
+    def _training_attention(self, q, k, v, logits, assign, positions, clusters, q_valid):
         """(output, extras): the straight-through bridge over the Gumbel routes. extras holds
-        the soft density of this layer (forward: the hard density) and, when reported, the
-        attention recall of the dense probabilities of the same q and k."""
+        the soft density of this layer (forward: the Gumbel routes' hard density), the density
+        of the argmax routes evaluation runs and, when reported, route_density (that density,
+        differentiable: budget.route_density) and the attention recall of the dense
+        probabilities of the same q and k."""
         s = self.surgery_config
         allowed = self._allowed(positions, positions, clusters, clusters, q_valid)
         causal = llama.causal_mask(positions, positions, q_valid)         # [B,1,S,S]
@@ -223,7 +227,15 @@ class SurgicalAttention(nnx.Module):
         # O(S^2) memory per layer whatever L: the level products are recomputed backward.
         m = bridged_tree_mask(assign, allowed, causal & ~bypass, s.max_distance,
                               s.mask_temperature, s.depth_op)
-        extras = {"soft_density": soft_density(m, causal, q_valid)}
+        valid = None if q_valid is None else q_valid.astype(bool)[:, None]
+        argmax = um.cluster_ids(um.hard_digits(logits), s.arity, s.cut_level)
+        _, kept, pairs = um.pair_counts(argmax, s.window, s.sink_tokens, valid)
+        extras = {"soft_density": soft_density(m, causal, q_valid),
+                  "argmax_density": jnp.sum(kept) / jnp.sum(pairs)}
+        if self.reporting is not None and "route_density" in self.reporting:
+            extras["route_density"] = route_density(
+                logits, 1.0, s.cut_level, causal & ~bypass, causal, q_valid,
+                extras["argmax_density"])
         want_recall = self.reporting is not None and "recall" in self.reporting
 
         def probabilities(scores):
@@ -237,18 +249,13 @@ class SurgicalAttention(nnx.Module):
         """Sows this call's aux dict: balance_loss (scalar), density / tree_density (fractions
         of the causal pairs between real tokens allowed in total / by the tree alone, counted
         from the cluster ids), clusters [B, H, S], and in training soft_density (the density
-        the budget differentiates; its value is the Gumbel routes' hard density),
-        argmax_density (the density of the noise-free routes evaluation runs) and, when asked
-        for, recall."""
+        the sampled-routes budget differentiates; its value is the Gumbel routes' hard
+        density), argmax_density (the density of the noise-free routes evaluation runs) and,
+        when asked for, route_density and recall."""
         s = self.surgery_config
         valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
         tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
         causal = jnp.sum(causal)
-        if not self.deterministic:
-            # What evaluation will see: the argmax routes, without the Gumbel noise.
-            argmax = um.cluster_ids(um.hard_digits(probs), s.arity, s.cut_level)
-            extras = dict(extras, argmax_density=jnp.sum(
-                um.pair_counts(argmax, s.window, s.sink_tokens, valid)[1]) / causal)
         self.sow(SurgeryAux, "aux", {
             "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
             "density": jnp.sum(kept) / causal, "tree_density": jnp.sum(tree) / causal,

@@ -7,6 +7,14 @@ and heads. With the bridged mask m (forward exactly the hard mask) its forward v
 density of the layer, the same number `forward_with_aux` reports as "density", and its gradient
 reaches the router through the soft tree mask. Every layer has the same causal pairs, so the
 total density is the mean of rho_l over layers.
+
+That rho binds the densities of the Gumbel routes training samples. Evaluation runs the argmax
+routes, which are denser (noise scatters tokens the router holds near a boundary), so a budget
+met in training is missed held out. `route_density` binds the evaluation routes instead: its
+value is the argmax routes' hard density and its gradient that of the expected density of routes
+drawn from the router's probabilities. Training takes them at temperature 1, not at the annealed
+Gumbel tau: at tau -> 0.1 a collapsed router's probabilities saturate and the gradient vanishes
+for every token not already near a boundary.
 """
 from __future__ import annotations
 
@@ -49,6 +57,46 @@ def soft_density(m: jax.Array, causal: jax.Array,
         pairs = pairs & q_valid.astype(bool)[:, None, :, None]
     kept = jnp.sum(jnp.where(pairs, m.astype(jnp.float32), 0.0))
     return kept / jnp.maximum(jnp.sum(pairs, dtype=jnp.float32), 1.0)
+
+
+def route_agreement(logits: jax.Array, tau, cut_level: int) -> jax.Array:
+    """float32 [B, H, S, S]: the probability that tokens i and j share their first `cut_level`
+    route digits (the same tree cluster) when every level's digit is drawn independently from
+    softmax(logits / tau). logits: the router's [B, H, S, L, p]."""
+    probs = jax.nn.softmax(logits[..., :cut_level, :].astype(jnp.float32) / tau, axis=-1)
+    agree = jnp.ones(probs.shape[:3] + probs.shape[2:3], jnp.float32)
+    for level in range(cut_level):
+        p = probs[..., level, :]
+        agree = agree * jnp.einsum("bhic,bhjc->bhij", p, p,
+                                   precision=jax.lax.Precision.HIGHEST)
+    return agree
+
+
+def route_density(logits: jax.Array, tau, cut_level: int, routed: jax.Array,
+                  causal: jax.Array, q_valid: Optional[jax.Array],
+                  hard_density: jax.Array) -> jax.Array:
+    """The noise-free density of one layer, a float32 scalar: forward `hard_density` (that of
+    the argmax routes, tree.pair_counts), gradient that of the expected density
+
+        (#bypass pairs + sum over routed pairs of route_agreement_ij) / #causal pairs
+
+    routed: bool [B, H|1, S, S], the causal pairs between real tokens whose fate the routes
+    decide (outside sink and window); causal, q_valid as in soft_density. The S x S agreement
+    is recomputed in the backward pass (jax.checkpoint): O(S^2) memory whatever cut_level.
+    """
+    pairs = jnp.broadcast_to(causal, routed.shape[:1] + (logits.shape[1],) + routed.shape[2:])
+    if q_valid is not None:
+        pairs = pairs & q_valid.astype(bool)[:, None, :, None]
+    routed = routed & pairs
+    count = jnp.maximum(jnp.sum(pairs, dtype=jnp.float32), 1.0)
+    bypass = jnp.sum(pairs & ~routed, dtype=jnp.float32)
+
+    @jax.checkpoint
+    def expected_tree_pairs(logits):
+        return jnp.sum(jnp.where(routed, route_agreement(logits, tau, cut_level), 0.0))
+
+    expected = (bypass + expected_tree_pairs(logits)) / count
+    return expected + jax.lax.stop_gradient(jnp.asarray(hard_density, jnp.float32) - expected)
 
 
 def _constrained(rho: jax.Array, per_layer: bool) -> jax.Array:

@@ -19,6 +19,7 @@ from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery import budget as bud
 
 RECALL_FORMS = ("log_mass", "kl")
+BUDGET_ROUTES = ("argmax", "sampled")
 # r_i is floored here before its log: a row that keeps (almost) nothing costs -log(1e-6) = 13.8
 # instead of inf. The diagonal pair (i, i) is always allowed, so a floored row has dropped all
 # but less than 1e-6 of its dense attention mass.
@@ -38,6 +39,9 @@ class ObjectiveConfig:
     budget_mu: float = 100.0                # mu of the penalty
     dual_eta: float = 1.0                   # eta of the dual ascent on nu
     per_layer: bool = False                 # the target binds every layer, not just the total
+    # Whose density the budget binds: "argmax", the noise-free routes evaluation runs
+    # (budget.route_density), or "sampled", the Gumbel routes of the training step.
+    budget_routes: str = "argmax"
 
     def __post_init__(self):
         def bad(field, why):
@@ -59,6 +63,8 @@ class ObjectiveConfig:
             bad("budget_mu", "must be > 0")
         if not self.dual_eta > 0:
             bad("dual_eta", "must be > 0")
+        if self.budget_routes not in BUDGET_ROUTES:
+            bad("budget_routes", f"must be one of {BUDGET_ROUTES}")
         if not isinstance(self.per_layer, bool):
             bad("per_layer", "must be True or False")
 
