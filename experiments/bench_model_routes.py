@@ -29,7 +29,6 @@ with a note. Writes JSON (and the routes, .npz) to --out and prints the tables l
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import runpy
@@ -116,7 +115,8 @@ def block_densities(ids, *, window, sink, block):
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_timings(ids, shape, *, window, sink, block, reps, smoke, deadline, notes, label):
+def attention_timings(ids, shape, *, layouts, window, sink, block, reps, smoke, deadline, notes,
+                      label):
     """{layout: [per layer {fwd_ms, fwd_bwd_ms}]} and cuDNN's {fwd_ms, fwd_bwd_ms} for ids
     [layers, 1, H, S] on random bf16 q, k, v."""
     layers, _, heads, seq = ids.shape
@@ -141,7 +141,7 @@ def attention_timings(ids, shape, *, window, sink, block, reps, smoke, deadline,
     cudnn = measure(both(lambda q, k, v, ids: jax.nn.dot_product_attention(
         q, k, v, implementation=impl, is_causal=True)), ids[0])
     out = {}
-    for layout in LAYOUTS:
+    for layout in layouts:
         fns = both(lambda q, k, v, ids, layout=layout: routed_attention(
             q, k, v, ids, window=window, sink_tokens=sink, layout=layout, backend="gpu",
             interpret=smoke, block_q=block, block_k=block))
@@ -248,6 +248,33 @@ def perturb_routers(model, seed=0):
 
 # ----------------------------------------------------------------------------- driver
 
+def route_entry(model, tokens, seq, surgery, block, notes):
+    """{seq, exceeds_max_len, layers: [densities], clusters [layers, 1, H, S]} of the model's
+    evaluation routes on the first seq tokens."""
+    label, c = f"S={seq}", model.config
+    over = seq > surgery.max_len
+    if over:
+        note = (f"{label} exceeds the run's surgery.max_len={surgery.max_len}: the router's "
+                f"tree (L={surgery.num_levels}) needs max_len >= S; these routes lie outside "
+                "what the run trained")
+        print("NOTE: " + note, flush=True)
+        notes.append(note)
+    if seq > c.max_position_embeddings:
+        notes.append(f"{label} exceeds the model's max_position_embeddings="
+                     f"{c.max_position_embeddings}")
+    set_attention_impl(model, "dense")   # the evaluation path; compiles faster than kernels
+    routes = extract_routes(model, jnp.asarray(tokens[None, :seq]))
+    clusters = np.asarray(routes.cluster_ids)                 # [layers, 1, H, S]
+    natural, sorted_ = block_densities(jnp.asarray(clusters[:, 0]), window=surgery.window,
+                                       sink=surgery.sink_tokens, block=block)
+    layers = [dict(layer=i, natural_density=float(natural[i]), sorted_density=float(sorted_[i]),
+                   auto_runs_sorted=bool(prefer_sorted(natural[i])),
+                   pair_density=float(routes.density_per_layer[i]),
+                   tree_pair_density=float(routes.tree_density_per_layer[i]))
+              for i in range(c.num_hidden_layers)]
+    return dict(seq=seq, exceeds_max_len=over, layers=layers, clusters=clusters)
+
+
 def layer_means(rows):
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]} if rows else None
 
@@ -275,50 +302,49 @@ def run(args):
               "text": source, "block": block, "seqs": [], "notes": []}
     print(f"jax {jax.__version__} on {result['device']}; run {args.run_dir} step "
           f"{restored.step}; text: {source}", flush=True)
-    routes_npz = {}
-    for index, seq in enumerate(args.seq_lens):
-        label = f"S={seq}"
-        over = seq > surgery.max_len
-        if over:
-            note = (f"{label} exceeds the run's surgery.max_len={surgery.max_len}: the router's "
-                    f"tree (L={surgery.num_levels}) needs max_len >= S; these routes lie "
-                    "outside what the run trained")
-            print("NOTE: " + note, flush=True)
-            result["notes"].append(note)
-        if seq > c.max_position_embeddings:
-            result["notes"].append(f"{label} exceeds the model's max_position_embeddings="
-                                   f"{c.max_position_embeddings}")
-        ids = jnp.asarray(tokens[None, :seq])
-        set_attention_impl(model, "dense")   # the evaluation path; compiles faster than kernels
-        routes = extract_routes(model, ids)
-        clusters = np.asarray(routes.cluster_ids)                 # [layers, 1, H, S]
-        routes_npz[f"S{seq}"] = clusters
-        natural, sorted_ = block_densities(jnp.asarray(clusters[:, 0]), window=window, sink=sink,
-                                           block=block)
-        layers = [dict(layer=i, natural_density=float(natural[i]),
-                       sorted_density=float(sorted_[i]),
-                       auto_runs_sorted=bool(prefer_sorted(natural[i])),
-                       pair_density=float(routes.density_per_layer[i]),
-                       tree_pair_density=float(routes.tree_density_per_layer[i]))
-                  for i in range(c.num_hidden_layers)]
-        entry = dict(seq=seq, exceeds_max_len=over, layers=layers)
-        if time.perf_counter() < deadline:
-            times, cudnn = attention_timings(clusters, shape, window=window, sink=sink,
-                                             block=block, reps=args.reps, smoke=args.toy,
-                                             deadline=deadline, notes=result["notes"],
-                                             label=label)
-            for layout, rows in times.items():
-                for row, t in zip(layers, rows):
-                    row[layout] = t
-            entry["cudnn"] = cudnn
-        else:
-            result["notes"].append(f"{label}: attention not timed, the time budget is spent")
-        if time.perf_counter() < deadline:
-            entry["model_ms"], entry["checks"] = model_prefills(
-                model, ids, kernel_options=kernel_options, smoke=args.toy,
-                reps=args.model_reps, check=index == 0)
-        else:
+    # Routes and densities of every length first, then the whole model, then attention per
+    # layer: what the budget cuts is the last and most detailed part.
+    entries, routes_npz, elapsed = [], {}, {"restore": time.perf_counter() - start}
+    result["elapsed_s"] = elapsed
+    for seq in args.seq_lens:
+        entries.append(route_entry(model, tokens, seq, surgery, block, result["notes"]))
+        routes_npz[f"S{seq}"] = entries[-1].pop("clusters")
+        elapsed[f"routes S={seq}"] = time.perf_counter() - start
+        print(f"S={seq}: routes extracted, blocks visited natural "
+              f"{np.mean([r['natural_density'] for r in entries[-1]['layers']]):.1%}, sorted "
+              f"{np.mean([r['sorted_density'] for r in entries[-1]['layers']]):.1%}", flush=True)
+    for index, entry in enumerate(entries):
+        label = f"S={entry['seq']}"
+        if "model" not in args.parts:
+            continue
+        if time.perf_counter() > deadline:
             result["notes"].append(f"{label}: whole model not timed, the time budget is spent")
+            continue
+        ids = jnp.asarray(tokens[None, :entry["seq"]])
+        entry["model_ms"], entry["checks"] = model_prefills(
+            model, ids, kernel_options=kernel_options, smoke=args.toy, reps=args.model_reps,
+            check=index == 0)
+        elapsed[f"model {label}"] = time.perf_counter() - start
+        print(f"{label}: whole model (ms) {entry['model_ms']} {entry['checks']}", flush=True)
+    for entry in entries:
+        label = f"S={entry['seq']}"
+        if "attention" not in args.parts:
+            continue
+        if time.perf_counter() > deadline:
+            result["notes"].append(f"{label}: attention not timed, the time budget is spent")
+            continue
+        clusters = routes_npz[f"S{entry['seq']}"]
+        times, entry["cudnn"] = attention_timings(
+            clusters, shape, layouts=args.layouts, window=window, sink=sink, block=block,
+            reps=args.reps, smoke=args.toy, deadline=deadline, notes=result["notes"],
+            label=label)
+        for layout, rows in times.items():
+            for row, t in zip(entry["layers"], rows):
+                row[layout] = t
+        elapsed[f"attention {label}"] = time.perf_counter() - start
+        print_seq(entry)
+    for entry in entries:
+        layers = entry["layers"]
         entry["mean"] = layer_means([{k: v for k, v in r.items() if isinstance(v, float)}
                                      for r in layers])
         for layout in LAYOUTS:
@@ -326,7 +352,6 @@ def run(args):
             if timed_rows:
                 entry["mean"][layout] = layer_means(timed_rows)
         result["seqs"].append(entry)
-        print_seq(entry)
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / ("toy.json" if args.toy else "model_routes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +445,10 @@ def parse_args(argv=None):
     parser.add_argument("--model-reps", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=150.0,
                         help="skip the timings left once this many seconds have passed")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="routed_attention layouts timed per layer (comma-separated)")
+    parser.add_argument("--parts", default="model,attention",
+                        help="what to time besides the routes: model, attention or both")
     parser.add_argument("--toy", action="store_true",
                         help="a tiny random run built here, Pallas interpret mode (CPU)")
     args = parser.parse_args(argv)
@@ -433,6 +462,12 @@ def parse_args(argv=None):
     if any(s < 1 for s in args.seq_lens):
         parser.error(f"--seq-lens must be positive, got {seqs!r}")
     args.block = args.block or (16 if args.toy else 128)
+    args.layouts = [x for x in args.layouts.split(",") if x]
+    args.parts = [x for x in args.parts.split(",") if x]
+    if not set(args.layouts) <= set(LAYOUTS):
+        parser.error(f"--layouts must name some of {LAYOUTS}, got {args.layouts}")
+    if not set(args.parts) <= {"model", "attention"}:
+        parser.error(f"--parts must name model and/or attention, got {args.parts}")
     return args
 
 

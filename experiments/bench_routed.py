@@ -58,11 +58,12 @@ def random_routes(seq, hq, clusters, seed):
     return jax.random.randint(jax.random.PRNGKey(seed + 7), (1, hq, seq), 0, clusters, jnp.int32)
 
 
-def check_correctness(shape):
-    """Outputs, LSE and gradients of both layouts against the reference on float32 copies."""
+def check_correctness(shape, quick=False):
+    """Outputs, LSE and gradients of both layouts against the reference on float32 copies
+    (quick: the sorted layout in bf16 only)."""
     rows = []
     cases = [(200 if SMOKE else 1000, jnp.bfloat16, 16, WINDOW, SINK, 2e-2),
-             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)]
+             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)][:1 if quick else 2]
     for seq, dtype, clusters, window, sink, tol in cases:
         q, k, v, ct = random_inputs(seq, shape["hq"], shape["hkv"], shape["d"], dtype, seed=seq)
         ids = random_routes(seq, shape["hq"], clusters, seed=seq)
@@ -76,7 +77,7 @@ def check_correctness(shape):
         want = jax.jit(out_lse_grads, static_argnums=0)(
             lambda q, k, v, ids: reference_attention(q, k, v, ids, ids, return_lse=True, **kw),
             *f32, ids)
-        for layout in ("sorted", "natural"):
+        for layout in ("sorted",) if quick else ("sorted", "natural"):
             def routed(q, k, v, ids, layout=layout):
                 return routed_attention(q, k, v, ids, layout=layout, backend="gpu",
                                         interpret=SMOKE, return_lse=True, **kw)
@@ -138,7 +139,8 @@ def run(args):
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "shape": dict(B=1, Hq=shape["hq"], Hkv=shape["hkv"], D=shape["d"],
                             dtype="bfloat16", window=WINDOW, sink=SINK, block=BLOCK),
-              "correctness": check_correctness(shape), "rows": [], "skipped": []}
+              "correctness": check_correctness(shape, quick=args.breakdown), "rows": [],
+              "skipped": []}
     if args.breakdown:
         result["breakdown"] = run_breakdown(
             shape, args.seqs or [8192, 32768], args.clusters or [32], reps=args.reps,
