@@ -357,8 +357,8 @@ def run(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)
-    print_tables(result)
     print(f"wrote {out}, {out.with_suffix('.routes.npz')}")
+    print_tables(result)
     return result
 
 

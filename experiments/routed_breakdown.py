@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bench_attention import timed
-from pallas_kernels import band_schedule, routed_attention, segment_schedule
+from pallas_kernels import band_schedule, build_schedule, routed_attention, segment_schedule
 from pallas_kernels.ops import make_config
 from pallas_kernels.routed import (_gather_heads, _permute_heads, band_pass, merge_partials, permute_inputs,
                                    sort_by_cluster, sorted_plan, tree_pass, unpermute)
@@ -86,6 +86,9 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
         lambda a, b, c, d: merge_partials(a, b, c, d)[0].astype(q.dtype), *nat_t, *local,
         whole="fwd")
     rows.append(("fwd: sum of the stages above", sum(r[1] for r in rows), "fwd"))
+    add("layout auto only: natural schedule (its rule's input)",
+        lambda ids: build_schedule(ids, ids, window=window, sink_tokens=sink, block_q=block,
+                                   block_k=block), ids)
 
     add_bwd("bwd: merge", lambda a, b, c, d: merge_partials(a, b, c, d), *nat_t, *local)
     add_bwd("bwd: band kernel", lambda q, k, v: band_pass(q, k, v, ids, plan, cfg, backend),
