@@ -7,7 +7,8 @@ and the whole model's prefill, against cuDNN and the dense model, in one run.
 RUN_DIR is a run's --workdir (or its checkpoints/ directory); the model is restored from its
 newest checkpoint (restore_run). The text is --text (a UTF-8 file) or, by default, the run's
 own held-out documents; its first S tokens (BOS first) are routed by the model (extract_routes
-on the masked dense evaluation path: the hard evaluation routes of every layer). For every length S:
+on the masked dense evaluation path: the hard evaluation routes of every layer). For every
+length S:
 
   - per layer: the share of causal 128 x 128 blocks the kernels visit in token order (the
     natural schedule) and on the cluster-sorted layout (tree segments + band), and the share of
@@ -23,8 +24,10 @@ on the masked dense evaluation path: the hard evaluation routes of every layer).
 
 Times are medians after warm-up (routes and inputs are arguments of the compiled functions).
 The router's tree is sized for surgery.max_len: a length above it is run and flagged (its
-routes are outside what the run trained). Timings left once --budget-s has passed are skipped
-with a note. Writes JSON (and the routes, .npz) to --out and prints the tables last.
+routes are outside what the run trained). The routes of every length come first, then the
+whole model at every length, then attention per layer; what is left once --budget-s has
+passed is skipped with a note (--parts and --layouts trim it beforehand). Writes JSON (and
+the routes, .npz) to --out and prints the tables last.
 """
 from __future__ import annotations
 

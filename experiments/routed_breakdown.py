@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from bench_attention import timed
-from pallas_kernels import band_schedule, build_schedule, routed_attention, segment_schedule
+from pallas_kernels import (band_schedule, build_schedule, routed_attention,
+                            segment_schedule)
 from pallas_kernels.ops import make_config
 from pallas_kernels.routed import (_gather_heads, _permute_heads, band_pass, merge_partials, permute_inputs,
                                    sort_by_cluster, sorted_plan, tree_pass, unpermute)
