@@ -305,7 +305,8 @@ def run(args):
                               levels=surgery.num_levels, d_max=surgery.max_distance,
                               clusters_at_most=surgery.arity ** surgery.cut_level,
                               window=window, sink=sink),
-              "text": source, "block": block, "seqs": [], "notes": []}
+              "text": source, "block": block, "seqs": [], "notes": [],
+              "cudnn_stands_in": "XLA attention (toy, CPU)" if args.toy else None}
     print(f"jax {jax.__version__} on {result['device']}; run {args.run_dir} step "
           f"{restored.step}; text: {source}", flush=True)
     # Routes and densities of every length first, then the whole model, then attention per
@@ -433,6 +434,8 @@ def print_tables(result):
               f"{t['dense_base'] / t['surgical_kernel']:.2f} | {t['dense_base_cudnn']:.2f} | "
               f"{t['dense_base_cudnn'] / t['surgical_kernel']:.2f} | "
               f"{_fmt(chk, '.1e')} |")
+    if result.get("cudnn_stands_in"):
+        print(f"(every cuDNN column is {result['cudnn_stands_in']} in this run)")
     for note in result["notes"]:
         print("NOTE: " + note)
 
