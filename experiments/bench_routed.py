@@ -10,6 +10,10 @@ the table last.
 
   python3 experiments/bench_routed.py --out results/bench_routed.json
   python3 experiments/bench_routed.py --smollm2-shape --out results/bench_routed_smollm2.json
+  python3 experiments/bench_routed.py --breakdown --out results/bench_routed/breakdown.json
+
+--breakdown times each stage of the sorted layout alone instead (routed_breakdown.py), at 8k
+and 32k with 32 clusters unless --seqs / --clusters say otherwise.
 
 Default shape: Llama-3-8B attention (B=1, Hq=32, Hkv=8, D=128, bf16, window 128, sink 1) at
 8k, 32k and 128k for 8, 32 and 128 clusters; --smollm2-shape: Hq=9, Hkv=3, D=64 at 2k-8k.
@@ -33,6 +37,7 @@ from bench_attention import finish, rel_err, timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, reference_attention,  # noqa: E402
                             routed_attention, segment_schedule)
 from pallas_kernels.routed import prefer_sorted, sort_by_cluster  # noqa: E402
+from routed_breakdown import run_breakdown  # noqa: E402
 
 WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
@@ -53,11 +58,12 @@ def random_routes(seq, hq, clusters, seed):
     return jax.random.randint(jax.random.PRNGKey(seed + 7), (1, hq, seq), 0, clusters, jnp.int32)
 
 
-def check_correctness(shape):
-    """Outputs, LSE and gradients of both layouts against the reference on float32 copies."""
+def check_correctness(shape, quick=False):
+    """Outputs, LSE and gradients of both layouts against the reference on float32 copies
+    (quick: the sorted layout in bf16 only)."""
     rows = []
     cases = [(200 if SMOKE else 1000, jnp.bfloat16, 16, WINDOW, SINK, 2e-2),
-             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)]
+             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)][:1 if quick else 2]
     for seq, dtype, clusters, window, sink, tol in cases:
         q, k, v, ct = random_inputs(seq, shape["hq"], shape["hkv"], shape["d"], dtype, seed=seq)
         ids = random_routes(seq, shape["hq"], clusters, seed=seq)
@@ -71,7 +77,7 @@ def check_correctness(shape):
         want = jax.jit(out_lse_grads, static_argnums=0)(
             lambda q, k, v, ids: reference_attention(q, k, v, ids, ids, return_lse=True, **kw),
             *f32, ids)
-        for layout in ("sorted", "natural"):
+        for layout in ("sorted",) if quick else ("sorted", "natural"):
             def routed(q, k, v, ids, layout=layout):
                 return routed_attention(q, k, v, ids, layout=layout, backend="gpu",
                                         interpret=SMOKE, return_lse=True, **kw)
@@ -133,7 +139,14 @@ def run(args):
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "shape": dict(B=1, Hq=shape["hq"], Hkv=shape["hkv"], D=shape["d"],
                             dtype="bfloat16", window=WINDOW, sink=SINK, block=BLOCK),
-              "correctness": check_correctness(shape), "rows": [], "skipped": []}
+              "correctness": check_correctness(shape, quick=args.breakdown), "rows": [],
+              "skipped": []}
+    if args.breakdown:
+        result["breakdown"] = run_breakdown(
+            shape, args.seqs or [8192, 32768], args.clusters or [32], reps=args.reps,
+            smoke=SMOKE, inputs=random_inputs, routes=random_routes, window=WINDOW, sink=SINK,
+            block=BLOCK)
+        return finish(result, args.out, lambda: print_breakdown(result))
     start = time.perf_counter()
     for seq in seqs:
         ok, need = fits_memory(seq, shape)
@@ -153,7 +166,7 @@ def run(args):
                           args.reps)
         print(f"S={seq} cudnn fwd {1e3 * dense[0]:.3f} ms fwd+bwd {1e3 * dense[1]:.3f} ms",
               flush=True)
-        for clusters in args.clusters:
+        for clusters in args.clusters or [8, 32, 128]:
             ids = random_routes(seq, shape["hq"], clusters, seed=seq + clusters)
             share_sorted, share_natural = (float(x) for x in visited_shares(ids, seq))
             for layout in args.layouts:
@@ -209,10 +222,29 @@ def print_table(result):
         print(note)
 
 
+def print_breakdown(result):
+    s = result["shape"]
+    print(f"\nrouted_attention (sorted layout) stage by stage, B=1 Hq={s['Hq']} Hkv={s['Hkv']} "
+          f"D={s['D']} bf16, window {WINDOW}, sink {SINK}, random routes; each stage jitted "
+          "alone on precomputed inputs, medians in ms; share = stage / end to end.")
+    cases = result["breakdown"]
+    head = f"{'stage':<50}" + "".join(f"{c['label']:>22}" for c in cases)
+    print(head)
+    print("-" * len(head))
+    for i, row in enumerate(cases[0]["stages"]):
+        line = f"{row['stage']:<50}"
+        for c in cases:
+            r = c["stages"][i]
+            share = "" if r["share"] is None else f" ({r['share']:.0%})"
+            line += f"{r['ms']:>14.3f}{share:>8}"
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=None)
-    parser.add_argument("--clusters", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--clusters", type=int, nargs="+", default=None,
+                        help="default 8 32 128 (32 with --breakdown)")
     parser.add_argument("--layouts", nargs="+", default=["sorted", "natural"],
                         choices=["sorted", "natural", "auto"])
     parser.add_argument("--natural-max-seq", type=int, default=32768)
@@ -221,6 +253,8 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="skip the timings left once this many seconds have passed")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time each stage of the sorted layout alone (forward, backward)")
     parser.add_argument("--out", default="results/bench_routed.json")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -20,18 +20,27 @@ GQA: the sorted keys and values are gathered per query head (head h reads kv hea
 h // (Hq // Hkv) at its own order), so the sorted pass holds [B, S, Hq, D] keys and values:
 Hq / Hkv times the K/V memory (4x for Llama-3-8B's 32 / 8), plus sorted copies of q and of the
 tree output.
+
+Every permutation here is a bijection per head, so its transpose is the gather by the inverse
+order (then, for keys and values, a sum over the query heads of each kv group): the backward
+pass gathers instead of letting autodiff scatter-add into the token order (_permute_heads).
+
+The stages (sorted_plan, permute_inputs, tree_pass, unpermute, band_pass, merge_partials) are
+public so that a benchmark can time each one alone.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ops import attention_with_schedule, make_config, resolve_backend
 from pallas_kernels.reference import dense_attention
-from pallas_kernels.schedule import build_schedule
+from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.segment_schedule import band_schedule, segment_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
 
@@ -79,6 +88,47 @@ def _gather_heads(x, order, group):
     return x[b, jnp.swapaxes(order, 1, 2), h]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute_heads(x, order, inverse, group):
+    """_gather_heads(x, order, group), inverse being order's inverse per head. Backward: the
+    cotangent gathered back by inverse, summed over each group of heads in float32."""
+    return _gather_heads(x, order, group)
+
+
+def _permute_heads_fwd(x, order, inverse, group):
+    return _gather_heads(x, order, group), (order, inverse)
+
+
+def _permute_heads_bwd(group, res, ct):
+    order, inverse = res
+    back = _gather_heads(ct, inverse, 1)                  # [B, S, H, D] in token order
+    if group > 1:
+        batch, seq, heads, dim = back.shape
+        back = jnp.sum(back.reshape(batch, seq, heads // group, group, dim), axis=3,
+                       dtype=jnp.float32).astype(ct.dtype)
+    return back, None, None
+
+
+_permute_heads.defvjp(_permute_heads_fwd, _permute_heads_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(x, order, inverse):
+    """x [B, H, S] read at order [B, H, S] (take_along_axis); backward gathers by inverse."""
+    return jnp.take_along_axis(x, order, axis=-1)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return jnp.take_along_axis(x, order, axis=-1), (order, inverse)
+
+
+def _permute_rows_bwd(res, ct):
+    return jnp.take_along_axis(ct, res[1], axis=-1), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _natural(q, k, v, qc, cfg, backend, schedule=None):
     if schedule is None:
         schedule = build_schedule(qc, qc, window=cfg.window, sink_tokens=cfg.sink_tokens,
@@ -86,26 +136,62 @@ def _natural(q, k, v, qc, cfg, backend, schedule=None):
     return attention_with_schedule(q, k, v, qc, qc, schedule, backend=backend, config=cfg)
 
 
-def _sorted(q, k, v, qc, cfg, backend):
-    group = q.shape[2] // k.shape[2]
+class SortedPlan(NamedTuple):
+    """What the sorted layout derives from the ids alone (no q, k, v)."""
+    order: jax.Array         # [B, H, S] int32: token at each sorted slot
+    sorted_ids: jax.Array    # [B, H, S]: ids[order]
+    inverse: jax.Array       # [B, H, S] int32: sorted slot of each token
+    tree: BlockSchedule      # segment_schedule of sorted_ids
+    band: Optional[BlockSchedule]  # band_schedule of the window and sink (None: no local pair)
+
+
+def sorted_plan(qc, cfg) -> SortedPlan:
+    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]."""
     order, sorted_ids, inverse = sort_by_cluster(qc)
+    tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
+    band = None
+    if cfg.window > 0 or cfg.sink_tokens > 0:
+        batch, heads, seq = qc.shape
+        band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
+                             block_q=cfg.block_q, block_k=cfg.block_k)
+    return SortedPlan(order, sorted_ids, inverse, tree, band)
+
+
+def permute_inputs(q, k, v, plan: SortedPlan):
+    """q, k, v on the sorted layout, [B, S, Hq, D] each (k and v per query head)."""
+    group = q.shape[2] // k.shape[2]
+    return (_permute_heads(q, plan.order, plan.inverse, 1),
+            _permute_heads(k, plan.order, plan.inverse, group),
+            _permute_heads(v, plan.order, plan.inverse, group))
+
+
+def tree_pass(qs, ks, vs, plan: SortedPlan, cfg, backend):
+    """(out, lse) of the same-cluster pairs on the sorted layout (sorted order)."""
     tree_cfg = dataclasses.replace(cfg, window=0, sink_tokens=0)
-    tree_sched = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
-    out_t, lse_t = attention_with_schedule(
-        _gather_heads(q, order, 1), _gather_heads(k, order, group),
-        _gather_heads(v, order, group), sorted_ids, sorted_ids, tree_sched, backend=backend,
-        config=tree_cfg)
-    out_t = _gather_heads(out_t, inverse, 1)
-    lse_t = jnp.take_along_axis(lse_t, inverse, axis=-1)
-    if cfg.window == 0 and cfg.sink_tokens == 0:  # no local pair at all
-        return out_t, lse_t
-    batch, seq, heads = q.shape[:3]
-    band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
-                         block_q=cfg.block_q, block_k=cfg.block_k)
+    return attention_with_schedule(qs, ks, vs, plan.sorted_ids, plan.sorted_ids, plan.tree,
+                                   backend=backend, config=tree_cfg)
+
+
+def unpermute(out_t, lse_t, plan: SortedPlan):
+    """The tree pass's (out, lse) back in token order."""
+    return (_permute_heads(out_t, plan.inverse, plan.order, 1),
+            _permute_rows(lse_t, plan.inverse, plan.order))
+
+
+def band_pass(q, k, v, qc, plan: SortedPlan, cfg, backend):
+    """(out, lse) of the window and sink pairs of other clusters, in token order."""
     local_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
-    out_l, lse_l = attention_with_schedule(q, k, v, qc, qc, band, backend=backend,
-                                           config=local_cfg)
-    out, lse = merge_partials(out_t, lse_t, out_l, lse_l)
+    return attention_with_schedule(q, k, v, qc, qc, plan.band, backend=backend,
+                                   config=local_cfg)
+
+
+def _sorted(q, k, v, qc, cfg, backend):
+    plan = sorted_plan(qc, cfg)
+    out_t, lse_t = unpermute(*tree_pass(*permute_inputs(q, k, v, plan), plan, cfg, backend),
+                             plan)
+    if plan.band is None:  # no local pair at all
+        return out_t, lse_t
+    out, lse = merge_partials(out_t, lse_t, *band_pass(q, k, v, qc, plan, cfg, backend))
     return out.astype(q.dtype), lse
 
 

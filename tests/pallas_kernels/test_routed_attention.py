@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from pallas_kernels import (allowed_pairs, attention_with_schedule, build_schedule,
                             reference_attention, routed_attention, sharded_routed_attention)
 from pallas_kernels.ops import make_config
-from pallas_kernels.routed import merge_partials, prefer_sorted
+from pallas_kernels.routed import (_permute_heads, _permute_rows, merge_partials, prefer_sorted,
+                                   sort_by_cluster)
 from pallas_kernels.sharding import attention_specs
 from test_kernels import (INTERPRET, TOL, assert_close, kernel_backend, outputs_and_grads,
                           poison_device_memory)
@@ -205,6 +206,36 @@ def test_merge_of_disjoint_sets_equals_softmax_over_the_union():
                      argnums=(0, 1, 2, 3))(*args)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
     assert float(grads[3][0, 1, 2]) == 0.0 and not np.any(np.asarray(grads[2][0, 2, 1]))
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_permutation_backward_is_the_scatter_of_its_cotangent(group):
+    """_permute_heads' backward (a gather by the inverse order, summed over each kv group)
+    against float64 loops that add every sorted slot's cotangent back to its token and kv head;
+    the LSE permutation likewise."""
+    rng = np.random.default_rng(11 + group)
+    batch, seq, kv_heads, dim = 2, 29, 2, 4
+    heads = kv_heads * group
+    ids = jnp.asarray(rng.integers(0, 4, (batch, heads, seq)), jnp.int32)
+    order, _, inverse = sort_by_cluster(ids)
+    x = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, dim)), jnp.float32)
+    ct = rng.standard_normal((batch, seq, heads, dim))
+    out, vjp = jax.vjp(lambda x: _permute_heads(x, order, inverse, group), x)
+    o = np.asarray(order)
+    want_out, want_dx = np.zeros((batch, seq, heads, dim)), np.zeros(x.shape)
+    for b, h, s in np.ndindex(batch, heads, seq):
+        want_out[b, s, h] = np.asarray(x, np.float64)[b, o[b, h, s], h // group]
+        want_dx[b, o[b, h, s], h // group] += ct[b, s, h]
+    assert_close("out", out, want_out, 1e-6)
+    assert_close("dx", vjp(jnp.asarray(ct, jnp.float32))[0], want_dx, 1e-6)
+    lse = jnp.asarray(rng.standard_normal((batch, heads, seq)), jnp.float32)
+    ct_lse = rng.standard_normal((batch, heads, seq))
+    got, vjp = jax.vjp(lambda l: _permute_rows(l, order, inverse), lse)
+    want_dl = np.zeros(lse.shape)
+    for b, h, s in np.ndindex(batch, heads, seq):
+        want_dl[b, h, o[b, h, s]] += ct_lse[b, h, s]
+    assert_close("lse", got, np.take_along_axis(np.asarray(lse), o, -1), 0)
+    assert_close("dlse", vjp(jnp.asarray(ct_lse, jnp.float32))[0], want_dl, 1e-6)
 
 
 def test_under_shard_map_equals_the_unsharded_call():

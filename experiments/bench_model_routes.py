@@ -1,0 +1,493 @@
+"""A trained surgery run's own routes on real text: block densities, routed_attention per layer
+and the whole model's prefill, against cuDNN and the dense model, in one run.
+
+  python3 experiments/bench_model_routes.py RUN_DIR --seq-lens 2048,4096,8192 [--text PATH]
+  python3 experiments/bench_model_routes.py --toy          # CPU: a tiny random run built here
+
+RUN_DIR is a run's --workdir (or its checkpoints/ directory); the model is restored from its
+newest checkpoint (restore_run). The text is --text (a UTF-8 file) or, by default, the run's
+own held-out documents; its first S tokens (BOS first) are routed by the model (extract_routes
+on the masked dense evaluation path: the hard evaluation routes of every layer). For every
+length S:
+
+  - per layer: the share of causal 128 x 128 blocks the kernels visit in token order (the
+    natural schedule) and on the cluster-sorted layout (tree segments + band), and the share of
+    causal token pairs allowed;
+  - per layer: routed_attention (layouts auto, sorted, natural) forward and forward + backward
+    on those routes, q, k, v random bf16 at the model's attention shape, against cuDNN causal
+    attention on the same q, k, v (backward = (f+b) - f);
+  - the whole model's prefill (logits of all S positions, routers included): the surgical
+    model through the kernels (set_attention_impl(model, "kernel"), layout auto) against the
+    same model in base mode (dense causal softmax in XLA, routers unused) and against the base
+    model with its attention through cuDNN (cast to bf16 when the model computes in float32);
+    plus, at the first S, the surgical kernel logits against the surgical masked dense ones.
+
+Times are medians after warm-up (routes and inputs are arguments of the compiled functions).
+The router's tree is sized for surgery.max_len: a length above it is run and flagged (its
+routes are outside what the run trained). The routes of every length come first, then the
+whole model at every length, then attention per layer; what is left once --budget-s has
+passed is skipped with a note (--parts and --layouts trim it beforehand). Writes JSON (and
+the routes, .npz) to --out and prints the tables last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import timed  # noqa: E402
+from pallas_kernels import (band_schedule, build_schedule, routed_attention,  # noqa: E402
+                            segment_schedule)
+from pallas_kernels.routed import prefer_sorted, sort_by_cluster  # noqa: E402
+from ultrametric_jax.model import llama  # noqa: E402
+from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
+from ultrametric_jax.run.data_corpus import load_corpus, split_documents  # noqa: E402
+from ultrametric_jax.run.export import checkpoint_dir_of  # noqa: E402
+from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
+from ultrametric_jax.surgery.inject import (base_model_mode, extract_routes,  # noqa: E402
+                                            set_attention_impl)
+from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
+
+LAYOUTS = ("auto", "sorted", "natural")
+TINY_CONFIG = ROOT / "configs" / "tiny_random.py"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def checkpoints_of(run_dir: str) -> str:
+    """The checkpoints directory of a run's workdir, or run_dir itself when it is one."""
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return checkpoint_dir_of(workdir=run_dir)[0]
+    return checkpoint_dir_of(checkpoint=run_dir)[0]
+
+
+def text_tokens(restored, text_path, length):
+    """int32 [length]: BOS then the text's tokens (--text) or the run's held-out documents."""
+    tok = corpus_tokenizer(restored.base_model["path"], restored.model.config)
+    if text_path:
+        ids = [tok.bos_id] + tok.encode_batch([Path(text_path).read_text(encoding="utf-8")])[0]
+        source = text_path
+    else:
+        data = restored.run.data
+        docs = load_corpus(data.corpus, max_chars=data.max_chars, chunk_chars=data.chunk_chars)
+        packed = pack_documents(split_documents(docs, data.val_fraction)[1], tok, length)
+        ids = packed.tokens[0][packed.mask[0]].tolist()
+        source = f"held-out documents of {data.corpus!r}"
+    if len(ids) < length:
+        raise SystemExit(f"the text ({source}) holds {len(ids)} tokens; --seq-lens needs "
+                         f"{length}: give a longer --text")
+    return np.asarray(ids[:length], np.int32), source
+
+
+# ----------------------------------------------------------------------------- densities
+
+def block_densities(ids, *, window, sink, block):
+    """Per layer of ids [layers, H, S]: (natural, sorted) visited / causal blocks, numpy."""
+    layers, heads, seq = ids.shape
+    nq = -(-seq // block)
+    causal = heads * nq * (nq + 1) // 2        # query block i holds causal pairs in i + 1
+
+    @jax.jit
+    def counts(ids):
+        natural = build_schedule(ids, ids, window=window, sink_tokens=sink, block_q=block,
+                                 block_k=block)
+        _, sorted_ids, _ = sort_by_cluster(ids)
+        tree = segment_schedule(sorted_ids, block_q=block, block_k=block)
+        band = band_schedule(layers, heads, seq, window=window, sink_tokens=sink, block_q=block,
+                             block_k=block)
+        total = lambda s: jnp.sum(s.kv_num_blocks, axis=(1, 2))  # noqa: E731
+        band_total = total(band) if (window > 0 or sink > 0) else 0
+        return total(natural), total(tree) + band_total
+
+    natural, sorted_ = (np.asarray(x, np.float64) / causal for x in counts(ids))
+    return natural, sorted_
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_timings(ids, shape, *, layouts, window, sink, block, reps, smoke, deadline, notes,
+                      label):
+    """{layout: [per layer {fwd_ms, fwd_bwd_ms}]} and cuDNN's {fwd_ms, fwd_bwd_ms} for ids
+    [layers, 1, H, S] on random bf16 q, k, v."""
+    layers, _, heads, seq = ids.shape
+    ids = jnp.asarray(ids)           # on the device once, not at every timed call
+    keys = jax.random.split(jax.random.PRNGKey(seq), 4)
+    q = jax.random.normal(keys[0], (1, seq, heads, shape["d"]), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, seq, shape["hkv"], shape["d"]), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, seq, shape["hkv"], shape["d"]), jnp.bfloat16)
+    ct = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+
+    def both(fn):
+        def fwd_bwd(q, k, v, ct, ids):
+            _, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, ids), q, k, v)
+            return vjp(ct)
+        return jax.jit(fn), jax.jit(fwd_bwd)
+
+    def measure(fns, ids):
+        f, fb = fns
+        return dict(fwd_ms=1e3 * timed(f, q, k, v, ids, reps=reps, min_batch_s=0.01),
+                    fwd_bwd_ms=1e3 * timed(fb, q, k, v, ct, ids, reps=reps, min_batch_s=0.01))
+
+    impl = "xla" if smoke else "cudnn"
+    cudnn = measure(both(lambda q, k, v, ids: jax.nn.dot_product_attention(
+        q, k, v, implementation=impl, is_causal=True)), ids[0])
+    out = {}
+    for layout in layouts:
+        fns = both(lambda q, k, v, ids, layout=layout: routed_attention(
+            q, k, v, ids, window=window, sink_tokens=sink, layout=layout, backend="gpu",
+            interpret=smoke, block_q=block, block_k=block))
+        rows = []
+        for layer in range(layers):
+            if time.perf_counter() > deadline:
+                notes.append(f"{label} {layout}: layers {layer}..{layers - 1} not timed, the "
+                             "time budget is spent")
+                break
+            rows.append(measure(fns, ids[layer]))
+        out[layout] = rows
+    return out, cudnn
+
+
+# ----------------------------------------------------------------------------- whole model
+
+class CudnnAttention(nnx.Module):
+    """The base layer's causal attention through jax.nn.dot_product_attention (cuDNN on a GPU),
+    with the surgical layer's own q/k/v/o projections; float32 q, k, v go in as bf16."""
+
+    def __init__(self, layer, implementation):
+        self.config, self.scale, self.implementation = layer.config, layer.scale, implementation
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj)
+
+    def __call__(self, x, positions, attention_mask=None, cache=None):
+        if positions is None:
+            positions = llama.default_positions(x)
+        q, k, v = llama.project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x,
+                                    positions)
+        dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                           scale=self.scale, is_causal=True,
+                                           implementation=self.implementation)
+        return self.o_proj(out.astype(q.dtype).reshape(*out.shape[:2], -1))
+
+
+def _compiled_prefill(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)), state
+
+
+def model_prefills(model, tokens, *, kernel_options, smoke, reps, check):
+    """{mode: ms} of the whole model's forward on tokens [1, S]; with check, also the logits'
+    relative differences (kernel vs masked dense surgical; cuDNN base vs XLA base)."""
+    times, logits = {}, {}
+
+    def run(mode, time_it=True):
+        fn, state = _compiled_prefill(model)
+        if time_it:
+            times[mode] = 1e3 * timed(fn, state, tokens, reps=reps)
+        if check:
+            logits[mode] = fn(state, tokens)
+
+    def rel(a, b):      # on the device: the logits are S x vocabulary float32
+        return float(jnp.max(jnp.abs(logits[a] - logits[b]))
+                     / jnp.maximum(1.0, jnp.max(jnp.abs(logits[b]))))
+
+    set_attention_impl(model, "kernel", **kernel_options)
+    run("surgical_kernel")
+    if check:
+        set_attention_impl(model, "dense")
+        run("surgical_dense", time_it=False)
+    with base_model_mode(model):
+        run("dense_base")
+    layers = model.model.layers
+    surgical = [layer.self_attn for layer in layers]
+    try:
+        for layer, attn in zip(layers, surgical):
+            layer.self_attn = CudnnAttention(attn, "xla" if smoke else "cudnn")
+        run("dense_base_cudnn")
+    finally:
+        for layer, attn in zip(layers, surgical):
+            layer.self_attn = attn
+    set_attention_impl(model, "kernel", **kernel_options)
+    checks = {}
+    if check:
+        checks = dict(kernel_vs_masked_dense=rel("surgical_kernel", "surgical_dense"),
+                      cudnn_vs_xla_base=rel("dense_base_cudnn", "dense_base"))
+    return times, checks
+
+
+# ----------------------------------------------------------------------------- toy run
+
+def build_toy_run(root: str) -> str:
+    """A tiny random Llama (configs/tiny_random.py) trained for 2 steps; its workdir."""
+    from ultrametric_jax.cli import train
+    base = runpy.run_path(str(TINY_CONFIG))["write_model"](os.path.join(root, "base"))
+    workdir = os.path.join(root, "run")
+    rc = train.main(["--config", str(TINY_CONFIG), f"--config.model.path={base}",
+                     "--workdir", workdir, "--config.train.steps=2",
+                     "--config.checkpoint.every=2", "--config.surgery.max_len=32"])
+    if rc != 0:
+        raise SystemExit(f"the toy training run failed (exit status {rc})")
+    return workdir
+
+
+def perturb_routers(model, seed=0):
+    """Random router weights (toy only): two training steps leave the routes collapsed."""
+    state = nnx.state(model, RouterParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        x + 2.0 * jax.random.normal(key, x.shape, x.dtype) for x, key in zip(leaves, keys)]))
+
+
+# ----------------------------------------------------------------------------- driver
+
+def route_entry(model, tokens, seq, surgery, block, notes):
+    """{seq, exceeds_max_len, layers: [densities], clusters [layers, 1, H, S]} of the model's
+    evaluation routes on the first seq tokens."""
+    label, c = f"S={seq}", model.config
+    over = seq > surgery.max_len
+    if over:
+        note = (f"{label} exceeds the run's surgery.max_len={surgery.max_len}: the router's "
+                f"tree (L={surgery.num_levels}) needs max_len >= S; these routes lie outside "
+                "what the run trained")
+        print("NOTE: " + note, flush=True)
+        notes.append(note)
+    if seq > c.max_position_embeddings:
+        notes.append(f"{label} exceeds the model's max_position_embeddings="
+                     f"{c.max_position_embeddings}")
+    set_attention_impl(model, "dense")   # the evaluation path; compiles faster than kernels
+    routes = extract_routes(model, jnp.asarray(tokens[None, :seq]))
+    clusters = np.asarray(routes.cluster_ids)                 # [layers, 1, H, S]
+    natural, sorted_ = block_densities(jnp.asarray(clusters[:, 0]), window=surgery.window,
+                                       sink=surgery.sink_tokens, block=block)
+    layers = [dict(layer=i, natural_density=float(natural[i]), sorted_density=float(sorted_[i]),
+                   auto_runs_sorted=bool(prefer_sorted(natural[i])),
+                   pair_density=float(routes.density_per_layer[i]),
+                   tree_pair_density=float(routes.tree_density_per_layer[i]))
+              for i in range(c.num_hidden_layers)]
+    return dict(seq=seq, exceeds_max_len=over, layers=layers, clusters=clusters)
+
+
+def layer_means(rows):
+    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]} if rows else None
+
+
+def run(args):
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    restored = restore_run(checkpoints_of(args.run_dir))
+    if args.toy:
+        perturb_routers(restored.model)
+    model, surgery, c = restored.model, restored.surgery, restored.model.config
+    shape = dict(hq=c.num_attention_heads, hkv=c.num_key_value_heads, d=c.head_dim)
+    window, sink, block = surgery.window, surgery.sink_tokens, args.block
+    tokens, source = text_tokens(restored, args.text, max(args.seq_lens))
+    kernel_options = dict(backend="gpu", interpret=args.toy, block_q=block, block_k=block)
+    result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "run_dir": os.path.abspath(args.run_dir), "step": restored.step,
+              "model": dict(layers=c.num_hidden_layers, Hq=shape["hq"], Hkv=shape["hkv"],
+                            D=shape["d"], dtype=jnp.dtype(model.dtype).name,
+                            max_position_embeddings=c.max_position_embeddings),
+              "surgery": dict(max_len=surgery.max_len, arity=surgery.arity,
+                              levels=surgery.num_levels, d_max=surgery.max_distance,
+                              clusters_at_most=surgery.arity ** surgery.cut_level,
+                              window=window, sink=sink),
+              "text": source, "block": block, "seqs": [], "notes": [],
+              "cudnn_stands_in": "XLA attention (toy, CPU)" if args.toy else None}
+    print(f"jax {jax.__version__} on {result['device']}; run {args.run_dir} step "
+          f"{restored.step}; text: {source}", flush=True)
+    # Routes and densities of every length first, then the whole model, then attention per
+    # layer: what the budget cuts is the last and most detailed part.
+    entries, routes_npz, elapsed = [], {}, {"restore": time.perf_counter() - start}
+    result["elapsed_s"] = elapsed
+    for seq in args.seq_lens:
+        entries.append(route_entry(model, tokens, seq, surgery, block, result["notes"]))
+        routes_npz[f"S{seq}"] = entries[-1].pop("clusters")
+        elapsed[f"routes S={seq}"] = time.perf_counter() - start
+        print(f"S={seq}: routes extracted, blocks visited natural "
+              f"{np.mean([r['natural_density'] for r in entries[-1]['layers']]):.1%}, sorted "
+              f"{np.mean([r['sorted_density'] for r in entries[-1]['layers']]):.1%}", flush=True)
+    for index, entry in enumerate(entries):
+        label = f"S={entry['seq']}"
+        if "model" not in args.parts:
+            continue
+        if time.perf_counter() > deadline:
+            result["notes"].append(f"{label}: whole model not timed, the time budget is spent")
+            continue
+        ids = jnp.asarray(tokens[None, :entry["seq"]])
+        entry["model_ms"], entry["checks"] = model_prefills(
+            model, ids, kernel_options=kernel_options, smoke=args.toy, reps=args.model_reps,
+            check=index == 0)
+        elapsed[f"model {label}"] = time.perf_counter() - start
+        print(f"{label}: whole model (ms) {entry['model_ms']} {entry['checks']}", flush=True)
+    for entry in entries:
+        label = f"S={entry['seq']}"
+        if "attention" not in args.parts:
+            continue
+        if time.perf_counter() > deadline:
+            result["notes"].append(f"{label}: attention not timed, the time budget is spent")
+            continue
+        clusters = routes_npz[f"S{entry['seq']}"]
+        times, entry["cudnn"] = attention_timings(
+            clusters, shape, layouts=args.layouts, window=window, sink=sink, block=block,
+            reps=args.reps, smoke=args.toy, deadline=deadline, notes=result["notes"],
+            label=label)
+        for layout, rows in times.items():
+            for row, t in zip(entry["layers"], rows):
+                row[layout] = t
+        elapsed[f"attention {label}"] = time.perf_counter() - start
+        print_seq(entry)
+    for entry in entries:
+        layers = entry["layers"]
+        entry["mean"] = layer_means([{k: v for k, v in r.items() if isinstance(v, float)}
+                                     for r in layers])
+        for layout in LAYOUTS:
+            timed_rows = [r[layout] for r in layers if layout in r]
+            if timed_rows:
+                entry["mean"][layout] = layer_means(timed_rows)
+        result["seqs"].append(entry)
+    out = Path(args.out)
+    out = out if out.suffix == ".json" else out / ("toy.json" if args.toy else "model_routes.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)
+    print(f"wrote {out}, {out.with_suffix('.routes.npz')}")
+    print_tables(result)
+    return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_seq(entry):
+    """Per-layer table of one length."""
+    print(f"\nS={entry['seq']} per layer (blocks: visited / causal 128-blocks; ms: "
+          "routed_attention bf16 random q, k, v on the layer's routes)")
+    print("| layer | natural blocks | sorted blocks | pairs | auto | auto fwd | sorted fwd | "
+          "natural fwd | auto f+b | sorted f+b | natural f+b |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in entry["layers"]:
+        t = {lay: r.get(lay, {}) for lay in LAYOUTS}
+        print(f"| {r['layer']} | {r['natural_density']:.1%} | {r['sorted_density']:.1%} | "
+              f"{r['pair_density']:.1%} | {'sorted' if r['auto_runs_sorted'] else 'natural'} | "
+              + " | ".join(_fmt(t[lay].get("fwd_ms")) for lay in LAYOUTS) + " | "
+              + " | ".join(_fmt(t[lay].get("fwd_bwd_ms")) for lay in LAYOUTS) + " |",
+              flush=True)
+
+
+def print_tables(result):
+    m, s = result["model"], result["surgery"]
+    print(f"\nLearned routes of {result['run_dir']} (step {result['step']}): {m['layers']} "
+          f"layers, Hq={m['Hq']} Hkv={m['Hkv']} D={m['D']}, model {m['dtype']}; p={s['arity']} "
+          f"L={s['levels']} d_max={s['d_max']} (<= {s['clusters_at_most']} clusters), window "
+          f"{s['window']}, sink {s['sink']}, surgery.max_len {s['max_len']}; text: "
+          f"{result['text']}; on {result['device']}.")
+    print("\nAttention, mean over layers (ms; routed_attention and cuDNN causal on the same "
+          "random bf16 q, k, v; x = cuDNN / routed):\n")
+    print("| S | > max_len | natural blocks | sorted blocks | pairs | layers auto->sorted | "
+          "auto fwd | sorted fwd | natural fwd | cuDNN fwd | x auto | auto f+b | sorted f+b | "
+          "natural f+b | cuDNN f+b | x auto |")
+    print("|" + "---|" * 16)
+    for e in result["seqs"]:
+        mean, cud = e["mean"], e.get("cudnn")
+        t = {lay: mean.get(lay) or {} for lay in LAYOUTS}
+        n_sorted = sum(r["auto_runs_sorted"] for r in e["layers"])
+        speed = lambda key: (None if not cud or key not in t["auto"]  # noqa: E731
+                             else cud[key] / t["auto"][key])
+        print(f"| {e['seq']} | {'YES' if e['exceeds_max_len'] else 'no'} | "
+              f"{mean['natural_density']:.1%} | {mean['sorted_density']:.1%} | "
+              f"{mean['pair_density']:.1%} | {n_sorted}/{len(e['layers'])} | "
+              + " | ".join(_fmt(t[lay].get("fwd_ms")) for lay in LAYOUTS)
+              + f" | {_fmt(cud and cud['fwd_ms'])} | {_fmt(speed('fwd_ms'), '.2f')} | "
+              + " | ".join(_fmt(t[lay].get("fwd_bwd_ms")) for lay in LAYOUTS)
+              + f" | {_fmt(cud and cud['fwd_bwd_ms'])} | {_fmt(speed('fwd_bwd_ms'), '.2f')} |")
+    base = ("dense base, cuDNN attention" + (" (bf16 attention)" if m["dtype"] == "float32"
+                                               else ""))
+    print(f"\nWhole-model prefill (ms, logits of every position; surgical = routers + "
+          f"routed_attention layout auto; dense base = the same model in base mode, XLA "
+          f"softmax attention; {base}; x = baseline / surgical):\n")
+    print("| S | surgical kernel | dense base (XLA) | x | dense base (cuDNN) | x | "
+          "kernel vs masked dense logits |")
+    print("|---|---|---|---|---|---|---|")
+    for e in result["seqs"]:
+        t = e.get("model_ms")
+        if not t:
+            continue
+        chk = e.get("checks", {}).get("kernel_vs_masked_dense")
+        print(f"| {e['seq']} | {t['surgical_kernel']:.2f} | {t['dense_base']:.2f} | "
+              f"{t['dense_base'] / t['surgical_kernel']:.2f} | {t['dense_base_cudnn']:.2f} | "
+              f"{t['dense_base_cudnn'] / t['surgical_kernel']:.2f} | "
+              f"{_fmt(chk, '.1e')} |")
+    if result.get("cudnn_stands_in"):
+        print(f"(every cuDNN column is {result['cudnn_stands_in']} in this run)")
+    for note in result["notes"]:
+        print("NOTE: " + note)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", nargs="?", help="a surgery run's --workdir")
+    parser.add_argument("--seq-lens", default=None,
+                        help="comma-separated lengths (default 2048,4096,8192; --toy 32,64)")
+    parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the run's "
+                        "held-out documents)")
+    parser.add_argument("--out", default="results/bench_model_routes/",
+                        help="a directory (model_routes.json, toy.json) or a .json path")
+    parser.add_argument("--block", type=int, default=None, help="kernel blocks (128; --toy 16)")
+    parser.add_argument("--reps", type=int, default=3, help="repeats per attention timing")
+    parser.add_argument("--model-reps", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=150.0,
+                        help="skip the timings left once this many seconds have passed")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="routed_attention layouts timed per layer (comma-separated)")
+    parser.add_argument("--parts", default="model,attention",
+                        help="what to time besides the routes: model, attention or both")
+    parser.add_argument("--toy", action="store_true",
+                        help="a tiny random run built here, Pallas interpret mode (CPU)")
+    args = parser.parse_args(argv)
+    if not args.toy and not args.run_dir:
+        parser.error("give RUN_DIR (a surgery run's --workdir) or --toy")
+    seqs = args.seq_lens or ("32,64" if args.toy else "2048,4096,8192")
+    try:
+        args.seq_lens = [int(x) for x in seqs.split(",")]
+    except ValueError:
+        parser.error(f"--seq-lens must be comma-separated integers, got {seqs!r}")
+    if any(s < 1 for s in args.seq_lens):
+        parser.error(f"--seq-lens must be positive, got {seqs!r}")
+    args.block = args.block or (16 if args.toy else 128)
+    args.layouts = [x for x in args.layouts.split(",") if x]
+    args.parts = [x for x in args.parts.split(",") if x]
+    if not set(args.layouts) <= set(LAYOUTS):
+        parser.error(f"--layouts must name some of {LAYOUTS}, got {args.layouts}")
+    if not set(args.parts) <= {"model", "attention"}:
+        parser.error(f"--parts must name model and/or attention, got {args.parts}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.toy and not args.run_dir:
+        with tempfile.TemporaryDirectory() as root:
+            args.run_dir = build_toy_run(root)
+            return run(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
