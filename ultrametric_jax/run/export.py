@@ -10,8 +10,8 @@ Layout of the directory:
     README.md            how to load it
 
 A plain `AutoModelForCausalLM.from_pretrained(dir)` loads the dense base model and ignores the
-router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical model,
-and `load_surgical_export(dir)` loads it back in JAX (evaluation mode).
+router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical
+model, and `load_surgical_export(dir)` loads it back in JAX (evaluation mode).
 
 The pipeline (`ultrametric_jax.run.pipeline.export_run`) rebuilds a run's trained model from
 its checkpoint and hands it to `export_surgical_model`; `checkpoint_dir_of` and
