@@ -1,5 +1,5 @@
 """`ultrametric generate` with bad input: one line on stderr and status 2, argument errors
-before any model is loaded, loader errors named, surgery exports not silently run dense."""
+before any model is loaded, loader errors named, half surgery exports refused."""
 import json
 import os
 
@@ -70,19 +70,32 @@ def test_prompt_longer_than_the_context_names_both_lengths(tiny_with_tokenizer, 
     assert status == 0 and out.startswith(fits) and len(out[len(fits):].split()) == 8
 
 
-def test_surgery_export_is_refused_not_run_dense(tiny_with_tokenizer, tmp_path, capsys):
+def test_half_surgery_exports_are_refused_not_run_dense(tiny_with_tokenizer, tmp_path, capsys):
+    """An export without its routers, or routers without their topology, cannot run as the
+    surgical model and must not silently run as the base model."""
     _, src = tiny_with_tokenizer
     model = load_pretrained(src)
     surgery = SurgeryConfig(levels=3, d_max=1, max_len=64)
     inject_topology(model, surgery, nnx.Rngs(0))
-    out = export_surgical_model(model, surgery, str(tmp_path / "export"),
-                                tokenizer_dir=src)
+    out = export_surgical_model(model, surgery, str(tmp_path / "export"), tokenizer_dir=src)
+    router = os.path.join(out, "router.safetensors")
+    os.rename(router, router + ".bak")
     status, stdout, error = generate(capsys, "--model", out, "--prompt", "w1 w2")
     assert status == 2 and stdout == ""
-    assert error == (f"{out} is a surgery export: `generate` runs a plain Llama and would "
-                     "ignore its routers (router.safetensors); run the surgical model in "
-                     "PyTorch with ultrametric_jax.pytorch.surgical_llama.load_surgical_llama("
-                     f"{out!r}), or pass the base model")
+    assert error == (f"{out} is a surgery export without its routers: {router} does not exist")
+    os.rename(router + ".bak", router)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    del config["ultrametric_surgery"]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+    status, stdout, error = generate(capsys, "--model", out, "--prompt", "w1 w2")
+    assert error == (f"{out} holds router.safetensors but its config.json has no "
+                     "'ultrametric_surgery' section: the routers' topology is unknown")
+    # --step names a run's checkpoint: refused for anything else, before loading.
+    status, _, error = generate(capsys, "--model", src, "--prompt", "w1", "--step", "3")
+    assert error == (f"--step picks a checkpoint of a surgery run directory; {src} is not "
+                     "one (it has no checkpoints/)")
     # The base model it was exported from still generates.
     assert generate(capsys, "--model", src, "--prompt", "w1 w2", "--max-new-tokens", "2")[0] == 0
 

@@ -10,7 +10,8 @@ Layout of the directory:
     README.md            how to load it
 
 A plain `AutoModelForCausalLM.from_pretrained(dir)` loads the dense base model and ignores the
-router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical model.
+router file; `ultrametric_jax.pytorch.surgical_llama.load_surgical_llama(dir)` loads the surgical
+model, and `load_surgical_export(dir)` loads it back in JAX (evaluation mode).
 
 The pipeline (`ultrametric_jax.run.pipeline.export_run`) rebuilds a run's trained model from
 its checkpoint and hands it to `export_surgical_model`; `checkpoint_dir_of` and
@@ -24,19 +25,21 @@ import shutil
 import tempfile
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ultrametric_jax.errors import ConfigError
-from ultrametric_jax.io.checkpoints import save_hf
+from ultrametric_jax.io.checkpoints import load_pretrained, save_hf
 from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURGERY_CONFIG_KEY,
                                               router_shape_problem)
 from ultrametric_jax.io.hf import hf_name, write_safetensors
+from ultrametric_jax.io.safetensors_files import read_tensor, tensor_table
 from ultrametric_jax.io.tokenizer import save_tokenizer, tokenizer_from_gguf
 from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR
 from ultrametric_jax.run.provenance import base_model_identity
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.surgery.inject import trainable_filter
+from ultrametric_jax.surgery.inject import inject_topology, trainable_filter
 
 EXPORT_FORMAT_VERSION = 1
 # Tokenizer-side files of an HF directory, copied verbatim when the base model is one.
@@ -162,6 +165,55 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ----------------------------------------------------------------------------- reading
+
+def surgery_export_config(directory: str) -> Optional[SurgeryConfig]:
+    """The SurgeryConfig of an export directory; None for a directory that is no export (no
+    surgery section in its config.json and no router file). ExportError for half an export."""
+    if not os.path.isdir(directory):
+        return None
+    section = None
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        section = config.get(SURGERY_CONFIG_KEY) if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        pass  # the model loader reports a missing or bad config.json
+    has_router = os.path.exists(os.path.join(directory, ROUTER_FILE))
+    if section is None and not has_router:
+        return None
+    if section is None:
+        raise ExportError(f"{directory} holds {ROUTER_FILE} but its config.json has no "
+                          f"{SURGERY_CONFIG_KEY!r} section: the routers' topology is unknown")
+    if not has_router:
+        raise ExportError(f"{directory} is a surgery export without its routers: "
+                          f"{os.path.join(directory, ROUTER_FILE)} does not exist")
+    return SurgeryConfig.from_dict(section)
+
+
+def load_surgical_export(directory: str, dtype="float32"):
+    """(JAX model with the exported topology, evaluation mode; its SurgeryConfig) of an export
+    directory: the base weights, then the routers of ROUTER_FILE, checked complete."""
+    surgery = surgery_export_config(directory)
+    if surgery is None:
+        raise ExportError(f"{directory} is not a surgery export: its config.json has no "
+                          f"{SURGERY_CONFIG_KEY!r} section and it holds no {ROUTER_FILE}")
+    router_path = os.path.join(directory, ROUTER_FILE)
+    model = load_pretrained(directory, dtype=dtype)
+    problem = router_shape_problem({name: shape for name, (shape, _) in
+                                    tensor_table(router_path).items()}, model.config, surgery)
+    if problem:
+        raise ExportError(f"{router_path}: {problem}")
+    inject_topology(model, surgery, nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, trainable_filter())):
+        name, transpose = hf_name(path)
+        value = read_tensor(router_path, name)
+        var.set_value(jnp.asarray(value.T if transpose and value.ndim == 2 else value,
+                                  jnp.float32))
+    model.eval()
+    return model, surgery
 
 
 # ----------------------------------------------------------------------------- run checkpoints

@@ -1,9 +1,17 @@
-"""Autoregressive decoding with the KV cache: greedy or sampled (temperature, top-k).
+"""Autoregressive decoding with a KV cache: greedy or sampled (temperature, top-k).
 
-Prompts of different lengths are left-padded; padding is masked out and positions count real
-tokens only, so every row decodes exactly as it would alone. The prefill and the one-token
-step are jitted once per shape; prompt widths and cache lengths are rounded up to a multiple
-of CACHE_BUCKET so that nearby lengths share one compile.
+Two caches, picked per model (`cache="auto"`):
+- dense (base models, and surgical ones on request): prompts of different lengths are
+  left-padded; padding is masked out and positions count real tokens only, so every row
+  decodes exactly as it would alone. Every step reads the whole cache.
+- route (surgical models in evaluation mode): each layer keeps a route cache
+  (surgery/route_cache.py) and a step reads only its token's cluster pages, the window and the
+  sink. Prompts are written in chunks of `prefill_chunk` tokens (the rest in power-of-two
+  chunks, so any length reuses a few compiles). A route cache holds no padding, so prompts of
+  different lengths decode as separate batches, one per length; each row is exact.
+
+The jitted functions compile once per shape; prompt widths and cache lengths are rounded up to
+a multiple of CACHE_BUCKET so that nearby lengths share one compile.
 """
 from __future__ import annotations
 
@@ -17,6 +25,11 @@ from flax import nnx
 
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.io.tokenizer import decode, encode
+from ultrametric_jax.surgery.route_cache import (init_route_caches, largest_cluster, pages_for,
+                                                 route_cache_problem, with_read_pages)
+
+CACHE_KINDS = ("auto", "route", "dense")
+PREFILL_CHUNK = 256
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
@@ -97,35 +110,61 @@ def _build_steps(graphdef, temperature, top_k):
     return prefill, step
 
 
-def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, eos_token_id=None, pad_id: int = 0,
-             return_logits: bool = False):
-    """Continue each prompt (a list of token ids, or a [B,S] array) by max_new_tokens.
+def _route_steps(graphdef, temperature, top_k):
 
-    Returns new tokens [B, max_new_tokens] (after an EOS, rows repeat the EOS id), and with
-    return_logits also the float32 logits [B, max_new_tokens, V] each token was chosen from.
-    Decoding stops early once every row has produced an EOS.
-    """
-    check_sampling(temperature, top_k)
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if hasattr(prompts, "shape"):  # a [B,S] array of equal-length prompts
-        prompts = np.asarray(prompts).tolist()
-    prompts = [list(map(int, p)) for p in prompts]
-    ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
-    check_context(max(map(len, prompts)), max_new_tokens, model.config.max_position_embeddings)
-    batch, width = ids.shape
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    @jax.jit
+    def advance(state, ids, caches, key):
+        """The next token after ids [B, T] (a prefill chunk or one token), the caches with
+        them, and the largest cluster's size (for the next step's read bound)."""
+        logits, caches = nnx.merge(graphdef, state)(ids, cache=caches)
+        token = select_token(logits[:, -1], key, temperature, top_k)
+        return token, logits[:, -1], caches, largest_cluster(caches)
 
-    state, prefill, step = _compiled(model, float(temperature), top_k)
-    cache = model.init_cache(batch, -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
-    key = jax.random.PRNGKey(seed)
-    token, logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions),
-                                   jnp.asarray(mask), cache, jax.random.fold_in(key, 0))
-    next_pos = jnp.asarray(positions[:, -1:] + 1)
+    return advance
+
+
+def _compiled_route(model, temperature, top_k):
+    """(state, advance) of the route cache, jitted once per model structure and sampling."""
+    graphdef, state = nnx.split(model)
+    key = (graphdef, "route", temperature, top_k)
+    if key not in _COMPILED:
+        if len(_COMPILED) > 16:
+            _COMPILED.clear()
+        _COMPILED[key] = _route_steps(graphdef, temperature, top_k)
+    return state, _COMPILED[key]
+
+
+def cache_kind(model, max_len: int, requested: str = "auto") -> str:
+    """"route" or "dense": the cache a generation of max_len tokens uses. auto: the route
+    cache for a surgical model in evaluation mode, the dense cache otherwise."""
+    if requested not in CACHE_KINDS:
+        raise ConfigError(f"unknown cache {requested!r}; expected one of {CACHE_KINDS}")
+    if requested == "dense":
+        return "dense"
+    problem = route_cache_problem(model, max_len)
+    if problem and requested == "route":
+        raise ConfigError(f"cache='route' cannot serve this model: {problem}")
+    return "dense" if problem else "route"
+
+
+def prefill_chunks(length: int, chunk: int) -> list[int]:
+    """Chunk sizes that write a prompt of `length` tokens: whole chunks, then the rest as
+    powers of two (largest first), so every prompt length reuses the same few shapes."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"prefill_chunk must be a whole number >= 1, got {chunk!r}")
+    sizes = [chunk] * (length // chunk)
+    rest = length % chunk
+    while rest:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    return sizes
+
+
+def _decode_loop(token, logits, advance, max_new_tokens, eos, return_logits):
+    """(tokens [B, N], logits [B, N, V] or None) from the first choice and advance(host
+    tokens [B], t) -> (token, logits) of step t + 1; stops once every row has an EOS."""
     tokens, all_logits = [], []
-    done = np.zeros(batch, bool)
+    done = np.zeros(np.shape(token)[0], bool)
     for t in range(max_new_tokens):
         host = np.asarray(token)
         if t > 0:
@@ -136,15 +175,107 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
         done |= np.isin(host, list(eos))
         if t == max_new_tokens - 1 or done.all():
             break
-        token, logits, cache = step(state, jnp.asarray(host)[:, None], next_pos, cache,
-                                    jax.random.fold_in(key, t + 1))
-        next_pos = next_pos + 1
+        token, logits = advance(host, t)
     out = np.stack(tokens, axis=1)
     if out.shape[1] < max_new_tokens:  # stopped early: pad with the final (EOS) tokens
         out = np.concatenate([out, np.repeat(out[:, -1:], max_new_tokens - out.shape[1], 1)], 1)
-    if return_logits:
-        return out, np.stack(all_logits, axis=1)
-    return out
+    return out, (np.stack(all_logits, axis=1) if return_logits else None)
+
+
+def _generate_dense(model, prompts, max_new_tokens, temperature, top_k, key, eos, pad_id,
+                    return_logits):
+    ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
+    batch, width = ids.shape
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    state, prefill, step = _compiled(model, temperature, top_k)
+    cache = model.init_cache(batch, -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
+    token, logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions),
+                                   jnp.asarray(mask), cache, jax.random.fold_in(key, 0))
+    held = {"cache": cache, "pos": jnp.asarray(positions[:, -1:] + 1)}
+
+    def advance(host, t):
+        token, logits, held["cache"] = step(state, jnp.asarray(host)[:, None], held["pos"],
+                                            held["cache"], jax.random.fold_in(key, t + 1))
+        held["pos"] = held["pos"] + 1
+        return token, logits
+
+    return _decode_loop(token, logits, advance, max_new_tokens, eos, return_logits)
+
+
+def _generate_route(model, prompts, max_new_tokens, temperature, top_k, key, eos, max_len,
+                    prefill_chunk, return_logits):
+    """Equal-length prompts [B, n] through the route cache."""
+    ids = np.asarray(prompts, np.int32)
+    state, advance_fn = _compiled_route(model, temperature, top_k)
+    held = {"caches": init_route_caches(model, ids.shape[0], max_len), "fill": 0}
+
+    def run(chunk, step_key):
+        # A one-token call decodes: its read bound covers the largest cluster plus itself.
+        pages = pages_for(int(held["fill"]) + 1, held["caches"]) if chunk.shape[1] == 1 else 1
+        token, logits, held["caches"], held["fill"] = advance_fn(
+            state, jnp.asarray(chunk), with_read_pages(held["caches"], pages), step_key)
+        return token, logits
+
+    start = 0
+    for size in prefill_chunks(ids.shape[1], prefill_chunk):
+        token, logits = run(ids[:, start:start + size], jax.random.fold_in(key, 0))
+        start += size
+    return _decode_loop(token, logits,
+                        lambda host, t: run(host[:, None], jax.random.fold_in(key, t + 1)),
+                        max_new_tokens, eos, return_logits)
+
+
+def _merge_logits(parts, batch):
+    """[B, N, V] from per-batch (rows, logits [b, n, V]); a batch that stopped early (every
+    row at its EOS) repeats its last logits, as its rows repeat their EOS."""
+    steps = max(p.shape[1] for _, p in parts)
+    merged = np.zeros((batch, steps, parts[0][1].shape[-1]), np.float32)
+    for rows, p in parts:
+        merged[rows] = np.concatenate([p, np.repeat(p[:, -1:], steps - p.shape[1], 1)], 1)
+    return merged
+
+
+def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, seed: int = 0, eos_token_id=None, pad_id: int = 0,
+             return_logits: bool = False, cache: str = "auto",
+             prefill_chunk: int = PREFILL_CHUNK):
+    """Continue each prompt (a list of token ids, or a [B,S] array) by max_new_tokens.
+
+    Returns new tokens [B, max_new_tokens] (after an EOS, rows repeat the EOS id), and with
+    return_logits also the float32 logits [B, max_new_tokens, V] each token was chosen from.
+    Decoding stops early once every row has produced an EOS. cache: "auto" (the route cache
+    for a surgical model in evaluation mode, else the dense one), "route" or "dense" (see the
+    module docstring); prefill_chunk: prompt tokens written per call with the route cache.
+    """
+    check_sampling(temperature, top_k)
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if hasattr(prompts, "shape"):  # a [B,S] array of equal-length prompts
+        prompts = np.asarray(prompts).tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    left_pad(prompts, pad_id)                                # every prompt has a token
+    longest = max(map(len, prompts))
+    check_context(longest, max_new_tokens, model.config.max_position_embeddings)
+    eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    key = jax.random.PRNGKey(seed)
+    temperature = float(temperature)
+    max_len = -(-(longest + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    if cache_kind(model, max_len, cache) == "dense":
+        out, logits = _generate_dense(model, prompts, max_new_tokens, temperature, top_k, key,
+                                      eos, pad_id, return_logits)
+    else:
+        prefill_chunks(1, prefill_chunk)                     # a bad chunk fails first
+        out = np.zeros((len(prompts), max_new_tokens), np.int32)
+        parts = []
+        for length in sorted({len(p) for p in prompts}):     # one batch per prompt length
+            rows = [i for i, p in enumerate(prompts) if len(p) == length]
+            part, part_logits = _generate_route(
+                model, [prompts[i] for i in rows], max_new_tokens, temperature, top_k, key, eos,
+                max_len, prefill_chunk, return_logits)
+            out[rows] = part
+            parts.append((rows, part_logits))
+        logits = _merge_logits(parts, len(prompts)) if return_logits else None
+    return (out, logits) if return_logits else out
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:

@@ -17,6 +17,11 @@ Three paths, chosen by the call, each a method of its own:
 - training (`model.train()`): Gumbel hard routes at temperature `tau` (a GumbelTemperature
   variable the trainer sets every step) and the straight-through bridge of tree.bridged_softmax.
 
+With a cache the evaluation path takes one of two forms, chosen by the cache's kind: the dense
+cache of llama.init_cache (the new tokens' mask over every stored key; any positions and
+padding) or the route cache of route_cache.init_route_caches (`_route_cached_attention`: a
+decode step reads only its cluster's pages, the window and the sink).
+
 Auxiliary values (balance loss, densities, cluster ids) are sown as SurgeryAux variables, only
 while `capture_aux` runs them (forward_with_aux and extract_routes in inject.py use it).
 """
@@ -31,11 +36,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pallas_kernels import routed_attention, sharded_routed_attention
+from pallas_kernels import decode
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
 from ultrametric_jax.surgery.budget import route_density, soft_density
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.objectives import attention_recall_loss
+from ultrametric_jax.surgery.route_cache import LayerRouteCache
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
 from ultrametric_jax.surgery.soft_distance import bridged_tree_mask
 
@@ -140,13 +147,19 @@ class SurgicalAttention(nnx.Module):
         # only calls with the default positions, no padding mask and no cache.
         use_kernel = (self.attention is not None and self.deterministic and positions is None
                       and attention_mask is None and cache is None)
-        if positions is None:
+        routed = isinstance(cache, LayerRouteCache)
+        if routed:
+            self._check_route_call(positions, attention_mask)
+            positions = llama.default_positions(x, {"length": cache.length})
+        elif positions is None:
             positions = llama.default_positions(x, cache)
         q, k, v = llama.project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x,
                                     positions)
         if self.as_base:           # the base layer: no routing, no noise drawn, no report
             return self._base_attention(q, k, v, positions, attention_mask, cache)
         logits, assign, probs, clusters = self._routes(x)
+        if routed:
+            return self._route_cached_attention(q, k, v, clusters, cache)
         if cache is not None:
             if not self.deterministic:
                 raise NotImplementedError(
@@ -196,6 +209,43 @@ class SurgicalAttention(nnx.Module):
         cache, k_all, v_all, k_pos, k_valid = llama.append_to_cache(cache, k, v, positions,
                                                                     attention_mask)
         return cache, k_all, v_all, k_pos, k_valid, cached
+
+    def _check_route_call(self, positions, attention_mask):
+        """A route cache holds token i at slot i and real tokens only."""
+        if self.as_base:
+            raise ValueError("a route cache serves the surgical topology; the base model "
+                             "(base_model_mode) decodes with the dense cache of init_cache")
+        if not self.deterministic:
+            raise NotImplementedError(
+                "a KV cache is only supported in evaluation mode (model.eval()); training "
+                "runs full sequences without a cache")
+        if attention_mask is not None:
+            raise ValueError("a route cache holds real tokens only: no attention_mask (left "
+                             "padding); decode prompts of different lengths separately, or "
+                             "use the dense cache of init_cache")
+        if positions is not None:
+            raise ValueError("a route cache places token i at position i: call it with "
+                             "positions=None")
+
+    def _route_cached_attention(self, q, k, v, clusters, cache):
+        """(out, cache) through the route cache: the new tokens are appended to their clusters'
+        pages; one token attends through decode_attention (its cluster's pages, the window and
+        the sink), a prefill chunk through the exact mask over the stored keys."""
+        s = self.surgery_config
+        route = decode.append(cache.route, k, v, clusters)
+        batch, steps = q.shape[:2]
+        if steps == 1:
+            out = decode.decode_attention(route, q, window=s.window, sink_tokens=s.sink_tokens,
+                                          max_pages=cache.read_pages, scale=self.scale)
+        else:
+            slots = jnp.broadcast_to(jnp.arange(route.k.shape[1], dtype=jnp.int32),
+                                     (batch, route.k.shape[1]))
+            new = jnp.broadcast_to(route.length - steps + jnp.arange(steps, dtype=jnp.int32),
+                                   (batch, steps))
+            out = self._masked_attention(q, route.k, route.v, new, slots, clusters, route.ids,
+                                         slots < route.length)
+        out = self.o_proj(out.reshape(batch, steps, -1))
+        return out, dataclasses.replace(cache, route=route)
 
     def _allowed(self, positions, k_pos, clusters, k_clusters, k_valid):
         s = self.surgery_config
