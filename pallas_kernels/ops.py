@@ -14,9 +14,12 @@ from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
 
-BACKENDS = ("auto", "gpu", "tpu", "xla")
-_MODULES = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}
-DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128)}
+# "gpu": Pallas kernels lowered through Triton; "triton": the same kernels written in Triton and
+# called through jax_triton (triton_backend.py); "tpu": Pallas/Mosaic; "xla": the dense reference.
+BACKENDS = ("auto", "gpu", "tpu", "triton", "xla")
+_MODULES = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu",
+            "triton": "pallas_kernels.triton_backend"}
+DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128), "triton": (128, 128)}
 
 
 def resolve_backend(backend: str) -> str:
@@ -68,9 +71,14 @@ def _check_kernel_backend(backend):
 
 
 def _check_gpu_blocks(backend, cfg):
-    if backend == "gpu" and min(cfg.block_q, cfg.block_k) < 16:
+    if backend in ("gpu", "triton") and min(cfg.block_q, cfg.block_k) < 16:
         raise ValueError(f"GPU block sizes must be >= 16, got block_q={cfg.block_q}, "
                          f"block_k={cfg.block_k}")
+    if backend == "triton":  # missing packages or no GPU: say so before tracing a kernel
+        from pallas_kernels.triton_backend import unavailable
+        reason = unavailable(cfg.interpret)
+        if reason:
+            raise RuntimeError(reason)
 
 
 def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpret,
