@@ -1,0 +1,176 @@
+"""backend="triton" (triton_kernels.py) against the dense float32 reference.
+
+One test class, two runners: "interpreter" launches the Triton kernels in triton's interpreter
+on CPU torch tensors (no jax_triton; hosts without a GPU), "jax_triton" compiles them through
+jax_triton.triton_call (a GPU host). Triton fixes interpreted vs compiled when it is first
+imported, so each host runs one runner and skips the other, saying why.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import jax
+
+# Before triton's first import: without a GPU its kernels can only run interpreted.
+ON_GPU = jax.default_backend() == "gpu"
+if not ON_GPU and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from test_kernels import TOL, Case, assert_close, make_inputs, outputs_and_grads  # noqa: E402
+
+from pallas_kernels import (block_sparse_attention, build_schedule,  # noqa: E402
+                            reference_attention, routed_attention)
+from pallas_kernels.masking import LOG2E  # noqa: E402
+from pallas_kernels.ops import make_config  # noqa: E402
+from pallas_kernels.triton_backend import unavailable  # noqa: E402
+
+RUNNERS = {"interpreter": True, "jax_triton": False}  # runner -> interpret flag
+
+
+@pytest.fixture(params=list(RUNNERS))
+def interpret(request):
+    if request.param == "jax_triton" and not ON_GPU:
+        pytest.skip(f"jax_triton runner: no GPU here (jax's default backend is "
+                    f"{jax.default_backend()!r}); it runs on a GPU host")
+    if request.param == "interpreter" and ON_GPU:
+        pytest.skip("interpreter runner: a GPU host imports triton compiled, and triton "
+                    "cannot interpret in the same process; it runs on hosts without a GPU")
+    reason = unavailable(RUNNERS[request.param])
+    if reason:
+        pytest.skip(f"{request.param} runner: {reason}")
+    return RUNNERS[request.param]
+
+
+# Random routes (i.i.d. ids per token: "interleaved") and contiguous clusters; GQA 1-4; odd
+# lengths; q_offset; float32 and bf16; head dim 24 (padded to 32 by masked loads); 64-blocks
+# with float32 tiles of 32 (the kernels loop over sub-tiles); batch and kv heads > 1.
+CASES = [
+    Case(5, 77, "interleaved", 5, 1, 4, 0, "float32", "triton", head_dim=24),
+    Case(2, 57, "interleaved", 5, 4, 2, 37, "bfloat16", "triton", kv_heads=2),
+    Case(7, 100, "contiguous", 5, 1, 1, 0, "float32", "triton", block_q=32),
+    Case(64, 45, "interleaved", 0, 4, 3, 37, "float32", "triton", batch=2),
+    Case(3, 130, "contiguous", 5000, 0, 2, 11, "bfloat16", "triton", block_q=32, block_k=32),
+    Case(7, 150, "interleaved", 5, 1, 2, 0, "float32", "triton", kv_heads=2, block_q=64,
+         block_k=64),
+]
+
+
+def _attention(interpret, case):
+    def attention(q, k, v, qc, kc, **kwargs):
+        return block_sparse_attention(q, k, v, qc, kc, backend="triton", interpret=interpret,
+                                      block_q=case.block_q, block_k=case.block_k, **kwargs)
+    return attention
+
+
+def _check(interpret, case, seed, kv_len=None):
+    """Outputs, LSE and the gradients of <out, d_out> + <lse, d_lse> against the reference."""
+    q, k, v, qc, kc, d_out, d_lse = make_inputs(case, seed, kv_len)
+    mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
+    out, lse, grads = outputs_and_grads(_attention(interpret, case), q, k, v, qc, kc, d_out,
+                                        d_lse, **mask)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    ref_out, ref_lse, ref_grads = outputs_and_grads(reference_attention, *f32[:3], qc, kc,
+                                                    f32[3], d_lse, **mask)
+    tol = TOL[case.dtype]
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert np.abs(np.asarray(ref_out, np.float32)).max() > 0.1  # a real comparison, not zeros
+    assert_close("out", out, ref_out, tol)
+    empty = np.isneginf(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
+    assert_close("lse", np.where(empty, 0, lse), np.where(empty, 0, ref_lse), tol)
+    for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.dtype == x.dtype
+        assert_close(name, g, rg, tol)
+    return empty
+
+
+class TestTritonKernels:
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_matches_reference(self, interpret, case):
+        _check(interpret, case, seed=zlib.crc32(str(case).encode()))
+
+    def test_rows_without_keys_give_zero_output(self, interpret):
+        """Sink 0 and window 0 with many ids: many rows see no key at all."""
+        empty = _check(interpret, Case(64, 48, "interleaved", 0, 0, 2, 5, "float32", "triton"),
+                       seed=3)
+        assert empty.any() and not empty.all()
+
+    @pytest.mark.parametrize("kv_len", [20, 70])
+    def test_key_length_other_than_query_end(self, interpret, kv_len):
+        """Keys may stop before the last query (20 < 5 + 40) or run past it (70)."""
+        case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", "triton", block_k=32)
+        _check(interpret, case, seed=11 + kv_len, kv_len=kv_len)
+
+    def test_kernels_launched_directly(self, interpret):
+        """forward, then backward from the reference's own LSE and delta, without the custom
+        VJP around them: each kernel's output on its own against the reference."""
+        from pallas_kernels import triton_backend
+        case = Case(5, 64, "interleaved", 3, 1, 2, 0, "float32", "triton")
+        q, k, v, qc, kc, d_out, _ = make_inputs(case, seed=41)
+        mask = dict(window=case.window, sink_tokens=case.sink, q_offset=0)
+        cfg = make_config(q, k, **mask, scale=None, backend="triton", interpret=interpret,
+                          block_q=16, block_k=16)
+        sched = build_schedule(qc, kc, **mask, block_q=16, block_k=16)
+        ref_out, ref_lse = reference_attention(q, k, v, qc, kc, **mask, return_lse=True)
+        _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, qc, kc, **mask), q, k, v)
+        ref_grads = vjp(d_out)
+        if interpret:  # straight into the interpreter on torch tensors: no jax in between
+            import torch
+            t = [torch.from_numpy(np.array(x)) for x in (q, k, v, qc, kc, d_out)]
+            s = [torch.from_numpy(np.array(x)) for x in sched]
+            out, lse = triton_backend.launch_interpreted(
+                triton_backend.forward_launch(cfg, q.shape, k.shape, q.dtype), *t[:5], *s[:3])
+            delta = torch.einsum("bqhd,bqhd->bhq", out, t[5])
+            lse2 = torch.from_numpy(np.array(ref_lse)) * LOG2E
+            common = (*t[:3], t[5], lse2, delta, *t[3:5])
+            (dq,) = triton_backend.launch_interpreted(
+                triton_backend.dq_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[:3])
+            dk, dv = triton_backend.launch_interpreted(
+                triton_backend.dkv_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[3:6])
+            got = [x.numpy() for x in (out, lse, dq, dk, dv)]
+        else:
+            out, lse = jax.jit(lambda *a: triton_backend.forward(*a, sched, cfg))(q, k, v, qc, kc)
+            delta = jnp.einsum("bqhd,bqhd->bhq", out, d_out)
+            grads = jax.jit(lambda *a: triton_backend.backward(*a, sched, cfg))(
+                q, k, v, d_out, ref_lse, delta, qc, kc)
+            got = [out, lse, *grads]
+        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got,
+                              (ref_out, ref_lse, *ref_grads)):
+            assert_close(name, g, w, TOL["float32"])
+
+    def test_routed_attention_on_random_routes(self, interpret):
+        """routed_attention's sorted layout (segment and band schedules, the "other cluster"
+        mask, the LSE merge) on the Triton kernels."""
+        rng = np.random.default_rng(5)
+        seq, hq, hkv, d = 70, 4, 2, 16
+        q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, d)), jnp.float32)
+                   for h in (hq, hkv, hkv))
+        ids = jnp.asarray(rng.integers(0, 4, (1, hq, seq)), jnp.int32)
+        kw = dict(window=4, sink_tokens=1)
+        got = routed_attention(q, k, v, ids, **kw, layout="sorted", backend="triton",
+                               interpret=interpret, block_q=16, block_k=16)
+        want = reference_attention(q, k, v, ids, ids, **kw)
+        assert_close("out", got, want, TOL["float32"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the error is for hosts without a GPU")
+def test_compiled_kernels_without_gpu_say_why():
+    q = jnp.ones((1, 16, 2, 16))
+    ids = jnp.zeros((1, 2, 16), jnp.int32)
+    with pytest.raises(RuntimeError, match="triton"):
+        block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
+                               backend="triton")
+
+
+def test_blocks_below_sixteen_are_refused():
+    q = jnp.ones((1, 16, 2, 16))
+    ids = jnp.zeros((1, 2, 16), jnp.int32)
+    with pytest.raises(ValueError, match="GPU block sizes must be >= 16"):
+        block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
+                               backend="triton", block_q=8, interpret=True)
