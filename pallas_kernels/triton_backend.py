@@ -101,16 +101,44 @@ def dq_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
                   "block_sparse_attention_dq")
 
 
+# The sink pass: query blocks per program. Every query block reaches the sink keys, so their
+# dk/dv are summed over parts of the query list instead of by one program walking all of it.
+SINK_CHUNK = 8
+
+
+def _sink_subs(cfg: AttentionConfig, tk: int) -> int:
+    """Key sub-tiles of the blocks that hold sink keys (0 without sinks)."""
+    return -(-cfg.sink_tokens // cfg.block_k) * (cfg.block_k // tk)
+
+
 def dkv_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """dk, dv of every key sub-tile past the sink blocks (those rows come from dkv_sink)."""
     from pallas_kernels.triton_kernels import dkv_kernel
     batch, skp, hkv, _ = k_shape
     t = cfg.gpu
     meta = _meta(cfg, q_shape, k_shape, dtype)
     meta.update(TQ=min(t.dkv_tile_q, cfg.block_q), TK=min(t.dkv_tile_k, cfg.block_k),
                 SCALE=cfg.scale)
+    meta["FIRST_SUB"] = _sink_subs(cfg, meta["TK"])
     kv = jax.ShapeDtypeStruct(tuple(k_shape), dtype)
-    return Launch(dkv_kernel, (skp // meta["TK"], batch * hkv), (kv, kv), meta, t.dkv_warps,
-                  t.dkv_stages, "block_sparse_attention_dkv")
+    return Launch(dkv_kernel, (skp // meta["TK"] - meta["FIRST_SUB"], batch * hkv), (kv, kv),
+                  meta, t.dkv_warps, t.dkv_stages, "block_sparse_attention_dkv")
+
+
+def dkv_sink_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """Float32 partial dk (scaled), dv of the sink blocks: [parts, B, sink rows, Hkv, D]."""
+    from pallas_kernels.triton_kernels import dkv_sink_kernel
+    batch, _, hkv, d = k_shape
+    t = cfg.gpu
+    meta = _meta(cfg, q_shape, k_shape, dtype)
+    meta.update(TQ=min(t.dkv_tile_q, cfg.block_q), TK=min(t.dkv_tile_k, cfg.block_k),
+                SCALE=cfg.scale, CHUNK=SINK_CHUNK)
+    subs = _sink_subs(cfg, meta["TK"])
+    meta["SINK_ROWS"] = subs * meta["TK"]
+    parts = -(-cfg.num_q_blocks // SINK_CHUNK)
+    part = jax.ShapeDtypeStruct((parts, batch, meta["SINK_ROWS"], hkv, d), jnp.float32)
+    return Launch(dkv_sink_kernel, (parts, batch * hkv, subs), (part, part), meta, t.dkv_warps,
+                  t.dkv_stages, "block_sparse_attention_dkv_sink")
 
 
 # ----------------------------------------------------------------------------- running
@@ -191,6 +219,16 @@ def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
     common = (q, k, v, do, lse2, delta.astype(jnp.float32), qc, kc)
     (dq,) = _call(cfg, dq_launch(cfg, q.shape, k.shape, q.dtype), *common, sched.kv_indices,
                   sched.kv_num_masked, sched.kv_num_blocks)
-    dk, dv = _call(cfg, dkv_launch(cfg, q.shape, k.shape, q.dtype), *common, sched.q_indices,
-                   sched.q_num_masked, sched.q_num_blocks)
+    q_lists = (sched.q_indices, sched.q_num_masked, sched.q_num_blocks)
+    main = dkv_launch(cfg, q.shape, k.shape, q.dtype)
+    if main.grid[0]:
+        dk, dv = _call(cfg, main, *common, *q_lists)
+    else:  # every key block holds sinks
+        dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
+    if main.meta["FIRST_SUB"]:
+        sink = dkv_sink_launch(cfg, q.shape, k.shape, q.dtype)
+        pdk, pdv = _call(cfg, sink, *common, *q_lists)
+        rows = sink.meta["SINK_ROWS"]
+        dk = dk.at[:, :rows].set(jnp.sum(pdk, axis=0).astype(dk.dtype))
+        dv = dv.at[:, :rows].set(jnp.sum(pdv, axis=0).astype(dv.dtype))
     return dq, dk, dv

@@ -222,10 +222,12 @@ def dkv_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, DV,
                TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
                Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                KV_LEN: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
-               EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+               EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               FIRST_SUB: tl.constexpr):
     """DK, DV [B, SKP, HKV, D] for one TK-key sub-tile of one kv head, summed over the GROUP
-    query heads that read it. IDX, NMASKED, NBLOCKS are the schedule's query-side lists."""
-    sub = tl.program_id(0)
+    query heads that read it. IDX, NMASKED, NBLOCKS are the schedule's query-side lists.
+    Sub-tiles below FIRST_SUB (the sink blocks, dkv_sink_kernel's) are left unwritten."""
+    sub = FIRST_SUB + tl.program_id(0)
     bg = tl.program_id(1)
     HKV: tl.constexpr = HQ // GROUP
     b = bg // HKV
@@ -260,6 +262,59 @@ def dkv_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, DV,
     tl.store(DK + kv_off + at, (dk * SCALE).to(DK.dtype.element_ty), mask=d_ok[None, :])
     tl.store(DV + kv_off + at, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
+
+
+@triton.jit
+def dkv_sink_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, PDK, PDV,
+                    HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr,
+                    SKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                    BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr,
+                    NK: tl.constexpr, Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+                    SINK: tl.constexpr, KV_LEN: tl.constexpr, C: tl.constexpr,
+                    SCALE: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, CHUNK: tl.constexpr, SINK_ROWS: tl.constexpr):
+    """The sink blocks' DK, DV in parts: every query block reaches them, so one program per
+    key sub-tile would walk every query block in turn. Program (c, bg, sub) walks entries
+    [c * CHUNK, (c + 1) * CHUNK) of the sub-tile's lists and writes float32 partial sums
+    PDK, PDV [NCHUNK, B, SINK_ROWS, HKV, D] (PDK already scaled), summed over c outside."""
+    c = tl.program_id(0)
+    bg = tl.program_id(1)
+    sub = tl.program_id(2)
+    HKV: tl.constexpr = HQ // GROUP
+    b = bg // HKV
+    hk = bg % HKV
+    k_pos = sub * TK + tl.arange(0, TK)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    kv_off = b.to(tl.int64) * (SKP * HKV * D) + hk * D
+    at = k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    k = tl.load(K + kv_off + at, mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + kv_off + at, mask=d_ok[None, :], other=0.0)
+    dk = tl.zeros((TK, BD), tl.float32)
+    dv = tl.zeros((TK, BD), tl.float32)
+    first = c * CHUNK
+    for hh in range(GROUP):
+        h = hk * GROUP + hh
+        bh = b * HQ + h
+        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
+        row = bh * NK + sub // (BK // TK)
+        masked = tl.load(NMASKED + row)
+        last = tl.minimum(first + CHUNK, tl.load(NBLOCKS + row))
+        idx_ptr = IDX + row.to(tl.int64) * NQ
+        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
+        vec = bh.to(tl.int64) * SQP
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, first, tl.minimum(last, masked),
+                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
+                             EXCLUDE, IEEE, UPCAST, True)
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, tl.maximum(first, masked), last,
+                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
+                             EXCLUDE, IEEE, UPCAST, False)
+    part = c.to(tl.int64) * (tl.num_programs(1) // HKV) + b  # [c, b] of [NCHUNK, B]
+    p_at = (part * SINK_ROWS * HKV + hk) * D + k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    tl.store(PDK + p_at, dk * SCALE, mask=d_ok[None, :])
+    tl.store(PDV + p_at, dv, mask=d_ok[None, :])
 
 # True when triton was imported with TRITON_INTERPRET=1: the kernels then run on the CPU, in
 # triton's interpreter, and cannot be compiled.

@@ -107,10 +107,22 @@ class TestTritonKernels:
         case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", "triton", block_k=32)
         _check(interpret, case, seed=11 + kv_len, kv_len=kv_len)
 
-    def test_kernels_launched_directly(self, interpret):
-        """forward, then backward from the reference's own LSE and delta, without the custom
-        VJP around them: each kernel's output on its own against the reference."""
+    @pytest.mark.parametrize("sink", [40, 2**40])
+    def test_sinks_over_several_blocks(self, interpret, sink, monkeypatch):
+        """Sink keys fill 3 key blocks (40 over 16-blocks) or all of them (every key a sink):
+        the sink pass takes those blocks, the main dk/dv pass the others or none. Parts of 2
+        query blocks: the 4 query blocks' lists are summed from 2 parts."""
         from pallas_kernels import triton_backend
+        monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
+        case = Case(3, 60, "interleaved", 2, sink, 2, 5, "float32", "triton")
+        _check(interpret, case, seed=17)
+
+    def test_kernels_launched_directly(self, interpret, monkeypatch):
+        """forward, then backward from the reference's own LSE and delta, without the custom
+        VJP around them: each kernel's output on its own against the reference (the sink
+        pass in parts of 2 of the 4 query blocks)."""
+        from pallas_kernels import triton_backend
+        monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
         case = Case(5, 64, "interleaved", 3, 1, 2, 0, "float32", "triton")
         q, k, v, qc, kc, d_out, _ = make_inputs(case, seed=41)
         mask = dict(window=case.window, sink_tokens=case.sink, q_offset=0)
@@ -133,6 +145,10 @@ class TestTritonKernels:
                 triton_backend.dq_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[:3])
             dk, dv = triton_backend.launch_interpreted(
                 triton_backend.dkv_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[3:6])
+            sink = triton_backend.dkv_sink_launch(cfg, q.shape, k.shape, q.dtype)
+            pdk, pdv = triton_backend.launch_interpreted(sink, *common, *s[3:6])
+            rows = sink.meta["SINK_ROWS"]  # the sink key block, summed over its parts
+            dk[:, :rows], dv[:, :rows] = pdk.sum(0), pdv.sum(0)
             got = [x.numpy() for x in (out, lse, dq, dk, dv)]
         else:
             out, lse = jax.jit(lambda *a: triton_backend.forward(*a, sched, cfg))(q, k, v, qc, kc)
