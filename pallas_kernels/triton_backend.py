@@ -41,15 +41,15 @@ def unavailable(interpret: bool) -> str | None:
     if triton_kernels.INTERPRETED:
         return ("triton was imported with TRITON_INTERPRET=1, so its kernels can only be "
                 "interpreted: pass interpret=True, or unset TRITON_INTERPRET")
+    if jax.default_backend() != "gpu":
+        return (f"backend='triton' compiles for a GPU, but jax's default backend is "
+                f"{jax.default_backend()!r} (interpret=True runs the kernels in triton's "
+                "interpreter on the CPU)")
     try:
         import jax_triton  # noqa: F401
     except ImportError as e:
         return (f"backend='triton' needs jax-triton ({e}); install it with "
                 "pip install 'ultrametric_jax[gpu]'")
-    if jax.default_backend() != "gpu":
-        return (f"backend='triton' compiles for a GPU, but jax's default backend is "
-                f"{jax.default_backend()!r} (interpret=True runs the kernels in triton's "
-                "interpreter on the CPU)")
     return None
 
 
@@ -71,7 +71,8 @@ def _meta(cfg: AttentionConfig, q_shape, k_shape, dtype) -> dict:
     _, sqp, hq, d = q_shape
     skp, hkv = k_shape[1], k_shape[2]
     dtype = jnp.dtype(dtype)
-    return dict(HQ=hq, GROUP=hq // hkv, SQP=sqp, SKP=skp, D=d, BD=max(16, 1 << (d - 1).bit_length()),
+    bd = max(16, 1 << (d - 1).bit_length())  # Triton's dot needs a power of two >= 16
+    return dict(HQ=hq, GROUP=hq // hkv, SQP=sqp, SKP=skp, D=d, BD=bd,
                 BQ=cfg.block_q, BK=cfg.block_k, NQ=cfg.num_q_blocks, NK=cfg.num_k_blocks,
                 Q_OFFSET=cfg.q_offset, WINDOW=cfg.window, SINK=cfg.sink_tokens,
                 KV_LEN=cfg.kv_len, C=cfg.scale * LOG2E, EXCLUDE=cfg.exclude_same_cluster,
