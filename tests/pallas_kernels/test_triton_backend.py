@@ -7,7 +7,10 @@ imported, so each host runs one runner and skips the other, saying why.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import pathlib
 import sys
 import zlib
 
@@ -190,3 +193,58 @@ def test_blocks_below_sixteen_are_refused():
     with pytest.raises(ValueError, match="GPU block sizes must be >= 16"):
         block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
                                backend="triton", block_q=8, interpret=True)
+
+
+# Compiles every kernel for a GPU target without a GPU (triton ships ptxas), in a process that
+# imports triton compiled, and prints each kernel's shared memory.
+_COMPILE = r"""
+import json, sys
+import jax, jax.numpy as jnp, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pallas_kernels import triton_backend as tb
+from pallas_kernels.ops import make_config
+
+cc = int(sys.argv[1])
+q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
+k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
+cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backend="gpu",
+                  interpret=False, block_q=None, block_k=None)
+ptr = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
+shared = {}
+for make, n_in, n_f32 in [(tb.forward_launch, 3, 0), (tb.dq_launch, 4, 2),
+                          (tb.dkv_launch, 4, 2), (tb.dkv_sink_launch, 4, 2)]:
+    launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
+    dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * 5
+              + [ptr[jnp.dtype(s.dtype).name] for s in launch.out_shapes])
+    sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
+    src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                            options=dict(num_warps=launch.num_warps,
+                                         num_stages=launch.num_stages))
+    assert kernel.asm["cubin"], launch.name
+    shared[launch.name] = kernel.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.parametrize("cc, shared_limit", [(90, 227 * 1024), (80, 163 * 1024)])
+def test_kernels_compile_for_nvidia_gpus(cc, shared_limit):
+    """The Llama-shaped bf16 kernels at the default tuning build to cubin for Hopper (H100,
+    H200) and Ampere (A100) and fit their shared memory (opt-in maximum per block): the
+    interpreter runs the Python, not the compiler."""
+    import subprocess
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(shared) == ["block_sparse_attention_dkv", "block_sparse_attention_dkv_sink",
+                              "block_sparse_attention_dq", "block_sparse_attention_fwd"]
+    for name, used in shared.items():
+        assert 0 < used <= shared_limit, (name, used, shared_limit)
