@@ -31,6 +31,18 @@ def resolve_backend(backend: str) -> str:
     return {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
+def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k) -> str:
+    """resolve_backend, where "auto" on a GPU takes the faster of the Pallas and the Triton
+    kernels for this device and shape class (autoselect.py: measured once, then recorded)."""
+    resolved = resolve_backend(backend)
+    if backend != "auto" or resolved != "gpu":
+        return resolved
+    from pallas_kernels.autoselect import choose
+    return choose(q, k, window=window, sink_tokens=sink_tokens,
+                  block_q=block_q or DEFAULT_BLOCKS["gpu"][0],
+                  block_k=block_k or DEFAULT_BLOCKS["gpu"][1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _attend(q, k, v, qc, kc, sched, backend, cfg):
     return _attend_fwd(q, k, v, qc, kc, sched, backend, cfg)[0]
@@ -135,9 +147,12 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     return_lse, the natural-log LSE [B, Hq, Sq] float32 (-inf where a row has no allowed key,
     whose output is 0). Differentiable in q, k and v on every backend.
     """
+    auto = backend
     backend = resolve_backend(backend)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
+    backend = pick_backend(auto, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
+                           block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

@@ -177,6 +177,38 @@ class TestTritonKernels:
         want = reference_attention(q, k, v, ids, ids, **kw)
         assert_close("out", got, want, TOL["float32"])
 
+    def test_auto_measures_both_kernels(self, interpret, tmp_path, monkeypatch):
+        """backend="auto"'s measurement on the real kernels: both run forward + backward, and
+        the faster is recorded with both times."""
+        import functools
+
+        from pallas_kernels import autoselect
+        monkeypatch.setenv("PALLAS_KERNELS_CACHE_DIR", str(tmp_path))
+        q = jax.ShapeDtypeStruct((1, 40, 2, 16), jnp.float32)
+        k = jax.ShapeDtypeStruct((1, 40, 1, 16), jnp.float32)
+        timer = functools.partial(autoselect.measure, interpret=interpret, reps=1)
+        got = autoselect.choose(q, k, window=4, sink_tokens=1, block_q=16, block_k=16,
+                                candidates=["gpu", "triton"], timer=timer, device_kind="test")
+        (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
+        assert entry["errors"] == {} and sorted(entry["seconds"]) == ["gpu", "triton"]
+        assert all(t > 0 for t in entry["seconds"].values())
+        assert got == entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+
+    def test_auto_inside_jit_matches_reference(self, interpret, tmp_path, monkeypatch):
+        """backend="auto" on a GPU, called while jax.jit traces: the measurement runs (and is
+        recorded), and the chosen kernels give the reference's output."""
+        if interpret:
+            pytest.skip("backend='auto' chooses between compiled kernels: GPU only")
+        monkeypatch.setenv("PALLAS_KERNELS_CACHE_DIR", str(tmp_path))
+        case = Case(3, 300, "interleaved", 16, 1, 4, 0, "bfloat16", "triton", kv_heads=2)
+        q, k, v, qc, kc, _, _ = make_inputs(case, seed=8)
+        kw = dict(window=16, sink_tokens=1)
+        got = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, qc, kc, **kw))(q, k, v)
+        (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
+        assert sorted(entry["seconds"]) == ["gpu", "triton"], entry
+        want = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), qc, kc, **kw)
+        assert_close("out", got, want, TOL["bfloat16"])
+
 
 @pytest.mark.skipif(ON_GPU, reason="the error is for hosts without a GPU")
 def test_compiled_kernels_without_gpu_say_why():
