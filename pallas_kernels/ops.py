@@ -14,9 +14,12 @@ from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
 
-BACKENDS = ("auto", "gpu", "tpu", "xla")
-_MODULES = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu"}
-DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128)}
+# "gpu": Pallas kernels lowered through Triton; "triton": the same kernels written in Triton and
+# called through jax_triton (triton_backend.py); "tpu": Pallas/Mosaic; "xla": the dense reference.
+BACKENDS = ("auto", "gpu", "tpu", "triton", "xla")
+_MODULES = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu",
+            "triton": "pallas_kernels.triton_backend"}
+DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128), "triton": (128, 128)}
 
 
 def resolve_backend(backend: str) -> str:
@@ -26,6 +29,18 @@ def resolve_backend(backend: str) -> str:
         return backend
     # jax reports CUDA and ROCm devices alike as "gpu"
     return {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+
+
+def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k) -> str:
+    """resolve_backend, where "auto" on a GPU takes the faster of the Pallas and the Triton
+    kernels for this device and shape class (autoselect.py: measured once, then recorded)."""
+    resolved = resolve_backend(backend)
+    if backend != "auto" or resolved != "gpu":
+        return resolved
+    from pallas_kernels.autoselect import choose
+    return choose(q, k, window=window, sink_tokens=sink_tokens,
+                  block_q=block_q or DEFAULT_BLOCKS["gpu"][0],
+                  block_k=block_k or DEFAULT_BLOCKS["gpu"][1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -68,9 +83,14 @@ def _check_kernel_backend(backend):
 
 
 def _check_gpu_blocks(backend, cfg):
-    if backend == "gpu" and min(cfg.block_q, cfg.block_k) < 16:
+    if backend in ("gpu", "triton") and min(cfg.block_q, cfg.block_k) < 16:
         raise ValueError(f"GPU block sizes must be >= 16, got block_q={cfg.block_q}, "
                          f"block_k={cfg.block_k}")
+    if backend == "triton":  # missing packages or no GPU: say so before tracing a kernel
+        from pallas_kernels.triton_backend import unavailable
+        reason = unavailable(cfg.interpret)
+        if reason:
+            raise RuntimeError(reason)
 
 
 def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpret,
@@ -127,9 +147,12 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     return_lse, the natural-log LSE [B, Hq, Sq] float32 (-inf where a row has no allowed key,
     whose output is 0). Differentiable in q, k and v on every backend.
     """
+    auto = backend
     backend = resolve_backend(backend)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
+    backend = pick_backend(auto, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
+                           block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ops import attention_with_schedule, make_config, resolve_backend
+from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend, resolve_backend
 from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.segment_schedule import band_schedule, segment_schedule
@@ -231,9 +231,12 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     and, with return_lse, the natural-log LSE [B, Hq, S] float32. Differentiable in q, k, v.
     """
     _check_options(layout, sorted_above, q, k, clusters)
+    auto = backend
     backend = resolve_backend(backend)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
+    backend = pick_backend(auto, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
+                           block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

@@ -1,0 +1,121 @@
+"""backend="auto" on a GPU: the faster of the Pallas kernels ("gpu") and the Triton kernels
+("triton"), measured once per (device kind, shape class) and kept in a small JSON file.
+
+A choice is never guessed: with one usable backend that one runs (nothing to compare); with two,
+both run forward + backward on random inputs of the call's shape at full density (one cluster,
+the call's window and sink) and the faster is recorded with both times. A backend that fails
+there loses. The file is $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
+~/.cache/pallas_kernels/backend_choice.json; delete it to measure again.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+CANDIDATES = ("gpu", "triton")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("PALLAS_KERNELS_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "pallas_kernels"
+    return base / "backend_choice.json"
+
+
+def shape_class(q, k, *, window, sink_tokens, block_q, block_k) -> str:
+    """Calls that share this key share a choice: sequence lengths round up to a power of two;
+    window and sink only as present or not (they move the work little at full density)."""
+    batch, q_len, hq, d = q.shape
+    kv_len, hkv = k.shape[1], k.shape[2]
+    bucket = 1 << (max(q_len, kv_len) - 1).bit_length()
+    return (f"{jnp.dtype(q.dtype).name} B{batch} Hq{hq} Hkv{hkv} D{d} S<={bucket} "
+            f"blocks{block_q}x{block_k} window{int(window > 0)} sink{int(sink_tokens > 0)}")
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: Path, table: dict):
+    """Written whole to a temporary file, then renamed: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(f.name, path)
+
+
+def measure(backend, q, k, *, window, sink_tokens, block_q, block_k, interpret=False, reps=3):
+    """Median seconds of forward + backward of `backend` on random inputs shaped like q, k
+    (one cluster: every causal block visited)."""
+    from pallas_kernels.ops import attention_with_schedule, make_config
+    from pallas_kernels.schedule import build_schedule
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    qr = jax.random.normal(keys[0], q.shape, q.dtype)
+    kr = jax.random.normal(keys[1], k.shape, k.dtype)
+    vr = jax.random.normal(keys[2], k.shape, k.dtype)
+    ct = jax.random.normal(keys[3], q.shape, q.dtype)
+    qc = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.int32)
+    kc = jnp.zeros((q.shape[0], q.shape[2], k.shape[1]), jnp.int32)
+    mask = dict(window=window, sink_tokens=sink_tokens, q_offset=max(0, k.shape[1] - q.shape[1]))
+    cfg = make_config(qr, kr, **mask, scale=None, backend=backend, interpret=interpret,
+                      block_q=block_q, block_k=block_k)
+    sched = build_schedule(qc, kc, **mask, block_q=cfg.block_q, block_k=cfg.block_k)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, ct):
+        out, vjp = jax.vjp(lambda q, k, v: attention_with_schedule(
+            q, k, v, qc, kc, sched, backend=backend, config=cfg)[0], q, k, v)
+        return out, vjp(ct)
+
+    jax.block_until_ready(fwd_bwd(qr, kr, vr, ct))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fwd_bwd(qr, kr, vr, ct))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, timer=measure,
+           device_kind=None) -> str:
+    """The recorded choice for this device kind and shape class, measured on first use."""
+    from pallas_kernels.triton_backend import unavailable
+    if candidates is None:
+        candidates = ["gpu"] + (["triton"] if unavailable(False) is None else [])
+    if len(candidates) == 1:
+        return candidates[0]
+    device_kind = device_kind or jax.devices()[0].device_kind
+    key = f"{device_kind} | " + shape_class(q, k, window=window, sink_tokens=sink_tokens,
+                                             block_q=block_q, block_k=block_k)
+    path = cache_path()
+    table = _load(path)
+    if key in table and table[key].get("choice") in candidates:
+        return table[key]["choice"]
+    times, errors = {}, {}
+    # Called while an outer jax.jit traces the attention (q a tracer), the measurement must
+    # still run, not be staged into that trace.
+    traced = isinstance(q, jax.core.Tracer)
+    with jax.ensure_compile_time_eval() if traced else contextlib.nullcontext():
+        for backend in candidates:
+            try:
+                times[backend] = timer(backend, q, k, window=window, sink_tokens=sink_tokens,
+                                       block_q=block_q, block_k=block_k)
+            except Exception as e:  # a backend that cannot run this shape loses
+                errors[backend] = f"{type(e).__name__}: {str(e)[:300]}"
+    if not times:
+        raise RuntimeError(f"backend='auto': no GPU backend ran on {key}: {errors}")
+    choice = min(times, key=times.get)
+    table = _load(path)  # another process may have written meanwhile
+    table[key] = dict(choice=choice, seconds=times, errors=errors)
+    _store(path, table)
+    return choice

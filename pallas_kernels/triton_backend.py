@@ -1,0 +1,235 @@
+"""backend="triton": the Triton kernels of triton_kernels.py, called from JAX.
+
+Compiled, they run through jax_triton.triton_call on a CUDA GPU (the route that stays when
+Pallas drops its Triton lowering). With interpret=True they run through jax.pure_callback in
+triton's interpreter on CPU torch tensors, which needs TRITON_INTERPRET=1 in the environment
+before triton is first imported: slow, meant for tests on hosts without a GPU.
+
+Same interface as gpu.py: inputs padded to whole blocks (ops.py), [B, S, heads, D] layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.config import AttentionConfig
+from pallas_kernels.masking import LOG2E
+
+
+def unavailable(interpret: bool) -> str | None:
+    """Why backend="triton" cannot run here with this interpret flag; None when it can."""
+    try:
+        from pallas_kernels import triton_kernels
+    except ImportError as e:
+        return (f"backend='triton' needs the triton package ({e}); install it with "
+                "pip install 'ultrametric_jax[gpu]'")
+    if interpret:
+        if not triton_kernels.INTERPRETED:
+            return ("backend='triton' with interpret=True runs triton's interpreter, which needs "
+                    "TRITON_INTERPRET=1 in the environment before triton is first imported (this "
+                    "process imported it without)")
+        try:
+            import torch  # noqa: F401  (the interpreter's tensors)
+        except ImportError as e:
+            return f"backend='triton' with interpret=True needs torch ({e})"
+        return None
+    if triton_kernels.INTERPRETED:
+        return ("triton was imported with TRITON_INTERPRET=1, so its kernels can only be "
+                "interpreted: pass interpret=True, or unset TRITON_INTERPRET")
+    if jax.default_backend() != "gpu":
+        return (f"backend='triton' compiles for a GPU, but jax's default backend is "
+                f"{jax.default_backend()!r} (interpret=True runs the kernels in triton's "
+                "interpreter on the CPU)")
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError as e:
+        return (f"backend='triton' needs jax-triton ({e}); install it with "
+                "pip install 'ultrametric_jax[gpu]'")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the kernel takes the input arrays, then one pointer per output,
+    then the constexprs in meta."""
+    kernel: Any
+    grid: tuple[int, ...]
+    out_shapes: tuple[jax.ShapeDtypeStruct, ...]
+    meta: dict
+    num_warps: int
+    num_stages: int
+    name: str
+
+
+def _meta(cfg: AttentionConfig, q_shape, k_shape, dtype) -> dict:
+    from pallas_kernels.triton_kernels import INTERPRETED
+    _, sqp, hq, d = q_shape
+    skp, hkv = k_shape[1], k_shape[2]
+    dtype = jnp.dtype(dtype)
+    bd = max(16, 1 << (d - 1).bit_length())  # Triton's dot needs a power of two >= 16
+    return dict(HQ=hq, GROUP=hq // hkv, SQP=sqp, SKP=skp, D=d, BD=bd,
+                BQ=cfg.block_q, BK=cfg.block_k, NQ=cfg.num_q_blocks, NK=cfg.num_k_blocks,
+                Q_OFFSET=cfg.q_offset, WINDOW=cfg.window, SINK=cfg.sink_tokens,
+                KV_LEN=cfg.kv_len, C=cfg.scale * LOG2E, EXCLUDE=cfg.exclude_same_cluster,
+                IEEE=dtype == jnp.float32, UPCAST=INTERPRETED and dtype.itemsize == 2)
+
+
+def forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    from pallas_kernels.triton_kernels import fwd_kernel
+    batch, sqp, hq, _ = q_shape
+    meta = _meta(cfg, q_shape, k_shape, dtype)
+    meta["TK"] = min(cfg.gpu.fwd_tile_k, cfg.block_k)
+    return Launch(fwd_kernel, (cfg.num_q_blocks, batch * hq),
+                  (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
+                   jax.ShapeDtypeStruct((batch, hq, sqp), jnp.float32)),
+                  meta, cfg.gpu.fwd_warps, cfg.gpu.fwd_stages, "block_sparse_attention_fwd")
+
+
+def dq_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    from pallas_kernels.triton_kernels import dq_kernel
+    batch, sqp, hq, _ = q_shape
+    t = cfg.gpu
+    meta = _meta(cfg, q_shape, k_shape, dtype)
+    meta.update(TQ=min(t.dq_tile_q, cfg.block_q), TK=min(t.dq_tile_k, cfg.block_k),
+                SCALE=cfg.scale)
+    return Launch(dq_kernel, (sqp // meta["TQ"], batch * hq),
+                  (jax.ShapeDtypeStruct(tuple(q_shape), dtype),), meta, t.dq_warps, t.dq_stages,
+                  "block_sparse_attention_dq")
+
+
+# The sink pass: query blocks per program. Every query block reaches the sink keys, so their
+# dk/dv are summed over parts of the query list instead of by one program walking all of it.
+SINK_CHUNK = 8
+
+
+def _sink_subs(cfg: AttentionConfig, tk: int) -> int:
+    """Key sub-tiles of the blocks that hold sink keys (0 without sinks)."""
+    return -(-cfg.sink_tokens // cfg.block_k) * (cfg.block_k // tk)
+
+
+def dkv_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """dk, dv of every key sub-tile past the sink blocks (those rows come from dkv_sink)."""
+    from pallas_kernels.triton_kernels import dkv_kernel
+    batch, skp, hkv, _ = k_shape
+    t = cfg.gpu
+    meta = _meta(cfg, q_shape, k_shape, dtype)
+    meta.update(TQ=min(t.dkv_tile_q, cfg.block_q), TK=min(t.dkv_tile_k, cfg.block_k),
+                SCALE=cfg.scale)
+    meta["FIRST_SUB"] = _sink_subs(cfg, meta["TK"])
+    kv = jax.ShapeDtypeStruct(tuple(k_shape), dtype)
+    return Launch(dkv_kernel, (skp // meta["TK"] - meta["FIRST_SUB"], batch * hkv), (kv, kv),
+                  meta, t.dkv_warps, t.dkv_stages, "block_sparse_attention_dkv")
+
+
+def dkv_sink_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """Float32 partial dk (scaled), dv of the sink blocks: [parts, B, sink rows, Hkv, D]."""
+    from pallas_kernels.triton_kernels import dkv_sink_kernel
+    batch, _, hkv, d = k_shape
+    t = cfg.gpu
+    meta = _meta(cfg, q_shape, k_shape, dtype)
+    meta.update(TQ=min(t.dkv_tile_q, cfg.block_q), TK=min(t.dkv_tile_k, cfg.block_k),
+                SCALE=cfg.scale, CHUNK=SINK_CHUNK)
+    subs = _sink_subs(cfg, meta["TK"])
+    meta["SINK_ROWS"] = subs * meta["TK"]
+    parts = -(-cfg.num_q_blocks // SINK_CHUNK)
+    part = jax.ShapeDtypeStruct((parts, batch, meta["SINK_ROWS"], hkv, d), jnp.float32)
+    return Launch(dkv_sink_kernel, (parts, batch * hkv, subs), (part, part), meta, t.dkv_warps,
+                  t.dkv_stages, "block_sparse_attention_dkv_sink")
+
+
+# ----------------------------------------------------------------------------- running
+
+def _one_element_index():
+    """triton 3.6's interpreter turns a loop bound into a Python int with int(array), which
+    NumPy >= 2.4 refuses for the 1-element arrays it holds scalars in: read the element."""
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "reads_one_element", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch.reads_one_element = True
+    interpreter._patch_lang_tensor = patch
+
+
+def launch_interpreted(launch: Launch, *inputs):
+    """Runs launch in triton's interpreter on torch CPU tensors; returns the output tensors.
+    Outputs start as NaN (integers: -1), so an element the kernel forgets to write shows."""
+    import torch
+    _one_element_index()
+    outs = []
+    for s in launch.out_shapes:
+        dtype = getattr(torch, jnp.dtype(s.dtype).name)  # float32, bfloat16, float16, int32
+        fill = float("nan") if dtype.is_floating_point else -1
+        outs.append(torch.full(s.shape, fill, dtype=dtype))
+    launch.kernel[launch.grid](*inputs, *outs, **launch.meta, num_warps=launch.num_warps,
+                               num_stages=launch.num_stages)
+    return outs
+
+
+def _to_torch(x):
+    import torch
+    x = np.ascontiguousarray(x)
+    if x.dtype == jnp.bfloat16:  # numpy has no bfloat16: carry the bits
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def _to_numpy(t):
+    import torch
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy()
+
+
+def _interpret(launch: Launch, *arrays):
+    outs = launch_interpreted(launch, *map(_to_torch, arrays))
+    return tuple(_to_numpy(t) for t in outs)
+
+
+def _call(cfg: AttentionConfig, launch: Launch, *arrays):
+    if cfg.interpret:
+        return jax.pure_callback(functools.partial(_interpret, launch), launch.out_shapes,
+                                 *arrays)
+    import jax_triton
+    return jax_triton.triton_call(*arrays, kernel=launch.kernel, out_shape=launch.out_shapes,
+                                  grid=launch.grid, num_warps=launch.num_warps,
+                                  num_stages=launch.num_stages, name=launch.name, **launch.meta)
+
+
+def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
+    """out [B, Sqp, Hq, D] (q.dtype), lse [B, Hq, Sqp] float32 (natural log)."""
+    launch = forward_launch(cfg, q.shape, k.shape, q.dtype)
+    out, lse = _call(cfg, launch, q, k, v, qc, kc, sched.kv_indices, sched.kv_num_masked,
+                     sched.kv_num_blocks)
+    return out, lse
+
+
+def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
+    """dq, dk, dv for padded inputs. lse [B, Hq, Sqp] is the natural-log LSE with +inf on rows
+    without keys (so their probabilities are 0); delta = rowsum(out * dout) - dlse."""
+    lse2 = lse * LOG2E  # the kernels' scores are in base 2; +inf stays +inf
+    common = (q, k, v, do, lse2, delta.astype(jnp.float32), qc, kc)
+    (dq,) = _call(cfg, dq_launch(cfg, q.shape, k.shape, q.dtype), *common, sched.kv_indices,
+                  sched.kv_num_masked, sched.kv_num_blocks)
+    q_lists = (sched.q_indices, sched.q_num_masked, sched.q_num_blocks)
+    main = dkv_launch(cfg, q.shape, k.shape, q.dtype)
+    if main.grid[0]:
+        dk, dv = _call(cfg, main, *common, *q_lists)
+    else:  # every key block holds sinks
+        dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
+    if main.meta["FIRST_SUB"]:
+        sink = dkv_sink_launch(cfg, q.shape, k.shape, q.dtype)
+        pdk, pdv = _call(cfg, sink, *common, *q_lists)
+        rows = sink.meta["SINK_ROWS"]
+        dk = dk.at[:, :rows].set(jnp.sum(pdk, axis=0).astype(dk.dtype))
+        dv = dv.at[:, :rows].set(jnp.sum(pdv, axis=0).astype(dv.dtype))
+    return dq, dk, dv

@@ -1,0 +1,321 @@
+"""Block-sparse flash attention written in Triton: the kernels of backend="triton".
+
+The same walk as gpu.py (the Pallas kernels), so that both backends consume one BlockSchedule:
+one forward program per (query block, batch x query head), longest rows first; one dq program
+per query sub-tile; one dk/dv program per key sub-tile and kv head, which runs the query heads
+of its group in turn. Each loops over its schedule list: the masked entries first (token mask
+from positions and cluster ids), then the full ones without it. Scores live in base 2 (exp2).
+
+Arrays are [B, S, heads, D] row-major with S padded to whole blocks; the head dim is padded
+to BD (a power of two >= 16) by masked loads instead of copies. Every size is a constexpr: a
+config compiles once. This module needs only triton; triton_backend.py launches it.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: float32 inputs at full precision (no TF32).
+    UPCAST: the interpreter's dot multiplies bf16 bit patterns as integers (triton 3.6), so
+    under it 2-byte inputs are widened first (exact: their products fit float32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _mask(s, q_pos, k_pos, q_ids, k_ids, WINDOW: tl.constexpr, SINK: tl.constexpr,
+          KV_LEN: tl.constexpr, EXCLUDE: tl.constexpr):
+    """masking.allowed_pairs on a tile: -inf where the pair is not allowed."""
+    local = (k_pos < SINK) | (q_pos - k_pos < WINDOW)
+    if EXCLUDE:
+        ok = local & (q_ids != k_ids)
+    else:
+        ok = local | (q_ids == k_ids)
+    ok = ok & (k_pos <= q_pos) & (k_pos < KV_LEN)
+    return tl.where(ok, s, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, start, stop,
+                cols_d, d_ok, ROW: tl.constexpr, BK: tl.constexpr, TK: tl.constexpr,
+                C: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+                EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                MASKED: tl.constexpr):
+    for t in range(start, stop):
+        j = tl.load(idx_ptr + t)
+        for r in tl.static_range(BK // TK):
+            keys = j * BK + r * TK + tl.arange(0, TK)
+            k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                        other=0.0)
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+            if MASKED:
+                s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
+                          tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            if MASKED:  # a row that has seen only masked keys: exp2(-inf - 0) = 0, not NaN
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
+            alpha = tl.math.exp2(m - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, O, LSE,
+               HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
+               D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+               TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, Q_OFFSET: tl.constexpr,
+               WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+               C: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """O [B, SQP, HQ, D] (Q's dtype), LSE [B, HQ, SQP] float32 natural log (-inf: no key)."""
+    i = NQ - 1 - tl.program_id(0)  # the longest rows (last blocks) start first
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    HKV: tl.constexpr = HQ // GROUP
+    rows = i * BQ + tl.arange(0, BQ)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    q_ptr = Q + b.to(tl.int64) * (SQP * HQ * D) + h * D
+    q = tl.load(q_ptr + rows[:, None] * (HQ * D) + cols_d[None, :], mask=d_ok[None, :],
+                other=0.0)
+    q_ids = tl.load(QC + bh.to(tl.int64) * SQP + rows)
+    kv_off = b.to(tl.int64) * (SKP * HKV * D) + (h // GROUP) * D
+    row = bh * NQ + i
+    masked = tl.load(NMASKED + row)
+    total = tl.load(NBLOCKS + row)
+    idx_ptr = IDX + row.to(tl.int64) * NK
+    kc_ptr = KC + bh.to(tl.int64) * SKP
+    q_pos = Q_OFFSET + rows
+    acc = tl.zeros((BQ, BD), tl.float32)
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
+    acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
+                            0, masked, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK, KV_LEN,
+                            EXCLUDE, IEEE, UPCAST, True)
+    acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
+                            masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK,
+                            KV_LEN, EXCLUDE, IEEE, UPCAST, False)
+    empty = l == 0.0  # no allowed key: output 0, LSE -inf
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    o_ptr = O + b.to(tl.int64) * (SQP * HQ * D) + h * D
+    tl.store(o_ptr + rows[:, None] * (HQ * D) + cols_d[None, :], out.to(O.dtype.element_ty),
+             mask=d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l)))
+                   * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * SQP + rows, lse)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, start,
+               stop, cols_d, d_ok, ROW: tl.constexpr, BK: tl.constexpr, TK: tl.constexpr,
+               C: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+               EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               MASKED: tl.constexpr):
+    for t in range(start, stop):
+        j = tl.load(idx_ptr + t)
+        for r in tl.static_range(BK // TK):
+            keys = j * BK + r * TK + tl.arange(0, TK)
+            k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                        other=0.0)
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+            if MASKED:
+                s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
+                          tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
+            p = tl.math.exp2(s - lse2[:, None])
+            ds = p * (_dot(do, tl.trans(v), IEEE, UPCAST) - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit
+def dq_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DQ,
+              HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
+              D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+              TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
+              Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
+              KV_LEN: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+              EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """DQ [B, SQP, HQ, D] for one TQ-row sub-tile of a query block. LSE2 is the base-2 LSE
+    (+inf on rows without keys, so their probabilities are 0)."""
+    sub = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    HKV: tl.constexpr = HQ // GROUP
+    rows = sub * TQ + tl.arange(0, TQ)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
+    at = rows[:, None] * (HQ * D) + cols_d[None, :]
+    q = tl.load(Q + q_off + at, mask=d_ok[None, :], other=0.0)
+    do = tl.load(DO + q_off + at, mask=d_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE2 + bh.to(tl.int64) * SQP + rows)
+    delta = tl.load(DELTA + bh.to(tl.int64) * SQP + rows)
+    q_ids = tl.load(QC + bh.to(tl.int64) * SQP + rows)
+    kv_off = b.to(tl.int64) * (SKP * HKV * D) + (h // GROUP) * D
+    row = bh * NQ + sub // (BQ // TQ)
+    masked = tl.load(NMASKED + row)
+    total = tl.load(NBLOCKS + row)
+    idx_ptr = IDX + row.to(tl.int64) * NK
+    kc_ptr = KC + bh.to(tl.int64) * SKP
+    q_pos = Q_OFFSET + rows
+    dq = tl.zeros((TQ, BD), tl.float32)
+    dq = _dq_blocks(dq, q, do, lse2, delta, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr,
+                    idx_ptr, 0, masked, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK, KV_LEN,
+                    EXCLUDE, IEEE, UPCAST, True)
+    dq = _dq_blocks(dq, q, do, lse2, delta, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr,
+                    idx_ptr, masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK,
+                    KV_LEN, EXCLUDE, IEEE, UPCAST, False)
+    tl.store(DQ + q_off + at, (dq * SCALE).to(DQ.dtype.element_ty), mask=d_ok[None, :])
+
+
+@triton.jit
+def _dkv_blocks(dk, dv, k, v, k_pos, k_ids, q_ptr, do_ptr, lse2_ptr, delta_ptr, qc_ptr,
+                idx_ptr, start, stop, cols_d, d_ok, ROW: tl.constexpr, BQ: tl.constexpr,
+                TQ: tl.constexpr, Q_OFFSET: tl.constexpr, C: tl.constexpr,
+                WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+                EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                MASKED: tl.constexpr):
+    for t in range(start, stop):
+        j = tl.load(idx_ptr + t)
+        for r in tl.static_range(BQ // TQ):
+            rows = j * BQ + r * TQ + tl.arange(0, TQ)
+            at = rows[:, None] * ROW + cols_d[None, :]
+            q = tl.load(q_ptr + at, mask=d_ok[None, :], other=0.0)
+            do = tl.load(do_ptr + at, mask=d_ok[None, :], other=0.0)
+            s = _dot(k, tl.trans(q), IEEE, UPCAST) * C                        # [TK, TQ]
+            if MASKED:
+                s = _mask(s, (Q_OFFSET + rows)[None, :], k_pos[:, None],
+                          tl.load(qc_ptr + rows)[None, :], k_ids[:, None], WINDOW, SINK,
+                          KV_LEN, EXCLUDE)
+            p = tl.math.exp2(s - tl.load(lse2_ptr + rows)[None, :])
+            dv += _dot(p.to(do.dtype), do, IEEE, UPCAST)
+            ds = p * (_dot(v, tl.trans(do), IEEE, UPCAST) - tl.load(delta_ptr + rows)[None, :])
+            dk += _dot(ds.to(q.dtype), q, IEEE, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def dkv_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, DV,
+               HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
+               D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+               TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
+               Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
+               KV_LEN: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+               EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               FIRST_SUB: tl.constexpr):
+    """DK, DV [B, SKP, HKV, D] for one TK-key sub-tile of one kv head, summed over the GROUP
+    query heads that read it. IDX, NMASKED, NBLOCKS are the schedule's query-side lists.
+    Sub-tiles below FIRST_SUB (the sink blocks, dkv_sink_kernel's) are left unwritten."""
+    sub = FIRST_SUB + tl.program_id(0)
+    bg = tl.program_id(1)
+    HKV: tl.constexpr = HQ // GROUP
+    b = bg // HKV
+    hk = bg % HKV
+    k_pos = sub * TK + tl.arange(0, TK)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    kv_off = b.to(tl.int64) * (SKP * HKV * D) + hk * D
+    at = k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    k = tl.load(K + kv_off + at, mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + kv_off + at, mask=d_ok[None, :], other=0.0)
+    dk = tl.zeros((TK, BD), tl.float32)
+    dv = tl.zeros((TK, BD), tl.float32)
+    for hh in range(GROUP):
+        h = hk * GROUP + hh
+        bh = b * HQ + h
+        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
+        row = bh * NK + sub // (BK // TK)
+        masked = tl.load(NMASKED + row)
+        total = tl.load(NBLOCKS + row)
+        idx_ptr = IDX + row.to(tl.int64) * NQ
+        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
+        vec = bh.to(tl.int64) * SQP
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, 0, masked, cols_d, d_ok, HQ * D,
+                             BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN, EXCLUDE, IEEE, UPCAST,
+                             True)
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, masked, total, cols_d, d_ok,
+                             HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN, EXCLUDE, IEEE,
+                             UPCAST, False)
+    tl.store(DK + kv_off + at, (dk * SCALE).to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + kv_off + at, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+
+@triton.jit
+def dkv_sink_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, PDK, PDV,
+                    HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr,
+                    SKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                    BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr,
+                    NK: tl.constexpr, Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+                    SINK: tl.constexpr, KV_LEN: tl.constexpr, C: tl.constexpr,
+                    SCALE: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, CHUNK: tl.constexpr, SINK_ROWS: tl.constexpr):
+    """The sink blocks' DK, DV in parts: every query block reaches them, so one program per
+    key sub-tile would walk every query block in turn. Program (c, bg, sub) walks entries
+    [c * CHUNK, (c + 1) * CHUNK) of the sub-tile's lists and writes float32 partial sums
+    PDK, PDV [NCHUNK, B, SINK_ROWS, HKV, D] (PDK already scaled), summed over c outside."""
+    c = tl.program_id(0)
+    bg = tl.program_id(1)
+    sub = tl.program_id(2)
+    HKV: tl.constexpr = HQ // GROUP
+    b = bg // HKV
+    hk = bg % HKV
+    k_pos = sub * TK + tl.arange(0, TK)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    kv_off = b.to(tl.int64) * (SKP * HKV * D) + hk * D
+    at = k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    k = tl.load(K + kv_off + at, mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + kv_off + at, mask=d_ok[None, :], other=0.0)
+    dk = tl.zeros((TK, BD), tl.float32)
+    dv = tl.zeros((TK, BD), tl.float32)
+    first = c * CHUNK
+    for hh in range(GROUP):
+        h = hk * GROUP + hh
+        bh = b * HQ + h
+        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
+        row = bh * NK + sub // (BK // TK)
+        masked = tl.load(NMASKED + row)
+        last = tl.minimum(first + CHUNK, tl.load(NBLOCKS + row))
+        idx_ptr = IDX + row.to(tl.int64) * NQ
+        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
+        vec = bh.to(tl.int64) * SQP
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, first, tl.minimum(last, masked),
+                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
+                             EXCLUDE, IEEE, UPCAST, True)
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, idx_ptr, tl.maximum(first, masked), last,
+                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
+                             EXCLUDE, IEEE, UPCAST, False)
+    part = c.to(tl.int64) * (tl.num_programs(1) // HKV) + b  # [c, b] of [NCHUNK, B]
+    p_at = (part * SINK_ROWS * HKV + hk) * D + k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    tl.store(PDK + p_at, dk * SCALE, mask=d_ok[None, :])
+    tl.store(PDV + p_at, dv, mask=d_ok[None, :])
+
+# True when triton was imported with TRITON_INTERPRET=1: the kernels then run on the CPU, in
+# triton's interpreter, and cannot be compiled.
+INTERPRETED = not isinstance(fwd_kernel, triton.runtime.JITFunction)

@@ -1,0 +1,90 @@
+"""backend="auto" on a GPU: the measured choice between the Pallas and Triton kernels, recorded
+once per (device kind, shape class) in a JSON file (timers here are stand-ins with known times;
+test_triton_backend.py measures the real kernels)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import autoselect
+
+Q = jax.ShapeDtypeStruct((1, 1000, 8, 64), jnp.bfloat16)
+K = jax.ShapeDtypeStruct((1, 1000, 2, 64), jnp.bfloat16)
+MASK = dict(window=128, sink_tokens=1, block_q=128, block_k=128)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALLAS_KERNELS_CACHE_DIR", str(tmp_path))
+    return tmp_path / "backend_choice.json"
+
+
+def fake_timer(times, calls, fail=()):
+    def timer(backend, q, k, **kwargs):
+        calls.append((backend, q.shape, k.shape, kwargs["window"]))
+        if backend in fail:
+            raise RuntimeError(f"{backend} out of shared memory")
+        return times[backend]
+    return timer
+
+
+def test_faster_backend_is_measured_once_and_recorded(cache):
+    calls = []
+    timer = fake_timer({"gpu": 0.030, "triton": 0.021}, calls)
+    got = autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
+                            device_kind="H200")
+    assert got == "triton"
+    assert [c[0] for c in calls] == ["gpu", "triton"]
+    assert calls[0][1:] == ((1, 1000, 8, 64), (1, 1000, 2, 64), 128)
+    table = json.loads(cache.read_text())
+    (key,) = table
+    assert key == "H200 | bfloat16 B1 Hq8 Hkv2 D64 S<=1024 blocks128x128 window1 sink1"
+    assert table[key] == {"choice": "triton", "seconds": {"gpu": 0.030, "triton": 0.021},
+                          "errors": {}}
+    # Same class (1000 and 700 tokens both round up to 1024): read back, nothing measured.
+    q700 = jax.ShapeDtypeStruct((1, 700, 8, 64), jnp.bfloat16)
+    k700 = jax.ShapeDtypeStruct((1, 700, 2, 64), jnp.bfloat16)
+    assert autoselect.choose(q700, k700, **MASK, candidates=["gpu", "triton"], timer=timer,
+                             device_kind="H200") == "triton"
+    assert len(calls) == 2
+    # Another device kind is another entry.
+    autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
+                      device_kind="A100")
+    assert len(calls) == 4 and len(json.loads(cache.read_text())) == 2
+
+
+def test_one_usable_backend_is_not_measured(cache):
+    calls = []
+    got = autoselect.choose(Q, K, **MASK, candidates=["gpu"],
+                            timer=fake_timer({"gpu": 1.0}, calls), device_kind="H200")
+    assert got == "gpu" and calls == [] and not cache.exists()
+
+
+def test_a_failing_backend_loses_and_the_failure_is_recorded(cache):
+    calls = []
+    timer = fake_timer({"gpu": 0.05, "triton": 0.01}, calls, fail=("triton",))
+    assert autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
+                             device_kind="H200") == "gpu"
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["seconds"] == {"gpu": 0.05}
+    assert entry["errors"] == {"triton": "RuntimeError: triton out of shared memory"}
+
+
+def test_no_backend_running_says_why(cache):
+    timer = fake_timer({}, [], fail=("gpu", "triton"))
+    with pytest.raises(RuntimeError, match="no GPU backend ran on H200 .*gpu out of shared"):
+        autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
+                          device_kind="H200")
+    assert not cache.exists()
+
+
+def test_a_damaged_cache_file_is_measured_over(cache):
+    cache.write_text("{not json")
+    calls = []
+    assert autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"],
+                             timer=fake_timer({"gpu": 0.01, "triton": 0.02}, calls),
+                             device_kind="H200") == "gpu"
+    assert len(calls) == 2 and len(json.loads(cache.read_text())) == 1

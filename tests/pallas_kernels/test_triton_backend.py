@@ -1,0 +1,282 @@
+"""backend="triton" (triton_kernels.py) against the dense float32 reference.
+
+One test class, two runners: "interpreter" launches the Triton kernels in triton's interpreter
+on CPU torch tensors (no jax_triton; hosts without a GPU), "jax_triton" compiles them through
+jax_triton.triton_call (a GPU host). Triton fixes interpreted vs compiled when it is first
+imported, so each host runs one runner and skips the other, saying why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import zlib
+
+import jax
+
+# Before triton's first import: without a GPU its kernels can only run interpreted.
+ON_GPU = jax.default_backend() == "gpu"
+if not ON_GPU and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from test_kernels import TOL, Case, assert_close, make_inputs, outputs_and_grads  # noqa: E402
+
+from pallas_kernels import (block_sparse_attention, build_schedule,  # noqa: E402
+                            reference_attention, routed_attention)
+from pallas_kernels.masking import LOG2E  # noqa: E402
+from pallas_kernels.ops import make_config  # noqa: E402
+from pallas_kernels.triton_backend import unavailable  # noqa: E402
+
+RUNNERS = {"interpreter": True, "jax_triton": False}  # runner -> interpret flag
+
+
+@pytest.fixture(params=list(RUNNERS))
+def interpret(request):
+    if request.param == "jax_triton" and not ON_GPU:
+        pytest.skip(f"jax_triton runner: no GPU here (jax's default backend is "
+                    f"{jax.default_backend()!r}); it runs on a GPU host")
+    if request.param == "interpreter" and ON_GPU:
+        pytest.skip("interpreter runner: a GPU host imports triton compiled, and triton "
+                    "cannot interpret in the same process; it runs on hosts without a GPU")
+    reason = unavailable(RUNNERS[request.param])
+    if reason:
+        pytest.skip(f"{request.param} runner: {reason}")
+    return RUNNERS[request.param]
+
+
+# Random routes (i.i.d. ids per token: "interleaved") and contiguous clusters; GQA 1-4; odd
+# lengths; q_offset; float32 and bf16; head dim 24 (padded to 32 by masked loads); 64-blocks
+# with float32 tiles of 32 (the kernels loop over sub-tiles); batch and kv heads > 1.
+CASES = [
+    Case(5, 77, "interleaved", 5, 1, 4, 0, "float32", "triton", head_dim=24),
+    Case(2, 57, "interleaved", 5, 4, 2, 37, "bfloat16", "triton", kv_heads=2),
+    Case(7, 100, "contiguous", 5, 1, 1, 0, "float32", "triton", block_q=32),
+    Case(64, 45, "interleaved", 0, 4, 3, 37, "float32", "triton", batch=2),
+    Case(3, 130, "contiguous", 5000, 0, 2, 11, "bfloat16", "triton", block_q=32, block_k=32),
+    Case(7, 150, "interleaved", 5, 1, 2, 0, "float32", "triton", kv_heads=2, block_q=64,
+         block_k=64),
+]
+
+
+def _attention(interpret, case):
+    def attention(q, k, v, qc, kc, **kwargs):
+        return block_sparse_attention(q, k, v, qc, kc, backend="triton", interpret=interpret,
+                                      block_q=case.block_q, block_k=case.block_k, **kwargs)
+    return attention
+
+
+def _check(interpret, case, seed, kv_len=None):
+    """Outputs, LSE and the gradients of <out, d_out> + <lse, d_lse> against the reference."""
+    q, k, v, qc, kc, d_out, d_lse = make_inputs(case, seed, kv_len)
+    mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
+    out, lse, grads = outputs_and_grads(_attention(interpret, case), q, k, v, qc, kc, d_out,
+                                        d_lse, **mask)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    ref_out, ref_lse, ref_grads = outputs_and_grads(reference_attention, *f32[:3], qc, kc,
+                                                    f32[3], d_lse, **mask)
+    tol = TOL[case.dtype]
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert np.abs(np.asarray(ref_out, np.float32)).max() > 0.1  # a real comparison, not zeros
+    assert_close("out", out, ref_out, tol)
+    empty = np.isneginf(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
+    assert_close("lse", np.where(empty, 0, lse), np.where(empty, 0, ref_lse), tol)
+    for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.dtype == x.dtype
+        assert_close(name, g, rg, tol)
+    return empty
+
+
+class TestTritonKernels:
+
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_matches_reference(self, interpret, case):
+        _check(interpret, case, seed=zlib.crc32(str(case).encode()))
+
+    def test_rows_without_keys_give_zero_output(self, interpret):
+        """Sink 0 and window 0 with many ids: many rows see no key at all."""
+        empty = _check(interpret, Case(64, 48, "interleaved", 0, 0, 2, 5, "float32", "triton"),
+                       seed=3)
+        assert empty.any() and not empty.all()
+
+    @pytest.mark.parametrize("kv_len", [20, 70])
+    def test_key_length_other_than_query_end(self, interpret, kv_len):
+        """Keys may stop before the last query (20 < 5 + 40) or run past it (70)."""
+        case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", "triton", block_k=32)
+        _check(interpret, case, seed=11 + kv_len, kv_len=kv_len)
+
+    @pytest.mark.parametrize("sink", [40, 2**40])
+    def test_sinks_over_several_blocks(self, interpret, sink, monkeypatch):
+        """Sink keys fill 3 key blocks (40 over 16-blocks) or all of them (every key a sink):
+        the sink pass takes those blocks, the main dk/dv pass the others or none. Parts of 2
+        query blocks: the 4 query blocks' lists are summed from 2 parts."""
+        from pallas_kernels import triton_backend
+        monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
+        case = Case(3, 60, "interleaved", 2, sink, 2, 5, "float32", "triton")
+        _check(interpret, case, seed=17)
+
+    def test_kernels_launched_directly(self, interpret, monkeypatch):
+        """forward, then backward from the reference's own LSE and delta, without the custom
+        VJP around them: each kernel's output on its own against the reference (the sink
+        pass in parts of 2 of the 4 query blocks)."""
+        from pallas_kernels import triton_backend
+        monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
+        case = Case(5, 64, "interleaved", 3, 1, 2, 0, "float32", "triton")
+        q, k, v, qc, kc, d_out, _ = make_inputs(case, seed=41)
+        mask = dict(window=case.window, sink_tokens=case.sink, q_offset=0)
+        cfg = make_config(q, k, **mask, scale=None, backend="triton", interpret=interpret,
+                          block_q=16, block_k=16)
+        sched = build_schedule(qc, kc, **mask, block_q=16, block_k=16)
+        ref_out, ref_lse = reference_attention(q, k, v, qc, kc, **mask, return_lse=True)
+        _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, qc, kc, **mask), q, k, v)
+        ref_grads = vjp(d_out)
+        if interpret:  # straight into the interpreter on torch tensors: no jax in between
+            import torch
+            t = [torch.from_numpy(np.array(x)) for x in (q, k, v, qc, kc, d_out)]
+            s = [torch.from_numpy(np.array(x)) for x in sched]
+            out, lse = triton_backend.launch_interpreted(
+                triton_backend.forward_launch(cfg, q.shape, k.shape, q.dtype), *t[:5], *s[:3])
+            delta = torch.einsum("bqhd,bqhd->bhq", out, t[5])
+            lse2 = torch.from_numpy(np.array(ref_lse)) * LOG2E
+            common = (*t[:3], t[5], lse2, delta, *t[3:5])
+            (dq,) = triton_backend.launch_interpreted(
+                triton_backend.dq_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[:3])
+            dk, dv = triton_backend.launch_interpreted(
+                triton_backend.dkv_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[3:6])
+            sink = triton_backend.dkv_sink_launch(cfg, q.shape, k.shape, q.dtype)
+            pdk, pdv = triton_backend.launch_interpreted(sink, *common, *s[3:6])
+            rows = sink.meta["SINK_ROWS"]  # the sink key block, summed over its parts
+            dk[:, :rows], dv[:, :rows] = pdk.sum(0), pdv.sum(0)
+            got = [x.numpy() for x in (out, lse, dq, dk, dv)]
+        else:
+            out, lse = jax.jit(lambda *a: triton_backend.forward(*a, sched, cfg))(q, k, v, qc, kc)
+            delta = jnp.einsum("bqhd,bqhd->bhq", out, d_out)
+            grads = jax.jit(lambda *a: triton_backend.backward(*a, sched, cfg))(
+                q, k, v, d_out, ref_lse, delta, qc, kc)
+            got = [out, lse, *grads]
+        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got,
+                              (ref_out, ref_lse, *ref_grads)):
+            assert_close(name, g, w, TOL["float32"])
+
+    def test_routed_attention_on_random_routes(self, interpret):
+        """routed_attention's sorted layout (segment and band schedules, the "other cluster"
+        mask, the LSE merge) on the Triton kernels."""
+        rng = np.random.default_rng(5)
+        seq, hq, hkv, d = 70, 4, 2, 16
+        q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, d)), jnp.float32)
+                   for h in (hq, hkv, hkv))
+        ids = jnp.asarray(rng.integers(0, 4, (1, hq, seq)), jnp.int32)
+        kw = dict(window=4, sink_tokens=1)
+        got = routed_attention(q, k, v, ids, **kw, layout="sorted", backend="triton",
+                               interpret=interpret, block_q=16, block_k=16)
+        want = reference_attention(q, k, v, ids, ids, **kw)
+        assert_close("out", got, want, TOL["float32"])
+
+    def test_auto_measures_both_kernels(self, interpret, tmp_path, monkeypatch):
+        """backend="auto"'s measurement on the real kernels: both run forward + backward, and
+        the faster is recorded with both times."""
+        import functools
+
+        from pallas_kernels import autoselect
+        monkeypatch.setenv("PALLAS_KERNELS_CACHE_DIR", str(tmp_path))
+        q = jax.ShapeDtypeStruct((1, 40, 2, 16), jnp.float32)
+        k = jax.ShapeDtypeStruct((1, 40, 1, 16), jnp.float32)
+        timer = functools.partial(autoselect.measure, interpret=interpret, reps=1)
+        got = autoselect.choose(q, k, window=4, sink_tokens=1, block_q=16, block_k=16,
+                                candidates=["gpu", "triton"], timer=timer, device_kind="test")
+        (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
+        assert entry["errors"] == {} and sorted(entry["seconds"]) == ["gpu", "triton"]
+        assert all(t > 0 for t in entry["seconds"].values())
+        assert got == entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+
+    def test_auto_inside_jit_matches_reference(self, interpret, tmp_path, monkeypatch):
+        """backend="auto" on a GPU, called while jax.jit traces: the measurement runs (and is
+        recorded), and the chosen kernels give the reference's output."""
+        if interpret:
+            pytest.skip("backend='auto' chooses between compiled kernels: GPU only")
+        monkeypatch.setenv("PALLAS_KERNELS_CACHE_DIR", str(tmp_path))
+        case = Case(3, 300, "interleaved", 16, 1, 4, 0, "bfloat16", "triton", kv_heads=2)
+        q, k, v, qc, kc, _, _ = make_inputs(case, seed=8)
+        kw = dict(window=16, sink_tokens=1)
+        got = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, qc, kc, **kw))(q, k, v)
+        (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
+        assert sorted(entry["seconds"]) == ["gpu", "triton"], entry
+        want = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), qc, kc, **kw)
+        assert_close("out", got, want, TOL["bfloat16"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the error is for hosts without a GPU")
+def test_compiled_kernels_without_gpu_say_why():
+    q = jnp.ones((1, 16, 2, 16))
+    ids = jnp.zeros((1, 2, 16), jnp.int32)
+    with pytest.raises(RuntimeError, match="triton"):
+        block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
+                               backend="triton")
+
+
+def test_blocks_below_sixteen_are_refused():
+    q = jnp.ones((1, 16, 2, 16))
+    ids = jnp.zeros((1, 2, 16), jnp.int32)
+    with pytest.raises(ValueError, match="GPU block sizes must be >= 16"):
+        block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
+                               backend="triton", block_q=8, interpret=True)
+
+
+# Compiles every kernel for a GPU target without a GPU (triton ships ptxas), in a process that
+# imports triton compiled, and prints each kernel's shared memory.
+_COMPILE = r"""
+import json, sys
+import jax, jax.numpy as jnp, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pallas_kernels import triton_backend as tb
+from pallas_kernels.ops import make_config
+
+cc = int(sys.argv[1])
+q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
+k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
+cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backend="gpu",
+                  interpret=False, block_q=None, block_k=None)
+ptr = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
+shared = {}
+for make, n_in, n_f32 in [(tb.forward_launch, 3, 0), (tb.dq_launch, 4, 2),
+                          (tb.dkv_launch, 4, 2), (tb.dkv_sink_launch, 4, 2)]:
+    launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
+    dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * 5
+              + [ptr[jnp.dtype(s.dtype).name] for s in launch.out_shapes])
+    sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
+    src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                            options=dict(num_warps=launch.num_warps,
+                                         num_stages=launch.num_stages))
+    assert kernel.asm["cubin"], launch.name
+    shared[launch.name] = kernel.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.parametrize("cc, shared_limit", [(90, 227 * 1024), (80, 163 * 1024)])
+def test_kernels_compile_for_nvidia_gpus(cc, shared_limit):
+    """The Llama-shaped bf16 kernels at the default tuning build to cubin for Hopper (H100,
+    H200) and Ampere (A100) and fit their shared memory (opt-in maximum per block): the
+    interpreter runs the Python, not the compiler."""
+    import subprocess
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(shared) == ["block_sparse_attention_dkv", "block_sparse_attention_dkv_sink",
+                              "block_sparse_attention_dq", "block_sparse_attention_fwd"]
+    for name, used in shared.items():
+        assert 0 < used <= shared_limit, (name, used, shared_limit)
