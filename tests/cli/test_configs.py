@@ -119,6 +119,10 @@ def test_bad_command_lines_are_named(argv, message):
     ("surgery.arity=1", r"invalid SurgeryConfig.arity=1"),
     ("surgery.d_max=9", r"invalid SurgeryConfig.d_max=9: must lie in \[0, L=3\]"),
     ("surgery.ste=hard", r"invalid SurgeryConfig.ste='hard'"),
+    ("surgery.gumbel_scale=-0.5", r"invalid SurgeryConfig.gumbel_scale=-0.5: must be a finite "
+                                  r"number >= 0"),
+    ("objective.budget_routes=soft", r"invalid ObjectiveConfig.budget_routes='soft': must be "
+                                     r"one of \('argmax', 'sampled'\)"),
     ("surgery.max_len=16", r"invalid config value surgery.max_len=16: must be >= "
                            r"train.seq_len=32"),
     ("checkpoint.keep=0", r"invalid config value checkpoint.keep=0"),

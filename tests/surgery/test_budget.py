@@ -148,26 +148,37 @@ def test_per_layer_penalty_reaches_each_layer_target():
     np.testing.assert_allclose(rho, targets, atol=0.05)
 
 
-def _numpy_expected_density(logits, tau, cut, window, sink, valid):
-    """float64 oracle of the expected density of routes drawn from softmax(logits / tau):
-    sink and window pairs count 1, the others the probability of equal first `cut` digits."""
-    x = np.asarray(logits, np.float64)[..., :cut, :] / tau
-    p = np.exp(x - x.max(-1, keepdims=True))
+def _numpy_route_density_grad(logits, tau, cut, window, sink, valid):
+    """float64 oracle of d/dlogits of (#bypass + sum over routed pairs (i, j) of
+    prod_l <h_il, h_jl>) / #pairs, with h the straight-through routes (one-hot argmax forward,
+    softmax(logits / tau) backward): the product rule through the one-hots, then the softmax
+    Jacobian."""
+    x = np.asarray(logits, np.float64)[..., :cut, :]
+    p = np.exp(x / tau - (x / tau).max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    b_, h_, s_ = p.shape[:3]
-    kept = total = 0.0
+    h = np.eye(x.shape[-1])[x.argmax(-1)]                      # [B, H, S, cut, p]
+    g = np.zeros_like(h)
+    b_, h_, s_ = x.shape[:3]
+    total = 0
     for b in range(b_):
-        for h in range(h_):
-            for i in range(s_):
-                for j in range(i + 1):
-                    if not (valid[b, i] and valid[b, j]):
-                        continue
-                    total += 1
-                    if j < sink or i - j < window:
-                        kept += 1
-                    else:
-                        kept += np.prod([p[b, h, i, l] @ p[b, h, j, l] for l in range(cut)])
-    return kept / total
+        for i in range(s_):
+            for j in range(i + 1):
+                if not (valid[b, i] and valid[b, j]):
+                    continue
+                total += 1
+                if j < sink or i - j < window:
+                    continue
+                for hd in range(h_):
+                    dots = [h[b, hd, i, l] @ h[b, hd, j, l] for l in range(cut)]
+                    for l in range(cut):
+                        rest = np.prod([dots[m] for m in range(cut) if m != l])
+                        g[b, hd, i, l] += h[b, hd, j, l] * rest
+                        g[b, hd, j, l] += h[b, hd, i, l] * rest
+    g /= total * h_
+    grad = p * (g - np.sum(g * p, -1, keepdims=True)) / tau
+    full = np.zeros(np.shape(logits))
+    full[..., :cut, :] = grad
+    return full
 
 
 def _route_density_inputs(logits, valid, window, sink):
@@ -182,8 +193,7 @@ def _route_density_inputs(logits, valid, window, sink):
 
 def test_route_density_is_the_argmax_density_forward_and_the_expected_density_backward():
     """Forward: the hard density of the argmax routes (tree.pair_counts). Gradient: that of the
-    expected density under softmax(logits / tau), checked against float64 finite differences
-    of the numpy oracle."""
+    pair count through straight-through routes, against a float64 numpy product rule."""
     window, sink, cut, tau, seq = 3, 1, 2, 0.7, 9
     logits = jax.random.normal(jax.random.key(3), (2, 2, seq, 4, 2))
     valid = jnp.ones((2, seq), bool).at[1, :2].set(False)
@@ -210,30 +220,19 @@ def test_route_density_is_the_argmax_density_forward_and_the_expected_density_ba
                         num += (j < sink or i - j < window
                                 or bool(np.all(digits[b, h, i] == digits[b, h, j])))
     np.testing.assert_allclose(float(value), num / den, rtol=1e-6)
-    base = np.asarray(logits, np.float64)
-    eps = 1e-6
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        idx = tuple(rng.integers(0, n) for n in base.shape[:3]) + (int(rng.integers(0, cut)),
-                                                                   int(rng.integers(0, 2)))
-        up, down = base.copy(), base.copy()
-        up[idx] += eps
-        down[idx] -= eps
-        fd = (_numpy_expected_density(up, tau, cut, window, sink, v)
-              - _numpy_expected_density(down, tau, cut, window, sink, v)) / (2 * eps)
-        np.testing.assert_allclose(float(grad[idx]), fd, rtol=2e-3, atol=1e-7)
+    want = _numpy_route_density_grad(logits, tau, cut, window, sink, v)
+    assert np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-7)
     # Levels below the cut decide nothing: no gradient reaches them.
     assert not np.any(np.asarray(grad)[..., cut:, :])
 
 
-def test_route_agreement_matches_numpy():
+def test_route_agreement_is_the_argmax_cluster_equality():
     logits = jax.random.normal(jax.random.key(4), (1, 2, 6, 3, 3))
     got = np.asarray(bud.route_agreement(logits, 0.5, 2))
-    x = np.asarray(logits, np.float64) / 0.5
-    p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
-    want = np.einsum("hic,hjc->hij", p[0, :, :, 0], p[0, :, :, 0]) * \
-        np.einsum("hic,hjc->hij", p[0, :, :, 1], p[0, :, :, 1])
-    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    digits = np.asarray(logits).argmax(-1)[0, :, :, :2]                  # [H, S, 2]
+    want = np.all(digits[:, :, None, :] == digits[:, None, :, :], axis=-1)
+    np.testing.assert_array_equal(got[0], want.astype(np.float32))
 
 
 def argmax_route_density(logits, tau=0.5):

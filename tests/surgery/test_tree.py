@@ -196,6 +196,28 @@ def test_gumbel_softmax_hard_is_one_hot_with_soft_gradient():
     np.testing.assert_allclose(np.asarray(soft), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_scaled_gumbel_noise_against_numpy_and_zero_noise_is_the_argmax():
+    logits = jax.random.normal(jax.random.key(3), (5, 4, 3))
+    rng, tau = jax.random.key(4), 0.6
+    g = np.clip(np.asarray(jax.random.gumbel(rng, logits.shape, jnp.float32), np.float64),
+                -1.5, 1.5)
+    soft = um.gumbel_softmax(logits, tau, rng, hard=False, noise_bound=1.5, noise_scale=0.3)
+    z = (np.asarray(logits, np.float64) + 0.3 * g) / tau
+    ref = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(soft), ref / ref.sum(-1, keepdims=True), rtol=1e-5,
+                               atol=1e-6)
+    # No noise: the routes evaluation runs, with the gradient of softmax(logits / tau).
+    hard = um.gumbel_softmax(logits, tau, rng, hard=True, noise_scale=0.0)
+    np.testing.assert_array_equal(np.asarray(hard), np.asarray(um.hard_assignment(logits)))
+    w = np.asarray(jax.random.normal(jax.random.key(5), logits.shape), np.float64)
+    grad = jax.grad(lambda x: jnp.sum(w * um.gumbel_softmax(x, tau, rng, noise_scale=0.0)))(
+        logits)
+    p = np.exp(np.asarray(logits, np.float64) / tau)
+    p /= p.sum(-1, keepdims=True)
+    want = p * (w - np.sum(w * p, -1, keepdims=True)) / tau
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6)
+
+
 def test_bounded_noise_never_overturns_the_collapse_margin():
     margin = 5.0
     logits = jnp.broadcast_to(jnp.array([margin, -margin, -margin]), (64, 13, 3))

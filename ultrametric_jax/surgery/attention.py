@@ -136,7 +136,7 @@ class SurgicalAttention(nnx.Module):
             # Noise bounded by the collapse margin: a collapsed router samples the collapsed
             # routes for every seed (see tree.gumbel_softmax).
             assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
-                                       noise_bound=s.init_margin)
+                                       noise_bound=s.init_margin, noise_scale=s.gumbel_scale)
         return logits, assign, probs, um.cluster_ids(um.hard_digits(assign), s.arity,
                                                      s.cut_level)
 

@@ -11,10 +11,13 @@ total density is the mean of rho_l over layers.
 That rho binds the densities of the Gumbel routes training samples. Evaluation runs the argmax
 routes, which are denser (noise scatters tokens the router holds near a boundary), so a budget
 met in training is missed held out. `route_density` binds the evaluation routes instead: its
-value is the argmax routes' hard density and its gradient that of the expected density of routes
-drawn from the router's probabilities. Training takes them at temperature 1, not at the annealed
-Gumbel tau: at tau -> 0.1 a collapsed router's probabilities saturate and the gradient vanishes
-for every token not already near a boundary.
+value is the argmax routes' hard density and its gradient that of the same count through
+straight-through routes (argmax forward, the router's softmax backward). The forward rewards
+nothing but fewer kept pairs: an expected density over the router's probabilities would instead
+be lowered by making every route uncertain, which leaves the argmax routes dense and scatters
+the sampled ones (measured: 37% held-out density against 9% in training). The softmax is taken
+at temperature 1, not at the annealed Gumbel tau: at tau -> 0.1 it saturates and the gradient
+vanishes for every token not already near a boundary.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ultrametric_jax.surgery.tree import straight_through
 
 BUDGETS = ("penalty", "dual")
 
@@ -60,14 +65,17 @@ def soft_density(m: jax.Array, causal: jax.Array,
 
 
 def route_agreement(logits: jax.Array, tau, cut_level: int) -> jax.Array:
-    """float32 [B, H, S, S]: the probability that tokens i and j share their first `cut_level`
-    route digits (the same tree cluster) when every level's digit is drawn independently from
-    softmax(logits / tau). logits: the router's [B, H, S, L, p]."""
-    probs = jax.nn.softmax(logits[..., :cut_level, :].astype(jnp.float32) / tau, axis=-1)
-    agree = jnp.ones(probs.shape[:3] + probs.shape[2:3], jnp.float32)
+    """float32 [B, H, S, S]: 1 where tokens i and j share their first `cut_level` argmax route
+    digits (the same tree cluster), 0 elsewhere; the gradient is that of the straight-through
+    routes one_hot(argmax) + softmax(logits / tau) - sg(softmax(logits / tau)) at every level.
+    logits: the router's [B, H, S, L, p]."""
+    logits = logits[..., :cut_level, :].astype(jnp.float32)
+    hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    routes = straight_through(hard, jax.nn.softmax(logits / tau, axis=-1))
+    agree = jnp.ones(routes.shape[:3] + routes.shape[2:3], jnp.float32)
     for level in range(cut_level):
-        p = probs[..., level, :]
-        agree = agree * jnp.einsum("bhic,bhjc->bhij", p, p,
+        r = routes[..., level, :]
+        agree = agree * jnp.einsum("bhic,bhjc->bhij", r, r,
                                    precision=jax.lax.Precision.HIGHEST)
     return agree
 
@@ -76,9 +84,11 @@ def route_density(logits: jax.Array, tau, cut_level: int, routed: jax.Array,
                   causal: jax.Array, q_valid: Optional[jax.Array],
                   hard_density: jax.Array) -> jax.Array:
     """The noise-free density of one layer, a float32 scalar: forward `hard_density` (that of
-    the argmax routes, tree.pair_counts), gradient that of the expected density
+    the argmax routes, tree.pair_counts), gradient that of
 
-        (#bypass pairs + sum over routed pairs of route_agreement_ij) / #causal pairs
+        (#bypass pairs + sum over routed pairs of route_agreement_ij) / #causal pairs,
+
+    whose forward value is the same density counted pair by pair.
 
     routed: bool [B, H|1, S, S], the causal pairs between real tokens whose fate the routes
     decide (outside sink and window); causal, q_valid as in soft_density. The S x S agreement

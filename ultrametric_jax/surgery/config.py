@@ -3,6 +3,7 @@ is in the README), validated eagerly so that a bad value fails with a message na
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from ultrametric_jax.errors import ConfigError
@@ -36,6 +37,9 @@ class SurgeryConfig:
     ste: str = "gate"                   # "gate" | "renorm"
     init_margin: float = 5.0            # collapse initialisation margin of the router bias
     # Gumbel temperature schedule (tau0 -> tau_min) and balance-loss ramp (0 -> lambda_max).
+    # Scale of the Gumbel noise on the training routes: 0 trains on the argmax routes that
+    # evaluation runs (no train / evaluation mismatch), 1 samples the Gumbel-softmax.
+    gumbel_scale: float = 1.0
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_steps: int = 1000
@@ -73,6 +77,8 @@ class SurgeryConfig:
             bad("tau_end", "need 0 < tau_end <= tau_start")
         if self.tau_steps < 0 or self.lambda_ramp_steps < 0:
             bad("tau_steps" if self.tau_steps < 0 else "lambda_ramp_steps", "must be >= 0")
+        if not (math.isfinite(self.gumbel_scale) and self.gumbel_scale >= 0):
+            bad("gumbel_scale", "must be a finite number >= 0")
         if self.lambda_max < 0:
             bad("lambda_max", "must be >= 0")
 

@@ -38,7 +38,7 @@ def _straight_through_jvp(primals, tangents):
 
 
 def gumbel_softmax(logits: jax.Array, tau, rng: jax.Array, hard: bool = True,
-                   noise_bound: Optional[float] = None) -> jax.Array:
+                   noise_bound: Optional[float] = None, noise_scale: float = 1.0) -> jax.Array:
     """Gumbel-softmax over the last axis, in float32.
 
     hard=True: one-hot(argmax(logits + g)) forward, softmax((logits + g) / tau) backward.
@@ -46,12 +46,14 @@ def gumbel_softmax(logits: jax.Array, tau, rng: jax.Array, hard: bool = True,
     never overturn a logit gap larger than 2 * noise_bound, so a router initialised with a
     collapse margin m and bound m samples exactly the collapsed routes for every seed (the
     unbounded noise strays with probability 1 / (1 + e^(2m)) per choice).
+    noise_scale: multiplies the (clipped) noise; 0 gives the argmax routes evaluation runs,
+    with the same straight-through gradient.
     """
     logits = logits.astype(jnp.float32)
     noise = jax.random.gumbel(rng, logits.shape, jnp.float32)
     if noise_bound is not None:
         noise = jnp.clip(noise, -noise_bound, noise_bound)
-    perturbed = logits + noise
+    perturbed = logits + noise_scale * noise
     soft = jax.nn.softmax(perturbed / tau, axis=-1)
     if not hard:
         return soft
