@@ -42,21 +42,28 @@ def perturb_routers(model, seed):
         fc2.kernel[...] = jnp.asarray(rng.normal(size=fc2.kernel.shape) * 0.5, jnp.float32)
 
 
-def test_step_loss_is_the_weighted_sum_of_its_recomputed_terms(tiny_model_dir):
-    run = tiny_config(tiny_model_dir, "objective.kd_weight=0.5",
-                      "objective.recall_weight=0.25")
+def one_grad_step(run, seed, lam):
+    """(model, ids, mask, loss, scalars, grads) of one compiled micro-batch gradient of the
+    injected tiny model with perturbed routers (the model at the parameters the step saw)."""
     setup = setup_run(run)
     inject(run, setup.model)
-    perturb_routers(setup.model, 1)
+    perturb_routers(setup.model, seed)
     setup.model.train()
     batch = setup.val_batches[0]
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
     graphdef, params, mutable, frozen = nnx.split(setup.model, RouterParam, MUTABLE, ...)
-    lam = 0.7
     (loss, (scalars, _)), grads = jax.jit(make_grad_fn(graphdef, run.objective))(
         params, mutable, frozen, ids, mask, lam)
-    # The same terms recomputed from the same model state, outside the step.
     model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
+    return model, ids, mask, loss, scalars, grads
+
+
+def test_step_loss_is_the_weighted_sum_of_its_recomputed_terms(tiny_model_dir):
+    run = tiny_config(tiny_model_dir, "objective.kd_weight=0.5",
+                      "objective.recall_weight=0.25")
+    lam = 0.7
+    model, ids, mask, loss, scalars, grads = one_grad_step(run, seed=1, lam=lam)
+    # The same terms recomputed from the same model state, outside the step.
     with base_model_mode(model):
         dense = model(ids, attention_mask=mask)
     logits, aux = forward_with_aux(model, ids, mask, extras=("recall",))
@@ -111,15 +118,7 @@ def test_budget_binds_the_density_of_the_chosen_routes(tiny_model_dir, routes):
     run = tiny_config(tiny_model_dir, "objective.density_target=0.2",
                       "objective.budget=penalty", "objective.budget_mu=10.0",
                       f"objective.budget_routes={routes}")
-    setup = setup_run(run)
-    inject(run, setup.model)
-    perturb_routers(setup.model, 2)
-    setup.model.train()
-    batch = setup.val_batches[0]
-    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    graphdef, params, mutable, frozen = nnx.split(setup.model, RouterParam, MUTABLE, ...)
-    (_, (scalars, _)), grads = jax.jit(make_grad_fn(graphdef, run.objective))(
-        params, mutable, frozen, ids, mask, 0.0)
+    _, _, _, _, scalars, grads = one_grad_step(run, seed=2, lam=0.0)
     rho = float(scalars["argmax_density" if routes == "argmax" else "density"])
     assert rho > 0.25
     np.testing.assert_allclose(float(scalars["budget"]), 10.0 * (rho - 0.2) ** 2, rtol=1e-4)
