@@ -283,8 +283,9 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout,
     the window pairs as a band and the sink pairs as a jnp partial (module docstring); "auto"
     builds the natural schedule and takes the sorted layout where prefer_sorted(its density,
-    sorted_above) holds (a lax.cond: both paths are compiled, one runs). Returns out [B, S, Hq, D] in q's dtype
-    and, with return_lse, the natural-log LSE [B, Hq, S] float32. Differentiable in q, k, v.
+    sorted_above) holds (a lax.cond: both paths are compiled, one runs). Returns out
+    [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
+    Differentiable in q, k, v.
     """
     _check_options(layout, sorted_above, q, k, clusters)
     auto = backend
