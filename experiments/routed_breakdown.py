@@ -52,7 +52,7 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
     backend = "gpu"
     cfg = make_config(q, k, window=window, sink_tokens=sink, q_offset=0, scale=None,
                       backend=backend, interpret=smoke, block_q=block, block_k=block)
-    keys = iter(jax.random.split(jax.random.PRNGKey(1), 16))
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 32))
     rows = []
 
     def add(name, fn, *args, whole=None):
@@ -133,9 +133,9 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
             return attention_with_schedule(q, k, v, ids, ids, sched, backend=backend,
                                            config=before_cfg)
 
-        add("fwd: band kernel with the sink column (before the sink partial)", band_with_sinks,
+        add("fwd: band kernel with sink column (old layout)", band_with_sinks,
             q, k, v, ids, before)
-        add_bwd("bwd: band kernel with the sink column (before the sink partial)",
+        add_bwd("bwd: band kernel with sink column (old layout)",
                 lambda q, k, v: band_with_sinks(q, k, v, ids, before), q, k, v)
         rows[-1] = (rows[-1][0], rows[-1][1], None)
 
