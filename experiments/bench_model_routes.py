@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,  # noqa: E402
                             segment_schedule)
-from pallas_kernels.routed import prefer_sorted, sort_by_cluster  # noqa: E402
+from pallas_kernels.routed import band_sink_tokens, prefer_sorted, sort_by_cluster  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
 from ultrametric_jax.run.data_corpus import load_corpus, split_documents  # noqa: E402
@@ -106,10 +106,11 @@ def block_densities(ids, *, window, sink, block):
                                  block_k=block)
         _, sorted_ids, _ = sort_by_cluster(ids)
         tree = segment_schedule(sorted_ids, block_q=block, block_k=block)
-        band = band_schedule(layers, heads, seq, window=window, sink_tokens=sink, block_q=block,
-                             block_k=block)
+        band_sink = band_sink_tokens(sink)  # narrower sinks run as a jnp partial
+        band = band_schedule(layers, heads, seq, window=window, sink_tokens=band_sink,
+                             block_q=block, block_k=block)
         total = lambda s: jnp.sum(s.kv_num_blocks, axis=(1, 2))  # noqa: E731
-        band_total = total(band) if (window > 0 or sink > 0) else 0
+        band_total = total(band) if (window > 0 or band_sink > 0) else 0
         return total(natural), total(tree) + band_total
 
     natural, sorted_ = (np.asarray(x, np.float64) / causal for x in counts(ids))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import finish, rel_err, timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, reference_attention,  # noqa: E402
                             routed_attention, segment_schedule)
-from pallas_kernels.routed import prefer_sorted, sort_by_cluster  # noqa: E402
+from pallas_kernels.routed import band_sink_tokens, prefer_sorted, sort_by_cluster  # noqa: E402
 from routed_breakdown import run_breakdown  # noqa: E402
 
 WINDOW, SINK, BLOCK = 128, 1, 128
@@ -100,8 +100,8 @@ def visited_shares(ids, seq):
     """(sorted layout's visited blocks, natural schedule's) over the causal blocks."""
     _, sorted_ids, _ = sort_by_cluster(ids)
     tree = segment_schedule(sorted_ids, block_q=BLOCK, block_k=BLOCK)
-    band = band_schedule(1, ids.shape[1], seq, window=WINDOW, sink_tokens=SINK, block_q=BLOCK,
-                         block_k=BLOCK)
+    band = band_schedule(1, ids.shape[1], seq, window=WINDOW,  # the sinks: a jnp partial
+                         sink_tokens=band_sink_tokens(SINK), block_q=BLOCK, block_k=BLOCK)
     nq = -(-seq // BLOCK)
     causal = ids.shape[1] * nq * (nq + 1) / 2
     natural = build_schedule(ids, ids, window=WINDOW, sink_tokens=SINK, block_q=BLOCK,

@@ -1,14 +1,19 @@
 """Stage-by-stage times of routed_attention's sorted layout (bench_routed.py --breakdown).
 
 Each stage of pallas_kernels.routed (sort, schedules, gathers, tree kernel, un-permute, band
-kernel, merge) is jitted alone on inputs computed beforehand, so its median time is its own;
-the backward stages are the vjp of each forward stage alone, on random cotangents of the right
-shapes. The same run times routed_attention end to end and cuDNN's causal attention, forward
-and forward + backward (backward = the difference), so the shares add up against a measured
-whole. One more row times the gathers' backward as autodiff alone would run it (a scatter-add
-into the token order) next to the inverse-order gathers routed.py runs.
+kernel, sink partial, merge) is jitted alone on inputs computed beforehand, so its median time
+is its own; the backward stages are the vjp of each forward stage alone, on random cotangents
+of the right shapes. The same run times routed_attention end to end and cuDNN's causal
+attention, forward and forward + backward (backward = the difference), so the shares add up
+against a measured whole. Rows outside the sums: the gathers' backward as autodiff alone would
+run it (a scatter-add into the token order) next to the inverse-order gathers routed.py runs,
+and the band kernel with the sink column in its schedule, as the sorted layout ran it before
+the sink partial (every query block reaches key block 0, whose dK/dV program walks them all
+serially).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +21,9 @@ import jax.numpy as jnp
 from bench_attention import timed
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,
                             segment_schedule)
-from pallas_kernels.ops import make_config
-from pallas_kernels.routed import (_gather_heads, _permute_heads, band_pass, merge_partials, permute_inputs,
+from pallas_kernels.ops import attention_with_schedule, make_config
+from pallas_kernels.routed import (_gather_heads, _permute_heads, band_pass, band_sink_tokens,
+                                   has_sink_pairs, merge_partials, permute_inputs, sink_pass,
                                    sort_by_cluster, sorted_plan, tree_pass, unpermute)
 
 
@@ -46,7 +52,7 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
     backend = "gpu"
     cfg = make_config(q, k, window=window, sink_tokens=sink, q_offset=0, scale=None,
                       backend=backend, interpret=smoke, block_q=block, block_k=block)
-    keys = iter(jax.random.split(jax.random.PRNGKey(1), 16))
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 32))
     rows = []
 
     def add(name, fn, *args, whole=None):
@@ -66,8 +72,9 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
     add("fwd: segment schedule (tree pass)",
         lambda s: segment_schedule(s, block_q=block, block_k=block), sorted_ids, whole="fwd")
     batch, heads, seq = ids.shape
-    add("fwd: band schedule (window + sink)",
-        lambda: band_schedule(batch, heads, seq, window=window, sink_tokens=sink,
+    band_sink = band_sink_tokens(sink)
+    add("fwd: band schedule" + (" (window + sink)" if band_sink else " (window)"),
+        lambda: band_schedule(batch, heads, seq, window=window, sink_tokens=band_sink,
                               block_q=block, block_k=block), whole="fwd")
     plan = jax.jit(lambda ids: sorted_plan(ids, cfg))(ids)
     group = q.shape[2] // k.shape[2]
@@ -80,20 +87,32 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
     out_t, lse_t = add("fwd: tree kernel", lambda a, b, c, p: tree_pass(a, b, c, p, cfg, backend),
                        qs, ks, vs, plan, whole="fwd")
     nat_t = add("fwd: un-permute (out, lse)", unpermute, out_t, lse_t, plan, whole="fwd")
-    local = add("fwd: band kernel",
-                lambda q, k, v, ids, p: band_pass(q, k, v, ids, p, cfg, backend),
-                q, k, v, ids, plan, whole="fwd")
-    add("fwd: merge (log-sum-exp)",
-        lambda a, b, c, d: merge_partials(a, b, c, d)[0].astype(q.dtype), *nat_t, *local,
-        whole="fwd")
+    parts = [*nat_t]
+    if plan.band is not None:
+        parts += add("fwd: band kernel",
+                     lambda q, k, v, ids, p: band_pass(q, k, v, ids, p, cfg, backend),
+                     q, k, v, ids, plan, whole="fwd")
+    sinks = has_sink_pairs(cfg)
+    if sinks:
+        parts += add("fwd: sink partial (jnp)",
+                     lambda q, k, v, ids: sink_pass(q, k, v, ids, cfg), q, k, v, ids,
+                     whole="fwd")
+    if len(parts) > 2:
+        add("fwd: merge (log-sum-exp)",
+            lambda *parts: merge_partials(*parts)[0].astype(q.dtype), *parts, whole="fwd")
     rows.append(("fwd: sum of the stages above", sum(r[1] for r in rows), "fwd"))
     add("layout auto only: natural schedule (its rule's input)",
         lambda ids: build_schedule(ids, ids, window=window, sink_tokens=sink, block_q=block,
                                    block_k=block), ids)
 
-    add_bwd("bwd: merge", lambda a, b, c, d: merge_partials(a, b, c, d), *nat_t, *local)
-    add_bwd("bwd: band kernel", lambda q, k, v: band_pass(q, k, v, ids, plan, cfg, backend),
-            q, k, v)
+    if len(parts) > 2:
+        add_bwd("bwd: merge", merge_partials, *parts)
+    if plan.band is not None:
+        add_bwd("bwd: band kernel", lambda q, k, v: band_pass(q, k, v, ids, plan, cfg, backend),
+                q, k, v)
+    if sinks:
+        add_bwd("bwd: sink partial (jnp, autodiff)",
+                lambda q, k, v: sink_pass(q, k, v, ids, cfg), q, k, v)
     add_bwd("bwd: un-permute (out, lse)", lambda o, l: unpermute(o, l, plan), out_t, lse_t)
     add_bwd("bwd: tree kernel", lambda a, b, c: tree_pass(a, b, c, plan, cfg, backend), qs, ks, vs)
     add_bwd("bwd: gathers of q, k, v (inverse-order gathers)",
@@ -104,6 +123,21 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
             lambda q, k, v: (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
                              _gather_heads(v, plan.order, group)), q, k, v)
     rows[-1] = (rows[-1][0], rows[-1][1], None)
+    if sink and not band_sink:
+        before = jax.jit(lambda: band_schedule(batch, heads, seq, window=window,
+                                               sink_tokens=sink, block_q=block,
+                                               block_k=block))()
+        before_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
+
+        def band_with_sinks(q, k, v, ids, sched):
+            return attention_with_schedule(q, k, v, ids, ids, sched, backend=backend,
+                                           config=before_cfg)
+
+        add("fwd: band kernel with sink column (old layout)", band_with_sinks,
+            q, k, v, ids, before)
+        add_bwd("bwd: band kernel with sink column (old layout)",
+                lambda q, k, v: band_with_sinks(q, k, v, ids, before), q, k, v)
+        rows[-1] = (rows[-1][0], rows[-1][1], None)
 
     def routed(q, k, v, ids):
         return routed_attention(q, k, v, ids, window=window, sink_tokens=sink, layout="sorted",

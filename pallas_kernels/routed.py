@@ -25,8 +25,8 @@ Every permutation here is a bijection per head, so its transpose is the gather b
 order (then, for keys and values, a sum over the query heads of each kv group): the backward
 pass gathers instead of letting autodiff scatter-add into the token order (_permute_heads).
 
-The stages (sorted_plan, permute_inputs, tree_pass, unpermute, band_pass, merge_partials) are
-public so that a benchmark can time each one alone.
+The stages (sorted_plan, permute_inputs, tree_pass, unpermute, band_pass, sink_pass,
+merge_partials) are public so that a benchmark can time each one alone.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.masking import safe_max
 from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend, resolve_backend
 from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
@@ -51,22 +52,30 @@ LAYOUTS = ("auto", "natural", "sorted")
 # q, k, v and the un-permute); on the contiguous routes that the natural schedule handles at a
 # few percent it is slower, on scattered routes (natural density near 1) it is many times faster.
 SORTED_ABOVE = 0.25
+# The sorted layout runs up to this many sink keys as a jnp partial (sink_pass); its scores are
+# [B, Hq, S, sink] float32, a small fraction of the outputs' memory at this width.
+SINK_PARTIAL_MAX = 16
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Softmax attention over the union of two disjoint key sets from each set's (out, lse);
-    an lse of -inf (no key) weighs 0, with finite gradients. Returns (out, lse) float32."""
-    top = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+def merge_partials(*outs_and_lses):
+    """Softmax attention over the union of disjoint key sets from each set's (out, lse), given
+    flat as out_a, lse_a, out_b, lse_b, ...; an lse of -inf (no key) weighs 0, with finite
+    gradients. Returns (out, lse) float32."""
+    if len(outs_and_lses) < 4 or len(outs_and_lses) % 2:
+        raise ValueError("merge_partials takes (out, lse) pairs, at least two, got "
+                         f"{len(outs_and_lses)} arrays")
+    outs, lses = outs_and_lses[0::2], outs_and_lses[1::2]
+    top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, lses))
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    wa, wb = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
-    total = wa + wb
+    weights = [jnp.exp(lse - top) for lse in lses]
+    total = functools.reduce(jnp.add, weights)
     safe = jnp.where(total > 0, total, 1.0)
     lse = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
 
     def weigh(out, w):
         return out.astype(jnp.float32) * jnp.swapaxes(w / safe, 1, 2)[..., None]
 
-    return weigh(out_a, wa) + weigh(out_b, wb), lse
+    return functools.reduce(jnp.add, [weigh(o, w) for o, w in zip(outs, weights)]), lse
 
 
 def sort_by_cluster(clusters):
@@ -136,13 +145,25 @@ def _natural(q, k, v, qc, cfg, backend, schedule=None):
     return attention_with_schedule(q, k, v, qc, qc, schedule, backend=backend, config=cfg)
 
 
+def band_sink_tokens(sink_tokens: int) -> int:
+    """The sink keys that the sorted layout's band kernel runs: none when sink_pass takes
+    them (up to SINK_PARTIAL_MAX), else all of them."""
+    return 0 if sink_tokens <= SINK_PARTIAL_MAX else sink_tokens
+
+
+def has_sink_pairs(cfg) -> bool:
+    """Whether sink_pass has any pair: sink keys it runs, and a query window or more past key 0
+    (cfg.window is already clamped to the sequence)."""
+    return band_sink_tokens(cfg.sink_tokens) == 0 < cfg.sink_tokens and cfg.window < cfg.q_len
+
+
 class SortedPlan(NamedTuple):
     """What the sorted layout derives from the ids alone (no q, k, v)."""
     order: jax.Array         # [B, H, S] int32: token at each sorted slot
     sorted_ids: jax.Array    # [B, H, S]: ids[order]
     inverse: jax.Array       # [B, H, S] int32: sorted slot of each token
     tree: BlockSchedule      # segment_schedule of sorted_ids
-    band: Optional[BlockSchedule]  # band_schedule of the window and sink (None: no local pair)
+    band: Optional[BlockSchedule]  # band_schedule of the window (None: no band pair)
 
 
 def sorted_plan(qc, cfg) -> SortedPlan:
@@ -150,9 +171,10 @@ def sorted_plan(qc, cfg) -> SortedPlan:
     order, sorted_ids, inverse = sort_by_cluster(qc)
     tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
     band = None
-    if cfg.window > 0 or cfg.sink_tokens > 0:
+    sink = band_sink_tokens(cfg.sink_tokens)
+    if cfg.window > 0 or sink > 0:
         batch, heads, seq = qc.shape
-        band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
+        band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=sink,
                              block_q=cfg.block_q, block_k=cfg.block_k)
     return SortedPlan(order, sorted_ids, inverse, tree, band)
 
@@ -179,19 +201,53 @@ def unpermute(out_t, lse_t, plan: SortedPlan):
 
 
 def band_pass(q, k, v, qc, plan: SortedPlan, cfg, backend):
-    """(out, lse) of the window and sink pairs of other clusters, in token order."""
-    local_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
+    """(out, lse) of the window pairs of other clusters (and the sink pairs when
+    band_sink_tokens keeps them), in token order."""
+    local_cfg = dataclasses.replace(cfg, sink_tokens=band_sink_tokens(cfg.sink_tokens),
+                                    exclude_same_cluster=True)
     return attention_with_schedule(q, k, v, qc, qc, plan.band, backend=backend,
                                    config=local_cfg)
 
 
+def sink_pass(q, k, v, qc, cfg):
+    """(out float32 [B, S, Hq, D], lse [B, Hq, S]) of the sink pairs outside the window and
+    the tree set (j < sink, i - j >= window, c_i != c_j), in token order, by dense jnp over
+    the cfg.sink_tokens first keys; lse -inf (out 0) where a query has none."""
+    sink, window = cfg.sink_tokens, cfg.window
+    batch, seq, q_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    # query head h reads kv head h // group: split h into (kv head, member of its group)
+    qg = q.reshape(batch, seq, kv_heads, group, dim)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k[:, :sink], precision=precision,
+                   preferred_element_type=jnp.float32) * cfg.scale
+    s = s.reshape(batch, q_heads, seq, sink)
+    i, j = jnp.arange(seq)[:, None], jnp.arange(sink)[None, :]
+    ok = (j <= i) & (i - j >= window) & (qc[..., :, None] != qc[..., None, :sink])
+    s = jnp.where(ok, s, -jnp.inf)
+    m = jax.lax.stop_gradient(safe_max(jnp.max(s, axis=-1, keepdims=True)))
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1)
+    has_key = total > 0
+    safe = jnp.where(has_key, total, 1.0)
+    lse = jnp.where(has_key, jnp.log(safe) + m[..., 0], -jnp.inf)
+    p = (p / safe[..., None]).reshape(batch, kv_heads, group, seq, sink)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v[:, :sink].astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(batch, seq, q_heads, dim), lse
+
+
 def _sorted(q, k, v, qc, cfg, backend):
     plan = sorted_plan(qc, cfg)
-    out_t, lse_t = unpermute(*tree_pass(*permute_inputs(q, k, v, plan), plan, cfg, backend),
-                             plan)
-    if plan.band is None:  # no local pair at all
-        return out_t, lse_t
-    out, lse = merge_partials(out_t, lse_t, *band_pass(q, k, v, qc, plan, cfg, backend))
+    parts = [*unpermute(*tree_pass(*permute_inputs(q, k, v, plan), plan, cfg, backend), plan)]
+    if plan.band is not None:
+        parts += band_pass(q, k, v, qc, plan, cfg, backend)
+    if has_sink_pairs(cfg):
+        parts += sink_pass(q, k, v, qc, cfg)
+    if len(parts) == 2:  # the tree set alone
+        return tuple(parts)
+    out, lse = merge_partials(*parts)
     return out.astype(q.dtype), lse
 
 
@@ -224,11 +280,12 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     mask of block_sparse_attention with q_clusters = k_clusters = clusters, q_offset 0).
 
     q [B, S, Hq, D]; k, v [B, S, Hkv, D]; clusters [B, Hq, S] integer ids. layout: "natural"
-    runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout
-    and the window and sink pairs as a band (module docstring); "auto" builds the natural
-    schedule and takes the sorted layout where prefer_sorted(its density, sorted_above) holds
-    (a lax.cond: both paths are compiled, one runs). Returns out [B, S, Hq, D] in q's dtype
-    and, with return_lse, the natural-log LSE [B, Hq, S] float32. Differentiable in q, k, v.
+    runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout,
+    the window pairs as a band and the sink pairs as a jnp partial (module docstring); "auto"
+    builds the natural schedule and takes the sorted layout where prefer_sorted(its density,
+    sorted_above) holds (a lax.cond: both paths are compiled, one runs). Returns out
+    [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
+    Differentiable in q, k, v.
     """
     _check_options(layout, sorted_above, q, k, clusters)
     auto = backend

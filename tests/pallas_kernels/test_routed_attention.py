@@ -1,5 +1,6 @@
 """routed_attention (natural, sorted and auto layouts) against the dense float32 reference:
-outputs, LSE and gradients; the "other cluster" mask mode; the merge; the mesh wrapper.
+outputs, LSE and gradients; the sink partial; the "other cluster" mask mode; the merge; the mesh
+wrapper.
 
 Like test_kernels.py: on a CPU host the GPU- and TPU-style kernels run in Pallas interpret
 mode, on an accelerator its compiled kernel runs.
@@ -18,8 +19,9 @@ from jax.sharding import Mesh, NamedSharding
 from pallas_kernels import (allowed_pairs, attention_with_schedule, build_schedule,
                             reference_attention, routed_attention, sharded_routed_attention)
 from pallas_kernels.ops import make_config
-from pallas_kernels.routed import (_permute_heads, _permute_rows, merge_partials, prefer_sorted,
-                                   sort_by_cluster)
+from pallas_kernels.routed import (SINK_PARTIAL_MAX, _permute_heads, _permute_rows,
+                                   merge_partials, prefer_sorted, sink_pass, sort_by_cluster,
+                                   sorted_plan)
 from pallas_kernels.sharding import attention_specs
 from test_kernels import (INTERPRET, TOL, assert_close, kernel_backend, outputs_and_grads,
                           poison_device_memory)
@@ -54,6 +56,12 @@ CASES = [
     Case("tpu", "sorted", 100, 100, 20, 0, 4, 2, "bfloat16"),
     Case("gpu", "sorted", 1, 1, 5, 1, 2, 2, "float32"),
     Case("tpu", "sorted", 300, 16, 5, 1, 4, 2, "bfloat16", block_q=32, block_k=32, batch=2),
+    # sink partial: sink 3, window smaller / larger than the block, GQA, S off the block
+    Case("gpu", "sorted", 130, 6, 3, 3, 4, 2, "float32"),
+    Case("gpu", "sorted", 130, 6, 40, 3, 4, 1, "float32"),
+    Case("tpu", "sorted", 90, 4, 20, 3, 4, 2, "bfloat16", block_q=32),
+    # a sink wider than SINK_PARTIAL_MAX stays in the band kernel
+    Case("gpu", "sorted", 80, 5, 3, SINK_PARTIAL_MAX + 4, 2, 1, "float32"),
     Case("gpu", "natural", 70, 5, 5, 1, 4, 2, "float32"),
     Case("tpu", "auto", 70, 5, 2**31, 2**40, 2, 2, "float32"),
     Case("gpu", "auto", 64, 4, 3, 1, 4, 2, "float32", contiguous=True),
@@ -108,6 +116,93 @@ def test_matches_reference(case):
     for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
         assert g.dtype == x.dtype
         assert_close(name, g, rg, tol)
+
+
+def test_query_with_only_itself_and_a_sink_key():
+    """Distinct ids, window 1, sink 1: query i > 0 sees only keys 0 and i (the band set is
+    empty, the sink set holds (i, 0)); against the float64 softmax over those two scores and
+    against the reference, gradients included."""
+    rng = np.random.default_rng(3)
+    seq, dim = 37, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, dim)), jnp.float32) for h in (4, 2, 2))
+    ids = jnp.asarray(rng.permutation(4 * seq).reshape(1, 4, seq), jnp.int32)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    d_lse = jnp.asarray(rng.standard_normal((1, 4, seq)), jnp.float32)
+    mask = dict(window=1, sink_tokens=1)
+    out, lse, grads = outputs_and_grads(
+        routed_as_pair, q, k, v, ids, ids, d_out, d_lse, **mask, layout="sorted",
+        backend=kernel_backend("gpu"), interpret=INTERPRET, block_q=16, block_k=16)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    want_out, want_lse = np.zeros(q.shape), np.zeros((1, 4, seq))
+    for h, i in np.ndindex(4, seq):
+        keys = [0, i] if i else [0]
+        s = qn[0, i, h] @ kn[0, keys, h // 2].T / np.sqrt(dim)
+        p = np.exp(s - s.max())
+        want_out[0, i, h] = p @ vn[0, keys, h // 2] / p.sum()
+        want_lse[0, h, i] = s.max() + np.log(p.sum())
+    assert_close("out", out, want_out, TOL["float32"])
+    assert_close("lse", lse, want_lse, TOL["float32"])
+    _, _, ref_grads = outputs_and_grads(reference_attention, q, k, v, ids, ids, d_out, d_lse,
+                                        **mask)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, g, rg, TOL["float32"])
+
+
+def float64_sink_attention(q, k, v, ids, window, sink):
+    """Loops over the sink pairs outside the window and the tree set: (out, lse), 0 and -inf
+    for rows without one."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    ids = np.asarray(ids)
+    batch, seq, heads, dim = q.shape
+    group = heads // k.shape[2]
+    out, lse = np.zeros(q.shape), np.full((batch, heads, seq), -np.inf)
+    for b, h, i in np.ndindex(batch, heads, seq):
+        keys = [j for j in range(min(sink, i + 1))
+                if i - j >= window and ids[b, h, i] != ids[b, h, j]]
+        if keys:
+            s = q[b, i, h] @ k[b, keys, h // group].T / np.sqrt(dim)
+            p = np.exp(s - s.max())
+            out[b, i, h] = p @ v[b, keys, h // group] / p.sum()
+            lse[b, h, i] = s.max() + np.log(p.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("window, sink", [(0, 1), (4, 3), (30, 2)])
+def test_sink_partial_matches_explicit_loops(window, sink):
+    """sink_pass against float64 loops over its set, rows without a key included, GQA; its
+    gradients are finite where a row is empty."""
+    rng = np.random.default_rng(window + sink)
+    seq = 33
+    q, k, v = (jnp.asarray(rng.standard_normal((2, seq, h, 8)), jnp.float32) for h in (6, 2, 2))
+    ids = jnp.asarray(rng.integers(0, 3, (2, 6, seq)), jnp.int32)
+    cfg = make_config(q, k, window=window, sink_tokens=sink, q_offset=0, scale=None,
+                      backend="gpu", interpret=True, block_q=16, block_k=16)
+    out, lse = sink_pass(q, k, v, ids, cfg)
+    want_out, want_lse = float64_sink_attention(q, k, v, ids, window, sink)
+    empty = np.isneginf(want_lse)
+    assert empty.any() and not empty.all()
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
+    assert out.dtype == jnp.float32
+    assert_close("out", out, want_out, 1e-6)
+    assert_close("lse", np.where(empty, 0, lse), np.where(empty, 0, want_lse), 1e-6)
+    grads = jax.grad(lambda q, k, v: jnp.sum(sink_pass(q, k, v, ids, cfg)[0]),
+                     argnums=(0, 1, 2))(q, k, v)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    assert not np.any(np.asarray(grads[1])[:, sink:])  # only the sink keys get a gradient
+
+
+@pytest.mark.parametrize("window, sink, reaches_block_0", [(3, 1, 2), (40, 2, 4),
+                                                           (3, SINK_PARTIAL_MAX + 1, 7)])
+def test_band_schedule_leaves_key_block_0_to_the_sink_partial(window, sink, reaches_block_0):
+    """In the sorted plan key block 0 is visited by the query blocks its window reaches, not
+    by every one, unless the sink is wider than SINK_PARTIAL_MAX."""
+    seq, block = 100, 16
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 5, (1, 2, seq)), jnp.int32)
+    x = jnp.zeros((1, seq, 2, 16), jnp.float32)
+    cfg = make_config(x, x, window=window, sink_tokens=sink, q_offset=0, scale=None,
+                      backend="gpu", interpret=True, block_q=block, block_k=block)
+    band = sorted_plan(ids, cfg).band
+    np.testing.assert_array_equal(np.asarray(band.q_num_blocks[..., 0]), reaches_block_0)
 
 
 def test_auto_rule_follows_the_natural_density():
@@ -180,13 +275,15 @@ def test_other_cluster_mask_matches_explicit_loops():
         assert got[i, j] == (j < 12 and j <= pos and (j < 2 or pos - j < 3) and qc[i] != kc[j])
 
 
-def test_merge_of_disjoint_sets_equals_softmax_over_the_union():
+@pytest.mark.parametrize("sets", [2, 3])
+def test_merge_of_disjoint_sets_equals_softmax_over_the_union(sets):
     """Against float64 softmax over concatenated scores; a set with no key (lse -inf) weighs 0
     and passes finite gradients."""
-    rng = np.random.default_rng(2)
-    s_a, s_b = rng.standard_normal((1, 3, 5, 4)), rng.standard_normal((1, 3, 5, 6))
-    v_a, v_b = rng.standard_normal((1, 3, 4, 8)), rng.standard_normal((1, 3, 6, 8))
-    s_b[0, 1, 2] = -np.inf                                    # row (head 1, query 2): b empty
+    rng = np.random.default_rng(2 + sets)
+    scores = [rng.standard_normal((1, 3, 5, n)) for n in (4, 6, 2)[:sets]]
+    values = [rng.standard_normal((1, 3, n, 8)) for n in (4, 6, 2)[:sets]]
+    scores[1][0, 1, 2] = -np.inf                              # row (head 1, query 2): b empty
+    scores[-1][0, 2, 4] = -np.inf                             # row (head 2, query 4): last empty
 
     def partial(s, v):
         m = np.max(s, axis=-1, keepdims=True)
@@ -195,17 +292,24 @@ def test_merge_of_disjoint_sets_equals_softmax_over_the_union():
         o = np.einsum("bhqk,bhkd->bqhd", p / np.where(total > 0, total, 1)[..., None], v)
         return o, np.where(total > 0, np.log(np.where(total > 0, total, 1)) + m[..., 0], -np.inf)
 
-    o_a, l_a = partial(s_a, v_a)
-    o_b, l_b = partial(s_b, v_b)
-    o, l = partial(np.concatenate([s_a, s_b], -1), np.concatenate([v_a, v_b], -2))
-    args = [jnp.asarray(x, jnp.float32) for x in (o_a, l_a, o_b, l_b)]
+    parts = [partial(s, v) for s, v in zip(scores, values)]
+    o, l = partial(np.concatenate(scores, -1), np.concatenate(values, -2))
+    args = [jnp.asarray(x, jnp.float32) for part in parts for x in part]
     got_o, got_l = merge_partials(*args)
     assert_close("out", got_o, o, 1e-6)
     assert_close("lse", got_l, l, 1e-6)
     grads = jax.grad(lambda *a: jnp.sum(merge_partials(*a)[0]) + jnp.sum(merge_partials(*a)[1]),
-                     argnums=(0, 1, 2, 3))(*args)
+                     argnums=tuple(range(len(args))))(*args)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
     assert float(grads[3][0, 1, 2]) == 0.0 and not np.any(np.asarray(grads[2][0, 2, 1]))
+    assert float(grads[-1][0, 2, 4]) == 0.0 and not np.any(np.asarray(grads[-2][0, 4, 2]))
+
+
+def test_merge_needs_pairs():
+    x = jnp.zeros((1, 2, 1, 4))
+    with pytest.raises(ValueError, match="merge_partials takes \\(out, lse\\) pairs, at least "
+                                         "two, got 3 arrays"):
+        merge_partials(x, x[..., 0], x)
 
 
 @pytest.mark.parametrize("group", [1, 3])
