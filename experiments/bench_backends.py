@@ -17,7 +17,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_attention import timed  # noqa: E402
 
 BACKENDS = {"pallas": "gpu", "triton": "triton"}  # name in the table -> backend argument
 SINK = 1
@@ -40,22 +40,6 @@ class Shape:
         self.block = 32 if toy else 128
         self.window = 8 if toy else 128  # toy sequences are shorter than 128
         self.toy = toy
-
-
-def timed(fn, *args, reps=5, min_batch_s=0.05):
-    """Median seconds per call; calls are queued back to back so launch gaps stay hidden."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    inner = max(1, int(min_batch_s / max(time.perf_counter() - start, 1e-6)))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 def contiguous_ids(shape, seq, clusters, seed):
