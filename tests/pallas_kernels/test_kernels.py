@@ -160,14 +160,21 @@ def check_against_reference(case: Case, seed: int, kv_len: int | None = None):
     f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
     ref_out, ref_lse, ref_grads = outputs_and_grads(
         reference_attention, *f32[:3], qc, kc, f32[3], d_lse, **kwargs)
+    return assert_matches_reference((out, lse, grads), (ref_out, ref_lse, ref_grads), (q, k, v),
+                                    TOL[case.dtype])
 
-    tol = TOL[case.dtype]
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+
+def assert_matches_reference(got, want, inputs, tol):
+    """Kernel (out, lse, (dq, dk, dv)) against the reference's, in the inputs' dtypes; rows
+    without a key must have lse -inf in both. Returns the mask of those rows."""
+    out, lse, grads = got
+    ref_out, ref_lse, ref_grads = want
+    assert out.dtype == inputs[0].dtype and lse.dtype == jnp.float32
     assert_close("out", out, ref_out, tol)
     empty = np.isneginf(np.asarray(ref_lse))
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
     assert_close("lse", np.where(empty, 0, lse), np.where(empty, 0, ref_lse), tol)
-    for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, inputs):
         assert g.dtype == x.dtype
         assert_close(name, g, rg, tol)
     return empty

@@ -24,7 +24,8 @@ if not ON_GPU and "triton" not in sys.modules:
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from test_kernels import TOL, Case, assert_close, make_inputs, outputs_and_grads  # noqa: E402
+from test_kernels import (TOL, Case, assert_close, assert_matches_reference,  # noqa: E402
+                          make_inputs, outputs_and_grads)
 
 from pallas_kernels import (block_sparse_attention, build_schedule,  # noqa: E402
                             reference_attention, routed_attention)
@@ -79,17 +80,9 @@ def _check(interpret, case, seed, kv_len=None):
     f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
     ref_out, ref_lse, ref_grads = outputs_and_grads(reference_attention, *f32[:3], qc, kc,
                                                     f32[3], d_lse, **mask)
-    tol = TOL[case.dtype]
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
     assert np.abs(np.asarray(ref_out, np.float32)).max() > 0.1  # a real comparison, not zeros
-    assert_close("out", out, ref_out, tol)
-    empty = np.isneginf(np.asarray(ref_lse))
-    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
-    assert_close("lse", np.where(empty, 0, lse), np.where(empty, 0, ref_lse), tol)
-    for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
-        assert g.dtype == x.dtype
-        assert_close(name, g, rg, tol)
-    return empty
+    return assert_matches_reference((out, lse, grads), (ref_out, ref_lse, ref_grads), (q, k, v),
+                                    TOL[case.dtype])
 
 
 class TestTritonKernels:
