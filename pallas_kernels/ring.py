@@ -77,25 +77,28 @@ def route_pair_counts(q_clusters, k_clusters, num_chunks: int, *, window: int,
             np.add.at(per_q, (pos // chunk, inverse[:seq]), 1)
             np.add.at(per_k, (pos // chunk, inverse[seq:]), 1)
             counts[b, h] = np.where(below, per_q @ per_k.T, 0)   # every same-cluster pair
-            counts[b, h] -= _local_same_pairs(qc[b, h], kc[b, h], chunk, num_chunks, window,
-                                              sink_tokens)
-    return counts
+    return counts - _local_same_pairs(qc, kc, chunk, num_chunks, window, sink_tokens)
 
 
 def _local_same_pairs(qc, kc, chunk, num_chunks, window, sink_tokens):
-    """[N, N]: same-cluster local pairs (sink or window) across chunks (b < a)."""
-    seq = qc.size
-    out = np.zeros((num_chunks, num_chunks), np.int64)
+    """[B, H, N, N]: same-cluster local pairs (sink or window) across chunks (b < a)."""
+    batch, heads, seq = qc.shape
+    rows = np.arange(batch * heads)[:, None]
+    flat_q, flat_k = qc.reshape(-1, seq), kc.reshape(-1, seq)
+    out = np.zeros(batch * heads * num_chunks * num_chunks, np.int64)
+
+    def add(i, j):                          # pairs (i, j) of every row, counted where they hit
+        hit = (flat_q[:, i] == flat_k[:, j]) & (j // chunk < i // chunk)
+        cell = (rows * num_chunks + i // chunk) * num_chunks + j // chunk
+        out[:] += np.bincount(cell[hit], minlength=out.size)
+
     for d in range(1, min(window, seq)):              # the band i - j = d < window
         i = np.arange(d, seq)
-        j = i - d
-        hit = (qc[i] == kc[j]) & (j // chunk < i // chunk)
-        np.add.at(out, (i[hit] // chunk, j[hit] // chunk), 1)
+        add(i, i - d)
     for j in range(min(sink_tokens, seq)):             # sink keys outside the band
-        i = np.arange(max(j + window, j + 1), seq) if window > 0 else np.arange(j, seq)
-        hit = (qc[i] == kc[j]) & (j // chunk < i // chunk)
-        np.add.at(out, (i[hit] // chunk, np.full(hit.sum(), j // chunk)), 1)
-    return out
+        i = np.arange(j + max(window, 1), seq)
+        add(i, np.full(i.size, j))
+    return out.reshape(batch, heads, num_chunks, num_chunks)
 
 
 def pruning_plan(q_clusters, k_clusters, num_chunks: int, *, window: int, sink_tokens: int,
