@@ -11,8 +11,8 @@ ids. With the sequence in N contiguous chunks, a (head, query chunk a, key chunk
 transfer is prunable exactly when no route pair lies across it (same cluster, causal, outside
 the sink and the window: those reach every device without the ring, see pallas_kernels/ring.py).
 The block tree distance of a cell is L minus the longest digit prefix any of its route-eligible
-pairs share; pruning every cell whose distance exceeds a threshold t is exact for t >= d_max and
-drops allowed pairs below it (reported as the share of all allowed pairs lost: the cost that
+pairs share; pruning every cell whose distance exceeds a threshold t loses nothing for t >= d_max (t = d_max
+is the exact criterion, a larger t prunes less) and drops allowed pairs below it (reported as the share of all allowed pairs lost: the cost that
 perplexity would pay). Shares are over the causal cells (b < a): the plain ring also sends the
 N (N - 1) / 2 chunks above the diagonal, reported beside them.
 
