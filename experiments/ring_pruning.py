@@ -232,6 +232,7 @@ def transfers(n, plan):
 
 def plot(result, path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     kinds = list(result["analysis"])
@@ -249,8 +250,9 @@ def plot(result, path):
                      label=f"{kind} (N={last['n']})")
     axes[0].set(xlabel="devices N", ylabel="prunable causal transfers (%)", xscale="log",
                 title="exact pruning")
-    axes[0].set_xticks(result["config"]["analysis"]["chunks"],
-                       labels=[str(x) for x in result["config"]["analysis"]["chunks"]])
+    chunks = result["config"]["analysis"]["chunks"]
+    axes[0].set_xticks(chunks, labels=[str(x) for x in chunks])
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set(xlabel="allowed pairs dropped (%)", ylabel="prunable (head, pair) cells (%)",
                 title="threshold on block tree distance")
     for run in result.get("runs", [])[:1]:
@@ -263,7 +265,8 @@ def plot(result, path):
                                          f"S={run['shape']['S']}, {run['kind']} routes")
         axes[2].tick_params(axis="x", labelsize=8)
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
