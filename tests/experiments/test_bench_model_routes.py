@@ -40,15 +40,17 @@ def block_any(mask, block):
 
 def numpy_counts(ids):
     """(natural blocks, sorted blocks, allowed pairs, tree pairs, causal pairs, causal blocks)
-    of one head's ids [S], by explicit masks."""
+    of one head's ids [S], by explicit masks. The sorted layout's block passes are the tree
+    segments and the window band; a sink this narrow runs outside the kernels (jnp)."""
     q, k = np.arange(len(ids))[:, None], np.arange(len(ids))[None, :]
     causal = k <= q
-    local = causal & ((k < SINK) | (q - k < WINDOW))
+    band = causal & (q - k < WINDOW)
+    local = band | (causal & (k < SINK))
     same = causal & (ids[:, None] == ids[None, :])
     s = ids[np.argsort(ids, kind="stable")]
     tree_sorted = causal & (s[:, None] == s[None, :])
     return (block_any(same | local, BLOCK).sum(),
-            block_any(tree_sorted, BLOCK).sum() + block_any(local, BLOCK).sum(),
+            block_any(tree_sorted, BLOCK).sum() + block_any(band, BLOCK).sum(),
             (same | local).sum(), same.sum(), causal.sum(), block_any(causal, BLOCK).sum())
 
 
