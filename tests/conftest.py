@@ -53,21 +53,29 @@ def rel_err(a, ref) -> float:
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 
 
-def torch_clusters(model, ids) -> np.ndarray:
-    """Cluster ids [layers, B, H, S] of a torch surgical Llama, read at each attention input."""
+def torch_clusters(model, ids, margins: bool = False):
+    """Cluster ids [layers, B, H, S] of a torch surgical Llama, read at each attention input;
+    margins=True also returns, per token, the smallest gap between its two largest router
+    logits over the levels that decide its cluster (how far the routes are from a tie)."""
     import torch
-    seen = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(mod.router.cluster_ids(
-            kwargs.get("hidden_states", args[0] if args else None), mod.surgery.cut_level)),
-        with_kwargs=True) for layer in model.model.layers]
+    seen, gaps = [], []
+
+    def read(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append(mod.router.cluster_ids(x, mod.surgery.cut_level))
+        top2 = torch.topk(mod.router(x)[..., :mod.surgery.cut_level, :], 2, dim=-1).values
+        gaps.append((top2[..., 0] - top2[..., 1]).min(dim=-1).values)
+
+    hooks = [layer.self_attn.register_forward_pre_hook(read, with_kwargs=True)
+             for layer in model.model.layers]
     try:
         with torch.no_grad():
             model(torch.as_tensor(np.asarray(ids)))
     finally:
         for h in hooks:
             h.remove()
-    return np.stack([c.numpy() for c in seen])
+    clusters = np.stack([c.numpy() for c in seen])
+    return (clusters, np.stack([g.numpy() for g in gaps])) if margins else clusters
 
 
 @pytest.fixture

@@ -69,7 +69,13 @@ def assert_round_trip(jax_model, hf_dir, ids, prompt, new_tokens=32):
     routes = extract_routes(jax_model, jnp.asarray(ids))
     assert float(routes.density) < 1.0, "the routes must be non-trivial"
     surgical = torch_surgery.load_surgical_llama(hf_dir)
-    np.testing.assert_array_equal(torch_clusters(surgical, ids), np.asarray(routes.cluster_ids))
+    clusters, margins = torch_clusters(surgical, ids, margins=True)
+    differ = clusters != np.asarray(routes.cluster_ids)
+    # Two float32 implementations may split an exact tie differently, nothing else: every
+    # token routed differently must sit at a router-logit gap of float32 rounding size.
+    print(f"routes differing: {int(differ.sum())} of {differ.size}; their margins "
+          f"{margins[differ]}")
+    assert np.all(margins[differ] < 1e-4) and differ.mean() < 1e-4
     want = np.asarray(jax_model(jnp.asarray(ids)))
     got = torch_logits(surgical, ids)
     assert rel_err(got, want) <= TOL

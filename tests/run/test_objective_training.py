@@ -84,6 +84,7 @@ def test_density_budget_moves_training_density_toward_the_target(tiny_model_dir,
     common = ("train.steps=10", "checkpoint.every=5", "surgery.lambda_max=0.0")
     free = tiny_config(tiny_model_dir, *common)
     bound = tiny_config(tiny_model_dir, *common, "objective.density_target=0.3",
+                        "objective.budget_routes=argmax",
                         f"objective.budget={budget}", "objective.budget_mu=50.0",
                         "objective.dual_eta=5.0")
     finals = {}

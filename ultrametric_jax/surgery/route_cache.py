@@ -51,6 +51,8 @@ def num_clusters(surgery_config) -> int:
 def route_cache_problem(model, max_len: int) -> Optional[str]:
     """Why `model` cannot decode with a route cache of max_len tokens, or None when it can."""
     from ultrametric_jax.surgery.inject import surgical_layers  # inject imports attention
+    if getattr(getattr(model, "model", None), "layers", None) is None:
+        return "the model is not a Llama with decoder layers (it uses the dense cache)"
     layers = surgical_layers(model)
     if not layers or len(layers) != len(model.model.layers):
         return "the model carries no ultrametric topology (a base model uses the dense cache)"
