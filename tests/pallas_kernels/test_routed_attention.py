@@ -148,23 +148,28 @@ def test_query_with_only_itself_and_a_sink_key():
         assert_close(name, g, rg, TOL["float32"])
 
 
-def float64_sink_attention(q, k, v, ids, window, sink):
-    """Loops over the sink pairs outside the window and the tree set: (out, lse), 0 and -inf
-    for rows without one."""
+def float64_attention_over(q, k, v, ids, keep):
+    """Loops over the pairs (b, h, i, j) with j <= i that keep(i, j, same_cluster) selects:
+    (out, lse) in float64, 0 and -inf for rows without a key."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     ids = np.asarray(ids)
     batch, seq, heads, dim = q.shape
     group = heads // k.shape[2]
     out, lse = np.zeros(q.shape), np.full((batch, heads, seq), -np.inf)
     for b, h, i in np.ndindex(batch, heads, seq):
-        keys = [j for j in range(min(sink, i + 1))
-                if i - j >= window and ids[b, h, i] != ids[b, h, j]]
+        keys = [j for j in range(i + 1) if keep(i, j, ids[b, h, i] == ids[b, h, j])]
         if keys:
             s = q[b, i, h] @ k[b, keys, h // group].T / np.sqrt(dim)
             p = np.exp(s - s.max())
             out[b, i, h] = p @ v[b, keys, h // group] / p.sum()
             lse[b, h, i] = s.max() + np.log(p.sum())
     return out, lse
+
+
+def float64_sink_attention(q, k, v, ids, window, sink):
+    """The sink pairs outside the window and the tree set."""
+    return float64_attention_over(q, k, v, ids,
+                                  lambda i, j, same: j < sink and i - j >= window and not same)
 
 
 @pytest.mark.parametrize("window, sink", [(0, 1), (4, 3), (30, 2)])
@@ -222,21 +227,9 @@ def test_auto_rule_follows_the_natural_density():
 
 
 def float64_local_attention(q, k, v, ids, window, sink):
-    """Loops over the local pairs of other clusters: (out, lse), -inf and 0 for empty rows."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    ids = np.asarray(ids)
-    batch, seq, heads, dim = q.shape
-    group = heads // k.shape[2]
-    out, lse = np.zeros(q.shape), np.full((batch, heads, seq), -np.inf)
-    for b, h, i in np.ndindex(batch, heads, seq):
-        keys = [j for j in range(i + 1)
-                if (j < sink or i - j < window) and ids[b, h, i] != ids[b, h, j]]
-        if keys:
-            s = q[b, i, h] @ k[b, keys, h // group].T / np.sqrt(dim)
-            p = np.exp(s - s.max())
-            out[b, i, h] = p @ v[b, keys, h // group] / p.sum()
-            lse[b, h, i] = s.max() + np.log(p.sum())
-    return out, lse
+    """The local pairs (sink or window) of other clusters."""
+    return float64_attention_over(q, k, v, ids,
+                                  lambda i, j, same: (j < sink or i - j < window) and not same)
 
 
 @pytest.mark.parametrize("kernel", ["gpu", "tpu"])
