@@ -147,12 +147,10 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     return_lse, the natural-log LSE [B, Hq, Sq] float32 (-inf where a row has no allowed key,
     whose output is 0). Differentiable in q, k and v on every backend.
     """
-    auto = backend
-    backend = resolve_backend(backend)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
-    backend = pick_backend(auto, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
-                           block_k=block_k)
+    backend = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
+                           block_q=block_q, block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

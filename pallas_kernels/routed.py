@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.masking import safe_max
-from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend, resolve_backend
+from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend
 from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.segment_schedule import band_schedule, segment_schedule
@@ -288,11 +288,9 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     Differentiable in q, k, v.
     """
     _check_options(layout, sorted_above, q, k, clusters)
-    auto = backend
-    backend = resolve_backend(backend)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
-    backend = pick_backend(auto, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
+    backend = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
                            block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
