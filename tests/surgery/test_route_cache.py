@@ -281,3 +281,19 @@ def test_base_model_uses_the_dense_cache():
     with pytest.raises(ConfigError, match="cache='route' cannot serve this model: the model "
                                           "carries no ultrametric topology"):
         generate(base, [[1, 2]], 2, cache="route")
+
+
+def test_a_model_that_is_not_a_llama_uses_the_dense_cache():
+    """A module wrapping a Llama (no model.layers of its own) decodes with the dense cache, and
+    asking it for a route cache names why not."""
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+
+    class Wrapped(nnx.Module):
+        def __init__(self):
+            self.inner = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+
+    assert cache_kind(Wrapped(), 64) == "dense"
+    with pytest.raises(ConfigError, match="cache='route' cannot serve this model: the model is "
+                                          r"not a Llama with decoder layers"):
+        cache_kind(Wrapped(), 64, "route")
