@@ -122,7 +122,7 @@ def test_bad_command_lines_are_named(argv, message):
     ("surgery.gumbel_scale=-0.5", r"invalid SurgeryConfig.gumbel_scale=-0.5: must be a finite "
                                   r"number >= 0"),
     ("objective.budget_routes=soft", r"invalid ObjectiveConfig.budget_routes='soft': must be "
-                                     r"one of \('argmax', 'sampled'\)"),
+                                     r"one of \('argmax', 'feedback', 'sampled'\)"),
     ("surgery.max_len=16", r"invalid config value surgery.max_len=16: must be >= "
                            r"train.seq_len=32"),
     ("checkpoint.keep=0", r"invalid config value checkpoint.keep=0"),

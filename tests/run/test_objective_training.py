@@ -127,6 +127,56 @@ def test_budget_binds_the_density_of_the_chosen_routes(tiny_model_dir, routes):
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
 
 
+def test_feedback_budget_differentiates_sampled_density_and_steers_by_argmax(tiny_model_dir):
+    """budget_routes="feedback": the loss term is nu times the Gumbel routes' density (its
+    value and gradient), while the multiplier's dual step reads the argmax routes' density."""
+    run = tiny_config(tiny_model_dir, "objective.density_target=0.2", "objective.budget=dual",
+                      "objective.per_layer=True", "objective.budget_routes=feedback")
+    _, _, _, _, scalars, _ = one_grad_step(run, seed=3, lam=0.0)
+    per_layer_argmax = np.asarray(scalars["density_per_layer"])
+    setup = setup_run(run)
+    inject(run, setup.model)
+    perturb_routers(setup.model, 3)
+    setup.model.train()
+    batch = setup.val_batches[0]
+    _, aux = forward_with_aux(setup.model, jnp.asarray(batch["input_ids"]),
+                              jnp.asarray(batch["attention_mask"]))
+    # The argmax routes do not depend on the Gumbel draw: recomputed on a fresh copy.
+    np.testing.assert_allclose(per_layer_argmax, np.asarray(aux["argmax_density_per_layer"]),
+                               rtol=1e-6)
+    # The budget term is nu . rho_sampled: 0 at nu = 0, so the multiplier is the lever.
+    assert float(scalars["budget"]) == 0.0
+    # Sampled and argmax densities differ on perturbed routers: the choice is observable.
+    assert abs(float(scalars["density"]) - float(scalars["argmax_density"])) > 1e-3
+
+
+def test_feedback_budget_dual_step_uses_argmax_density(tiny_model_dir, tmp_path):
+    """One trainer step: nu = max(0, 0 + eta (rho_argmax - target)) per layer, from the argmax
+    densities the step reports, not the sampled ones."""
+    run = tiny_config(tiny_model_dir, "train.steps=1", "checkpoint.every=1",
+                      "objective.density_target=0.05", "objective.budget=dual",
+                      "objective.dual_eta=3.0", "objective.budget_routes=feedback")
+    setup = setup_run(run)
+    inject(run, setup.model)
+    perturb_routers(setup.model, 4)
+    trainer = make_trainer(run, setup, check_mesh(run), str(tmp_path / "fb"), progress=False)
+    try:
+        outcome = trainer.train()
+    finally:
+        trainer.close()
+    rho_argmax = outcome.last_metrics["argmax_density"]
+    rho_sampled = outcome.last_metrics["density"]
+    nu = float(np.asarray(setup.model.density_multiplier[...]))
+    np.testing.assert_allclose(nu, max(0.0, 3.0 * (rho_argmax - 0.05)), rtol=1e-4)
+    assert abs(nu - max(0.0, 3.0 * (rho_sampled - 0.05))) > 1e-4
+
+
+def test_feedback_budget_needs_the_dual(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"budget_routes='feedback'.*needs budget='dual'"):
+        tiny_config(tiny_model_dir, "objective.density_target=0.2",
+                    "objective.budget=penalty", "objective.budget_routes=feedback")
+
+
 def test_out_of_domain_corpora_are_evaluated_dense_against_surgical(tiny_model_dir, tmp_path):
     from ultrametric_jax.run import evaluate as evaluation
     from ultrametric_jax.run.pipeline import evaluate

@@ -53,6 +53,10 @@ def make_grad_fn(graphdef, objective: ObjectiveConfig = ObjectiveConfig()) -> Ca
     noise_free = objective.density_target is not None and objective.budget_routes == "argmax"
     rho_key = "route_density_per_layer" if noise_free else "soft_density_per_layer"
     extras += ("route_density",) if noise_free else ()
+    # The densities dual ascent compares with the target: "feedback" differentiates the
+    # sampled routes' density but steers its multiplier by the argmax routes' (evaluation's).
+    feedback_key = ("argmax_density_per_layer" if objective.budget_routes == "feedback"
+                    else rho_key)
 
     def micro_loss(params, mutable, frozen, input_ids, mask, lam):
         model = nnx.merge(graphdef, params, mutable, frozen, copy=True)
@@ -74,7 +78,8 @@ def make_grad_fn(graphdef, objective: ObjectiveConfig = ObjectiveConfig()) -> Ca
         scalars = {"loss": loss, "ce": ce, "balance_loss": aux["balance_loss"],
                    "density": aux["density"], "tree_density": aux["tree_density"],
                    "argmax_density": aux["argmax_density"],
-                   "density_per_layer": jax.lax.stop_gradient(aux[rho_key]), "tokens": count,
+                   "density_per_layer": jax.lax.stop_gradient(aux[feedback_key]),
+                   "tokens": count,
                    **{k: v for k, v in terms.items() if k in ("kd", "recall", "budget")}}
         return loss, (scalars, new_mutable)
 

@@ -19,7 +19,7 @@ from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery import budget as bud
 
 RECALL_FORMS = ("log_mass", "kl")
-BUDGET_ROUTES = ("argmax", "sampled")
+BUDGET_ROUTES = ("argmax", "feedback", "sampled")
 # r_i is floored here before its log: a row that keeps (almost) nothing costs -log(1e-6) = 13.8
 # instead of inf. The diagonal pair (i, i) is always allowed, so a floored row has dropped all
 # but less than 1e-6 of its dense attention mass.
@@ -42,6 +42,8 @@ class ObjectiveConfig:
     # Whose density the budget binds: "sampled", the Gumbel routes of the training step, or
     # "argmax", the noise-free routes evaluation runs (budget.route_density). "argmax" meets
     # the target held out but, measured, costs far more perplexity (BENCHMARKS.md).
+    # "feedback" (dual budget only): the gradient of the sampled routes' density, scaled by a
+    # multiplier that dual ascent raises until the argmax routes' density meets the target.
     budget_routes: str = "sampled"
 
     def __post_init__(self):
@@ -68,6 +70,9 @@ class ObjectiveConfig:
             bad("budget_routes", f"must be one of {BUDGET_ROUTES}")
         if not isinstance(self.per_layer, bool):
             bad("per_layer", "must be True or False")
+        if self.budget_routes == "feedback" and self.budget != "dual":
+            bad("budget_routes", "'feedback' steers the dual multiplier by the argmax routes' "
+                "density: it needs budget='dual'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
