@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,  # noqa: E402
                             segment_schedule)
-from pallas_kernels.routed import band_sink_tokens, prefer_sorted, sort_by_cluster  # noqa: E402
+from pallas_kernels.routed import prefer_sorted  # noqa: E402
+from pallas_kernels.sorted_layout import band_sink_tokens, sort_by_cluster  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
 from ultrametric_jax.run.data_corpus import load_corpus, split_documents  # noqa: E402

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import finish, rel_err, timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, reference_attention,  # noqa: E402
                             routed_attention, segment_schedule)
-from pallas_kernels.routed import band_sink_tokens, prefer_sorted, sort_by_cluster  # noqa: E402
+from pallas_kernels.routed import prefer_sorted  # noqa: E402
+from pallas_kernels.sorted_layout import band_sink_tokens, sort_by_cluster  # noqa: E402
 from routed_breakdown import run_breakdown  # noqa: E402
 
 WINDOW, SINK, BLOCK = 128, 1, 128

@@ -22,9 +22,11 @@ from bench_attention import timed
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,
                             segment_schedule)
 from pallas_kernels.ops import attention_with_schedule, make_config
-from pallas_kernels.routed import (_gather_heads, _permute_heads, band_pass, band_sink_tokens,
-                                   has_sink_pairs, merge_partials, permute_inputs, sink_pass,
-                                   sort_by_cluster, sorted_plan, tree_pass, unpermute)
+from pallas_kernels.sorted_layout import (_gather_heads, _permute_heads, band_pass,
+                                          band_sink_tokens, has_sink_pairs, merge_partials,
+                                          permute_inputs, sink_pass, sort_by_cluster,
+                                          sorted_attention_autodiff, sorted_plan, tree_pass,
+                                          unpermute)
 
 
 def _apply(f, *args):
@@ -143,8 +145,12 @@ def breakdown_case(q, k, v, ct, ids, *, window, sink, block, reps, smoke):
         return routed_attention(q, k, v, ids, window=window, sink_tokens=sink, layout="sorted",
                                 backend=backend, interpret=smoke, block_q=block, block_k=block)
 
+    def autodiff(q, k, v, ids):  # the previous backward: the merge and gathers differentiated
+        return sorted_attention_autodiff(q, k, v, ids, cfg, backend)[0]
+
     cudnn = _cudnn(smoke)
     for label, fn, args in (("end to end (sorted layout)", routed, (q, k, v, ids)),
+                            ("end to end, autodiff through the merge", autodiff, (q, k, v, ids)),
                             ("cuDNN causal", lambda q, k, v, ids: cudnn(q, k, v), (q, k, v, ids))):
         fwd = timed(jax.jit(fn), *args, reps=reps)
 

@@ -48,30 +48,49 @@ def _attend(q, k, v, qc, kc, sched, backend, cfg):
     return _attend_fwd(q, k, v, qc, kc, sched, backend, cfg)[0]
 
 
-def _attend_fwd(q, k, v, qc, kc, sched, backend, cfg):
+def kernel_forward(q, k, v, qc, kc, sched, backend, cfg):
+    """(out, lse) of the kernels on unpadded inputs and a prepared schedule
+    (prepare_schedule): no custom VJP (kernel_backward is its transpose)."""
     mod = importlib.import_module(_MODULES[backend])
     sqp, skp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
     out, lse = mod.forward(pad_axis(q, sqp, 1), pad_axis(k, skp, 1), pad_axis(v, skp, 1),
                            pad_axis(qc, sqp, 2), pad_axis(kc, skp, 2), sched, cfg)
-    out, lse = out[:, :cfg.q_len], lse[..., :cfg.q_len]
+    return out[:, :cfg.q_len], lse[..., :cfg.q_len]
+
+
+def output_delta(out, dout, dlse=None):
+    """delta [B, H, S] = rowsum(dout * out) - dlse: d lse / d s = p, so an LSE cotangent only
+    shifts delta."""
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return delta if dlse is None else delta - dlse
+
+
+def kernel_backward(q, k, v, qc, kc, sched, backend, cfg, dout, lse, delta):
+    """(dq, dk, dv) of the kernels' pairs given the softmax's lse and delta (output_delta).
+    These may be a larger softmax's (keys of other passes included): the gradients of this
+    pass's pairs are then exact for the merged attention, with no merge to differentiate."""
+    mod = importlib.import_module(_MODULES[backend])
+    sqp, skp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows without keys: p = exp(s - inf) = 0
+    dq, dk, dv = mod.backward(
+        pad_axis(q, sqp, 1), pad_axis(k, skp, 1), pad_axis(v, skp, 1),
+        pad_axis(dout.astype(q.dtype), sqp, 1), pad_axis(lse, sqp, 2, jnp.inf),
+        pad_axis(delta, sqp, 2), pad_axis(qc, sqp, 2), pad_axis(kc, skp, 2), sched, cfg)
+    return dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len]
+
+
+def _attend_fwd(q, k, v, qc, kc, sched, backend, cfg):
+    out, lse = kernel_forward(q, k, v, qc, kc, sched, backend, cfg)
     return (out, lse), (q, k, v, qc, kc, sched, out, lse)
 
 
 def _attend_bwd(backend, cfg, res, cotangents):
     q, k, v, qc, kc, sched, out, lse = res
     dout, dlse = cotangents
-    mod = importlib.import_module(_MODULES[backend])
-    sqp, skp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
-    # d lse / d s = p, so an LSE cotangent only shifts delta.
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST) - dlse
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows without keys: p = exp(s - inf) = 0
-    dq, dk, dv = mod.backward(
-        pad_axis(q, sqp, 1), pad_axis(k, skp, 1), pad_axis(v, skp, 1),
-        pad_axis(dout.astype(q.dtype), sqp, 1), pad_axis(lse, sqp, 2, jnp.inf),
-        pad_axis(delta, sqp, 2), pad_axis(qc, sqp, 2), pad_axis(kc, skp, 2), sched, cfg)
-    zeros = jax.tree.map(lambda x: None, (qc, kc, sched))
-    return (dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], *zeros)
+    grads = kernel_backward(q, k, v, qc, kc, sched, backend, cfg, dout, lse,
+                            output_delta(out, dout, dlse))
+    return (*grads, *jax.tree.map(lambda x: None, (qc, kc, sched)))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -112,6 +131,15 @@ def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSche
     """The kernels alone, for a schedule built beforehand (build_schedule) with the config's
     window, sink_tokens, q_offset and block sizes. Returns (out, lse); differentiable in q, k
     and v. With config.exclude_same_cluster every scheduled block is run with the token mask."""
+    qc, kc, schedule, config = prepare_schedule(q, k, v, q_clusters, k_clusters, schedule,
+                                                backend=backend, config=config)
+    return _attend(q, k, v, qc, kc, schedule, backend, config)
+
+
+def prepare_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSchedule, *,
+                     backend: str, config: AttentionConfig):
+    """(qc, kc, schedule, config) checked and resolved for kernel_forward / kernel_backward:
+    the arguments of attention_with_schedule."""
     _check_kernel_backend(backend)
     _check_gpu_blocks(backend, config)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
@@ -132,7 +160,7 @@ def attention_with_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSche
     if config.exclude_same_cluster:  # a "full" block would skip the cluster test: mask them all
         schedule = schedule._replace(kv_num_masked=schedule.kv_num_blocks,
                                      q_num_masked=schedule.q_num_blocks)
-    return _attend(q, k, v, qc, kc, schedule, backend, config)
+    return qc, kc, schedule, config
 
 
 def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,

@@ -19,9 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 from pallas_kernels import (allowed_pairs, attention_with_schedule, build_schedule,
                             reference_attention, routed_attention, sharded_routed_attention)
 from pallas_kernels.ops import make_config
-from pallas_kernels.routed import (SINK_PARTIAL_MAX, _permute_heads, _permute_rows,
-                                   merge_partials, prefer_sorted, sink_pass, sort_by_cluster,
-                                   sorted_plan)
+from pallas_kernels.routed import prefer_sorted
+from pallas_kernels.sorted_layout import (SINK_PARTIAL_MAX, _permute_heads, _permute_rows,
+                                          merge_partials, sink_pass, sort_by_cluster,
+                                          sorted_attention, sorted_attention_autodiff,
+                                          sorted_plan)
 from pallas_kernels.sharding import attention_specs
 from test_kernels import (INTERPRET, TOL, assert_close, kernel_backend, outputs_and_grads,
                           poison_device_memory)
@@ -116,6 +118,27 @@ def test_matches_reference(case):
     for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
         assert g.dtype == x.dtype
         assert_close(name, g, rg, tol)
+
+
+@pytest.mark.parametrize("window,sink", [(5, 3), (0, 0), (40, 1)])
+def test_global_statistics_vjp_equals_autodiff_through_the_merge(window, sink):
+    """sorted_attention's backward (each pass's kernel with the merged lse and delta) against
+    autodiff through the same stages (merge, gathers, each pass's own VJP), float32."""
+    case = Case("gpu", "sorted", 130, 6, window, sink, 4, 2, "float32")
+    q, k, v, ids, d_out, d_lse = make_inputs(case, seed=11 + window)
+    cfg = make_config(q, k, window=window, sink_tokens=sink, q_offset=0, scale=None,
+                      backend=kernel_backend("gpu"), interpret=INTERPRET, block_q=16,
+                      block_k=16)
+    results = []
+    for fn in (sorted_attention, sorted_attention_autodiff):
+        poison_device_memory()
+        (out, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, ids, cfg, kernel_backend("gpu")),
+                                  q, k, v)
+        results.append((out, lse, *vjp((d_out, d_lse))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5,
+                                   err_msg=name)
+    assert float(jnp.abs(results[0][2]).max()) > 1e-2   # gradients that can differ
 
 
 def test_query_with_only_itself_and_a_sink_key():

@@ -1,0 +1,349 @@
+"""The cluster-sorted layout of routed_attention: its stages and its VJP.
+
+The allowed pairs of one set of cluster ids split in disjoint sets:
+
+  tree set   j <= i and c_i == c_j                        (the sorted layout's kernels)
+  local set  j <= i and i - j < window and c_i != c_j     (a band in token order)
+  sink set   j < sink, i - j >= window and c_i != c_j     (sink_pass: jnp, a few columns)
+
+Per (batch, head) a stable argsort of the ids makes every cluster one contiguous segment in
+position order, so the tree set is causal attention within segments (as packed sequences): the
+kernels run it on the sorted layout with window = sink = 0 and segment_schedule's lists, which
+visit about sum_c n_c^2 / (2 block_q block_k) blocks instead of all of them. Each set gives
+(o_X, lse_X); they merge by log-sum-exp and the tree output is un-permuted. Every query keeps
+(i, i) in the tree set, so no row is empty.
+
+GQA: the sorted keys and values are gathered per query head (head h reads kv head
+h // (Hq // Hkv) at its own order), so the sorted pass holds [B, S, Hq, D] keys and values:
+Hq / Hkv times the K/V memory (4x for Llama-3-8B's 32 / 8), plus sorted copies of q and of the
+tree output.
+
+sorted_attention's backward does not differentiate the merge: with the merged softmax's lse and
+delta = rowsum(dout * out), each set's pairs have p_ij = exp(s_ij - lse_i) and
+ds_ij = p_ij (dp_ij - delta_i), so every pass runs its own backward kernel on its own layout
+with the global statistics (permuted for the tree set) and the gradients add. Every permutation
+is a bijection per head, so its transpose is the gather by the inverse order (then, for keys
+and values, a sum over the query heads of each kv group). sorted_attention_autodiff composes
+the same stages under autodiff (the merge and the gathers differentiated): the oracle of the
+VJP's tests, and what routed_breakdown times stage by stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.masking import safe_max
+from pallas_kernels.ops import (attention_with_schedule, kernel_backward, kernel_forward,
+                                output_delta, prepare_schedule)
+from pallas_kernels.schedule import BlockSchedule
+from pallas_kernels.segment_schedule import band_schedule, segment_schedule
+
+# Up to this many sink keys run as a jnp partial (sink_pass); its scores are
+# [B, Hq, S, sink] float32, a small fraction of the outputs' memory at this width.
+SINK_PARTIAL_MAX = 16
+
+
+def merge_partials(*outs_and_lses):
+    """Softmax attention over the union of disjoint key sets from each set's (out, lse), given
+    flat as out_a, lse_a, out_b, lse_b, ...; an lse of -inf (no key) weighs 0, with finite
+    gradients. Returns (out, lse) float32."""
+    if len(outs_and_lses) < 4 or len(outs_and_lses) % 2:
+        raise ValueError("merge_partials takes (out, lse) pairs, at least two, got "
+                         f"{len(outs_and_lses)} arrays")
+    outs, lses = outs_and_lses[0::2], outs_and_lses[1::2]
+    top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, lses))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = [jnp.exp(lse - top) for lse in lses]
+    total = functools.reduce(jnp.add, weights)
+    safe = jnp.where(total > 0, total, 1.0)
+    lse = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+
+    def weigh(out, w):
+        return out.astype(jnp.float32) * jnp.swapaxes(w / safe, 1, 2)[..., None]
+
+    return functools.reduce(jnp.add, [weigh(o, w) for o, w in zip(outs, weights)]), lse
+
+
+def sort_by_cluster(clusters):
+    """(order, sorted_ids, inverse) of ids [B, H, S]: sorted_ids = ids[order] is grouped by id
+    with positions ascending inside a group; inverse undoes order."""
+    order = jnp.argsort(clusters, axis=-1, stable=True).astype(jnp.int32)
+    sorted_ids = jnp.take_along_axis(clusters, order, axis=-1)
+    seq = clusters.shape[-1]
+    inverse = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(
+        jnp.arange(seq, dtype=o.dtype))))(order)
+    return order, sorted_ids, inverse
+
+
+def _gather_heads(x, order, group):
+    """x [B, S, Hx, D] read at order [B, H, S] per head h (from head h // group): [B, S, H, D]."""
+    batch, heads = order.shape[:2]
+    b = jnp.arange(batch)[:, None, None]
+    h = (jnp.arange(heads) // group)[None, None, :]
+    return x[b, jnp.swapaxes(order, 1, 2), h]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute_heads(x, order, inverse, group):
+    """_gather_heads(x, order, group), inverse being order's inverse per head. Backward: the
+    cotangent gathered back by inverse, summed over each group of heads in float32."""
+    return _gather_heads(x, order, group)
+
+
+def _permute_heads_fwd(x, order, inverse, group):
+    return _gather_heads(x, order, group), (order, inverse)
+
+
+def _permute_heads_bwd(group, res, ct):
+    order, inverse = res
+    back = _gather_heads(ct, inverse, 1)                  # [B, S, H, D] in token order
+    if group > 1:
+        batch, seq, heads, dim = back.shape
+        back = jnp.sum(back.reshape(batch, seq, heads // group, group, dim), axis=3,
+                       dtype=jnp.float32).astype(ct.dtype)
+    return back, None, None
+
+
+_permute_heads.defvjp(_permute_heads_fwd, _permute_heads_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(x, order, inverse):
+    """x [B, H, S] read at order [B, H, S] (take_along_axis); backward gathers by inverse."""
+    return jnp.take_along_axis(x, order, axis=-1)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return jnp.take_along_axis(x, order, axis=-1), (order, inverse)
+
+
+def _permute_rows_bwd(res, ct):
+    return jnp.take_along_axis(ct, res[1], axis=-1), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def band_sink_tokens(sink_tokens: int) -> int:
+    """The sink keys that the sorted layout's band kernel runs: none when sink_pass takes
+    them (up to SINK_PARTIAL_MAX), else all of them."""
+    return 0 if sink_tokens <= SINK_PARTIAL_MAX else sink_tokens
+
+
+def has_sink_pairs(cfg) -> bool:
+    """Whether sink_pass has any pair: sink keys it runs, and a query window or more past key 0
+    (cfg.window is already clamped to the sequence)."""
+    return band_sink_tokens(cfg.sink_tokens) == 0 < cfg.sink_tokens and cfg.window < cfg.q_len
+
+
+class SortedPlan(NamedTuple):
+    """What the sorted layout derives from the ids alone (no q, k, v)."""
+    order: jax.Array         # [B, H, S] int32: token at each sorted slot
+    sorted_ids: jax.Array    # [B, H, S]: ids[order]
+    inverse: jax.Array       # [B, H, S] int32: sorted slot of each token
+    tree: BlockSchedule      # segment_schedule of sorted_ids
+    band: Optional[BlockSchedule]  # band_schedule of the window (None: no band pair)
+
+
+def sorted_plan(qc, cfg) -> SortedPlan:
+    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]."""
+    order, sorted_ids, inverse = sort_by_cluster(qc)
+    tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
+    band = None
+    sink = band_sink_tokens(cfg.sink_tokens)
+    if cfg.window > 0 or sink > 0:
+        batch, heads, seq = qc.shape
+        band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=sink,
+                             block_q=cfg.block_q, block_k=cfg.block_k)
+    return SortedPlan(order, sorted_ids, inverse, tree, band)
+
+
+def permute_inputs(q, k, v, plan: SortedPlan):
+    """q, k, v on the sorted layout, [B, S, Hq, D] each (k and v per query head)."""
+    group = q.shape[2] // k.shape[2]
+    return (_permute_heads(q, plan.order, plan.inverse, 1),
+            _permute_heads(k, plan.order, plan.inverse, group),
+            _permute_heads(v, plan.order, plan.inverse, group))
+
+
+def tree_pass(qs, ks, vs, plan: SortedPlan, cfg, backend):
+    """(out, lse) of the same-cluster pairs on the sorted layout (sorted order)."""
+    tree_cfg = dataclasses.replace(cfg, window=0, sink_tokens=0)
+    return attention_with_schedule(qs, ks, vs, plan.sorted_ids, plan.sorted_ids, plan.tree,
+                                   backend=backend, config=tree_cfg)
+
+
+def unpermute(out_t, lse_t, plan: SortedPlan):
+    """The tree pass's (out, lse) back in token order."""
+    return (_permute_heads(out_t, plan.inverse, plan.order, 1),
+            _permute_rows(lse_t, plan.inverse, plan.order))
+
+
+def band_pass(q, k, v, qc, plan: SortedPlan, cfg, backend):
+    """(out, lse) of the window pairs of other clusters (and the sink pairs when
+    band_sink_tokens keeps them), in token order."""
+    local_cfg = dataclasses.replace(cfg, sink_tokens=band_sink_tokens(cfg.sink_tokens),
+                                    exclude_same_cluster=True)
+    return attention_with_schedule(q, k, v, qc, qc, plan.band, backend=backend,
+                                   config=local_cfg)
+
+
+def sink_pass(q, k, v, qc, cfg):
+    """(out float32 [B, S, Hq, D], lse [B, Hq, S]) of the sink pairs outside the window and
+    the tree set (j < sink, i - j >= window, c_i != c_j), in token order, by dense jnp over
+    the cfg.sink_tokens first keys; lse -inf (out 0) where a query has none."""
+    sink, window = cfg.sink_tokens, cfg.window
+    batch, seq, q_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    # query head h reads kv head h // group: split h into (kv head, member of its group)
+    qg = q.reshape(batch, seq, kv_heads, group, dim)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k[:, :sink], precision=precision,
+                   preferred_element_type=jnp.float32) * cfg.scale
+    s = s.reshape(batch, q_heads, seq, sink)
+    i, j = jnp.arange(seq)[:, None], jnp.arange(sink)[None, :]
+    ok = (j <= i) & (i - j >= window) & (qc[..., :, None] != qc[..., None, :sink])
+    s = jnp.where(ok, s, -jnp.inf)
+    m = jax.lax.stop_gradient(safe_max(jnp.max(s, axis=-1, keepdims=True)))
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1)
+    has_key = total > 0
+    safe = jnp.where(has_key, total, 1.0)
+    lse = jnp.where(has_key, jnp.log(safe) + m[..., 0], -jnp.inf)
+    p = (p / safe[..., None]).reshape(batch, kv_heads, group, seq, sink)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v[:, :sink].astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(batch, seq, q_heads, dim), lse
+
+
+def sorted_attention_autodiff(q, k, v, qc, cfg, backend):
+    """The sorted layout's (out, lse) composed of its stages, differentiated by autodiff
+    through the merge, the gathers and each pass's own VJP."""
+    plan = sorted_plan(qc, cfg)
+    parts = [*unpermute(*tree_pass(*permute_inputs(q, k, v, plan), plan, cfg, backend), plan)]
+    if plan.band is not None:
+        parts += band_pass(q, k, v, qc, plan, cfg, backend)
+    if has_sink_pairs(cfg):
+        parts += sink_pass(q, k, v, qc, cfg)
+    if len(parts) == 2:  # the tree set alone
+        return tuple(parts)
+    out, lse = merge_partials(*parts)
+    return out.astype(q.dtype), lse
+
+
+def _tree_args(plan, cfg, backend, qs, ks, vs):
+    tree_cfg = dataclasses.replace(cfg, window=0, sink_tokens=0)
+    return prepare_schedule(qs, ks, vs, plan.sorted_ids, plan.sorted_ids, plan.tree,
+                            backend=backend, config=tree_cfg)
+
+
+def _band_args(q, k, v, qc, plan, cfg, backend):
+    local_cfg = dataclasses.replace(cfg, sink_tokens=band_sink_tokens(cfg.sink_tokens),
+                                    exclude_same_cluster=True)
+    return prepare_schedule(q, k, v, qc, qc, plan.band, backend=backend, config=local_cfg)
+
+
+def _sink_scores(q, k, qc, cfg):
+    """(s [B, Hkv, G, S, sink] float32 with -inf outside the sink set, grouped q)."""
+    sink, window = cfg.sink_tokens, cfg.window
+    batch, seq, q_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    qg = q.reshape(batch, seq, kv_heads, group, dim)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k[:, :sink], precision=precision,
+                   preferred_element_type=jnp.float32) * cfg.scale
+    i, j = jnp.arange(seq)[:, None], jnp.arange(sink)[None, :]
+    ok = (j <= i) & (i - j >= window) & (qc[..., :, None] != qc[..., None, :sink])
+    ok = ok.reshape(batch, kv_heads, group, seq, sink)
+    return jnp.where(ok, s, -jnp.inf), qg
+
+
+def _sink_backward(q, k, v, qc, cfg, dout, lse, delta):
+    """(dq, dk, dv) float32 of the sink set's pairs under the merged softmax (lse, delta)."""
+    sink = cfg.sink_tokens
+    batch, seq, q_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    s, qg = _sink_scores(q, k, qc, cfg)
+    grouped = lambda x: x.reshape(batch, kv_heads, group, seq)[..., None]  # noqa: E731
+    p = jnp.where(jnp.isfinite(s), jnp.exp(s - grouped(lse)), 0.0)
+    hi = jax.lax.Precision.HIGHEST
+    dog = dout.astype(jnp.float32).reshape(batch, seq, kv_heads, group, dim)
+    ks, vs = k[:, :sink].astype(jnp.float32), v[:, :sink].astype(jnp.float32)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, vs, precision=hi)
+    ds = p * (dp - grouped(delta)) * cfg.scale
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, ks, precision=hi).reshape(q.shape)
+    dk_sink = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qg.astype(jnp.float32), precision=hi)
+    dv_sink = jnp.einsum("bhgqk,bqhgd->bkhd", p, dog, precision=hi)
+    pad = ((0, 0), (0, k.shape[1] - sink), (0, 0), (0, 0))
+    return dq, jnp.pad(dk_sink, pad), jnp.pad(dv_sink, pad)
+
+
+def _group_sum(x, group):
+    """[B, S, H, D] per query head -> [B, S, H / group, D] per kv head, in float32."""
+    if group == 1:
+        return x.astype(jnp.float32)
+    batch, seq, heads, dim = x.shape
+    return jnp.sum(x.reshape(batch, seq, heads // group, group, dim), axis=3,
+                   dtype=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def sorted_attention(q, k, v, qc, cfg, backend):
+    """The sorted layout's (out in q's dtype, lse float32), with the global-statistics VJP."""
+    return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
+
+
+def _sorted_fwd(q, k, v, qc, cfg, backend):
+    plan = sorted_plan(qc, cfg)
+    group = q.shape[2] // k.shape[2]
+    qs, ks, vs = (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
+                  _gather_heads(v, plan.order, group))
+    tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
+    out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)
+    parts = [_gather_heads(out_t, plan.inverse, 1),
+             jnp.take_along_axis(lse_t, plan.inverse, axis=-1)]
+    if plan.band is not None:
+        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, plan, cfg, backend)
+        parts += kernel_forward(q, k, v, bqc, bkc, bsched, backend, bcfg)
+    if has_sink_pairs(cfg):
+        parts += sink_pass(q, k, v, qc, cfg)
+    if len(parts) == 2:
+        out, lse = parts
+    else:
+        out, lse = merge_partials(*parts)
+    out = out.astype(q.dtype)
+    return (out, lse), (q, k, v, qc, plan, qs, ks, vs, out, lse)
+
+
+def _sorted_bwd(cfg, backend, res, cotangents):
+    q, k, v, qc, plan, qs, ks, vs, out, lse = res
+    dout, dlse = cotangents
+    group = q.shape[2] // k.shape[2]
+    delta = output_delta(out, dout, dlse)
+    # The tree set on the sorted layout, with the merged softmax's statistics permuted there.
+    tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
+    dqs, dks, dvs = kernel_backward(
+        qs, ks, vs, tqc, tkc, tsched, backend, tcfg, _gather_heads(dout, plan.order, 1),
+        jnp.take_along_axis(lse, plan.order, axis=-1),
+        jnp.take_along_axis(delta, plan.order, axis=-1))
+    dq = _gather_heads(dqs, plan.inverse, 1).astype(jnp.float32)
+    dk = _group_sum(_gather_heads(dks, plan.inverse, 1), group)
+    dv = _group_sum(_gather_heads(dvs, plan.inverse, 1), group)
+    if plan.band is not None:
+        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, plan, cfg, backend)
+        grads = kernel_backward(q, k, v, bqc, bkc, bsched, backend, bcfg, dout, lse, delta)
+        dq, dk, dv = (a + b.astype(jnp.float32) for a, b in zip((dq, dk, dv), grads))
+    if has_sink_pairs(cfg):
+        grads = _sink_backward(q, k, v, qc, cfg, dout, lse, delta)
+        dq, dk, dv = (a + b for a, b in zip((dq, dk, dv), grads))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+sorted_attention.defvjp(_sorted_fwd, _sorted_bwd)
