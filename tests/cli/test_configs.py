@@ -119,6 +119,8 @@ def test_bad_command_lines_are_named(argv, message):
     ("surgery.arity=1", r"invalid SurgeryConfig.arity=1"),
     ("surgery.d_max=9", r"invalid SurgeryConfig.d_max=9: must lie in \[0, L=3\]"),
     ("surgery.ste=hard", r"invalid SurgeryConfig.ste='hard'"),
+    ("surgery.gumbel_anneal=-1.0", r"invalid SurgeryConfig.gumbel_anneal=-1.0: must be a "
+                                   r"finite number >= 0"),
     ("surgery.gumbel_scale=-0.5", r"invalid SurgeryConfig.gumbel_scale=-0.5: must be a finite "
                                   r"number >= 0"),
     ("objective.budget_routes=soft", r"invalid ObjectiveConfig.budget_routes='soft': must be "

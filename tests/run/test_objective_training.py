@@ -171,6 +171,29 @@ def test_feedback_budget_dual_step_uses_argmax_density(tiny_model_dir, tmp_path)
     assert abs(nu - max(0.0, 3.0 * (rho_sampled - 0.05))) > 1e-4
 
 
+@pytest.mark.parametrize("anneal", [0.0, 60.0])
+def test_annealed_noise_vanishes_with_the_temperature(tiny_model_dir, anneal):
+    """At tau = 0.5 the noise scale is (0.5 / tau_start)**gumbel_anneal: 0.5**60 ~ 1e-18
+    leaves the argmax routes (training density = argmax density), 0 anneal keeps the noise."""
+    from ultrametric_jax.surgery.attention import noise_scale
+    from ultrametric_jax.surgery.inject import set_tau
+    run = tiny_config(tiny_model_dir, f"surgery.gumbel_anneal={anneal}")
+    assert noise_scale(run.surgery, 0.5) == pytest.approx(0.5 ** anneal)
+    setup = setup_run(run)
+    inject(run, setup.model)
+    perturb_routers(setup.model, 5)
+    set_tau(setup.model, 0.5)
+    setup.model.train()
+    batch = setup.val_batches[0]
+    _, aux = forward_with_aux(setup.model, jnp.asarray(batch["input_ids"]),
+                              jnp.asarray(batch["attention_mask"]))
+    gap = abs(float(aux["density"]) - float(aux["argmax_density"]))
+    if anneal:
+        assert gap < 1e-6
+    else:
+        assert gap > 1e-3
+
+
 def test_feedback_budget_needs_the_dual(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"budget_routes='feedback'.*needs budget='dual'"):
         tiny_config(tiny_model_dir, "objective.density_target=0.2",

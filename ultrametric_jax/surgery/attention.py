@@ -75,6 +75,14 @@ class KernelAttention:
         return routed_attention(q, k, v, clusters, **kwargs)
 
 
+def noise_scale(config: SurgeryConfig, tau):
+    """The Gumbel noise's scale at temperature tau: gumbel_scale * (tau / tau_start) **
+    gumbel_anneal (constant for gumbel_anneal = 0)."""
+    if config.gumbel_anneal == 0:
+        return config.gumbel_scale
+    return config.gumbel_scale * (tau / config.tau_start) ** config.gumbel_anneal
+
+
 def attention_fn(impl: str, **kernel_options) -> Optional[AttentionFn]:
     """The attention function of an evaluation backend: None for "dense" (the masked dense
     path), a KernelAttention for "kernel" (kernel_options: layout "auto" | "natural" |
@@ -135,8 +143,10 @@ class SurgicalAttention(nnx.Module):
         else:
             # Noise bounded by the collapse margin: a collapsed router samples the collapsed
             # routes for every seed (see tree.gumbel_softmax).
-            assign = um.gumbel_softmax(logits, self.tau[...], self.rngs["gumbel"](), hard=True,
-                                       noise_bound=s.init_margin, noise_scale=s.gumbel_scale)
+            tau = self.tau[...]
+            assign = um.gumbel_softmax(logits, tau, self.rngs["gumbel"](), hard=True,
+                                       noise_bound=s.init_margin,
+                                       noise_scale=noise_scale(s, tau))
         return logits, assign, probs, um.cluster_ids(um.hard_digits(assign), s.arity,
                                                      s.cut_level)
 

@@ -40,6 +40,9 @@ class SurgeryConfig:
     # Scale of the Gumbel noise on the training routes: 0 trains on the argmax routes that
     # evaluation runs (no train / evaluation mismatch), 1 samples the Gumbel-softmax.
     gumbel_scale: float = 1.0
+    # The noise follows the temperature: scale gumbel_scale * (tau / tau_start)**gumbel_anneal,
+    # so with gumbel_anneal > 0 the last steps train near the argmax routes evaluation runs.
+    gumbel_anneal: float = 0.0
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_steps: int = 1000
@@ -79,6 +82,8 @@ class SurgeryConfig:
             bad("tau_steps" if self.tau_steps < 0 else "lambda_ramp_steps", "must be >= 0")
         if not (math.isfinite(self.gumbel_scale) and self.gumbel_scale >= 0):
             bad("gumbel_scale", "must be a finite number >= 0")
+        if not (math.isfinite(self.gumbel_anneal) and self.gumbel_anneal >= 0):
+            bad("gumbel_anneal", "must be a finite number >= 0")
         if self.lambda_max < 0:
             bad("lambda_max", "must be >= 0")
 
