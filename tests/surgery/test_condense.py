@@ -1,14 +1,13 @@
 """surgery.condense against a float64 numpy reference that loops over batch, query head and
 query, on tiny random inputs (grouped kv heads, few clusters so that they repeat)."""
-import itertools
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import rel_err
 from ultrametric_jax.model.llama import causal_mask, masked_attention
-from ultrametric_jax.surgery.condense import TIE, condensed_attention
+from condense_reference import reference
+from ultrametric_jax.surgery.condense import condensed_attention
 
 B, S, H, G, D, N = 2, 26, 4, 2, 8, 4
 WINDOW, SINK = 3, 1
@@ -21,42 +20,6 @@ def inputs(seed):
     v = rng.standard_normal((B, S, G, D))
     clusters = rng.integers(0, N, (B, H, S))
     return q, k, v, clusters
-
-
-def reference(q, k, v, clusters, *, window, sink, capacity, gamma, own, keep, medoid):
-    """Output [B,S,H,D] float64, and how often the closest medoid differs from the newest."""
-    out = np.zeros(q.shape)
-    differs = 0
-    for b, h, i in itertools.product(range(B), range(H), range(S)):
-        g = h // (H // G)
-        keys = [k[b, j, g] for j in range(i + 1) if j < sink or i - j < window]
-        vals = [v[b, j, g] for j in range(i + 1) if j < sink or i - j < window]
-        slots = []                                  # (rank, cluster, key, value)
-        for c in range(N):
-            members = [j for j in range(sink, i - window + 1) if clusters[b, h, j] == c]
-            if not members:
-                continue
-            mean = np.mean([k[b, j, g] for j in members], axis=0)
-            dist = [np.sum((k[b, j, g] - mean) ** 2) for j in members]
-            # near ties (a pair is equidistant from its mean) go to the newest member
-            closest = max(j for j, d in zip(members, dist)
-                          if d - min(dist) <= TIE * np.sum(k[b, j, g] ** 2))
-            newest = members[-1]
-            differs += closest != newest
-            key = k[b, closest if medoid == "closest" else newest, g]
-            w = np.array([gamma ** (newest - j) for j in members])
-            value = (w[:, None] * np.array([v[b, j, g] for j in members])).sum(0) / w.sum()
-            rank = newest if keep == "recent" else len(members) * (S + 1) + newest
-            slots.append((rank, c, key, value))
-        slots.sort(key=lambda s: -s[0])
-        for _, c, key, value in slots[:capacity]:
-            if not own or c == clusters[b, h, i]:
-                keys.append(key)
-                vals.append(value)
-        logits = np.array(keys) @ q[b, i, h] / np.sqrt(D)
-        p = np.exp(logits - logits.max())
-        out[b, i, h] = (p / p.sum()) @ np.array(vals)
-    return out, differs
 
 
 def run(q, k, v, clusters, **kw):
@@ -81,13 +44,13 @@ def test_matches_the_numpy_reference(capacity, own, keep, medoid, gamma):
     q, k, v, clusters = inputs(seed=capacity + 10 * own)
     kw = dict(window=WINDOW, sink=SINK, capacity=capacity, gamma=gamma, own=own, keep=keep,
               medoid=medoid)
-    ref, differs = reference(q, k, v, clusters, **kw)
+    ref, differs = reference(q, k, v, clusters, N, **kw)
     assert differs > 0                  # the medoid is not simply the newest member
     got = run(q, k, v, clusters, window=WINDOW, sink_tokens=SINK, capacity=capacity,
               gamma=gamma, own_cluster=own, keep=keep, medoid=medoid)
     assert rel_err(got, ref) < 2e-5
     # The summaries matter: the sink + window cache alone is far from it.
-    plain, _ = reference(q, k, v, clusters, **{**kw, "capacity": 0})
+    plain, _ = reference(q, k, v, clusters, N, **{**kw, "capacity": 0})
     assert rel_err(plain, ref) > 1e-2
 
 
@@ -107,7 +70,7 @@ def test_long_decay_does_not_underflow():
     q, k, v, clusters = inputs(seed=5)
     kw = dict(window=WINDOW, sink=SINK, capacity=2, gamma=0.01, own=False, keep="largest",
               medoid="closest")
-    ref, _ = reference(q, k, v, clusters, **kw)
+    ref, _ = reference(q, k, v, clusters, N, **kw)
     got = run(q, k, v, clusters, window=WINDOW, sink_tokens=SINK, capacity=2, gamma=0.01,
               own_cluster=False)
     assert np.isfinite(got).all() and rel_err(got, ref) < 2e-5
@@ -134,3 +97,17 @@ def test_cluster_shape_is_checked():
     with pytest.raises(ValueError, match=r"clusters must be \[B,H,S\]"):
         run(q, k, v, clusters[:, :2], window=WINDOW, sink_tokens=SINK, capacity=2, gamma=0.9,
             own_cluster=False)
+
+
+def test_traced_window_capacity_and_read_rule_match_static_ones():
+    """One compiled function serves every cache: window, capacity and own_cluster traced."""
+    import jax
+    q, k, v, clusters = inputs(seed=7)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(clusters, jnp.int32)]
+    fn = jax.jit(lambda q, k, v, c, window, capacity, own: condensed_attention(
+        q, k, v, c, window=window, sink_tokens=SINK, capacity=capacity, gamma=0.8,
+        num_clusters=N, own_cluster=own, max_capacity=3))
+    for window, capacity, own in [(WINDOW, 2, False), (WINDOW, 3, True), (WINDOW + 2, 0, False)]:
+        ref, _ = reference(q, k, v, clusters, N, window=window, sink=SINK, capacity=capacity,
+                           gamma=0.8, own=own, keep="largest", medoid="closest")
+        assert rel_err(np.asarray(fn(*args, window, capacity, own), np.float64), ref) < 2e-5

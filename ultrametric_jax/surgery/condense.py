@@ -31,14 +31,17 @@ MEDOIDS = ("closest", "recent")
 TIE = 1e-5          # relative tolerance of a tie between medoid candidates
 
 
-def check_options(*, window, sink_tokens, capacity, gamma, keep, medoid, num_clusters):
-    """Raises ValueError naming the first bad option."""
-    if window < 1:
+def check_options(*, window, sink_tokens, capacity, gamma, keep, medoid, num_clusters,
+                  max_capacity):
+    """Raises ValueError naming the first bad option (traced window / capacity: unchecked)."""
+    if isinstance(window, int) and window < 1:
         raise ValueError(f"window must be >= 1 (the query's own key stays exact), got {window}")
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
-    if capacity < 0:
+    if isinstance(capacity, int) and capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if max_capacity < 0:
+        raise ValueError(f"max_capacity must be >= 0, got {max_capacity}")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
     if keep not in KEEP:
@@ -136,29 +139,37 @@ def _closest_to_mean(kh, clusters, counts, t, has_far, eligible, num_clusters):
     return jax.vmap(jax.vmap(per_head))(score, clusters, norm2).astype(jnp.int32)
 
 
-def select_clusters(counts, newest, capacity, keep="largest"):
-    """(cluster indices [B,H,S,C], kept [B,H,S,C] bool) with C = min(capacity, N): the kept
-    non-empty clusters of every query (see the module docstring for `keep`)."""
-    n = counts.shape[-1]
-    c = min(capacity, n)
+def select_clusters(counts, newest, capacity, keep="largest", max_capacity=None):
+    """(cluster indices [B,H,S,M], kept [B,H,S,M] bool), M = min(max_capacity, N) slots of
+    which the first `capacity` (an int or a traced scalar <= max_capacity) can be kept: the
+    non-empty clusters of every query ranked by `keep` (see the module docstring)."""
+    max_capacity = capacity if max_capacity is None else max_capacity
+    slots = min(max_capacity, counts.shape[-1])
     seq = counts.shape[2]
     rank = newest if keep == "recent" else counts * (seq + 1) + newest
     rank = jnp.where(counts > 0, rank, -1)
-    top, index = jax.lax.top_k(rank, c)
-    return index.astype(jnp.int32), top >= 0
+    top, index = jax.lax.top_k(rank, slots)                 # best first
+    return index.astype(jnp.int32), (top >= 0) & (jnp.arange(slots) < capacity)
 
 
 def condensed_attention(q, k, v, clusters, *, window, sink_tokens, capacity, gamma,
                         num_clusters, own_cluster, keep="largest", medoid="closest",
-                        scale=None):
+                        scale=None, max_capacity=None):
     """Attention over sink + window (exact) + at most `capacity` cluster summaries per query.
 
     q [B,S,H,D], k, v [B,S,G,D], clusters int [B,H,S] (route ids at the cut level, query
     head h's for both its queries and the keys it reads). Returns [B,S,H,D] in q's dtype.
-    capacity 0 is the plain sink + window cache.
+    capacity 0 is the plain sink + window cache. window, capacity and own_cluster may be traced
+    (one compiled function for many caches) when max_capacity, a static bound on capacity,
+    is given.
     """
+    if max_capacity is None:
+        if not isinstance(capacity, int):
+            raise ValueError("a traced capacity needs a static max_capacity")
+        max_capacity = capacity
     check_options(window=window, sink_tokens=sink_tokens, capacity=capacity, gamma=gamma,
-                  keep=keep, medoid=medoid, num_clusters=num_clusters)
+                  keep=keep, medoid=medoid, num_clusters=num_clusters,
+                  max_capacity=max_capacity)
     batch, seq, heads, dim = q.shape
     if clusters.shape != (batch, heads, seq):
         raise ValueError(f"clusters must be [B,H,S] = {(batch, heads, seq)}, got "
@@ -172,21 +183,20 @@ def condensed_attention(q, k, v, clusters, *, window, sink_tokens, capacity, gam
     scores = [jnp.einsum("bhid,bhjd->bhij", qh, kh) * scale]
     masks = [jnp.broadcast_to(exact, scores[0].shape)]
     values = [vh]
-    if capacity > 0:
+    if max_capacity > 0:
         s_keys, s_values, counts, newest = cluster_summaries(
             k, v, clusters, window=window, sink_tokens=sink_tokens,
             num_clusters=num_clusters, gamma=gamma, medoid=medoid)
-        index, kept = select_clusters(counts, newest, capacity, keep)
-        s_keys = jnp.take_along_axis(s_keys, index[..., None], axis=3)        # [B,H,S,C,D]
+        index, kept = select_clusters(counts, newest, capacity, keep, max_capacity)
+        s_keys = jnp.take_along_axis(s_keys, index[..., None], axis=3)        # [B,H,S,M,D]
         s_values = jnp.take_along_axis(s_values, index[..., None], axis=3)
-        if own_cluster:
-            kept = kept & (index == clusters[..., None])
+        kept = kept & (jnp.logical_not(own_cluster) | (index == clusters[..., None]))
         scores.append(jnp.einsum("bhid,bhicd->bhic", qh, s_keys) * scale)
         masks.append(kept)
         values.append(s_values)
     logits = jnp.where(jnp.concatenate(masks, -1), jnp.concatenate(scores, -1), -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)                # the query's own key: never empty
     out = jnp.einsum("bhij,bhjd->bhid", probs[..., :seq], values[0])
-    if capacity > 0:
+    if max_capacity > 0:
         out = out + jnp.einsum("bhic,bhicd->bhid", probs[..., seq:], values[1])
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
