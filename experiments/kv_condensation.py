@@ -22,6 +22,14 @@ are shared by its query heads, each grouping them by its own routes). Perplexity
 last eval_len tokens of each held-out row (the rest is history); the needle is the pass-key
 prompt of run/tasks/retrieval.py, replies decoded greedily (full recomputation per new token)
 and scored by its is_correct. Writes <out>/<name>.json and .png; prints a Markdown table last.
+
+Which read rule the preprint implies (its section 4.11): its cache stores the condensed
+super-tokens in place of the far history and is read by ordinary attention, so every query
+reads every summary: condensed_all. condensed_own is the surgical mask's own rule carried over
+(a query sees far keys of its own cluster only). The preprint's medoid is the most recent key
+(config medoid="recent") and its decay scales that key by exp(-lambda Var(positions)) with a
+plain mean value; here the decay weights the values (config gamma), as specified for this
+experiment.
 """
 from __future__ import annotations
 
