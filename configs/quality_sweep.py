@@ -25,7 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.name = "quality_sweep"
     # The run config every setting starts from (a file under configs/ or a path).
     config.base_config = "smollm2_long.py"
-    config.steps = 200
+    config.steps = 150
     config.only = ""                   # comma-separated setting names; "" runs them all
     config.toy_model = False           # True: the tiny random Llama written under OUT
     # Overrides every run takes (after surgery.tau_steps = steps and lambda_ramp_steps =
@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         surgery=dict(max_len=1024),
         eval=dict(batches=4, tasks="", extra_corpora="stdlib,/tmp/docs",
                   extra_max_chars=1_500_000, window_baseline=True),
-        checkpoint=dict(every=50)))
+        checkpoint=dict(every=25)))
     # smollm2_long at 1k: p = 2, L = 10, d_max 5 (32 clusters), window 64, sink 1, a 20%
     # total density target (dual ascent, per layer), CE + KD + recall. One knob per setting.
     s = ml_collections.ConfigDict()

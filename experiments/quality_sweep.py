@@ -81,9 +81,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if local:
             local.sort(key=lambda w: w["density"])
             ax.plot([100 * w["density"] for w in local], [w["perplexity"] for w in local],
-                    "s--", color="tab:blue", ms=4, lw=0.8, label="sink + window alone")
+                    "s", color="tab:blue", ms=5, label="sink + window alone (same density)")
         ax.set(xlabel="total attention density (% of causal pairs)",
-               ylabel="held-out perplexity", title=corpus)
+               ylabel="held-out perplexity", title=Path(corpus).name or corpus)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -128,7 +128,9 @@ def main(argv=None):
     rows = rows_of(results, config)
     stem = "toy" if args.toy else "quality_sweep"
     result = dict(config=config.to_dict(), runs={n: str(out / n) for n in results}, rows=rows)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    (out / f"{stem}.json").write_text(text)
+    result = json.loads(text)          # what the file holds (tuples become lists)
     plot(rows, out / f"{stem}.png")
     print(f"\nresults: {out / (stem + '.json')}, {out / (stem + '.png')}")
     print_table(rows)

@@ -9,8 +9,10 @@ import concurrent.futures
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +96,34 @@ def finished(workdir: Path, steps: int):
     return result if result.get("step") == steps else None
 
 
+class Children:
+    """The runs in flight: a SIGTERM or SIGINT to the sweep (a time limit, Ctrl-C) ends them
+    too, so that none is left holding the accelerator; their checkpoints let the next sweep
+    resume them."""
+
+    def __init__(self):
+        self.procs, self.lock, self.stopping = set(), threading.Lock(), False
+
+    def start(self, cmd, **kwargs):
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the sweep is stopping")
+            proc = subprocess.Popen(cmd, **kwargs)
+            self.procs.add(proc)
+        return proc
+
+    def done(self, proc):
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, signum, _frame):
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs:
+                proc.terminate()
+        raise SystemExit(f"stopped by signal {signum}; run the same command again to resume")
+
+
 def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps: int,
             jobs: int) -> dict:
     """{name: eval.json} of `ultrametric run --config base_config --workdir W FLAGS...` for
@@ -115,26 +145,38 @@ def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps:
         cmd = [sys.executable, "-m", "ultrametric_jax.cli.app", "run", "--config", base_config,
                "--workdir", str(workdir), f"--config.train.steps={steps}", *extra]
         (workdir / "command.txt").write_text(" ".join(cmd) + "\n")
-        print(f"[{name}] $ {' '.join(cmd)}", flush=True)
         start = time.time()
         with open(workdir / "run.log", "a") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=ROOT).returncode
+            proc = children.start(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            print(f"[{name}] $ {' '.join(cmd)}", flush=True)
+            try:
+                rc = proc.wait()
+            finally:
+                children.done(proc)
         done = finished(workdir, steps)
         if rc != 0 or done is None:
             raise RuntimeError(f"[{name}] failed (exit {rc}); see {workdir / 'run.log'}")
         print(f"[{name}] done in {time.time() - start:.0f} s", flush=True)
         return done
 
+    children = Children()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, children.stop)
     results, failed = {}, []
-    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = {pool.submit(one, *run): run[0] for run in runs}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                results[futures[future]] = future.result()
-            except RuntimeError as e:
-                print(e, flush=True)
-                failed.append(futures[future])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+            futures = {pool.submit(one, *run): run[0] for run in runs}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except RuntimeError as e:
+                    print(e, flush=True)
+                    failed.append(futures[future])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
     return {name: results[name] for name, _, _ in runs}
