@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     # retrieval, or all; comma-separated): fast subsets unless tasks_fast is False.
     config.eval.tasks = ""
     config.eval.tasks_fast = True
+    # Also evaluate the sink + window mask alone (no tree) at the surgical density, per corpus.
+    config.eval.window_baseline = False
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100

@@ -8,6 +8,8 @@ dense baseline perplexity, surgical perplexity and density per setting.
   python experiments/sweep_dmax.py --out results/sweep_lambda --lambda-max 0.1 1 4 --steps 80
 
 Any other `--config.x.y=v` flags are passed through to every run.
+experiments/quality_sweep.py generalises this sweep (any knob, several corpora, the sink +
+window baseline, runs side by side).
 """
 from __future__ import annotations
 

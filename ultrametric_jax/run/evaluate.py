@@ -130,6 +130,8 @@ class EvalReport:
     # corpus -> {"dense": ..., "surgical": ...} for the out-of-domain held-out corpora
     by_corpus: dict = dataclasses.field(default_factory=dict)
     tasks: Optional[dict] = None        # task name -> its one-line summary (run/tasks)
+    # The sink + window mask alone at the surgical density (run/window_baseline), or None
+    window_only: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
@@ -137,6 +139,8 @@ class EvalReport:
             d["surgery"] = self.surgery
         if self.tasks:
             d["tasks"] = self.tasks
+        if self.window_only is not None:
+            d["window_only"] = self.window_only
         if self.by_corpus:
             d["by_corpus"] = {name: dict(r, perplexity_change=r["surgical"]["perplexity"]
                                          / r["dense"]["perplexity"] - 1)
@@ -162,6 +166,13 @@ class EvalReport:
             lines.append(f"{name}: perplexity dense {dense:.2f} -> surgical {surgical:.2f} "
                          f"({100 * (surgical / dense - 1):+.1f}%) at density "
                          f"{100 * r['surgical']['density']:.1f}%")
+        for name, r in [("held out", {"window_only": self.window_only})] + list(
+                self.by_corpus.items()):
+            if r.get("window_only") is not None:
+                w = r["window_only"]
+                lines.append(f"{name}: sink + window alone (window {w['window']}, sink "
+                             f"{w['sink']}) perplexity {w['perplexity']:.2f} at density "
+                             f"{100 * w['density']:.1f}%")
         lines += list((self.tasks or {}).values())
         return "\n".join(lines)
 

@@ -38,6 +38,7 @@ from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDrift
                                             check_same_setup)
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.tasks import parse_task_names, run_tasks
+from ultrametric_jax.run.window_baseline import matched_baseline
 from ultrametric_jax.run.tasks.chat import chat_template_from_gguf
 from ultrametric_jax.run.trainer import (SurgeryTrainer, TrainOutcome, checkpoint_template)
 from ultrametric_jax.surgery.budget import attach_density_multiplier
@@ -224,8 +225,17 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
             dense_extra = evaluation.perplexity(setup.model, batches)
         by_corpus[corpus] = {"dense": dense_extra, "surgical": evaluation.evaluate_surgical(
             setup.model, batches, run.surgery)}
+    window_only = None
+    if run.eval.window_baseline:
+        # The same base parameters, the same batches, the surgical density of each corpus.
+        sink = run.surgery.sink_tokens
+        window_only = matched_baseline(setup.model, setup.val_batches, surgical["density"], sink)
+        for corpus, batches in setup.extra_batches.items():
+            by_corpus[corpus]["window_only"] = matched_baseline(
+                setup.model, batches, by_corpus[corpus]["surgical"]["density"], sink)
     report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
-                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus)
+                                   surgery=run.surgery.to_dict(), by_corpus=by_corpus,
+                                   window_only=window_only)
     evaluation.write_report(report, workdir)
     if run.eval.tasks:
         # One model object serves both sides: the dense side runs in base_model_mode. The

@@ -105,6 +105,9 @@ class EvalConfig:
     # retrieval, or "all"), dense against surgical: their fast subsets, or the full sets.
     tasks: tuple = ()
     tasks_fast: bool = True
+    # Also the sink + window mask alone (no tree) at each corpus's surgical density
+    # (run/window_baseline): does the tree beat a plain sliding window at equal density?
+    window_baseline: bool = False
 
     def __post_init__(self):
         _positive_ints("eval", self, ("batches", "batch_size", "extra_max_chars"))

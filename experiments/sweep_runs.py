@@ -1,0 +1,192 @@
+"""Shared by the experiments that train one surgery per setting (quality_sweep.py, arity.py):
+the experiment config with --config.KEY=VALUE overrides, one `ultrametric run` per setting in
+its own work directory (a finished one is skipped, an interrupted one resumes from its
+checkpoint), N of them at a time, and their eval.json files read back.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+# ----------------------------------------------------------------------------- config
+
+def load_config(path, variant: str, overrides: list[str]):
+    """get_config(variant) of the experiment config at `path`, with --config.KEY=VALUE
+    overrides (ints, floats, bools, strings; tuples as comma-separated items)."""
+    config = runpy.run_path(str(path))["get_config"](variant)
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise SystemExit(f"unrecognised argument {item!r} (overrides are "
+                             "--config.KEY=VALUE)")
+        key, _, text = item[len("--config."):].partition("=")
+        current = config
+        for part in key.split("."):
+            if not hasattr(current, "keys") or part not in current:
+                raise SystemExit(f"unknown config key {key!r}")
+            current = current[part]
+        config.update_from_flattened_dict({key: parse_value(key, current, text)})
+    return config
+
+
+def parse_value(key, current, text):
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else str
+        return tuple(kind(x) for x in text.split(",") if x)
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"--config.{key}={text!r}: expected true or false")
+        return text.lower() == "true"
+    try:
+        return type(current)(text)
+    except (TypeError, ValueError):
+        raise SystemExit(f"--config.{key}={text!r}: expected a {type(current).__name__}") from None
+
+
+def flags(overrides) -> list[str]:
+    """--config.a.b=v flags of a (nested) dict of run-config overrides; None stays None."""
+    def walk(prefix, value):
+        if hasattr(value, "items"):
+            for key, inner in value.items():
+                yield from walk(f"{prefix}{key}.", inner)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            yield f"--config.{prefix[:-1]}={text}"
+    return list(walk("", overrides))
+
+
+def selected(names, only: str) -> list[str]:
+    """names, or the comma-separated subset `only` of them (in the given order)."""
+    if not only:
+        return list(names)
+    wanted = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in names]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown} in --config.only (known: {list(names)})")
+    return wanted
+
+
+def toy_model(out: Path) -> str:
+    """The tiny random Llama of configs/tiny_random.py, written once under `out`."""
+    path = out / "tiny_model"
+    if not (path / "config.json").exists():
+        runpy.run_path(str(CONFIGS / "tiny_random.py"))["write_model"](str(path))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def finished(workdir: Path, steps: int):
+    """The eval.json of a run that trained `steps` steps, or None."""
+    try:
+        result = json.loads((workdir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("step") == steps else None
+
+
+class Children:
+    """The runs in flight: a SIGTERM or SIGINT to the sweep (a time limit, Ctrl-C) ends them
+    too, so that none is left holding the accelerator; their checkpoints let the next sweep
+    resume them."""
+
+    def __init__(self):
+        self.procs, self.lock, self.stopping = set(), threading.Lock(), False
+
+    def start(self, cmd, **kwargs):
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the sweep is stopping")
+            proc = subprocess.Popen(cmd, **kwargs)
+            self.procs.add(proc)
+        return proc
+
+    def done(self, proc):
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, signum, _frame):
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs:
+                proc.terminate()
+        raise SystemExit(f"stopped by signal {signum}; run the same command again to resume")
+
+
+def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps: int,
+            jobs: int) -> dict:
+    """{name: eval.json} of `ultrametric run --config base_config --workdir W FLAGS...` for
+    every (name, W, FLAGS), `jobs` at a time; each run's output goes to W/run.log. A run
+    already finished at `steps` is not run again. Raises SystemExit naming the failed runs
+    (after the others have finished)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if jobs > 1:
+        # Concurrent runs share one accelerator: no process may preallocate most of it.
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.3f}")
+
+    def one(name, workdir, extra):
+        done = finished(workdir, steps)
+        if done is not None:
+            print(f"[{name}] finished earlier: {workdir / 'eval.json'}", flush=True)
+            return done
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "ultrametric_jax.cli.app", "run", "--config", base_config,
+               "--workdir", str(workdir), f"--config.train.steps={steps}", *extra]
+        (workdir / "command.txt").write_text(" ".join(cmd) + "\n")
+        start = time.time()
+        with open(workdir / "run.log", "a") as log:
+            proc = children.start(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            print(f"[{name}] $ {' '.join(cmd)}", flush=True)
+            try:
+                rc = proc.wait()
+            finally:
+                children.done(proc)
+        done = finished(workdir, steps)
+        if rc != 0 or done is None:
+            raise RuntimeError(f"[{name}] failed (exit {rc}); see {workdir / 'run.log'}")
+        print(f"[{name}] done in {time.time() - start:.0f} s", flush=True)
+        return done
+
+    children = Children()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, children.stop)
+    results, failed = {}, []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+            futures = {pool.submit(one, *run): run[0] for run in runs}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except RuntimeError as e:
+                    print(e, flush=True)
+                    failed.append(futures[future])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+    return {name: results[name] for name, _, _ in runs}
+
+
+def corpora(result: dict) -> dict:
+    """corpus name -> {"dense", "surgical", "window_only"?} of one eval.json, the training
+    corpus's held-out split first (named "held out")."""
+    out = {"held out": {"dense": result["dense"], "surgical": result["surgical"],
+                        **({"window_only": result["window_only"]}
+                           if "window_only" in result else {})}}
+    out.update(result.get("by_corpus", {}))
+    return out

@@ -1,0 +1,210 @@
+"""The sink + window baseline (run/window_baseline.py) against explicit masks and a numpy
+float64 Llama, and experiments/quality_sweep.py at toy size: its JSON against the runs'
+eval.json files and the baseline's window against a brute-force search."""
+import importlib.util
+import json
+import math
+import pathlib
+import runpy
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ultrametric_jax.io.checkpoints import load_pretrained
+from ultrametric_jax.run import evaluate as evaluation
+from ultrametric_jax.run import window_baseline as wb
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
+
+
+def explicit_mask(seq, window, sink, real=None):
+    q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    mask = (k <= q) & ((q - k < window) | (k < sink))
+    return mask if real is None else mask & real[None, :] & real[:, None]
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+def test_local_pairs_and_window_for_density_match_a_brute_force_count():
+    rng = np.random.default_rng()
+    for _ in range(40):
+        seq = int(rng.integers(1, 90))
+        sink = int(rng.integers(0, 12))
+        window = int(rng.integers(1, seq + 5))
+        assert wb.local_pairs(seq, window, sink) == explicit_mask(seq, window, sink).sum()
+        density = float(rng.uniform(0, 1))
+        target = density * seq * (seq + 1) / 2
+        counts = np.array([explicit_mask(seq, w, sink).sum() for w in range(1, seq + 1)])
+        got = wb.window_for_density(density, seq, sink)
+        assert 1 <= got <= seq
+        assert abs(counts[got - 1] - target) == pytest.approx(np.abs(counts - target).min())
+    # Ties go to the smaller window: with one sink, 49 already reaches every pair of 50 tokens.
+    assert wb.window_for_density(1.0, 50, 0) == 50 and wb.window_for_density(1.0, 50, 1) == 49
+    assert wb.local_density(50, 49, 1) == 1.0 and wb.window_for_density(0.0, 50, 3) == 1
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="density must lie in"):
+        wb.window_for_density(1.5, 10, 1)
+    with pytest.raises(ValueError, match="window >= 1"):
+        wb.local_pairs(10, 0, 1)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def numpy_llama_ce(weights, input_ids, real, window, sink):
+    """(CE sum, count) of the tiny Llama in float64 with the explicit sink + window mask."""
+    a = TINY["ARCH"]
+    d, heads, kv = a["hidden_size"], a["num_attention_heads"], a["num_key_value_heads"]
+    hd = d // heads
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+
+    def norm(x, g):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + a["rms_norm_eps"]) * g
+
+    seq = input_ids.shape[1]
+    inv = 1.0 / a["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(seq)[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(x):                          # [B, S, N, hd]
+        rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+        return x * cos[None, :, None] + rot * sin[None, :, None]
+
+    total = count = 0.0
+    for b in range(input_ids.shape[0]):
+        mask = explicit_mask(seq, window, sink) & real[b][None, :]
+        x = w["model.embed_tokens.weight"][input_ids[b]][None]
+        for i in range(a["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            h = norm(x, w[p + "input_layernorm.weight"])
+            q = rope((h @ w[p + "self_attn.q_proj.weight"].T).reshape(1, seq, heads, hd))
+            k = rope((h @ w[p + "self_attn.k_proj.weight"].T).reshape(1, seq, kv, hd))
+            v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(1, seq, kv, hd)
+            out = np.zeros((seq, heads, hd))
+            for head in range(heads):
+                g = head // (heads // kv)
+                s = q[0, :, head] @ k[0, :, g].T / math.sqrt(hd)
+                s = np.where(mask, s, np.finfo(np.float64).min)
+                prob = np.exp(s - s.max(-1, keepdims=True))
+                out[:, head] = (prob / prob.sum(-1, keepdims=True)) @ v[0, :, g]
+            x = x + out.reshape(1, seq, d) @ w[p + "self_attn.o_proj.weight"].T
+            h = norm(x, w[p + "post_attention_layernorm.weight"])
+            gate = h @ w[p + "mlp.gate_proj.weight"].T
+            x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "mlp.up_proj.weight"].T)) \
+                @ w[p + "mlp.down_proj.weight"].T
+        logits = norm(x, w["model.norm.weight"])[0] @ w["lm_head.weight"].T
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -logp[np.arange(seq - 1), input_ids[b, 1:]]
+        total += float((nll * real[b, 1:]).sum())
+        count += float(real[b, 1:].sum())
+    return total, count
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = TINY["write_model"](str(tmp_path_factory.mktemp("tiny")),
+                               seed=int(np.random.default_rng().integers(1000)))
+    return load_pretrained(path), load_file(str(pathlib.Path(path) / "model.safetensors"))
+
+
+def random_batches(rng, n, batch, seq, vocab):
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(seq // 2, seq + 1, size=batch)
+        real = np.arange(seq)[None, :] < lengths[:, None]       # right padding
+        out.append({"input_ids": rng.integers(3, vocab, size=(batch, seq)).astype(np.int32),
+                    "attention_mask": real})
+    return out
+
+
+def test_window_only_perplexity_matches_a_float64_numpy_llama(tiny):
+    model, weights = tiny
+    rng = np.random.default_rng()
+    batches = random_batches(rng, 2, 3, 24, TINY["ARCH"]["vocab_size"])
+    for window, sink in ((int(rng.integers(2, 8)), int(rng.integers(0, 4))), (1, 0)):
+        got = wb.local_perplexity(model, batches, window=window, sink=sink)
+        sums = [numpy_llama_ce(weights, b["input_ids"], b["attention_mask"], window, sink)
+                for b in batches]
+        loss = sum(s for s, _ in sums) / sum(c for _, c in sums)
+        assert got["tokens"] == sum(c for _, c in sums)
+        assert got["loss"] == pytest.approx(loss, rel=1e-5)
+        allowed = sum((explicit_mask(24, window, sink, m)).sum()
+                      for b in batches for m in b["attention_mask"])
+        causal = sum(explicit_mask(24, 24, 0, m).sum() for b in batches
+                     for m in b["attention_mask"])
+        assert got["density"] == pytest.approx(allowed / causal)
+    # A window as long as the sequence is the dense model itself.
+    full = wb.local_perplexity(model, batches, window=24, sink=0)
+    assert full["loss"] == pytest.approx(evaluation.perplexity(model, batches)["loss"], rel=1e-6)
+    assert full["density"] == 1.0
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("quality_sweep",
+                                                  ROOT / "experiments" / "quality_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    result = load_script().main(["--toy", "--out", str(out)])
+    return out, result
+
+
+@pytest.mark.slow
+def test_sweep_json_holds_the_runs_eval_json_numbers(sweep):
+    out, result = sweep
+    assert json.loads((out / "toy.json").read_text()) == result
+    assert (out / "toy.png").stat().st_size > 10_000
+    settings = {r["setting"] for r in result["rows"]}
+    assert settings == {"default", "d_max_2", "target_30"}
+    for row in result["rows"]:
+        ev = json.loads((out / row["setting"] / "eval.json").read_text())
+        r = ev if row["corpus"] == "held out" else ev["by_corpus"][row["corpus"]]
+        assert row["dense_perplexity"] == r["dense"]["perplexity"]
+        assert row["perplexity"] == r["surgical"]["perplexity"]
+        assert row["density"] == r["surgical"]["density"]
+        assert row["window_only"]["perplexity"] == r["window_only"]["perplexity"]
+        # The settings reached the runs.
+        assert ev["surgery"]["d_max"] == (2 if row["setting"] == "d_max_2" else 1)
+        assert ev["surgery"]["sink_tokens"] == (2 if row["setting"] == "target_30" else 1)
+        # The baseline's window: the best integer window for the surgical density, by search.
+        w = row["window_only"]
+        seq, sink = 32, ev["surgery"]["sink_tokens"]
+        assert w["sink"] == sink and w["target_density"] == row["density"]
+        target = row["density"] * seq * (seq + 1) / 2
+        counts = np.array([explicit_mask(seq, x, sink).sum() for x in range(1, seq + 1)])
+        assert abs(counts[w["window"] - 1] - target) == pytest.approx(
+            np.abs(counts - target).min())
+    # Every corpus: the training corpus's held-out split and both extra corpora.
+    assert {r["corpus"] for r in result["rows"]} == {"held out", "stdlib",
+                                                     str(ROOT / "README.md")}
+
+
+@pytest.mark.slow
+def test_sweep_window_only_perplexity_matches_numpy_on_the_held_out_batches(sweep):
+    from ultrametric_jax.run.pipeline import setup_run
+    from ultrametric_jax.run.settings import RunConfig
+    out, result = sweep
+    row = next(r for r in result["rows"] if r["setting"] == "default"
+               and r["corpus"] == "held out")
+    run = RunConfig.from_dict(json.loads((out / "default" / "config.json").read_text()))
+    batches = setup_run(run).val_batches
+    weights = load_file(str(out / "tiny_model" / "model.safetensors"))
+    w = row["window_only"]
+    sums = [numpy_llama_ce(weights, np.asarray(b["input_ids"]),
+                           np.asarray(b["attention_mask"], bool), w["window"], w["sink"])
+            for b in batches]
+    loss = sum(s for s, _ in sums) / sum(c for _, c in sums)
+    assert w["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert jnp.isfinite(w["perplexity"])
