@@ -82,8 +82,11 @@ def triton_step(shape, max_pages, *, block_r, num_warps, programs):
                                             sink_tokens=shape["sink"], max_pages=max_pages)
         splits = choose_splits(q.shape[0] * q.shape[2], positions.shape[-1], block_r,
                                programs)
+        prefix = max_pages * shape["page"]
+        used = jnp.sum(valid[..., :prefix], axis=-1, dtype=jnp.int32)
         return decode_attention_triton(q, cache.k, cache.v, jnp.where(valid, positions, -1),
-                                       scale=shape["d"] ** -0.5, splits=splits,
+                                       scale=shape["d"] ** -0.5, prefix=prefix, used=used,
+                                       splits=splits,
                                        block_r=block_r, num_warps=num_warps,
                                        interpret=INTERPRET)
     return jax.jit(step)

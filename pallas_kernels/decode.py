@@ -216,8 +216,11 @@ def decode_attention(cache: RouteCache, q, *, window: int, sink_tokens: int, max
                                         max_pages=max_pages)
     if backend == "triton":
         from pallas_kernels.triton_decode import decode_attention_triton
+        prefix = max_pages * cache.page_size  # the cluster's pages: keys up to its count
+        used = jnp.sum(valid[..., :prefix], axis=-1, dtype=jnp.int32)
         return decode_attention_triton(q, cache.k, cache.v, jnp.where(valid, positions, -1),
-                                       scale=scale, interpret=interpret)
+                                       scale=scale, prefix=prefix, used=used,
+                                       interpret=interpret)
     b = jnp.arange(batch)[:, None, None]
     h = (jnp.arange(q_heads) // (q_heads // kv_heads))[None, :, None]
     # Gathered in the cache's dtype and multiplied with float32 accumulation: no float32 copy

@@ -262,21 +262,24 @@ class TestDecodeBackends:
         assert got.dtype == q.dtype
         assert_close("out", got, want, TOL[dtype])
 
-    def test_more_splits_than_the_plan_fills(self, backend):
-        """Splits of one 16-slot chunk each, more of them than the plan has chunks: the empty
-        ones (outputs poisoned with NaN by the interpreter's launch) weigh nothing."""
-        from pallas_kernels.decode import decode_read_plan
+    @pytest.mark.parametrize("splits, block_r, prefix", [(40, 16, 48), (3, 16, 0), (2, 4, 48)])
+    def test_splits_and_skipped_pages(self, backend, splits, block_r, prefix):
+        """More splits than used slots (the empty ones, outputs poisoned with NaN by the
+        interpreter's launch, weigh nothing); the whole plan walked (prefix 0: the padding
+        slots masked instead of skipped); several chunks per split."""
         name, interpret = backend
         if name != "triton":
             pytest.skip("splits are the Triton kernel's")
         from pallas_kernels.triton_decode import decode_attention_triton
         case = CASES[0]  # its cache, shared with test_step_matches_reference
         q, cache, want = _filled(case[:12], seed=sum(case[:10]) % 1000)
-        positions, valid = decode_read_plan(cache, window=3, sink_tokens=1, max_pages=12)
-        assert positions.shape[-1] == 52  # 48 + 1 + 3: chunks 0-3 hold slots, 4-8 none
+        positions, valid = plan(cache, window=3, sink_tokens=1, max_pages=12)
+        assert positions.shape[-1] == 52  # 12 pages of 4, sink 1, window 3
+        used = jnp.sum(valid[..., :prefix], axis=-1, dtype=jnp.int32)
+        assert 0 < int(used.max()) < prefix or prefix == 0
         got = decode_attention_triton(q, cache.k, cache.v, jnp.where(valid, positions, -1),
-                                      scale=24 ** -0.5, interpret=interpret, splits=9,
-                                      block_r=16)
+                                      scale=24 ** -0.5, prefix=prefix, used=used,
+                                      interpret=interpret, splits=splits, block_r=block_r)
         assert_close("out", got, want, TOL["float32"])
 
 
@@ -316,8 +319,8 @@ from pallas_kernels.triton_decode import choose_splits, decode_launch
 
 slots = 32 * 64 + 1 + 128  # Llama-3-8B decode: 32 pages of 64, sink 1, window 128
 launch = decode_launch((1, 32, 128), (1, 32768, 8, 128), slots, scale=128 ** -0.5,
-                       splits=choose_splits(32, slots), block_r=64)
-dtypes = ["*bf16"] * 3 + ["*i32", "*fp32", "*fp32"]
+                       splits=choose_splits(32, slots), block_r=64, prefix=32 * 64)
+dtypes = ["*bf16"] * 3 + ["*i32", "*i32", "*fp32", "*fp32"]
 sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
 src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
                 attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
