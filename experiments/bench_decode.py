@@ -5,17 +5,18 @@ cluster (the block table's pages), the window and the sink: pallas_kernels.decod
 decode_attention, the read plan included, with backend "jnp" (XLA gathers of the plan's rows)
 and "triton" (the split-K kernel of triton_decode.py, which reads them in place). Dense
 decoding reads the whole cache: jax.nn.dot_product_attention over every stored key, and a
-plain jnp softmax (einsum, softmax, einsum). One run: (1) checks both route backends against
-the masked dense reference (pallas_kernels.reference_attention) on a small cache; (2) times,
-for each cache length and batch, the four on a cache of random bf16 keys whose clusters are
-drawn at random per token and head (scattered, as learned routes are in token order);
-(3) times the Triton kernel's tuning (rows per chunk, warps, programs to fill the GPU) at one
-cache length. Times are medians after warm-up (block_until_ready). Writes JSON to --out and
-prints markdown tables last. Where the Triton kernel cannot run (no GPU, no jax_triton) its
-column is skipped, with the reason in "skipped".
+plain jnp softmax (einsum, softmax, einsum). One run: (1) checks both route backends against the masked dense reference
+(pallas_kernels.reference_attention) on a small cache; (2) times, for each cache length and
+batch, the four (and the read plan alone, plan_ms) on a cache of random bf16 keys whose
+clusters are drawn at random per token and head (scattered, as learned routes are in token
+order); (3) times the Triton kernel's tunings (rows per chunk, warps, programs to fill the GPU)
+at one cache length, each checked against the jnp route. Times are medians after warm-up
+(block_until_ready). Writes JSON to --out and prints markdown tables last. Where the Triton
+kernel cannot run (no GPU, no jax_triton) its column is skipped, with the reason in "skipped".
 
   python3 experiments/bench_decode.py                  # GPU, Llama-3-8B attention shape
   python3 experiments/bench_decode.py --toy            # tiny sizes, CPU
+  python3 experiments/bench_decode.py --toy --interpret  # + the Triton kernel interpreted
 
 Shape: Hq 32, Hkv 8, D 128, bf16, 32 clusters, window 128, sink 1, page 64; cache lengths
 8k, 32k, 128k; batch 1 and 8. The new token's key is already in the cache (appending it costs
@@ -90,6 +91,12 @@ def triton_step(shape, max_pages, *, block_r, num_warps, programs):
                                        block_r=block_r, num_warps=num_warps,
                                        interpret=INTERPRET)
     return jax.jit(step)
+
+
+def plan_step(shape, max_pages):
+    """The read plan alone (part of both route steps): how much of a step it costs."""
+    return jax.jit(lambda cache, q: decode_read_plan(
+        cache, window=shape["window"], sink_tokens=shape["sink"], max_pages=max_pages))
 
 
 def triton_unavailable():
@@ -200,6 +207,7 @@ def run(args):
             row = dict(seq=seq, batch=batch, max_pages=max_pages, reads=reads,
                        largest_cluster=largest)
             timings = [(f"route_{b}_ms", route_step(shape, max_pages, b)) for b in backends]
+            timings.append(("plan_ms", plan_step(shape, max_pages)))
             for name, fn in timings + [("dpa_ms", dense_dpa), ("jnp_ms", dense_jnp)]:
                 row[name] = 1e3 * timed(fn, cache, q, reps=args.reps)
             result["rows"].append(row)
@@ -238,12 +246,14 @@ def print_table(result):
             print(f"| {r['seq']} | {r['batch']} | {r['block_r']} | {r['num_warps']} | "
                   f"{r['programs']} | {r['ms']:.3f} | {r['err_vs_jnp']:.1e}"
                   f"{'' if r['ok'] else ' FAILED'} |")
-    print("\n| S | B | reads | route jnp ms | route triton ms | dot_product_attention ms | "
-          "jnp softmax ms | jnp speed-up vs dpa | triton speed-up vs dpa |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\nplan ms: the read plan alone (included in both route columns).\n")
+    print("| S | B | reads | route jnp ms | route triton ms | plan ms | dot_product_attention ms "
+          "| jnp softmax ms | jnp speed-up vs dpa | triton speed-up vs dpa |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         print(f"| {r['seq']} | {r['batch']} | {r['reads']} | {_ms(r, 'route_jnp_ms')} | "
-              f"{_ms(r, 'route_triton_ms')} | {r['dpa_ms']:.3f} | {r['jnp_ms']:.3f} | "
+              f"{_ms(r, 'route_triton_ms')} | {_ms(r, 'plan_ms')} | {r['dpa_ms']:.3f} | "
+              f"{r['jnp_ms']:.3f} | "
               f"{_speedup(r, 'route_jnp_ms')} | {_speedup(r, 'route_triton_ms')} |")
 
 
