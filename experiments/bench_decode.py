@@ -5,13 +5,13 @@ cluster (the block table's pages), the window and the sink: pallas_kernels.decod
 decode_attention, the read plan included, with backend "jnp" (XLA gathers of the plan's rows)
 and "triton" (the split-K kernel of triton_decode.py, which reads them in place). Dense
 decoding reads the whole cache: jax.nn.dot_product_attention over every stored key, and a
-plain jnp softmax (einsum, softmax, einsum). One run: (1) checks both route backends against the masked dense reference
-(pallas_kernels.reference_attention) on a small cache; (2) times, for each cache length and
-batch, the four (and the read plan alone, plan_ms) on a cache of random bf16 keys whose
-clusters are drawn at random per token and head (scattered, as learned routes are in token
-order); (3) times the Triton kernel's tunings (rows per chunk, warps, programs to fill the GPU)
-at one cache length, each checked against the jnp route. Times are medians after warm-up
-(block_until_ready). Writes JSON to --out and prints markdown tables last. Where the Triton
+plain jnp softmax (einsum, softmax, einsum). One run: (1) checks both route backends against
+the masked dense reference (pallas_kernels.reference_attention) on a small cache; (2) times,
+for each cache length and batch, the four (and the read plan alone, plan_ms) on a cache of
+random bf16 keys whose clusters are drawn at random per token and head (scattered, as learned
+routes are in token order); (3) times the Triton kernel's tunings (rows per chunk, warps,
+programs to fill the GPU) at one cache length, each checked against the jnp route. Times are
+medians after warm-up (block_until_ready). Writes JSON to --out and prints markdown tables last. Where the Triton
 kernel cannot run (no GPU, no jax_triton) its column is skipped, with the reason in "skipped".
 
   python3 experiments/bench_decode.py                  # GPU, Llama-3-8B attention shape
