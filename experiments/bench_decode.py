@@ -11,8 +11,9 @@ for each cache length and batch, the four (and the read plan alone, plan_ms) on 
 random bf16 keys whose clusters are drawn at random per token and head (scattered, as learned
 routes are in token order); (3) times the Triton kernel's tunings (rows per chunk, warps,
 programs to fill the GPU) at one cache length, each checked against the jnp route. Times are
-medians after warm-up (block_until_ready). Writes JSON to --out and prints markdown tables last. Where the Triton
-kernel cannot run (no GPU, no jax_triton) its column is skipped, with the reason in "skipped".
+medians after warm-up (block_until_ready). Writes JSON to --out and prints markdown tables
+last. Where the Triton kernel cannot run (no GPU, no jax_triton) its column is skipped, with
+the reason in "skipped".
 
   python3 experiments/bench_decode.py                  # GPU, Llama-3-8B attention shape
   python3 experiments/bench_decode.py --toy            # tiny sizes, CPU
