@@ -227,7 +227,8 @@ def decode_attention(cache: RouteCache, q, *, window: int, sink_tokens: int, max
     # of the [B, Hq, R, D] rows (q is read in that dtype too).
     keys = cache.k[b, positions, h]                            # [B, Hq, R, D]
     values = cache.v[b, positions, h]
-    f32 = dict(preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    f32 = dict(preferred_element_type=jnp.float32, precision=(
+        jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else None))  # no TF32
     s = jnp.einsum("bhd,bhrd->bhr", q[:, 0].astype(keys.dtype), keys, **f32) * scale
     s = jnp.where(valid, s, -jnp.inf)
     p = jnp.exp(s - safe_max(jnp.max(s, axis=-1, keepdims=True))).astype(values.dtype)
