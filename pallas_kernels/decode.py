@@ -16,12 +16,12 @@ position 0, same-cluster window keys) point at position i, so nothing outside th
 is ever read, and are masked.
 
 append() writes a chunk of tokens (one token while decoding, a prefill chunk otherwise) in
-O(T log T) scatters. This is a jnp implementation (XLA gathers, GPU or TPU alike); a Pallas
-kernel would walk the block table with scalar prefetch, as the TPU kernels walk their block
-lists, instead of materialising the plan.
+O(T log T) scatters. decode_attention runs the plan through XLA gathers (backend "jnp", GPU or
+TPU alike) or a split-K Triton kernel that reads the plan's rows in place (triton_decode.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -163,10 +163,46 @@ def decode_read_plan(cache: RouteCache, *, window: int, sink_tokens: int, max_pa
     return jax.vmap(jax.vmap(one))(cache.pages, cache.table, cache.counts, cache.ids)
 
 
+DECODE_BACKENDS = ("auto", "jnp", "triton")
+
+
+@functools.cache
+def _auto_backend() -> str:
+    """backend="auto": the Triton kernel where it compiles (a GPU with triton and jax_triton),
+    else the jnp gathers. Decided once per process; on other hosts triton is never imported
+    (so that a later interpreted run can still set TRITON_INTERPRET first)."""
+    if jax.default_backend() != "gpu":
+        return "jnp"
+    from pallas_kernels.triton_backend import unavailable
+    return "jnp" if unavailable(False) else "triton"
+
+
+def resolve_decode_backend(backend: str, interpret: bool = False) -> str:
+    """"jnp" or "triton" for a backend argument; "triton" that cannot run here says why."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    if backend == "jnp":
+        return backend
+    from pallas_kernels.triton_backend import unavailable
+    if backend == "auto":
+        if not interpret:
+            return _auto_backend()
+        return "jnp" if unavailable(True) else "triton"
+    why = unavailable(interpret)
+    if why:
+        raise RuntimeError(f"decode_attention: {why}")
+    return backend
+
+
 def decode_attention(cache: RouteCache, q, *, window: int, sink_tokens: int, max_pages: int,
-                     scale=None):
+                     scale=None, backend: str = "auto", interpret: bool = False):
     """Attention of the last stored token, q [B, 1, Hq, D], over its allowed keys (the mask of
-    block_sparse_attention at q_offset = length - 1). Returns [B, 1, Hq, D] in q's dtype."""
+    block_sparse_attention at q_offset = length - 1). Returns [B, 1, Hq, D] in q's dtype.
+
+    backend "jnp" gathers the plan's keys and values ([B, Hq, R, D], the cache's dtype);
+    "triton" reads them in place (triton_decode.py; interpret=True runs it in triton's
+    interpreter on CPU); "auto" takes "triton" where it compiles (a GPU with jax_triton), "jnp"
+    elsewhere, and the interpreter when interpret=True."""
     batch, _, q_heads, head_dim = q.shape
     kv_heads = cache.k.shape[2]
     want = (cache.k.shape[0], 1, cache.ids.shape[1], cache.k.shape[3])
@@ -175,16 +211,27 @@ def decode_attention(cache: RouteCache, q, *, window: int, sink_tokens: int, max
     max_pages = check_block_size("max_pages", max_pages, power_of_two=False)
     max_pages = min(max_pages, cache.table.shape[-1])
     scale = head_dim ** -0.5 if scale is None else float(scale)
+    backend = resolve_decode_backend(backend, interpret)
     positions, valid = decode_read_plan(cache, window=window, sink_tokens=sink_tokens,
                                         max_pages=max_pages)
+    if backend == "triton":
+        from pallas_kernels.triton_decode import decode_attention_triton
+        prefix = max_pages * cache.page_size  # the cluster's pages: keys up to its count
+        used = jnp.sum(valid[..., :prefix], axis=-1, dtype=jnp.int32)
+        return decode_attention_triton(q, cache.k, cache.v, jnp.where(valid, positions, -1),
+                                       scale=scale, prefix=prefix, used=used,
+                                       interpret=interpret)
     b = jnp.arange(batch)[:, None, None]
     h = (jnp.arange(q_heads) // (q_heads // kv_heads))[None, :, None]
-    keys = cache.k[b, positions, h].astype(jnp.float32)      # [B, Hq, R, D]
-    values = cache.v[b, positions, h].astype(jnp.float32)
-    s = jnp.einsum("bhd,bhrd->bhr", q[:, 0].astype(jnp.float32), keys,
-                   precision=jax.lax.Precision.HIGHEST) * scale
+    # Gathered in the cache's dtype and multiplied with float32 accumulation: no float32 copy
+    # of the [B, Hq, R, D] rows (q is read in that dtype too).
+    keys = cache.k[b, positions, h]                            # [B, Hq, R, D]
+    values = cache.v[b, positions, h]
+    f32 = dict(preferred_element_type=jnp.float32, precision=(
+        jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else None))  # no TF32
+    s = jnp.einsum("bhd,bhrd->bhr", q[:, 0].astype(keys.dtype), keys, **f32) * scale
     s = jnp.where(valid, s, -jnp.inf)
-    p = jnp.exp(s - safe_max(jnp.max(s, axis=-1, keepdims=True)))
-    out = jnp.einsum("bhr,bhrd->bhd", p / jnp.sum(p, axis=-1, keepdims=True), values,
-                     precision=jax.lax.Precision.HIGHEST)
+    p = jnp.exp(s - safe_max(jnp.max(s, axis=-1, keepdims=True))).astype(values.dtype)
+    out = jnp.einsum("bhr,bhrd->bhd", p, values, **f32)
+    out = out / jnp.sum(p.astype(jnp.float32), axis=-1, keepdims=True)  # the rounded p's sum
     return out[:, None].astype(q.dtype)

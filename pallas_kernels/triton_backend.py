@@ -195,14 +195,19 @@ def _interpret(launch: Launch, *arrays):
     return tuple(_to_numpy(t) for t in outs)
 
 
-def _call(cfg: AttentionConfig, launch: Launch, *arrays):
-    if cfg.interpret:
+def call_launch(launch: Launch, interpret: bool, *arrays):
+    """The launch's outputs (jax arrays): compiled through jax_triton, or interpreted."""
+    if interpret:
         return jax.pure_callback(functools.partial(_interpret, launch), launch.out_shapes,
                                  *arrays)
     import jax_triton
     return jax_triton.triton_call(*arrays, kernel=launch.kernel, out_shape=launch.out_shapes,
                                   grid=launch.grid, num_warps=launch.num_warps,
                                   num_stages=launch.num_stages, name=launch.name, **launch.meta)
+
+
+def _call(cfg: AttentionConfig, launch: Launch, *arrays):
+    return call_launch(launch, cfg.interpret, *arrays)
 
 
 def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
