@@ -111,13 +111,19 @@ def replies(contestant, cases, config, eos_ids, tokenizer):
 def reach(model, case, surgery):
     """Per layer and head: least tree distance from the needle to the query, whether any
     needle token is reachable and the share that is; and the leaf ids [layers, H, S]."""
-    routes = extract_routes(model, jnp.asarray([case["ids"]]), digits=True)
-    digits = np.asarray(routes.digits)[:, 0]                          # [layers, H, S, L]
+    # Right-padded to the nominal length (causal: the real tokens' routes are unchanged), so
+    # that the prompts of one length share one compiled forward.
+    seq = len(case["ids"])
+    ids = np.zeros((1, max(case["length"], seq)), np.int32)
+    ids[0, :seq] = case["ids"]
+    mask = (np.arange(ids.shape[1]) < seq)[None].astype(np.int32)
+    routes = extract_routes(model, jnp.asarray(ids), jnp.asarray(mask), digits=True)
+    digits = np.asarray(routes.digits)[:, 0, :, :seq]                 # [layers, H, S, L]
     levels = digits.shape[-1]
     # The same forward's cluster ids are the digits cut at the cut level.
     assert np.array_equal(np.asarray(cluster_ids(jnp.asarray(digits), surgery.arity,
                                                  surgery.cut_level)),
-                          np.asarray(routes.cluster_ids)[:, 0])
+                          np.asarray(routes.cluster_ids)[:, 0, :, :seq])
     q = len(case["ids"]) - 1
     start, end = case["needle"]
     j = np.arange(start, end)
