@@ -311,11 +311,13 @@ class SurgicalAttention(nnx.Module):
         from the cluster ids), clusters [B, H, S], and in training soft_density (the density
         the sampled-routes budget differentiates; its value is the Gumbel routes' hard
         density), argmax_density (the density of the noise-free routes evaluation runs) and,
-        when asked for, route_density and recall."""
+        when asked for, route_density, recall and digits (the hard route digits [B, H, S, L])."""
         s = self.surgery_config
         valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
         tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
         causal = jnp.sum(causal)
+        if "digits" in self.reporting:      # the whole hard route, not only its cut prefix
+            extras = {**extras, "digits": um.hard_digits(assign)}
         self.sow(SurgeryAux, "aux", {
             "balance_loss": um.load_balance_loss(probs, assign, s.arity, valid),
             "density": jnp.sum(kept) / causal, "tree_density": jnp.sum(tree) / causal,

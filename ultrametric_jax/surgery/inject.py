@@ -112,14 +112,15 @@ def forward_with_aux(model, input_ids, attention_mask=None, *, positions=None,
     density_per_layer, tree_density_per_layer [layers], and clusters [layers, B, H, S] (int32
     cluster ids at the cut level). In training mode also soft_density (and _per_layer: the
     differentiable density of the bridged masks, equal in value to the hard one) and, with
-    extras=("recall",), recall (and _per_layer): the attention-recall loss of every layer.
+    extras=("recall",), recall (and _per_layer): the attention-recall loss of every layer; with
+    extras=("digits",), digits [layers, B, H, S, L] (int32 hard route digits, level 0 the root).
     """
     layers = _require_surgery(model)
     logits, records = capture_aux(
         lambda m: m(input_ids, positions=positions, attention_mask=attention_mask), model,
         layers, extras=extras)
     per_layer = {key: jnp.stack([r[key] for r in records]) for key in records[0]}
-    aux = {"clusters": per_layer.pop("clusters")}
+    aux = {key: per_layer.pop(key) for key in ("clusters", "digits") if key in per_layer}
     for key, values in per_layer.items():
         aux[key] = jnp.mean(values)
         aux[key + "_per_layer"] = values
@@ -149,18 +150,25 @@ class Routes:
     tree_density_per_layer: jax.Array  # [layers] fraction allowed by the tree alone
     density: jax.Array              # scalar, over all layers
     tree_density: jax.Array         # scalar, over all layers
+    digits: Optional[jax.Array] = None  # int32 [layers, B, H, S, L] when asked for (digits=True)
 
 
-@nnx.jit
-def _route_aux(model, input_ids, attention_mask, positions):
-    return forward_with_aux(model, input_ids, attention_mask, positions=positions)[1]
+@nnx.jit(static_argnums=4)
+def _route_aux(model, input_ids, attention_mask, positions, extras):
+    return forward_with_aux(model, input_ids, attention_mask, positions=positions,
+                            extras=extras)[1]
 
 
-def extract_routes(model, input_ids, attention_mask=None, *, positions=None) -> Routes:
+def extract_routes(model, input_ids, attention_mask=None, *, positions=None,
+                   digits: bool = False) -> Routes:
     """The evaluation (argmax, noise-free) routes of every layer (compiled); the mode of the
-    model is restored afterwards."""
+    model is restored afterwards. digits=True also returns the whole digit strings (the tree
+    distance of two tokens is L minus the length of their shared prefix), from the same
+    forward pass as the cluster ids."""
     with evaluation_mode(model):
-        aux = _route_aux(model, jnp.asarray(input_ids), attention_mask, positions)
+        aux = _route_aux(model, jnp.asarray(input_ids), attention_mask, positions,
+                         ("digits",) if digits else ())
     return Routes(cluster_ids=aux["clusters"], density_per_layer=aux["density_per_layer"],
                   tree_density_per_layer=aux["tree_density_per_layer"],
-                  density=aux["density"], tree_density=aux["tree_density"])
+                  density=aux["density"], tree_density=aux["tree_density"],
+                  digits=aux.get("digits"))

@@ -7,6 +7,7 @@ template), so base and instruction-tuned models read them alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Optional, Sequence
 
@@ -20,6 +21,22 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go aga
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyTemplate:
+    """The four texts of a pass-key prompt (the needle holds "{key}")."""
+    intro: str = INTRO
+    filler: str = FILLER
+    needle: str = NEEDLE
+    question: str = QUESTION
+
+
+STANDARD = PasskeyTemplate()
+# Without the introduction and with short sentences: fits contexts of ~100 byte-level tokens
+# (the tiny test models' tokenizer), where STANDARD alone takes ~225.
+COMPACT = PasskeyTemplate(intro="", filler="Sky is blue. ",
+                          needle="The pass key is {key}. ", question="\nThe pass key is")
+
 # The fast length leaves a prompt width of 224 (a multiple of generate.CACHE_BUCKET) in the
 # fast cache length (registry.FAST_CACHE_LEN).
 LENGTHS, FAST_LENGTHS = (1024, 2048, 4096, 8192), (224,)
@@ -30,26 +47,36 @@ TOKENS_PER_BATCH = 16384     # bounds the prefill's attention scores at long con
 NUMBER = re.compile(r"\d+")
 
 
-def passkey_text(key: str, fillers_before: int, fillers_after: int) -> str:
-    return (INTRO + FILLER * fillers_before + NEEDLE.format(key=key) + FILLER * fillers_after
-            + QUESTION)
+def passkey_text(key: str, fillers_before: int, fillers_after: int,
+                 template: PasskeyTemplate = STANDARD) -> str:
+    t = template
+    return (t.intro + t.filler * fillers_before + t.needle.format(key=key)
+            + t.filler * fillers_after + t.question)
 
 
-def passkey_prompt(encode: Callable[[str], list], key: str, context_tokens: int, depth: float
-                   ) -> tuple[list[int], int]:
+def needle_chars(key: str, fillers_before: int, template: PasskeyTemplate = STANDARD
+                 ) -> tuple[int, int]:
+    """[start, end) character offsets of the needle sentence (without its trailing space) in
+    passkey_text(key, fillers_before, ...): the tokens overlapping them hold the key."""
+    start = len(template.intro + template.filler * fillers_before)
+    return start, start + len(template.needle.format(key=key).rstrip())
+
+
+def passkey_prompt(encode: Callable[[str], list], key: str, context_tokens: int, depth: float,
+                   template: PasskeyTemplate = STANDARD) -> tuple[list[int], int]:
     """(token ids of at most context_tokens, number of filler sentences before the key) for a
     key at `depth` (0: right after the introduction, 1: right before the question)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1], got {depth}")
-    fixed = len(encode(passkey_text(key, 0, 0)))
-    per_filler = max(1, len(encode(FILLER * 8)) // 8)
+    fixed = len(encode(passkey_text(key, 0, 0, template)))
+    per_filler = max(1, len(encode(template.filler * 8)) // 8)
     if fixed > context_tokens:
         raise ValueError(f"a pass-key prompt needs at least {fixed} tokens, more than "
                          f"context_tokens={context_tokens}")
     fillers = (context_tokens - fixed) // per_filler
     while True:  # the estimate can be off by a token or two per joint: trim until it fits
         before = int(round(depth * fillers))
-        ids = encode(passkey_text(key, before, fillers - before))
+        ids = encode(passkey_text(key, before, fillers - before, template))
         if len(ids) <= context_tokens or fillers == 0:
             return ids, before
         fillers -= 1
