@@ -16,7 +16,8 @@ import json
 import os
 import time
 
-from ultrametric_jax.run.export import checkpoint_dir_of, restore_run, tokenizer_source
+from ultrametric_jax.run.export import checkpoint_dir_of, tokenizer_source
+from ultrametric_jax.run.pipeline import restore_run
 from ultrametric_jax.run.tasks import run_tasks
 from ultrametric_jax.run.tasks.chat import chat_template_from_gguf
 

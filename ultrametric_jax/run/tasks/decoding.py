@@ -83,8 +83,11 @@ def greedy(contestant: Contestant, prompts: Sequence[Sequence[int]], max_new_tok
     with contestant.mode():
         for part in chunks(len(order), batch_size):
             rows = order[part]
+            # The dense KV cache (cluster ids stored beside the keys) decodes a surgical model
+            # exactly as the route cache does, and takes a whole batch of mixed prompt
+            # lengths in one compiled step; the route cache runs one batch per length.
             new = generate(contestant.model, [prompts[i] for i in rows], max_new_tokens,
-                           temperature=0.0, eos_token_id=eos)
+                           temperature=0.0, eos_token_id=eos, cache="dense")
             for i, tokens in zip(rows, new):
                 out[i] = until_eos(tokens, eos_ids)
             if tick is not None:
