@@ -17,7 +17,6 @@ Writes OUT/arity.json (toy.json with --toy) and a PNG; prints the tables last.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sweep_runs import (CONFIGS, ROOT, corpora, flags, load_config, run_all,  # noqa: E402
+from sweep_runs import (CONFIGS, corpora, flags, run_all, sweep_setup,  # noqa: E402
                         toy_model)
 from ultrametric_jax.surgery.config import levels_for  # noqa: E402
 
@@ -149,25 +148,8 @@ def print_tables(rows: list[dict]) -> None:
               f"| {entropy} |")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--toy", action="store_true", help="CPU size: the tiny random Llama")
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--out", default=None, help="directory (default results/arity)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one accelerator)")
-    args, rest = parser.parse_known_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args, rest
-
-
 def main(argv=None):
-    args, overrides = parse_args(argv)
-    config = load_config(args.config, "toy" if args.toy else "", overrides)
-    out = Path(args.out or ROOT / "results" / config.name)
-    out.mkdir(parents=True, exist_ok=True)
-    base = config.base_config if Path(config.base_config).is_absolute() else str(
-        CONFIGS / config.base_config)
+    args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
     runs = plan(config, out)
     trees = {name: tree for name, _, _, tree in runs}
     results = run_all([run[:3] for run in runs], base_config=base, steps=config.steps,

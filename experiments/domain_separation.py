@@ -38,7 +38,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -54,9 +53,9 @@ from ring_pruning import load_config  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer  # noqa: E402
 from ultrametric_jax.run.data_corpus import (Document, _chunk, _unit_hash,  # noqa: E402
                                              load_corpus, split_documents)
-from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
 from ultrametric_jax.surgery.inject import extract_routes, surgical_layers  # noqa: E402
 from ultrametric_jax.surgery.router import RouterParam, collapse_bias  # noqa: E402
+from run_dir_cli import parse_run_args, restore_or_build  # noqa: E402
 
 CONFIG = ROOT / "configs" / "domain_separation.py"
 DOMAINS = ("shakespeare", "python code", "python docs")
@@ -283,22 +282,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(ROOT / "results" / "domain_separation"))
     parser.add_argument("--save-routes", action="store_true",
                         help="also save every router's cluster ids in the .npz (--toy: always)")
-    args, rest = parser.parse_known_args(argv)
-    bad = [x for x in rest if not x.startswith("--config.") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
-    if not args.toy and not args.run_dir:
-        parser.error("give --run-dir RUN (or --toy)")
-    return args, rest
+    return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)
 
 
 def restore(args):
-    from bench_model_routes import build_toy_run, checkpoints_of, perturb_routers
-    run_dir = args.run_dir or build_toy_run(tempfile.mkdtemp(prefix="domain_separation_"))
-    restored = restore_run(checkpoints_of(run_dir))
-    if args.toy:       # two toy training steps leave the routes collapsed: scatter them
-        perturb_routers(restored.model)
-    return restored, run_dir
+    return restore_or_build(args.run_dir, args.toy, "domain_separation_")
 
 
 def main(argv=None):

@@ -38,9 +38,7 @@ import contextlib
 import json
 import os
 import re
-import runpy
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,12 +55,12 @@ from ultrametric_jax.io.tokenizer import decode, encode  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
 from ultrametric_jax.run.data_corpus import load_corpus, split_documents  # noqa: E402
-from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
 from ultrametric_jax.run.tasks import retrieval  # noqa: E402
 from ultrametric_jax.surgery import tree as um  # noqa: E402
 from ultrametric_jax.surgery.condense import condensed_attention  # noqa: E402
 from ultrametric_jax.surgery.inject import (base_model_mode, set_attention_impl,  # noqa: E402
                                             surgical_layers)
+from run_dir_cli import parse_run_args, restore_or_build  # noqa: E402
 
 CONFIG = ROOT / "configs" / "kv_condensation.py"
 COMPLETE_NUMBER = re.compile(r"\d+\D")
@@ -312,22 +310,11 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default="", help="a surgery run's --workdir")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--out", default=str(ROOT / "results" / "kv_condensation"))
-    args, rest = parser.parse_known_args(argv)
-    bad = [x for x in rest if not x.startswith("--config.") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
-    if not args.toy and not args.run_dir:
-        parser.error("give --run-dir RUN (or --toy)")
-    return args, rest
+    return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)
 
 
 def restore(args):
-    from bench_model_routes import build_toy_run, checkpoints_of, perturb_routers
-    run_dir = args.run_dir or build_toy_run(tempfile.mkdtemp(prefix="kv_condensation_"))
-    restored = restore_run(checkpoints_of(run_dir))
-    if args.toy:       # two toy training steps leave the routes collapsed: scatter them
-        perturb_routers(restored.model)
-    return restored, run_dir
+    return restore_or_build(args.run_dir, args.toy, "kv_condensation_")
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ from ultrametric_jax.run.tasks import decoding, retrieval  # noqa: E402
 from ultrametric_jax.run.tasks.registry import end_token_ids  # noqa: E402
 from ultrametric_jax.surgery.inject import extract_routes  # noqa: E402
 from ultrametric_jax.surgery.tree import cluster_ids  # noqa: E402
+from run_dir_cli import parse_run_args  # noqa: E402
 
 CONFIG = ROOT / "configs" / "needle.py"
 TEMPLATES = {"standard": retrieval.STANDARD, "compact": retrieval.COMPACT}
@@ -205,13 +206,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(ROOT / "results" / "needle"))
     parser.add_argument("--save-routes", action="store_true",
                         help="save every prompt's leaf ids (--toy: always)")
-    args, rest = parser.parse_known_args(argv)
-    bad = [x for x in rest if not x.startswith("--config.") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognised arguments {bad} (overrides are --config.KEY=VALUE)")
-    if not args.toy and not args.run_dir:
-        parser.error("give --run-dir RUN (or --toy)")
-    return args, rest
+    return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)
 
 
 def run_label(run):

@@ -18,14 +18,13 @@ the table last.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_runs import (CONFIGS, ROOT, corpora, flags, load_config, run_all,  # noqa: E402
-                        selected, toy_model)
+from sweep_runs import (CONFIGS, corpora, flags, run_all, selected, sweep_setup,  # noqa: E402
+                        toy_model)
 
 CONFIG = CONFIGS / "quality_sweep.py"
 
@@ -104,26 +103,8 @@ def print_table(rows: list[dict]) -> None:
               f"| {100 * r['tree_density']:.1f}% | {local} |")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--toy", action="store_true", help="CPU size: the tiny random Llama")
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--out", default=None,
-                        help="sweep directory (default results/quality_sweep)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one accelerator)")
-    args, rest = parser.parse_known_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args, rest
-
-
 def main(argv=None):
-    args, overrides = parse_args(argv)
-    config = load_config(args.config, "toy" if args.toy else "", overrides)
-    out = Path(args.out or ROOT / "results" / config.name)
-    out.mkdir(parents=True, exist_ok=True)
-    base = config.base_config if Path(config.base_config).is_absolute() else str(
-        CONFIGS / config.base_config)
+    args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
     results = run_all(plan(config, out), base_config=base, steps=config.steps, jobs=args.jobs)
     rows = rows_of(results, config)
     stem = "toy" if args.toy else "quality_sweep"

@@ -124,6 +124,33 @@ class Children:
         raise SystemExit(f"stopped by signal {signum}; run the same command again to resume")
 
 
+def parse_sweep_args(description: str, config_path, argv):
+    """(args, overrides) of a sweep script: --toy, --config, --out, --jobs, and the
+    --config.KEY=VALUE flags left over."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--toy", action="store_true", help="CPU size: the tiny random Llama")
+    parser.add_argument("--config", default=str(config_path))
+    parser.add_argument("--out", default=None,
+                        help="sweep directory (default results/<config.name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one accelerator)")
+    args, rest = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args, rest
+
+
+def sweep_setup(argv, description: str, config_path):
+    """(args, config, out directory, base config path) of a sweep script's command line."""
+    args, overrides = parse_sweep_args(description, config_path, argv)
+    config = load_config(args.config, "toy" if args.toy else "", overrides)
+    out = Path(args.out or ROOT / "results" / config.name)
+    out.mkdir(parents=True, exist_ok=True)
+    base = config.base_config if Path(config.base_config).is_absolute() else str(
+        CONFIGS / config.base_config)
+    return args, config, out, base
+
+
 def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps: int,
             jobs: int) -> dict:
     """{name: eval.json} of `ultrametric run --config base_config --workdir W FLAGS...` for

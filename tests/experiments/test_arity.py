@@ -59,11 +59,12 @@ def test_trees_match_a_brute_force_search():
 
 def test_bad_config_is_refused():
     arity = load_script()
-    config = arity.load_config(arity.CONFIG, "toy", ["--config.parts=matched,other"])
+    import sweep_runs  # on sys.path once arity.py is loaded
+    config = sweep_runs.load_config(arity.CONFIG, "toy", ["--config.parts=matched,other"])
     with pytest.raises(SystemExit, match="config.parts"):
         arity.plan(config, pathlib.Path("/nonexistent"))
     with pytest.raises(SystemExit, match="unknown config key"):
-        arity.load_config(arity.CONFIG, "toy", ["--config.arity=3"])
+        sweep_runs.load_config(arity.CONFIG, "toy", ["--config.arity=3"])
 
 
 @pytest.mark.slow
