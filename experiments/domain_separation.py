@@ -33,7 +33,6 @@ cluster ids); prints a Markdown table last.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -55,7 +54,7 @@ from ultrametric_jax.run.data_corpus import (Document, _chunk, _unit_hash,  # no
                                              load_corpus, split_documents)
 from ultrametric_jax.surgery.inject import extract_routes, surgical_layers  # noqa: E402
 from ultrametric_jax.surgery.router import RouterParam, collapse_bias  # noqa: E402
-from run_dir_cli import parse_run_args, restore_or_build  # noqa: E402
+from run_dir_cli import parse_run_args, run_parser, restore_or_build  # noqa: E402
 
 CONFIG = ROOT / "configs" / "domain_separation.py"
 DOMAINS = ("shakespeare", "python code", "python docs")
@@ -274,12 +273,7 @@ def table(result):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--toy", action="store_true",
-                        help="toy sizes; without --run-dir a tiny random run is built here")
-    parser.add_argument("--run-dir", default="", help="a surgery run's --workdir")
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--out", default=str(ROOT / "results" / "domain_separation"))
+    parser = run_parser(__doc__.splitlines()[0], CONFIG, ROOT / "results" / "domain_separation")
     parser.add_argument("--save-routes", action="store_true",
                         help="also save every router's cluster ids in the .npz (--toy: always)")
     return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)

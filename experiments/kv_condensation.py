@@ -33,7 +33,6 @@ experiment.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -60,7 +59,7 @@ from ultrametric_jax.surgery import tree as um  # noqa: E402
 from ultrametric_jax.surgery.condense import condensed_attention  # noqa: E402
 from ultrametric_jax.surgery.inject import (base_model_mode, set_attention_impl,  # noqa: E402
                                             surgical_layers)
-from run_dir_cli import parse_run_args, restore_or_build  # noqa: E402
+from run_dir_cli import parse_run_args, run_parser, restore_or_build  # noqa: E402
 
 CONFIG = ROOT / "configs" / "kv_condensation.py"
 COMPLETE_NUMBER = re.compile(r"\d+\D")
@@ -304,12 +303,7 @@ def table(result):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--toy", action="store_true",
-                        help="toy sizes; without --run-dir a tiny random run is built here")
-    parser.add_argument("--run-dir", default="", help="a surgery run's --workdir")
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--out", default=str(ROOT / "results" / "kv_condensation"))
+    parser = run_parser(__doc__.splitlines()[0], CONFIG, ROOT / "results" / "kv_condensation")
     return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)
 
 

@@ -26,7 +26,6 @@ prompt's leaf ids per layer and head); prints a Markdown table last.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ from ultrametric_jax.run.tasks import decoding, retrieval  # noqa: E402
 from ultrametric_jax.run.tasks.registry import end_token_ids  # noqa: E402
 from ultrametric_jax.surgery.inject import extract_routes  # noqa: E402
 from ultrametric_jax.surgery.tree import cluster_ids  # noqa: E402
-from run_dir_cli import parse_run_args  # noqa: E402
+from run_dir_cli import parse_run_args, run_parser  # noqa: E402
 
 CONFIG = ROOT / "configs" / "needle.py"
 TEMPLATES = {"standard": retrieval.STANDARD, "compact": retrieval.COMPACT}
@@ -197,13 +196,8 @@ def table(result):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--toy", action="store_true",
-                        help="toy sizes; without --run-dir a tiny random run is built here")
-    parser.add_argument("--run-dir", action="append", default=[],
-                        help="a surgery run's --workdir (repeat for several densities)")
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--out", default=str(ROOT / "results" / "needle"))
+    parser = run_parser(__doc__.splitlines()[0], CONFIG, ROOT / "results" / "needle",
+                        several_runs=True)
     parser.add_argument("--save-routes", action="store_true",
                         help="save every prompt's leaf ids (--toy: always)")
     return parse_run_args(parser, argv, has_run=lambda args: args.run_dir)

@@ -3,7 +3,23 @@ and --config.KEY=VALUE overrides passed through to the config) and the run they 
 tiny random one built on the spot with --toy and no run)."""
 from __future__ import annotations
 
+import argparse
 import tempfile
+
+
+def run_parser(description: str, config, out, *, several_runs: bool = False):
+    """The parser of --toy, --run-dir (repeatable with several_runs), --config and --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--toy", action="store_true",
+                        help="toy sizes; without --run-dir a tiny random run is built here")
+    if several_runs:
+        parser.add_argument("--run-dir", action="append", default=[],
+                            help="a surgery run's --workdir (repeat for several densities)")
+    else:
+        parser.add_argument("--run-dir", default="", help="a surgery run's --workdir")
+    parser.add_argument("--config", default=str(config))
+    parser.add_argument("--out", default=str(out))
+    return parser
 
 
 def parse_run_args(parser, argv, *, has_run):

@@ -196,19 +196,11 @@ def sink_pass(q, k, v, qc, cfg):
     """(out float32 [B, S, Hq, D], lse [B, Hq, S]) of the sink pairs outside the window and
     the tree set (j < sink, i - j >= window, c_i != c_j), in token order, by dense jnp over
     the cfg.sink_tokens first keys; lse -inf (out 0) where a query has none."""
-    sink, window = cfg.sink_tokens, cfg.window
+    sink = cfg.sink_tokens
     batch, seq, q_heads, dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
-    # query head h reads kv head h // group: split h into (kv head, member of its group)
-    qg = q.reshape(batch, seq, kv_heads, group, dim)
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k[:, :sink], precision=precision,
-                   preferred_element_type=jnp.float32) * cfg.scale
-    s = s.reshape(batch, q_heads, seq, sink)
-    i, j = jnp.arange(seq)[:, None], jnp.arange(sink)[None, :]
-    ok = (j <= i) & (i - j >= window) & (qc[..., :, None] != qc[..., None, :sink])
-    s = jnp.where(ok, s, -jnp.inf)
+    s = _sink_scores(q, k, qc, cfg)[0].reshape(batch, q_heads, seq, sink)
     m = jax.lax.stop_gradient(safe_max(jnp.max(s, axis=-1, keepdims=True)))
     p = jnp.exp(s - m)
     total = jnp.sum(p, axis=-1)
