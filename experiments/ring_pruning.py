@@ -37,7 +37,6 @@ if "--toy" in sys.argv[1:] and "xla_force_host_platform_device_count" not in os.
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import runpy  # noqa: E402
 import time  # noqa: E402
@@ -94,22 +93,19 @@ def cut_ids(digits, arity, cut):
 
 def run_digits(run_dir, seq_len):
     """(int32 [layers, H, S, L] leaf digits of a trained run on its held-out text, surgery)."""
-    from bench_model_routes import checkpoints_of, text_tokens
+    from bench_model_routes import checkpoints_of
     from ultrametric_jax.run.pipeline import restore_run
-    from ultrametric_jax.surgery.inject import extract_routes, surgical_layers
-    restored = restore_run(checkpoints_of(run_dir))
-    surgery = restored.surgery
+    return restored_digits(restore_run(checkpoints_of(run_dir)), seq_len)
+
+
+def restored_digits(restored, seq_len):
+    """run_digits of a restored run: read from the same evaluation forward as the run's own
+    routes (every layer as trained)."""
+    from bench_model_routes import text_tokens
+    from ultrametric_jax.surgery.inject import extract_routes
     tokens, _ = text_tokens(restored, None, seq_len)
-    layers = surgical_layers(restored.model)
-    kept = [attn.surgery_config for attn in layers]
-    try:          # d_max = 0 cuts at the leaves: the cluster id is the whole digit string
-        for attn in layers:
-            attn.surgery_config = dataclasses.replace(attn.surgery_config, d_max=0)
-        leaf = np.asarray(extract_routes(restored.model, tokens[None]).cluster_ids)[:, 0]
-    finally:
-        for attn, config in zip(layers, kept):
-            attn.surgery_config = config
-    return unpack(leaf, surgery.arity, surgery.num_levels), surgery
+    digits = extract_routes(restored.model, tokens[None], digits=True).digits
+    return np.asarray(digits, np.int32)[:, 0], restored.surgery
 
 
 # ----------------------------------------------------------------------------- analysis
