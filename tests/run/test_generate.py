@@ -67,15 +67,20 @@ def test_left_padded_batch_equals_single_prompts(tiny):
     assert ids.shape == (3, 6) and mask.sum(1).tolist() == [6, 2, 4]
 
 
-def test_prompt_widths_in_one_bucket_share_a_compile(tiny, monkeypatch):
+def test_prompt_widths_in_one_bucket_share_a_compile(tiny, monkeypatch, caplog):
+    import logging
     _, model = tiny
     monkeypatch.setattr(generate_module, "_COMPILED", {})   # fresh jitted functions
-    generate(model, [[5, 6, 7]], 4)
-    _, prefill, _ = generate_module._compiled(model, 0.0, None)
-    generate(model, [list(range(1, CACHE_BUCKET))], 4)
-    assert prefill._cache_size() == 1
-    generate(model, [list(range(1, CACHE_BUCKET + 2))], 4)  # the next bucket
-    assert prefill._cache_size() == 2
+
+    def prefill_compiles():
+        return sum("Compiling jit(prefill)" in r.getMessage() for r in caplog.records)
+
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        generate(model, [[5, 6, 7]], 4)
+        generate(model, [list(range(1, CACHE_BUCKET))], 4)
+        assert prefill_compiles() == 1
+        generate(model, [list(range(1, CACHE_BUCKET + 2))], 4)  # the next bucket
+        assert prefill_compiles() == 2
     ids, mask = left_pad([[1, 2], [3]], multiple=CACHE_BUCKET)
     assert ids.shape == (2, CACHE_BUCKET) and mask.sum(1).tolist() == [2, 1]
 
