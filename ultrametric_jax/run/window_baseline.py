@@ -20,7 +20,7 @@ from flax import nnx
 from ultrametric_jax.model import llama
 from ultrametric_jax.run.evaluate import _held_out_loss
 from ultrametric_jax.surgery.losses import token_cross_entropy
-from ultrametric_jax.surgery.tree import pair_counts
+from ultrametric_jax.surgery.tree import allowed_mask, pair_counts
 
 
 # ----------------------------------------------------------------------------- counting
@@ -68,10 +68,10 @@ def window_for_density(density: float, seq_len: int, sink: int) -> int:
 # ----------------------------------------------------------------------------- forward
 
 def local_mask(positions, attention_mask, window: int, sink: int):
-    """bool [B, 1, S, S]: causal, a real key, and within the window or a sink."""
-    causal = llama.causal_mask(positions, positions, attention_mask)
-    offset = positions[:, None, :, None] - positions[:, None, None, :]
-    return causal & ((offset < window) | (positions[:, None, None, :] < sink))
+    """bool [B, 1, S, S]: causal, a real key, and within the window or a sink: the surgical
+    mask under cluster ids that never agree (as the training bridge's bypass)."""
+    never = jnp.zeros(positions.shape, jnp.int32)[:, None]
+    return allowed_mask(positions, positions, never, never + 1, window, sink, attention_mask)
 
 
 def local_logits(model, input_ids, attention_mask, *, window: int, sink: int):
