@@ -98,18 +98,20 @@ def band_schedule(batch: int, heads: int, seq: int, *, window: int, sink_tokens:
     bq = check_block_size("block_q", block_q, power_of_two=False)
     bk = check_block_size("block_k", block_k, power_of_two=False)
     nq, nk = cdiv(seq, bq), cdiv(seq, bk)
-    i = jnp.arange(nq)[:, None]
-    j = jnp.arange(nk)[None, :]
-    r0, r1 = i * bq, jnp.minimum((i + 1) * bq, seq) - 1
-    k0, k1 = j * bk, jnp.minimum((j + 1) * bk, seq) - 1
-    causal = k0 <= r1
-    in_window = (window > 0) & (k1 >= r0 - window + 1)
-    in_sink = k0 < sink_tokens
-    visited = causal & (in_window | in_sink)
-    none = jnp.zeros_like(visited)
-    kv_indices, kv_num, kv_masked = _compact(visited, none)
-    q_indices, q_num, q_masked = _compact(visited.T, none.T)
-    density = (jnp.sum(visited) / jnp.maximum(jnp.sum(causal), 1)).astype(jnp.float32)
+    # Static shapes only: computed once while tracing (constants of [nq, nk]), not per call.
+    with jax.ensure_compile_time_eval():
+        i = jnp.arange(nq)[:, None]
+        j = jnp.arange(nk)[None, :]
+        r0, r1 = i * bq, jnp.minimum((i + 1) * bq, seq) - 1
+        k0, k1 = j * bk, jnp.minimum((j + 1) * bk, seq) - 1
+        causal = k0 <= r1
+        in_window = (window > 0) & (k1 >= r0 - window + 1)
+        in_sink = k0 < sink_tokens
+        visited = causal & (in_window | in_sink)
+        none = jnp.zeros_like(visited)
+        kv_indices, kv_num, kv_masked = _compact(visited, none)
+        q_indices, q_num, q_masked = _compact(visited.T, none.T)
+        density = (jnp.sum(visited) / jnp.maximum(jnp.sum(causal), 1)).astype(jnp.float32)
 
     def per_head(x):
         return jnp.broadcast_to(x, (batch, heads, *x.shape))

@@ -4,7 +4,7 @@ The allowed pairs of one set of cluster ids split in disjoint sets:
 
   tree set   j <= i and c_i == c_j                        (the sorted layout's kernels)
   local set  j <= i and i - j < window and c_i != c_j     (a band in token order)
-  sink set   j < sink, i - j >= window and c_i != c_j     (sink_pass: jnp, a few columns)
+  sink set   j < sink, i - j >= window and c_i != c_j     (band kernel's forward; jnp backward)
 
 Per (batch, head) a stable argsort of the ids makes every cluster one contiguous segment in
 position order, so the tree set is causal attention within segments (as packed sequences): the
@@ -240,6 +240,18 @@ def _band_args(q, k, v, qc, plan, cfg, backend):
     return prepare_schedule(q, k, v, qc, qc, plan.band, backend=backend, config=local_cfg)
 
 
+def _band_forward_args(q, k, v, qc, cfg, backend):
+    """The band kernel's arguments in the forward: the local set and the whole sink set. The
+    sink keys cost one more key block per query block there, cheaper than sink_pass and its
+    merge operand; the backward keeps them out of the band kernel (_band_args), where a column
+    every query block writes to serialises the key-block accumulation, and runs _sink_backward."""
+    batch, heads, seq = qc.shape
+    band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
+                         block_q=cfg.block_q, block_k=cfg.block_k)
+    local_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
+    return prepare_schedule(q, k, v, qc, qc, band, backend=backend, config=local_cfg)
+
+
 def _sink_scores(q, k, qc, cfg):
     """(s [B, Hkv, G, S, sink] float32 with -inf outside the sink set, grouped q)."""
     sink, window = cfg.sink_tokens, cfg.window
@@ -301,11 +313,9 @@ def _sorted_fwd(q, k, v, qc, cfg, backend):
     out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)
     parts = [_gather_heads(out_t, plan.inverse, 1),
              jnp.take_along_axis(lse_t, plan.inverse, axis=-1)]
-    if plan.band is not None:
-        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, plan, cfg, backend)
+    if plan.band is not None or has_sink_pairs(cfg):
+        bqc, bkc, bsched, bcfg = _band_forward_args(q, k, v, qc, cfg, backend)
         parts += kernel_forward(q, k, v, bqc, bkc, bsched, backend, bcfg)
-    if has_sink_pairs(cfg):
-        parts += sink_pass(q, k, v, qc, cfg)
     if len(parts) == 2:
         out, lse = parts
     else:
