@@ -92,7 +92,7 @@ def domain_documents(config, run_data):
         # The run's own split (its chunking, its fraction) for the corpus it trained on, then
         # pieces of config.chunk_chars.
         trained_on = corpus is not None and run_data.corpus == corpus
-        if trained_on:
+        if trained_on and run_data.chunk_chars > 0:   # 0: the run kept whole documents
             docs = [p for d in docs for p in _chunk(d, run_data.chunk_chars)]
         held_out = split_documents(docs, run_data.val_fraction if trained_on
                                    else config.val_fraction)[1]

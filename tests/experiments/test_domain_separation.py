@@ -1,6 +1,7 @@
 """experiments/domain_separation.py at toy size (a tiny random run built here): fingerprints
 recomputed from the saved cluster ids, PCA against an eigendecomposition of the covariance,
 silhouette by a double loop and k-NN by an explicit distance matrix, all in float64."""
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -111,3 +112,37 @@ def test_the_figure_is_written(toy):
     _, _, out = toy
     png = out / "toy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+
+def test_a_run_that_kept_whole_documents_gets_its_own_split(monkeypatch):
+    """A run with data.chunk_chars = 0 (the default: whole documents) held out whole
+    documents: the in-domain pieces are the documents of lowest id hash (sha256, the split's
+    rule), each cut into ceil(n / 56) pieces of four 14-character lines, counted by hand."""
+    spec = importlib.util.spec_from_file_location(
+        "domain_separation_split", ROOT / "experiments" / "domain_separation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plays = [module.Document(f"play{i}", ("line of verse\n" * 30)[:100 + 50 * i])
+             for i in range(6)]
+    other = [module.Document(f"code{i}", "x = 1\n" * 20) for i in range(2)]
+    monkeypatch.setattr(module, "load_corpus",
+                        lambda name: plays if name == "shakespeare" else other)
+    monkeypatch.setattr(module, "third_corpus", lambda spec: (other, "two files"))
+    config = type("C", (), dict(chunk_chars=60, val_fraction=0.5, third="auto"))()
+    run_data = type("D", (), dict(corpus="shakespeare", chunk_chars=0, val_fraction=0.5))()
+    pieces = module.domain_documents(config, run_data)["shakespeare"][0]
+
+    def unit(doc_id):
+        return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2.0**64
+    n_val = min(max(sum(unit(d.doc_id) < 0.5 for d in plays), 1), len(plays) - 1)
+    held = sorted(plays, key=lambda d: unit(d.doc_id))[:n_val]
+    assert len(pieces) == sum(-(-len(d.text) // 56) for d in held)
+    for d in held:
+        assert "".join(p.text for p in pieces if p.doc_id.split("#")[0] == d.doc_id) == d.text
+
+
+def test_a_zero_chunk_width_is_refused():
+    from ultrametric_jax.run.data_corpus import Document, _chunk
+    with pytest.raises(ValueError, match="chunk_chars"):
+        _chunk(Document("d", "some text"), 0)

@@ -128,6 +128,8 @@ def load_corpus(corpus: str, *, max_chars: int = 0, chunk_chars: int = 0) -> lis
 
 
 def _chunk(doc: Document, chunk_chars: int) -> list[Document]:
+    if chunk_chars < 1:   # a zero width would never advance
+        raise ValueError(f"chunk_chars must be >= 1 to cut documents, got {chunk_chars}")
     if len(doc.text) <= chunk_chars:
         return [doc]
     pieces, start = [], 0
