@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ring_pruning import load_config  # noqa: E402
 from ultrametric_jax.io.tokenizer import as_tokenizer, decode, encode  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer  # noqa: E402
+from ultrametric_jax.run.metrics import progress_bar  # noqa: E402
 from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
 from ultrametric_jax.run.tasks import decoding, retrieval  # noqa: E402
 from ultrametric_jax.run.tasks.registry import end_token_ids  # noqa: E402
@@ -92,17 +93,20 @@ def needle_tokens(tokenizer, ids, key, before, template):
 # ----------------------------------------------------------------------------- measures
 
 def replies(contestant, cases, config, eos_ids, tokenizer):
-    """Greedy reply texts, one length at a time (batch bounded by tokens)."""
+    """Greedy reply texts, one length at a time (batch bounded by tokens), with a progress
+    bar over the prompts (long contexts decode for minutes)."""
     out = [None] * len(cases)
-    for n in sorted({c["length"] for c in cases}):
-        idx = [i for i, c in enumerate(cases) if c["length"] == n]
-        batch = max(1, config.tokens_per_batch // n)
-        got = decoding.greedy(contestant, [cases[i]["ids"] for i in idx],
-                              config.max_new_tokens, eos_ids=eos_ids, batch_size=batch)
-        for i, tokens in zip(idx, got):
-            ends = [t for t, x in enumerate(tokens) if x in eos_ids]
-            out[i] = dict(ids=tokens, text=decode(tokenizer, tokens[:ends[0]] if ends
-                                                  else tokens))
+    with progress_bar(len(cases), desc=f"needle, {contestant.name}") as bar:
+        for n in sorted({c["length"] for c in cases}):
+            idx = [i for i, c in enumerate(cases) if c["length"] == n]
+            batch = max(1, config.tokens_per_batch // n)
+            got = decoding.greedy(contestant, [cases[i]["ids"] for i in idx],
+                                  config.max_new_tokens, eos_ids=eos_ids, batch_size=batch,
+                                  tick=bar.update)
+            for i, tokens in zip(idx, got):
+                ends = [t for t, x in enumerate(tokens) if x in eos_ids]
+                out[i] = dict(ids=tokens, text=decode(tokenizer, tokens[:ends[0]] if ends
+                                                      else tokens))
     for entry, case in zip(out, cases):
         entry["correct"] = retrieval.is_correct(entry["text"], case["key"])
     return out
@@ -243,6 +247,8 @@ def main(argv=None):
             result["dense"].append(dict(path=base, base=os.path.basename(base.rstrip("/")),
                                         replies=got, accuracy=accuracy_grid(
                                             got, cases, lengths, config.depths)))
+            print(f"dense: accuracy {100 * np.mean(result['dense'][-1]['accuracy']):.0f}%",
+                  flush=True)
         got = replies(surgical, cases, config, eos, tok)
         per_case = []
         for i, case in enumerate(cases):
