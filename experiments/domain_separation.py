@@ -111,9 +111,11 @@ def document_rows(docs, tok, count, length, domain):
             rows.append([tok.bos_id] + ids[:length - 1])
             if len(rows) == count:
                 return np.asarray(rows, np.int32)
+    hint = (" (or give --config.third a larger corpus: a folder of text files)"
+            if domain == DOMAINS[2] else "")
     raise SystemExit(f"domain {domain!r}: only {len(rows)} held-out pieces hold "
                      f"{length - 1} tokens; config.docs_per_domain={count} needs more: lower "
-                     "docs_per_domain or doc_tokens, or raise chunk_chars")
+                     f"docs_per_domain or doc_tokens, or raise chunk_chars{hint}")
 
 
 # ----------------------------------------------------------------------------- routers
