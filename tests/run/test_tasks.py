@@ -237,6 +237,26 @@ def test_registered_task_runs_with_differences_and_duplicates_are_refused(monkey
     assert report["summary"] == {"toy": "toy 0.5"} and report["fast"] is True
 
 
+def test_a_run_stopped_by_a_later_task_keeps_the_finished_tasks(monkeypatch, tmp_path):
+    """tasks.json is written after every task: when the second task fails, the file holds the
+    first task's numbers and names the second as pending."""
+    def good(ctx):
+        return {"dense": {"score": 0.75}, "surgical": {"score": 0.5}}
+
+    def crash(ctx):
+        raise RuntimeError("interrupted")
+    monkeypatch.setitem(TASKS, "first", Task("first", "", good, lambda r: "first", ("score",)))
+    monkeypatch.setitem(TASKS, "second", Task("second", "", crash, lambda r: "", ("score",)))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_tasks("first,second", tiny_model(), surgical_twin(), word_tokenizer(),
+                  progress=False, out_dir=str(tmp_path))
+    saved = json.loads((tmp_path / "tasks.json").read_text())
+    assert saved["pending"] == ["second"] and list(saved["tasks"]) == ["first"]
+    assert saved["tasks"]["first"]["difference"] == {"score": -0.25}
+    assert (tmp_path / "tasks.png").stat().st_size > 0
+    assert not (tmp_path / "tasks.json.tmp").exists()
+
+
 def test_run_tasks_rejects_bad_models_and_arguments():
     with pytest.raises(ValueError, match="the surgical model carries no ultrametric topology"):
         run_tasks("fidelity", tiny_model(), tiny_model(), word_tokenizer())

@@ -162,15 +162,16 @@ def run_tasks(names: str | Sequence[str], dense_model, surgical_model, tokenizer
                       chat_template)
     start = time.perf_counter()
     results, summary = {}, {}
-    for name in names:
+    for i, name in enumerate(names):
         task, t0 = TASKS[name], time.perf_counter()
         result = task.run(ctx)
         result["difference"] = differences(result["dense"], result["surgical"])
         result["headline"] = list(task.headline)
         result["seconds"] = time.perf_counter() - t0
         results[name], summary[name] = result, task.summary(result)
-    report = {"fast": fast, "tasks": results, "summary": summary,
-              "seconds": time.perf_counter() - start}
-    if out_dir is not None:
-        report["files"] = list(write_task_report(report, out_dir))
+        report = {"fast": fast, "tasks": results, "summary": summary,
+                  "seconds": time.perf_counter() - start}
+        if out_dir is not None:   # after every task: a long run stopped later keeps these
+            report["files"] = list(write_task_report(
+                {**report, "pending": list(names[i + 1:])}, out_dir))
     return report

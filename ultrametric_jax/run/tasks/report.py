@@ -16,8 +16,10 @@ def write_task_report(report: dict, out_dir: str) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, TASKS_JSON)
     png_path = os.path.join(out_dir, TASKS_PNG)
-    with open(json_path, "w") as f:
+    partial = json_path + ".tmp"   # rewritten after every task: never leave half a file
+    with open(partial, "w") as f:
         json.dump({**report, "files": [json_path, png_path]}, f, indent=2)
+    os.replace(partial, json_path)
     plot_tasks(report, png_path)
     return json_path, png_path
 
