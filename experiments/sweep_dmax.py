@@ -34,7 +34,7 @@ def settings(args) -> list[tuple[str, list[str]]]:
 
 def run_one(name: str, flags: list[str], args, passthrough: list[str]) -> dict:
     workdir = os.path.join(args.out, name.replace("=", "_"))
-    cmd = [sys.executable, "-m", "ultrametric_jax.cli.app", "run", "--config", args.config,
+    cmd = [sys.executable, "-m", "ultrametric_jax", "run", "--config", args.config,
            "--workdir", workdir, f"--config.train.steps={args.steps}", *flags, *passthrough]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)

@@ -169,7 +169,7 @@ def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps:
             print(f"[{name}] finished earlier: {workdir / 'eval.json'}", flush=True)
             return done
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "ultrametric_jax.cli.app", "run", "--config", base_config,
+        cmd = [sys.executable, "-m", "ultrametric_jax", "run", "--config", base_config,
                "--workdir", str(workdir), f"--config.train.steps={steps}", *extra]
         (workdir / "command.txt").write_text(" ".join(cmd) + "\n")
         start = time.time()

@@ -42,6 +42,20 @@ def test_help_imports_no_subcommand():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_python_dash_m_runs_the_command_without_a_warning():
+    """`python -m ultrametric_jax` is the command: its version line and exit status, and no
+    RuntimeWarning about a module imported twice (as `-m ultrametric_jax.cli.app` gives)."""
+    from ultrametric_jax import __version__
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "default"}
+    done = subprocess.run([sys.executable, "-m", "ultrametric_jax", "--version"],
+                          capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout.strip()) == (0, f"ultrametric_jax {__version__}")
+    assert "RuntimeWarning" not in done.stderr
+    bare = subprocess.run([sys.executable, "-m", "ultrametric_jax"], capture_output=True,
+                          text=True, env=env)
+    assert bare.returncode == 2 and "run" in bare.stdout
+
+
 def test_unknown_subcommand(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown subcommand 'frobnicate'" in capsys.readouterr().err

@@ -23,7 +23,7 @@ STEPS = 40
 
 
 def _command(model_dir, workdir):
-    return [sys.executable, "-m", "ultrametric_jax.cli.app", "train", "--config", TINY,
+    return [sys.executable, "-m", "ultrametric_jax", "train", "--config", TINY,
             f"--config.model.path={model_dir}", f"--config.train.steps={STEPS}",
             "--config.checkpoint.every=4", "--config.checkpoint.keep=3", "--workdir", workdir]
 
