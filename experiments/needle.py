@@ -168,6 +168,7 @@ def plot(result, path):
     axes[1].set(xlabel="context length (tokens)", ylabel="pass-key accuracy (%)",
                 xscale="log", title="accuracy vs length (mean over depths)", ylim=(-5, 105))
     axes[1].set_xticks(lengths, labels=[str(n) for n in lengths])
+    axes[1].minorticks_off()   # the log axis's own minor labels would overprint these
     for run in result["runs"]:
         for n, share in zip(lengths, run["reach_by_length"]):
             axes[2].plot(range(len(share["heads_reaching"])),
