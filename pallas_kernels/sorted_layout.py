@@ -234,21 +234,16 @@ def _tree_args(plan, cfg, backend, qs, ks, vs):
                             backend=backend, config=tree_cfg)
 
 
-def _band_args(q, k, v, qc, plan, cfg, backend):
-    local_cfg = dataclasses.replace(cfg, sink_tokens=band_sink_tokens(cfg.sink_tokens),
-                                    exclude_same_cluster=True)
-    return prepare_schedule(q, k, v, qc, qc, plan.band, backend=backend, config=local_cfg)
-
-
-def _band_forward_args(q, k, v, qc, cfg, backend):
-    """The band kernel's arguments in the forward: the local set and the whole sink set. The
-    sink keys cost one more key block per query block there, cheaper than sink_pass and its
-    merge operand; the backward keeps them out of the band kernel (_band_args), where a column
-    every query block writes to serialises the key-block accumulation, and runs _sink_backward."""
+def _band_args(q, k, v, qc, cfg, backend, sink_tokens):
+    """The band kernel's arguments for the local set of other clusters plus the sink keys
+    below sink_tokens. The forward passes cfg.sink_tokens: the sink set as one more key block,
+    cheaper than sink_pass and its merge operand. The backward passes band_sink_tokens: a
+    column every query block writes to would serialise the key-block accumulation there, so
+    _sink_backward takes the sink set. The schedule is built while tracing (shapes only)."""
     batch, heads, seq = qc.shape
-    band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=cfg.sink_tokens,
+    band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=sink_tokens,
                          block_q=cfg.block_q, block_k=cfg.block_k)
-    local_cfg = dataclasses.replace(cfg, exclude_same_cluster=True)
+    local_cfg = dataclasses.replace(cfg, sink_tokens=sink_tokens, exclude_same_cluster=True)
     return prepare_schedule(q, k, v, qc, qc, band, backend=backend, config=local_cfg)
 
 
@@ -314,7 +309,7 @@ def _sorted_fwd(q, k, v, qc, cfg, backend):
     parts = [_gather_heads(out_t, plan.inverse, 1),
              jnp.take_along_axis(lse_t, plan.inverse, axis=-1)]
     if plan.band is not None or has_sink_pairs(cfg):
-        bqc, bkc, bsched, bcfg = _band_forward_args(q, k, v, qc, cfg, backend)
+        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, cfg, backend, cfg.sink_tokens)
         parts += kernel_forward(q, k, v, bqc, bkc, bsched, backend, bcfg)
     if len(parts) == 2:
         out, lse = parts
@@ -339,7 +334,8 @@ def _sorted_bwd(cfg, backend, res, cotangents):
     dk = _group_sum(_gather_heads(dks, plan.inverse, 1), group)
     dv = _group_sum(_gather_heads(dvs, plan.inverse, 1), group)
     if plan.band is not None:
-        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, plan, cfg, backend)
+        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, cfg, backend,
+                                            band_sink_tokens(cfg.sink_tokens))
         grads = kernel_backward(q, k, v, bqc, bkc, bsched, backend, bcfg, dout, lse, delta)
         dq, dk, dv = (a + b.astype(jnp.float32) for a, b in zip((dq, dk, dv), grads))
     if has_sink_pairs(cfg):
