@@ -102,6 +102,22 @@ def test_eos_stops_and_repeats(tiny):
     assert (out[first:] == eos).all()
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, 4)])
+def test_device_loop_equals_host_loop(tiny, temperature, top_k):
+    """Without logits the whole decode runs in one on-device loop; with them, one host step
+    per token (checked against full recomputation above): the same tokens, EOS included."""
+    _, model = tiny
+    prompts = [[4, 8, 15, 16, 23, 42], [1, 2], [77, 3, 9, 50]]
+    kwargs = dict(temperature=temperature, top_k=top_k, seed=5)
+    free, _ = generate(model, prompts, 10, return_logits=True, **kwargs)
+    eos = int(free[1, 3])                      # row 1 stops at step 3 at the latest
+    host, _ = generate(model, prompts, 10, eos_token_id=eos, return_logits=True, **kwargs)
+    device = generate(model, prompts, 10, eos_token_id=eos, **kwargs)
+    np.testing.assert_array_equal(device, host)
+    np.testing.assert_array_equal(generate(model, prompts, 10, **kwargs), free)
+    assert (device[1, list(device[1]).index(eos):] == eos).all()
+
+
 def test_sampling_is_seeded(tiny):
     _, model = tiny
     a = generate(model, [[3, 4, 5]], 10, temperature=1.0, seed=1)

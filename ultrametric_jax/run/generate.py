@@ -3,7 +3,8 @@
 Two caches, picked per model (`cache="auto"`):
 - dense (base models, and surgical ones on request): prompts of different lengths are
   left-padded; padding is masked out and positions count real tokens only, so every row
-  decodes exactly as it would alone. Every step reads the whole cache.
+  decodes exactly as it would alone. Every step reads the whole cache. Without logits to
+  return, the whole decode is one on-device loop (no host round trip per token).
 - route (surgical models in evaluation mode): each layer keeps a route cache
   (surgery/route_cache.py) and a step reads only its token's cluster pages, the window and the
   sink. Prompts are written in chunks of `prefill_chunk` tokens (the rest in power-of-two
@@ -15,6 +16,7 @@ a multiple of CACHE_BUCKET so that nearby lengths share one compile.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -100,14 +102,36 @@ def _build_steps(graphdef, temperature, top_k):
                                                    attention_mask=mask, cache=cache)
         return select_token(logits[:, -1], key, temperature, top_k), logits[:, -1], cache
 
-    @jax.jit
-    def step(state, token, positions, cache, key):
+    def one_step(state, token, positions, cache, key):
         mask = jnp.ones(token.shape, bool)
         logits, cache = nnx.merge(graphdef, state)(token, positions=positions,
                                                    attention_mask=mask, cache=cache)
         return select_token(logits[:, -1], key, temperature, top_k), logits[:, -1], cache
 
-    return prefill, step
+    @functools.partial(jax.jit, static_argnames="steps")
+    def decode(state, token, positions, cache, key, eos, steps):
+        """tokens [B, steps] from the first choice token [B] (at positions [B, 1] - 1), every
+        step on the device: no host round trip per token. Rows that produced an EOS repeat
+        it; the loop ends once every row has one."""
+        out = jnp.zeros((token.shape[0], steps), jnp.int32).at[:, 0].set(token)
+
+        def unfinished(carry):
+            t, _, _, _, done, _ = carry
+            return (t < steps) & ~jnp.all(done)
+
+        def advance(carry):
+            t, token, positions, cache, done, out = carry
+            nxt, _, cache = one_step(state, token[:, None], positions, cache,
+                                     jax.random.fold_in(key, t))
+            nxt = jnp.where(done, token, nxt)
+            return (t + 1, nxt, positions + 1, cache, done | jnp.isin(nxt, eos),
+                    out.at[:, t].set(nxt))
+
+        t, token, _, _, _, out = jax.lax.while_loop(
+            unfinished, advance, (1, token, positions, cache, jnp.isin(token, eos), out))
+        return jnp.where(jnp.arange(steps)[None] >= t, token[:, None], out)
+
+    return prefill, jax.jit(one_step), decode
 
 
 def _route_steps(graphdef, temperature, top_k):
@@ -187,10 +211,15 @@ def _generate_dense(model, prompts, max_new_tokens, temperature, top_k, key, eos
     ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
     batch, width = ids.shape
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    state, prefill, step = _compiled(model, temperature, top_k)
+    state, prefill, step, decode = _compiled(model, temperature, top_k)
     cache = model.init_cache(batch, -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
     token, logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions),
                                    jnp.asarray(mask), cache, jax.random.fold_in(key, 0))
+    if not return_logits:
+        # -1 pads the EOS ids: a row never holds it, and an empty set keeps a shape
+        eos_ids = jnp.asarray(sorted(eos) or [-1], jnp.int32)
+        return np.asarray(decode(state, token, jnp.asarray(positions[:, -1:] + 1), cache,
+                                 key, eos_ids, steps=max_new_tokens)), None
     held = {"cache": cache, "pos": jnp.asarray(positions[:, -1:] + 1)}
 
     def advance(host, t):
