@@ -18,7 +18,7 @@ from ultrametric_jax.model.llama import LlamaForCausalLM
 from ultrametric_jax.run.tasks import (TASKS, Task, TaskError, fidelity, parse_task_names,
                                       register_task, run_tasks)
 from ultrametric_jax.run.tasks.decoding import Contestant, contestants, fill_cache_bucket
-from ultrametric_jax.run.tasks.fidelity import first_divergence, fidelity_numbers
+from ultrametric_jax.run.tasks.fidelity import first_divergence, fidelity_numbers, routed_share
 from ultrametric_jax.run.tasks.registry import TaskContext, end_token_ids
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.inject import inject_topology, surgical_layers
@@ -125,6 +125,28 @@ def test_fidelity_numbers_of_hand_made_continuations():
     with pytest.raises(ValueError, match="as many candidate continuations and KL rows as "
                                          "references, got 1 and 2 for 2"):
         fidelity_numbers([[1], [2]], [[1]], [np.zeros(1)] * 2)
+
+
+def test_routed_share_against_the_mask():
+    """The closed form against the mask itself: a query counts when, with cluster ids that
+    never agree, some causal key is disallowed."""
+    from pallas_kernels.masking import allowed_pairs
+    prompts, conts = [3, 10, 1, 6], [4, 2, 9, 5]
+    for window, sink in ((4, 1), (2, 0), (16, 3)):
+        routed = total = 0
+        for n, m in zip(prompts, conts):
+            for i in range(n - 1, n - 1 + m):
+                keys = np.arange(i + 1)
+                ok = np.asarray(allowed_pairs(np.int32(i), keys, np.int32(0), np.ones_like(keys),
+                                              window=window, sink_tokens=sink))
+                routed += int(not ok.all())
+                total += 1
+        assert routed_share(prompts, conts, window, sink) == pytest.approx(routed / total)
+    assert routed_share([3, 10], [4, 2], 4, 1) == pytest.approx(3 / 6)
+    numbers = fidelity_numbers([[1, 2]], [[1, 3]], [np.zeros(2)])
+    caveat = "reach past the window and sink"
+    assert caveat in fidelity.summary({"surgical": numbers, "routed_share": 0.0})
+    assert caveat not in fidelity.summary({"surgical": numbers, "routed_share": 0.9})
 
 
 # ----------------------------------------------------------------------------- tiny models

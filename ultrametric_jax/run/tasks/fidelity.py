@@ -10,6 +10,11 @@ it (n when none does; a surgical continuation that ends early differs where it e
   kl_per_token           sum over prompts and continuation tokens of KL(dense || surgical) of
                          the next-token distributions, both models reading the dense
                          continuation (teacher forcing), divided by sum n; in nats.
+  routed_share           (beside both sides) the share of the scored tokens whose position reaches past the
+                         window and the sink (i >= window + sink_tokens): only those have
+                         keys the routes decide. At 0 the surgical attention equals the dense
+                         one on every scored token, and the other numbers say nothing about
+                         the routes (bf16 rounding alone can still flip greedy tokens).
 The "dense" side holds the same numbers for the dense model against itself (1, mean n, 1, 0).
 The fast subset measures them on the instruction task's chat prompts, whose continuations
 are then decoded once for both tasks.
@@ -23,6 +28,7 @@ import numpy as np
 from ultrametric_jax.run.tasks import instructions
 from ultrametric_jax.run.tasks.decoding import teacher_forced_kl
 from ultrametric_jax.run.tasks.registry import Task, TaskContext
+from ultrametric_jax.surgery.inject import surgical_layers
 
 PROMPTS = (
     "The history of the printing press begins",
@@ -82,6 +88,20 @@ def fidelity_numbers(reference: Sequence[Sequence[int]], candidate: Sequence[Seq
             "prompts": len(reference), "tokens": int(lengths.sum())}
 
 
+def routed_share(prompt_lengths: Sequence[int], continuation_lengths: Sequence[int],
+                 window: int, sink_tokens: int) -> float:
+    """The share of continuation tokens predicted from a query with keys outside the window
+    and the sink: continuation token t of a prompt of n tokens is predicted at position
+    n - 1 + t (0-based), and a query at i has such keys when i >= window + sink_tokens."""
+    reach = window + sink_tokens
+    total = routed = 0
+    for n, m in zip(prompt_lengths, continuation_lengths):
+        positions = np.arange(n - 1, n - 1 + m)
+        total += m
+        routed += int(np.sum(positions >= reach))
+    return routed / total if total else 0.0
+
+
 def compare_continuations(ctx: TaskContext, prompts: Sequence[Sequence[int]],
                           dense_rows: Sequence[Sequence[int]],
                           surgical_rows: Sequence[Sequence[int]]) -> tuple[dict, dict]:
@@ -101,7 +121,12 @@ def run(ctx: TaskContext) -> dict:
     with ctx.bar(2 * len(prompts), "fidelity") as bar:
         rows = {c.name: ctx.greedy(c, prompts, steps, tick=bar.update) for c in ctx.both}
     dense, surgical = compare_continuations(ctx, prompts, rows["dense"], rows["surgical"])
-    return {"dense": dense, "surgical": surgical, "max_new_tokens": steps,
+    model = ctx.surgical.model      # any callable model; only a surgical Llama has a window
+    layers = surgical_layers(model) if hasattr(getattr(model, "model", None), "layers") else []
+    share = None if not layers else routed_share(
+        [len(p) for p in prompts], [len(r) for r in rows["dense"]],
+        layers[0].surgery_config.window, layers[0].surgery_config.sink_tokens)
+    return {"dense": dense, "surgical": surgical, "max_new_tokens": steps, "routed_share": share,
             "prompt_set": "instructions" if ctx.fast else "fidelity",
             "examples": [{"prompt": ctx.decode(p), "dense": ctx.decode(d),
                           "surgical": ctx.decode(s)}
@@ -114,7 +139,10 @@ def summary(result: dict) -> str:
             f"greedy tokens before diverging (first divergence at token "
             f"{s['mean_first_divergence']:.1f} on average, {100 * s['identical_share']:.0f}% "
             f"of prompts identical), KL {s['kl_per_token']:.4f} nats/token "
-            f"({s['prompts']} prompts, {s['tokens']} tokens)")
+            f"({s['prompts']} prompts, {s['tokens']} tokens)"
+            + ("" if result.get("routed_share") is None or result["routed_share"] >= 0.5 else
+               f"; only {100 * result['routed_share']:.0f}% of the scored tokens reach past "
+               f"the window and sink, where the routes act"))
 
 
 TASK = Task("fidelity", "greedy agreement and per-token KL against the dense model",
