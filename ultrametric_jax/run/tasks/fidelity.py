@@ -10,8 +10,9 @@ it (n when none does; a surgical continuation that ends early differs where it e
   kl_per_token           sum over prompts and continuation tokens of KL(dense || surgical) of
                          the next-token distributions, both models reading the dense
                          continuation (teacher forcing), divided by sum n; in nats.
-  routed_share           (beside both sides) the share of the scored tokens whose position reaches past the
-                         window and the sink (i >= window + sink_tokens): only those have
+  routed_share           (beside both sides) the share of the scored tokens predicted
+                         from a query past the window and the sink (position i >=
+                         window + sink_tokens): only those have
                          keys the routes decide. At 0 the surgical attention equals the dense
                          one on every scored token, and the other numbers say nothing about
                          the routes (bf16 rounding alone can still flip greedy tokens).
