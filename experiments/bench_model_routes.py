@@ -52,6 +52,7 @@ from bench_attention import timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,  # noqa: E402
                             segment_schedule)
 from pallas_kernels.routed import prefer_sorted  # noqa: E402
+from pallas_kernels.schedule import natural_density_bound  # noqa: E402
 from pallas_kernels.sorted_layout import band_sink_tokens, sort_by_cluster  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
@@ -276,7 +277,9 @@ def route_entry(model, tokens, seq, surgery, block, notes):
     natural, sorted_ = block_densities(jnp.asarray(clusters[:, 0]), window=surgery.window,
                                        sink=surgery.sink_tokens, block=block)
     layers = [dict(layer=i, natural_density=float(natural[i]), sorted_density=float(sorted_[i]),
-                   auto_runs_sorted=bool(prefer_sorted(natural[i])),
+                   auto_runs_sorted=bool(prefer_sorted(natural_density_bound(
+                       jnp.asarray(clusters[i]), window=surgery.window,
+                       sink_tokens=surgery.sink_tokens, block_q=block, block_k=block))),
                    pair_density=float(routes.density_per_layer[i]),
                    tree_pair_density=float(routes.tree_density_per_layer[i]))
               for i in range(c.num_hidden_layers)]

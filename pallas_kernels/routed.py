@@ -4,7 +4,8 @@ Learned routes scatter each cluster over the sequence, so in token order nearly 
 holds some query's cluster and the natural schedule visits them all. The sorted layout
 (sorted_layout.py) makes every cluster contiguous, runs the same-cluster pairs there, the window
 pairs as a band in token order and the sink pairs as a small jnp partial, and merges them.
-routed_attention picks the layout per call (layout="auto": from the natural schedule's density).
+routed_attention picks the layout per call (layout="auto": from a cheap upper bound on the natural
+schedule's density, so that the sorted layout does not pay for a schedule it never runs).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend
 from pallas_kernels.reference import dense_attention
-from pallas_kernels.schedule import build_schedule
+from pallas_kernels.schedule import build_schedule, natural_density_bound
 from pallas_kernels.sorted_layout import sorted_attention
 from pallas_kernels.validation import check_attention_args, check_block_size
 
@@ -37,7 +38,8 @@ def _natural(q, k, v, qc, cfg, backend, schedule=None):
 
 def prefer_sorted(natural_density, sorted_above: float = SORTED_ABOVE):
     """layout="auto"'s rule: the sorted layout when the natural schedule's density (visited /
-    causal blocks, BlockSchedule.density) is above sorted_above."""
+    causal blocks, BlockSchedule.density, or natural_density_bound's bound on it) is above
+    sorted_above."""
     return natural_density > sorted_above
 
 
@@ -66,8 +68,8 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     q [B, S, Hq, D]; k, v [B, S, Hkv, D]; clusters [B, Hq, S] integer ids. layout: "natural"
     runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout,
     the window pairs as a band and the sink pairs as a jnp partial (module docstring); "auto"
-    builds the natural schedule and takes the sorted layout where prefer_sorted(its density,
-    sorted_above) holds (a lax.cond: both paths are compiled, one runs). Returns out
+    takes the sorted layout where prefer_sorted(natural_density_bound(...), sorted_above) holds
+    (a lax.cond: both paths are compiled, one runs; the natural one builds its schedule). Returns out
     [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
     Differentiable in q, k, v.
     """
@@ -88,11 +90,13 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     elif layout == "sorted":
         out, lse = sorted_attention(q, k, v, qc, cfg, backend)
     else:
-        natural = build_schedule(qc, qc, window=window, sink_tokens=sink_tokens,
-                                 block_q=cfg.block_q, block_k=cfg.block_k)
+        # The bound, not the schedule: building the natural schedule costs more than the
+        # sorted attention itself on trained routes, which always take the sorted layout.
+        bound = natural_density_bound(qc, window=window, sink_tokens=sink_tokens,
+                                      block_q=cfg.block_q, block_k=cfg.block_k)
         out, lse = jax.lax.cond(
-            prefer_sorted(natural.density, sorted_above),
-            lambda q, k, v, qc, natural: sorted_attention(q, k, v, qc, cfg, backend),
-            lambda q, k, v, qc, natural: _natural(q, k, v, qc, cfg, backend, natural),
-            q, k, v, qc, natural)
+            prefer_sorted(bound, sorted_above),
+            lambda q, k, v, qc: sorted_attention(q, k, v, qc, cfg, backend),
+            lambda q, k, v, qc: _natural(q, k, v, qc, cfg, backend),
+            q, k, v, qc)
     return (out, lse) if return_lse else out

@@ -92,9 +92,9 @@ def _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window, sink_tokens):
     return jnp.any(dense, axis=1)
 
 
-def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
-    """(visited, full, causal) [nq, nk] bool for one head."""
-    q_len, kv_len = qc.shape[0], kc.shape[0]
+def _block_geometry(q_len, kv_len, bq, bk, q_offset):
+    """Block bounds and the causal classes of [nq, nk] blocks: (q_first, q_last, k_first,
+    k_last, causal, straddle (crosses the diagonal), below (every real pair causal))."""
     nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     i = jnp.arange(nq)[:, None]
     j = jnp.arange(nk)[None, :]
@@ -104,7 +104,16 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
     k_last = jnp.minimum((j + 1) * bk, kv_len) - 1
     causal = k_first <= q_last
     straddle = causal & (k_last > q_first)
-    below = causal & ~straddle                 # every (real) pair of the block is causal
+    return q_first, q_last, k_first, k_last, causal, straddle, causal & ~straddle
+
+
+def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
+    """(visited, full, causal) [nq, nk] bool for one head."""
+    q_len, kv_len = qc.shape[0], kc.shape[0]
+    nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
+    j = jnp.arange(nk)[None, :]
+    q_first, q_last, k_first, k_last, causal, straddle, below = _block_geometry(
+        q_len, kv_len, bq, bk, q_offset)
 
     shared = _shared_cluster_blocks(qc, kc, bq, bk, nq, nk)
     visited_below = below & ((k_first < sink_tokens) | (q_first - k_last < window) | shared)
@@ -127,6 +136,40 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
     no_padding = (j + 1) * bk <= kv_len
     full = below & no_padding & (none_left | one_id)
     return visited, full, jnp.broadcast_to(causal, visited.shape)
+
+
+def _block_signatures(ids, block):
+    """[n_blocks, 2] uint32 per block of ids [S]: bit (id mod 64) set for every id it holds."""
+    h = jnp.mod(ids, 64).astype(jnp.uint32)
+    one = jnp.uint32(1)
+    lo = jnp.where(h < 32, jnp.left_shift(one, jnp.minimum(h, 31)), jnp.uint32(0))
+    hi = jnp.where(h >= 32, jnp.left_shift(one, jnp.maximum(h, 32) - 32), jnp.uint32(0))
+    words = pad_axis(jnp.stack([lo, hi], -1), cdiv(ids.shape[0], block) * block)
+    words = words.reshape(-1, block, 2)
+    return jax.lax.reduce(words, jnp.uint32(0), jax.lax.bitwise_or, (1,))
+
+
+def natural_density_bound(clusters, *, window, sink_tokens, block_q=128, block_k=128):
+    """An upper bound on build_schedule(clusters, clusters, ...).density, exact when every id
+    lies in [0, 64), from one 64-bit signature per block (ids hashed mod 64) instead of the
+    schedule's sorts and compactions: cheap enough to decide a layout with. clusters
+    [B, H, S]; self-attention (q_offset 0). Blocks crossing the diagonal hold a query's own
+    key, so they are visited whatever the ids."""
+    batch, heads, seq = clusters.shape
+    ids = check_clusters(clusters, clusters, batch, heads, seq, seq)[0]
+    window, sink_tokens, _ = check_mask_params(window, sink_tokens, 0, seq, seq)
+    bq = check_block_size("block_q", block_q, power_of_two=False)
+    bk = check_block_size("block_k", block_k, power_of_two=False)
+    q_first, _, k_first, k_last, causal, straddle, below = _block_geometry(seq, seq, bq, bk, 0)
+    local = (k_first < sink_tokens) | (q_first - k_last < window)
+
+    def visited(ids):
+        sq, sk = _block_signatures(ids, bq), _block_signatures(ids, bk)
+        maybe_shared = jnp.any((sq[:, None, :] & sk[None, :, :]) != 0, axis=-1)
+        return straddle | (below & (local | maybe_shared))
+
+    hits = jnp.sum(jax.vmap(jax.vmap(visited))(ids))
+    return (hits / jnp.maximum(batch * heads * jnp.sum(causal), 1)).astype(jnp.float32)
 
 
 def _compact(masked, full):

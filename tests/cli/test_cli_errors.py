@@ -281,7 +281,8 @@ def test_an_unknown_task_is_one_line_before_anything_loads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert _last_line(err) == ("ultrametric eval: error: unknown task 'nope'; choose from "
-                               "fidelity, humaneval, instructions, retrieval (or all)")
+                               "fidelity, humaneval, instructions, retrieval, fidelity_long "
+                               "(or all)")
 
 
 def test_out_of_domain_corpora_must_be_names():

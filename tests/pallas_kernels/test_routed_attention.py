@@ -20,6 +20,7 @@ from pallas_kernels import (allowed_pairs, attention_with_schedule, build_schedu
                             reference_attention, routed_attention, sharded_routed_attention)
 from pallas_kernels.ops import make_config
 from pallas_kernels.routed import prefer_sorted
+from pallas_kernels.schedule import natural_density_bound
 from pallas_kernels.sorted_layout import (SINK_PARTIAL_MAX, _permute_heads, _permute_rows,
                                           merge_partials, sink_pass, sort_by_cluster,
                                           sorted_attention, sorted_attention_autodiff,
@@ -247,6 +248,29 @@ def test_auto_rule_follows_the_natural_density():
     assert float(dense) == 1.0 and bool(prefer_sorted(dense))
     assert float(sparse) == pytest.approx(235 / 2080)
     assert not bool(prefer_sorted(sparse)) and bool(prefer_sorted(sparse, sorted_above=0.1))
+
+
+@pytest.mark.parametrize("seq,bq,bk,window,sink", [(1000, 64, 64, 16, 1), (777, 32, 64, 40, 3),
+                                                    (300, 64, 16, 1, 0)])
+def test_density_bound_is_exact_below_64_ids_and_an_upper_bound_above(seq, bq, bk, window, sink):
+    """natural_density_bound against build_schedule's density: equal when every id lies in
+    [0, 64) (scattered, runs, one cluster), never below it for ids up to 10,000."""
+    rng = np.random.default_rng(seq)
+    kw = dict(window=window, sink_tokens=sink, block_q=bq, block_k=bk)
+    runs = np.repeat(np.arange(seq // 50 + 1), 50)[:seq]
+    for ids in (rng.integers(0, 64, (2, 3, seq)), np.broadcast_to(runs % 64, (2, 3, seq)),
+                np.full((1, 2, seq), 63), rng.integers(0, 6, (1, 4, seq))):
+        ids = jnp.asarray(ids, jnp.int32)
+        assert float(natural_density_bound(ids, **kw)) == pytest.approx(
+            float(build_schedule(ids, ids, **kw).density), abs=1e-6)
+    for ids in (rng.integers(0, 10_000, (2, 3, seq)), np.broadcast_to(runs * 97, (1, 2, seq))):
+        ids = jnp.asarray(ids, jnp.int32)
+        exact = float(build_schedule(ids, ids, **kw).density)
+        assert exact - 1e-6 <= float(natural_density_bound(ids, **kw)) <= 1.0
+    # 64 apart, two runs share a signature bit: the bound counts their blocks, the schedule not.
+    ids = jnp.asarray(np.where(np.arange(seq) < seq // 2, 0, 64)[None, None], jnp.int32)
+    kw = dict(window=1, sink_tokens=0, block_q=bq, block_k=bk)
+    assert float(natural_density_bound(ids, **kw)) > float(build_schedule(ids, ids, **kw).density)
 
 
 def float64_local_attention(q, k, v, ids, window, sink):

@@ -118,6 +118,22 @@ def test_device_loop_equals_host_loop(tiny, temperature, top_k):
     assert (device[1, list(device[1]).index(eos):] == eos).all()
 
 
+def test_padded_width_equals_single_prompts(tiny):
+    """Left padding beyond the longest prompt (a shared width across calls) changes nothing:
+    every row decodes as it does alone, by full recomputation."""
+    _, model = tiny
+    forward = jit_forward(model)
+    prompts = [[4, 8, 15, 16, 23, 42], [1, 2], [77, 3, 9, 50]]
+    padded = generate(model, prompts, 8, width=3 * CACHE_BUCKET - 5)
+    for row, prompt in zip(padded, prompts):
+        np.testing.assert_array_equal(row, naive_greedy(forward, prompt, 8)[0])
+    ids, mask = left_pad(prompts, multiple=CACHE_BUCKET, width=3 * CACHE_BUCKET - 5)
+    assert ids.shape == (3, 3 * CACHE_BUCKET) and mask.sum() == 12
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="width must be a whole number >= 1"):
+            generate(model, prompts, 4, width=bad)
+
+
 def test_sampling_is_seeded(tiny):
     _, model = tiny
     a = generate(model, [[3, 4, 5]], 10, temperature=1.0, seed=1)

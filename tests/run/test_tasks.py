@@ -17,7 +17,9 @@ from ultrametric_jax.model.config import LlamaConfig
 from ultrametric_jax.model.llama import LlamaForCausalLM
 from ultrametric_jax.run.tasks import (TASKS, Task, TaskError, fidelity, parse_task_names,
                                       register_task, run_tasks)
-from ultrametric_jax.run.tasks.decoding import Contestant, contestants, fill_cache_bucket
+from ultrametric_jax.run import generate as generate_module
+from ultrametric_jax.run.tasks.decoding import (Contestant, contestants, fill_cache_bucket,
+                                              greedy)
 from ultrametric_jax.run.tasks.fidelity import first_divergence, fidelity_numbers, routed_share
 from ultrametric_jax.run.tasks.registry import TaskContext, end_token_ids
 from ultrametric_jax.surgery.config import SurgeryConfig
@@ -220,6 +222,20 @@ def test_collapsed_surgical_model_is_faithful(monkeypatch):
 
 # ----------------------------------------------------------------------------- registry
 
+def test_greedy_batches_share_one_compile():
+    """Batches of different prompt widths and a short last batch decode through one compiled
+    prefill and one decode loop, and every row equals decoding its prompt alone."""
+    model = tiny_model(seed=4)
+    dense, _ = contestants(model, surgical_twin())
+    prompts = [[5, 6, 7], list(range(1, 41)), [9] * 70, [3, 1, 4, 1, 5], list(range(60, 95))]
+    _, prefill, _, decode = generate_module._compiled(model, 0.0, None)
+    before = prefill._cache_size(), decode._cache_size()
+    got = greedy(dense, prompts, 6, eos_ids=frozenset(), batch_size=2)
+    assert (prefill._cache_size() - before[0], decode._cache_size() - before[1]) == (1, 1)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == generate_module.generate(model, [prompt], 6)[0].tolist()
+
+
 def test_fast_decoding_fills_one_cache_length_and_is_shared():
     assert fill_cache_bucket([[1] * 40, [2] * 5], 12, 256) == 256 - 64
     assert fill_cache_bucket([[1] * 224], 12, 256) == 32
@@ -326,11 +342,12 @@ def test_run_tasks_end_to_end_writes_json_and_png(tmp_path):
     with open(json_path) as f:
         saved = json.load(f)
     assert saved["summary"] == report["summary"] and saved["fast"] is True
-    assert list(saved["tasks"]) == ["fidelity", "humaneval", "instructions", "retrieval"]
+    assert list(saved["tasks"]) == ["fidelity", "humaneval", "instructions", "retrieval",
+                                    "fidelity_long"]
     for name, line in report["summary"].items():
         assert line.startswith(name + ": ") and "\n" not in line
     image = matplotlib.image.imread(png_path)
-    assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0]  # four panels side by side
+    assert image.ndim == 3 and image.shape[1] > 3 * image.shape[0]  # five panels side by side
     # Collapsed routers compute the base model: both sides score the same on every task.
     for name, result in saved["tasks"].items():
         assert result["dense"] == result["surgical"], name
@@ -344,3 +361,67 @@ def test_run_tasks_end_to_end_writes_json_and_png(tmp_path):
     assert saved["tasks"]["instructions"]["dense"]["prompts"] == 3
     assert saved["tasks"]["fidelity"]["prompt_set"] == "instructions"  # decoded once for both
     assert saved["tasks"]["retrieval"]["dense"]["prompts"] == 3
+    long = saved["tasks"]["fidelity_long"]      # one held-out play and one stdlib module
+    assert (long["surgical"]["prompts"], long["prompt_tokens"], long["routed_share"]) == (2, 224, 1)
+
+
+# ----------------------------------------------------------------------------- fidelity_long
+
+@pytest.mark.slow
+def test_fidelity_long_against_numpy_per_domain(monkeypatch):
+    """Long prompts from held-out documents: the prompts are each document's first tokens,
+    every scored token lies past the window (routed_share 1), and the numbers of all prompts
+    and of each domain equal recomputation without a cache, in float64."""
+    from ultrametric_jax.run.data_corpus import Document
+    from ultrametric_jax.run.tasks import fidelity_long
+    rng = np.random.default_rng(11)
+    words = {name: [rng.integers(1, 96, size=n).tolist() for n in sizes]
+             for name, sizes in (("prose", (50, 30)), ("code", (12, 40, 45)))}
+    docs = {name: [Document(f"{name}{i}", " ".join(f"w{t}" for t in w))
+                   for i, w in enumerate(ws)] for name, ws in words.items()}
+    monkeypatch.setattr(fidelity_long, "domain_documents", lambda: docs)
+    monkeypatch.setattr(fidelity_long, "PROMPT_TOKENS", 24)
+    monkeypatch.setattr(fidelity_long, "PROMPTS_PER_DOMAIN", 2)
+    monkeypatch.setattr(fidelity_long, "MAX_NEW_TOKENS", 6)
+    dense_model, surgical_model = tiny_model(seed=2), surgical_twin(seed=2, router_seed=5)
+    result = fidelity_long.run(context(*contestants(dense_model, surgical_model)))
+    # The first 24 tokens of the first two documents with that many (code0 has 12).
+    expected = {"prose": [w[:24] for w in words["prose"]],
+                "code": [w[:24] for w in words["code"][1:]]}
+    fd, fs = jit_forward(dense_model), jit_forward(surgical_model)
+    totals = {"div": 0, "n": 0, "kl": 0.0}
+    for name, prompts in expected.items():
+        dense_tokens = [naive_greedy(fd, p, 6) for p in prompts]
+        surgical_tokens = [naive_greedy(fs, p, 6) for p in prompts]
+        div = [first_divergence(d, s) for d, s in zip(dense_tokens, surgical_tokens)]
+        kl = sum(np_kl(padded_logits(fd, p + d[:-1])[len(p) - 1:],
+                       padded_logits(fs, p + d[:-1])[len(p) - 1:]).sum()
+                 for p, d in zip(prompts, dense_tokens))
+        got = result["domains"][name]
+        assert got["greedy_agreement"] == pytest.approx(sum(div) / (6 * len(prompts)), abs=1e-12)
+        assert got["kl_per_token"] == pytest.approx(kl / (6 * len(prompts)), rel=1e-3)
+        totals["div"] += sum(div)
+        totals["n"] += 6 * len(prompts)
+        totals["kl"] += kl
+    s = result["surgical"]
+    assert 0 < totals["div"] < totals["n"]       # the routers change some tokens, not all
+    assert s["greedy_agreement"] == pytest.approx(totals["div"] / totals["n"], abs=1e-12)
+    assert s["kl_per_token"] == pytest.approx(totals["kl"] / totals["n"], rel=1e-3)
+    assert (s["prompts"], result["prompt_tokens"], result["routed_share"]) == (4, 24, 1.0)
+    assert result["dense"]["greedy_agreement"] == 1.0
+    assert "fidelity_long:" in fidelity_long.summary(result) and "code" in \
+        fidelity_long.summary(result)
+
+
+def test_fidelity_long_prompts_come_from_held_out_documents():
+    """Prose and code prompts are documents of the validation split the training data
+    pipeline uses (never a training document)."""
+    from ultrametric_jax.run.data_corpus import load_corpus, split_documents
+    from ultrametric_jax.run.tasks import fidelity_long
+    docs = fidelity_long.domain_documents()
+    assert set(docs) == {"prose", "code"} and all(docs.values())
+    train = {d.doc_id for d in split_documents(load_corpus("shakespeare"),
+                                               fidelity_long.VAL_FRACTION)[0]}
+    assert train and not train & {d.doc_id for d in docs["prose"]}
+    prompts = fidelity_long.long_prompts(lambda text: text.split(), docs["code"], 3, 50)
+    assert len(prompts) == 3 and all(len(p) == 50 for p in prompts)

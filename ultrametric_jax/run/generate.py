@@ -34,12 +34,14 @@ CACHE_KINDS = ("auto", "route", "dense")
 PREFILL_CHUNK = 256
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1,
+             width: int | None = None):
     """(ids [B,S] int32, mask [B,S] bool) with every prompt right-aligned; S is the longest
-    prompt's length rounded up to a multiple of `multiple`."""
+    prompt's length (or `width` when larger) rounded up to a multiple of `multiple`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
-    width = -(-max(len(p) for p in prompts) // multiple) * multiple
+    width = max(width or 0, max(len(p) for p in prompts))
+    width = -(-width // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for row, p in enumerate(prompts):
@@ -207,8 +209,8 @@ def _decode_loop(token, logits, advance, max_new_tokens, eos, return_logits):
 
 
 def _generate_dense(model, prompts, max_new_tokens, temperature, top_k, key, eos, pad_id,
-                    return_logits):
-    ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET)
+                    return_logits, width):
+    ids, mask = left_pad(prompts, pad_id, multiple=CACHE_BUCKET, width=width)
     batch, width = ids.shape
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     state, prefill, step, decode = _compiled(model, temperature, top_k)
@@ -267,14 +269,17 @@ def _merge_logits(parts, batch):
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 0, eos_token_id=None, pad_id: int = 0,
              return_logits: bool = False, cache: str = "auto",
-             prefill_chunk: int = PREFILL_CHUNK):
+             prefill_chunk: int = PREFILL_CHUNK, width: int | None = None):
     """Continue each prompt (a list of token ids, or a [B,S] array) by max_new_tokens.
 
     Returns new tokens [B, max_new_tokens] (after an EOS, rows repeat the EOS id), and with
     return_logits also the float32 logits [B, max_new_tokens, V] each token was chosen from.
     Decoding stops early once every row has produced an EOS. cache: "auto" (the route cache
     for a surgical model in evaluation mode, else the dense one), "route" or "dense" (see the
-    module docstring); prefill_chunk: prompt tokens written per call with the route cache.
+    module docstring); prefill_chunk: prompt tokens written per call with the route cache;
+    width: with the dense cache, left-pad the prompts to at least this many tokens, so that
+    calls with shorter prompts reuse one compiled prefill and decode (a compile of a 30-layer
+    model costs tens of seconds; a few padded columns cost far less on an accelerator).
     """
     check_sampling(temperature, top_k)
     if max_new_tokens < 1:
@@ -284,6 +289,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     prompts = [list(map(int, p)) for p in prompts]
     left_pad(prompts, pad_id)                                # every prompt has a token
     longest = max(map(len, prompts))
+    if width is not None and (isinstance(width, bool) or int(width) != width or width < 1):
+        raise ConfigError(f"width must be a whole number >= 1 (or None), got {width!r}")
     check_context(longest, max_new_tokens, model.config.max_position_embeddings)
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
     key = jax.random.PRNGKey(seed)
@@ -291,7 +298,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     max_len = -(-(longest + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     if cache_kind(model, max_len, cache) == "dense":
         out, logits = _generate_dense(model, prompts, max_new_tokens, temperature, top_k, key,
-                                      eos, pad_id, return_logits)
+                                      eos, pad_id, return_logits, width)
     else:
         prefill_chunks(1, prefill_chunk)                     # a bad chunk fails first
         out = np.zeros((len(prompts), max_new_tokens), np.int32)

@@ -61,8 +61,8 @@ class SurgeryAux(nnx.Intermediate):
 @dataclasses.dataclass(frozen=True)
 class KernelAttention:
     """The hard topology through pallas_kernels.routed_attention: the kernels in token order or
-    on the cluster-sorted layout (layout="auto" picks per call from the natural schedule's
-    block density), or on a mesh its shard_map form (a Pallas call is opaque to the SPMD
+    on the cluster-sorted layout (layout="auto" picks per call from a bound on the natural
+    schedule's block density), or on a mesh its shard_map form (a Pallas call is opaque to the SPMD
     partitioner, so each device runs the kernels on its own batch and head slice). Hashable,
     so a compiled model can key on it."""
     options: tuple = ()                 # (name, value) pairs for routed_attention

@@ -166,11 +166,17 @@ def pair_counts(clusters: jax.Array, window: int, sink_tokens: int,
     # tokens from the start of its run of equal ids up to it.
     order = jnp.argsort(clusters, axis=-1, stable=True)
     ordered = jnp.take_along_axis(clusters, order, axis=-1)
-    real_sorted = jnp.take_along_axis(real, order, axis=-1).astype(jnp.int32)
     starts = jnp.concatenate([jnp.ones_like(ordered[..., :1], bool),
                               ordered[..., 1:] != ordered[..., :-1]], axis=-1)
     run_start = jax.lax.cummax(jnp.where(starts, token, 0), axis=axis)
-    seen = jnp.cumsum(real_sorted, axis=-1)
+    # Without padding the running counts are closed forms. A cumulative sum of a constant
+    # would be folded at compile time, which XLA does slowly (a minute per model at 8k).
+    if valid is None:
+        real_sorted = jnp.ones(clusters.shape, jnp.int32)
+        seen = jnp.broadcast_to(token + 1, clusters.shape)
+    else:
+        real_sorted = jnp.take_along_axis(real, order, axis=-1).astype(jnp.int32)
+        seen = jnp.cumsum(real_sorted, axis=-1)
     before_run = jnp.take_along_axis(seen - real_sorted, run_start, axis=-1)
     tree = jnp.sum(real_sorted * (seen - before_run), axis=-1, dtype=jnp.float32)
     # The keys a query reaches whatever the routes: the window (i - d for d < window) and the
@@ -186,8 +192,11 @@ def pair_counts(clusters: jax.Array, window: int, sink_tokens: int,
     same = clusters[..., :, None] == clusters[..., keys]
     bypass = jnp.sum(reached, axis=(-2, -1), dtype=jnp.float32)
     bypass_in_tree = jnp.sum(same & reached, axis=(-2, -1), dtype=jnp.float32)
-    real_before = jnp.cumsum(real, axis=-1, dtype=jnp.float32)
-    causal = jnp.sum(jnp.where(real, real_before, 0.0), axis=-1)
+    if valid is None:
+        causal = jnp.full(clusters.shape[:-1], seq * (seq + 1) / 2, jnp.float32)
+    else:
+        real_before = jnp.cumsum(real, axis=-1, dtype=jnp.float32)
+        causal = jnp.sum(jnp.where(real, real_before, 0.0), axis=-1)
     return tree, tree + bypass - bypass_in_tree, causal
 
 

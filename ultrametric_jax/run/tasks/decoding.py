@@ -76,18 +76,27 @@ def greedy(contestant: Contestant, prompts: Sequence[Sequence[int]], max_new_tok
            eos_ids: frozenset, batch_size: int, tick: Optional[Callable[[int], Any]] = None
            ) -> list[list[int]]:
     """Greedy continuation of every prompt (token lists cut after their first EOS), decoded in
-    batches of prompts of similar lengths."""
+    batches of prompts of similar lengths.
+
+    Every batch has one shape: as many rows as the first (a short last batch repeats its last
+    prompt) and the longest prompt's width, so the whole call compiles one prefill and one
+    decode loop. A compile of a 30-layer surgical model costs tens of seconds; the padded
+    rows and columns cost far less."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
     eos = sorted(eos_ids) or None
+    rows_per_batch = min(batch_size, len(prompts))
+    width = max(len(p) for p in prompts)
     with contestant.mode():
         for part in chunks(len(order), batch_size):
             rows = order[part]
+            batch = [prompts[i] for i in rows]
+            batch += [batch[-1]] * (rows_per_batch - len(batch))
             # The dense KV cache (cluster ids stored beside the keys) decodes a surgical model
             # exactly as the route cache does, and takes a whole batch of mixed prompt
             # lengths in one compiled step; the route cache runs one batch per length.
-            new = generate(contestant.model, [prompts[i] for i in rows], max_new_tokens,
-                           temperature=0.0, eos_token_id=eos, cache="dense")
+            new = generate(contestant.model, batch, max_new_tokens, temperature=0.0,
+                           eos_token_id=eos, cache="dense", width=width)
             for i, tokens in zip(rows, new):
                 out[i] = until_eos(tokens, eos_ids)
             if tick is not None:

@@ -103,6 +103,18 @@ def routed_share(prompt_lengths: Sequence[int], continuation_lengths: Sequence[i
     return routed / total if total else 0.0
 
 
+def routed_share_of(ctx: TaskContext, prompts: Sequence[Sequence[int]],
+                    continuations: Sequence[Sequence[int]]):
+    """routed_share for the surgical model's window and sink; None when it is not a
+    surgical Llama (any callable model can be a contestant)."""
+    model = ctx.surgical.model
+    layers = surgical_layers(model) if hasattr(getattr(model, "model", None), "layers") else []
+    if not layers:
+        return None
+    return routed_share([len(p) for p in prompts], [len(r) for r in continuations],
+                        layers[0].surgery_config.window, layers[0].surgery_config.sink_tokens)
+
+
 def compare_continuations(ctx: TaskContext, prompts: Sequence[Sequence[int]],
                           dense_rows: Sequence[Sequence[int]],
                           surgical_rows: Sequence[Sequence[int]]) -> tuple[dict, dict]:
@@ -122,11 +134,7 @@ def run(ctx: TaskContext) -> dict:
     with ctx.bar(2 * len(prompts), "fidelity") as bar:
         rows = {c.name: ctx.greedy(c, prompts, steps, tick=bar.update) for c in ctx.both}
     dense, surgical = compare_continuations(ctx, prompts, rows["dense"], rows["surgical"])
-    model = ctx.surgical.model      # any callable model; only a surgical Llama has a window
-    layers = surgical_layers(model) if hasattr(getattr(model, "model", None), "layers") else []
-    share = None if not layers else routed_share(
-        [len(p) for p in prompts], [len(r) for r in rows["dense"]],
-        layers[0].surgery_config.window, layers[0].surgery_config.sink_tokens)
+    share = routed_share_of(ctx, prompts, rows["dense"])
     return {"dense": dense, "surgical": surgical, "max_new_tokens": steps, "routed_share": share,
             "prompt_set": "instructions" if ctx.fast else "fidelity",
             "examples": [{"prompt": ctx.decode(p), "dense": ctx.decode(d),

@@ -48,3 +48,27 @@ def plot_tasks(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def merge_reports(reports) -> dict:
+    """One report from the reports of separate runs over disjoint tasks of the same models
+    (e.g. one process per task): tasks and summaries in the given order; `seconds` is the
+    longest part's (the parts run side by side). ValueError when two parts hold the same
+    task or they disagree on the fast subset."""
+    reports = list(reports)
+    if not reports:
+        raise ValueError("no task report to merge")
+    if len({bool(r["fast"]) for r in reports}) > 1:
+        raise ValueError("cannot merge task reports of the fast subset with full ones")
+    tasks, summary, pending = {}, {}, []
+    for r in reports:
+        for name, result in r["tasks"].items():
+            if name in tasks:
+                raise ValueError(f"task {name!r} appears in more than one report")
+            tasks[name], summary[name] = result, r["summary"][name]
+        pending += r.get("pending", [])
+    merged = {"fast": bool(reports[0]["fast"]), "tasks": tasks, "summary": summary,
+              "seconds": max(r["seconds"] for r in reports)}
+    if pending:
+        merged["pending"] = pending
+    return merged
