@@ -222,16 +222,21 @@ def test_collapsed_surgical_model_is_faithful(monkeypatch):
 
 # ----------------------------------------------------------------------------- registry
 
-def test_greedy_batches_share_one_compile(monkeypatch):
+def test_greedy_batches_share_one_compile(monkeypatch, caplog):
     """Batches of different prompt widths and a short last batch decode through one compiled
     prefill and one decode loop, and every row equals decoding its prompt alone."""
+    import logging
+
+    import jax
     model = tiny_model(seed=4)
     dense, _ = contestants(model, surgical_twin())
     prompts = [[5, 6, 7], list(range(1, 41)), [9] * 70, [3, 1, 4, 1, 5], list(range(60, 95))]
     monkeypatch.setattr(generate_module, "_COMPILED", {})   # fresh jits: nothing compiled yet
-    _, prefill, _, decode = generate_module._compiled(model, 0.0, None)
-    got = greedy(dense, prompts, 6, eos_ids=frozenset(), batch_size=2)
-    assert (prefill._cache_size(), decode._cache_size()) == (1, 1)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        got = greedy(dense, prompts, 6, eos_ids=frozenset(), batch_size=2)
+    compiles = [sum(f"Compiling jit({name})" in r.getMessage() for r in caplog.records)
+                for name in ("prefill", "decode")]
+    assert compiles == [1, 1]
     for prompt, tokens in zip(prompts, got):
         assert tokens == generate_module.generate(model, [prompt], 6)[0].tolist()
 
