@@ -14,6 +14,7 @@ the table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -55,10 +56,8 @@ def measure(model, prompt_sets, new_tokens):
     rows, tokens = [], {}
     for name in ("dense", "surgical"):
         for loop in ("device", "host"):
-            with evaluation_mode(model):
-                mode = base_model_mode(model) if name == "dense" else None
-                if mode is not None:
-                    mode.__enter__()
+            base = base_model_mode(model) if name == "dense" else contextlib.nullcontext()
+            with evaluation_mode(model), base:
                 times, outs = [], []
                 for prompts in prompt_sets:
                     start = time.perf_counter()
@@ -67,8 +66,6 @@ def measure(model, prompt_sets, new_tokens):
                     out = np.asarray(out[0] if loop == "host" else out)
                     times.append(time.perf_counter() - start)
                     outs.append(out)
-                if mode is not None:
-                    mode.__exit__(None, None, None)
             tokens[name, loop] = outs
             rows.append(dict(model=name, loop=loop, first_s=times[0], second_s=times[1],
                              third_s=times[2], ms_per_step=1000 * times[2] / new_tokens))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.ops import attention_with_schedule, make_config, pick_backend
 from pallas_kernels.reference import dense_attention
-from pallas_kernels.schedule import build_schedule, natural_density_bound
+from pallas_kernels.schedule import build_schedule, density_bound_of_checked
 from pallas_kernels.sorted_layout import sorted_attention
 from pallas_kernels.validation import check_attention_args, check_block_size
 
@@ -69,7 +69,8 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     runs the kernels in token order; "sorted" runs the tree pairs on the cluster-sorted layout,
     the window pairs as a band and the sink pairs as a jnp partial (module docstring); "auto"
     takes the sorted layout where prefer_sorted(natural_density_bound(...), sorted_above) holds
-    (a lax.cond: both paths are compiled, one runs; the natural one builds its schedule). Returns out
+    (a lax.cond: both paths are compiled, one runs; the natural one builds its schedule).
+    Returns out
     [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
     Differentiable in q, k, v.
     """
@@ -92,8 +93,7 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     else:
         # The bound, not the schedule: building the natural schedule costs more than the
         # sorted attention itself on trained routes, which always take the sorted layout.
-        bound = natural_density_bound(qc, window=window, sink_tokens=sink_tokens,
-                                      block_q=cfg.block_q, block_k=cfg.block_k)
+        bound = density_bound_of_checked(qc, window, sink_tokens, cfg.block_q, cfg.block_k)
         out, lse = jax.lax.cond(
             prefer_sorted(bound, sorted_above),
             lambda q, k, v, qc: sorted_attention(q, k, v, qc, cfg, backend),

@@ -158,8 +158,15 @@ def natural_density_bound(clusters, *, window, sink_tokens, block_q=128, block_k
     batch, heads, seq = clusters.shape
     ids = check_clusters(clusters, clusters, batch, heads, seq, seq)[0]
     window, sink_tokens, _ = check_mask_params(window, sink_tokens, 0, seq, seq)
-    bq = check_block_size("block_q", block_q, power_of_two=False)
-    bk = check_block_size("block_k", block_k, power_of_two=False)
+    return density_bound_of_checked(ids, window, sink_tokens,
+                                    check_block_size("block_q", block_q, power_of_two=False),
+                                    check_block_size("block_k", block_k, power_of_two=False))
+
+
+def density_bound_of_checked(ids, window, sink_tokens, bq, bk):
+    """natural_density_bound of int32 ids [B, H, S] and settings already validated (the
+    caller's own checks, e.g. routed_attention's, are not repeated)."""
+    batch, heads, seq = ids.shape
     q_first, _, k_first, k_last, causal, straddle, below = _block_geometry(seq, seq, bq, bk, 0)
     local = (k_first < sink_tokens) | (q_first - k_last < window)
 

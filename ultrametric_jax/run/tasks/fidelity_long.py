@@ -19,9 +19,12 @@ import functools
 import warnings
 from typing import Sequence
 
+import numpy as np
+
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.run.data_corpus import load_corpus, split_documents
 from ultrametric_jax.run.tasks import fidelity
+from ultrametric_jax.run.tasks.decoding import teacher_forced_kl
 from ultrametric_jax.run.tasks.registry import Task, TaskContext, TaskError
 
 # The fast width is the fast tasks' shared prompt width (retrieval.FAST_LENGTHS).
@@ -76,18 +79,22 @@ def run(ctx: TaskContext) -> dict:
     prompts = [p for p in by_domain.values() for p in p]
     with ctx.bar(2 * len(prompts), "fidelity_long") as bar:
         rows = {c.name: ctx.greedy(c, prompts, steps, tick=bar.update) for c in ctx.both}
-    dense, surgical = fidelity.compare_continuations(ctx, prompts, rows["dense"],
-                                                     rows["surgical"])
-    result = {"dense": dense, "surgical": surgical, "max_new_tokens": steps,
-              "prompt_tokens": tokens,
+    # One teacher-forced pass for all prompts; the domains are slices of its rows.
+    kl = teacher_forced_kl(ctx.dense, ctx.surgical, prompts, rows["dense"],
+                           batch_size=ctx.batch_size, min_width=ctx.min_width)
+    dense = fidelity.fidelity_numbers(rows["dense"], rows["dense"],
+                                      [np.zeros(len(r)) for r in rows["dense"]])
+    result = {"dense": dense,
+              "surgical": fidelity.fidelity_numbers(rows["dense"], rows["surgical"], kl),
+              "max_new_tokens": steps, "prompt_tokens": tokens,
               "routed_share": fidelity.routed_share_of(ctx, prompts, rows["dense"]),
               "domains": {}}
     start = 0
     for name, domain_prompts in by_domain.items():
         part = slice(start, start + len(domain_prompts))
         start = part.stop
-        result["domains"][name] = fidelity.compare_continuations(
-            ctx, domain_prompts, rows["dense"][part], rows["surgical"][part])[1]
+        result["domains"][name] = fidelity.fidelity_numbers(rows["dense"][part],
+                                                            rows["surgical"][part], kl[part])
     return result
 
 
