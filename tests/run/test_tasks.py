@@ -430,3 +430,17 @@ def test_fidelity_long_prompts_come_from_held_out_documents():
     assert train and not train & {d.doc_id for d in docs["prose"]}
     prompts = fidelity_long.long_prompts(lambda text: text.split(), docs["code"], 3, 50)
     assert len(prompts) == 3 and all(len(p) == 50 for p in prompts)
+
+
+def test_fidelity_long_errors_name_the_problem(monkeypatch):
+    from ultrametric_jax.run.data_corpus import Document
+    from ultrametric_jax.run.tasks import fidelity_long
+    monkeypatch.setattr(fidelity_long, "domain_documents",
+                        lambda: {"prose": [Document("a", "w1 w2 w3")]})
+    ctx = context(*contestants(tiny_model(), surgical_twin()), fast=True)
+    with pytest.raises(TaskError, match="fidelity_long: no held-out document has 224 tokens"):
+        fidelity_long.run(ctx)
+    ctx.max_context = 16
+    with pytest.raises(TaskError, match="fidelity_long: a context of 16 tokens leaves no room "
+                                        "for a prompt and 16 new tokens"):
+        fidelity_long.run(ctx)
