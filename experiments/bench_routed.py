@@ -44,6 +44,7 @@ WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
           "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192])}
 SMOKE = False  # --smoke: a CPU dry run (Pallas interpret mode, XLA attention for cuDNN)
+BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper)
 
 
 def random_inputs(seq, hq, hkv, d, dtype, seed):
@@ -64,7 +65,8 @@ def check_correctness(shape, quick=False):
     (quick: the sorted layout in bf16 only)."""
     rows = []
     cases = [(200 if SMOKE else 1000, jnp.bfloat16, 16, WINDOW, SINK, 2e-2),
-             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)][:1 if quick else 2]
+             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)]
+    cases = cases[:1] if quick or BACKEND == "mosaic" else cases  # mosaic: 2-byte inputs
     for seq, dtype, clusters, window, sink, tol in cases:
         q, k, v, ct = random_inputs(seq, shape["hq"], shape["hkv"], shape["d"], dtype, seed=seq)
         ids = random_routes(seq, shape["hq"], clusters, seed=seq)
@@ -80,7 +82,7 @@ def check_correctness(shape, quick=False):
             *f32, ids)
         for layout in ("sorted",) if quick else ("sorted", "natural"):
             def routed(q, k, v, ids, layout=layout):
-                return routed_attention(q, k, v, ids, layout=layout, backend="gpu",
+                return routed_attention(q, k, v, ids, layout=layout, backend=BACKEND,
                                         interpret=SMOKE, return_lse=True, **kw)
 
             got = jax.jit(out_lse_grads, static_argnums=0)(routed, q, k, v, ct, ids)
@@ -140,6 +142,7 @@ def run(args):
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "shape": dict(B=1, Hq=shape["hq"], Hkv=shape["hkv"], D=shape["d"],
                             dtype="bfloat16", window=WINDOW, sink=SINK, block=BLOCK),
+              "backend": BACKEND,
               "correctness": check_correctness(shape, quick=args.breakdown), "rows": [],
               "skipped": []}
     if args.breakdown:
@@ -181,7 +184,7 @@ def run(args):
                     continue
                 def fn(q, k, v, ids, layout=layout):
                     return routed_attention(q, k, v, ids, window=WINDOW, sink_tokens=SINK,
-                                            layout=layout, backend="gpu", interpret=SMOKE,
+                                            layout=layout, backend=BACKEND, interpret=SMOKE,
                                             block_q=BLOCK, block_k=BLOCK)
 
                 fwd, fb = time_case(q, k, v, ct, ids, fn, args.reps)
@@ -257,10 +260,12 @@ def main():
     parser.add_argument("--breakdown", action="store_true",
                         help="time each stage of the sorted layout alone (forward, backward)")
     parser.add_argument("--out", default="results/bench_routed.json")
+    parser.add_argument("--backend", choices=["gpu", "mosaic"], default="gpu",
+                        help="the kernels: Pallas through Triton, or the Mosaic GPU forward")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global SMOKE
-    SMOKE = args.smoke
+    global SMOKE, BACKEND
+    SMOKE, BACKEND = args.smoke, args.backend
     sys.exit(run(args))
 
 

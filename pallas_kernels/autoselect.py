@@ -1,5 +1,6 @@
-"""backend="auto" on a GPU: the faster of the Pallas kernels ("gpu") and the Triton kernels
-("triton"), measured once per (device kind, shape class) and kept in a small JSON file.
+"""backend="auto" on a GPU: the fastest of the Pallas kernels ("gpu"), the Triton kernels
+("triton") and, on Hopper with 2-byte inputs, the Mosaic GPU forward ("mosaic"), measured once
+per (device kind, shape class) and kept in a small JSON file.
 
 A choice is never guessed: with one usable backend that one runs (nothing to compare); with two,
 both run forward + backward on random inputs of the call's shape at full density (one cluster,
@@ -20,7 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-CANDIDATES = ("gpu", "triton")
+CANDIDATES = ("gpu", "triton", "mosaic")
 
 
 def cache_path() -> Path:
@@ -86,12 +87,22 @@ def measure(backend, q, k, *, window, sink_tokens, block_q, block_k, interpret=F
     return statistics.median(samples)
 
 
+def usable_candidates(q, *, block_q, block_k) -> list:
+    """The GPU backends that can run a call like this one on this host, "gpu" first."""
+    from pallas_kernels.config import AttentionConfig
+    from pallas_kernels.mosaic_gpu import unavailable as mosaic_unavailable
+    from pallas_kernels.triton_backend import unavailable as triton_unavailable
+    cfg = AttentionConfig(q_len=q.shape[1], kv_len=q.shape[1], q_offset=0, window=0,
+                          sink_tokens=0, scale=1.0, block_q=block_q, block_k=block_k)
+    return (["gpu"] + (["triton"] if triton_unavailable(False) is None else [])
+            + (["mosaic"] if mosaic_unavailable(cfg, q.dtype) is None else []))
+
+
 def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, timer=measure,
            device_kind=None) -> str:
     """The recorded choice for this device kind and shape class, measured on first use."""
-    from pallas_kernels.triton_backend import unavailable
     if candidates is None:
-        candidates = ["gpu"] + (["triton"] if unavailable(False) is None else [])
+        candidates = usable_candidates(q, block_q=block_q, block_k=block_k)
     if len(candidates) == 1:
         return candidates[0]
     device_kind = device_kind or jax.devices()[0].device_kind

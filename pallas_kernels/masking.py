@@ -25,9 +25,10 @@ LOG2E = 1.4426950408889634
 def allowed_pairs(q_pos, k_pos, q_cluster, k_cluster, *, window: int, sink_tokens: int,
                   kv_len: int | None = None, exclude_same_cluster: bool = False):
     """Boolean mask of allowed (query, key) pairs; all array arguments broadcast."""
-    same = q_cluster == k_cluster
     local = (k_pos < sink_tokens) | (q_pos - k_pos < window)
-    ok = (k_pos <= q_pos) & ((local & ~same) if exclude_same_cluster else (same | local))
+    # != rather than ~(==): Mosaic GPU cannot lower a boolean not (it converts to 1-bit regs)
+    ok = (k_pos <= q_pos) & ((local & (q_cluster != k_cluster)) if exclude_same_cluster
+                             else ((q_cluster == k_cluster) | local))
     if kv_len is not None:
         ok = ok & (k_pos < kv_len)
     return ok

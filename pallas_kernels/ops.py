@@ -15,11 +15,13 @@ from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
 
 # "gpu": Pallas kernels lowered through Triton; "triton": the same kernels written in Triton and
-# called through jax_triton (triton_backend.py); "tpu": Pallas/Mosaic; "xla": the dense reference.
-BACKENDS = ("auto", "gpu", "tpu", "triton", "xla")
-_MODULES = {"gpu": "pallas_kernels.gpu", "tpu": "pallas_kernels.tpu",
-            "triton": "pallas_kernels.triton_backend"}
-DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128), "triton": (128, 128)}
+# called through jax_triton (triton_backend.py); "mosaic": Pallas' Mosaic GPU lowering for
+# Hopper (mosaic_gpu.py); "tpu": Pallas/Mosaic; "xla": the dense reference.
+BACKENDS = ("auto", "gpu", "mosaic", "tpu", "triton", "xla")
+_MODULES = {"gpu": "pallas_kernels.gpu", "mosaic": "pallas_kernels.mosaic_gpu",
+            "tpu": "pallas_kernels.tpu", "triton": "pallas_kernels.triton_backend"}
+DEFAULT_BLOCKS = {"gpu": (128, 128), "mosaic": (128, 128), "tpu": (128, 128),
+                  "triton": (128, 128)}
 
 
 def resolve_backend(backend: str) -> str:
@@ -101,7 +103,7 @@ def _check_kernel_backend(backend):
         raise ValueError(f"the kernels' backend must be one of {tuple(_MODULES)}, got {backend!r}")
 
 
-def _check_gpu_blocks(backend, cfg):
+def _check_gpu_blocks(backend, cfg, dtype):
     if backend in ("gpu", "triton") and min(cfg.block_q, cfg.block_k) < 16:
         raise ValueError(f"GPU block sizes must be >= 16, got block_q={cfg.block_q}, "
                          f"block_k={cfg.block_k}")
@@ -110,6 +112,11 @@ def _check_gpu_blocks(backend, cfg):
         reason = unavailable(cfg.interpret)
         if reason:
             raise RuntimeError(reason)
+    if backend == "mosaic":  # dtype, blocks and device: said before tracing a kernel
+        from pallas_kernels.mosaic_gpu import unavailable
+        reason = unavailable(cfg, dtype)
+        if reason:
+            raise ValueError(reason)
 
 
 def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpret,
@@ -122,7 +129,7 @@ def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpre
                           block_k=DEFAULT_BLOCKS[backend][1] if block_k is None else block_k,
                           interpret=bool(interpret),
                           gpu=gpu_tuning or GpuTuning.for_dtype(q.dtype))
-    _check_gpu_blocks(backend, cfg)
+    _check_gpu_blocks(backend, cfg, q.dtype)
     return cfg
 
 
@@ -141,7 +148,7 @@ def prepare_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSchedule, *
     """(qc, kc, schedule, config) checked and resolved for kernel_forward / kernel_backward:
     the arguments of attention_with_schedule."""
     _check_kernel_backend(backend)
-    _check_gpu_blocks(backend, config)
+    _check_gpu_blocks(backend, config, q.dtype)
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, config.window, config.sink_tokens, config.q_offset)
     if (config.q_len, config.kv_len) != (q.shape[1], k.shape[1]):

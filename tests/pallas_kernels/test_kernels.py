@@ -336,8 +336,8 @@ def test_attention_with_schedule_rejects_mismatches():
         attend(q[:, 1:], k, v, qc[..., 1:], kc)
     with pytest.raises(TypeError, match="q_clusters must hold integer"):
         attend(q, k, v, qc.astype(jnp.float32), kc)
-    with pytest.raises(ValueError,
-                       match=r"the kernels' backend must be one of \('gpu', 'tpu', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"the kernels' backend must be one of "
+                       r"\('gpu', 'mosaic', 'tpu', 'triton'\)"):
         attend(q, k, v, qc, kc, backend="xla")
 
 
