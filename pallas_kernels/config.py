@@ -54,6 +54,32 @@ class GpuTuning:
 
 
 @dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+    """Launch parameters of backend="mosaic" (mosaic_gpu.py): the number of shared-memory slots
+    of the key/value ring (capped by what fits), whether the two consumer warpgroups ping-pong,
+    whether the grid is persistent (ctas CTAs, default one per SM, each looping over query
+    blocks) rather than one CTA per query block, and which kernels run the backward: "triton"
+    (through jax_triton where it runs, else "pallas"), "pallas" (gpu.py) or "mosaic"
+    (mosaic_gpu_bwd.py; 128 x 128 blocks)."""
+    stages: int = 2
+    pingpong: bool = True
+    persistent: bool = False
+    ctas: int | None = None
+    backward: str = "triton"
+
+    def __post_init__(self):
+        for name in ("stages", "ctas"):
+            value = getattr(self, name)
+            if value is None and name == "ctas":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MosaicTuning.{name} must be an int >= 1, got {value!r}")
+        if self.backward not in ("triton", "pallas", "mosaic"):
+            raise ValueError(f"MosaicTuning.backward must be 'triton', 'pallas' or 'mosaic', "
+                             f"got {self.backward!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Everything static about a call. Lengths are the real (unpadded) ones; the arrays handed
     to the kernels are padded to whole blocks. exclude_same_cluster switches the token mask to
@@ -69,6 +95,7 @@ class AttentionConfig:
     interpret: bool = False
     gpu: GpuTuning = GpuTuning()
     exclude_same_cluster: bool = False
+    mosaic: MosaicTuning = MosaicTuning()
 
     def __post_init__(self):
         check_block_size("block_q", self.block_q)

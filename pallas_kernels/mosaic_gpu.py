@@ -6,18 +6,21 @@ warpgroup that walks the block's schedule list and streams the listed key blocks
 for the blocks that need the token mask, their cluster ids) into a ring of shared-memory slots
 with the bulk tensor-copy engine (TMA). Both consumers read every slot, so one slot is freed
 when both have arrived on its "consumed" barrier. An optional ping-pong barrier makes the two
-consumers take turns on the tensor cores, so one's softmax overlaps the other's matmuls.
+consumers take turns on the tensor cores, so one's softmax overlaps the other's matmuls. With
+MosaicTuning(persistent=True) a fixed number of CTAs (one per SM) loop over the query blocks:
+the key ring runs on from one block to the next and the next block's queries load while the
+current one computes, which hides the per-block start-up that short schedule lists expose.
 
 Scores live in base 2 (exp2); the LSE leaves in natural log, as in the other backends. Inputs
 arrive padded to whole blocks (ops.py) in the [B, S, heads, D] layout; the head dim is padded
 here to a multiple of 64 (the swizzled tile of a 2-byte wgmma operand). 2-byte dtypes only.
 
-The backward (dq, dk, dv) runs the Triton kernels (triton_backend.py) on the same schedule where
-jax_triton is installed, else the Pallas kernels of gpu.py.
+The backward (dq, dk, dv) runs on the same schedule: by default the Triton kernels
+(triton_backend.py) where jax_triton is installed, else the Pallas kernels of gpu.py;
+MosaicTuning(backward="mosaic") takes the warp-specialised kernels of mosaic_gpu_bwd.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -28,23 +31,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import gpu as pallas_gpu
 from pallas_kernels.common import NT, dot, pad_axis
-from pallas_kernels.config import AttentionConfig
+from pallas_kernels.config import AttentionConfig, MosaicTuning
 from pallas_kernels.masking import LOG2E, allowed_pairs
 
-_ROWS = 64  # one warpgroup's wgmma tile height
-_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block, opt-in maximum
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicTuning:
-    """Launch parameters of the Mosaic GPU forward: the number of shared-memory slots of the
-    key/value ring (capped by what fits), and whether the two consumers ping-pong."""
-    stages: int = 2
-    pingpong: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
-            raise ValueError(f"MosaicTuning.stages must be an int >= 1, got {self.stages!r}")
+ROWS = 64  # one warpgroup's wgmma tile height
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block, opt-in maximum
 
 
 def unavailable(cfg: AttentionConfig, dtype) -> str | None:
@@ -52,9 +43,9 @@ def unavailable(cfg: AttentionConfig, dtype) -> str | None:
     if jnp.dtype(dtype).itemsize != 2:
         return (f"backend='mosaic' runs 2-byte inputs (bfloat16, float16) on wgmma; got "
                 f"{jnp.dtype(dtype).name} (backend='gpu' or 'triton' run float32)")
-    if cfg.block_q % (2 * _ROWS) or cfg.block_k % _ROWS:
-        return (f"backend='mosaic' needs block_q a multiple of {2 * _ROWS} (two warpgroups of "
-                f"{_ROWS} rows) and block_k a multiple of {_ROWS}; got block_q={cfg.block_q}, "
+    if cfg.block_q % (2 * ROWS) or cfg.block_k % ROWS:
+        return (f"backend='mosaic' needs block_q a multiple of {2 * ROWS} (two warpgroups of "
+                f"{ROWS} rows) and block_k a multiple of {ROWS}; got block_q={cfg.block_q}, "
                 f"block_k={cfg.block_k}")
     if not cfg.interpret:
         if jax.default_backend() != "gpu":
@@ -69,12 +60,12 @@ def unavailable(cfg: AttentionConfig, dtype) -> str | None:
     return None
 
 
-def _interpret_params():
+def interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     return InterpretGPUParams()
 
 
-class _Ops:
+class WarpgroupOps:
     """The kernel's register-level operations. Compiled, they carry wgmma and its register
     layouts. Pallas' GPU interpreter (jax's CPU stand-in for this lowering) has no rules for
     layout hints, transposed operands, register operands of wgmma or run_state, so under
@@ -117,11 +108,11 @@ class _Ops:
         return pl.run_state(into)(plgpu.ACC.init(acc))
 
 
-def _stages(cfg: AttentionConfig, dp: int, itemsize: int, wanted: int) -> int:
+def _stages(cfg: AttentionConfig, dp: int, itemsize: int, wanted: int, bufs: int = 1) -> int:
     """The largest ring depth <= wanted whose buffers fit shared memory."""
-    fixed = cfg.block_q * dp * itemsize + cfg.block_q * 8  # q/out tiles, q ids and lse
+    fixed = bufs * cfg.block_q * (dp * itemsize + 4) + cfg.block_q * 4  # q/out, ids, lse
     per_stage = 2 * cfg.block_k * dp * itemsize + cfg.block_k * 4  # k, v, key ids
-    fits = (_SMEM_BYTES - fixed - 4096) // per_stage
+    fits = (SMEM_BYTES - fixed - 4096) // per_stage
     if fits < 1:
         raise ValueError(f"backend='mosaic': blocks {cfg.block_q} x {cfg.block_k} with head dim "
                          f"{dp} do not fit shared memory; use smaller blocks")
@@ -131,15 +122,26 @@ def _stages(cfg: AttentionConfig, dp: int, itemsize: int, wanted: int) -> int:
 def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, lse_ref,
                 q_smem, qc_smem, lse_smem, k_smem, v_smem, kc_smem,
                 q_bar, qc_bar, k_bar, v_bar, kc_bar, k_free, v_free, turn, *,
-                cfg: AttentionConfig, group: int, stages: int, pingpong: bool):
+                cfg: AttentionConfig, group: int, stages: int, pingpong: bool, heads: int,
+                batch: int, ctas: int):
+    """Each CTA runs the query blocks ("tiles") cta, cta + ctas, ...: one tile each when ctas is
+    the number of tiles; with fewer CTAs (a persistent grid) the key ring runs on across a
+    CTA's tiles and the next tile's queries load into a second buffer while the current one
+    computes. Tiles are ordered longest rows (last query blocks) first."""
     bq, bk, nq = cfg.block_q, cfg.block_k, cfg.num_q_blocks
-    b, h = lax.axis_index("batch"), lax.axis_index("heads")
-    i = nq - 1 - lax.axis_index("q_blocks")  # the longest rows (last blocks) start first
-    wg = lax.axis_index("wg")
-    n_masked, n_total = cnt_ref[b, h, i, 0], cnt_ref[b, h, i, 1]
+    cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
+    my_tiles = (nq * heads * batch - cta + ctas - 1) // ctas
+    bufs = q_smem.shape[0]  # query buffers: 2 when a CTA runs several tiles
     dtype = q_ref.dtype
-    lay = _Ops(cfg.interpret)
+    lay = WarpgroupOps(cfg.interpret)
     row_vec, col_vec = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+    def coords(n):
+        """(batch, head, query block, masked count, listed count) of this CTA's n-th tile."""
+        u = cta + n * ctas
+        i = nq - 1 - u // (heads * batch)
+        b, h = (u // heads) % batch, u % heads
+        return b, h, i, cnt_ref[b, h, i, 0], cnt_ref[b, h, i, 1]
 
     def take_turn():  # the ping-pong: the two consumers alternate on the tensor cores
         if pingpong:
@@ -149,133 +151,177 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
     @pl.when(wg < 2)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        row0 = i * bq + wg * _ROWS
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, _ROWS), h], q_smem.at[wg], q_bar.at[wg])
-        plgpu.copy_gmem_to_smem(qc_ref.at[b, h, pl.ds(row0, _ROWS)], qc_smem.at[wg],
-                                qc_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
-        plgpu.barrier_wait(qc_bar.at[wg])
-        shape = (_ROWS, bk)
-        q_ids = lax.broadcast_in_dim(lay.load(qc_smem.at[wg], row_vec), shape, [0])
-        q_pos = cfg.q_offset + row0 + lay.iota(shape, 0)
-        k_off = lay.iota(shape, 1)
+        shape = (ROWS, bk)
         c = cfg.scale * LOG2E
 
-        def step(t, carry, masked):
-            acc, m, l = carry
-            slot = lax.rem(t, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
+        def load_queries(n, buf):
+            b, h, i, _, _ = coords(n)
+            row0 = i * bq + wg * ROWS
+            at = buf * 2 + wg
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), h], q_smem.at[buf, wg],
+                                    q_bar.at[at])
+            plgpu.copy_gmem_to_smem(qc_ref.at[b, h, pl.ds(row0, ROWS)], qc_smem.at[buf, wg],
+                                    qc_bar.at[at])
 
-            s = lay.scores(q_smem.at[wg], k_smem.at[slot], take_turn) * c
-            if masked:
-                plgpu.barrier_wait(kc_bar.at[slot])
-                k_ids = lax.broadcast_in_dim(lay.load(kc_smem.at[slot], col_vec), shape, [1])
-                k_pos = idx_ref[b, h, i, t] * bk + k_off
-                ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
-                                   sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len,
-                                   exclude_same_cluster=cfg.exclude_same_cluster)
-                s = jnp.where(ok, s, -jnp.inf)
-            plgpu.barrier_arrive(k_free.at[slot])
-            m_new = jnp.maximum(m, s.max(axis=1))
-            # a row that has seen only masked keys keeps m = -inf: shift by 0 instead (no NaN)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m - m_use)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_use, shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(dtype)
-            if pingpong:
-                plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(turn)
+        def tile(n, base):
+            b, h, i, n_masked, n_total = coords(n)
+            buf = lax.rem(n, bufs)
+            # the buffer the next queries go to was last read by an earlier tile's output copy
+            nxt = n + 1 if bufs == 2 else n
 
-            acc = lay.accumulate(acc, p16, v_smem.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
+            @pl.when((nxt < my_tiles) & (nxt > 0))
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_queries(nxt, lax.rem(nxt, bufs))
 
-        dp = q_smem.shape[-1]
-        carry = (lay.cast(jnp.zeros((_ROWS, dp), jnp.float32), plgpu.Layout.WGMMA),
-                 lay.cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_vec),
-                 lay.cast(jnp.zeros((_ROWS,), jnp.float32), row_vec))
+            plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
+            plgpu.barrier_wait(qc_bar.at[buf * 2 + wg])
+            q_tile = q_smem.at[buf, wg]
+            row0 = i * bq + wg * ROWS
+            q_ids = lax.broadcast_in_dim(lay.load(qc_smem.at[buf, wg], row_vec), shape, [0])
+            q_pos = cfg.q_offset + row0 + lay.iota(shape, 0)
+            k_off = lay.iota(shape, 1)
+
+            def step(t, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(base + t, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = lay.scores(q_tile, k_smem.at[slot], take_turn) * c
+                if masked:
+                    plgpu.barrier_wait(kc_bar.at[slot])
+                    k_ids = lax.broadcast_in_dim(lay.load(kc_smem.at[slot], col_vec), shape, [1])
+                    k_pos = idx_ref[b, h, i, t] * bk + k_off
+                    ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
+                                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len,
+                                       exclude_same_cluster=cfg.exclude_same_cluster)
+                    s = jnp.where(ok, s, -jnp.inf)
+                plgpu.barrier_arrive(k_free.at[slot])
+                m_new = jnp.maximum(m, s.max(axis=1))
+                # a row that has seen only masked keys keeps m = -inf: shift by 0 (no NaN)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bar.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(turn)
+                acc = lay.accumulate(acc, p16, v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = (lay.cast(jnp.zeros((ROWS, q_smem.shape[-1]), jnp.float32),
+                              plgpu.Layout.WGMMA),
+                     lay.cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_vec),
+                     lay.cast(jnp.zeros((ROWS,), jnp.float32), row_vec))
+            carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
+            acc, m, l = lax.fori_loop(n_masked, n_total, functools.partial(step, masked=False),
+                                      carry)
+            empty = l == 0.0  # no allowed key: output 0, LSE -inf
+            l_safe = jnp.where(empty, 1.0, l)
+            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse copy
+            q_tile[...] = acc.astype(dtype)  # the output leaves through its queries' buffer
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(row0, ROWS), h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
+            return base + n_total
+
+        load_queries(0, 0)
         if pingpong:
             pl.when(wg == 1)(take_turn)
-        carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
-        acc, m, l = lax.fori_loop(n_masked, n_total, functools.partial(step, masked=False),
-                                  carry)
+        lax.fori_loop(0, my_tiles, tile, jnp.int32(0))
         if pingpong:
             pl.when(wg == 0)(take_turn)
-        empty = l == 0.0  # no allowed key: output 0, LSE -inf
-        l_safe = jnp.where(empty, 1.0, l)
-        acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem.at[wg][...] = acc.astype(dtype)
-        lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2E)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(row0, _ROWS), h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, _ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        kvh = lax.div(h, group)
 
-        def fetch(t, carry):
-            slot = lax.rem(t, stages)
-            j = idx_ref[b, h, i, t]
-            keys = (b, pl.ds(j * bk, bk), kvh)
+        def tile(n, base):
+            b, h, i, n_masked, n_total = coords(n)
+            kvh = lax.div(h, group)
 
-            @pl.when(t >= stages)  # the slot's previous block must be consumed by both
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+            def fetch(t, carry):
+                g = base + t  # the ring's step, counted over all of this CTA's tiles
+                slot = lax.rem(g, stages)
+                j = idx_ref[b, h, i, t]
+                keys = (b, pl.ds(j * bk, bk), kvh)
 
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+                @pl.when(g >= stages)  # the slot's previous block must be consumed by both
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-            @pl.when(t < n_masked)
-            def _():
-                plgpu.copy_gmem_to_smem(kc_ref.at[b, h, pl.ds(j * bk, bk)], kc_smem.at[slot],
-                                        kc_bar.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
 
-            @pl.when(t >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+                @pl.when(t < n_masked)
+                def _():
+                    plgpu.copy_gmem_to_smem(kc_ref.at[b, h, pl.ds(j * bk, bk)],
+                                            kc_smem.at[slot], kc_bar.at[slot])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+                @pl.when(g >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+                return carry
+
+            lax.fori_loop(0, n_total, fetch, None)
+            return base + n_total
+
+        total = lax.fori_loop(0, my_tiles, tile, jnp.int32(0))
+
+        def drain(g, carry):  # observe the last slots' releases too (every phase is waited on)
+            plgpu.barrier_wait(k_free.at[lax.rem(g, stages)])
+            plgpu.barrier_wait(v_free.at[lax.rem(g, stages)])
             return carry
 
-        lax.fori_loop(0, n_total, fetch, None)
-
-        def drain(t, carry):  # observe the last slots' releases too (every phase is waited on)
-            plgpu.barrier_wait(k_free.at[lax.rem(t, stages)])
-            plgpu.barrier_wait(v_free.at[lax.rem(t, stages)])
-            return carry
-
-        lax.fori_loop(jnp.maximum(n_total - stages, 0), n_total, drain, None)
+        lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
 
 
-def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig, tuning: MosaicTuning = MosaicTuning()):
-    """out [B, Sqp, Hq, D] (q.dtype), lse [B, Hq, Sqp] float32 (natural log)."""
+def _ctas(tuning: MosaicTuning, tiles: int, interpret: bool) -> int:
+    """CTAs of the launch: one per tile, or the persistent grid's count."""
+    if not tuning.persistent:
+        return tiles
+    if tuning.ctas:
+        return min(tuning.ctas, tiles)
+    sms = 2 if interpret else getattr(jax.devices()[0], "core_count", 0) or 132
+    return min(sms, tiles)
+
+
+def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig, tuning: MosaicTuning | None = None):
+    """out [B, Sqp, Hq, D] (q.dtype), lse [B, Hq, Sqp] float32 (natural log); tuning defaults
+    to cfg.mosaic."""
+    tuning = tuning or cfg.mosaic
     reason = unavailable(cfg, q.dtype)
     if reason:
         raise ValueError(reason)
     d = q.shape[-1]
-    dp = -(-d // _ROWS) * _ROWS
+    dp = -(-d // ROWS) * ROWS
     q, k, v = (pad_axis(x, dp, axis=-1) for x in (q, k, v))
     batch, sqp, hq, _ = q.shape
     hkv = k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_k
-    stages = _stages(cfg, dp, q.dtype.itemsize, tuning.stages)
+    bk = cfg.block_k
+    tiles = batch * hq * cfg.num_q_blocks
+    ctas = _ctas(tuning, tiles, cfg.interpret)
+    bufs = 1 if ctas == tiles else 2
+    stages = _stages(cfg, dp, q.dtype.itemsize, tuning.stages, bufs)
     counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
-    swizzled = (plgpu.TilingTransform((8, _ROWS)), plgpu.SwizzleTransform(128))
+    swizzled = (plgpu.TilingTransform((8, ROWS)), plgpu.SwizzleTransform(128))
     tile = functools.partial(plgpu.SMEM, dtype=q.dtype, transforms=swizzled)
     scratch = [
-        tile((2, _ROWS, dp)),                              # q, then the output
-        plgpu.SMEM((2, _ROWS), jnp.int32),                 # query cluster ids
-        plgpu.SMEM((2, _ROWS), jnp.float32),               # lse
+        tile((bufs, 2, ROWS, dp)),                        # queries, then the output
+        plgpu.SMEM((bufs, 2, ROWS), jnp.int32),           # query cluster ids
+        plgpu.SMEM((2, ROWS), jnp.float32),               # lse
         tile((stages, bk, dp)),                            # key ring
         tile((stages, bk, dp)),                            # value ring
         plgpu.SMEM((stages, bk), jnp.int32),               # key cluster ids
-        plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2 * bufs), plgpu.Barrier(num_barriers=2 * bufs),
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -283,27 +329,32 @@ def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig, tuning: MosaicTuning =
         plgpu.Barrier(num_arrivals=2),
     ]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, group=hq // hkv, stages=stages,
-                               pingpong=tuning.pingpong)
+                               pingpong=tuning.pingpong, heads=hq, batch=batch, ctas=ctas)
     out, lse = plgpu.kernel(
         kernel,
         out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((batch, hq, sqp), jnp.float32)],
         scratch_types=scratch,
-        grid=(hq, cfg.num_q_blocks, batch),
-        grid_names=("heads", "q_blocks", "batch"),
+        grid=(ctas,),
+        grid_names=("ctas",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if cfg.interpret else None,
+        interpret=interpret_params() if cfg.interpret else None,
     )(q, k, v, qc, kc, sched.kv_indices, counts)
     return out[..., :d], lse
 
 
 def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
-    """dq, dk, dv on the same schedule: compiled, the Triton kernels through jax_triton where
-    they can run (the faster backward of the two, BENCHMARKS.md), else the Pallas ones; under
-    interpret=True the Pallas kernels in Pallas' interpreter."""
-    if not cfg.interpret:
+    """dq, dk, dv on the same schedule, by cfg.mosaic.backward: "mosaic" (mosaic_gpu_bwd.py),
+    "pallas" (gpu.py) or "triton" (triton_backend.py through jax_triton where it runs compiled,
+    else the Pallas kernels; under interpret=True the Pallas kernels run in Pallas' interpreter,
+    since triton's interpreter needs its own process setup)."""
+    choice = cfg.mosaic.backward
+    if choice == "mosaic":
+        from pallas_kernels import mosaic_gpu_bwd
+        return mosaic_gpu_bwd.backward(q, k, v, do, lse, delta, qc, kc, sched, cfg)
+    if choice == "triton" and not cfg.interpret:
         from pallas_kernels import triton_backend
         if triton_backend.unavailable(False) is None:
             return triton_backend.backward(q, k, v, do, lse, delta, qc, kc, sched, cfg)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import pad_axis
-from pallas_kernels.config import AttentionConfig, GpuTuning
+from pallas_kernels.config import AttentionConfig, GpuTuning, MosaicTuning
 from pallas_kernels.reference import dense_attention
 from pallas_kernels.schedule import BlockSchedule, build_schedule
 from pallas_kernels.validation import check_attention_args, check_block_size
@@ -113,14 +113,15 @@ def _check_gpu_blocks(backend, cfg, dtype):
         if reason:
             raise RuntimeError(reason)
     if backend == "mosaic":  # dtype, blocks and device: said before tracing a kernel
-        from pallas_kernels.mosaic_gpu import unavailable
-        reason = unavailable(cfg, dtype)
+        from pallas_kernels import mosaic_gpu, mosaic_gpu_bwd
+        reason = mosaic_gpu.unavailable(cfg, dtype) or (
+            mosaic_gpu_bwd.unavailable(cfg) if cfg.mosaic.backward == "mosaic" else None)
         if reason:
             raise ValueError(reason)
 
 
 def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpret,
-                block_q, block_k, gpu_tuning=None) -> AttentionConfig:
+                block_q, block_k, gpu_tuning=None, mosaic_tuning=None) -> AttentionConfig:
     _check_kernel_backend(backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cfg = AttentionConfig(q_len=q.shape[1], kv_len=k.shape[1], q_offset=q_offset, window=window,
@@ -128,7 +129,8 @@ def make_config(q, k, *, window, sink_tokens, q_offset, scale, backend, interpre
                           block_q=DEFAULT_BLOCKS[backend][0] if block_q is None else block_q,
                           block_k=DEFAULT_BLOCKS[backend][1] if block_k is None else block_k,
                           interpret=bool(interpret),
-                          gpu=gpu_tuning or GpuTuning.for_dtype(q.dtype))
+                          gpu=gpu_tuning or GpuTuning.for_dtype(q.dtype),
+                          mosaic=mosaic_tuning or MosaicTuning())
     _check_gpu_blocks(backend, cfg, q.dtype)
     return cfg
 

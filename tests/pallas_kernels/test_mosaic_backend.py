@@ -18,7 +18,8 @@ from test_kernels import Case, assert_close, assert_matches_reference, make_inpu
 from test_kernels import outputs_and_grads, poison_device_memory
 
 from pallas_kernels import block_sparse_attention, build_schedule, reference_attention
-from pallas_kernels.mosaic_gpu import MosaicTuning, forward
+from pallas_kernels.config import MosaicTuning
+from pallas_kernels.mosaic_gpu import forward
 from pallas_kernels.ops import make_config
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -45,9 +46,9 @@ def interpret(request):
 # q_offset; head dims 64 and 24 (padded to 64); batch and kv heads > 1; rows without any key
 # (window 0, no sink, many clusters); a single cluster at full density with a huge window.
 CASES = [
-    Case(5, 300, "interleaved", 5, 1, 3, 0, "bfloat16", "mosaic", head_dim=64,
+    Case(5, 200, "interleaved", 5, 1, 3, 0, "bfloat16", "mosaic", head_dim=64,
          block_q=128, block_k=64),
-    Case(3, 257, "contiguous", 5, 4, 2, 37, "float16", "mosaic", kv_heads=2, head_dim=24,
+    Case(3, 150, "contiguous", 5, 4, 1, 37, "float16", "mosaic", kv_heads=2, head_dim=24,
          block_q=128, block_k=128),
     Case(1, 200, "interleaved", 5000, 4, 1, 0, "bfloat16", "mosaic", batch=2, head_dim=64,
          block_q=128, block_k=64),
@@ -79,12 +80,17 @@ class TestMosaicBackend:
         if case.window == 0 and case.sink == 0:
             assert empty.any(), "the case must hold rows without any allowed key"
 
-    @pytest.mark.parametrize("tuning", [MosaicTuning(stages=1, pingpong=False),
-                                        MosaicTuning(stages=3, pingpong=True)], ids=str)
-    def test_ring_depth_and_pingpong(self, interpret, tuning):
-        """The forward alone, with a one-slot ring (every fetch waits for both consumers) and
-        with three slots and the ping-pong barrier, equals the reference."""
-        case = Case(4, 200, "interleaved", 5, 1, 1, 0, "bfloat16", "mosaic", head_dim=64,
+    @pytest.mark.parametrize("tuning", [
+        MosaicTuning(stages=1, pingpong=False),
+        MosaicTuning(stages=3, pingpong=True),
+        MosaicTuning(stages=1, pingpong=True, persistent=True, ctas=1),
+        MosaicTuning(stages=2, pingpong=False, persistent=True, ctas=3)], ids=str)
+    def test_ring_depth_pingpong_and_persistent_grid(self, interpret, tuning):
+        """The forward alone equals the reference with a one-slot ring (every fetch waits for
+        both consumers), three slots and the ping-pong barrier, and on a persistent grid: one
+        CTA running all four query blocks (the ring and the query buffers carried from tile to
+        tile), or three CTAs with uneven shares."""
+        case = Case(4, 200, "interleaved", 5, 1, 2, 0, "bfloat16", "mosaic", head_dim=64,
                     block_q=128, block_k=64)
         q, k, v, qc, kc, *_ = make_inputs(case, seed=7)
         mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
@@ -128,9 +134,13 @@ def test_compiled_without_a_gpu_says_so():
                                block_q=128, block_k=64)
 
 
-def test_tuning_rejects_a_ring_without_slots():
+def test_tuning_rejects_a_ring_without_slots_or_a_grid_without_ctas():
     with pytest.raises(ValueError, match="stages must be an int >= 1"):
         MosaicTuning(stages=0)
+    with pytest.raises(ValueError, match="ctas must be an int >= 1"):
+        MosaicTuning(persistent=True, ctas=0)
+    with pytest.raises(ValueError, match="backward must be 'triton', 'pallas' or 'mosaic'"):
+        MosaicTuning(backward="cudnn")
 
 
 
@@ -143,7 +153,7 @@ def test_sorted_layout_through_mosaic(runner):
         pytest.skip(f"{runner} runner: not on this host")
     from pallas_kernels import routed_attention
     rng = np.random.default_rng(5)
-    seq, heads, kv_heads, dim = 260, 2, 1, 64
+    seq, heads, kv_heads, dim = 200, 2, 1, 64
     q, k, v, d_out = (jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
                       for shape in ((1, seq, heads, dim), (1, seq, kv_heads, dim),
                                     (1, seq, kv_heads, dim), (1, seq, heads, dim)))
@@ -178,3 +188,44 @@ def test_backward_takes_triton_where_it_runs(monkeypatch):
     assert mosaic_gpu.backward(*args, dataclasses.replace(cfg, interpret=True)) == "pallas"
     monkeypatch.setattr(triton_backend, "unavailable", lambda interpret: "no jax_triton")
     assert mosaic_gpu.backward(*args, cfg) == "pallas"
+
+
+# The Mosaic backward (mosaic_gpu_bwd.py): 128 x 128 blocks; GQA walks the group in the dk/dv
+# kernel; lengths off the block and q_offset; rows without keys.
+BACKWARD_CASES = [
+    Case(4, 200, "interleaved", 9, 1, 2, 0, "bfloat16", "mosaic", head_dim=64, block_q=128,
+         block_k=128),
+    Case(64, 150, "interleaved", 0, 0, 1, 37, "float16", "mosaic", kv_heads=2, head_dim=24,
+         block_q=128, block_k=128),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_mosaic_backward_matches_reference(interpret, case):
+    """Outputs and gradients with MosaicTuning(backward="mosaic"): the dq and dk/dv kernels
+    of mosaic_gpu_bwd.py on the schedule's lists."""
+    from pallas_kernels import attention_with_schedule
+    q, k, v, qc, kc, d_out, d_lse = make_inputs(case, zlib.crc32(str(case).encode()))
+    mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
+    cfg = make_config(q, k, **mask, scale=None, backend="mosaic", interpret=interpret,
+                      block_q=case.block_q, block_k=case.block_k,
+                      mosaic_tuning=MosaicTuning(backward="mosaic"))
+    sched = build_schedule(qc, kc, **mask, block_q=cfg.block_q, block_k=cfg.block_k)
+    poison_device_memory()
+
+    def attention(q, k, v, qc, kc, return_lse, **kwargs):
+        return attention_with_schedule(q, k, v, qc, kc, sched, backend="mosaic", config=cfg)
+
+    got = outputs_and_grads(attention, q, k, v, qc, kc, d_out, d_lse)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = outputs_and_grads(reference_attention, *f32[:3], qc, kc, f32[3], d_lse, **mask)
+    empty = assert_matches_reference(got, want, (q, k, v), TOL[case.dtype])
+    assert empty.any() == (case.window == 0)
+
+
+def test_mosaic_backward_refuses_other_blocks():
+    q, k, v, qc, kc, *_ = make_inputs(CASES[0], seed=0)
+    with pytest.raises(ValueError, match="Mosaic GPU backward runs 128 x 128 blocks"):
+        make_config(q, k, window=4, sink_tokens=1, q_offset=0, scale=None, backend="mosaic",
+                    interpret=True, block_q=128, block_k=64,
+                    mosaic_tuning=MosaicTuning(backward="mosaic"))
