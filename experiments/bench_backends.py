@@ -1,6 +1,6 @@
 """The block-sparse kernels' backends side by side on a GPU: "pallas" (Pallas lowered through
 Triton, backend="gpu"), "triton" (the kernels written in Triton, through jax_triton) and
-"mosaic" (Pallas' Mosaic GPU lowering for Hopper; its backward is the Pallas one), against
+"mosaic" (Pallas' Mosaic GPU lowering for Hopper; its backward by MosaicTuning), against
 cuDNN's dense causal flash attention in the same run.
 
 One run: (1) checks each backend's output, LSE and gradients against the float32 reference on

@@ -86,8 +86,9 @@ class WarpgroupOps:
     def cast(self, x, layout):
         return x if self.interpret else plgpu.layout_cast(x, layout)
 
-    def scores(self, q_smem, k_smem, on_issue):
+    def scores(self, q_smem, k_smem, on_issue=None):
         """q @ k.T in float32; on_issue runs once the matmul is issued, before its wait."""
+        on_issue = on_issue or (lambda: None)
         if self.interpret:
             on_issue()
             return dot(q_smem[...], k_smem[...], NT)
@@ -108,15 +109,73 @@ class WarpgroupOps:
         return pl.run_state(into)(plgpu.ACC.init(acc))
 
 
-def _stages(cfg: AttentionConfig, dp: int, itemsize: int, wanted: int, bufs: int = 1) -> int:
-    """The largest ring depth <= wanted whose buffers fit shared memory."""
-    fixed = bufs * cfg.block_q * (dp * itemsize + 4) + cfg.block_q * 4  # q/out, ids, lse
-    per_stage = 2 * cfg.block_k * dp * itemsize + cfg.block_k * 4  # k, v, key ids
+def ring_depth(cfg: AttentionConfig, fixed: int, per_stage: int, wanted: int) -> int:
+    """The largest ring depth <= wanted whose slots (per_stage bytes each) fit shared memory
+    beside fixed bytes; a clear error when not even one does."""
     fits = (SMEM_BYTES - fixed - 4096) // per_stage
     if fits < 1:
-        raise ValueError(f"backend='mosaic': blocks {cfg.block_q} x {cfg.block_k} with head dim "
-                         f"{dp} do not fit shared memory; use smaller blocks")
-    return int(max(1, min(wanted, fits)))
+        raise ValueError(f"backend='mosaic': blocks {cfg.block_q} x {cfg.block_k} with this head "
+                         f"dim need {fixed + per_stage} bytes of shared memory, more than the "
+                         f"{SMEM_BYTES} a Hopper block has; use smaller blocks")
+    return int(min(wanted, fits))
+
+
+def free_slot(g, stages, *free):
+    """Before the ring's step g refills its slot, wait until both consumers released the slot's
+    previous contents."""
+    @pl.when(g >= stages)
+    def _():
+        for barrier in free:
+            plgpu.barrier_wait(barrier.at[lax.rem(g, stages)])
+
+
+def drain(total, stages, *free):
+    """Observe the releases of the ring's last slots too: every barrier phase is waited on."""
+    def body(g, carry):
+        for barrier in free:
+            plgpu.barrier_wait(barrier.at[lax.rem(g, stages)])
+        return carry
+    lax.fori_loop(jnp.maximum(total - stages, 0), total, body, None)
+
+
+def stream_keys(refs, ring, *, b, h, i, kvh, n_masked, n_total, base, stages, block_k):
+    """The producer's walk over one query block's key list: K, V and (masked blocks only) the
+    key cluster ids into the ring's slots, from the ring's step base on.
+    refs = (k_ref, v_ref, kc_ref, idx_ref); ring = (k_smem, v_smem, kc_smem, k_bar, v_bar,
+    kc_bar, k_free, v_free)."""
+    k_ref, v_ref, kc_ref, idx_ref = refs
+    k_smem, v_smem, kc_smem, k_bar, v_bar, kc_bar, k_free, v_free = ring
+
+    def fetch(t, carry):
+        g = base + t
+        slot = lax.rem(g, stages)
+        j = idx_ref[b, h, i, t]
+        keys = (b, pl.ds(j * block_k, block_k), kvh)
+        free_slot(g, stages, k_free)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+
+        @pl.when(t < n_masked)
+        def _():
+            plgpu.copy_gmem_to_smem(kc_ref.at[b, h, pl.ds(j * block_k, block_k)],
+                                    kc_smem.at[slot], kc_bar.at[slot])
+
+        free_slot(g, stages, v_free)
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+        return carry
+
+    lax.fori_loop(0, n_total, fetch, None)
+    return base + n_total
+
+
+def mask_rows(ops, cfg: AttentionConfig, s, kc_slot, kc_bar_slot, q_pos, q_ids, k_start):
+    """Scores [64, block_k] of query rows against the key block starting at k_start, with -inf
+    where the token mask forbids the pair (the key ids wait on their own barrier)."""
+    plgpu.barrier_wait(kc_bar_slot)
+    k_ids = lax.broadcast_in_dim(ops.load(kc_slot, plgpu.Layout.WGMMA.reduce(0)), s.shape, [1])
+    ok = allowed_pairs(q_pos, k_start + ops.iota(s.shape, 1), q_ids, k_ids, window=cfg.window,
+                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len,
+                       exclude_same_cluster=cfg.exclude_same_cluster)
+    return jnp.where(ok, s, -jnp.inf)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, lse_ref,
@@ -134,7 +193,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
     bufs = q_smem.shape[0]  # query buffers: 2 when a CTA runs several tiles
     dtype = q_ref.dtype
     lay = WarpgroupOps(cfg.interpret)
-    row_vec, col_vec = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    row_vec = plgpu.Layout.WGMMA.reduce(1)
 
     def coords(n):
         """(batch, head, query block, masked count, listed count) of this CTA's n-th tile."""
@@ -180,7 +239,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
             row0 = i * bq + wg * ROWS
             q_ids = lax.broadcast_in_dim(lay.load(qc_smem.at[buf, wg], row_vec), shape, [0])
             q_pos = cfg.q_offset + row0 + lay.iota(shape, 0)
-            k_off = lay.iota(shape, 1)
 
             def step(t, carry, masked):
                 acc, m, l = carry
@@ -188,13 +246,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = lay.scores(q_tile, k_smem.at[slot], take_turn) * c
                 if masked:
-                    plgpu.barrier_wait(kc_bar.at[slot])
-                    k_ids = lax.broadcast_in_dim(lay.load(kc_smem.at[slot], col_vec), shape, [1])
-                    k_pos = idx_ref[b, h, i, t] * bk + k_off
-                    ok = allowed_pairs(q_pos, k_pos, q_ids, k_ids, window=cfg.window,
-                                       sink_tokens=cfg.sink_tokens, kv_len=cfg.kv_len,
-                                       exclude_same_cluster=cfg.exclude_same_cluster)
-                    s = jnp.where(ok, s, -jnp.inf)
+                    s = mask_rows(lay, cfg, s, kc_smem.at[slot], kc_bar.at[slot], q_pos, q_ids,
+                                  idx_ref[b, h, i, t] * bk)
                 plgpu.barrier_arrive(k_free.at[slot])
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # a row that has seen only masked keys keeps m = -inf: shift by 0 (no NaN)
@@ -245,43 +298,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qc_ref, kc_ref, idx_ref, cnt_ref, o_ref, ls
 
         def tile(n, base):
             b, h, i, n_masked, n_total = coords(n)
-            kvh = lax.div(h, group)
+            return stream_keys((k_ref, v_ref, kc_ref, idx_ref),
+                               (k_smem, v_smem, kc_smem, k_bar, v_bar, kc_bar, k_free, v_free),
+                               b=b, h=h, i=i, kvh=lax.div(h, group), n_masked=n_masked,
+                               n_total=n_total, base=base, stages=stages, block_k=bk)
 
-            def fetch(t, carry):
-                g = base + t  # the ring's step, counted over all of this CTA's tiles
-                slot = lax.rem(g, stages)
-                j = idx_ref[b, h, i, t]
-                keys = (b, pl.ds(j * bk, bk), kvh)
-
-                @pl.when(g >= stages)  # the slot's previous block must be consumed by both
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
-
-                @pl.when(t < n_masked)
-                def _():
-                    plgpu.copy_gmem_to_smem(kc_ref.at[b, h, pl.ds(j * bk, bk)],
-                                            kc_smem.at[slot], kc_bar.at[slot])
-
-                @pl.when(g >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
-                return carry
-
-            lax.fori_loop(0, n_total, fetch, None)
-            return base + n_total
-
-        total = lax.fori_loop(0, my_tiles, tile, jnp.int32(0))
-
-        def drain(g, carry):  # observe the last slots' releases too (every phase is waited on)
-            plgpu.barrier_wait(k_free.at[lax.rem(g, stages)])
-            plgpu.barrier_wait(v_free.at[lax.rem(g, stages)])
-            return carry
-
-        lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+        drain(lax.fori_loop(0, my_tiles, tile, jnp.int32(0)), stages, k_free, v_free)
 
 
 def _ctas(tuning: MosaicTuning, tiles: int, interpret: bool) -> int:
@@ -310,7 +332,9 @@ def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig, tuning: MosaicTuning |
     tiles = batch * hq * cfg.num_q_blocks
     ctas = _ctas(tuning, tiles, cfg.interpret)
     bufs = 1 if ctas == tiles else 2
-    stages = _stages(cfg, dp, q.dtype.itemsize, tuning.stages, bufs)
+    item = q.dtype.itemsize
+    stages = ring_depth(cfg, bufs * cfg.block_q * (dp * item + 4) + cfg.block_q * 4,
+                        2 * bk * dp * item + bk * 4, tuning.stages)  # queries | K, V, key ids
     counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
     swizzled = (plgpu.TilingTransform((8, ROWS)), plgpu.SwizzleTransform(128))
     tile = functools.partial(plgpu.SMEM, dtype=q.dtype, transforms=swizzled)

@@ -24,7 +24,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.common import pad_axis
 from pallas_kernels.config import AttentionConfig
 from pallas_kernels.masking import LOG2E, allowed_pairs
-from pallas_kernels.mosaic_gpu import ROWS, SMEM_BYTES, WarpgroupOps, interpret_params
+from pallas_kernels.mosaic_gpu import (ROWS, WarpgroupOps, drain, free_slot, interpret_params,
+                                       mask_rows, ring_depth, stream_keys)
 
 BLOCK = 128  # both block sizes: two warpgroups of 64 rows on either side
 
@@ -35,27 +36,6 @@ def unavailable(cfg: AttentionConfig) -> str | None:
         return (f"the Mosaic GPU backward runs {BLOCK} x {BLOCK} blocks, got "
                 f"{cfg.block_q} x {cfg.block_k}")
     return None
-
-
-def _ring_depth(fixed: int, per_stage: int, wanted: int) -> int:
-    return int(max(1, min(wanted, (SMEM_BYTES - fixed - 4096) // per_stage)))
-
-
-def _free_slot(g, stages, *free):
-    """Before refilling a slot, wait until both consumers released its previous contents."""
-    @pl.when(g >= stages)
-    def _():
-        for barrier in free:
-            plgpu.barrier_wait(barrier.at[lax.rem(g, stages)])
-
-
-def _drain(total, stages, *free):
-    """Observe the last slots' releases too (the interpreter checks every phase is waited)."""
-    def body(g, carry):
-        for barrier in free:
-            plgpu.barrier_wait(barrier.at[lax.rem(g, stages)])
-        return carry
-    lax.fori_loop(jnp.maximum(total - stages, 0), total, body, None)
 
 
 # ----------------------------------------------------------------------------- dq
@@ -70,7 +50,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref, 
     wg = lax.axis_index("wg")
     n_masked, n_total = cnt_ref[b, h, i, 0], cnt_ref[b, h, i, 1]
     ops = WarpgroupOps(cfg.interpret)
-    row_vec, col_vec = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    row_vec = plgpu.Layout.WGMMA.reduce(1)
     c = cfg.scale * LOG2E
 
     @pl.when(wg < 2)
@@ -92,24 +72,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref, 
         lse = lax.broadcast_in_dim(ops.load(stats_smem.at[wg, 0], row_vec), shape, [0])
         delta = lax.broadcast_in_dim(ops.load(stats_smem.at[wg, 1], row_vec), shape, [0])
         q_pos = cfg.q_offset + row0 + ops.iota(shape, 0)
-        k_off = ops.iota(shape, 1)
         q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
 
         def step(t, dq, masked):
             slot = lax.rem(t, stages)
             plgpu.barrier_wait(k_bar.at[slot])
-            s = ops.scores(q_tile, k_smem.at[slot], lambda: None) * c
+            s = ops.scores(q_tile, k_smem.at[slot]) * c
             if masked:
-                plgpu.barrier_wait(kc_bar.at[slot])
-                k_ids = lax.broadcast_in_dim(ops.load(kc_smem.at[slot], col_vec), shape, [1])
-                ok = allowed_pairs(q_pos, idx_ref[b, h, i, t] * bk + k_off, q_ids, k_ids,
-                                   window=cfg.window, sink_tokens=cfg.sink_tokens,
-                                   kv_len=cfg.kv_len,
-                                   exclude_same_cluster=cfg.exclude_same_cluster)
-                s = jnp.where(ok, s, -jnp.inf)
+                s = mask_rows(ops, cfg, s, kc_smem.at[slot], kc_bar.at[slot], q_pos, q_ids,
+                              idx_ref[b, h, i, t] * bk)
             p = jnp.exp2(s - lse)
             plgpu.barrier_wait(v_bar.at[slot])
-            dp = ops.scores(do_tile, v_smem.at[slot], lambda: None)
+            dp = ops.scores(do_tile, v_smem.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             ds = p * (dp - delta)
             dq = ops.accumulate(dq, ds.astype(q_ref.dtype), k_smem.at[slot])
@@ -127,26 +101,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref, 
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        kvh = lax.div(h, group)
-
-        def fetch(t, carry):
-            slot = lax.rem(t, stages)
-            j = idx_ref[b, h, i, t]
-            keys = (b, pl.ds(j * bk, bk), kvh)
-            _free_slot(t, stages, k_free)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
-
-            @pl.when(t < n_masked)
-            def _():
-                plgpu.copy_gmem_to_smem(kc_ref.at[b, h, pl.ds(j * bk, bk)], kc_smem.at[slot],
-                                        kc_bar.at[slot])
-
-            _free_slot(t, stages, v_free)
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
-            return carry
-
-        lax.fori_loop(0, n_total, fetch, None)
-        _drain(n_total, stages, k_free, v_free)
+        total = stream_keys((k_ref, v_ref, kc_ref, idx_ref),
+                            (k_smem, v_smem, kc_smem, k_bar, v_bar, kc_bar, k_free, v_free),
+                            b=b, h=h, i=i, kvh=lax.div(h, group), n_masked=n_masked,
+                            n_total=n_total, base=0, stages=stages, block_k=bk)
+        drain(total, stages, k_free, v_free)
 
 
 # ----------------------------------------------------------------------------- dk, dv
@@ -195,7 +154,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
                 slot = lax.rem(base + t, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
                 plgpu.barrier_wait(cols_bar.at[slot * 3])
-                s = ops.scores(k_tile, q_smem.at[slot], lambda: None) * c  # [keys, queries]
+                s = ops.scores(k_tile, q_smem.at[slot]) * c  # [keys, queries]
                 if masked:
                     plgpu.barrier_wait(cols_bar.at[slot * 3 + 2])
                     q_ids = lax.broadcast_in_dim(ops.load(ids_smem.at[slot], col_vec), shape,
@@ -209,7 +168,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
                 p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [1]))
                 plgpu.barrier_wait(do_bar.at[slot])
                 dv = ops.accumulate(dv, p.astype(q_ref.dtype), do_smem.at[slot])
-                dp = ops.scores(v_tile, do_smem.at[slot], lambda: None)
+                dp = ops.scores(v_tile, do_smem.at[slot])
                 plgpu.barrier_wait(cols_bar.at[slot * 3 + 1])
                 delta = ops.load(stats_smem.at[slot, 1], col_vec)
                 ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
@@ -242,7 +201,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
                 g = base + t
                 slot = lax.rem(g, stages)
                 queries = pl.ds(idx_ref[b, h, j, t] * bq, bq)
-                _free_slot(g, stages, free)
+                free_slot(g, stages, free)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_bar.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, queries], stats_smem.at[slot, 0],
                                         cols_bar.at[slot * 3])
@@ -261,7 +220,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qc_ref, kc_ref,
             return base + n_total
 
         total = lax.fori_loop(0, group, head, jnp.int32(0))
-        _drain(total, stages, free)
+        drain(total, stages, free)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -285,8 +244,8 @@ def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
                   compiler_params=plgpu.CompilerParams(approx_math=True),
                   interpret=interpret_params() if cfg.interpret else None)
 
-    stages = _ring_depth(2 * BLOCK * dp * item + 3 * BLOCK * 4,
-                         2 * cfg.block_k * dp * item + cfg.block_k * 4, cfg.mosaic.stages)
+    stages = ring_depth(cfg, 2 * BLOCK * dp * item + 3 * BLOCK * 4,   # q, dO, ids, lse, delta
+                        2 * cfg.block_k * dp * item + cfg.block_k * 4, cfg.mosaic.stages)
     kv_counts = jnp.stack([sched.kv_num_masked, sched.kv_num_blocks], axis=-1)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, cfg=cfg, group=group, stages=stages),
@@ -303,8 +262,8 @@ def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
         grid=(hq, nq, batch), grid_names=("heads", "q_blocks", "batch"), **params,
     )(q, k, v, do, lse2, delta, qc, kc, sched.kv_indices, kv_counts)
 
-    stages = _ring_depth(2 * BLOCK * dp * item + BLOCK * 4,
-                         2 * cfg.block_q * dp * item + 3 * cfg.block_q * 4, cfg.mosaic.stages)
+    stages = ring_depth(cfg, 2 * BLOCK * dp * item + BLOCK * 4,   # K, V, key ids
+                        2 * cfg.block_q * dp * item + 3 * cfg.block_q * 4, cfg.mosaic.stages)
     q_counts = jnp.stack([sched.q_num_masked, sched.q_num_blocks], axis=-1)
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, cfg=cfg, group=group, stages=stages),

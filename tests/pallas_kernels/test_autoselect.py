@@ -90,24 +90,18 @@ def test_a_damaged_cache_file_is_measured_over(cache):
     assert len(calls) == 2 and len(json.loads(cache.read_text())) == 1
 
 
+
 def test_candidates_hold_mosaic_only_where_it_can_run(monkeypatch):
-    """Mosaic joins the measurement only for calls it can run (2-byte inputs, its blocks, a
-    Hopper GPU); on this host the device check decides, with a stand-in it is a candidate."""
+    """Mosaic joins the measurement only for calls it can run: 2-byte inputs, its blocks and
+    a Hopper GPU (here a stand-in for the device check)."""
     from pallas_kernels import mosaic_gpu, triton_backend
     monkeypatch.setattr(triton_backend, "unavailable", lambda interpret: "no triton here")
-    on_host = autoselect.usable_candidates(Q, block_q=128, block_k=128)
-    assert on_host == (["gpu", "mosaic"] if mosaic_gpu.unavailable(
-        autoselect_cfg(), Q.dtype) is None else ["gpu"])
-    real = mosaic_gpu.unavailable
-    monkeypatch.setattr(mosaic_gpu, "unavailable", lambda cfg, dtype: (
-        real(cfg, dtype) if jnp.dtype(dtype).itemsize != 2 or cfg.block_q % 128 else None))
+    if jax.default_backend() != "gpu":  # the real device check refuses a host without a GPU
+        assert autoselect.usable_candidates(Q, block_q=128, block_k=128) == ["gpu"]
+    monkeypatch.setattr(mosaic_gpu.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(mosaic_gpu.jax, "devices", lambda: [type(
+        "Hopper", (), dict(device_kind="H200", compute_capability="9.0"))()])
     assert autoselect.usable_candidates(Q, block_q=128, block_k=128) == ["gpu", "mosaic"]
     assert autoselect.usable_candidates(Q, block_q=64, block_k=64) == ["gpu"]
     f32 = jax.ShapeDtypeStruct(Q.shape, jnp.float32)
     assert autoselect.usable_candidates(f32, block_q=128, block_k=128) == ["gpu"]
-
-
-def autoselect_cfg():
-    from pallas_kernels.config import AttentionConfig
-    return AttentionConfig(q_len=Q.shape[1], kv_len=Q.shape[1], q_offset=0, window=0,
-                           sink_tokens=0, scale=1.0, block_q=128, block_k=128)

@@ -125,6 +125,15 @@ def test_blocks_off_the_wgmma_tiles_are_refused(block_q, block_k):
                                interpret=True, block_q=block_q, block_k=block_k)
 
 
+def test_head_dim_beyond_shared_memory_is_refused():
+    """128 x 128 blocks of head dim 512 need 132 KiB of queries and 257 KiB per ring slot."""
+    case = dataclasses.replace(CASES[0], head_dim=512, block_k=128)
+    q, k, v, qc, kc, *_ = make_inputs(case, seed=0)
+    with pytest.raises(ValueError, match="more than the 232448 a Hopper block has; use smaller"):
+        block_sparse_attention(q, k, v, qc, kc, window=4, sink_tokens=1, backend="mosaic",
+                               interpret=True, block_q=128, block_k=128)
+
+
 def test_compiled_without_a_gpu_says_so():
     if ON_GPU:
         pytest.skip("this host has a GPU")
@@ -144,13 +153,10 @@ def test_tuning_rejects_a_ring_without_slots_or_a_grid_without_ctas():
 
 
 
-@pytest.mark.parametrize("runner", list(RUNNERS))
-def test_sorted_layout_through_mosaic(runner):
+def test_sorted_layout_through_mosaic(interpret):
     """routed_attention's sorted layout on scattered routes: its tree pass and its band pass
     (the local pairs of other clusters, exclude_same_cluster) on the Mosaic forward, against
     the reference, with gradients."""
-    if (runner == "compiled") == (not ON_GPU):
-        pytest.skip(f"{runner} runner: not on this host")
     from pallas_kernels import routed_attention
     rng = np.random.default_rng(5)
     seq, heads, kv_heads, dim = 200, 2, 1, 64
@@ -163,7 +169,7 @@ def test_sorted_layout_through_mosaic(runner):
 
     def routed(q, k, v, qc, kc, **kwargs):
         return routed_attention(q, k, v, qc, layout="sorted", backend="mosaic",
-                                interpret=RUNNERS[runner], block_q=128, block_k=64, **kwargs)
+                                interpret=interpret, block_q=128, block_k=64, **kwargs)
 
     got = outputs_and_grads(routed, q, k, v, ids, ids, d_out, d_lse, **mask)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
