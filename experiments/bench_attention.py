@@ -30,8 +30,12 @@ from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import attention_with_schedule, make_config  # noqa: E402
 
 HQ, HKV, D, WINDOW, SINK = 32, 8, 128, 128, 1
+# Added to the ids to time the schedule's general path (ids past its signature range).
+TABLE_OFFSET = 1 << 20
 # --smoke: a CPU dry run of this script (Pallas interpret mode, XLA attention for cuDNN).
 SMOKE = False
+# --backend: the kernels timed (gpu: Pallas with the Triton lowering; mosaic; triton).
+BACKEND = "gpu"
 
 
 def timed(fn, *args, reps=7, min_batch_s=0.05):
@@ -79,16 +83,18 @@ def check_correctness(tuning):
     for seq, dtype, clusters, window, sink, tol in [
             (1000, jnp.bfloat16, 4, WINDOW, SINK, 2e-2),
             (777, jnp.float32, 3, 16, 4, 2e-5)]:
+        if BACKEND == "mosaic" and jnp.dtype(dtype).itemsize != 2:
+            continue                     # the Mosaic forward runs 2-byte inputs only
         q, k, v, ct = random_inputs(seq, dtype, seed=seq)
         qc = contiguous_clusters(seq, clusters, seed=1)
         kw = dict(window=window, sink_tokens=sink)
-        cfg = make_config(q, k, q_offset=0, scale=None, backend="gpu", interpret=SMOKE,
+        cfg = make_config(q, k, q_offset=0, scale=None, backend=BACKEND, interpret=SMOKE,
                           block_q=None, block_k=None, **kw,
                           gpu_tuning=tuning if jnp.dtype(dtype).itemsize == 2 else None)
         sched = build_schedule(qc, qc, block_q=cfg.block_q, block_k=cfg.block_k, **kw)
 
         def kernel(q, k, v):
-            return attention_with_schedule(q, k, v, qc, qc, sched, backend="gpu", config=cfg)
+            return attention_with_schedule(q, k, v, qc, qc, sched, backend=BACKEND, config=cfg)
 
         def reference(q, k, v):
             return reference_attention(q, k, v, qc, qc, return_lse=True, **kw)
@@ -124,11 +130,12 @@ class Problem:
 
     def time_kernels(self, ids, sched, block_q, block_k, tuning, *, fwd=True, bwd=True, reps=7):
         cfg = make_config(self.q, self.k, window=WINDOW, sink_tokens=SINK, q_offset=0,
-                          scale=None, backend="gpu", interpret=SMOKE, block_q=block_q,
+                          scale=None, backend=BACKEND, interpret=SMOKE, block_q=block_q,
                           block_k=block_k, gpu_tuning=tuning)
 
         def forward(q, k, v, ids, sched):
-            return attention_with_schedule(q, k, v, ids, ids, sched, backend="gpu", config=cfg)[0]
+            return attention_with_schedule(q, k, v, ids, ids, sched, backend=BACKEND,
+                                           config=cfg)[0]
 
         out = {}
         if fwd:
@@ -216,6 +223,7 @@ def run(args):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     tuning, (bq, bk) = GpuTuning(), (128, 128)
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "backend": BACKEND,
               "shape": dict(B=1, Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16", window=WINDOW,
                             sink=SINK)}
     if args.tune:
@@ -239,20 +247,26 @@ def run(args):
         for target in args.densities:
             n, ids, density = pick_clusters(prob, target, bq, bk, cache)
             sched = prob.schedule_fn(ids, bq, bk)
-            t = prob.time_kernels(ids, sched, bq, bk, tuning, reps=args.reps)
+            t = prob.time_kernels(ids, sched, bq, bk, tuning, bwd=not args.no_backward,
+                                  reps=args.reps)
             t_sched = timed(prob.schedule_fn, ids, bq, bk, reps=args.reps)
+            # The same schedule from ids past the signature range (the sorted-table path).
+            t_table = timed(prob.schedule_fn, ids + TABLE_OFFSET, bq, bk, reps=args.reps)
             flops = 4 * float(jnp.sum(sched.kv_num_blocks)) * bq * bk * D
             row = dict(seq=seq, variant=f"sparse {target:.0%}", target=target, clusters=n,
-                       density=density, fwd_ms=1e3 * t["fwd"], bwd_ms=1e3 * t["bwd"],
-                       sched_ms=1e3 * t_sched, fwd_tflops=flops / t["fwd"] / 1e12,
-                       bwd_tflops=2.5 * flops / t["bwd"] / 1e12,
+                       density=density, fwd_ms=1e3 * t["fwd"], sched_ms=1e3 * t_sched,
+                       sched_table_ms=1e3 * t_table, fwd_tflops=flops / t["fwd"] / 1e12,
                        fwd_ratio=t["fwd"] / (density * dense["fwd"]),
-                       bwd_ratio=t["bwd"] / (density * dense["bwd"]),
-                       sched_pct_fwd=100 * t_sched / t["fwd"],
-                       sched_pct_fwd_bwd=100 * t_sched / (t["fwd"] + t["bwd"]))
+                       sched_pct_fwd=100 * t_sched / t["fwd"])
+            if "bwd" in t:    # not timed with --no-backward: the fields stay out of the JSON
+                row.update(bwd_ms=1e3 * t["bwd"], bwd_tflops=2.5 * flops / t["bwd"] / 1e12,
+                           bwd_ratio=t["bwd"] / (density * dense["bwd"]),
+                           sched_pct_fwd_bwd=100 * t_sched / (t["fwd"] + t["bwd"]))
             rows.append(row)
             print(f"S={seq} {row['variant']} density {density:.3f}: fwd {row['fwd_ms']:.3f} ms "
-                  f"bwd {row['bwd_ms']:.3f} ms sched {row['sched_ms']:.3f} ms", flush=True)
+                  f"bwd {row.get('bwd_ms', float('nan')):.3f} ms sched {row['sched_ms']:.3f} ms "
+                  f"(sorted-table path "
+                  f"{row['sched_table_ms']:.3f} ms)", flush=True)
         del prob
     result["rows"] = rows
     return finish(result, args.out, lambda: print_table(rows))
@@ -275,15 +289,18 @@ def print_table(rows):
     print("\nratio = time / (density x cuDNN time); targets: fwd and bwd ratio <= 1.3 at density "
           ">= 10% and S >= 32k, <= 1.5 at 100%. TFLOP/s on visited blocks (cuDNN: causal half).")
     head = (f"{'S':>7} {'variant':>12} {'density':>7} {'fwd ms':>9} {'TF/s':>6} {'ratio':>6} "
-            f"{'bwd ms':>9} {'TF/s':>6} {'ratio':>6} {'sched ms':>8} {'sched %':>7}")
+            f"{'bwd ms':>9} {'TF/s':>6} {'ratio':>6} {'sched ms':>8} {'sched %':>7} "
+            f"{'table ms':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         sparse = r["variant"] != "cudnn"
+        bwd = (f"{r['bwd_ms']:>9.3f} {r['bwd_tflops']:>6.0f} {r.get('bwd_ratio', 1.0):>6.2f}"
+               if "bwd_ms" in r else f"{'-':>9} {'-':>6} {'-':>6}")
         print(f"{r['seq']:>7} {r['variant']:>12} {r['density']:>7.3f} {r['fwd_ms']:>9.3f} "
-              f"{r['fwd_tflops']:>6.0f} {r.get('fwd_ratio', 1.0):>6.2f} {r['bwd_ms']:>9.3f} "
-              f"{r['bwd_tflops']:>6.0f} {r.get('bwd_ratio', 1.0):>6.2f} "
-              + (f"{r['sched_ms']:>8.3f} {r['sched_pct_fwd']:>6.1f}%" if sparse else ""))
+              f"{r['fwd_tflops']:>6.0f} {r.get('fwd_ratio', 1.0):>6.2f} {bwd} "
+              + (f"{r['sched_ms']:>8.3f} {r['sched_pct_fwd']:>6.1f}% {r['sched_table_ms']:>8.3f}"
+                 if sparse else ""))
 
 
 def main():
@@ -294,11 +311,15 @@ def main():
     parser.add_argument("--tune", type=int, default=0,
                         help="sequence length of a launch-parameter sweep (0: defaults)")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-backward", action="store_true",
+                        help="time the forward kernels only (the schedule's share is of the forward)")
     parser.add_argument("--out", default="results/bench_attention.json")
+    parser.add_argument("--backend", choices=("gpu", "mosaic", "triton"), default="gpu",
+                        help="the kernels timed (gpu: Pallas with the Triton lowering)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global SMOKE
-    SMOKE = args.smoke
+    global SMOKE, BACKEND
+    SMOKE, BACKEND = args.smoke, args.backend
     sys.exit(run(args))
 
 

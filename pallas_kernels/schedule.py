@@ -15,10 +15,20 @@ Nothing here is S x S. Work and memory, per head:
   - window and sink blocks and the "full" test are structural, O(1) per block pair, using the
     start of each run of equal ids.
   - the block-level lists themselves: O(nq * nk).
+When every id lies in [0, SIGNATURE_IDS) (routes cut at a depth of at most 7 for p = 2, or any
+user's small cluster count), the shared-cluster test runs on per-block bit signatures instead:
+O(S + nq * nk), no sort, no scatter. A lax.cond picks that path from the ids' range, so the
+schedule is the same either way. Self-attention (the same ids array for queries and keys,
+q_offset 0) skips the straddle test: every block crossing the diagonal holds a token's pair
+with itself, which every mask allows.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+
+# Ids the signature path covers exactly: one bit each in SIGNATURE_IDS / 32 words per block.
+SIGNATURE_IDS = 128
 
 import jax
 import jax.numpy as jnp
@@ -107,18 +117,27 @@ def _block_geometry(q_len, kv_len, bq, bk, q_offset):
     return q_first, q_last, k_first, k_last, causal, straddle, causal & ~straddle
 
 
-def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
-    """(visited, full, causal) [nq, nk] bool for one head."""
+def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids, self_pairs):
+    """(visited, full, causal) [nq, nk] bool for one head. small_ids: every id lies in
+    [0, SIGNATURE_IDS) (signatures decide shared clusters); self_pairs: query t and key t are
+    one token with one id (every straddling block is visited)."""
     q_len, kv_len = qc.shape[0], kc.shape[0]
     nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     j = jnp.arange(nk)[None, :]
     q_first, q_last, k_first, k_last, causal, straddle, below = _block_geometry(
         q_len, kv_len, bq, bk, q_offset)
 
-    shared = _shared_cluster_blocks(qc, kc, bq, bk, nq, nk)
-    visited_below = below & ((k_first < sink_tokens) | (q_first - k_last < window) | shared)
-    visited = jnp.where(straddle, _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window,
-                                                    sink_tokens), visited_below)
+    if small_ids:
+        shared = _shares_a_bit(_block_signatures(qc, bq, SIGNATURE_IDS // 32),
+                               _block_signatures(kc, bk, SIGNATURE_IDS // 32))
+    else:
+        shared = _shared_cluster_blocks(qc, kc, bq, bk, nq, nk)
+    visited = below & ((k_first < sink_tokens) | (q_first - k_last < window) | shared)
+    if self_pairs:
+        visited = visited | straddle
+    else:
+        visited = jnp.where(straddle, _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window,
+                                                       sink_tokens), visited)
 
     # Full: the pairs that neither the sink nor the window allow (keys [k_lo, k_hi] against
     # rows [r_lo, q_last]) must all share one cluster id. Row q_last meets every such key and
@@ -138,15 +157,19 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens):
     return visited, full, jnp.broadcast_to(causal, visited.shape)
 
 
-def _block_signatures(ids, block):
-    """[n_blocks, 2] uint32 per block of ids [S]: bit (id mod 64) set for every id it holds."""
-    h = jnp.mod(ids, 64).astype(jnp.uint32)
-    one = jnp.uint32(1)
-    lo = jnp.where(h < 32, jnp.left_shift(one, jnp.minimum(h, 31)), jnp.uint32(0))
-    hi = jnp.where(h >= 32, jnp.left_shift(one, jnp.maximum(h, 32) - 32), jnp.uint32(0))
-    words = pad_axis(jnp.stack([lo, hi], -1), cdiv(ids.shape[0], block) * block)
-    words = words.reshape(-1, block, 2)
-    return jax.lax.reduce(words, jnp.uint32(0), jax.lax.bitwise_or, (1,))
+def _block_signatures(ids, block, words=2):
+    """[n_blocks, words] uint32 per block of ids [S]: bit (id mod 32 * words) set for every id
+    it holds (padding past S sets nothing)."""
+    h = jnp.mod(ids, 32 * words).astype(jnp.uint32)
+    bits = jnp.where((h // 32)[:, None] == jnp.arange(words, dtype=jnp.uint32)[None, :],
+                     jnp.left_shift(jnp.uint32(1), h % 32)[:, None], jnp.uint32(0))
+    bits = pad_axis(bits, cdiv(ids.shape[0], block) * block).reshape(-1, block, words)
+    return jax.lax.reduce(bits, jnp.uint32(0), jax.lax.bitwise_or, (1,))
+
+
+def _shares_a_bit(sq, sk):
+    """[nq, nk] bool: query block i's and key block j's signatures have a bit in common."""
+    return jnp.any((sq[:, None, :] & sk[None, :, :]) != 0, axis=-1)
 
 
 def natural_density_bound(clusters, *, window, sink_tokens, block_q=128, block_k=128):
@@ -171,8 +194,7 @@ def density_bound_of_checked(ids, window, sink_tokens, bq, bk):
     local = (k_first < sink_tokens) | (q_first - k_last < window)
 
     def visited(ids):
-        sq, sk = _block_signatures(ids, bq), _block_signatures(ids, bk)
-        maybe_shared = jnp.any((sq[:, None, :] & sk[None, :, :]) != 0, axis=-1)
+        maybe_shared = _shares_a_bit(_block_signatures(ids, bq), _block_signatures(ids, bk))
         return straddle | (below & (local | maybe_shared))
 
     hits = jnp.sum(jax.vmap(jax.vmap(visited))(ids))
@@ -205,14 +227,21 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
         raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
                          f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
     (batch, heads, q_len), kv_len = q_clusters.shape, k_clusters.shape[2]
+    same_ids = q_clusters is k_clusters
     qc, kc = check_clusters(q_clusters, k_clusters, batch, heads, q_len, kv_len)
     window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset, q_len, kv_len)
     block_q = check_block_size("block_q", block_q, power_of_two=False)
     block_k = check_block_size("block_k", block_k, power_of_two=False)
-    flags = jax.vmap(jax.vmap(lambda qc, kc: _block_flags(
-        qc, kc, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
-        sink_tokens=sink_tokens)))
-    visited, full, causal = flags(qc, kc)
+
+    def flags(small_ids):
+        per_head = functools.partial(
+            _block_flags, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
+            sink_tokens=sink_tokens, small_ids=small_ids, self_pairs=same_ids and q_offset == 0)
+        return lambda qc, kc: jax.vmap(jax.vmap(per_head))(qc, kc)
+
+    small = ((jnp.min(qc) >= 0) & (jnp.max(qc) < SIGNATURE_IDS)
+             & (jnp.min(kc) >= 0) & (jnp.max(kc) < SIGNATURE_IDS))
+    visited, full, causal = jax.lax.cond(small, flags(True), flags(False), qc, kc)
     masked = visited & ~full
     kv_indices, kv_num, kv_masked = _compact(masked, full)
     q_indices, q_num, q_masked = _compact(jnp.swapaxes(masked, -1, -2), jnp.swapaxes(full, -1, -2))

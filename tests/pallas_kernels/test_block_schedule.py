@@ -10,6 +10,9 @@ from pallas_kernels import build_schedule
 
 schedule = jax.jit(build_schedule, static_argnames=(
     "window", "sink_tokens", "q_offset", "block_q", "block_k"))
+# One ids array for queries and keys, as routed attention calls it.
+self_schedule = jax.jit(lambda ids, **kw: build_schedule(ids, ids, **kw), static_argnames=(
+    "window", "sink_tokens", "block_q", "block_k"))
 
 
 def brute_force(qc, kc, *, window, sink, q_offset, bq, bk):
@@ -79,27 +82,66 @@ GEOMETRIES = [
 ]
 
 
+def assert_matches_brute_force(s, qc, kc, *, window, sink, q_offset, bq, bk):
+    visited, full, density = brute_force(qc, kc, window=window, sink=sink, q_offset=q_offset,
+                                         bq=bq, bk=bk)
+    nq, nk = visited.shape[-2:]
+    s = jax.tree.map(np.asarray, s)
+    rows = unpack(s.kv_indices, s.kv_num_blocks, s.kv_num_masked, nq, nk)
+    cols = unpack(s.q_indices, s.q_num_blocks, s.q_num_masked, nk, nq)
+    np.testing.assert_array_equal(rows[0], visited)
+    np.testing.assert_array_equal(rows[1], full)
+    np.testing.assert_array_equal(np.swapaxes(cols[0], -1, -2), visited)
+    np.testing.assert_array_equal(np.swapaxes(cols[1], -1, -2), full)
+    assert float(s.density) == pytest.approx(density, abs=1e-6)
+
+
 @pytest.mark.parametrize("geometry, window, sink", [
     (g, w, s) for g, settings in GEOMETRIES for w, s in settings])
 def test_schedule_matches_brute_force(geometry, window, sink):
     q_len, kv_len, bq, bk, q_offset = geometry
     rng = np.random.default_rng(q_len * 1000 + kv_len + window)
     for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
-        # arbitrary int32 ids: the schedule must not assume 0..n-1
-        qc, kc = (np.asarray(x, np.int32) * 7919 - 5 for x in (qc, kc))
-        s = schedule(jnp.asarray(qc), jnp.asarray(kc), window=window, sink_tokens=sink,
-                     q_offset=q_offset, block_q=bq, block_k=bk)
-        visited, full, density = brute_force(qc, kc, window=window, sink=sink,
-                                             q_offset=q_offset, bq=bq, bk=bk)
-        nq, nk = visited.shape[-2:]
-        s = jax.tree.map(np.asarray, s)
-        rows = unpack(s.kv_indices, s.kv_num_blocks, s.kv_num_masked, nq, nk)
-        cols = unpack(s.q_indices, s.q_num_blocks, s.q_num_masked, nk, nq)
-        np.testing.assert_array_equal(rows[0], visited)
-        np.testing.assert_array_equal(rows[1], full)
-        np.testing.assert_array_equal(np.swapaxes(cols[0], -1, -2), visited)
-        np.testing.assert_array_equal(np.swapaxes(cols[1], -1, -2), full)
-        assert float(s.density) == pytest.approx(density, abs=1e-6)
+        # small ids (the signature path) and arbitrary int32 ids (the sorted-table path)
+        for qc, kc in ((qc, kc), (np.asarray(qc, np.int32) * 7919 - 5,
+                                  np.asarray(kc, np.int32) * 7919 - 5)):
+            s = schedule(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32), window=window,
+                         sink_tokens=sink, q_offset=q_offset, block_q=bq, block_k=bk)
+            assert_matches_brute_force(s, qc, kc, window=window, sink=sink, q_offset=q_offset,
+                                       bq=bq, bk=bk)
+
+
+@pytest.mark.parametrize("geometry, window, sink", [
+    (g, w, s) for g, settings in GEOMETRIES for w, s in settings])
+def test_signature_branch_matches_brute_force(geometry, window, sink):
+    """The signature branch of the shared-cluster test called directly (the schedule's
+    lax.cond takes it for ids in [0, SIGNATURE_IDS)), on ids in [0, 50)."""
+    from pallas_kernels.schedule import _block_flags
+    q_len, kv_len, bq, bk, q_offset = geometry
+    rng = np.random.default_rng(q_len + 7 * kv_len + window)
+    for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
+        flags = jax.vmap(jax.vmap(lambda a, b: _block_flags(
+            a, b, bq=bq, bk=bk, q_offset=q_offset, window=min(window, 2**31 - 1),
+            sink_tokens=min(sink, 2**31 - 1), small_ids=True, self_pairs=False)))
+        visited, full, _ = flags(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32))
+        want_visited, want_full, _ = brute_force(qc, kc, window=window, sink=sink,
+                                                 q_offset=q_offset, bq=bq, bk=bk)
+        np.testing.assert_array_equal(np.asarray(visited), want_visited)
+        np.testing.assert_array_equal(np.asarray(full), want_full)
+
+
+@pytest.mark.parametrize("seq, bq, bk", [(100, 16, 32), (257, 32, 16), (300, 32, 32)])
+def test_self_attention_schedule_matches_brute_force(seq, bq, bk):
+    """One ids array for queries and keys (routed attention's call): the straddle test is
+    skipped, since each straddling block holds a token's pair with itself."""
+    rng = np.random.default_rng(seq)
+    for clusters, scale, shift in ((1, 1, 0), (5, 1, 0), (60, 1, 0), (60, 7919, -5)):
+        ids = rng.integers(0, clusters, (1, 3, seq)).astype(np.int32) * scale + shift
+        ids_j = jnp.asarray(ids)
+        for window, sink in ((0, 0), (5, 1), (40, 3)):
+            s = self_schedule(ids_j, window=window, sink_tokens=sink, block_q=bq, block_k=bk)
+            assert_matches_brute_force(s, ids, ids, window=window, sink=sink, q_offset=0,
+                                       bq=bq, bk=bk)
 
 
 def test_contiguous_clusters_density_closed_form():
