@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_runs import (CONFIGS, corpora, flags, run_all, selected, sweep_setup,  # noqa: E402
-                        toy_model)
+from sweep_runs import (CONFIGS, corpora, flags, plot_per_corpus, run_all,  # noqa: E402
+                        selected, sweep_setup, toy_model)
 
 CONFIG = CONFIGS / "quality_sweep.py"
 
@@ -62,31 +62,21 @@ def rows_of(results: dict, config) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(r["corpus"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
-    for ax, corpus in zip(axes[0], names):
-        mine = sorted((r for r in rows if r["corpus"] == corpus), key=lambda r: r["density"])
-        dense = mine[0]["dense_perplexity"]
-        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
+    def draw(ax, mine):
+        mine = sorted(mine, key=lambda r: r["density"])
         ax.plot([100 * r["density"] for r in mine], [r["perplexity"] for r in mine], "o",
                 color="tab:red", label="surgical (tree + sink + window)")
         for r in mine:
             ax.annotate(r["setting"], (100 * r["density"], r["perplexity"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-        local = [r["window_only"] for r in mine if "window_only" in r]
+        local = sorted((r["window_only"] for r in mine if "window_only" in r),
+                       key=lambda w: w["density"])
         if local:
-            local.sort(key=lambda w: w["density"])
             ax.plot([100 * w["density"] for w in local], [w["perplexity"] for w in local],
                     "s", color="tab:blue", ms=5, label="sink + window alone (same density)")
-        ax.set(xlabel="total attention density (% of causal pairs)",
-               ylabel="held-out perplexity", title=Path(corpus).name or corpus)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        return mine[0]["dense_perplexity"]
+
+    plot_per_corpus(rows, path, draw, "total attention density (% of causal pairs)")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""Shared by the experiments that train one surgery per setting (quality_sweep.py, arity.py):
+"""Shared by the experiments that train one surgery per setting (quality_sweep.py, arity.py),
+and by mask_oracles.py for its config and figure:
 the experiment config with --config.KEY=VALUE overrides, one `ultrametric run` per setting in
 its own work directory (a finished one is skipped, an interrupted one resumes from its
 checkpoint), N of them at a time, and their eval.json files read back.
@@ -217,3 +218,23 @@ def corpora(result: dict) -> dict:
                            if "window_only" in result else {})}}
     out.update(result.get("by_corpus", {}))
     return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_per_corpus(rows: list[dict], path: Path, draw, xlabel: str) -> None:
+    """One panel per corpus of rows (dicts with "corpus"): draw(ax, that corpus's rows) adds
+    the points and returns the dense perplexity, drawn as a dashed line. Saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["corpus"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
+    for ax, corpus in zip(axes[0], names):
+        dense = draw(ax, [r for r in rows if r["corpus"] == corpus])   # returns the dense ppl
+        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
+        ax.set(xlabel=xlabel, ylabel="held-out perplexity", title=Path(corpus).name or corpus)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -60,7 +60,8 @@ class MosaicTuning:
     whether the grid is persistent (ctas CTAs, default one per SM, each looping over query
     blocks) rather than one CTA per query block, and which kernels run the backward: "triton"
     (through jax_triton where it runs, else "pallas"), "pallas" (gpu.py) or "mosaic"
-    (mosaic_gpu_bwd.py; 128 x 128 blocks)."""
+    (mosaic_gpu_bwd.py; 128 x 128 blocks). The defaults are the fastest measured on the H200
+    (BENCHMARKS.md): the persistent grid and the Mosaic backward were slower there."""
     stages: int = 2
     pingpong: bool = True
     persistent: bool = False

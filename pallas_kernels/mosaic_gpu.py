@@ -9,7 +9,9 @@ when both have arrived on its "consumed" barrier. An optional ping-pong barrier 
 consumers take turns on the tensor cores, so one's softmax overlaps the other's matmuls. With
 MosaicTuning(persistent=True) a fixed number of CTAs (one per SM) loop over the query blocks:
 the key ring runs on from one block to the next and the next block's queries load while the
-current one computes, which hides the per-block start-up that short schedule lists expose.
+current one computes. Meant to hide the per-block start-up that short schedule lists expose,
+it measured 2-16% slower than one CTA per block on the H200 (BENCHMARKS.md), so it is off by
+default.
 
 Scores live in base 2 (exp2); the LSE leaves in natural log, as in the other backends. Inputs
 arrive padded to whole blocks (ops.py) in the [B, S, heads, D] layout; the head dim is padded

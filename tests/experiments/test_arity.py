@@ -1,6 +1,5 @@
 """experiments/arity.py: the matched-cluster and preprint trees against a brute-force search,
 and at toy size its JSON against the runs' eval.json and config.json files."""
-import importlib.util
 import json
 import math
 import pathlib
@@ -8,14 +7,13 @@ import pathlib
 import numpy as np
 import pytest
 
+from experiment_script import load_experiment
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("arity", ROOT / "experiments" / "arity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("arity")
 
 
 def smallest_levels(p, seq):

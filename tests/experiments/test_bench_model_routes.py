@@ -1,22 +1,19 @@
 """experiments/bench_model_routes.py at toy size (CPU, Pallas interpret mode): its JSON against
 counts made here in numpy from the saved cluster ids."""
-import importlib.util
 import json
 import pathlib
 
 import numpy as np
 import pytest
 
+from experiment_script import load_experiment
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WINDOW, SINK, BLOCK, SEQ = 4, 1, 16, 40   # configs/tiny_random.py's window, base.py's sink
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_model_routes", ROOT / "experiments" / "bench_model_routes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("bench_model_routes")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The sink + window baseline (run/window_baseline.py) against explicit masks and a numpy
 float64 Llama, and experiments/quality_sweep.py at toy size: its JSON against the runs'
 eval.json files and the baseline's window against a brute-force search."""
-import importlib.util
 import json
 import math
 import pathlib
@@ -15,6 +14,9 @@ from safetensors.numpy import load_file
 from ultrametric_jax.io.checkpoints import load_pretrained
 from ultrametric_jax.run import evaluate as evaluation
 from ultrametric_jax.run import window_baseline as wb
+
+from experiment_script import load_experiment
+from numpy_llama import llama_ce
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
@@ -57,52 +59,9 @@ def test_bad_inputs_are_refused_with_the_reason():
 
 def numpy_llama_ce(weights, input_ids, real, window, sink):
     """(CE sum, count) of the tiny Llama in float64 with the explicit sink + window mask."""
-    a = TINY["ARCH"]
-    d, heads, kv = a["hidden_size"], a["num_attention_heads"], a["num_key_value_heads"]
-    hd = d // heads
-    w = {k: v.astype(np.float64) for k, v in weights.items()}
-
-    def norm(x, g):
-        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + a["rms_norm_eps"]) * g
-
-    seq = input_ids.shape[1]
-    inv = 1.0 / a["rope_theta"] ** (np.arange(0, hd, 2) / hd)
-    ang = np.arange(seq)[:, None] * inv[None]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-
-    def rope(x):                          # [B, S, N, hd]
-        rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
-        return x * cos[None, :, None] + rot * sin[None, :, None]
-
-    total = count = 0.0
-    for b in range(input_ids.shape[0]):
-        mask = explicit_mask(seq, window, sink) & real[b][None, :]
-        x = w["model.embed_tokens.weight"][input_ids[b]][None]
-        for i in range(a["num_hidden_layers"]):
-            p = f"model.layers.{i}."
-            h = norm(x, w[p + "input_layernorm.weight"])
-            q = rope((h @ w[p + "self_attn.q_proj.weight"].T).reshape(1, seq, heads, hd))
-            k = rope((h @ w[p + "self_attn.k_proj.weight"].T).reshape(1, seq, kv, hd))
-            v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(1, seq, kv, hd)
-            out = np.zeros((seq, heads, hd))
-            for head in range(heads):
-                g = head // (heads // kv)
-                s = q[0, :, head] @ k[0, :, g].T / math.sqrt(hd)
-                s = np.where(mask, s, np.finfo(np.float64).min)
-                prob = np.exp(s - s.max(-1, keepdims=True))
-                out[:, head] = (prob / prob.sum(-1, keepdims=True)) @ v[0, :, g]
-            x = x + out.reshape(1, seq, d) @ w[p + "self_attn.o_proj.weight"].T
-            h = norm(x, w[p + "post_attention_layernorm.weight"])
-            gate = h @ w[p + "mlp.gate_proj.weight"].T
-            x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "mlp.up_proj.weight"].T)) \
-                @ w[p + "mlp.down_proj.weight"].T
-        logits = norm(x, w["model.norm.weight"])[0] @ w["lm_head.weight"].T
-        logp = logits - logits.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll = -logp[np.arange(seq - 1), input_ids[b, 1:]]
-        total += float((nll * real[b, 1:]).sum())
-        count += float(real[b, 1:].sum())
-    return total, count
+    local = explicit_mask(input_ids.shape[1], window, sink)
+    return llama_ce(weights, TINY["ARCH"], input_ids, real,
+                    lambda _layer, _head, _scores, base: base & local)
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +106,7 @@ def test_window_only_perplexity_matches_a_float64_numpy_llama(tiny):
 # ----------------------------------------------------------------------------- the sweep
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("quality_sweep",
-                                                  ROOT / "experiments" / "quality_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("quality_sweep")
 
 
 @pytest.fixture(scope="module")

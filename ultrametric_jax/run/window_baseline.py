@@ -19,6 +19,7 @@ from flax import nnx
 
 from ultrametric_jax.model import llama
 from ultrametric_jax.run.evaluate import _held_out_loss
+from ultrametric_jax.run.restricted_attention import restricted_logits
 from ultrametric_jax.surgery.losses import token_cross_entropy
 from ultrametric_jax.surgery.tree import allowed_mask, pair_counts
 
@@ -77,18 +78,9 @@ def local_mask(positions, attention_mask, window: int, sink: int):
 def local_logits(model, input_ids, attention_mask, *, window: int, sink: int):
     """float32 logits [B, S, V] of `model`'s base parameters (plain or surgical Llama: the
     routers are not used) with every attention layer restricted to local_mask."""
-    config = model.config
-    positions = llama.default_positions(input_ids)
-    mask = local_mask(positions, attention_mask, window, sink)
-    x = model.model.embed_tokens(input_ids)
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        q, k, v = llama.project_qkv(config, attn.q_proj, attn.k_proj, attn.v_proj,
-                                    layer.input_layernorm(x), positions)
-        out = llama.masked_attention(q, k, v, mask, attn.scale)
-        x = x + attn.o_proj(out.reshape(*out.shape[:2], -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.logits(model.model.norm(x))
+    mask = local_mask(llama.default_positions(input_ids), attention_mask, window, sink)
+    return restricted_logits(model, input_ids, attention_mask,
+                             lambda _, scores, causal: llama.masked_softmax(scores, mask))
 
 
 @functools.partial(nnx.jit, static_argnames=("window", "sink"))

@@ -1,0 +1,53 @@
+"""Masks of a fixed attention density on the frozen base model (experiments/mask_oracles.py):
+what any sparse attention of that density could keep, against what a plain sink + window and
+content-free clusters keep.
+
+  python experiments/mask_oracles.py [--config.seq_len=2048 --config.densities=0.25,0.1]
+  python experiments/mask_oracles.py --toy        # CPU: the tiny random Llama, a few rows
+
+Families (each at every density):
+- top_fraction: per query row, the ceil(density * n) causal keys with the highest scores of
+  the layer's own q and k (an oracle: it reads the scores it masks; no router can beat it at
+  that density by much);
+- top_keys: `window` and `sink`, plus the keys that receive the most dense attention (column
+  sums), open to every later query, as many as the density allows (an oracle too: the keys a
+  partition of the tokens cannot give every query);
+- window: the sink + window mask whose density over seq_len is closest (window_baseline);
+- random_clusters: each token's cluster drawn uniformly per (layer, head) among C clusters,
+  plus `window` and `sink` (the surgical mask of routes that carry no information), C chosen
+  so that the expected density meets the target.
+get_config("toy") is the small CPU variant the tests run.
+"""
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "mask_oracles"
+    config.base_config = "smollm2_long.py"   # model, data and corpora come from this run config
+    config.model_path = ""                   # "" keeps the base config's model
+    config.dtype = "float32"
+    config.seq_len = 2048
+    config.batches = 3                       # held-out rows per corpus (batch size 1)
+    config.extra_corpora = "stdlib"          # out of domain, besides the held-out plays
+    config.extra_max_chars = 400_000
+    config.densities = (0.25, 0.10)
+    config.families = ("top_fraction", "top_keys", "window", "random_clusters")
+    config.window = 64                       # top_keys' and random_clusters' window and sink
+    config.sink = 1
+    config.bisection_steps = 24              # top_fraction's threshold search
+    config.seed = 0
+    config.toy_model = False
+
+    if variant == "toy":
+        config.base_config = "tiny_random.py"
+        config.toy_model = True
+        config.seq_len = 32
+        config.batches = 2
+        config.extra_max_chars = 20_000
+        config.densities = (0.5, 0.3)
+        config.window, config.sink = 4, 1
+        config.bisection_steps = 48
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} (known: 'toy')")
+    return config

@@ -1,0 +1,198 @@
+"""Masks of a fixed attention density on the frozen base model: the per-row top fraction of
+the scores (what any sparse attention of that density could keep), the most-attended keys
+opened to every query beside a sink + window, the sink + window mask alone, and clusters drawn
+at random (the surgical mask of routes that carry no information).
+
+  python experiments/mask_oracles.py                          # configs/mask_oracles.py
+  python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
+  python experiments/mask_oracles.py --config.densities=0.25 --config.families=top_fraction
+
+Every family runs through ultrametric_jax.run.restricted_attention (the base model with each
+layer's attention rows replaced) on the held-out rows of the run config's corpus and of
+config.extra_corpora, beside the dense model through the same code. Writes OUT/mask_oracles.json
+(toy.json with --toy) and a PNG (perplexity against density, one panel per corpus); prints the
+table last.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_runs import CONFIGS, plot_per_corpus, sweep_setup, toy_model  # noqa: E402
+from ultrametric_jax.model import llama  # noqa: E402
+from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
+from ultrametric_jax.run.pipeline import setup_run  # noqa: E402
+from ultrametric_jax.run.restricted_attention import (restricted_logits,  # noqa: E402
+                                                      top_fraction_mask, top_keys_mask)
+from ultrametric_jax.run.settings import RunConfig  # noqa: E402
+from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
+                                                 window_for_density)
+from ultrametric_jax.surgery.losses import token_cross_entropy  # noqa: E402
+from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
+
+CONFIG = CONFIGS / "mask_oracles.py"
+FAMILIES = ("dense", "top_fraction", "top_keys", "window", "random_clusters")
+
+
+def run_config(config, base: str, out: Path) -> RunConfig:
+    """The base run config at the experiment's length, dtype and held-out corpora."""
+    c = runpy.run_path(base)["get_config"]()
+    if config.toy_model:
+        c.model.path = toy_model(out)
+    elif config.model_path:
+        c.model.path = config.model_path
+    c.model.dtype = config.dtype
+    c.train.seq_len = c.surgery.max_len = config.seq_len
+    c.eval.batches, c.eval.batch_size = config.batches, 1
+    c.eval.extra_corpora, c.eval.extra_max_chars = config.extra_corpora, config.extra_max_chars
+    return RunConfig.from_config_dict(c)
+
+
+def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
+    """The cluster count C whose expected density, local + (1 - local) / C, is nearest target."""
+    local = local_density(seq, window, sink)
+    if target <= local:
+        raise ValueError(f"random_clusters: density {target} is at or below the window and "
+                         f"sink's own {local:.3f} at seq_len {seq}")
+    return max(1, round((1.0 - local) / (target - local)))
+
+
+@functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
+                                             "steps", "seed"))
+def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, sink, clusters,
+                          steps, seed):
+    """((CE sum, count), (allowed pairs, causal pairs)) of the base model under one family."""
+    positions = llama.default_positions(input_ids)
+    heads = model.config.num_attention_heads
+    counts = []
+
+    def probabilities(layer, scores, causal):
+        if family == "dense":
+            allowed = jnp.broadcast_to(causal, scores.shape)
+        elif family == "top_fraction":
+            allowed = top_fraction_mask(scores, causal, fraction, steps)
+        elif family == "window":
+            allowed = jnp.broadcast_to(local_mask(positions, mask, window, sink), scores.shape)
+        elif family == "top_keys":
+            allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
+                                    fraction)
+        else:
+            ids = jax.random.randint(jax.random.fold_in(jax.random.key(seed), layer),
+                                     (input_ids.shape[0], heads, input_ids.shape[1]), 0,
+                                     clusters)
+            allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
+        counts.append((jnp.sum(allowed), jnp.sum(jnp.broadcast_to(causal, allowed.shape))))
+        return llama.masked_softmax(scores, allowed)
+
+    logits = restricted_logits(model, input_ids, mask, probabilities)
+    pairs = (sum(a for a, _ in counts), sum(c for _, c in counts))
+    return token_cross_entropy(logits, input_ids, mask), pairs
+
+
+def evaluate(model, batches, **settings) -> dict:
+    """Perplexity and measured density (allowed / causal pairs over every layer and head)."""
+    pairs = [0.0, 0.0]
+
+    def visit(counts, _mask):
+        pairs[0] += float(counts[0])
+        pairs[1] += float(counts[1])
+
+    forward = functools.partial(_masked_cross_entropy, **settings)
+    result = _held_out_loss(forward, model, batches, visit)
+    return {**result, "density": pairs[0] / max(pairs[1], 1.0)}
+
+
+def plan(config) -> list[dict]:
+    """The (family, target) settings: dense once, then every family at every density."""
+    for family in config.families:
+        if family not in FAMILIES[1:]:
+            raise ValueError(f"unknown family {family!r} (known: {FAMILIES[1:]})")
+    base = dict(fraction=1.0, window=config.window, sink=config.sink, clusters=1,
+                steps=config.bisection_steps, seed=config.seed)
+    out = [dict(base, family="dense", target=1.0)]
+    for target in config.densities:
+        for family in config.families:
+            s = dict(base, family=family, target=float(target))
+            if family in ("top_fraction", "top_keys"):
+                s["fraction"] = float(target)
+            elif family == "window":
+                s["window"] = window_for_density(target, config.seq_len, config.sink)
+            else:
+                s["clusters"] = clusters_for(target, config.seq_len, config.window, config.sink)
+            out.append(s)
+    return out
+
+
+STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle)"),
+          "top_keys": ("D", "tab:purple", "most-attended keys for all + window + sink (oracle)"),
+          "window": ("s", "tab:blue", "sink + window"),
+          "random_clusters": ("^", "tab:red", "random clusters + window + sink")}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    def draw(ax, mine):
+        for family, (marker, color, label) in STYLES.items():
+            pts = sorted((r["density"], r["perplexity"]) for r in mine if r["family"] == family)
+            if pts:
+                ax.plot([100 * d for d, _ in pts], [p for _, p in pts], marker + "-",
+                        color=color, label=label)
+        return next(r for r in mine if r["family"] == "dense")["perplexity"]
+
+    plot_per_corpus(rows, path, draw, "attention density (% of causal pairs)")
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| family | corpus | target | density | perplexity | change vs dense | setting |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} | {r['corpus']} | {100 * r['target']:.0f}% | "
+              f"{100 * r['density']:.1f}% | {r['perplexity']:.3f} | {r['change_pct']:+.1f}% | "
+              f"{r['setting']} |")
+
+
+def describe(s: dict) -> str:
+    return {"dense": "", "top_fraction": f"fraction {s['fraction']}",
+            "top_keys": f"keys within {s['fraction']}, window {s['window']}, sink {s['sink']}",
+            "window": f"window {s['window']}, sink {s['sink']}",
+            "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}"
+            }[s["family"]]
+
+
+def main(argv=None):
+    args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
+    setup = setup_run(run_config(config, base, out), install=True)
+    corpora = {"held-out plays" if not config.toy_model else "held-out": setup.val_batches,
+               **setup.extra_batches}
+    rows = []
+    for s in plan(config):
+        keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed")
+        for corpus, batches in corpora.items():
+            r = evaluate(setup.model, batches, **{k: s[k] for k in keys})
+            rows.append(dict(family=s["family"], target=s["target"], corpus=corpus,
+                             setting=describe(s), **r))
+            print(f"{s['family']} {describe(s)} on {corpus}: perplexity {r['perplexity']:.3f} "
+                  f"at density {100 * r['density']:.1f}%", flush=True)
+    for r in rows:
+        dense = next(d for d in rows if d["family"] == "dense" and d["corpus"] == r["corpus"])
+        r["change_pct"] = 100 * (r["perplexity"] / dense["perplexity"] - 1)
+    stem = "toy" if args.toy else "mask_oracles"
+    result = dict(config=config.to_dict(), rows=rows)
+    text = json.dumps(result, indent=1)
+    (out / f"{stem}.json").write_text(text)
+    plot(rows, out / f"{stem}.png")
+    print(f"\nresults: {out / (stem + '.json')}, {out / (stem + '.png')}")
+    print_table(rows)
+    return json.loads(text)
+
+
+if __name__ == "__main__":
+    main()

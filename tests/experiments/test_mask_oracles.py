@@ -1,0 +1,152 @@
+"""experiments/mask_oracles.py at toy size: every row's perplexity against a float64 numpy
+Llama under the same mask built independently (explicit windows, sinks and clusters, and the
+per-row top fraction of the numpy scores), and the densities against closed forms."""
+import json
+import math
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from experiment_script import load_experiment
+from numpy_llama import llama_ce
+from ultrametric_jax.run.restricted_attention import top_fraction_mask, top_keys_mask
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
+
+
+def load_script():
+    return load_experiment("mask_oracles")
+
+
+def top_fraction(scores, base, fraction):
+    """Row i keeps its ceil(fraction * n_i) highest-scoring allowed keys (numpy, float64)."""
+    keep = np.zeros_like(base)
+    for i in range(scores.shape[0]):
+        allowed = np.flatnonzero(base[i])
+        if len(allowed):
+            quota = math.ceil(fraction * len(allowed))
+            keep[i, allowed[np.argsort(-scores[i, allowed], kind="stable")[:quota]]] = True
+    return keep
+
+
+def top_keys(scores, base, local, density):
+    """local, plus the most-attended keys (column sums of the softmax over base) for every later
+    query, in that order while the pairs stay within density * base's pairs (numpy)."""
+    s = np.where(base, scores, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = np.where(base, p, 0.0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    received = p.sum(0)
+    local = base & local
+    extra = (base & ~local).sum(0)
+    budget = density * base.sum() - local.sum()
+    chosen = np.zeros(base.shape[1], bool)
+    used = 0
+    for j in np.argsort(-received, kind="stable"):
+        if used + extra[j] > budget:
+            break
+        used += extra[j]
+        chosen[j] = True
+    return local | (base & chosen[None, :])
+
+
+def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
+    rng = np.random.default_rng()
+    scores = (3 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
+    causal = np.tril(np.ones((40, 40), bool))[None, None] & (rng.random((2, 1, 1, 40)) < 0.9)
+    pos = np.arange(40)
+    local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
+    for density in (1.0, 0.5, 0.2):
+        got = np.asarray(top_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                       jnp.asarray(local)[None, None], density))
+        want = np.stack([np.stack([top_keys(scores[b, h].astype(np.float64), causal[b, 0],
+                                            local, density) for h in range(3)])
+                         for b in range(2)])
+        np.testing.assert_array_equal(got, want)
+        kept = got.sum((-2, -1)) / causal.sum((-2, -1))
+        assert np.all(kept <= density + 1e-9)
+
+
+def test_top_fraction_mask_keeps_each_rows_quota_of_highest_scores():
+    rng = np.random.default_rng()
+    scores = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)
+    causal = np.tril(np.ones((40, 40), bool))[None, None] & (rng.random((2, 1, 1, 40)) < 0.9)
+    for fraction in (1.0, 0.5, 0.13):
+        got = np.asarray(top_fraction_mask(jnp.asarray(scores), jnp.asarray(causal), fraction,
+                                           iterations=48))
+        want = np.stack([np.stack([top_fraction(scores[b, h], causal[b, 0], fraction)
+                                   for h in range(3)]) for b in range(2)])
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\], got 0.0"):
+        top_fraction_mask(jnp.asarray(scores), jnp.asarray(causal), 0.0)
+
+
+def test_clusters_for_meets_the_expected_density_and_refuses_the_impossible():
+    script = load_script()
+    local = script.local_density(2048, 64, 1)
+    c = script.clusters_for(0.25, 2048, 64, 1)
+    assert c == 5 and abs(local + (1 - local) / c - 0.25) < 0.01
+    with pytest.raises(ValueError, match=r"density 0.05 is at or below the window and sink's own"):
+        script.clusters_for(0.05, 2048, 64, 1)
+
+
+@pytest.mark.slow
+def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
+    script = load_script()
+    result = script.main(["--toy", "--out", str(tmp_path)])
+    assert (tmp_path / "toy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "toy.json").read_text())["rows"] == result["rows"]
+    import sweep_runs                  # on the path once the script is loaded
+    config = sweep_runs.load_config(str(script.CONFIG), "toy", [])
+    setup = script.setup_run(script.run_config(config, str(script.CONFIGS / "tiny_random.py"),
+                                               tmp_path), install=True)
+    weights = load_file(str(tmp_path / "tiny_model" / "model.safetensors"))
+    corpora = {"held-out": setup.val_batches, **setup.extra_batches}
+    heads, seq = TINY["ARCH"]["num_attention_heads"], config.seq_len
+    pos = np.arange(seq)
+    families = {r["family"] for r in result["rows"]}
+    assert families == {"dense", "top_fraction", "top_keys", "window", "random_clusters"}
+    for row in result["rows"]:
+        setting = next(s for s in script.plan(config) if s["family"] == row["family"]
+                       and s["target"] == row["target"])
+        batches = corpora[row["corpus"]]
+        allowed = causal = 0.0
+        total = count = 0.0
+        for b, batch in enumerate(batches):
+            ids = np.asarray(batch["input_ids"])
+            real = np.asarray(batch["attention_mask"], bool)
+            if setting["family"] == "random_clusters":
+                clusters = [np.asarray(jax.random.randint(
+                    jax.random.fold_in(jax.random.key(setting["seed"]), layer),
+                    (ids.shape[0], heads, seq), 0, setting["clusters"]))
+                    for layer in range(TINY["ARCH"]["num_hidden_layers"])]
+            local = ((pos[:, None] - pos[None, :] < setting["window"])
+                     | (pos[None, :] < setting["sink"]))
+
+            def mask_of(layer, head, scores, base, family=setting["family"]):
+                nonlocal allowed, causal
+                if family == "dense":
+                    keep = base
+                elif family == "top_fraction":
+                    keep = top_fraction(scores, base, setting["fraction"])
+                elif family == "window":
+                    keep = base & local
+                elif family == "top_keys":
+                    keep = top_keys(scores, base, local, setting["fraction"])
+                else:
+                    c = clusters[layer][0, head]
+                    keep = base & (local | (c[:, None] == c[None, :]))
+                allowed += keep.sum()
+                causal += base.sum()
+                return keep
+
+            s, c = llama_ce(weights, TINY["ARCH"], ids, real, mask_of)
+            total, count = total + s, count + c
+        assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5), row
+        assert row["density"] == pytest.approx(allowed / causal, abs=1e-9), row

@@ -1,0 +1,77 @@
+"""The base model with every attention layer's row probabilities replaced: the forward that
+mask baselines and oracles share (the sink + window mask of window_baseline.py; the per-row top
+fraction and the most-attended keys of mask_oracles). The routers of a surgical model are not
+used.
+
+`probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
+causal mask of real keys [B, 1, S, S], and returns the row probabilities (masked_softmax of
+some mask, usually).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ultrametric_jax.model import llama
+
+Probabilities = Callable[[int, jax.Array, jax.Array], jax.Array]
+
+
+def restricted_logits(model, input_ids, attention_mask, probabilities: Probabilities):
+    """float32 logits [B, S, V] of `model`'s base parameters (plain or surgical Llama) with the
+    attention rows of layer l given by probabilities(l, scores, causal)."""
+    config = model.config
+    positions = llama.default_positions(input_ids)
+    causal = llama.causal_mask(positions, positions, attention_mask)
+    x = model.model.embed_tokens(input_ids)
+    for index, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        q, k, v = llama.project_qkv(config, attn.q_proj, attn.k_proj, attn.v_proj,
+                                    layer.input_layernorm(x), positions)
+        out = llama.grouped_attention(
+            q, k, v, attn.scale, lambda scores, index=index: probabilities(index, scores, causal))
+        x = x + attn.o_proj(out.reshape(*out.shape[:2], -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.logits(model.model.norm(x))
+
+
+def top_fraction_mask(scores, causal, fraction: float, iterations: int = 24):
+    """bool [B, H, S, S]: per query row i, the ceil(fraction * n_i) causal keys with the highest
+    scores (n_i the row's causal keys), ties at the threshold kept. The threshold is found by
+    bisection on the score range (iterations halvings of it), so no S x S sort is needed; rows
+    keep at least their quota."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    causal = jnp.broadcast_to(causal, scores.shape)
+    quota = jnp.ceil(fraction * jnp.sum(causal, -1, keepdims=True, dtype=jnp.float32))
+    lo = jnp.min(jnp.where(causal, scores, jnp.inf), -1, keepdims=True)
+    hi = jnp.max(jnp.where(causal, scores, -jnp.inf), -1, keepdims=True)
+    kept = lambda t: jnp.sum(causal & (scores >= t), -1, keepdims=True, dtype=jnp.float32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = kept(mid) >= quota
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    return causal & (scores >= lo)
+
+
+def top_keys_mask(scores, causal, local, density: float):
+    """bool [B, H, S, S]: `local` (a mask every query keeps, e.g. sink + window) plus, for every
+    later query, the keys that receive the most dense attention mass (the column sums of the
+    causal softmax), taken in that order while the allowed pairs stay within density times the
+    causal pairs of the row. The keys every query may read, chosen by an oracle."""
+    causal = jnp.broadcast_to(causal, scores.shape)
+    local = causal & jnp.broadcast_to(local, scores.shape)
+    received = jnp.sum(llama.masked_softmax(scores, causal) * causal, axis=-2)      # [B, H, S]
+    extra = jnp.sum(causal & ~local, axis=-2).astype(jnp.float32)   # pairs a key would add
+    budget = (density * jnp.sum(causal, (-2, -1), dtype=jnp.float32)
+              - jnp.sum(local, (-2, -1), dtype=jnp.float32))                        # [B, H]
+    order = jnp.argsort(-received, axis=-1, stable=True)
+    fits = jnp.cumsum(jnp.take_along_axis(extra, order, -1), -1) <= budget[..., None]
+    chosen = jnp.take_along_axis(fits, jnp.argsort(order, axis=-1), -1)            # key order
+    return local | (causal & chosen[..., None, :])
