@@ -40,6 +40,7 @@ from ultrametric_jax.surgery.losses import token_cross_entropy  # noqa: E402
 from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
 
 CONFIG = CONFIGS / "mask_oracles.py"
+TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "window", "random_clusters")
 
 
@@ -90,7 +91,9 @@ def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, s
                                      (input_ids.shape[0], heads, input_ids.shape[1]), 0,
                                      clusters)
             allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
-        counts.append((jnp.sum(allowed), jnp.sum(jnp.broadcast_to(causal, allowed.shape))))
+        # float32 sums: B x H x S^2 pairs over every layer pass int32's range from 4k tokens
+        counts.append((jnp.sum(allowed, dtype=jnp.float32),
+                       jnp.sum(jnp.broadcast_to(causal, allowed.shape), dtype=jnp.float32)))
         return llama.masked_softmax(scores, allowed)
 
     logits = restricted_logits(model, input_ids, mask, probabilities)
@@ -100,15 +103,15 @@ def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, s
 
 def evaluate(model, batches, **settings) -> dict:
     """Perplexity and measured density (allowed / causal pairs over every layer and head)."""
-    pairs = [0.0, 0.0]
+    pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
-        pairs[0] += float(counts[0])
-        pairs[1] += float(counts[1])
+        pairs.append(counts)
 
     forward = functools.partial(_masked_cross_entropy, **settings)
     result = _held_out_loss(forward, model, batches, visit)
-    return {**result, "density": pairs[0] / max(pairs[1], 1.0)}
+    allowed, causal = (float(sum(c[i] for c in pairs)) for i in (0, 1))
+    return {**result, "density": allowed / max(causal, 1.0)}
 
 
 def plan(config) -> list[dict]:
@@ -170,7 +173,7 @@ def describe(s: dict) -> str:
 def main(argv=None):
     args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
     setup = setup_run(run_config(config, base, out), install=True)
-    corpora = {"held-out plays" if not config.toy_model else "held-out": setup.val_batches,
+    corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows = []
     for s in plan(config):

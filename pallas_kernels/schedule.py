@@ -18,17 +18,14 @@ Nothing here is S x S. Work and memory, per head:
 When every id lies in [0, SIGNATURE_IDS) (routes cut at a depth of at most 7 for p = 2, or any
 user's small cluster count), the shared-cluster test runs on per-block bit signatures instead:
 O(S + nq * nk), no sort, no scatter. A lax.cond picks that path from the ids' range, so the
-schedule is the same either way. Self-attention (the same ids array for queries and keys,
-q_offset 0) skips the straddle test: every block crossing the diagonal holds a token's pair
-with itself, which every mask allows.
+schedule is the same either way. With a window of at least one token the straddle test is
+skipped: every block crossing the diagonal holds some token's pair with itself (i - j = 0),
+which the window allows whatever the ids.
 """
 from __future__ import annotations
 
 import functools
 from typing import NamedTuple
-
-# Ids the signature path covers exactly: one bit each in SIGNATURE_IDS / 32 words per block.
-SIGNATURE_IDS = 128
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +33,9 @@ import jax.numpy as jnp
 from pallas_kernels.common import cdiv, pad_axis
 from pallas_kernels.masking import allowed_pairs
 from pallas_kernels.validation import check_block_size, check_clusters, check_mask_params
+
+# Ids the signature path covers exactly: one bit each in SIGNATURE_IDS / 32 words per block.
+SIGNATURE_IDS = 128
 
 
 class BlockSchedule(NamedTuple):
@@ -117,10 +117,9 @@ def _block_geometry(q_len, kv_len, bq, bk, q_offset):
     return q_first, q_last, k_first, k_last, causal, straddle, causal & ~straddle
 
 
-def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids, self_pairs):
+def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids):
     """(visited, full, causal) [nq, nk] bool for one head. small_ids: every id lies in
-    [0, SIGNATURE_IDS) (signatures decide shared clusters); self_pairs: query t and key t are
-    one token with one id (every straddling block is visited)."""
+    [0, SIGNATURE_IDS) (signatures decide shared clusters)."""
     q_len, kv_len = qc.shape[0], kc.shape[0]
     nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     j = jnp.arange(nk)[None, :]
@@ -133,7 +132,7 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids, se
     else:
         shared = _shared_cluster_blocks(qc, kc, bq, bk, nq, nk)
     visited = below & ((k_first < sink_tokens) | (q_first - k_last < window) | shared)
-    if self_pairs:
+    if window >= 1:  # a straddling block holds a pair (t, t), inside any window
         visited = visited | straddle
     else:
         visited = jnp.where(straddle, _straddle_blocks(qc, kc, bq, bk, nq, nk, q_offset, window,
@@ -227,7 +226,6 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
         raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
                          f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
     (batch, heads, q_len), kv_len = q_clusters.shape, k_clusters.shape[2]
-    same_ids = q_clusters is k_clusters
     qc, kc = check_clusters(q_clusters, k_clusters, batch, heads, q_len, kv_len)
     window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset, q_len, kv_len)
     block_q = check_block_size("block_q", block_q, power_of_two=False)
@@ -236,7 +234,7 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
     def flags(small_ids):
         per_head = functools.partial(
             _block_flags, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
-            sink_tokens=sink_tokens, small_ids=small_ids, self_pairs=same_ids and q_offset == 0)
+            sink_tokens=sink_tokens, small_ids=small_ids)
         return lambda qc, kc: jax.vmap(jax.vmap(per_head))(qc, kc)
 
     small = ((jnp.min(qc) >= 0) & (jnp.max(qc) < SIGNATURE_IDS)

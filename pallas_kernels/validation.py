@@ -50,9 +50,6 @@ def check_clusters(q_clusters, k_clusters, batch, q_heads, q_len, kv_len):
             raise ValueError(f"{name} must have shape [B, Hq, S] = {(batch, q_heads, length)}, "
                              f"got {tuple(ids.shape)}")
         _check_int32_range(name, ids)
-    if q_clusters is k_clusters:   # kept one array: the schedule then knows it is self-attention
-        ids = q_clusters.astype(jnp.int32)
-        return ids, ids
     return q_clusters.astype(jnp.int32), k_clusters.astype(jnp.int32)
 
 

@@ -98,6 +98,15 @@ def test_clusters_for_meets_the_expected_density_and_refuses_the_impossible():
         script.clusters_for(0.05, 2048, 64, 1)
 
 
+def test_an_unknown_family_is_refused_by_name():
+    script = load_script()
+    import sweep_runs                  # on the path once the script is loaded
+    config = sweep_runs.load_config(str(script.CONFIG), "toy", ["--config.families=window,tree"])
+    with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
+                       r"'top_keys', 'window', 'random_clusters'\)\)"):
+        script.plan(config)
+
+
 @pytest.mark.slow
 def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     script = load_script()
@@ -109,7 +118,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     setup = script.setup_run(script.run_config(config, str(script.CONFIGS / "tiny_random.py"),
                                                tmp_path), install=True)
     weights = load_file(str(tmp_path / "tiny_model" / "model.safetensors"))
-    corpora = {"held-out": setup.val_batches, **setup.extra_batches}
+    corpora = {script.TRAINING_CORPUS: setup.val_batches, **setup.extra_batches}
     heads, seq = TINY["ARCH"]["num_attention_heads"], config.seq_len
     pos = np.arange(seq)
     families = {r["family"] for r in result["rows"]}

@@ -10,9 +10,6 @@ from pallas_kernels import build_schedule
 
 schedule = jax.jit(build_schedule, static_argnames=(
     "window", "sink_tokens", "q_offset", "block_q", "block_k"))
-# One ids array for queries and keys, as routed attention calls it.
-self_schedule = jax.jit(lambda ids, **kw: build_schedule(ids, ids, **kw), static_argnames=(
-    "window", "sink_tokens", "block_q", "block_k"))
 
 
 def brute_force(qc, kc, *, window, sink, q_offset, bq, bk):
@@ -122,7 +119,7 @@ def test_signature_branch_matches_brute_force(geometry, window, sink):
     for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
         flags = jax.vmap(jax.vmap(lambda a, b: _block_flags(
             a, b, bq=bq, bk=bk, q_offset=q_offset, window=min(window, 2**31 - 1),
-            sink_tokens=min(sink, 2**31 - 1), small_ids=True, self_pairs=False)))
+            sink_tokens=min(sink, 2**31 - 1), small_ids=True)))
         visited, full, _ = flags(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32))
         want_visited, want_full, _ = brute_force(qc, kc, window=window, sink=sink,
                                                  q_offset=q_offset, bq=bq, bk=bk)
@@ -130,18 +127,24 @@ def test_signature_branch_matches_brute_force(geometry, window, sink):
         np.testing.assert_array_equal(np.asarray(full), want_full)
 
 
-@pytest.mark.parametrize("seq, bq, bk", [(100, 16, 32), (257, 32, 16), (300, 32, 32)])
-def test_self_attention_schedule_matches_brute_force(seq, bq, bk):
-    """One ids array for queries and keys (routed attention's call): the straddle test is
-    skipped, since each straddling block holds a token's pair with itself."""
-    rng = np.random.default_rng(seq)
-    for clusters, scale, shift in ((1, 1, 0), (5, 1, 0), (60, 1, 0), (60, 7919, -5)):
-        ids = rng.integers(0, clusters, (1, 3, seq)).astype(np.int32) * scale + shift
-        ids_j = jnp.asarray(ids)
-        for window, sink in ((0, 0), (5, 1), (40, 3)):
-            s = self_schedule(ids_j, window=window, sink_tokens=sink, block_q=bq, block_k=bk)
-            assert_matches_brute_force(s, ids, ids, window=window, sink=sink, q_offset=0,
-                                       bq=bq, bk=bk)
+@pytest.mark.parametrize("geometry", [(100, 100, 16, 32, 0), (37, 100, 16, 16, 63),
+                                      (120, 120, 32, 16, 0), (64, 300, 32, 32, 200)])
+def test_window_of_one_keeps_exactly_the_diagonal_blocks(geometry):
+    """With window >= 1 the schedule visits every block crossing the diagonal without testing
+    its tokens. Window 1, no sink and ids that never repeat leave only the pairs (t, t): the
+    schedule must list exactly the blocks holding one, on both shared-cluster paths."""
+    q_len, kv_len, bq, bk, q_offset = geometry
+    rng = np.random.default_rng()
+    total = max(kv_len, q_offset + q_len)
+    for ids in (rng.permutation(total) % 128 if total <= 128 else None,   # signature path
+                rng.permutation(total) * 7 + 1000):                       # sorted-table path
+        if ids is None:
+            continue
+        ids = np.broadcast_to(ids.astype(np.int32), (1, 2, total))
+        qc, kc = ids[..., q_offset:q_offset + q_len], ids[..., :kv_len]
+        s = schedule(jnp.asarray(qc), jnp.asarray(kc), window=1, sink_tokens=0,
+                     q_offset=q_offset, block_q=bq, block_k=bk)
+        assert_matches_brute_force(s, qc, kc, window=1, sink=0, q_offset=q_offset, bq=bq, bk=bk)
 
 
 def test_contiguous_clusters_density_closed_form():
