@@ -12,6 +12,15 @@ Families (each at every density):
 - top_keys: `window` and `sink`, plus the keys that receive the most dense attention (column
   sums), open to every later query, as many as the density allows (an oracle too: the keys a
   partition of the tokens cannot give every query);
+- threshold: the pairs whose dense attention probability passes one threshold shared by every
+  layer, head and row (plus the diagonal), the threshold found by bisection on the first
+  calibration_rows in-domain rows so that their density meets the target (an oracle of
+  allocation: layers, heads and rows that need more pairs take them; the other corpora's
+  density shows how the same threshold transfers);
+- head_choice: every head either dense or sink + window only (`window`, `sink`), the heads
+  that keep the least of their dense attention mass inside the sink + window on the
+  calibration rows staying dense, as many as the density allows (not an oracle: a fixed
+  choice per head that any sparse kernel can run as dense heads plus a band);
 - window: the sink + window mask whose density over seq_len is closest (window_baseline);
 - random_clusters: each token's cluster drawn uniformly per (layer, head) among C clusters,
   plus `window` and `sink` (the surgical mask of routes that carry no information), C chosen
@@ -32,10 +41,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.extra_corpora = "stdlib"          # out of domain, besides the held-out plays
     config.extra_max_chars = 400_000
     config.densities = (0.25, 0.10)
-    config.families = ("top_fraction", "top_keys", "window", "random_clusters")
+    config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
+                       "random_clusters")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
+    config.threshold_steps = 14              # threshold's bisection (one forward each)
+    config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
+                                             # are calibrated on
     config.seed = 0
     config.toy_model = False
 

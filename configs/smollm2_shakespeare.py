@@ -27,6 +27,7 @@ def get_config():
     config.data.corpus = "shakespeare"
     config.train.steps = 40
     config.train.batch_size = 2
+    config.train.grad_accum = 2      # 2 micro-batches of one: half the step's activation memory
     config.train.seq_len = 256
     config.train.lr = 2e-3
     config.eval.batches = 8

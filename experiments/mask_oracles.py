@@ -1,7 +1,10 @@
 """Masks of a fixed attention density on the frozen base model: the per-row top fraction of
 the scores (what any sparse attention of that density could keep), the most-attended keys
-opened to every query beside a sink + window, the sink + window mask alone, and clusters drawn
-at random (the surgical mask of routes that carry no information).
+opened to every query beside a sink + window, one threshold on the dense attention probability
+shared by every layer, head and row (the density goes where attention needs it), the sink +
+window mask alone, and clusters drawn at random (the surgical mask of routes that carry no
+information), and a choice of heads: the heads that keep most of their dense attention inside
+the sink + window keep only that, the others stay dense.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +37,8 @@ from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (restricted_logits,  # noqa: E402
-                                                      top_fraction_mask, top_keys_mask)
+                                                      threshold_mask, top_fraction_mask,
+                                                      top_keys_mask)
 from ultrametric_jax.run.settings import RunConfig  # noqa: E402
 from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
                                                  window_for_density)
@@ -41,7 +47,8 @@ from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
 
 CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
-FAMILIES = ("dense", "top_fraction", "top_keys", "window", "random_clusters")
+FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
+            "random_clusters")
 
 
 def run_config(config, base: str, out: Path) -> RunConfig:
@@ -69,9 +76,11 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
 
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
                                              "steps", "seed"))
-def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, sink, clusters,
-                          steps, seed):
-    """((CE sum, count), (allowed pairs, causal pairs)) of the base model under one family."""
+def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *, family,
+                          fraction, window, sink, clusters, steps, seed):
+    """((CE sum, count), (allowed pairs, causal pairs)) of the base model under one family
+    (log_threshold, traced, is the threshold family's: no recompilation while it is searched;
+    dense_heads, bool [layers, heads], head_choice's)."""
     positions = llama.default_positions(input_ids)
     heads = model.config.num_attention_heads
     counts = []
@@ -86,6 +95,11 @@ def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, s
         elif family == "top_keys":
             allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
                                     fraction)
+        elif family == "threshold":
+            allowed = threshold_mask(scores, causal, log_threshold)
+        elif family == "head_choice":
+            allowed = jnp.where(dense_heads[layer][None, :, None, None], causal,
+                                local_mask(positions, mask, window, sink))
         else:
             ids = jax.random.randint(jax.random.fold_in(jax.random.key(seed), layer),
                                      (input_ids.shape[0], heads, input_ids.shape[1]), 0,
@@ -101,17 +115,82 @@ def _masked_cross_entropy(model, input_ids, mask, *, family, fraction, window, s
     return token_cross_entropy(logits, input_ids, mask), pairs
 
 
-def evaluate(model, batches, **settings) -> dict:
+def no_dense_heads(model) -> jax.Array:
+    return jnp.zeros((model.config.num_hidden_layers, model.config.num_attention_heads), bool)
+
+
+def evaluate(model, batches, log_threshold=0.0, dense_heads=None, **settings) -> dict:
     """Perplexity and measured density (allowed / causal pairs over every layer and head)."""
     pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
         pairs.append(counts)
 
-    forward = functools.partial(_masked_cross_entropy, **settings)
+    def forward(model, input_ids, mask):
+        heads = no_dense_heads(model) if dense_heads is None else jnp.asarray(dense_heads)
+        return _masked_cross_entropy(model, input_ids, mask, jnp.float32(log_threshold), heads,
+                                     **settings)
+
     result = _held_out_loss(forward, model, batches, visit)
     allowed, causal = (float(sum(c[i] for c in pairs)) for i in (0, 1))
     return {**result, "density": allowed / max(causal, 1.0)}
+
+
+LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability that matters
+
+
+def calibrate_threshold(model, batches, target: float, steps: int, settings: dict) -> float:
+    """The threshold family's log t whose density over `batches` is the lowest found at or above
+    target: bisection on log t in [LOWEST_LOG_THRESHOLD, 0] (the density falls as t rises), one
+    forward per step."""
+    def density(log_t):
+        return evaluate(model, batches, log_threshold=log_t,
+                        **dict(settings, family="threshold"))["density"]
+
+    lo, hi = LOWEST_LOG_THRESHOLD, 0.0
+    if density(lo) < target:
+        raise ValueError(f"threshold: even p >= exp({lo}) keeps less than the target density "
+                         f"{target}")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if density(mid) >= target else (lo, mid)
+    return lo
+
+
+@functools.partial(nnx.jit, static_argnames=("window", "sink"))
+def _local_mass(model, input_ids, mask, *, window, sink):
+    """(sum over real rows of the dense attention mass inside the sink + window mask [layers,
+    heads], real rows per head) of the dense base model."""
+    local = local_mask(llama.default_positions(input_ids), mask, window, sink)
+    sums, rows = [], []
+
+    def probabilities(_layer, scores, causal):
+        p = llama.masked_softmax(scores, causal)
+        real = jnp.any(jnp.broadcast_to(causal, scores.shape), -1)               # [B, H, S]
+        sums.append(jnp.sum(jnp.where(real, jnp.sum(p * local, -1), 0.0), (0, 2)))
+        rows.append(jnp.sum(real, (0, 2), dtype=jnp.float32))
+        return p
+
+    restricted_logits(model, input_ids, mask, probabilities)
+    return jnp.stack(sums), jnp.stack(rows)
+
+
+def choose_dense_heads(model, batches, target: float, seq_len: int, window: int,
+                       sink: int) -> np.ndarray:
+    """bool [layers, heads]: the heads that stay dense so that the total density (every other
+    head keeps the sink + window, local_density of them) meets target: those that keep the
+    least of their dense attention mass inside the sink + window on `batches`."""
+    total = rows = 0.0
+    for batch in batches:
+        s, r = _local_mass(model, jnp.asarray(batch["input_ids"]),
+                           jnp.asarray(batch["attention_mask"], bool), window=window, sink=sink)
+        total, rows = total + np.asarray(s, np.float64), rows + np.asarray(r, np.float64)
+    kept = total / np.maximum(rows, 1.0)                                  # [layers, heads]
+    local = local_density(seq_len, window, sink)
+    dense = math.ceil(kept.size * max(0.0, target - local) / (1.0 - local) - 1e-9)
+    chosen = np.zeros(kept.size, bool)
+    chosen[np.argsort(kept.ravel(), kind="stable")[:dense]] = True
+    return chosen.reshape(kept.shape)
 
 
 def plan(config) -> list[dict]:
@@ -125,7 +204,7 @@ def plan(config) -> list[dict]:
     for target in config.densities:
         for family in config.families:
             s = dict(base, family=family, target=float(target))
-            if family in ("top_fraction", "top_keys"):
+            if family in ("top_fraction", "top_keys", "threshold", "head_choice"):
                 s["fraction"] = float(target)
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
@@ -137,6 +216,8 @@ def plan(config) -> list[dict]:
 
 STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle)"),
           "top_keys": ("D", "tab:purple", "most-attended keys for all + window + sink (oracle)"),
+          "threshold": ("*", "tab:olive", "one probability threshold for all layers (oracle)"),
+          "head_choice": ("P", "tab:brown", "dense heads + sink and window heads"),
           "window": ("s", "tab:blue", "sink + window"),
           "random_clusters": ("^", "tab:red", "random clusters + window + sink")}
 
@@ -165,6 +246,9 @@ def print_table(rows: list[dict]) -> None:
 def describe(s: dict) -> str:
     return {"dense": "", "top_fraction": f"fraction {s['fraction']}",
             "top_keys": f"keys within {s['fraction']}, window {s['window']}, sink {s['sink']}",
+            "threshold": f"p >= exp({s.get('log_threshold', 0.0):.4f}) in every layer",
+            "head_choice": f"{int(np.sum(s.get('dense_heads', 0)))} dense heads, the others "
+                           f"window {s['window']}, sink {s['sink']}",
             "window": f"window {s['window']}, sink {s['sink']}",
             "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}"
             }[s["family"]]
@@ -176,12 +260,23 @@ def main(argv=None):
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows = []
+    keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed")
     for s in plan(config):
-        keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed")
+        settings = {k: s[k] for k in keys}
+        calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
+        if s["family"] == "threshold":
+            s["log_threshold"] = calibrate_threshold(setup.model, calibration, s["target"],
+                                                     config.threshold_steps, settings)
+        elif s["family"] == "head_choice":
+            s["dense_heads"] = choose_dense_heads(setup.model, calibration, s["target"],
+                                                  config.seq_len, s["window"], s["sink"])
         for corpus, batches in corpora.items():
-            r = evaluate(setup.model, batches, **{k: s[k] for k in keys})
+            r = evaluate(setup.model, batches, log_threshold=s.get("log_threshold", 0.0),
+                         dense_heads=s.get("dense_heads"), **settings)
+            heads = s.get("dense_heads")
             rows.append(dict(family=s["family"], target=s["target"], corpus=corpus,
-                             setting=describe(s), **r))
+                             setting=describe(s), log_threshold=s.get("log_threshold"),
+                             dense_heads=None if heads is None else heads.tolist(), **r))
             print(f"{s['family']} {describe(s)} on {corpus}: perplexity {r['perplexity']:.3f} "
                   f"at density {100 * r['density']:.1f}%", flush=True)
     for r in rows:

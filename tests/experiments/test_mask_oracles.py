@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 
 from experiment_script import load_experiment
 from numpy_llama import llama_ce
-from ultrametric_jax.run.restricted_attention import top_fraction_mask, top_keys_mask
+from ultrametric_jax.run.restricted_attention import (threshold_mask, top_fraction_mask,
+                                                      top_keys_mask)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
@@ -54,6 +55,30 @@ def top_keys(scores, base, local, density):
         used += extra[j]
         chosen[j] = True
     return local | (base & chosen[None, :])
+
+
+def threshold(scores, base, log_threshold):
+    """base's pairs whose float64 softmax probability over base is >= exp(log_threshold), plus
+    base's diagonal (numpy)."""
+    s = np.where(base, scores, -np.inf)
+    logp = s - s.max(-1, keepdims=True)
+    logp = logp - np.log(np.where(base, np.exp(logp), 0.0).sum(-1, keepdims=True))
+    return base & ((logp >= log_threshold) | np.eye(*base.shape, dtype=bool))
+
+
+def test_threshold_mask_keeps_the_pairs_whose_probability_passes():
+    rng = np.random.default_rng()
+    scores = (2 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
+    causal = np.tril(np.ones((40, 40), bool))[None, None] & (rng.random((2, 1, 1, 40)) < 0.9)
+    for log_t in (-1.5, -3.0, -6.0):
+        got = np.asarray(threshold_mask(jnp.asarray(scores), jnp.asarray(causal), log_t))
+        want = np.stack([np.stack([threshold(scores[b, h].astype(np.float64), causal[b, 0], log_t)
+                                   for h in range(3)]) for b in range(2)])
+        np.testing.assert_array_equal(got, want)
+        # every causal row keeps its own diagonal pair, and only causal pairs are kept
+        assert not np.any(got & ~causal)
+        diag = np.broadcast_to(causal & np.eye(40, dtype=bool), got.shape)
+        assert np.all(got[diag])
 
 
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
@@ -103,7 +128,7 @@ def test_an_unknown_family_is_refused_by_name():
     import sweep_runs                  # on the path once the script is loaded
     config = sweep_runs.load_config(str(script.CONFIG), "toy", ["--config.families=window,tree"])
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
-                       r"'top_keys', 'window', 'random_clusters'\)\)"):
+                       r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters'\)\)"):
         script.plan(config)
 
 
@@ -122,10 +147,13 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     heads, seq = TINY["ARCH"]["num_attention_heads"], config.seq_len
     pos = np.arange(seq)
     families = {r["family"] for r in result["rows"]}
-    assert families == {"dense", "top_fraction", "top_keys", "window", "random_clusters"}
+    assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
+                        "window", "random_clusters"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
+        setting["log_threshold"] = row["log_threshold"]
+        setting["dense_heads"] = row["dense_heads"]
         batches = corpora[row["corpus"]]
         allowed = causal = 0.0
         total = count = 0.0
@@ -150,6 +178,10 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = base & local
                 elif family == "top_keys":
                     keep = top_keys(scores, base, local, setting["fraction"])
+                elif family == "threshold":
+                    keep = threshold(scores, base, setting["log_threshold"])
+                elif family == "head_choice":
+                    keep = base if setting["dense_heads"][layer][head] else base & local
                 else:
                     c = clusters[layer][0, head]
                     keep = base & (local | (c[:, None] == c[None, :]))
@@ -161,3 +193,45 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
             total, count = total + s, count + c
         assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5), row
         assert row["density"] == pytest.approx(allowed / causal, abs=1e-9), row
+    # the threshold was calibrated on the first in-domain row: its density there meets the
+    # target, and the bisection's other bound (one resolution step higher) falls below it
+    first = corpora[script.TRAINING_CORPUS][:config.calibration_rows]
+    keys = ("fraction", "window", "sink", "clusters", "steps", "seed")
+    # head_choice keeps dense the heads whose float64 dense attention keeps the least mass
+    # inside the sink + window on that row, as many as the target allows (closed form)
+    local = ((pos[:, None] - pos[None, :] < config.window) | (pos[None, :] < config.sink))
+    kept = np.zeros((TINY["ARCH"]["num_hidden_layers"], heads))
+    rows = np.zeros_like(kept)
+
+    def record(layer, head, scores, base):
+        s = np.where(base, scores, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = np.where(base, p, 0.0) / np.where(base, p, 0.0).sum(-1, keepdims=True)
+        real = base.any(-1)
+        kept[layer, head] += (p * local).sum(-1)[real].sum()
+        rows[layer, head] += real.sum()
+        return base
+
+    for batch in first:
+        llama_ce(weights, TINY["ARCH"], np.asarray(batch["input_ids"]),
+                 np.asarray(batch["attention_mask"], bool), record)
+    share = (kept / rows).ravel()
+    window_only = script.local_density(seq, config.window, config.sink)
+    for s in script.plan(config):
+        if s["family"] == "head_choice":
+            row = next(r for r in result["rows"] if r["family"] == "head_choice"
+                       and r["target"] == s["target"])
+            n = math.ceil(share.size * (s["target"] - window_only) / (1 - window_only) - 1e-9)
+            want = np.zeros(share.size, bool)
+            want[np.argsort(share, kind="stable")[:n]] = True
+            assert n > 0 and np.array_equal(np.asarray(row["dense_heads"]).ravel(), want)
+    for s in script.plan(config):
+        if s["family"] == "threshold":
+            row = next(r for r in result["rows"] if r["family"] == "threshold"
+                       and r["target"] == s["target"])
+            step = -script.LOWEST_LOG_THRESHOLD / 2 ** config.threshold_steps
+            at, above = (script.evaluate(setup.model, first, log_threshold=lt,
+                                         family="threshold", **{k: s[k] for k in keys})
+                         ["density"] for lt in (row["log_threshold"],
+                                                row["log_threshold"] + step))
+            assert at >= s["target"] > above, (at, above)

@@ -30,6 +30,7 @@ from ultrametric_jax.run import evaluate as evaluation
 from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CorruptCheckpointError, Restored,
                                             RunCheckpointReader)
 from ultrametric_jax.run.data import PackedSequences, build_splits, corpus_tokenizer, eval_batches
+from ultrametric_jax.run.host_memory import release_compiled
 from ultrametric_jax.run.metrics import MetricsWriter
 from ultrametric_jax.run.export import (ExportError, export_surgical_model, tokenizer_source,
                                         verify_base_model)
@@ -238,6 +239,7 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
                                    window_only=window_only)
     evaluation.write_report(report, workdir)
     if run.eval.tasks:
+        release_compiled()
         # One model object serves both sides: the dense side runs in base_model_mode. The
         # perplexity report is on disk first, so a failing task loses nothing of it.
         path = setup.tokenizer_path
@@ -267,6 +269,7 @@ def train_and_evaluate(run: RunConfig, workdir: str, *, install: bool, evaluate_
     setup = setup_run(run, install=install)
     write_json(os.path.join(workdir, RUN_CONFIG), run.to_dict())
     dense = dense_baseline(setup, run, workdir) if evaluate_after else None
+    release_compiled()             # each phase compiles its own programs: free the last one's
     inject(run, setup.model)
     trainer = make_trainer(run, setup, mesh, workdir)
     try:
@@ -275,6 +278,7 @@ def train_and_evaluate(run: RunConfig, workdir: str, *, install: bool, evaluate_
         trainer.close()
     if not evaluate_after:
         return outcome, None
+    release_compiled()
     return outcome, evaluate(run, setup, workdir, dense, outcome.step)
 
 

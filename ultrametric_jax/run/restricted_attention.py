@@ -75,3 +75,13 @@ def top_keys_mask(scores, causal, local, density: float):
     fits = jnp.cumsum(jnp.take_along_axis(extra, order, -1), -1) <= budget[..., None]
     chosen = jnp.take_along_axis(fits, jnp.argsort(order, axis=-1), -1)            # key order
     return local | (causal & chosen[..., None, :])
+
+
+def threshold_mask(scores, causal, log_threshold):
+    """bool [B, H, S, S]: the causal pairs whose dense attention probability (softmax of the
+    scores over the causal keys) is at least exp(log_threshold), and every causal diagonal pair
+    (a row never goes empty). log_threshold may be traced."""
+    causal = jnp.broadcast_to(causal, scores.shape)
+    logp = jax.nn.log_softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    diagonal = jnp.eye(scores.shape[-2], scores.shape[-1], dtype=bool)
+    return causal & ((logp >= log_threshold) | diagonal)

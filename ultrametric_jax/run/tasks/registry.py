@@ -17,6 +17,7 @@ import numpy as np
 
 from ultrametric_jax.errors import UserError
 from ultrametric_jax.io.tokenizer import as_tokenizer, decode, encode
+from ultrametric_jax.run.host_memory import release_compiled
 from ultrametric_jax.run.metrics import progress_bar
 from ultrametric_jax.run.tasks import decoding
 from ultrametric_jax.run.tasks.decoding import Contestant, contestants
@@ -164,6 +165,8 @@ def run_tasks(names: str | Sequence[str], dense_model, surgical_model, tokenizer
     results, summary = {}, {}
     for i, name in enumerate(names):
         task, t0 = TASKS[name], time.perf_counter()
+        if i:
+            release_compiled()     # tasks share no programs: keep one task's at a time
         result = task.run(ctx)
         result["difference"] = differences(result["dense"], result["surgical"])
         result["headline"] = list(task.headline)
