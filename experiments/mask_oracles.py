@@ -78,7 +78,7 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
                                              "steps", "seed"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *, family,
                           fraction, window, sink, clusters, steps, seed):
-    """((CE sum, count), (allowed pairs, causal pairs)) of the base model under one family
+    """((CE sum, count), (allowed pairs, causal pairs) per layer) of the base model under one family
     (log_threshold, traced, is the threshold family's: no recompilation while it is searched;
     dense_heads, bool [layers, heads], head_choice's)."""
     positions = llama.default_positions(input_ids)
@@ -111,7 +111,7 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
         return llama.masked_softmax(scores, allowed)
 
     logits = restricted_logits(model, input_ids, mask, probabilities)
-    pairs = (sum(a for a, _ in counts), sum(c for _, c in counts))
+    pairs = (jnp.stack([a for a, _ in counts]), jnp.stack([c for _, c in counts]))
     return token_cross_entropy(logits, input_ids, mask), pairs
 
 
@@ -120,7 +120,8 @@ def no_dense_heads(model) -> jax.Array:
 
 
 def evaluate(model, batches, log_threshold=0.0, dense_heads=None, **settings) -> dict:
-    """Perplexity and measured density (allowed / causal pairs over every layer and head)."""
+    """Perplexity, measured density (allowed / causal pairs over every layer and head) and
+    the density of each layer."""
     pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
@@ -132,8 +133,9 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, **settings) ->
                                      **settings)
 
     result = _held_out_loss(forward, model, batches, visit)
-    allowed, causal = (float(sum(c[i] for c in pairs)) for i in (0, 1))
-    return {**result, "density": allowed / max(causal, 1.0)}
+    allowed, causal = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0) for i in (0, 1))
+    return {**result, "density": float(allowed.sum() / max(causal.sum(), 1.0)),
+            "density_per_layer": (allowed / np.maximum(causal, 1.0)).tolist()}
 
 
 LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability that matters
@@ -235,12 +237,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| family | corpus | target | density | perplexity | change vs dense | setting |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| family | corpus | target | density | per-layer density | perplexity | "
+          "change vs dense | setting |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        layers = r["density_per_layer"]
         print(f"| {r['family']} | {r['corpus']} | {100 * r['target']:.0f}% | "
-              f"{100 * r['density']:.1f}% | {r['perplexity']:.3f} | {r['change_pct']:+.1f}% | "
-              f"{r['setting']} |")
+              f"{100 * r['density']:.1f}% | {min(layers):.2f}-{max(layers):.2f} | "
+              f"{r['perplexity']:.3f} | {r['change_pct']:+.1f}% | {r['setting']} |")
 
 
 def describe(s: dict) -> str:

@@ -178,7 +178,7 @@ def _damaged_models(good: str, root) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "io"))
     try:
         from conftest import build_hf_llama
-        from test_gguf import write_llama_gguf
+        from gguf_writer import write_llama_gguf
     finally:
         sys.path.pop(0)
     gguf = write_llama_gguf(build_hf_llama(vocab_size=320), root / "whole.gguf")

@@ -80,7 +80,7 @@ def test_convert_hf_to_native_and_back(tiny_hf, tmp_path):
 
 def test_convert_gguf_to_hf(tmp_path):
     from conftest import build_hf_llama
-    from test_gguf import write_llama_gguf
+    from gguf_writer import write_llama_gguf
     from transformers import AutoModelForCausalLM
     hf = build_hf_llama(tie_word_embeddings=True)
     gguf_path = write_llama_gguf(hf, tmp_path / "tiny.gguf")

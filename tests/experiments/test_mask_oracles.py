@@ -156,6 +156,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         setting["dense_heads"] = row["dense_heads"]
         batches = corpora[row["corpus"]]
         allowed = causal = 0.0
+        layer_pairs = np.zeros((2, TINY["ARCH"]["num_hidden_layers"]))
         total = count = 0.0
         for b, batch in enumerate(batches):
             ids = np.asarray(batch["input_ids"])
@@ -187,12 +188,15 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = base & (local | (c[:, None] == c[None, :]))
                 allowed += keep.sum()
                 causal += base.sum()
+                layer_pairs[:, layer] += keep.sum(), base.sum()
                 return keep
 
             s, c = llama_ce(weights, TINY["ARCH"], ids, real, mask_of)
             total, count = total + s, count + c
         assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5), row
         assert row["density"] == pytest.approx(allowed / causal, abs=1e-9), row
+        np.testing.assert_allclose(row["density_per_layer"], layer_pairs[0] / layer_pairs[1],
+                                   atol=1e-9)
     # the threshold was calibrated on the first in-domain row: its density there meets the
     # target, and the bisection's other bound (one resolution step higher) falls below it
     first = corpora[script.TRAINING_CORPUS][:config.calibration_rows]

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import build_hf_llama
-from test_gguf import write_llama_gguf
+from gguf_writer import write_llama_gguf
 from ultrametric_jax import load_pretrained
 from ultrametric_jax.cli import app as cli
 from ultrametric_jax.errors import CheckpointError
