@@ -217,21 +217,12 @@ class LlamaModel(nnx.Module):
             LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
-        # True: each decoder layer's activations are recomputed in the backward pass (router
-        # training keeps one [B, S, d] input per layer instead of every layer's activations).
-        self.remat_layers = False
 
     def __call__(self, input_ids, positions, attention_mask=None, cache=None):
         x = self.embed_tokens(input_ids)
         new_cache = None if cache is None else []
-
-        def run_layer(layer, x):
-            return layer(x, positions, attention_mask=attention_mask)
-
         for i, layer in enumerate(self.layers):
-            if cache is None and self.remat_layers:
-                x = nnx.remat(run_layer)(layer, x)
-            elif cache is None:
+            if cache is None:
                 x = layer(x, positions, attention_mask=attention_mask)
             else:
                 x, layer_cache = layer(x, positions, attention_mask=attention_mask, cache=cache[i])
