@@ -1,10 +1,12 @@
-"""Masks of a fixed attention density on the frozen base model: the per-row top fraction of
-the scores (what any sparse attention of that density could keep), the most-attended keys
-opened to every query beside a sink + window, one threshold on the dense attention probability
-shared by every layer, head and row (the density goes where attention needs it), the sink +
-window mask alone, and clusters drawn at random (the surgical mask of routes that carry no
-information), and a choice of heads: the heads that keep most of their dense attention inside
-the sink + window keep only that, the others stay dense.
+"""Masks of a fixed attention density on the frozen base model:
+- the per-row top fraction of the scores (the same share of keys in every row);
+- the most-attended keys opened to every query beside a sink + window;
+- one threshold on the dense attention probability shared by every layer, head and row (the
+  density goes where attention needs it);
+- dense heads beside sink + window heads (the heads that keep least inside the window stay
+  dense);
+- the sink + window mask alone, and clusters drawn at random (the surgical mask of routes that
+  carry no information).
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
