@@ -24,7 +24,11 @@ Families (each at every density):
 - window: the sink + window mask whose density over seq_len is closest (window_baseline);
 - random_clusters: each token's cluster drawn uniformly per (layer, head) among C clusters,
   plus `window` and `sink` (the surgical mask of routes that carry no information), C chosen
-  so that the expected density meets the target.
+  so that the expected density meets the target;
+- spectral_partition: as many clusters as random_clusters, but found per (layer, head) by
+  spectral clustering of the head's own dense attention outside the sink + window (made
+  symmetric), plus `window` and `sink`: an oracle partition, what the cut of a tree gives each
+  head at its best (clusters are equivalence classes; a threshold mask is not).
 get_config("toy") is the small CPU variant the tests run.
 """
 import ml_collections
@@ -42,11 +46,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.extra_max_chars = 400_000
     config.densities = (0.25, 0.10)
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
-                       "random_clusters")
+                       "random_clusters", "spectral_partition")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
     config.threshold_steps = 14              # threshold's bisection (one forward each)
+    config.partition_power_steps = 40        # spectral_partition's subspace iteration
+    config.partition_kmeans_steps = 20       # and its k-means steps
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0

@@ -6,7 +6,9 @@
 - dense heads beside sink + window heads (the heads that keep least inside the window stay
   dense);
 - the sink + window mask alone, and clusters drawn at random (the surgical mask of routes that
-  carry no information).
+  carry no information);
+- clusters of each head's own attention outside the window (spectral clustering) beside the
+  sink + window: the best a partition of the tokens, what a tree's cut gives each head, keeps.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -39,8 +41,8 @@ from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (restricted_logits,  # noqa: E402
-                                                      threshold_mask, top_fraction_mask,
-                                                      top_keys_mask)
+                                                      spectral_clusters, threshold_mask,
+                                                      top_fraction_mask, top_keys_mask)
 from ultrametric_jax.run.settings import RunConfig  # noqa: E402
 from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
                                                  window_for_density)
@@ -50,7 +52,7 @@ from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
 CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
-            "random_clusters")
+            "random_clusters", "spectral_partition")
 
 
 def run_config(config, base: str, out: Path) -> RunConfig:
@@ -77,15 +79,17 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
 
 
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
-                                             "steps", "seed"))
+                                             "steps", "seed", "power_steps", "kmeans_steps"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *, family,
-                          fraction, window, sink, clusters, steps, seed):
-    """((CE sum, count), (allowed pairs, causal pairs) per layer) of the base model under one family
-    (log_threshold, traced, is the threshold family's: no recompilation while it is searched;
-    dense_heads, bool [layers, heads], head_choice's)."""
+                          fraction, window, sink, clusters, steps, seed, power_steps,
+                          kmeans_steps):
+    """((CE sum, count), (allowed pairs per layer, causal pairs per layer, cluster ids)) of the
+    base model under one family (log_threshold, traced, is the threshold family's: no
+    recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's; the
+    cluster ids [layers, B, H, S] are spectral_partition's, empty for the other families)."""
     positions = llama.default_positions(input_ids)
     heads = model.config.num_attention_heads
-    counts = []
+    counts, partitions = [], []
 
     def probabilities(layer, scores, causal):
         if family == "dense":
@@ -102,6 +106,16 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
         elif family == "head_choice":
             allowed = jnp.where(dense_heads[layer][None, :, None, None], causal,
                                 local_mask(positions, mask, window, sink))
+        elif family == "spectral_partition":
+            # clusters of the head's own attention outside the sink + window, made symmetric
+            outside = jnp.broadcast_to(causal, scores.shape) & ~local_mask(positions, mask,
+                                                                          window, sink)
+            far = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
+            ids = spectral_clusters(far + jnp.swapaxes(far, -1, -2), clusters,
+                                    jax.random.fold_in(jax.random.key(seed), layer),
+                                    power_steps, kmeans_steps)
+            partitions.append(ids)
+            allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
         else:
             ids = jax.random.randint(jax.random.fold_in(jax.random.key(seed), layer),
                                      (input_ids.shape[0], heads, input_ids.shape[1]), 0,
@@ -113,7 +127,8 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
         return llama.masked_softmax(scores, allowed)
 
     logits = restricted_logits(model, input_ids, mask, probabilities)
-    pairs = (jnp.stack([a for a, _ in counts]), jnp.stack([c for _, c in counts]))
+    ids = jnp.stack(partitions) if partitions else jnp.zeros((0,), jnp.int32)
+    pairs = (jnp.stack([a for a, _ in counts]), jnp.stack([c for _, c in counts]), ids)
     return token_cross_entropy(logits, input_ids, mask), pairs
 
 
@@ -121,9 +136,11 @@ def no_dense_heads(model) -> jax.Array:
     return jnp.zeros((model.config.num_hidden_layers, model.config.num_attention_heads), bool)
 
 
-def evaluate(model, batches, log_threshold=0.0, dense_heads=None, **settings) -> dict:
+def evaluate(model, batches, log_threshold=0.0, dense_heads=None, record=False,
+             **settings) -> dict:
     """Perplexity, measured density (allowed / causal pairs over every layer and head) and
-    the density of each layer."""
+    the density of each layer; with record, also spectral_partition's cluster ids of every
+    batch ("partitions": [layers, B, H, S] each)."""
     pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
@@ -136,8 +153,11 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, **settings) ->
 
     result = _held_out_loss(forward, model, batches, visit)
     allowed, causal = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0) for i in (0, 1))
-    return {**result, "density": float(allowed.sum() / max(causal.sum(), 1.0)),
-            "density_per_layer": (allowed / np.maximum(causal, 1.0)).tolist()}
+    out = {**result, "density": float(allowed.sum() / max(causal.sum(), 1.0)),
+           "density_per_layer": (allowed / np.maximum(causal, 1.0)).tolist()}
+    if record:
+        out["partitions"] = [np.asarray(c[2]) for c in pairs]
+    return out
 
 
 LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability that matters
@@ -203,7 +223,9 @@ def plan(config) -> list[dict]:
         if family not in FAMILIES[1:]:
             raise ValueError(f"unknown family {family!r} (known: {FAMILIES[1:]})")
     base = dict(fraction=1.0, window=config.window, sink=config.sink, clusters=1,
-                steps=config.bisection_steps, seed=config.seed)
+                steps=config.bisection_steps, seed=config.seed,
+                power_steps=config.partition_power_steps,
+                kmeans_steps=config.partition_kmeans_steps)
     out = [dict(base, family="dense", target=1.0)]
     for target in config.densities:
         for family in config.families:
@@ -223,7 +245,9 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "threshold": ("*", "tab:olive", "one probability threshold for all layers (oracle)"),
           "head_choice": ("P", "tab:brown", "dense heads + sink and window heads"),
           "window": ("s", "tab:blue", "sink + window"),
-          "random_clusters": ("^", "tab:red", "random clusters + window + sink")}
+          "random_clusters": ("^", "tab:red", "random clusters + window + sink"),
+          "spectral_partition": ("v", "tab:orange",
+                                 "clusters of each head's attention + window + sink (oracle)")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -256,8 +280,9 @@ def describe(s: dict) -> str:
             "head_choice": f"{int(np.sum(s.get('dense_heads', 0)))} dense heads, the others "
                            f"window {s['window']}, sink {s['sink']}",
             "window": f"window {s['window']}, sink {s['sink']}",
-            "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}"
-            }[s["family"]]
+            "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}",
+            "spectral_partition": f"{s['clusters']} spectral clusters, window {s['window']}, "
+                                  f"sink {s['sink']}"}[s["family"]]
 
 
 def main(argv=None):
@@ -266,7 +291,8 @@ def main(argv=None):
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows = []
-    keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed")
+    keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
+            "kmeans_steps")
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only

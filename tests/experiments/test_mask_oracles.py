@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from experiment_script import load_experiment
 from numpy_llama import llama_ce
-from ultrametric_jax.run.restricted_attention import (threshold_mask, top_fraction_mask,
-                                                      top_keys_mask)
+from ultrametric_jax.run.restricted_attention import (spectral_clusters, threshold_mask,
+                                                      top_fraction_mask, top_keys_mask)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
@@ -81,6 +81,23 @@ def test_threshold_mask_keeps_the_pairs_whose_probability_passes():
         assert np.all(got[diag])
 
 
+def test_spectral_clusters_recover_a_planted_partition():
+    rng = np.random.default_rng()
+    for trial in range(5):
+        sizes = rng.integers(3, 12, size=4)
+        labels = np.repeat(np.arange(4), sizes)
+        rng.shuffle(labels)
+        n = len(labels)
+        same = labels[:, None] == labels[None, :]
+        w = np.where(same, rng.uniform(0.5, 1.5, (n, n)), rng.uniform(0.0, 0.01, (n, n)))
+        got = np.asarray(spectral_clusters(jnp.asarray(w + w.T, jnp.float32)[None], 4,
+                                           jax.random.key(trial)))[0]
+        # the same groups, whatever their labels
+        np.testing.assert_array_equal(got[:, None] == got[None, :], same)
+    with pytest.raises(ValueError, match="clusters must be >= 1, got 0"):
+        spectral_clusters(jnp.ones((1, 4, 4)), 0, jax.random.key(0))
+
+
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
     rng = np.random.default_rng()
     scores = (3 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
@@ -128,7 +145,8 @@ def test_an_unknown_family_is_refused_by_name():
     import sweep_runs                  # on the path once the script is loaded
     config = sweep_runs.load_config(str(script.CONFIG), "toy", ["--config.families=window,tree"])
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
-                       r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters'\)\)"):
+                       r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
+                       r"'spectral_partition'\)\)"):
         script.plan(config)
 
 
@@ -148,13 +166,18 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     pos = np.arange(seq)
     families = {r["family"] for r in result["rows"]}
     assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
-                        "window", "random_clusters"}
+                        "window", "random_clusters", "spectral_partition"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
         setting["log_threshold"] = row["log_threshold"]
         setting["dense_heads"] = row["dense_heads"]
         batches = corpora[row["corpus"]]
+        if setting["family"] == "spectral_partition":   # the partitions the run used
+            keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed",
+                    "power_steps", "kmeans_steps")
+            partitions = script.evaluate(setup.model, batches, record=True,
+                                         **{k: setting[k] for k in keys})["partitions"]
         allowed = causal = 0.0
         layer_pairs = np.zeros((2, TINY["ARCH"]["num_hidden_layers"]))
         total = count = 0.0
@@ -183,6 +206,10 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = threshold(scores, base, setting["log_threshold"])
                 elif family == "head_choice":
                     keep = base if setting["dense_heads"][layer][head] else base & local
+                elif family == "spectral_partition":
+                    c = partitions[b][layer][0, head]
+                    assert len(np.unique(c)) <= setting["clusters"]
+                    keep = base & (local | (c[:, None] == c[None, :]))
                 else:
                     c = clusters[layer][0, head]
                     keep = base & (local | (c[:, None] == c[None, :]))
@@ -200,7 +227,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     # the threshold was calibrated on the first in-domain row: its density there meets the
     # target, and the bisection's other bound (one resolution step higher) falls below it
     first = corpora[script.TRAINING_CORPUS][:config.calibration_rows]
-    keys = ("fraction", "window", "sink", "clusters", "steps", "seed")
+    keys = ("fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
+            "kmeans_steps")
     # head_choice keeps dense the heads whose float64 dense attention keeps the least mass
     # inside the sink + window on that row, as many as the target allows (closed form)
     local = ((pos[:, None] - pos[None, :] < config.window) | (pos[None, :] < config.sink))

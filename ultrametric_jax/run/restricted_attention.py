@@ -85,3 +85,52 @@ def threshold_mask(scores, causal, log_threshold):
     logp = jax.nn.log_softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
     diagonal = jnp.eye(scores.shape[-2], scores.shape[-1], dtype=bool)
     return causal & ((logp >= log_threshold) | diagonal)
+
+
+def spectral_clusters(weights, clusters: int, key, power_steps: int = 40,
+                      kmeans_steps: int = 20):
+    """int32 [..., S]: the S tokens split into `clusters` groups by spectral clustering of the
+    symmetric non-negative affinities weights [..., S, S]. The embedding is the top
+    min(clusters, S) eigenvectors of D^-1/2 W D^-1/2 (power_steps of subspace iteration from a random start
+    drawn from key), rows scaled to unit length; then k-means on the sphere (cosine
+    assignment), its centres seeded farthest-first from token 0."""
+    if clusters < 1:
+        raise ValueError(f"clusters must be >= 1, got {clusters}")
+    weights = weights.astype(jnp.float32)
+    degree = jnp.sum(weights, -1) + 1e-12
+    normalised = weights / jnp.sqrt(degree[..., :, None] * degree[..., None, :])
+    dims = min(clusters, weights.shape[-1])      # an S-token embedding has at most S dimensions
+    start = jax.random.normal(key, (*weights.shape[:-1], dims), jnp.float32)
+
+    def power(basis, _):
+        basis, _ = jnp.linalg.qr(normalised @ basis)
+        return basis, None
+
+    basis, _ = jax.lax.scan(power, start, None, length=power_steps)
+    embedding = basis / (jnp.linalg.norm(basis, axis=-1, keepdims=True) + 1e-12)   # [..., S, C]
+
+    def seed(k, centres):
+        # the token least similar to every centre chosen so far becomes centre k
+        chosen = jnp.arange(clusters) < k
+        similarity = jnp.einsum("...sc,...kc->...sk", embedding, centres)
+        closest = jnp.max(jnp.where(chosen, similarity, -jnp.inf), -1)               # [..., S]
+        far = jnp.argmin(closest, -1)                                                 # [...]
+        pick = jnp.take_along_axis(embedding, far[..., None, None], -2)[..., 0, :]
+        return centres.at[..., k, :].set(pick)
+
+    centres = jnp.zeros((*weights.shape[:-2], clusters, dims), jnp.float32)
+    centres = centres.at[..., 0, :].set(embedding[..., 0, :])
+    centres = jax.lax.fori_loop(1, clusters, seed, centres)
+
+    def assign(centres):
+        return jnp.argmax(jnp.einsum("...sc,...kc->...sk", embedding, centres), -1)
+
+    def update(centres, _):
+        members = jax.nn.one_hot(assign(centres), clusters, dtype=jnp.float32)        # [..., S, K]
+        total = jnp.einsum("...sk,...sc->...kc", members, embedding)
+        norm = jnp.linalg.norm(total, axis=-1, keepdims=True)
+        # an emptied centre keeps its place rather than becoming a zero vector
+        return jnp.where(norm > 0, total / jnp.maximum(norm, 1e-12), centres), None
+
+    centres, _ = jax.lax.scan(update, centres, None, length=kmeans_steps)
+    return assign(centres).astype(jnp.int32)
