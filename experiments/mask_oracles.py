@@ -73,7 +73,7 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
     """The cluster count C whose expected density, local + (1 - local) / C, is nearest target."""
     local = local_density(seq, window, sink)
     if target <= local:
-        raise ValueError(f"random_clusters: density {target} is at or below the window and "
+        raise ValueError(f"clusters: density {target} is at or below the window and "
                          f"sink's own {local:.3f} at seq_len {seq}")
     return max(1, round((1.0 - local) / (target - local)))
 
@@ -190,7 +190,7 @@ def _local_mass(model, input_ids, mask, *, window, sink):
 
     def probabilities(_layer, scores, causal):
         p = llama.masked_softmax(scores, causal)
-        real = jnp.any(jnp.broadcast_to(causal, scores.shape), -1)               # [B, H, S]
+        real = jnp.broadcast_to(jnp.any(causal, -1), p.shape[:-1])               # [B, H, S]
         sums.append(jnp.sum(jnp.where(real, jnp.sum(p * local, -1), 0.0), (0, 2)))
         rows.append(jnp.sum(real, (0, 2), dtype=jnp.float32))
         return p
@@ -302,10 +302,10 @@ def main(argv=None):
         elif s["family"] == "head_choice":
             s["dense_heads"] = choose_dense_heads(setup.model, calibration, s["target"],
                                                   config.seq_len, s["window"], s["sink"])
+        heads = s.get("dense_heads")
         for corpus, batches in corpora.items():
             r = evaluate(setup.model, batches, log_threshold=s.get("log_threshold", 0.0),
-                         dense_heads=s.get("dense_heads"), **settings)
-            heads = s.get("dense_heads")
+                         dense_heads=heads, **settings)
             rows.append(dict(family=s["family"], target=s["target"], corpus=corpus,
                              setting=describe(s), log_threshold=s.get("log_threshold"),
                              dense_heads=None if heads is None else heads.tolist(), **r))

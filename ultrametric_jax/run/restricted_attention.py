@@ -1,7 +1,8 @@
 """The base model with every attention layer's row probabilities replaced: the forward that
-mask baselines and oracles share (the sink + window mask of window_baseline.py; the per-row top
-fraction and the most-attended keys of mask_oracles). The routers of a surgical model are not
-used.
+mask baselines and oracles share (the sink + window mask of window_baseline.py; the masks of
+experiments/mask_oracles.py, built here: the per-row top fraction, the most-attended keys, one
+probability threshold, and clusters of a head's own attention). The routers of a surgical model
+are not used.
 
 `probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
 causal mask of real keys [B, 1, S, S], and returns the row probabilities (masked_softmax of
