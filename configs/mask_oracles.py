@@ -28,7 +28,11 @@ Families (each at every density):
 - spectral_partition: as many clusters as random_clusters, but found per (layer, head) by
   spectral clustering of the head's own dense attention outside the sink + window (made
   symmetric), plus `window` and `sink`: an oracle partition, what the cut of a tree gives each
-  head at its best (clusters are equivalence classes; a threshold mask is not).
+  head at its best (clusters are equivalence classes; a threshold mask is not);
+- allocated_partition: spectral_partition with each (row, head)'s own cluster count, up to
+  partition_max_clusters: round(1 / f), f the share of its pairs outside the sink + window
+  that the threshold mask of the same target keeps (the threshold family's allocation of
+  density, given to a partition).
 get_config("toy") is the small CPU variant the tests run.
 """
 import ml_collections
@@ -46,13 +50,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.extra_max_chars = 400_000
     config.densities = (0.25, 0.10)
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
-                       "random_clusters", "spectral_partition")
+                       "random_clusters", "spectral_partition", "allocated_partition")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
     config.threshold_steps = 14              # threshold's bisection (one forward each)
     config.partition_power_steps = 40        # spectral_partition's subspace iteration
     config.partition_kmeans_steps = 20       # and its k-means steps
+    config.partition_max_clusters = 64       # allocated_partition's most clusters per head
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0
@@ -67,6 +72,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.densities = (0.5, 0.3)
         config.window, config.sink = 4, 1
         config.bisection_steps = 48
+        config.partition_max_clusters = 8
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (known: 'toy')")
     return config

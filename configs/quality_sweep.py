@@ -39,7 +39,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                   extra_max_chars=1_500_000, window_baseline=True),
         checkpoint=dict(every=25)))
     # smollm2_long at 1k: p = 2, L = 10, d_max 5 (32 clusters), window 64, sink 1, a 20%
-    # total density target (dual ascent, per layer), CE + KD + recall. One knob per setting.
+    # total density target (dual ascent, per layer), CE + KD + recall. One knob per setting
+    # (global_10 two: the budget's scope and its target).
     s = ml_collections.ConfigDict()
     s.default = setting()
     s.target_10 = setting(objective=dict(density_target=0.1))
@@ -53,6 +54,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     s.window_128 = setting(surgery=dict(window=128))
     s.sink_0 = setting(surgery=dict(sink_tokens=0))
     s.sink_8 = setting(surgery=dict(sink_tokens=8))
+    # one multiplier for the total density: layers that need more pairs keep them (the
+    # threshold mask of experiments/mask_oracles.py puts 81% in layer 0, 11-31% in most)
+    s.global_20 = setting(objective=dict(per_layer=False))
+    s.global_10 = setting(objective=dict(per_layer=False, density_target=0.1))
     config.settings = s
 
     if variant == "toy":

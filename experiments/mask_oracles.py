@@ -8,7 +8,10 @@
 - the sink + window mask alone, and clusters drawn at random (the surgical mask of routes that
   carry no information);
 - clusters of each head's own attention outside the window (spectral clustering) beside the
-  sink + window: the best a partition of the tokens, what a tree's cut gives each head, keeps.
+  sink + window: the best a partition of the tokens, what a tree's cut gives each head, keeps;
+- the same with each head's cluster count allocated by the threshold mask (a head, row and
+  layer that needs more pairs gets fewer, larger clusters): a partition with the threshold's
+  allocation of density.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -52,7 +55,8 @@ from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
 CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
-            "random_clusters", "spectral_partition")
+            "random_clusters", "spectral_partition", "allocated_partition")
+CALIBRATED = ("threshold", "allocated_partition")     # families that search a threshold
 
 
 def run_config(config, base: str, out: Path) -> RunConfig:
@@ -106,14 +110,18 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
         elif family == "head_choice":
             allowed = jnp.where(dense_heads[layer][None, :, None, None], causal,
                                 local_mask(positions, mask, window, sink))
-        elif family == "spectral_partition":
+        elif family in ("spectral_partition", "allocated_partition"):
             # clusters of the head's own attention outside the sink + window, made symmetric
             outside = jnp.broadcast_to(causal, scores.shape) & ~local_mask(positions, mask,
                                                                           window, sink)
             far = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
+            active = None
+            if family == "allocated_partition":
+                active = allocated_clusters(threshold_mask(scores, causal, log_threshold),
+                                            outside, clusters)
             ids = spectral_clusters(far + jnp.swapaxes(far, -1, -2), clusters,
                                     jax.random.fold_in(jax.random.key(seed), layer),
-                                    power_steps, kmeans_steps)
+                                    power_steps, kmeans_steps, active)
             partitions.append(ids)
             allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
         else:
@@ -130,6 +138,17 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
     ids = jnp.stack(partitions) if partitions else jnp.zeros((0,), jnp.int32)
     pairs = (jnp.stack([a for a, _ in counts]), jnp.stack([c for _, c in counts]), ids)
     return token_cross_entropy(logits, input_ids, mask), pairs
+
+
+def allocated_clusters(kept, outside, most: int) -> jax.Array:
+    """int32 [B, H]: each (row, head)'s cluster count C = n / k rounded half up, clipped to
+    [1, most], where n counts its causal pairs outside the sink + window (`outside`) and k
+    those of them the mask `kept` keeps (C = most when k = 0): C equal clusters keep about
+    1 / C of those pairs. Integer counts, so that a ratio of exactly x.5 rounds one way."""
+    n = jnp.sum(outside, (-2, -1), dtype=jnp.int32)
+    k = jnp.sum(kept & outside, (-2, -1), dtype=jnp.int32)
+    nearest = (2 * n + k) // jnp.maximum(2 * k, 1)
+    return jnp.where(k > 0, jnp.clip(nearest, 1, most), most).astype(jnp.int32)
 
 
 def no_dense_heads(model) -> jax.Array:
@@ -234,6 +253,8 @@ def plan(config) -> list[dict]:
                 s["fraction"] = float(target)
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
+            elif family == "allocated_partition":
+                s["clusters"] = config.partition_max_clusters
             else:
                 s["clusters"] = clusters_for(target, config.seq_len, config.window, config.sink)
             out.append(s)
@@ -247,7 +268,9 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "window": ("s", "tab:blue", "sink + window"),
           "random_clusters": ("^", "tab:red", "random clusters + window + sink"),
           "spectral_partition": ("v", "tab:orange",
-                                 "clusters of each head's attention + window + sink (oracle)")}
+                                 "clusters of each head's attention + window + sink (oracle)"),
+          "allocated_partition": ("X", "tab:pink", "the same, cluster counts from the threshold "
+                                  "(oracle)")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -282,7 +305,10 @@ def describe(s: dict) -> str:
             "window": f"window {s['window']}, sink {s['sink']}",
             "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}",
             "spectral_partition": f"{s['clusters']} spectral clusters, window {s['window']}, "
-                                  f"sink {s['sink']}"}[s["family"]]
+                                  f"sink {s['sink']}",
+            "allocated_partition": f"<= {s['clusters']} spectral clusters per head from "
+                                   f"p >= exp({s.get('log_threshold', 0.0):.4f}), window "
+                                   f"{s['window']}, sink {s['sink']}"}[s["family"]]
 
 
 def main(argv=None):
@@ -290,15 +316,17 @@ def main(argv=None):
     setup = setup_run(run_config(config, base, out), install=True)
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
-    rows = []
+    rows, thresholds = [], {}          # one calibration per target, shared by the families
     keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
             "kmeans_steps")
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
-        if s["family"] == "threshold":
-            s["log_threshold"] = calibrate_threshold(setup.model, calibration, s["target"],
-                                                     config.threshold_steps, settings)
+        if s["family"] in CALIBRATED:
+            if s["target"] not in thresholds:
+                thresholds[s["target"]] = calibrate_threshold(
+                    setup.model, calibration, s["target"], config.threshold_steps, settings)
+            s["log_threshold"] = thresholds[s["target"]]
         elif s["family"] == "head_choice":
             s["dense_heads"] = choose_dense_heads(setup.model, calibration, s["target"],
                                                   config.seq_len, s["window"], s["sink"])

@@ -98,6 +98,43 @@ def test_spectral_clusters_recover_a_planted_partition():
         spectral_clusters(jnp.ones((1, 4, 4)), 0, jax.random.key(0))
 
 
+def test_spectral_clusters_take_each_matrixs_own_count():
+    rng = np.random.default_rng()
+    counts = np.array([1, 2, 3, 5])
+    n = 40
+    weights, planted = [], []
+    for count in counts:
+        labels = rng.permutation(np.arange(n) % count)
+        same = labels[:, None] == labels[None, :]
+        w = np.where(same, rng.uniform(0.5, 1.5, (n, n)), rng.uniform(0.0, 0.01, (n, n)))
+        weights.append(w + w.T)
+        planted.append(same)
+    got = np.asarray(spectral_clusters(jnp.asarray(np.stack(weights), jnp.float32), 6,
+                                       jax.random.key(1), active=jnp.asarray(counts)))
+    for ids, same, count in zip(got, planted, counts):
+        assert len(np.unique(ids)) == count and ids.max() < count
+        np.testing.assert_array_equal(ids[:, None] == ids[None, :], same)
+
+
+def test_allocated_clusters_invert_the_kept_share_outside_the_window():
+    script = load_script()
+    rng = np.random.default_rng()
+    outside = rng.random((3, 4, 30, 30)) < 0.7
+    kept = outside & (rng.random((3, 4, 30, 30)) < rng.uniform(0.0, 1.0, (3, 4, 1, 1)))
+    kept[0, 0] = False                               # keeps nothing: the most clusters
+    got = np.asarray(script.allocated_clusters(jnp.asarray(kept), jnp.asarray(outside), 16))
+    n, k = outside.sum((-2, -1)), kept.sum((-2, -1))
+    want = [[16 if k[b, h] == 0 else min(16, max(1, math.floor(n[b, h] / k[b, h] + 0.5)))
+             for h in range(4)] for b in range(3)]
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0] == 16
+    # a ratio of exactly 4.5 rounds up: 9 pairs outside, 2 kept
+    outside, kept = np.zeros((1, 1, 5, 5), bool), np.zeros((1, 1, 5, 5), bool)
+    outside.reshape(-1)[:9] = True
+    kept.reshape(-1)[:2] = True
+    assert int(script.allocated_clusters(jnp.asarray(kept), jnp.asarray(outside), 16)[0, 0]) == 5
+
+
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
     rng = np.random.default_rng()
     scores = (3 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
@@ -146,7 +183,7 @@ def test_an_unknown_family_is_refused_by_name():
     config = sweep_runs.load_config(str(script.CONFIG), "toy", ["--config.families=window,tree"])
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
                        r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
-                       r"'spectral_partition'\)\)"):
+                       r"'spectral_partition', 'allocated_partition'\)\)"):
         script.plan(config)
 
 
@@ -166,17 +203,20 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     pos = np.arange(seq)
     families = {r["family"] for r in result["rows"]}
     assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
-                        "window", "random_clusters", "spectral_partition"}
+                        "window", "random_clusters", "spectral_partition",
+                        "allocated_partition"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
         setting["log_threshold"] = row["log_threshold"]
         setting["dense_heads"] = row["dense_heads"]
         batches = corpora[row["corpus"]]
-        if setting["family"] == "spectral_partition":   # the partitions the run used
+        if setting["family"] in ("spectral_partition", "allocated_partition"):
+            # the partitions the run used
             keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed",
                     "power_steps", "kmeans_steps")
             partitions = script.evaluate(setup.model, batches, record=True,
+                                         log_threshold=setting["log_threshold"] or 0.0,
                                          **{k: setting[k] for k in keys})["partitions"]
         allowed = causal = 0.0
         layer_pairs = np.zeros((2, TINY["ARCH"]["num_hidden_layers"]))
@@ -209,6 +249,17 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                 elif family == "spectral_partition":
                     c = partitions[b][layer][0, head]
                     assert len(np.unique(c)) <= setting["clusters"]
+                    keep = base & (local | (c[:, None] == c[None, :]))
+                elif family == "allocated_partition":
+                    # no more clusters than the pairs outside the window over those the
+                    # float64 threshold mask keeps there, rounded half up
+                    c = partitions[b][layer][0, head]
+                    outside = base & ~local
+                    kept = (threshold(scores, base, setting["log_threshold"]) & outside).sum()
+                    most = (setting["clusters"] if kept == 0 else
+                            min(setting["clusters"],
+                                max(1, math.floor(outside.sum() / kept + 0.5))))
+                    assert len(np.unique(c)) <= most and c.max() < most
                     keep = base & (local | (c[:, None] == c[None, :]))
                 else:
                     c = clusters[layer][0, head]

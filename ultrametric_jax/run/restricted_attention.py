@@ -89,12 +89,16 @@ def threshold_mask(scores, causal, log_threshold):
 
 
 def spectral_clusters(weights, clusters: int, key, power_steps: int = 40,
-                      kmeans_steps: int = 20):
+                      kmeans_steps: int = 20, active=None):
     """int32 [..., S]: the S tokens split into `clusters` groups by spectral clustering of the
     symmetric non-negative affinities weights [..., S, S]. The embedding is the top
-    min(clusters, S) eigenvectors of D^-1/2 W D^-1/2 (power_steps of subspace iteration from a random start
-    drawn from key), rows scaled to unit length; then k-means on the sphere (cosine
-    assignment), its centres seeded farthest-first from token 0."""
+    min(clusters, S) eigenvectors of D^-1/2 W D^-1/2 (power_steps of subspace iteration from a
+    random start drawn from key), rows scaled to unit length; then k-means on the sphere
+    (cosine assignment), its centres seeded farthest-first from token 0.
+
+    active: int [...] (traced), or None for `clusters` everywhere: each matrix's own cluster
+    count, in [1, clusters]; that matrix embeds on its top `active` eigenvectors and assigns
+    only to its first `active` centres (one compiled shape for every count)."""
     if clusters < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
     weights = weights.astype(jnp.float32)
@@ -108,11 +112,17 @@ def spectral_clusters(weights, clusters: int, key, power_steps: int = 40,
         return basis, None
 
     basis, _ = jax.lax.scan(power, start, None, length=power_steps)
+    if active is None:
+        active = jnp.full(weights.shape[:-2], clusters, jnp.int32)
+    active = jnp.asarray(active, jnp.int32)[..., None]                             # [..., 1]
+    # subspace iteration orders its columns by |eigenvalue|: the first `active` are the top ones
+    basis = jnp.where(jnp.arange(dims) < active[..., None], basis, 0.0)
     embedding = basis / (jnp.linalg.norm(basis, axis=-1, keepdims=True) + 1e-12)   # [..., S, C]
+    in_use = jnp.arange(clusters) < active                                         # [..., K]
 
     def seed(k, centres):
         # the token least similar to every centre chosen so far becomes centre k
-        chosen = jnp.arange(clusters) < k
+        chosen = (jnp.arange(clusters) < k) & in_use[..., None, :]
         similarity = jnp.einsum("...sc,...kc->...sk", embedding, centres)
         closest = jnp.max(jnp.where(chosen, similarity, -jnp.inf), -1)               # [..., S]
         far = jnp.argmin(closest, -1)                                                 # [...]
@@ -124,7 +134,8 @@ def spectral_clusters(weights, clusters: int, key, power_steps: int = 40,
     centres = jax.lax.fori_loop(1, clusters, seed, centres)
 
     def assign(centres):
-        return jnp.argmax(jnp.einsum("...sc,...kc->...sk", embedding, centres), -1)
+        similarity = jnp.einsum("...sc,...kc->...sk", embedding, centres)
+        return jnp.argmax(jnp.where(in_use[..., None, :], similarity, -jnp.inf), -1)
 
     def update(centres, _):
         members = jax.nn.one_hot(assign(centres), clusters, dtype=jnp.float32)        # [..., S, K]
