@@ -32,7 +32,12 @@ Families (each at every density):
 - allocated_partition: spectral_partition with each (row, head)'s own cluster count, up to
   partition_max_clusters: round(1 / f), f the share of its pairs outside the sink + window
   that the threshold mask of the same target keeps (the threshold family's allocation of
-  density, given to a partition).
+  density, given to a partition);
+- allocated_window: a sink + window per head, the windows chosen on the calibration rows so
+  that every head keeps the same share of its dense attention mass (its mass at each distance,
+  averaged over the rows), that share the lowest whose density meets the target (realizable:
+  fixed bands, a window per head);
+- layer_window: the same with one window per layer, for the mean mass of its heads.
 get_config("toy") is the small CPU variant the tests run.
 """
 import ml_collections
@@ -50,7 +55,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.extra_max_chars = 400_000
     config.densities = (0.25, 0.10)
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
-                       "random_clusters", "spectral_partition", "allocated_partition")
+                       "random_clusters", "spectral_partition", "allocated_partition",
+                       "allocated_window", "layer_window")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search

@@ -11,7 +11,10 @@
   sink + window: the best a partition of the tokens, what a tree's cut gives each head, keeps;
 - the same with each head's cluster count allocated by the threshold mask (a head, row and
   layer that needs more pairs gets fewer, larger clusters): a partition with the threshold's
-  allocation of density.
+  allocation of density;
+- each head its own sink + window, the windows fixed on the calibration rows so that every head
+  keeps the same share of its dense attention mass (realizable: a band per head); and one
+  window per layer, the same for its heads.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -55,8 +58,10 @@ from ultrametric_jax.surgery.tree import allowed_mask  # noqa: E402
 CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
-            "random_clusters", "spectral_partition", "allocated_partition")
+            "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
+            "layer_window")
 CALIBRATED = ("threshold", "allocated_partition")     # families that search a threshold
+WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
 def run_config(config, base: str, out: Path) -> RunConfig:
@@ -84,13 +89,14 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
 
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
                                              "steps", "seed", "power_steps", "kmeans_steps"))
-def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *, family,
-                          fraction, window, sink, clusters, steps, seed, power_steps,
+def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows, *,
+                          family, fraction, window, sink, clusters, steps, seed, power_steps,
                           kmeans_steps):
     """((CE sum, count), (allowed pairs per layer, causal pairs per layer, cluster ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
-    recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's; the
-    cluster ids [layers, B, H, S] are spectral_partition's, empty for the other families)."""
+    recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
+    head_windows, int [layers, heads], allocated_window's; the cluster ids [layers, B, H, S]
+    are the partition families', empty for the others)."""
     positions = llama.default_positions(input_ids)
     heads = model.config.num_attention_heads
     counts, partitions = [], []
@@ -107,6 +113,11 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, *,
                                     fraction)
         elif family == "threshold":
             allowed = threshold_mask(scores, causal, log_threshold)
+        elif family in WINDOWED:
+            distance = positions[:, None, :, None] - positions[:, None, None, :]
+            w = head_windows[layer][None, :, None, None]
+            allowed = jnp.broadcast_to(causal, scores.shape) & (
+                (distance < w) | (positions[:, None, None, :] < sink))
         elif family == "head_choice":
             allowed = jnp.where(dense_heads[layer][None, :, None, None], causal,
                                 local_mask(positions, mask, window, sink))
@@ -155,8 +166,8 @@ def no_dense_heads(model) -> jax.Array:
     return jnp.zeros((model.config.num_hidden_layers, model.config.num_attention_heads), bool)
 
 
-def evaluate(model, batches, log_threshold=0.0, dense_heads=None, record=False,
-             **settings) -> dict:
+def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=None,
+             record=False, **settings) -> dict:
     """Perplexity, measured density (allowed / causal pairs over every layer and head) and
     the density of each layer; with record, also spectral_partition's cluster ids of every
     batch ("partitions": [layers, B, H, S] each)."""
@@ -167,8 +178,10 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, record=False,
 
     def forward(model, input_ids, mask):
         heads = no_dense_heads(model) if dense_heads is None else jnp.asarray(dense_heads)
+        windows = (jnp.zeros(heads.shape, jnp.int32) if head_windows is None
+                   else jnp.asarray(head_windows, jnp.int32))
         return _masked_cross_entropy(model, input_ids, mask, jnp.float32(log_threshold), heads,
-                                     **settings)
+                                     windows, **settings)
 
     result = _held_out_loss(forward, model, batches, visit)
     allowed, causal = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0) for i in (0, 1))
@@ -236,6 +249,72 @@ def choose_dense_heads(model, batches, target: float, seq_len: int, window: int,
     return chosen.reshape(kept.shape)
 
 
+@functools.partial(nnx.jit, static_argnames=("sink",))
+def _mass_by_distance(model, input_ids, mask, *, sink):
+    """(sum over real rows of the dense attention mass at each distance i - j to a key past
+    the sink [layers, heads, S], the same of the mass on sink keys [layers, heads], real rows
+    per head [layers, heads]) of the dense base model."""
+    positions = llama.default_positions(input_ids)
+    sums, sinks, rows = [], [], []
+
+    def probabilities(_layer, scores, causal):
+        p = llama.masked_softmax(scores, causal)                                 # [B, H, S, S]
+        seq = p.shape[-1]
+        key = jnp.arange(seq)[:, None] - jnp.arange(seq)[None, :]        # [query, distance]
+        at = jnp.take_along_axis(p, jnp.broadcast_to(jnp.clip(key, 0), p.shape), -1)
+        at = jnp.where(key >= sink, at, 0.0)     # a sink key at any distance counts as sink
+        real = jnp.broadcast_to(jnp.any(causal, -1), p.shape[:-1])                # [B, H, S]
+        sums.append(jnp.sum(jnp.where(real[..., None], at, 0.0), (0, 2)))
+        on_sink = jnp.sum(p * (positions[:, None, None, :] < sink), -1)
+        sinks.append(jnp.sum(jnp.where(real, on_sink, 0.0), (0, 2)))
+        rows.append(jnp.sum(real, (0, 2), dtype=jnp.float32))
+        return p
+
+    restricted_logits(model, input_ids, mask, probabilities)
+    return jnp.stack(sums), jnp.stack(sinks), jnp.stack(rows)
+
+
+def head_windows_for_mass(mass, sink_mass, share: float) -> np.ndarray:
+    """int [layers, heads]: each head's smallest window w >= 1 whose sink + window keeps at
+    least `share` of its dense attention mass (mass [layers, heads, S] by distance past the
+    sink, sink_mass [layers, heads], both per row), S when none does."""
+    kept = sink_mass[..., None] + np.cumsum(mass, -1)        # kept[..., w - 1]: window w
+    reach = kept >= share - 1e-12
+    return np.where(reach.any(-1), np.argmax(reach, -1) + 1, mass.shape[-1])
+
+
+def choose_head_windows(model, batches, target: float, seq_len: int, sink: int,
+                        steps: int = 40, per_layer: bool = False) -> tuple[np.ndarray, float]:
+    """(int [layers, heads], share): per-head windows that keep the same share of every head's
+    dense attention mass on `batches`, the share the lowest found (bisection, `steps` halvings)
+    whose total density over seq_len tokens (window_baseline.local_density) is at or above
+    target. per_layer: one window per layer, for its heads' mean mass."""
+    mass = sink_mass = rows = 0.0
+    for batch in batches:
+        m, s, r = _mass_by_distance(model, jnp.asarray(batch["input_ids"]),
+                                    jnp.asarray(batch["attention_mask"], bool), sink=sink)
+        mass = mass + np.asarray(m, np.float64)
+        sink_mass = sink_mass + np.asarray(s, np.float64)
+        rows = rows + np.asarray(r, np.float64)
+    mass, sink_mass = mass / rows[..., None], sink_mass / rows
+    if per_layer:
+        mass = np.broadcast_to(mass.mean(1, keepdims=True), mass.shape)
+        sink_mass = np.broadcast_to(sink_mass.mean(1, keepdims=True), sink_mass.shape)
+
+    def density(share):
+        windows = head_windows_for_mass(mass, sink_mass, share)
+        return np.mean([local_density(seq_len, int(w), sink) for w in windows.ravel()])
+
+    lo, hi = 0.0, 1.0
+    if density(hi) < target:
+        raise ValueError(f"allocated_window: even windows that keep all of the mass stay "
+                         f"below the target density {target}")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if density(mid) >= target else (mid, hi)
+    return head_windows_for_mass(mass, sink_mass, hi), hi
+
+
 def plan(config) -> list[dict]:
     """The (family, target) settings: dense once, then every family at every density."""
     for family in config.families:
@@ -249,7 +328,7 @@ def plan(config) -> list[dict]:
     for target in config.densities:
         for family in config.families:
             s = dict(base, family=family, target=float(target))
-            if family in ("top_fraction", "top_keys", "threshold", "head_choice"):
+            if family in ("top_fraction", "top_keys", "threshold", "head_choice") + WINDOWED:
                 s["fraction"] = float(target)
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
@@ -269,6 +348,8 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "random_clusters": ("^", "tab:red", "random clusters + window + sink"),
           "spectral_partition": ("v", "tab:orange",
                                  "clusters of each head's attention + window + sink (oracle)"),
+          "allocated_window": ("h", "tab:cyan", "a window per head, the same mass kept"),
+          "layer_window": ("8", "tab:gray", "a window per layer, the same mass kept"),
           "allocated_partition": ("X", "tab:pink", "the same, cluster counts from the threshold "
                                   "(oracle)")}
 
@@ -306,6 +387,13 @@ def describe(s: dict) -> str:
             "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}",
             "spectral_partition": f"{s['clusters']} spectral clusters, window {s['window']}, "
                                   f"sink {s['sink']}",
+            "layer_window": (f"windows {int(np.min(s['head_windows']))}-"
+                             f"{int(np.max(s['head_windows']))} by layer, sink {s['sink']}"
+                             if "head_windows" in s else ""),
+            "allocated_window": (f"windows {int(np.min(s['head_windows']))}-"
+                                 f"{int(np.max(s['head_windows']))} (median "
+                                 f"{int(np.median(s['head_windows']))}), sink {s['sink']}"
+                                 if "head_windows" in s else ""),
             "allocated_partition": f"<= {s['clusters']} spectral clusters per head from "
                                    f"p >= exp({s.get('log_threshold', 0.0):.4f}), window "
                                    f"{s['window']}, sink {s['sink']}"}[s["family"]]
@@ -327,16 +415,22 @@ def main(argv=None):
                 thresholds[s["target"]] = calibrate_threshold(
                     setup.model, calibration, s["target"], config.threshold_steps, settings)
             s["log_threshold"] = thresholds[s["target"]]
+        elif s["family"] in WINDOWED:
+            s["head_windows"], s["mass_share"] = choose_head_windows(
+                setup.model, calibration, s["target"], config.seq_len, s["sink"],
+                per_layer=s["family"] == "layer_window")
         elif s["family"] == "head_choice":
             s["dense_heads"] = choose_dense_heads(setup.model, calibration, s["target"],
                                                   config.seq_len, s["window"], s["sink"])
-        heads = s.get("dense_heads")
+        heads, windows = s.get("dense_heads"), s.get("head_windows")
         for corpus, batches in corpora.items():
             r = evaluate(setup.model, batches, log_threshold=s.get("log_threshold", 0.0),
-                         dense_heads=heads, **settings)
+                         dense_heads=heads, head_windows=windows, **settings)
             rows.append(dict(family=s["family"], target=s["target"], corpus=corpus,
                              setting=describe(s), log_threshold=s.get("log_threshold"),
-                             dense_heads=None if heads is None else heads.tolist(), **r))
+                             dense_heads=None if heads is None else heads.tolist(),
+                             head_windows=None if windows is None else windows.tolist(),
+                             mass_share=s.get("mass_share"), **r))
             print(f"{s['family']} {describe(s)} on {corpus}: perplexity {r['perplexity']:.3f} "
                   f"at density {100 * r['density']:.1f}%", flush=True)
     for r in rows:

@@ -135,6 +135,20 @@ def test_allocated_clusters_invert_the_kept_share_outside_the_window():
     assert int(script.allocated_clusters(jnp.asarray(kept), jnp.asarray(outside), 16)[0, 0]) == 5
 
 
+def test_head_windows_keep_the_share_of_the_mass_with_the_fewest_keys():
+    script = load_script()
+    rng = np.random.default_rng()
+    mass = rng.dirichlet(np.ones(20), size=(3, 4)) * rng.uniform(0.3, 0.9, (3, 4, 1))
+    sink_mass = 1.0 - mass.sum(-1)                 # every row's mass sums to one
+    for share in (0.0, 0.5, 0.8, 0.95, 1.0):
+        got = script.head_windows_for_mass(mass, sink_mass, share)
+        for l in range(3):
+            for h in range(4):
+                kept = [sink_mass[l, h] + mass[l, h, :w].sum() for w in range(1, 21)]
+                want = next((w for w in range(1, 21) if kept[w - 1] >= share - 1e-12), 20)
+                assert got[l, h] == want, (share, l, h)
+
+
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
     rng = np.random.default_rng()
     scores = (3 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
@@ -183,7 +197,8 @@ def test_an_unknown_family_is_refused_by_name():
     config = sweep_runs.load_config(str(script.CONFIG), "toy", ["--config.families=window,tree"])
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
                        r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
-                       r"'spectral_partition', 'allocated_partition'\)\)"):
+                       r"'spectral_partition', 'allocated_partition', 'allocated_window', "
+                       r"'layer_window'\)\)"):
         script.plan(config)
 
 
@@ -204,7 +219,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     families = {r["family"] for r in result["rows"]}
     assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
                         "window", "random_clusters", "spectral_partition",
-                        "allocated_partition"}
+                        "allocated_partition", "allocated_window", "layer_window"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
@@ -244,6 +259,9 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = top_keys(scores, base, local, setting["fraction"])
                 elif family == "threshold":
                     keep = threshold(scores, base, setting["log_threshold"])
+                elif family in ("allocated_window", "layer_window"):
+                    w = row["head_windows"][layer][head]
+                    keep = base & ((pos[:, None] - pos[None, :] < w) | (pos[None, :] < setting["sink"]))
                 elif family == "head_choice":
                     keep = base if setting["dense_heads"][layer][head] else base & local
                 elif family == "spectral_partition":
@@ -285,6 +303,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     local = ((pos[:, None] - pos[None, :] < config.window) | (pos[None, :] < config.sink))
     kept = np.zeros((TINY["ARCH"]["num_hidden_layers"], heads))
     rows = np.zeros_like(kept)
+    window_mass = np.zeros(kept.shape + (seq,))
 
     def record(layer, head, scores, base):
         s = np.where(base, scores, -np.inf)
@@ -293,12 +312,33 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         real = base.any(-1)
         kept[layer, head] += (p * local).sum(-1)[real].sum()
         rows[layer, head] += real.sum()
+        # the mass each window keeps: index w - 1 for window w, sink keys included
+        for w in range(1, seq + 1):
+            inside = (pos[:, None] - pos[None, :] < w) | (pos[None, :] < config.sink)
+            window_mass[layer, head, w - 1] += (p * inside).sum(-1)[real].sum()
         return base
 
     for batch in first:
         llama_ce(weights, TINY["ARCH"], np.asarray(batch["input_ids"]),
                  np.asarray(batch["attention_mask"], bool), record)
     share = (kept / rows).ravel()
+    # allocated_window: every head's window is the smallest whose sink + window keeps the
+    # row's mass share of its float64 dense attention on that row, and the windows' total
+    # density meets the target
+    for r in result["rows"]:
+        if r["family"] in ("allocated_window", "layer_window") and \
+                r["corpus"] == script.TRAINING_CORPUS:
+            per_layer = r["family"] == "layer_window"
+            if per_layer:                 # one window for every head of a layer
+                assert all(len(set(ws)) == 1 for ws in r["head_windows"])
+            for layer, head in np.ndindex(kept.shape):
+                kept_by = (window_mass[layer].mean(0) / rows[layer, 0] if per_layer
+                           else window_mass[layer, head] / rows[layer, head])
+                w = r["head_windows"][layer][head]
+                assert kept_by[w - 1] >= r["mass_share"] - 1e-5, (layer, head)
+                assert w == 1 or kept_by[w - 2] < r["mass_share"] + 1e-5, (layer, head)
+            assert np.mean([script.local_density(seq, w, config.sink)
+                            for w in np.ravel(r["head_windows"])]) >= r["target"]
     window_only = script.local_density(seq, config.window, config.sink)
     for s in script.plan(config):
         if s["family"] == "head_choice":
