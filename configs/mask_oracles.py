@@ -34,9 +34,9 @@ Families (each at every density):
   that the threshold mask of the same target keeps (the threshold family's allocation of
   density, given to a partition);
 - allocated_window: a sink + window per head, the windows chosen on the calibration rows so
-  that every head keeps the same share of its dense attention mass (its mass at each distance,
-  averaged over the rows), that share the lowest whose density meets the target (realizable:
-  fixed bands, a window per head);
+  that every head keeps the same share of its dense attention mass outside the sink (its mass
+  at each distance, averaged over the rows), that share the lowest whose density meets the
+  target (realizable: fixed bands, a window per head);
 - layer_window: the same with one window per layer, for the mean mass of its heads.
 get_config("toy") is the small CPU variant the tests run.
 """

@@ -13,8 +13,8 @@
   layer that needs more pairs gets fewer, larger clusters): a partition with the threshold's
   allocation of density;
 - each head its own sink + window, the windows fixed on the calibration rows so that every head
-  keeps the same share of its dense attention mass (realizable: a band per head); and one
-  window per layer, the same for its heads.
+  keeps the same share of its dense attention mass outside the sink (realizable: a band per
+  head); and one window per layer, the same for its heads.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -275,10 +275,13 @@ def _mass_by_distance(model, input_ids, mask, *, sink):
 
 
 def head_windows_for_mass(mass, sink_mass, share: float) -> np.ndarray:
-    """int [layers, heads]: each head's smallest window w >= 1 whose sink + window keeps at
-    least `share` of its dense attention mass (mass [layers, heads, S] by distance past the
-    sink, sink_mass [layers, heads], both per row), S when none does."""
-    kept = sink_mass[..., None] + np.cumsum(mass, -1)        # kept[..., w - 1]: window w
+    """int [layers, heads]: each head's smallest window w >= 1 that keeps at least `share` of
+    its dense attention mass outside the sink (mass [layers, heads, S] by distance past the
+    sink, sink_mass [layers, heads], both per row), S when none does. The sink is kept
+    anyway; a head whose rows rest on it (mass there acts as "no update") still needs the
+    window that holds the rest of its attention."""
+    rest = np.maximum(1.0 - sink_mass, 1e-12)[..., None]
+    kept = np.cumsum(mass, -1) / rest                        # kept[..., w - 1]: window w
     reach = kept >= share - 1e-12
     return np.where(reach.any(-1), np.argmax(reach, -1) + 1, mass.shape[-1])
 
@@ -286,9 +289,9 @@ def head_windows_for_mass(mass, sink_mass, share: float) -> np.ndarray:
 def choose_head_windows(model, batches, target: float, seq_len: int, sink: int,
                         steps: int = 40, per_layer: bool = False) -> tuple[np.ndarray, float]:
     """(int [layers, heads], share): per-head windows that keep the same share of every head's
-    dense attention mass on `batches`, the share the lowest found (bisection, `steps` halvings)
-    whose total density over seq_len tokens (window_baseline.local_density) is at or above
-    target. per_layer: one window per layer, for its heads' mean mass."""
+    dense attention mass outside the sink on `batches`, the share the lowest found (bisection,
+    `steps` halvings) whose total density over seq_len tokens (window_baseline.local_density)
+    is at or above target. per_layer: one window per layer, for its heads' mean mass."""
     mass = sink_mass = rows = 0.0
     for batch in batches:
         m, s, r = _mass_by_distance(model, jnp.asarray(batch["input_ids"]),

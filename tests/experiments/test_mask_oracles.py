@@ -144,7 +144,7 @@ def test_head_windows_keep_the_share_of_the_mass_with_the_fewest_keys():
         got = script.head_windows_for_mass(mass, sink_mass, share)
         for l in range(3):
             for h in range(4):
-                kept = [sink_mass[l, h] + mass[l, h, :w].sum() for w in range(1, 21)]
+                kept = [mass[l, h, :w].sum() / (1 - sink_mass[l, h]) for w in range(1, 21)]
                 want = next((w for w in range(1, 21) if kept[w - 1] >= share - 1e-12), 20)
                 assert got[l, h] == want, (share, l, h)
 
@@ -261,7 +261,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = threshold(scores, base, setting["log_threshold"])
                 elif family in ("allocated_window", "layer_window"):
                     w = row["head_windows"][layer][head]
-                    keep = base & ((pos[:, None] - pos[None, :] < w) | (pos[None, :] < setting["sink"]))
+                    keep = base & ((pos[:, None] - pos[None, :] < w)
+                                   | (pos[None, :] < setting["sink"]))
                 elif family == "head_choice":
                     keep = base if setting["dense_heads"][layer][head] else base & local
                 elif family == "spectral_partition":
@@ -304,6 +305,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     kept = np.zeros((TINY["ARCH"]["num_hidden_layers"], heads))
     rows = np.zeros_like(kept)
     window_mass = np.zeros(kept.shape + (seq,))
+    sink_mass = np.zeros(kept.shape)
 
     def record(layer, head, scores, base):
         s = np.where(base, scores, -np.inf)
@@ -312,9 +314,11 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         real = base.any(-1)
         kept[layer, head] += (p * local).sum(-1)[real].sum()
         rows[layer, head] += real.sum()
-        # the mass each window keeps: index w - 1 for window w, sink keys included
+        # the mass each window keeps past the sink (index w - 1 for window w), and the sink's
+        sink = pos[None, :] < config.sink
+        sink_mass[layer, head] += (p * sink).sum(-1)[real].sum()
         for w in range(1, seq + 1):
-            inside = (pos[:, None] - pos[None, :] < w) | (pos[None, :] < config.sink)
+            inside = (pos[:, None] - pos[None, :] < w) & ~sink
             window_mass[layer, head, w - 1] += (p * inside).sum(-1)[real].sum()
         return base
 
@@ -322,8 +326,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         llama_ce(weights, TINY["ARCH"], np.asarray(batch["input_ids"]),
                  np.asarray(batch["attention_mask"], bool), record)
     share = (kept / rows).ravel()
-    # allocated_window: every head's window is the smallest whose sink + window keeps the
-    # row's mass share of its float64 dense attention on that row, and the windows' total
+    # allocated_window: every head's window is the smallest that keeps the row's share of its
+    # float64 dense attention mass outside the sink on that row, and the windows' total
     # density meets the target
     for r in result["rows"]:
         if r["family"] in ("allocated_window", "layer_window") and \
@@ -332,8 +336,10 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
             if per_layer:                 # one window for every head of a layer
                 assert all(len(set(ws)) == 1 for ws in r["head_windows"])
             for layer, head in np.ndindex(kept.shape):
-                kept_by = (window_mass[layer].mean(0) / rows[layer, 0] if per_layer
-                           else window_mass[layer, head] / rows[layer, head])
+                # the share of the mass outside the sink that window w keeps
+                kept_by = (window_mass[layer].mean(0) / (rows[layer, 0] - sink_mass[layer].mean())
+                           if per_layer else
+                           window_mass[layer, head] / (rows[layer, head] - sink_mass[layer, head]))
                 w = r["head_windows"][layer][head]
                 assert kept_by[w - 1] >= r["mass_share"] - 1e-5, (layer, head)
                 assert w == 1 or kept_by[w - 2] < r["mass_share"] + 1e-5, (layer, head)
