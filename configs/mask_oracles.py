@@ -37,7 +37,10 @@ Families (each at every density):
   that every head keeps the same share of its dense attention mass outside the sink (its mass
   at each distance, averaged over the rows), that share the lowest whose density meets the
   target (realizable: fixed bands, a window per head);
-- layer_window: the same with one window per layer, for the mean mass of its heads.
+- layer_window: the same with one window per layer, for the mean mass of its heads;
+- allocated_top_keys: top_keys with each (row, head)'s pairs (sink + window included) those
+  the threshold mask of the same target keeps there (an oracle: global keys with the
+  threshold's allocation of density).
 get_config("toy") is the small CPU variant the tests run.
 """
 import ml_collections
@@ -56,7 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.densities = (0.25, 0.10)
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
                        "random_clusters", "spectral_partition", "allocated_partition",
-                       "allocated_window", "layer_window")
+                       "allocated_window", "layer_window", "allocated_top_keys")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search

@@ -12,6 +12,8 @@
 - the same with each head's cluster count allocated by the threshold mask (a head, row and
   layer that needs more pairs gets fewer, larger clusters): a partition with the threshold's
   allocation of density;
+- the most-attended keys beside the sink + window, as many pairs per (row, head) as the
+  threshold mask keeps there: keys every later query may read, with the threshold's allocation;
 - each head its own sink + window, the windows fixed on the calibration rows so that every head
   keeps the same share of its dense attention mass outside the sink (realizable: a band per
   head); and one window per layer, the same for its heads.
@@ -59,8 +61,8 @@ CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
             "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
-            "layer_window")
-CALIBRATED = ("threshold", "allocated_partition")     # families that search a threshold
+            "layer_window", "allocated_top_keys")
+CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # search a threshold
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
@@ -111,6 +113,12 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
         elif family == "top_keys":
             allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
                                     fraction)
+        elif family == "allocated_top_keys":
+            # as many pairs per (row, head) as the threshold mask keeps there
+            kept = jnp.sum(threshold_mask(scores, causal, log_threshold), (-2, -1),
+                           dtype=jnp.float32)
+            allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
+                                    pairs=kept)
         elif family == "threshold":
             allowed = threshold_mask(scores, causal, log_threshold)
         elif family in WINDOWED:
@@ -203,14 +211,21 @@ def calibrate_threshold(model, batches, target: float, steps: int, settings: dic
         return evaluate(model, batches, log_threshold=log_t,
                         **dict(settings, family="threshold"))["density"]
 
-    lo, hi = LOWEST_LOG_THRESHOLD, 0.0
-    if density(lo) < target:
-        raise ValueError(f"threshold: even p >= exp({lo}) keeps less than the target density "
-                         f"{target}")
+    return bisect_for_density(density, LOWEST_LOG_THRESHOLD, 0.0, target, steps,
+                              f"threshold: even p >= exp({LOWEST_LOG_THRESHOLD})")
+
+
+def bisect_for_density(density, permissive: float, strict: float, target: float, steps: int,
+                       what: str) -> float:
+    """The least permissive x found between `permissive` and `strict` whose density(x) is at
+    or above target (density is monotone between them): `steps` halvings. Raises ValueError,
+    naming `what`, when even `permissive` falls short."""
+    if density(permissive) < target:
+        raise ValueError(f"{what} keeps less than the target density {target}")
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if density(mid) >= target else (lo, mid)
-    return lo
+        mid = (permissive + strict) / 2
+        permissive, strict = (mid, strict) if density(mid) >= target else (permissive, mid)
+    return permissive
 
 
 @functools.partial(nnx.jit, static_argnames=("window", "sink"))
@@ -308,14 +323,9 @@ def choose_head_windows(model, batches, target: float, seq_len: int, sink: int,
         windows = head_windows_for_mass(mass, sink_mass, share)
         return np.mean([local_density(seq_len, int(w), sink) for w in windows.ravel()])
 
-    lo, hi = 0.0, 1.0
-    if density(hi) < target:
-        raise ValueError(f"allocated_window: even windows that keep all of the mass stay "
-                         f"below the target density {target}")
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if density(mid) >= target else (mid, hi)
-    return head_windows_for_mass(mass, sink_mass, hi), hi
+    share = bisect_for_density(density, 1.0, 0.0, target, steps,
+                               "allocated_window: even windows that keep all of the mass")
+    return head_windows_for_mass(mass, sink_mass, share), share
 
 
 def plan(config) -> list[dict]:
@@ -351,6 +361,8 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "random_clusters": ("^", "tab:red", "random clusters + window + sink"),
           "spectral_partition": ("v", "tab:orange",
                                  "clusters of each head's attention + window + sink (oracle)"),
+          "allocated_top_keys": ("d", "tab:purple", "most-attended keys, pairs from the "
+                                 "threshold (oracle)"),
           "allocated_window": ("h", "tab:cyan", "a window per head, the same mass kept"),
           "layer_window": ("8", "tab:gray", "a window per layer, the same mass kept"),
           "allocated_partition": ("X", "tab:pink", "the same, cluster counts from the threshold "
@@ -390,6 +402,8 @@ def describe(s: dict) -> str:
             "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}",
             "spectral_partition": f"{s['clusters']} spectral clusters, window {s['window']}, "
                                   f"sink {s['sink']}",
+            "allocated_top_keys": f"keys within p >= exp({s.get('log_threshold', 0.0):.4f})'s "
+                                  f"pairs, window {s['window']}, sink {s['sink']}",
             "layer_window": (f"windows {int(np.min(s['head_windows']))}-"
                              f"{int(np.max(s['head_windows']))} by layer, sink {s['sink']}"
                              if "head_windows" in s else ""),

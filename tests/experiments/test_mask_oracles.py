@@ -36,9 +36,10 @@ def top_fraction(scores, base, fraction):
     return keep
 
 
-def top_keys(scores, base, local, density):
+def top_keys(scores, base, local, density, pairs=None):
     """local, plus the most-attended keys (column sums of the softmax over base) for every later
-    query, in that order while the pairs stay within density * base's pairs (numpy)."""
+    query, in that order while the pairs stay within density * base's pairs, or within `pairs`
+    when given (numpy)."""
     s = np.where(base, scores, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p = np.where(base, p, 0.0)
@@ -46,7 +47,7 @@ def top_keys(scores, base, local, density):
     received = p.sum(0)
     local = base & local
     extra = (base & ~local).sum(0)
-    budget = density * base.sum() - local.sum()
+    budget = (density * base.sum() if pairs is None else pairs) - local.sum()
     chosen = np.zeros(base.shape[1], bool)
     used = 0
     for j in np.argsort(-received, kind="stable"):
@@ -149,6 +150,17 @@ def test_head_windows_keep_the_share_of_the_mass_with_the_fewest_keys():
                 assert got[l, h] == want, (share, l, h)
 
 
+def test_bisection_finds_the_least_permissive_setting_that_meets_the_target():
+    script = load_script()
+    # rising (a share of the mass) and falling (a threshold) densities, closed form
+    got = script.bisect_for_density(lambda x: x * x, 1.0, 0.0, 0.25, 30, "rising")
+    assert 0.5 <= got < 0.5 + 2 ** -29
+    got = script.bisect_for_density(lambda t: 1.0 - t, -1.0, 1.0, 0.4, 30, "falling")
+    assert 0.6 - 2 ** -28 < got <= 0.6
+    with pytest.raises(ValueError, match="rising keeps less than the target density 0.5"):
+        script.bisect_for_density(lambda x: 0.1, 1.0, 0.0, 0.5, 3, "rising")
+
+
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
     rng = np.random.default_rng()
     scores = (3 * rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
@@ -166,6 +178,18 @@ def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
         kept = got.sum((-2, -1)) / causal.sum((-2, -1))
         local_only = (causal & local).sum((-2, -1)) / causal.sum((-2, -1))
         assert np.all(kept <= np.maximum(density, local_only) + 1e-9)
+    # a pair count per (row, head) instead of a density
+    pairs = rng.integers(100, 800, size=(2, 3)).astype(np.float32)
+    got = np.asarray(top_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                   jnp.asarray(local)[None, None], pairs=jnp.asarray(pairs)))
+    want = np.stack([np.stack([top_keys(scores[b, h].astype(np.float64), causal[b, 0], local,
+                                        None, pairs[b, h]) for h in range(3)])
+                     for b in range(2)])
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got.sum((-2, -1)) <= np.maximum(pairs, (causal & local).sum((-2, -1))))
+    with pytest.raises(ValueError, match="give either density or pairs"):
+        top_keys_mask(jnp.asarray(scores), jnp.asarray(causal), jnp.asarray(local), 0.5,
+                      pairs=jnp.asarray(pairs))
 
 
 def test_top_fraction_mask_keeps_each_rows_quota_of_highest_scores():
@@ -198,7 +222,7 @@ def test_an_unknown_family_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
                        r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
                        r"'spectral_partition', 'allocated_partition', 'allocated_window', "
-                       r"'layer_window'\)\)"):
+                       r"'layer_window', 'allocated_top_keys'\)\)"):
         script.plan(config)
 
 
@@ -219,7 +243,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     families = {r["family"] for r in result["rows"]}
     assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
                         "window", "random_clusters", "spectral_partition",
-                        "allocated_partition", "allocated_window", "layer_window"}
+                        "allocated_partition", "allocated_window", "layer_window",
+                        "allocated_top_keys"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
@@ -259,6 +284,10 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     keep = top_keys(scores, base, local, setting["fraction"])
                 elif family == "threshold":
                     keep = threshold(scores, base, setting["log_threshold"])
+                elif family == "allocated_top_keys":
+                    pairs = threshold(scores, base, setting["log_threshold"]).sum()
+                    keep = top_keys(scores, base, local, None, pairs)
+                    assert keep.sum() <= max(pairs, (base & local).sum())
                 elif family in ("allocated_window", "layer_window"):
                     w = row["head_windows"][layer][head]
                     keep = base & ((pos[:, None] - pos[None, :] < w)

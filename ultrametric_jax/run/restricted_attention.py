@@ -61,17 +61,21 @@ def top_fraction_mask(scores, causal, fraction: float, iterations: int = 24):
     return causal & (scores >= lo)
 
 
-def top_keys_mask(scores, causal, local, density: float):
+def top_keys_mask(scores, causal, local, density=None, pairs=None):
     """bool [B, H, S, S]: `local` (a mask every query keeps, e.g. sink + window) plus, for every
     later query, the keys that receive the most dense attention mass (the column sums of the
     causal softmax), taken in that order while the allowed pairs stay within density times the
-    causal pairs of the row. The keys every query may read, chosen by an oracle."""
+    causal pairs of the row, or within `pairs` (float [B, H], a count per row and head; give
+    one of the two). The keys every query may read, chosen by an oracle."""
+    if (density is None) == (pairs is None):
+        raise ValueError("top_keys_mask: give either density or pairs")
     causal = jnp.broadcast_to(causal, scores.shape)
     local = causal & jnp.broadcast_to(local, scores.shape)
     received = jnp.sum(llama.masked_softmax(scores, causal) * causal, axis=-2)      # [B, H, S]
     extra = jnp.sum(causal & ~local, axis=-2).astype(jnp.float32)   # pairs a key would add
-    budget = (density * jnp.sum(causal, (-2, -1), dtype=jnp.float32)
-              - jnp.sum(local, (-2, -1), dtype=jnp.float32))                        # [B, H]
+    if pairs is None:
+        pairs = density * jnp.sum(causal, (-2, -1), dtype=jnp.float32)
+    budget = pairs - jnp.sum(local, (-2, -1), dtype=jnp.float32)                    # [B, H]
     order = jnp.argsort(-received, axis=-1, stable=True)
     fits = jnp.cumsum(jnp.take_along_axis(extra, order, -1), -1) <= budget[..., None]
     chosen = jnp.take_along_axis(fits, jnp.argsort(order, axis=-1), -1)            # key order
