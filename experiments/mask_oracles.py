@@ -25,8 +25,8 @@
 Every family runs through ultrametric_jax.run.restricted_attention (the base model with each
 layer's attention rows replaced) on the held-out rows of the run config's corpus and of
 config.extra_corpora, beside the dense model through the same code. Writes OUT/mask_oracles.json
-(toy.json with --toy) and a PNG (perplexity against density, one panel per corpus); prints the
-table last.
+(toy.json with --toy; rewritten after every row, "complete" once every setting has run) and a
+PNG (perplexity against density, one panel per corpus); prints the table last.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_runs import CONFIGS, plot_per_corpus, sweep_setup, toy_model  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
-from ultrametric_jax.run.pipeline import setup_run  # noqa: E402
+from ultrametric_jax.run.pipeline import setup_run, write_json  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (restricted_logits,  # noqa: E402
                                                       spectral_clusters, threshold_mask,
                                                       top_fraction_mask, top_keys_mask)
@@ -422,6 +422,14 @@ def main(argv=None):
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows, thresholds = [], {}          # one calibration per target, shared by the families
+    stem = "toy" if args.toy else "mask_oracles"
+
+    def save(complete: bool) -> dict:
+        # rewritten after every row: a run stopped early keeps what it measured
+        result = dict(config=config.to_dict(), complete=complete, rows=rows)
+        write_json(str(out / f"{stem}.json"), result)
+        return result
+
     keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
             "kmeans_steps")
     for s in plan(config):
@@ -448,19 +456,16 @@ def main(argv=None):
                              dense_heads=None if heads is None else heads.tolist(),
                              head_windows=None if windows is None else windows.tolist(),
                              mass_share=s.get("mass_share"), **r))
+            dense = next(d for d in rows if d["family"] == "dense" and d["corpus"] == corpus)
+            rows[-1]["change_pct"] = 100 * (r["perplexity"] / dense["perplexity"] - 1)
+            save(complete=False)
             print(f"{s['family']} {describe(s)} on {corpus}: perplexity {r['perplexity']:.3f} "
                   f"at density {100 * r['density']:.1f}%", flush=True)
-    for r in rows:
-        dense = next(d for d in rows if d["family"] == "dense" and d["corpus"] == r["corpus"])
-        r["change_pct"] = 100 * (r["perplexity"] / dense["perplexity"] - 1)
-    stem = "toy" if args.toy else "mask_oracles"
-    result = dict(config=config.to_dict(), rows=rows)
-    text = json.dumps(result, indent=1)
-    (out / f"{stem}.json").write_text(text)
+    result = save(complete=True)
     plot(rows, out / f"{stem}.png")
     print(f"\nresults: {out / (stem + '.json')}, {out / (stem + '.png')}")
     print_table(rows)
-    return json.loads(text)
+    return json.loads(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":

@@ -226,12 +226,35 @@ def test_an_unknown_family_is_refused_by_name():
         script.plan(config)
 
 
+def test_a_run_stopped_early_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    script = load_script()
+    measured, real_evaluate = [], script.evaluate
+
+    def evaluate_then_stop(*args, **kwargs):
+        if len(measured) == 3:                 # dense on both corpora, then one window row
+            raise KeyboardInterrupt
+        measured.append(real_evaluate(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(script, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--toy", "--out", str(tmp_path), "--config.families=window"])
+    written = json.loads((tmp_path / "toy.json").read_text())
+    assert not written["complete"]
+    assert [r["family"] for r in written["rows"]] == ["dense", "dense", "window"]
+    assert [r["perplexity"] for r in written["rows"]] == [m["perplexity"] for m in measured]
+    dense = written["rows"][0]["perplexity"]
+    assert written["rows"][2]["change_pct"] == pytest.approx(
+        100 * (measured[2]["perplexity"] / dense - 1))
+
+
 @pytest.mark.slow
 def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     script = load_script()
     result = script.main(["--toy", "--out", str(tmp_path)])
     assert (tmp_path / "toy.png").stat().st_size > 0
-    assert json.loads((tmp_path / "toy.json").read_text())["rows"] == result["rows"]
+    written = json.loads((tmp_path / "toy.json").read_text())
+    assert written["rows"] == result["rows"] and written["complete"]
     import sweep_runs                  # on the path once the script is loaded
     config = sweep_runs.load_config(str(script.CONFIG), "toy", [])
     setup = script.setup_run(script.run_config(config, str(script.CONFIGS / "tiny_random.py"),
