@@ -30,9 +30,9 @@ Families (each at every density):
   symmetric), plus `window` and `sink`: an oracle partition, what the cut of a tree gives each
   head at its best (clusters are equivalence classes; a threshold mask is not);
 - allocated_partition: spectral_partition with each (row, head)'s own cluster count, up to
-  partition_max_clusters: round(1 / f), f the share of its pairs outside the sink + window
-  that the threshold mask of the same target keeps (the threshold family's allocation of
-  density, given to a partition);
+  partition_max_clusters: n / k rounded half up, n its pairs outside the sink + window and k
+  those of them the threshold mask of the same target keeps (the threshold family's
+  allocation of density, given to a partition);
 - allocated_window: a sink + window per head, the windows chosen on the calibration rows so
   that every head keeps the same share of its dense attention mass outside the sink (its mass
   at each distance, averaged over the rows), that share the lowest whose density meets the

@@ -97,7 +97,7 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
     """((CE sum, count), (allowed pairs per layer, causal pairs per layer, cluster ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
     recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
-    head_windows, int [layers, heads], allocated_window's; the cluster ids [layers, B, H, S]
+    head_windows, int [layers, heads], the per-head window families'; the cluster ids [layers, B, H, S]
     are the partition families', empty for the others)."""
     positions = llama.default_positions(input_ids)
     heads = model.config.num_attention_heads
@@ -365,8 +365,8 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
                                  "threshold (oracle)"),
           "allocated_window": ("h", "tab:cyan", "a window per head, the same mass kept"),
           "layer_window": ("8", "tab:gray", "a window per layer, the same mass kept"),
-          "allocated_partition": ("X", "tab:pink", "the same, cluster counts from the threshold "
-                                  "(oracle)")}
+          "allocated_partition": ("X", "tab:pink", "clusters of each head's attention, counts "
+                                  "from the threshold (oracle)")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
