@@ -100,10 +100,12 @@ def finished(workdir: Path, steps: int):
 class Children:
     """The runs in flight: a SIGTERM or SIGINT to the sweep (a time limit, Ctrl-C) ends them
     too, so that none is left holding the accelerator; their checkpoints let the next sweep
-    resume them."""
+    resume them. A run still alive `grace_s` seconds after its SIGTERM is killed: a time limit
+    must end the sweep, whatever a run does with the signal."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = 20.0):
         self.procs, self.lock, self.stopping = set(), threading.Lock(), False
+        self.grace_s = grace_s
 
     def start(self, cmd, **kwargs):
         with self.lock:
@@ -120,8 +122,16 @@ class Children:
     def stop(self, signum, _frame):
         with self.lock:
             self.stopping = True
-            for proc in self.procs:
+            procs = list(self.procs)
+            for proc in procs:
                 proc.terminate()
+        deadline = time.monotonic() + self.grace_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         raise SystemExit(f"stopped by signal {signum}; run the same command again to resume")
 
 
