@@ -36,6 +36,7 @@ import math
 import runpy
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,65 +90,101 @@ def clusters_for(target: float, seq: int, window: int, sink: int) -> int:
     return max(1, round((1.0 - local) / (target - local)))
 
 
+class Layer(NamedTuple):
+    """What a family's mask sees of one layer: its scaled float32 scores [B, H, S, S], the
+    causal mask of real keys [B, 1, S, S], the sink + window mask `local` [B, 1, S, S] of the
+    setting's window and sink, the positions [B, S], the traced per-run inputs (log_threshold,
+    dense_heads, head_windows) and the setting's static values `s`."""
+    index: int
+    scores: jax.Array
+    causal: jax.Array
+    local: jax.Array
+    positions: jax.Array
+    log_threshold: jax.Array
+    dense_heads: jax.Array
+    head_windows: jax.Array
+    s: dict
+
+
+def _key(l: Layer):
+    return jax.random.fold_in(jax.random.key(l.s["seed"]), l.index)
+
+
+def _partition(l: Layer, allocated: bool):
+    """Clusters of the head's own attention outside the sink + window, made symmetric."""
+    outside = jnp.broadcast_to(l.causal, l.scores.shape) & ~l.local
+    far = jnp.where(outside, llama.masked_softmax(l.scores, l.causal), 0.0)
+    active = (allocated_clusters(threshold_mask(l.scores, l.causal, l.log_threshold), outside,
+                                 l.s["clusters"]) if allocated else None)
+    return spectral_clusters(far + jnp.swapaxes(far, -1, -2), l.s["clusters"], _key(l),
+                             l.s["power_steps"], l.s["kmeans_steps"], active)
+
+
+def _random_partition(l: Layer):
+    b, h, seq = l.scores.shape[:3]
+    return jax.random.randint(_key(l), (b, h, seq), 0, l.s["clusters"])
+
+
+def _head_bands(l: Layer):
+    distance = l.positions[:, None, :, None] - l.positions[:, None, None, :]
+    return jnp.broadcast_to(l.causal, l.scores.shape) & (
+        (distance < l.head_windows[l.index][None, :, None, None])
+        | (l.positions[:, None, None, :] < l.s["sink"]))
+
+
+def _allocated_top_keys(l: Layer):
+    # as many pairs per (row, head) as the threshold mask keeps there
+    kept = jnp.sum(threshold_mask(l.scores, l.causal, l.log_threshold), (-2, -1),
+                   dtype=jnp.float32)
+    return top_keys_mask(l.scores, l.causal, l.local, pairs=kept)
+
+
+# family -> the allowed pairs [B, H, S, S] of one layer (the partition families: cluster ids
+# [B, H, S] instead, which the sink + window joins)
+MASKS = {
+    "dense": lambda l: jnp.broadcast_to(l.causal, l.scores.shape),
+    "top_fraction": lambda l: top_fraction_mask(l.scores, l.causal, l.s["fraction"],
+                                                l.s["steps"]),
+    "top_keys": lambda l: top_keys_mask(l.scores, l.causal, l.local, l.s["fraction"]),
+    "allocated_top_keys": _allocated_top_keys,
+    "threshold": lambda l: threshold_mask(l.scores, l.causal, l.log_threshold),
+    "head_choice": lambda l: jnp.where(l.dense_heads[l.index][None, :, None, None], l.causal,
+                                       l.local),
+    "window": lambda l: jnp.broadcast_to(l.local, l.scores.shape),
+    "allocated_window": _head_bands,
+    "layer_window": _head_bands,
+}
+PARTITIONS = {
+    "random_clusters": _random_partition,
+    "spectral_partition": lambda l: _partition(l, allocated=False),
+    "allocated_partition": lambda l: _partition(l, allocated=True),
+}
+
+
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
                                              "steps", "seed", "power_steps", "kmeans_steps"))
-def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows, *,
-                          family, fraction, window, sink, clusters, steps, seed, power_steps,
-                          kmeans_steps):
+def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows,
+                          **static):
     """((CE sum, count), (allowed pairs per layer, causal pairs per layer, cluster ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
     recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
-    head_windows, int [layers, heads], the per-head window families'; the cluster ids [layers, B, H, S]
-    are the partition families', empty for the others)."""
+    head_windows, int [layers, heads], the per-head window families'; the cluster ids
+    [layers, B, H, S] are the partition families', empty for the others)."""
     positions = llama.default_positions(input_ids)
-    heads = model.config.num_attention_heads
+    local = local_mask(positions, mask, static["window"], static["sink"])
     counts, partitions = [], []
 
     def probabilities(layer, scores, causal):
-        if family == "dense":
-            allowed = jnp.broadcast_to(causal, scores.shape)
-        elif family == "top_fraction":
-            allowed = top_fraction_mask(scores, causal, fraction, steps)
-        elif family == "window":
-            allowed = jnp.broadcast_to(local_mask(positions, mask, window, sink), scores.shape)
-        elif family == "top_keys":
-            allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
-                                    fraction)
-        elif family == "allocated_top_keys":
-            # as many pairs per (row, head) as the threshold mask keeps there
-            kept = jnp.sum(threshold_mask(scores, causal, log_threshold), (-2, -1),
-                           dtype=jnp.float32)
-            allowed = top_keys_mask(scores, causal, local_mask(positions, mask, window, sink),
-                                    pairs=kept)
-        elif family == "threshold":
-            allowed = threshold_mask(scores, causal, log_threshold)
-        elif family in WINDOWED:
-            distance = positions[:, None, :, None] - positions[:, None, None, :]
-            w = head_windows[layer][None, :, None, None]
-            allowed = jnp.broadcast_to(causal, scores.shape) & (
-                (distance < w) | (positions[:, None, None, :] < sink))
-        elif family == "head_choice":
-            allowed = jnp.where(dense_heads[layer][None, :, None, None], causal,
-                                local_mask(positions, mask, window, sink))
-        elif family in ("spectral_partition", "allocated_partition"):
-            # clusters of the head's own attention outside the sink + window, made symmetric
-            outside = jnp.broadcast_to(causal, scores.shape) & ~local_mask(positions, mask,
-                                                                          window, sink)
-            far = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
-            active = None
-            if family == "allocated_partition":
-                active = allocated_clusters(threshold_mask(scores, causal, log_threshold),
-                                            outside, clusters)
-            ids = spectral_clusters(far + jnp.swapaxes(far, -1, -2), clusters,
-                                    jax.random.fold_in(jax.random.key(seed), layer),
-                                    power_steps, kmeans_steps, active)
-            partitions.append(ids)
-            allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
+        view = Layer(layer, scores, causal, local, positions, log_threshold, dense_heads,
+                     head_windows, static)
+        if static["family"] in PARTITIONS:
+            ids = PARTITIONS[static["family"]](view)
+            if static["family"] != "random_clusters":
+                partitions.append(ids)
+            allowed = allowed_mask(positions, positions, ids, ids, static["window"],
+                                   static["sink"], mask)
         else:
-            ids = jax.random.randint(jax.random.fold_in(jax.random.key(seed), layer),
-                                     (input_ids.shape[0], heads, input_ids.shape[1]), 0,
-                                     clusters)
-            allowed = allowed_mask(positions, positions, ids, ids, window, sink, mask)
+            allowed = MASKS[static["family"]](view)
         # float32 sums: B x H x S^2 pairs over every layer pass int32's range from 4k tokens
         counts.append((jnp.sum(allowed, dtype=jnp.float32),
                        jnp.sum(jnp.broadcast_to(causal, allowed.shape), dtype=jnp.float32)))
