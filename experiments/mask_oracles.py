@@ -26,7 +26,9 @@ Every family runs through ultrametric_jax.run.restricted_attention (the base mod
 layer's attention rows replaced) on the held-out rows of the run config's corpus and of
 config.extra_corpora, beside the dense model through the same code. Writes OUT/mask_oracles.json
 (toy.json with --toy; rewritten after every row, "complete" once every setting has run) and a
-PNG (perplexity against density, one panel per corpus); prints the table last.
+PNG (perplexity against density, one panel per corpus); prints the table last. Each row also
+says how much of the mask lies outside the sink + window on keys that most queries read: the
+hub share, the allowed pairs there whose key at least half of its causal queries may read.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ PARTITIONS = {
                                              "steps", "seed", "power_steps", "kmeans_steps"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows,
                           **static):
-    """((CE sum, count), (allowed pairs per layer, causal pairs per layer, cluster ids)) of the
+    """((CE sum, count), (pair_counts per layer, 4 arrays [layers], then cluster ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
     recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
     head_windows, int [layers, heads], the per-head window families'; the cluster ids
@@ -185,15 +187,25 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
                                    static["sink"], mask)
         else:
             allowed = MASKS[static["family"]](view)
-        # float32 sums: B x H x S^2 pairs over every layer pass int32's range from 4k tokens
-        counts.append((jnp.sum(allowed, dtype=jnp.float32),
-                       jnp.sum(jnp.broadcast_to(causal, allowed.shape), dtype=jnp.float32)))
+        counts.append(pair_counts(allowed, causal, local))
         return llama.masked_softmax(scores, allowed)
 
     logits = restricted_logits(model, input_ids, mask, probabilities)
     ids = jnp.stack(partitions) if partitions else jnp.zeros((0,), jnp.int32)
-    pairs = (jnp.stack([a for a, _ in counts]), jnp.stack([c for _, c in counts]), ids)
+    pairs = tuple(jnp.stack(c) for c in zip(*counts)) + (ids,)
     return token_cross_entropy(logits, input_ids, mask), pairs
+
+
+def pair_counts(allowed, causal, local):
+    """float32 (allowed pairs, causal pairs, allowed pairs outside `local`, those of them whose
+    key is allowed for at least half of its causal queries: a key most later queries read).
+    float32 sums: B x H x S^2 pairs over every layer pass int32's range from 4k tokens."""
+    causal = jnp.broadcast_to(causal, allowed.shape)
+    far = allowed & ~jnp.broadcast_to(local, allowed.shape)
+    readers = jnp.sum(allowed, -2, dtype=jnp.float32)                            # [B, H, S]
+    hub = 2 * readers >= jnp.sum(causal, -2, dtype=jnp.float32)
+    return (jnp.sum(allowed, dtype=jnp.float32), jnp.sum(causal, dtype=jnp.float32),
+            jnp.sum(far, dtype=jnp.float32), jnp.sum(far & hub[..., None, :], dtype=jnp.float32))
 
 
 def allocated_clusters(kept, outside, most: int) -> jax.Array:
@@ -213,9 +225,11 @@ def no_dense_heads(model) -> jax.Array:
 
 def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=None,
              record=False, **settings) -> dict:
-    """Perplexity, measured density (allowed / causal pairs over every layer and head) and
-    the density of each layer; with record, also spectral_partition's cluster ids of every
-    batch ("partitions": [layers, B, H, S] each)."""
+    """Perplexity, measured density (allowed / causal pairs over every layer and head), the
+    density of each layer, and the hub share: of the allowed pairs outside the setting's sink +
+    window, the share whose key at least half of its causal queries may read; with record,
+    also the partition families' cluster ids of every batch ("partitions": [layers, B, H, S]
+    each)."""
     pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
@@ -229,11 +243,13 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=N
                                      windows, **settings)
 
     result = _held_out_loss(forward, model, batches, visit)
-    allowed, causal = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0) for i in (0, 1))
+    allowed, causal, far, to_hubs = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0)
+                                     for i in range(4))
     out = {**result, "density": float(allowed.sum() / max(causal.sum(), 1.0)),
-           "density_per_layer": (allowed / np.maximum(causal, 1.0)).tolist()}
+           "density_per_layer": (allowed / np.maximum(causal, 1.0)).tolist(),
+           "hub_share": float(to_hubs.sum() / max(far.sum(), 1.0))}
     if record:
-        out["partitions"] = [np.asarray(c[2]) for c in pairs]
+        out["partitions"] = [np.asarray(c[4]) for c in pairs]
     return out
 
 
@@ -419,14 +435,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| family | corpus | target | density | per-layer density | perplexity | "
-          "change vs dense | setting |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| family | corpus | target | density | per-layer density | to hub keys | "
+          "perplexity | change vs dense | setting |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         layers = r["density_per_layer"]
         print(f"| {r['family']} | {r['corpus']} | {100 * r['target']:.0f}% | "
               f"{100 * r['density']:.1f}% | {min(layers):.2f}-{max(layers):.2f} | "
-              f"{r['perplexity']:.3f} | {r['change_pct']:+.1f}% | {r['setting']} |")
+              f"{100 * r['hub_share']:.0f}% | {r['perplexity']:.3f} | {r['change_pct']:+.1f}% "
+              f"| {r['setting']} |")
 
 
 def describe(s: dict) -> str:

@@ -283,6 +283,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                                          **{k: setting[k] for k in keys})["partitions"]
         allowed = causal = 0.0
         layer_pairs = np.zeros((2, TINY["ARCH"]["num_hidden_layers"]))
+        hub_pairs = np.zeros(2)
         total = count = 0.0
         for b, batch in enumerate(batches):
             ids = np.asarray(batch["input_ids"])
@@ -338,6 +339,11 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                 allowed += keep.sum()
                 causal += base.sum()
                 layer_pairs[:, layer] += keep.sum(), base.sum()
+                # pairs outside the sink + window, and those whose key half of its causal
+                # queries (or more) may read
+                far = keep & ~local
+                hub = 2 * keep.sum(0) >= base.sum(0)
+                hub_pairs[:] += far.sum(), (far & hub[None, :]).sum()
                 return keep
 
             s, c = llama_ce(weights, TINY["ARCH"], ids, real, mask_of)
@@ -346,6 +352,15 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         assert row["density"] == pytest.approx(allowed / causal, abs=1e-9), row
         np.testing.assert_allclose(row["density_per_layer"], layer_pairs[0] / layer_pairs[1],
                                    atol=1e-9)
+        assert row["hub_share"] == pytest.approx(hub_pairs[1] / max(hub_pairs[0], 1), abs=1e-9)
+    # closed forms: every key of the dense mask is read by all of its causal queries; the
+    # window family keeps no pair outside its own window; the others fall in between
+    for r in result["rows"]:
+        if r["family"] == "dense":
+            assert r["hub_share"] == 1.0
+        if r["family"] == "window":
+            assert r["hub_share"] == 0.0
+    assert any(0 < r["hub_share"] < 1 for r in result["rows"])
     # the threshold was calibrated on the first in-domain row: its density there meets the
     # target, and the bisection's other bound (one resolution step higher) falls below it
     first = corpora[script.TRAINING_CORPUS][:config.calibration_rows]
