@@ -259,13 +259,16 @@ LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability 
 def calibrate_threshold(model, batches, target: float, steps: int, settings: dict) -> float:
     """The threshold family's log t whose density over `batches` is the lowest found at or above
     target: bisection on log t in [LOWEST_LOG_THRESHOLD, 0] (the density falls as t rises), one
-    forward per step."""
+    forward per step. Whichever calibrated family asks first, the forward is compiled with the
+    static values of the threshold family's own setting (plan: fraction = target, one
+    cluster), which its evaluation then reuses: the threshold mask reads neither."""
+    statics = dict(settings, family="threshold", fraction=float(target), clusters=1)
+
     def density(log_t):
-        return evaluate(model, batches, log_threshold=log_t,
-                        **dict(settings, family="threshold"))["density"]
+        return evaluate(model, batches, log_threshold=log_t, **statics)["density"]
 
     return bisect_for_density(density, LOWEST_LOG_THRESHOLD, 0.0, target, steps,
-                              f"threshold: even p >= exp({LOWEST_LOG_THRESHOLD})")
+                              f"threshold: even at p >= exp({LOWEST_LOG_THRESHOLD})")
 
 
 def bisect_for_density(density, permissive: float, strict: float, target: float, steps: int,
@@ -274,29 +277,11 @@ def bisect_for_density(density, permissive: float, strict: float, target: float,
     or above target (density is monotone between them): `steps` halvings. Raises ValueError,
     naming `what`, when even `permissive` falls short."""
     if density(permissive) < target:
-        raise ValueError(f"{what} keeps less than the target density {target}")
+        raise ValueError(f"{what}, the density stays below the target {target}")
     for _ in range(steps):
         mid = (permissive + strict) / 2
         permissive, strict = (mid, strict) if density(mid) >= target else (permissive, mid)
     return permissive
-
-
-@functools.partial(nnx.jit, static_argnames=("window", "sink"))
-def _local_mass(model, input_ids, mask, *, window, sink):
-    """(sum over real rows of the dense attention mass inside the sink + window mask [layers,
-    heads], real rows per head) of the dense base model."""
-    local = local_mask(llama.default_positions(input_ids), mask, window, sink)
-    sums, rows = [], []
-
-    def probabilities(_layer, scores, causal):
-        p = llama.masked_softmax(scores, causal)
-        real = jnp.broadcast_to(jnp.any(causal, -1), p.shape[:-1])               # [B, H, S]
-        sums.append(jnp.sum(jnp.where(real, jnp.sum(p * local, -1), 0.0), (0, 2)))
-        rows.append(jnp.sum(real, (0, 2), dtype=jnp.float32))
-        return p
-
-    restricted_logits(model, input_ids, mask, probabilities)
-    return jnp.stack(sums), jnp.stack(rows)
 
 
 def choose_dense_heads(model, batches, target: float, seq_len: int, window: int,
@@ -304,12 +289,8 @@ def choose_dense_heads(model, batches, target: float, seq_len: int, window: int,
     """bool [layers, heads]: the heads that stay dense so that the total density (every other
     head keeps the sink + window, local_density of them) meets target: those that keep the
     least of their dense attention mass inside the sink + window on `batches`."""
-    total = rows = 0.0
-    for batch in batches:
-        s, r = _local_mass(model, jnp.asarray(batch["input_ids"]),
-                           jnp.asarray(batch["attention_mask"], bool), window=window, sink=sink)
-        total, rows = total + np.asarray(s, np.float64), rows + np.asarray(r, np.float64)
-    kept = total / np.maximum(rows, 1.0)                                  # [layers, heads]
+    mass, sink_mass = mass_profile(model, batches, sink)
+    kept = sink_mass + mass[..., :window].sum(-1)                         # [layers, heads]
     local = local_density(seq_len, window, sink)
     dense = math.ceil(kept.size * max(0.0, target - local) / (1.0 - local) - 1e-9)
     chosen = np.zeros(kept.size, bool)
@@ -342,6 +323,21 @@ def _mass_by_distance(model, input_ids, mask, *, sink):
     return jnp.stack(sums), jnp.stack(sinks), jnp.stack(rows)
 
 
+def mass_profile(model, batches, sink: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 [layers, heads, S], [layers, heads]): the dense attention mass of an average
+    real row of `batches` at each distance i - j to a key past the sink, and on the sink keys.
+    A sink + window w keeps sink_mass + mass[..., :w].sum(-1)."""
+    mass = sink_mass = rows = 0.0
+    for batch in batches:
+        m, s, r = _mass_by_distance(model, jnp.asarray(batch["input_ids"]),
+                                    jnp.asarray(batch["attention_mask"], bool), sink=sink)
+        mass = mass + np.asarray(m, np.float64)
+        sink_mass = sink_mass + np.asarray(s, np.float64)
+        rows = rows + np.asarray(r, np.float64)
+    rows = np.maximum(rows, 1.0)
+    return mass / rows[..., None], sink_mass / rows
+
+
 def head_windows_for_mass(mass, sink_mass, share: float) -> np.ndarray:
     """int [layers, heads]: each head's smallest window w >= 1 that keeps at least `share` of
     its dense attention mass outside the sink (mass [layers, heads, S] by distance past the
@@ -360,14 +356,7 @@ def choose_head_windows(model, batches, target: float, seq_len: int, sink: int,
     dense attention mass outside the sink on `batches`, the share the lowest found (bisection,
     `steps` halvings) whose total density over seq_len tokens (window_baseline.local_density)
     is at or above target. per_layer: one window per layer, for its heads' mean mass."""
-    mass = sink_mass = rows = 0.0
-    for batch in batches:
-        m, s, r = _mass_by_distance(model, jnp.asarray(batch["input_ids"]),
-                                    jnp.asarray(batch["attention_mask"], bool), sink=sink)
-        mass = mass + np.asarray(m, np.float64)
-        sink_mass = sink_mass + np.asarray(s, np.float64)
-        rows = rows + np.asarray(r, np.float64)
-    mass, sink_mass = mass / rows[..., None], sink_mass / rows
+    mass, sink_mass = mass_profile(model, batches, sink)
     if per_layer:
         mass = np.broadcast_to(mass.mean(1, keepdims=True), mass.shape)
         sink_mass = np.broadcast_to(sink_mass.mean(1, keepdims=True), sink_mass.shape)
@@ -377,7 +366,8 @@ def choose_head_windows(model, batches, target: float, seq_len: int, sink: int,
         return np.mean([local_density(seq_len, int(w), sink) for w in windows.ravel()])
 
     share = bisect_for_density(density, 1.0, 0.0, target, steps,
-                               "allocated_window: even windows that keep all of the mass")
+                               "allocated_window: even with windows that keep all of the "
+                               "mass")
     return head_windows_for_mass(mass, sink_mass, share), share
 
 
@@ -447,27 +437,27 @@ def print_table(rows: list[dict]) -> None:
 
 
 def describe(s: dict) -> str:
-    return {"dense": "", "top_fraction": f"fraction {s['fraction']}",
-            "top_keys": f"keys within {s['fraction']}, window {s['window']}, sink {s['sink']}",
-            "threshold": f"p >= exp({s.get('log_threshold', 0.0):.4f}) in every layer",
-            "head_choice": f"{int(np.sum(s.get('dense_heads', 0)))} dense heads, the others "
-                           f"window {s['window']}, sink {s['sink']}",
-            "window": f"window {s['window']}, sink {s['sink']}",
-            "random_clusters": f"{s['clusters']} clusters, window {s['window']}, sink {s['sink']}",
-            "spectral_partition": f"{s['clusters']} spectral clusters, window {s['window']}, "
-                                  f"sink {s['sink']}",
-            "allocated_top_keys": f"keys within p >= exp({s.get('log_threshold', 0.0):.4f})'s "
-                                  f"pairs, window {s['window']}, sink {s['sink']}",
-            "layer_window": (f"windows {int(np.min(s['head_windows']))}-"
-                             f"{int(np.max(s['head_windows']))} by layer, sink {s['sink']}"
-                             if "head_windows" in s else ""),
-            "allocated_window": (f"windows {int(np.min(s['head_windows']))}-"
-                                 f"{int(np.max(s['head_windows']))} (median "
-                                 f"{int(np.median(s['head_windows']))}), sink {s['sink']}"
-                                 if "head_windows" in s else ""),
-            "allocated_partition": f"<= {s['clusters']} spectral clusters per head from "
-                                   f"p >= exp({s.get('log_threshold', 0.0):.4f}), window "
-                                   f"{s['window']}, sink {s['sink']}"}[s["family"]]
+    local = f"window {s['window']}, sink {s['sink']}"
+    threshold = f"p >= exp({s.get('log_threshold', 0.0):.4f})"
+    windows = np.asarray(s.get("head_windows", 0))
+    return {  # lazily: each family's setting holds only its own values
+        "dense": lambda: "",
+        "top_fraction": lambda: f"fraction {s['fraction']}",
+        "top_keys": lambda: f"keys within {s['fraction']}, {local}",
+        "threshold": lambda: f"{threshold} in every layer",
+        "head_choice": lambda: f"{int(np.sum(s['dense_heads']))} dense heads, the others "
+                               f"{local}",
+        "window": lambda: local,
+        "random_clusters": lambda: f"{s['clusters']} clusters, {local}",
+        "spectral_partition": lambda: f"{s['clusters']} spectral clusters, {local}",
+        "allocated_partition": lambda: f"<= {s['clusters']} spectral clusters per head from "
+                                       f"{threshold}, {local}",
+        "allocated_top_keys": lambda: f"keys within {threshold}'s pairs, {local}",
+        "layer_window": lambda: f"windows {windows.min()}-{windows.max()} by layer, "
+                                f"sink {s['sink']}",
+        "allocated_window": lambda: f"windows {windows.min()}-{windows.max()} (median "
+                                    f"{int(np.median(windows))}), sink {s['sink']}",
+    }[s["family"]]()
 
 
 def main(argv=None):

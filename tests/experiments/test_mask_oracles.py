@@ -157,8 +157,17 @@ def test_bisection_finds_the_least_permissive_setting_that_meets_the_target():
     assert 0.5 <= got < 0.5 + 2 ** -29
     got = script.bisect_for_density(lambda t: 1.0 - t, -1.0, 1.0, 0.4, 30, "falling")
     assert 0.6 - 2 ** -28 < got <= 0.6
-    with pytest.raises(ValueError, match="rising keeps less than the target density 0.5"):
+    with pytest.raises(ValueError, match="rising, the density stays below the target 0.5"):
         script.bisect_for_density(lambda x: 0.1, 1.0, 0.0, 0.5, 3, "rising")
+
+
+
+def test_a_threshold_target_beyond_reach_is_refused_by_name(monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "evaluate", lambda *a, **k: {"density": 0.3})
+    with pytest.raises(ValueError, match=r"threshold: even at p >= exp\(-40.0\), the density "
+                                         r"stays below the target 0.5"):
+        script.calibrate_threshold(None, [], 0.5, 3, dict(family="allocated_partition"))
 
 
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():
