@@ -40,7 +40,27 @@ Families (each at every density):
 - layer_window: the same with one window per layer, for the mean mass of its heads;
 - allocated_top_keys: top_keys with each (row, head)'s pairs (sink + window included) those
   the threshold mask of the same target keeps there (an oracle: global keys with the
-  threshold's allocation of density).
+  threshold's allocation of density);
+- cluster_keys: the queries of each (layer, head) split into query_clusters groups by spectral
+  clustering of how much their dense attention outside the sink + window goes to the same keys
+  (sum_j p_aj p_bj), each group keeping the keys whose mean probability over its members passes
+  a threshold of its own, found by bisection like threshold's (an oracle: per-group key
+  choice, the grain between a partition and per-query choice);
+- chunk_keys: cluster_keys with query_clusters blocks of consecutive queries for groups (the
+  grain of block-sparse attention that picks key blocks per query block; no routes at all);
+- chunk_centroid_keys: chunk_keys' blocks, each keeping the keys its centre's score ranks
+  above the threshold (as centroid_keys below): a per-key choice from the block's mean query;
+- sampled_keys: cluster_keys with each group's mean probability taken over key_samples of its
+  queries only (the last of each of key_samples equal rank bins): what computing a few rows
+  per cluster, not the dense attention, tells;
+- block_keys: blocks of key_block consecutive queries, each keeping the key blocks on which its
+  queries' mean dense attention mass passes a threshold of its own (an oracle at the grain a
+  block-sparse kernel runs: whole key blocks per query block);
+- pooled_keys: the same blocks chosen by the softmax of the blocks' mean query against each
+  block's mean key (no training, no dense attention: the estimate a block gate starts from);
+- centroid_keys: the cluster_keys groups, each keeping the keys that the softmax of its
+  centre's scores (the mean query of the group) ranks above the threshold: a key set a router
+  could compute from the group alone.
 get_config("toy") is the small CPU variant the tests run.
 """
 import ml_collections
@@ -59,14 +79,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.densities = (0.25, 0.10)
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
                        "random_clusters", "spectral_partition", "allocated_partition",
-                       "allocated_window", "layer_window", "allocated_top_keys")
+                       "allocated_window", "layer_window", "allocated_top_keys",
+                       "cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
+                       "centroid_keys", "block_keys", "pooled_keys")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
-    config.threshold_steps = 14              # threshold's bisection (one forward each)
+    config.threshold_steps = 14              # threshold's and the key-set families' bisection
+                                             # (one forward each)
     config.partition_power_steps = 40        # spectral_partition's subspace iteration
     config.partition_kmeans_steps = 20       # and its k-means steps
     config.partition_max_clusters = 64       # allocated_partition's most clusters per head
+    config.query_clusters = 16               # the key-set families' query groups per head
+    config.key_block = 64                    # block_keys' and pooled_keys' block of positions
+    config.key_samples = 8                   # sampled_keys' queries per group
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0
@@ -82,6 +108,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.window, config.sink = 4, 1
         config.bisection_steps = 48
         config.partition_max_clusters = 8
+        config.query_clusters = 4
+        config.key_samples = 2
+        config.key_block = 4
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (known: 'toy')")
     return config

@@ -16,7 +16,12 @@
   threshold mask keeps there: keys every later query may read, with the threshold's allocation;
 - each head its own sink + window, the windows fixed on the calibration rows so that every head
   keeps the same share of its dense attention mass outside the sink (realizable: a band per
-  head); and one window per layer, the same for its heads.
+  head); and one window per layer, the same for its heads;
+- one key set per group of queries: queries grouped by the keys their attention shares, or in
+  blocks of consecutive positions, each group keeping the keys its members' mean probability
+  (or a few sampled members', or its centre's score) ranks above a threshold: a query's keys
+  chosen by its group, not by a partition of the keys; and whole key blocks per query block,
+  by their mass or by the blocks' mean query and key.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -51,9 +56,9 @@ from sweep_runs import CONFIGS, plot_per_corpus, sweep_setup, toy_model  # noqa:
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run, write_json  # noqa: E402
-from ultrametric_jax.run.restricted_attention import (restricted_logits,  # noqa: E402
-                                                      spectral_clusters, threshold_mask,
-                                                      top_fraction_mask, top_keys_mask)
+from ultrametric_jax.run.restricted_attention import (  # noqa: E402
+    block_keys_mask, cluster_keys_mask, restricted_logits, shared_key_affinity, spectral_clusters,
+    threshold_mask, top_fraction_mask, top_keys_mask)
 from ultrametric_jax.run.settings import RunConfig  # noqa: E402
 from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
                                                  window_for_density)
@@ -64,8 +69,11 @@ CONFIG = CONFIGS / "mask_oracles.py"
 TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespeare)'s held-out split
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
             "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
-            "layer_window", "allocated_top_keys")
-CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # search a threshold
+            "layer_window", "allocated_top_keys", "cluster_keys", "chunk_keys",
+            "chunk_centroid_keys", "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")
+CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # the threshold's t
+OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
+                 "centroid_keys", "block_keys", "pooled_keys")     # search their own threshold
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
@@ -134,6 +142,22 @@ def _head_bands(l: Layer):
         | (l.positions[:, None, None, :] < l.s["sink"]))
 
 
+def _query_groups(l: Layer, groups: str):
+    """int32 [B, H, S]: the query groups of the key-set families: spectral clusters of how much
+    the queries' dense attention outside the sink + window goes to the same keys, or `chunks`
+    of consecutive positions (one key set per query block, the grain of block-sparse
+    attention that selects key blocks per query block)."""
+    b, h, seq = l.scores.shape[:3]
+    if groups == "chunks":
+        chunk = -(-seq // l.s["clusters"])
+        return jnp.broadcast_to((l.positions // chunk)[:, None, :], (b, h, seq)).astype(
+            jnp.int32)
+    outside = jnp.broadcast_to(l.causal, l.scores.shape) & ~l.local
+    affinity = shared_key_affinity(llama.masked_softmax(l.scores, l.causal), outside)
+    return spectral_clusters(affinity, l.s["clusters"], _key(l), l.s["power_steps"],
+                             l.s["kmeans_steps"])
+
+
 def _allocated_top_keys(l: Layer):
     # as many pairs per (row, head) as the threshold mask keeps there
     kept = jnp.sum(threshold_mask(l.scores, l.causal, l.log_threshold), (-2, -1),
@@ -149,6 +173,10 @@ MASKS = {
                                                 l.s["steps"]),
     "top_keys": lambda l: top_keys_mask(l.scores, l.causal, l.local, l.s["fraction"]),
     "allocated_top_keys": _allocated_top_keys,
+    "block_keys": lambda l: block_keys_mask(l.scores, l.causal, l.local, l.positions,
+                                            l.s["block"], l.log_threshold),
+    "pooled_keys": lambda l: block_keys_mask(l.scores, l.causal, l.local, l.positions,
+                                             l.s["block"], l.log_threshold, pooled=True),
     "threshold": lambda l: threshold_mask(l.scores, l.causal, l.log_threshold),
     "head_choice": lambda l: jnp.where(l.dense_heads[l.index][None, :, None, None], l.causal,
                                        l.local),
@@ -161,17 +189,27 @@ PARTITIONS = {
     "spectral_partition": lambda l: _partition(l, allocated=False),
     "allocated_partition": lambda l: _partition(l, allocated=True),
 }
+# family -> (query groups, cluster_keys_mask's options): one key set per group of queries
+KEY_SETS = {
+    "cluster_keys": ("spectral", {}),
+    "chunk_keys": ("chunks", {}),
+    "chunk_centroid_keys": ("chunks", {"centroid": True}),
+    "sampled_keys": ("spectral", {"samples": True}),
+    "centroid_keys": ("spectral", {"centroid": True}),
+}
 
 
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
-                                             "steps", "seed", "power_steps", "kmeans_steps"))
+                                             "steps", "seed", "power_steps", "kmeans_steps",
+                                             "samples", "block"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows,
                           **static):
-    """((CE sum, count), (pair_counts per layer, 4 arrays [layers], then cluster ids)) of the
+    """((CE sum, count), (pair_counts per layer, 4 arrays [layers], then group ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
     recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
-    head_windows, int [layers, heads], the per-head window families'; the cluster ids
-    [layers, B, H, S] are the partition families', empty for the others)."""
+    head_windows, int [layers, heads], the per-head window families'; the group ids
+    [layers, B, H, S] are the partition and key-set families' clusters or query groups, empty
+    for the others)."""
     positions = llama.default_positions(input_ids)
     local = local_mask(positions, mask, static["window"], static["sink"])
     counts, partitions = [], []
@@ -185,6 +223,14 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
                 partitions.append(ids)
             allowed = allowed_mask(positions, positions, ids, ids, static["window"],
                                    static["sink"], mask)
+        elif static["family"] in KEY_SETS:
+            groups, options = KEY_SETS[static["family"]]
+            ids = _query_groups(view, groups)
+            partitions.append(ids)
+            if options.get("samples"):
+                options = dict(options, samples=static["samples"])
+            allowed = cluster_keys_mask(scores, causal, local, ids, static["clusters"],
+                                        log_threshold, **options)
         else:
             allowed = MASKS[static["family"]](view)
         counts.append(pair_counts(allowed, causal, local))
@@ -228,8 +274,8 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=N
     """Perplexity, measured density (allowed / causal pairs over every layer and head), the
     density of each layer, and the hub share: of the allowed pairs outside the setting's sink +
     window, the share whose key at least half of its causal queries may read; with record,
-    also the partition families' cluster ids of every batch ("partitions": [layers, B, H, S]
-    each)."""
+    also the partition families' cluster ids, or the key-set families' query groups, of every
+    batch ("partitions": [layers, B, H, S] each)."""
     pairs = []                       # device values: one host sync, at the end
 
     def visit(counts, _mask):
@@ -256,19 +302,22 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=N
 LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability that matters
 
 
-def calibrate_threshold(model, batches, target: float, steps: int, settings: dict) -> float:
+def calibrate_threshold(model, batches, target: float, steps: int, settings: dict,
+                        own: bool = False) -> float:
     """The threshold family's log t whose density over `batches` is the lowest found at or above
     target: bisection on log t in [LOWEST_LOG_THRESHOLD, 0] (the density falls as t rises), one
     forward per step. Whichever calibrated family asks first, the forward is compiled with the
     static values of the threshold family's own setting (plan: fraction = target, one
-    cluster), which its evaluation then reuses: the threshold mask reads neither."""
-    statics = dict(settings, family="threshold", fraction=float(target), clusters=1)
+    cluster), which its evaluation then reuses: the threshold mask reads neither. own: the
+    log t of the family of `settings` itself (one of OWN_THRESHOLD), searched the same way."""
+    statics = (dict(settings) if own
+               else dict(settings, family="threshold", fraction=float(target), clusters=1))
 
     def density(log_t):
         return evaluate(model, batches, log_threshold=log_t, **statics)["density"]
 
     return bisect_for_density(density, LOWEST_LOG_THRESHOLD, 0.0, target, steps,
-                              f"threshold: even at p >= exp({LOWEST_LOG_THRESHOLD})")
+                              f"{statics['family']}: even at p >= exp({LOWEST_LOG_THRESHOLD})")
 
 
 def bisect_for_density(density, permissive: float, strict: float, target: float, steps: int,
@@ -379,13 +428,16 @@ def plan(config) -> list[dict]:
     base = dict(fraction=1.0, window=config.window, sink=config.sink, clusters=1,
                 steps=config.bisection_steps, seed=config.seed,
                 power_steps=config.partition_power_steps,
-                kmeans_steps=config.partition_kmeans_steps)
+                kmeans_steps=config.partition_kmeans_steps, samples=config.key_samples,
+                block=config.key_block)
     out = [dict(base, family="dense", target=1.0)]
     for target in config.densities:
         for family in config.families:
             s = dict(base, family=family, target=float(target))
             if family in ("top_fraction", "top_keys", "threshold", "head_choice") + WINDOWED:
                 s["fraction"] = float(target)
+            elif family in KEY_SETS:
+                s["clusters"] = config.query_clusters
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
             elif family == "allocated_partition":
@@ -409,7 +461,17 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "allocated_window": ("h", "tab:cyan", "a window per head, the same mass kept"),
           "layer_window": ("8", "tab:gray", "a window per layer, the same mass kept"),
           "allocated_partition": ("X", "tab:pink", "clusters of each head's attention, counts "
-                                  "from the threshold (oracle)")}
+                                  "from the threshold (oracle)"),
+          "cluster_keys": ("p", "black", "one key set per query cluster (oracle)"),
+          "chunk_keys": ("H", "tab:green", "one key set per block of queries (oracle)"),
+          "chunk_centroid_keys": ("4", "tab:green", "one key set per block of queries, from "
+                                  "its centre"),
+          "sampled_keys": ("1", "tab:red", "one key set per query cluster, from sampled "
+                           "queries"),
+          "centroid_keys": (">", "dimgray", "one key set per query cluster, from its centre"),
+          "block_keys": ("s", "black", "key blocks per query block, by their mass (oracle)"),
+          "pooled_keys": ("o", "tab:olive", "key blocks per query block, from the blocks' "
+                          "means")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -453,6 +515,17 @@ def describe(s: dict) -> str:
         "allocated_partition": lambda: f"<= {s['clusters']} spectral clusters per head from "
                                        f"{threshold}, {local}",
         "allocated_top_keys": lambda: f"keys within {threshold}'s pairs, {local}",
+        "cluster_keys": lambda: f"{s['clusters']} query clusters, mean {threshold}, {local}",
+        "chunk_keys": lambda: f"{s['clusters']} query blocks, mean {threshold}, {local}",
+        "chunk_centroid_keys": lambda: f"{s['clusters']} query blocks, centre's {threshold}, "
+                                       f"{local}",
+        "sampled_keys": lambda: f"{s['clusters']} query clusters, mean {threshold} over "
+                                f"{s['samples']} sampled queries each, {local}",
+        "block_keys": lambda: f"blocks of {s['block']}, mean mass >= "
+                              f"exp({s.get('log_threshold', 0.0):.4f}), {local}",
+        "pooled_keys": lambda: f"blocks of {s['block']}, pooled {threshold}, {local}",
+        "centroid_keys": lambda: f"{s['clusters']} query clusters, centre's {threshold}, "
+                                 f"{local}",
         "layer_window": lambda: f"windows {windows.min()}-{windows.max()} by layer, "
                                 f"sink {s['sink']}",
         "allocated_window": lambda: f"windows {windows.min()}-{windows.max()} (median "
@@ -475,11 +548,14 @@ def main(argv=None):
         return result
 
     keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
-            "kmeans_steps")
+            "kmeans_steps", "samples", "block")
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
-        if s["family"] in CALIBRATED:
+        if s["family"] in OWN_THRESHOLD:
+            s["log_threshold"] = calibrate_threshold(setup.model, calibration, s["target"],
+                                                     config.threshold_steps, settings, own=True)
+        elif s["family"] in CALIBRATED:
             if s["target"] not in thresholds:
                 thresholds[s["target"]] = calibrate_threshold(
                     setup.model, calibration, s["target"], config.threshold_steps, settings)

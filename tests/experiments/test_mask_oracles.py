@@ -14,10 +14,14 @@ from safetensors.numpy import load_file
 
 from experiment_script import load_experiment
 from numpy_llama import llama_ce
-from ultrametric_jax.run.restricted_attention import (spectral_clusters, threshold_mask,
-                                                      top_fraction_mask, top_keys_mask)
+from ultrametric_jax.run.restricted_attention import (block_keys_mask, cluster_keys_mask,
+                                                      shared_key_affinity, spectral_clusters,
+                                                      threshold_mask, top_fraction_mask,
+                                                      top_keys_mask)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+KEY_SETS = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
+            "centroid_keys")
 TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
 
 
@@ -65,6 +69,143 @@ def threshold(scores, base, log_threshold):
     logp = s - s.max(-1, keepdims=True)
     logp = logp - np.log(np.where(base, np.exp(logp), 0.0).sum(-1, keepdims=True))
     return base & ((logp >= log_threshold) | np.eye(*base.shape, dtype=bool))
+
+
+def softmax(scores, base):
+    """float64 softmax over base's keys, 0 elsewhere (numpy)."""
+    s = np.where(base, scores, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = np.where(base, p, 0.0)
+    return p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+
+
+def key_sets(scores, base, local, ids, clusters, log_t, centroid=False, samples=None):
+    """base & (local | the key set of each query's group), float64 numpy: a group keeps key j
+    when the mean probability over its (sampled) queries that read j outside local passes
+    exp(log_t), or with centroid when the softmax of its mean score row over the keys some
+    member reads outside local does."""
+    outside = base & ~local
+    p = np.where(outside, softmax(scores, base), 0.0)
+    chosen = np.zeros((clusters, base.shape[1]), bool)
+    for c in range(clusters):
+        rows = np.flatnonzero(ids == c)                  # position order
+        readers = outside[rows].sum(0)
+        if not np.any(readers > 0):                     # an empty group, or no far pair
+            continue
+        if centroid:
+            centre = np.where(readers > 0, scores[rows].mean(0), -np.inf)
+            logq = centre - centre.max()
+            logq = logq - np.log(np.exp(logq).sum())
+            chosen[c] = (readers > 0) & (logq >= log_t)
+            continue
+        if samples is not None:
+            n = len(rows)
+            r = np.arange(n)
+            rows = rows[np.floor((r + 1) * samples / n) > np.floor(r * samples / n)]
+            readers = outside[rows].sum(0)
+        mean = p[rows].sum(0) / np.maximum(readers, 1)
+        with np.errstate(divide="ignore"):
+            chosen[c] = (readers > 0) & (np.log(mean) >= log_t)
+    return base & (chosen[ids] | local)
+
+
+def block_keys(scores, base, local, block, log_t, pooled=False):
+    """base & (local | the chosen key blocks of each query's block), float64 numpy: a query
+    block keeps key block b when the mean over its real queries of their dense mass on b
+    outside local passes exp(log_t), or with pooled when the softmax over the blocks b <= a of
+    the mean score of the block pair does."""
+    seq = base.shape[0]
+    blk = np.arange(seq) // block
+    n = blk.max() + 1
+    chosen = np.zeros((n, n), bool)
+    p = np.where(base & ~local, softmax(scores, base), 0.0)
+    real = base.any(-1)
+    for a in range(n):
+        rows = blk == a
+        if pooled:
+            mean = np.array([scores[rows][:, blk == b].mean() if b <= a else -np.inf
+                             for b in range(n)])
+            logq = mean - mean.max()
+            logq = logq - np.log(np.exp(logq).sum())
+            chosen[a] = logq >= log_t
+        else:
+            mass = np.array([p[rows][:, blk == b].sum() for b in range(n)])
+            with np.errstate(divide="ignore"):
+                chosen[a] = np.log(mass / max(real[rows].sum(), 1)) >= log_t
+    return base & (chosen[blk][:, blk] | local)
+
+
+def test_key_sets_of_query_groups_match_a_float64_construction():
+    rng = np.random.default_rng()
+    b, h, seq, clusters = 2, 3, 40, 5
+    scores = (2 * rng.standard_normal((b, h, seq, seq))).astype(np.float32)
+    causal = np.tril(np.ones((seq, seq), bool))[None, None] & (rng.random((b, 1, 1, seq)) < 0.9)
+    pos = np.arange(seq)
+    local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
+    ids = rng.integers(0, clusters, (b, h, seq)).astype(np.int32)
+    for options in ({}, {"centroid": True}, {"samples": 2}, {"samples": 3}):
+        for log_t in (-2.0, -3.5, -5.0):
+            got = np.asarray(cluster_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                               jnp.asarray(local)[None, None], jnp.asarray(ids),
+                                               clusters, log_t, **options))
+            want = np.stack([np.stack([key_sets(scores[i, j].astype(np.float64), causal[i, 0],
+                                                local, ids[i, j], clusters, log_t, **options)
+                                       for j in range(h)]) for i in range(b)])
+            np.testing.assert_array_equal(got, want, err_msg=str((options, log_t)))
+    # closed forms: one group per query is the threshold mask joined with local (which holds
+    # the diagonal); as many samples as the largest group is no sampling
+    own = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, h, seq))
+    for log_t in (-1.0, -2.5, -4.0):
+        got = np.asarray(cluster_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                           jnp.asarray(local)[None, None], jnp.asarray(own),
+                                           seq, log_t))
+        want = np.asarray(threshold_mask(jnp.asarray(scores), jnp.asarray(causal), log_t))
+        np.testing.assert_array_equal(got, want | (causal & local))
+        all_rows = np.asarray(cluster_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                                jnp.asarray(local)[None, None],
+                                                jnp.asarray(ids), clusters, log_t,
+                                                samples=seq))
+        plain = np.asarray(cluster_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                             jnp.asarray(local)[None, None], jnp.asarray(ids),
+                                             clusters, log_t))
+        np.testing.assert_array_equal(all_rows, plain)
+
+
+def test_key_blocks_of_query_blocks_match_a_float64_construction():
+    rng = np.random.default_rng()
+    b, h, seq = 2, 3, 37                               # the last block is short
+    scores = (2 * rng.standard_normal((b, h, seq, seq))).astype(np.float32)
+    causal = np.tril(np.ones((seq, seq), bool))[None, None] & (rng.random((b, 1, 1, seq)) < 0.9)
+    pos = np.arange(seq)
+    local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
+    positions = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+    for pooled in (False, True):
+        for block, log_t in ((4, -1.0), (4, -2.5), (8, -1.5)):
+            got = np.asarray(block_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                             jnp.asarray(local)[None, None], positions, block,
+                                             log_t, pooled))
+            want = np.stack([np.stack([block_keys(scores[i, j].astype(np.float64),
+                                                  causal[i, 0], local, block, log_t, pooled)
+                                       for j in range(h)]) for i in range(b)])
+            np.testing.assert_array_equal(got, want, err_msg=str((pooled, block, log_t)))
+    # closed form: blocks of one position choose the pairs the threshold mask keeps outside
+    # local (a row's mass on a one-key block is its probability there)
+    for log_t in (-1.0, -3.0):
+        got = np.asarray(block_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                         jnp.asarray(local)[None, None], positions, 1, log_t))
+        want = np.asarray(threshold_mask(jnp.asarray(scores), jnp.asarray(causal), log_t))
+        np.testing.assert_array_equal(got, want | (causal & local))
+
+
+def test_shared_key_affinity_is_the_overlap_of_two_rows_outside_the_window():
+    rng = np.random.default_rng()
+    p = rng.random((2, 3, 9, 9)).astype(np.float32)
+    outside = rng.random((1, 1, 9, 9)) < 0.6
+    got = np.asarray(shared_key_affinity(jnp.asarray(p), jnp.asarray(outside)))
+    far = np.where(outside, p.astype(np.float64), 0.0)
+    want = np.einsum("bhaj,bhcj->bhac", far, far)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, np.swapaxes(got, -1, -2), rtol=1e-6)
 
 
 def test_threshold_mask_keeps_the_pairs_whose_probability_passes():
@@ -231,7 +372,9 @@ def test_an_unknown_family_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown family 'tree' \(known: \('top_fraction', "
                        r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
                        r"'spectral_partition', 'allocated_partition', 'allocated_window', "
-                       r"'layer_window', 'allocated_top_keys'\)\)"):
+                       r"'layer_window', 'allocated_top_keys', 'cluster_keys', "
+                       r"'chunk_keys', 'chunk_centroid_keys', 'sampled_keys', 'centroid_keys', "
+                       r"'block_keys', 'pooled_keys'\)\)"):
         script.plan(config)
 
 
@@ -276,17 +419,19 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
     assert families == {"dense", "top_fraction", "top_keys", "threshold", "head_choice",
                         "window", "random_clusters", "spectral_partition",
                         "allocated_partition", "allocated_window", "layer_window",
-                        "allocated_top_keys"}
+                        "allocated_top_keys", "cluster_keys", "chunk_keys",
+                        "chunk_centroid_keys", "sampled_keys", "centroid_keys", "block_keys",
+                        "pooled_keys"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
         setting["log_threshold"] = row["log_threshold"]
         setting["dense_heads"] = row["dense_heads"]
         batches = corpora[row["corpus"]]
-        if setting["family"] in ("spectral_partition", "allocated_partition"):
-            # the partitions the run used
+        if setting["family"] in ("spectral_partition", "allocated_partition") + KEY_SETS:
+            # the partitions (or query groups) the run used
             keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed",
-                    "power_steps", "kmeans_steps")
+                    "power_steps", "kmeans_steps", "samples", "block")
             partitions = script.evaluate(setup.model, batches, record=True,
                                          log_threshold=setting["log_threshold"] or 0.0,
                                          **{k: setting[k] for k in keys})["partitions"]
@@ -327,6 +472,19 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                                    | (pos[None, :] < setting["sink"]))
                 elif family == "head_choice":
                     keep = base if setting["dense_heads"][layer][head] else base & local
+                elif family in KEY_SETS:
+                    g = partitions[b][layer][0, head]
+                    if family.startswith("chunk"):       # consecutive blocks of queries
+                        np.testing.assert_array_equal(
+                            g, pos // -(-seq // setting["clusters"]))
+                    keep = key_sets(scores, base, local, g, setting["clusters"],
+                                    setting["log_threshold"],
+                                    centroid="centroid" in family,
+                                    samples=(setting["samples"] if family == "sampled_keys"
+                                             else None))
+                elif family in ("block_keys", "pooled_keys"):
+                    keep = block_keys(scores, base, local, setting["block"],
+                                      setting["log_threshold"], family == "pooled_keys")
                 elif family == "spectral_partition":
                     c = partitions[b][layer][0, head]
                     assert len(np.unique(c)) <= setting["clusters"]

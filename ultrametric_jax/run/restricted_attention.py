@@ -1,7 +1,8 @@
 """The base model with every attention layer's row probabilities replaced: the forward that
 mask baselines and oracles share (the sink + window mask of window_baseline.py; the masks of
 experiments/mask_oracles.py, built here: the per-row top fraction, the most-attended keys, one
-probability threshold, and clusters of a head's own attention). The routers of a surgical model
+probability threshold, clusters of a head's own attention, one key set per query cluster, and
+one set of key blocks per query block). The routers of a surgical model
 are not used.
 
 `probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
@@ -150,3 +151,87 @@ def spectral_clusters(weights, clusters: int, key, power_steps: int = 40,
 
     centres, _ = jax.lax.scan(update, centres, None, length=kmeans_steps)
     return assign(centres).astype(jnp.int32)
+
+
+def shared_key_affinity(probabilities, outside):
+    """float32 [..., S, S]: how much two queries' dense attention outside the sink + window
+    (`outside`, bool, broadcast to probabilities' shape) goes to the same keys, sum_j p_aj p_bj:
+    the affinity of queries that would share one key set."""
+    far = jnp.where(outside, probabilities, 0.0)
+    return far @ jnp.swapaxes(far, -1, -2)
+
+
+def cluster_keys_mask(scores, causal, local, ids, clusters: int, log_threshold,
+                      centroid: bool = False, samples: int | None = None):
+    """bool [B, H, S, S]: `local` (kept by every query) plus, for the queries of each cluster c
+    (ids int [B, H, S] in [0, clusters)), the one key set of c: the keys j whose cluster
+    probability passes exp(log_threshold) (traced), each query keeping the causal ones.
+
+    The cluster probability of (c, j) is the mean of p_ij, the dense attention probability
+    (softmax over the causal keys), over c's queries that may read j outside `local` (an
+    oracle: a pair `local` keeps anyway does not ask for its key); with
+    `samples` = m, over m of them only: the last query of each of m equal bins of c's queries
+    in position order (what m computed rows per cluster estimate; the last query of c is always
+    one, so every earlier key can be chosen). With centroid, the softmax over j of the
+    cluster's mean score (1/|c|) sum_i s_ij = q_c . k_j, q_c the mean of c's queries, over the
+    keys some member may read: what a key set chosen from the cluster's centre, not from its
+    members' probabilities, keeps. With one cluster per query (ids = arange(S)), no centroid
+    and no samples, it is threshold_mask without the diagonal, joined with `local`."""
+    causal = jnp.broadcast_to(causal, scores.shape)
+    outside = causal & ~jnp.broadcast_to(local, scores.shape)
+    members = jax.nn.one_hot(ids, clusters, dtype=jnp.float32)                  # [B, H, S, C]
+    readers = jnp.einsum("bhsc,bhsj->bhcj", members, outside.astype(jnp.float32))
+    if centroid:
+        size = jnp.sum(members, -2)[..., None]                                    # [B, H, C, 1]
+        centre = jnp.einsum("bhsc,bhsj->bhcj", members, scores) / jnp.maximum(size, 1.0)
+        score = jax.nn.log_softmax(jnp.where(readers > 0, centre, jnp.finfo(jnp.float32).min),
+                                   axis=-1)
+    else:
+        if samples is not None:
+            rank = jnp.cumsum(members, -2) - 1.0                 # rank within the cluster
+            size = jnp.sum(members, -2, keepdims=True)
+            last_of_bin = (jnp.floor((rank + 1) * samples / jnp.maximum(size, 1.0))
+                           > jnp.floor(rank * samples / jnp.maximum(size, 1.0)))
+            members = jnp.where(last_of_bin, members, 0.0)
+            readers = jnp.einsum("bhsc,bhsj->bhcj", members, outside.astype(jnp.float32))
+        p = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
+        mean = jnp.einsum("bhsc,bhsj->bhcj", members, p) / jnp.maximum(readers, 1.0)
+        score = jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny))
+    chosen = (readers > 0) & (score >= log_threshold)                            # [B, H, C, S]
+    per_query = jnp.take_along_axis(chosen, ids[..., None], -2)  # [B, H, S, S] via the rows
+    return causal & (per_query | jnp.broadcast_to(local, scores.shape))
+
+
+def block_keys_mask(scores, causal, local, positions, block: int, log_threshold,
+                    pooled: bool = False):
+    """bool [B, H, S, S]: `local` plus, for the queries of each block a of `block` consecutive
+    positions (positions int [B, S]), the key blocks b whose block score passes
+    exp(log_threshold) (traced), each query keeping the causal pairs of its chosen blocks.
+
+    The block score of (a, b) is the dense attention mass that a's queries put on b's keys
+    outside `local`, averaged over a's real queries (an oracle: it reads the dense attention;
+    mass that `local` keeps anyway does not ask for a block); with pooled, the
+    softmax over the key blocks b <= a of the pooled score mean_{i in a, j in b} s_ij =
+    q_a . k_b (q_a, k_b the blocks' mean query and key): what the blocks' means alone say, the
+    estimate a block gate starts from."""
+    causal = jnp.broadcast_to(causal, scores.shape)
+    seq = scores.shape[-1]
+    blocks = -(-seq // block)
+    member = jax.nn.one_hot(positions // block, blocks, dtype=jnp.float32)       # [B, S, N]
+    real = jnp.any(causal, -1).astype(jnp.float32)                               # [B, H, S]
+    if pooled:
+        size = jnp.sum(member, 1)                                                # [B, N]
+        total = jnp.einsum("bsa,bhsj,bjc->bhac", member, scores, member)
+        mean = total / jnp.maximum(size[:, None, :, None] * size[:, None, None, :], 1.0)
+        ahead = jnp.arange(blocks)[None, :] > jnp.arange(blocks)[:, None]          # b > a
+        score = jax.nn.log_softmax(jnp.where(ahead, jnp.finfo(jnp.float32).min, mean), -1)
+    else:
+        outside = causal & ~jnp.broadcast_to(local, scores.shape)
+        p = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
+        mass = jnp.einsum("bsa,bhsj,bjc->bhac", member, p, member)
+        queries = jnp.einsum("bsa,bhs->bha", member, real)[..., None]
+        score = jnp.log(jnp.maximum(mass / jnp.maximum(queries, 1.0),
+                                    jnp.finfo(jnp.float32).tiny))
+    chosen = (score >= log_threshold).astype(jnp.float32)                        # [B, H, N, N]
+    per_pair = jnp.einsum("bsa,bhac,bjc->bhsj", member, chosen, member) > 0
+    return causal & (per_pair | jnp.broadcast_to(local, scores.shape))
