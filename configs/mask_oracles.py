@@ -50,6 +50,10 @@ Families (each at every density):
   grain of block-sparse attention that picks key blocks per query block; no routes at all);
 - chunk_centroid_keys: chunk_keys' blocks, each keeping the keys its centre's score ranks
   above the threshold (as centroid_keys below): a per-key choice from the block's mean query;
+- low_rank_keys: chunk_keys' blocks, each keeping the keys whose mean probability passes its
+  threshold under scores estimated at rank key_rank (queries and keys projected on the top
+  key_rank principal directions of the row's own keys, per kv head): a per-key choice from a
+  cheap estimate of every member's scores, no oracle;
 - sampled_keys: cluster_keys with each group's mean probability taken over key_samples of its
   queries only (the last of each of key_samples equal rank bins): what computing a few rows
   per cluster, not the dense attention, tells;
@@ -80,8 +84,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.families = ("top_fraction", "top_keys", "threshold", "head_choice", "window",
                        "random_clusters", "spectral_partition", "allocated_partition",
                        "allocated_window", "layer_window", "allocated_top_keys",
-                       "cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
-                       "centroid_keys", "block_keys", "pooled_keys")
+                       "cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
+                       "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
@@ -93,6 +97,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.query_clusters = 16               # the key-set families' query groups per head
     config.key_block = 64                    # block_keys' and pooled_keys' block of positions
     config.key_samples = 8                   # sampled_keys' queries per group
+    config.key_rank = 16                     # low_rank_keys' rank of the score estimate
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0
@@ -111,6 +116,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.query_clusters = 4
         config.key_samples = 2
         config.key_block = 4
+        config.key_rank = 4
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (known: 'toy')")
     return config

@@ -19,7 +19,8 @@
   head); and one window per layer, the same for its heads;
 - one key set per group of queries: queries grouped by the keys their attention shares, or in
   blocks of consecutive positions, each group keeping the keys its members' mean probability
-  (or a few sampled members', or its centre's score) ranks above a threshold: a query's keys
+  (or a few sampled members', its centre's score, or the mean of its members' low-rank score
+  estimates) ranks above a threshold: a query's keys
   chosen by its group, not by a partition of the keys; and whole key blocks per query block,
   by their mass or by the blocks' mean query and key.
 
@@ -57,8 +58,8 @@ from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run, write_json  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (  # noqa: E402
-    block_keys_mask, cluster_keys_mask, restricted_logits, shared_key_affinity, spectral_clusters,
-    threshold_mask, top_fraction_mask, top_keys_mask)
+    block_keys_mask, cluster_keys_mask, low_rank_scores, restricted_logits,
+    shared_key_affinity, spectral_clusters, threshold_mask, top_fraction_mask, top_keys_mask)
 from ultrametric_jax.run.settings import RunConfig  # noqa: E402
 from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
                                                  window_for_density)
@@ -70,9 +71,11 @@ TRAINING_CORPUS = "held-out plays"     # the run config's own corpus (Shakespear
 FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "window",
             "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
             "layer_window", "allocated_top_keys", "cluster_keys", "chunk_keys",
-            "chunk_centroid_keys", "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")
+            "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys", "block_keys",
+            "pooled_keys")
 CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # the threshold's t
-OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
+OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
+                 "sampled_keys",
                  "centroid_keys", "block_keys", "pooled_keys")     # search their own threshold
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
@@ -114,6 +117,8 @@ class Layer(NamedTuple):
     dense_heads: jax.Array
     head_windows: jax.Array
     s: dict
+    q: jax.Array            # the layer's scaled queries [B, S, H, D] and keys [B, S, G, D]
+    k: jax.Array
 
 
 def _key(l: Layer):
@@ -194,6 +199,7 @@ KEY_SETS = {
     "cluster_keys": ("spectral", {}),
     "chunk_keys": ("chunks", {}),
     "chunk_centroid_keys": ("chunks", {"centroid": True}),
+    "low_rank_keys": ("chunks", {"low_rank": True}),
     "sampled_keys": ("spectral", {"samples": True}),
     "centroid_keys": ("spectral", {"centroid": True}),
 }
@@ -201,7 +207,7 @@ KEY_SETS = {
 
 @functools.partial(nnx.jit, static_argnames=("family", "fraction", "window", "sink", "clusters",
                                              "steps", "seed", "power_steps", "kmeans_steps",
-                                             "samples", "block"))
+                                             "samples", "block", "rank"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows,
                           **static):
     """((CE sum, count), (pair_counts per layer, 4 arrays [layers], then group ids)) of the
@@ -214,9 +220,9 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
     local = local_mask(positions, mask, static["window"], static["sink"])
     counts, partitions = [], []
 
-    def probabilities(layer, scores, causal):
+    def probabilities(layer, scores, causal, q, k):
         view = Layer(layer, scores, causal, local, positions, log_threshold, dense_heads,
-                     head_windows, static)
+                     head_windows, static, q, k)
         if static["family"] in PARTITIONS:
             ids = PARTITIONS[static["family"]](view)
             if static["family"] != "random_clusters":
@@ -229,14 +235,19 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
             partitions.append(ids)
             if options.get("samples"):
                 options = dict(options, samples=static["samples"])
-            allowed = cluster_keys_mask(scores, causal, local, ids, static["clusters"],
+            chooser = scores             # what the key sets are chosen from
+            if options.get("low_rank"):
+                # the scores estimated at rank key_rank; attention still reads the true ones
+                options = {name: on for name, on in options.items() if name != "low_rank"}
+                chooser = low_rank_scores(q, k, static["rank"], jnp.any(causal, -2)[:, 0])
+            allowed = cluster_keys_mask(chooser, causal, local, ids, static["clusters"],
                                         log_threshold, **options)
         else:
             allowed = MASKS[static["family"]](view)
         counts.append(pair_counts(allowed, causal, local))
         return llama.masked_softmax(scores, allowed)
 
-    logits = restricted_logits(model, input_ids, mask, probabilities)
+    logits = restricted_logits(model, input_ids, mask, probabilities, with_qk=True)
     ids = jnp.stack(partitions) if partitions else jnp.zeros((0,), jnp.int32)
     pairs = tuple(jnp.stack(c) for c in zip(*counts)) + (ids,)
     return token_cross_entropy(logits, input_ids, mask), pairs
@@ -429,7 +440,7 @@ def plan(config) -> list[dict]:
                 steps=config.bisection_steps, seed=config.seed,
                 power_steps=config.partition_power_steps,
                 kmeans_steps=config.partition_kmeans_steps, samples=config.key_samples,
-                block=config.key_block)
+                block=config.key_block, rank=config.key_rank)
     out = [dict(base, family="dense", target=1.0)]
     for target in config.densities:
         for family in config.families:
@@ -466,6 +477,8 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "chunk_keys": ("H", "tab:green", "one key set per block of queries (oracle)"),
           "chunk_centroid_keys": ("4", "tab:green", "one key set per block of queries, from "
                                   "its centre"),
+          "low_rank_keys": ("x", "tab:purple", "one key set per block of queries, from "
+                            "low-rank scores"),
           "sampled_keys": ("1", "tab:red", "one key set per query cluster, from sampled "
                            "queries"),
           "centroid_keys": (">", "dimgray", "one key set per query cluster, from its centre"),
@@ -519,6 +532,8 @@ def describe(s: dict) -> str:
         "chunk_keys": lambda: f"{s['clusters']} query blocks, mean {threshold}, {local}",
         "chunk_centroid_keys": lambda: f"{s['clusters']} query blocks, centre's {threshold}, "
                                        f"{local}",
+        "low_rank_keys": lambda: f"{s['clusters']} query blocks, mean {threshold} of "
+                                 f"rank-{s['rank']} scores, {local}",
         "sampled_keys": lambda: f"{s['clusters']} query clusters, mean {threshold} over "
                                 f"{s['samples']} sampled queries each, {local}",
         "block_keys": lambda: f"blocks of {s['block']}, mean mass >= "
@@ -548,7 +563,7 @@ def main(argv=None):
         return result
 
     keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed", "power_steps",
-            "kmeans_steps", "samples", "block")
+            "kmeans_steps", "samples", "block", "rank")
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only

@@ -8,13 +8,15 @@ import math
 import numpy as np
 
 
-def llama_ce(weights: dict, arch: dict, input_ids, real, mask_of):
+def llama_ce(weights: dict, arch: dict, input_ids, real, mask_of, with_qk: bool = False):
     """(CE sum, count) of next-token prediction over real targets, float64.
 
     weights: HF names -> arrays; arch: hidden_size, num_attention_heads, num_key_value_heads,
     num_hidden_layers, rms_norm_eps, rope_theta; input_ids [B, S]; real [B, S] bool (the real
     tokens); mask_of(layer, head, scores [S, S], base [S, S] bool) -> bool [S, S], where base is
-    causal over real keys (row i: keys j <= i that are real)."""
+    causal over real keys (row i: keys j <= i that are real); with_qk: mask_of(layer, head,
+    scores, base, q, k), q [S, hd] the head's queries scaled so that q @ k.T is the scores and
+    k [S, hd] its kv head's keys (RoPE applied to both)."""
     d, heads, kv = arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
     hd = d // heads
     w = {k: v.astype(np.float64) for k, v in weights.items()}
@@ -46,7 +48,8 @@ def llama_ce(weights: dict, arch: dict, input_ids, real, mask_of):
             for head in range(heads):
                 g = head // (heads // kv)
                 s = q[0, :, head] @ k[0, :, g].T / math.sqrt(hd)
-                s = np.where(mask_of(i, head, s, base), s, np.finfo(np.float64).min)
+                extra = (q[0, :, head] / math.sqrt(hd), k[0, :, g]) if with_qk else ()
+                s = np.where(mask_of(i, head, s, base, *extra), s, np.finfo(np.float64).min)
                 prob = np.exp(s - s.max(-1, keepdims=True))
                 out[:, head] = (prob / prob.sum(-1, keepdims=True)) @ v[0, :, g]
             x = x + out.reshape(1, seq, d) @ w[p + "self_attn.o_proj.weight"].T

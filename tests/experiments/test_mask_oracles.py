@@ -15,13 +15,14 @@ from safetensors.numpy import load_file
 from experiment_script import load_experiment
 from numpy_llama import llama_ce
 from ultrametric_jax.run.restricted_attention import (block_keys_mask, cluster_keys_mask,
-                                                      shared_key_affinity, spectral_clusters,
+                                                      low_rank_scores, shared_key_affinity,
+                                                      spectral_clusters,
                                                       threshold_mask, top_fraction_mask,
                                                       top_keys_mask)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-KEY_SETS = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "sampled_keys",
-            "centroid_keys")
+KEY_SETS = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
+            "sampled_keys", "centroid_keys")
 TINY = runpy.run_path(str(ROOT / "configs" / "tiny_random.py"))
 
 
@@ -195,6 +196,40 @@ def test_key_blocks_of_query_blocks_match_a_float64_construction():
                                          jnp.asarray(local)[None, None], positions, 1, log_t))
         want = np.asarray(threshold_mask(jnp.asarray(scores), jnp.asarray(causal), log_t))
         np.testing.assert_array_equal(got, want | (causal & local))
+
+
+def low_rank(q, k, rank, real):
+    """q @ k.T with both projected on the top `rank` eigenvectors of the real keys' Gram matrix
+    sum_j k_j k_j^T (float64 numpy; q [S, D], k [S, D], real [S])."""
+    keys = k[real]
+    _, vectors = np.linalg.eigh(keys.T @ keys)
+    basis = vectors[:, k.shape[1] - rank:]
+    return (q @ basis) @ (k @ basis).T
+
+
+def test_low_rank_scores_project_on_the_keys_principal_directions():
+    rng = np.random.default_rng()
+    b, s, h, g, d = 2, 24, 4, 2, 8
+    # keys with a few strong directions, so that the top eigenvectors are well separated
+    spread = np.array([8.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.3, 0.1])
+    k = (rng.standard_normal((b, s, g, d)) * spread).astype(np.float32)
+    q = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    real = rng.random((b, s)) < 0.8
+    real[:, 0] = True
+    for rank in (1, 3, 8):
+        got = np.asarray(low_rank_scores(jnp.asarray(q), jnp.asarray(k), rank,
+                                         jnp.asarray(real)))
+        want = np.stack([np.stack([low_rank(q[i, :, j].astype(np.float64),
+                                            k[i, :, j // (h // g)].astype(np.float64), rank,
+                                            real[i]) for j in range(h)]) for i in range(b)])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # full rank: the projection is the identity, the scores are q . k
+    exact = np.einsum("bshd,bjhd->bhsj", q.astype(np.float64),
+                      np.repeat(k, h // g, axis=2).astype(np.float64))
+    np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, 8\] \(the head dimension\), "
+                                         r"got 9"):
+        low_rank_scores(jnp.asarray(q), jnp.asarray(k), 9, jnp.asarray(real))
 
 
 def test_shared_key_affinity_is_the_overlap_of_two_rows_outside_the_window():
@@ -373,8 +408,8 @@ def test_an_unknown_family_is_refused_by_name():
                        r"'top_keys', 'threshold', 'head_choice', 'window', 'random_clusters', "
                        r"'spectral_partition', 'allocated_partition', 'allocated_window', "
                        r"'layer_window', 'allocated_top_keys', 'cluster_keys', "
-                       r"'chunk_keys', 'chunk_centroid_keys', 'sampled_keys', 'centroid_keys', "
-                       r"'block_keys', 'pooled_keys'\)\)"):
+                       r"'chunk_keys', 'chunk_centroid_keys', 'low_rank_keys', 'sampled_keys', "
+                       r"'centroid_keys', 'block_keys', 'pooled_keys'\)\)"):
         script.plan(config)
 
 
@@ -420,8 +455,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                         "window", "random_clusters", "spectral_partition",
                         "allocated_partition", "allocated_window", "layer_window",
                         "allocated_top_keys", "cluster_keys", "chunk_keys",
-                        "chunk_centroid_keys", "sampled_keys", "centroid_keys", "block_keys",
-                        "pooled_keys"}
+                        "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys",
+                        "block_keys", "pooled_keys"}
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
@@ -431,7 +466,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
         if setting["family"] in ("spectral_partition", "allocated_partition") + KEY_SETS:
             # the partitions (or query groups) the run used
             keys = ("family", "fraction", "window", "sink", "clusters", "steps", "seed",
-                    "power_steps", "kmeans_steps", "samples", "block")
+                    "power_steps", "kmeans_steps", "samples", "block", "rank")
             partitions = script.evaluate(setup.model, batches, record=True,
                                          log_threshold=setting["log_threshold"] or 0.0,
                                          **{k: setting[k] for k in keys})["partitions"]
@@ -450,7 +485,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
             local = ((pos[:, None] - pos[None, :] < setting["window"])
                      | (pos[None, :] < setting["sink"]))
 
-            def mask_of(layer, head, scores, base, family=setting["family"]):
+            def mask_of(layer, head, scores, base, q, k, family=setting["family"]):
                 nonlocal allowed, causal
                 if family == "dense":
                     keep = base
@@ -477,6 +512,8 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                     if family.startswith("chunk"):       # consecutive blocks of queries
                         np.testing.assert_array_equal(
                             g, pos // -(-seq // setting["clusters"]))
+                    if family == "low_rank_keys":    # scores estimated at the setting's rank
+                        scores = low_rank(q, k, setting["rank"], base.any(0))
                     keep = key_sets(scores, base, local, g, setting["clusters"],
                                     setting["log_threshold"],
                                     centroid="centroid" in family,
@@ -513,7 +550,7 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                 hub_pairs[:] += far.sum(), (far & hub[None, :]).sum()
                 return keep
 
-            s, c = llama_ce(weights, TINY["ARCH"], ids, real, mask_of)
+            s, c = llama_ce(weights, TINY["ARCH"], ids, real, mask_of, with_qk=True)
             total, count = total + s, count + c
         assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5), row
         assert row["density"] == pytest.approx(allowed / causal, abs=1e-9), row

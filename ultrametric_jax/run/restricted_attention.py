@@ -7,7 +7,8 @@ are not used.
 
 `probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
 causal mask of real keys [B, 1, S, S], and returns the row probabilities (masked_softmax of
-some mask, usually).
+some mask, usually); with `with_qk`, also the layer's queries, scaled so that q . k is the
+score, [B, S, H, D], and keys [B, S, G, D] (RoPE applied to both).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from ultrametric_jax.model import llama
 Probabilities = Callable[[int, jax.Array, jax.Array], jax.Array]
 
 
-def restricted_logits(model, input_ids, attention_mask, probabilities: Probabilities):
+def restricted_logits(model, input_ids, attention_mask, probabilities: Probabilities,
+                      with_qk: bool = False):
     """float32 logits [B, S, V] of `model`'s base parameters (plain or surgical Llama) with the
-    attention rows of layer l given by probabilities(l, scores, causal)."""
+    attention rows of layer l given by probabilities(l, scores, causal), or with with_qk by
+    probabilities(l, scores, causal, q * scale, k)."""
     config = model.config
     positions = llama.default_positions(input_ids)
     causal = llama.causal_mask(positions, positions, attention_mask)
@@ -32,8 +35,10 @@ def restricted_logits(model, input_ids, attention_mask, probabilities: Probabili
         attn = layer.self_attn
         q, k, v = llama.project_qkv(config, attn.q_proj, attn.k_proj, attn.v_proj,
                                     layer.input_layernorm(x), positions)
+        extra = (q.astype(jnp.float32) * attn.scale, k.astype(jnp.float32)) if with_qk else ()
         out = llama.grouped_attention(
-            q, k, v, attn.scale, lambda scores, index=index: probabilities(index, scores, causal))
+            q, k, v, attn.scale,
+            lambda scores, index=index, extra=extra: probabilities(index, scores, causal, *extra))
         x = x + attn.o_proj(out.reshape(*out.shape[:2], -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.logits(model.model.norm(x))
@@ -235,3 +240,23 @@ def block_keys_mask(scores, causal, local, positions, block: int, log_threshold,
     chosen = (score >= log_threshold).astype(jnp.float32)                        # [B, H, N, N]
     per_pair = jnp.einsum("bsa,bhac,bjc->bhsj", member, chosen, member) > 0
     return causal & (per_pair | jnp.broadcast_to(local, scores.shape))
+
+
+def low_rank_scores(q, k, rank: int, real):
+    """float32 [B, H, S, S]: the scores q . k with queries and keys projected on the top `rank`
+    principal directions of the sequence's own real keys (real bool [B, S]), per kv head: an
+    estimate of the scores at rank / D of their cost. q [B, S, H, D] (scaled), k [B, S, G, D];
+    query head h reads kv head h // (H // G). With rank = D the projection is the identity."""
+    batch, seq, heads, dim = q.shape
+    groups = k.shape[2]
+    if not 1 <= rank <= dim:
+        raise ValueError(f"low_rank_scores: rank must lie in [1, {dim}] (the head dimension), "
+                         f"got {rank}")
+    keys = jnp.where(real[:, :, None, None], k, 0.0)
+    gram = jnp.einsum("bsgd,bsge->bgde", keys, keys)                           # [B, G, D, D]
+    _, vectors = jnp.linalg.eigh(gram)                                        # ascending
+    basis = vectors[..., dim - rank:]                                          # [B, G, D, r]
+    kp = jnp.einsum("bsgd,bgdr->bgsr", k, basis)
+    qp = jnp.einsum("bsgtd,bgdr->bgtsr", q.reshape(batch, seq, groups, heads // groups, dim),
+                    basis)
+    return jnp.einsum("bgtsr,bgjr->bgtsj", qp, kp).reshape(batch, heads, seq, seq)
