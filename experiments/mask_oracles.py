@@ -436,6 +436,9 @@ def plan(config) -> list[dict]:
     for family in config.families:
         if family not in FAMILIES[1:]:
             raise ValueError(f"unknown family {family!r} (known: {FAMILIES[1:]})")
+    for name in ("query_clusters", "key_block", "key_samples", "key_rank"):
+        if config[name] < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
     base = dict(fraction=1.0, window=config.window, sink=config.sink, clusters=1,
                 steps=config.bisection_steps, seed=config.seed,
                 power_steps=config.partition_power_steps,

@@ -413,6 +413,15 @@ def test_an_unknown_family_is_refused_by_name():
         script.plan(config)
 
 
+def test_key_set_settings_below_one_are_refused_by_name():
+    script = load_script()
+    import sweep_runs                  # on the path once the script is loaded
+    for name in ("query_clusters", "key_block", "key_samples", "key_rank"):
+        config = sweep_runs.load_config(str(script.CONFIG), "toy", [f"--config.{name}=0"])
+        with pytest.raises(ValueError, match=rf"config.{name} must be >= 1, got 0"):
+            script.plan(config)
+
+
 def test_a_run_stopped_early_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     script = load_script()
     measured, real_evaluate = [], script.evaluate

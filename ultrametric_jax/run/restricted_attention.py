@@ -1,9 +1,9 @@
 """The base model with every attention layer's row probabilities replaced: the forward that
 mask baselines and oracles share (the sink + window mask of window_baseline.py; the masks of
 experiments/mask_oracles.py, built here: the per-row top fraction, the most-attended keys, one
-probability threshold, clusters of a head's own attention, one key set per query cluster, and
-one set of key blocks per query block). The routers of a surgical model
-are not used.
+probability threshold, clusters of a head's own attention, one key set per group of queries,
+one set of key blocks per query block, and scores estimated at low rank). The routers of a
+surgical model are not used.
 
 `probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
 causal mask of real keys [B, 1, S, S], and returns the row probabilities (masked_softmax of
@@ -174,10 +174,10 @@ def cluster_keys_mask(scores, causal, local, ids, clusters: int, log_threshold,
 
     The cluster probability of (c, j) is the mean of p_ij, the dense attention probability
     (softmax over the causal keys), over c's queries that may read j outside `local` (an
-    oracle: a pair `local` keeps anyway does not ask for its key); with
-    `samples` = m, over m of them only: the last query of each of m equal bins of c's queries
-    in position order (what m computed rows per cluster estimate; the last query of c is always
-    one, so every earlier key can be chosen). With centroid, the softmax over j of the
+    oracle: a pair `local` keeps anyway does not ask for its key); with `samples` = m, over m
+    of them only: the last query of each of m equal bins of c's queries in position order
+    (what m computed rows per cluster estimate; the last query of c is always one, so every
+    earlier key can be chosen). With centroid, the softmax over j of the
     cluster's mean score (1/|c|) sum_i s_ij = q_c . k_j, q_c the mean of c's queries, over the
     keys some member may read: what a key set chosen from the cluster's centre, not from its
     members' probabilities, keeps. With one cluster per query (ids = arange(S)), no centroid
