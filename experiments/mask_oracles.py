@@ -20,9 +20,9 @@
 - one key set per group of queries: queries grouped by the keys their attention shares, or in
   blocks of consecutive positions, each group keeping the keys its members' mean probability
   (or a few sampled members', its centre's score, or the mean of its members' low-rank score
-  estimates) ranks above a threshold: a query's keys
-  chosen by its group, not by a partition of the keys; and whole key blocks per query block,
-  by their mass or by the blocks' mean query and key.
+  estimates) ranks above a threshold: a query's keys chosen by its group, not by a partition
+  of the keys; and whole key blocks per query block, by their mass or by the blocks' mean
+  query and key.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -75,8 +75,7 @@ FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "wi
             "pooled_keys")
 CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # the threshold's t
 OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
-                 "sampled_keys",
-                 "centroid_keys", "block_keys", "pooled_keys")     # search their own threshold
+                 "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")  # their own t
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
@@ -107,7 +106,8 @@ class Layer(NamedTuple):
     """What a family's mask sees of one layer: its scaled float32 scores [B, H, S, S], the
     causal mask of real keys [B, 1, S, S], the sink + window mask `local` [B, 1, S, S] of the
     setting's window and sink, the positions [B, S], the traced per-run inputs (log_threshold,
-    dense_heads, head_windows) and the setting's static values `s`."""
+    dense_heads, head_windows), the setting's static values `s`, and the layer's queries
+    (scaled) and keys."""
     index: int
     scores: jax.Array
     causal: jax.Array
@@ -117,8 +117,8 @@ class Layer(NamedTuple):
     dense_heads: jax.Array
     head_windows: jax.Array
     s: dict
-    q: jax.Array            # the layer's scaled queries [B, S, H, D] and keys [B, S, G, D]
-    k: jax.Array
+    q: jax.Array                          # [B, S, H, D], q . k the scores
+    k: jax.Array                          # [B, S, G, D]
 
 
 def _key(l: Layer):
@@ -194,14 +194,27 @@ PARTITIONS = {
     "spectral_partition": lambda l: _partition(l, allocated=False),
     "allocated_partition": lambda l: _partition(l, allocated=True),
 }
-# family -> (query groups, cluster_keys_mask's options): one key set per group of queries
+
+
+def _key_sets(l: Layer, groups: str, low_rank: bool = False, **options):
+    """(query groups [B, H, S], allowed pairs): one key set per group, chosen from the true
+    scores, or with low_rank from scores estimated at the setting's rank (the attention itself
+    reads the true scores either way)."""
+    ids = _query_groups(l, groups)
+    chooser = (low_rank_scores(l.q, l.k, l.s["rank"], jnp.any(l.causal, -2)[:, 0]) if low_rank
+               else l.scores)
+    return ids, cluster_keys_mask(chooser, l.causal, l.local, ids, l.s["clusters"],
+                                  l.log_threshold, **options)
+
+
+# family -> (query groups, allowed pairs) of one layer: one key set per group of queries
 KEY_SETS = {
-    "cluster_keys": ("spectral", {}),
-    "chunk_keys": ("chunks", {}),
-    "chunk_centroid_keys": ("chunks", {"centroid": True}),
-    "low_rank_keys": ("chunks", {"low_rank": True}),
-    "sampled_keys": ("spectral", {"samples": True}),
-    "centroid_keys": ("spectral", {"centroid": True}),
+    "cluster_keys": lambda l: _key_sets(l, "spectral"),
+    "chunk_keys": lambda l: _key_sets(l, "chunks"),
+    "chunk_centroid_keys": lambda l: _key_sets(l, "chunks", centroid=True),
+    "low_rank_keys": lambda l: _key_sets(l, "chunks", low_rank=True),
+    "sampled_keys": lambda l: _key_sets(l, "spectral", samples=l.s["samples"]),
+    "centroid_keys": lambda l: _key_sets(l, "spectral", centroid=True),
 }
 
 
@@ -230,18 +243,8 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
             allowed = allowed_mask(positions, positions, ids, ids, static["window"],
                                    static["sink"], mask)
         elif static["family"] in KEY_SETS:
-            groups, options = KEY_SETS[static["family"]]
-            ids = _query_groups(view, groups)
+            ids, allowed = KEY_SETS[static["family"]](view)
             partitions.append(ids)
-            if options.get("samples"):
-                options = dict(options, samples=static["samples"])
-            chooser = scores             # what the key sets are chosen from
-            if options.get("low_rank"):
-                # the scores estimated at rank key_rank; attention still reads the true ones
-                options = {name: on for name, on in options.items() if name != "low_rank"}
-                chooser = low_rank_scores(q, k, static["rank"], jnp.any(causal, -2)[:, 0])
-            allowed = cluster_keys_mask(chooser, causal, local, ids, static["clusters"],
-                                        log_threshold, **options)
         else:
             allowed = MASKS[static["family"]](view)
         counts.append(pair_counts(allowed, causal, local))

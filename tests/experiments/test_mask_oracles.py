@@ -344,6 +344,10 @@ def test_a_threshold_target_beyond_reach_is_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match=r"threshold: even at p >= exp\(-40.0\), the density "
                                          r"stays below the target 0.5"):
         script.calibrate_threshold(None, [], 0.5, 3, dict(family="allocated_partition"))
+    # a family that searches its own threshold is named as itself
+    with pytest.raises(ValueError, match=r"chunk_keys: even at p >= exp\(-40.0\), the density "
+                                         r"stays below the target 0.5"):
+        script.calibrate_threshold(None, [], 0.5, 3, dict(family="chunk_keys"), own=True)
 
 
 def test_top_keys_mask_opens_the_most_attended_keys_within_the_budget():

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from ultrametric_jax.model import llama
 
-Probabilities = Callable[[int, jax.Array, jax.Array], jax.Array]
+# (layer, scores, causal[, q, k]) -> row probabilities
+Probabilities = Callable[..., jax.Array]
 
 
 def restricted_logits(model, input_ids, attention_mask, probabilities: Probabilities,
