@@ -62,6 +62,14 @@ Families (each at every density):
   block-sparse kernel runs: whole key blocks per query block);
 - pooled_keys: the same blocks chosen by the softmax of the blocks' mean query against each
   block's mean key (no training, no dense attention: the estimate a block gate starts from);
+- lagged_keys: chunk_keys' blocks, each query block reading the key set the previous block's
+  queries chose (their mean probability passing the threshold) and its own block whole: every
+  query's keys fixed by earlier queries only (causal; an oracle of the previous block);
+- lagged_low_rank_keys: lagged_keys with the choice made on scores estimated at rank key_rank
+  on a basis fitted on basis_rows training rows (the top principal directions of their keys,
+  per layer and kv head): causal end to end, no oracle, what a decoder can run;
+- low_rank_threshold: per query, the causal keys whose probability under those fitted
+  low-rank scores passes a threshold, beside the sink + window (a per-query selector);
 - centroid_keys: the cluster_keys groups, each keeping the keys that the softmax of its
   centre's scores (the mean query of the group) ranks above the threshold: a key set a router
   could compute from the group alone.
@@ -85,7 +93,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                        "random_clusters", "spectral_partition", "allocated_partition",
                        "allocated_window", "layer_window", "allocated_top_keys",
                        "cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
-                       "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")
+                       "sampled_keys", "centroid_keys", "block_keys", "pooled_keys",
+                       "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
@@ -98,6 +107,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.key_block = 64                    # block_keys' and pooled_keys' block of positions
     config.key_samples = 8                   # sampled_keys' queries per group
     config.key_rank = 16                     # low_rank_keys' rank of the score estimate
+    config.basis_rows = 2                    # training rows the fitted-basis families' key
+                                             # bases are fitted on
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0
@@ -117,6 +128,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.key_samples = 2
         config.key_block = 4
         config.key_rank = 4
+        config.basis_rows = 1
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (known: 'toy')")
     return config

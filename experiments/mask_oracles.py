@@ -22,7 +22,11 @@
   (or a few sampled members', its centre's score, or the mean of its members' low-rank score
   estimates) ranks above a threshold: a query's keys chosen by its group, not by a partition
   of the keys; and whole key blocks per query block, by their mass or by the blocks' mean
-  query and key.
+  query and key;
+- causal forms of those, which a decoder can run: each query block takes the key set the
+  previous block's queries chose (its own block kept whole), from the true scores or from
+  scores estimated at low rank on a basis fitted on training rows; and each query its own keys
+  by a threshold on such estimates.
 
   python experiments/mask_oracles.py                          # configs/mask_oracles.py
   python experiments/mask_oracles.py --toy                    # CPU: the tiny random Llama
@@ -56,10 +60,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_runs import CONFIGS, plot_per_corpus, sweep_setup, toy_model  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
+from ultrametric_jax.run.data import eval_batches  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run, write_json  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (  # noqa: E402
-    block_keys_mask, cluster_keys_mask, low_rank_scores, restricted_logits,
-    shared_key_affinity, spectral_clusters, threshold_mask, top_fraction_mask, top_keys_mask)
+    block_keys_mask, cluster_keys_mask, key_basis, key_gram, lagged_block_keys_mask,
+    low_rank_scores, restricted_logits, shared_key_affinity, spectral_clusters, threshold_mask,
+    top_fraction_mask, top_keys_mask)
 from ultrametric_jax.run.settings import RunConfig  # noqa: E402
 from ultrametric_jax.run.window_baseline import (local_density, local_mask,  # noqa: E402
                                                  window_for_density)
@@ -72,10 +78,12 @@ FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "wi
             "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
             "layer_window", "allocated_top_keys", "cluster_keys", "chunk_keys",
             "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys", "block_keys",
-            "pooled_keys")
+            "pooled_keys", "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold")
 CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # the threshold's t
 OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
-                 "sampled_keys", "centroid_keys", "block_keys", "pooled_keys")  # their own t
+                 "sampled_keys", "centroid_keys", "block_keys", "pooled_keys", "lagged_keys",
+                 "lagged_low_rank_keys", "low_rank_threshold")                  # their own t
+FITTED_BASIS = ("lagged_low_rank_keys", "low_rank_threshold")  # rank-r basis of training rows
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
@@ -106,8 +114,9 @@ class Layer(NamedTuple):
     """What a family's mask sees of one layer: its scaled float32 scores [B, H, S, S], the
     causal mask of real keys [B, 1, S, S], the sink + window mask `local` [B, 1, S, S] of the
     setting's window and sink, the positions [B, S], the traced per-run inputs (log_threshold,
-    dense_heads, head_windows), the setting's static values `s`, and the layer's queries
-    (scaled) and keys."""
+    dense_heads, head_windows, bases: the key bases [layers, G, D, r] fitted on training rows,
+    or an empty array), the setting's static values `s`, and the layer's queries (scaled) and
+    keys."""
     index: int
     scores: jax.Array
     causal: jax.Array
@@ -116,6 +125,7 @@ class Layer(NamedTuple):
     log_threshold: jax.Array
     dense_heads: jax.Array
     head_windows: jax.Array
+    bases: jax.Array
     s: dict
     q: jax.Array                          # [B, S, H, D], q . k the scores
     k: jax.Array                          # [B, S, G, D]
@@ -154,8 +164,7 @@ def _query_groups(l: Layer, groups: str):
     attention that selects key blocks per query block)."""
     b, h, seq = l.scores.shape[:3]
     if groups == "chunks":
-        chunk = -(-seq // l.s["clusters"])
-        return jnp.broadcast_to((l.positions // chunk)[:, None, :], (b, h, seq)).astype(
+        return jnp.broadcast_to((l.positions // _chunk(l))[:, None, :], (b, h, seq)).astype(
             jnp.int32)
     outside = jnp.broadcast_to(l.causal, l.scores.shape) & ~l.local
     affinity = shared_key_affinity(llama.masked_softmax(l.scores, l.causal), outside)
@@ -168,6 +177,16 @@ def _allocated_top_keys(l: Layer):
     kept = jnp.sum(threshold_mask(l.scores, l.causal, l.log_threshold), (-2, -1),
                    dtype=jnp.float32)
     return top_keys_mask(l.scores, l.causal, l.local, pairs=kept)
+
+
+def _chunk(l: Layer) -> int:
+    """The key-set families' block of consecutive queries: S / clusters, rounded up."""
+    return -(-l.scores.shape[-1] // l.s["clusters"])
+
+
+def _fitted_scores(l: Layer):
+    """The scores estimated at the setting's rank on the basis fitted on training rows."""
+    return low_rank_scores(l.q, l.k, l.s["rank"], None, basis=l.bases[l.index])
 
 
 # family -> the allowed pairs [B, H, S, S] of one layer (the partition families: cluster ids
@@ -188,6 +207,12 @@ MASKS = {
     "window": lambda l: jnp.broadcast_to(l.local, l.scores.shape),
     "allocated_window": _head_bands,
     "layer_window": _head_bands,
+    "lagged_keys": lambda l: lagged_block_keys_mask(l.scores, l.causal, l.local, l.positions,
+                                                    _chunk(l), l.log_threshold),
+    "lagged_low_rank_keys": lambda l: lagged_block_keys_mask(
+        _fitted_scores(l), l.causal, l.local, l.positions, _chunk(l), l.log_threshold),
+    "low_rank_threshold": lambda l: threshold_mask(_fitted_scores(l), l.causal,
+                                                   l.log_threshold) | (l.causal & l.local),
 }
 PARTITIONS = {
     "random_clusters": _random_partition,
@@ -222,11 +247,12 @@ KEY_SETS = {
                                              "steps", "seed", "power_steps", "kmeans_steps",
                                              "samples", "block", "rank"))
 def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, head_windows,
-                          **static):
+                          bases, **static):
     """((CE sum, count), (pair_counts per layer, 4 arrays [layers], then group ids)) of the
     base model under one family (log_threshold, traced, is the threshold family's: no
     recompilation while it is searched; dense_heads, bool [layers, heads], head_choice's;
-    head_windows, int [layers, heads], the per-head window families'; the group ids
+    head_windows, int [layers, heads], the per-head window families'; bases [layers, G, D,
+    r], the fitted-basis families' (empty for the others); the group ids
     [layers, B, H, S] are the partition and key-set families' clusters or query groups, empty
     for the others)."""
     positions = llama.default_positions(input_ids)
@@ -235,7 +261,7 @@ def _masked_cross_entropy(model, input_ids, mask, log_threshold, dense_heads, he
 
     def probabilities(layer, scores, causal, q, k):
         view = Layer(layer, scores, causal, local, positions, log_threshold, dense_heads,
-                     head_windows, static, q, k)
+                     head_windows, bases, static, q, k)
         if static["family"] in PARTITIONS:
             ids = PARTITIONS[static["family"]](view)
             if static["family"] != "random_clusters":
@@ -284,7 +310,7 @@ def no_dense_heads(model) -> jax.Array:
 
 
 def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=None,
-             record=False, **settings) -> dict:
+             bases=None, record=False, **settings) -> dict:
     """Perplexity, measured density (allowed / causal pairs over every layer and head), the
     density of each layer, and the hub share: of the allowed pairs outside the setting's sink +
     window, the share whose key at least half of its causal queries may read; with record,
@@ -299,8 +325,9 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=N
         heads = no_dense_heads(model) if dense_heads is None else jnp.asarray(dense_heads)
         windows = (jnp.zeros(heads.shape, jnp.int32) if head_windows is None
                    else jnp.asarray(head_windows, jnp.int32))
+        fitted = jnp.zeros((0,), jnp.float32) if bases is None else jnp.asarray(bases)
         return _masked_cross_entropy(model, input_ids, mask, jnp.float32(log_threshold), heads,
-                                     windows, **settings)
+                                     windows, fitted, **settings)
 
     result = _held_out_loss(forward, model, batches, visit)
     allowed, causal, far, to_hubs = (np.sum([np.asarray(c[i], np.float64) for c in pairs], 0)
@@ -313,22 +340,46 @@ def evaluate(model, batches, log_threshold=0.0, dense_heads=None, head_windows=N
     return out
 
 
+@nnx.jit
+def _key_grams(model, input_ids, mask):
+    """float32 [layers, G, D, D]: every layer's key_gram (RoPE applied) summed over the batch."""
+    grams = []
+    real = mask.astype(bool)
+
+    def probabilities(_layer, scores, causal, _q, k):
+        grams.append(jnp.sum(key_gram(k, real), 0))
+        return llama.masked_softmax(scores, causal)
+
+    restricted_logits(model, input_ids, mask, probabilities, with_qk=True)
+    return jnp.stack(grams)
+
+
+def fitted_bases(model, batches, rank: int) -> jax.Array:
+    """float32 [layers, G, D, rank]: per layer and kv head, the top `rank` principal directions
+    of the keys of `batches` (training rows: the held-out rows the families are measured on
+    play no part in it)."""
+    gram = sum(_key_grams(model, jnp.asarray(b["input_ids"]),
+                          jnp.asarray(b["attention_mask"], bool)) for b in batches)
+    return key_basis(gram, rank)
+
+
 LOWEST_LOG_THRESHOLD = -40.0          # exp(-40) = 4e-18: below any probability that matters
 
 
 def calibrate_threshold(model, batches, target: float, steps: int, settings: dict,
-                        own: bool = False) -> float:
+                        own: bool = False, bases=None) -> float:
     """The threshold family's log t whose density over `batches` is the lowest found at or above
     target: bisection on log t in [LOWEST_LOG_THRESHOLD, 0] (the density falls as t rises), one
     forward per step. Whichever calibrated family asks first, the forward is compiled with the
     static values of the threshold family's own setting (plan: fraction = target, one
     cluster), which its evaluation then reuses: the threshold mask reads neither. own: the
-    log t of the family of `settings` itself (one of OWN_THRESHOLD), searched the same way."""
+    log t of the family of `settings` itself (one of OWN_THRESHOLD), searched the same way
+    (with its fitted bases, if it reads any)."""
     statics = (dict(settings) if own
                else dict(settings, family="threshold", fraction=float(target), clusters=1))
 
     def density(log_t):
-        return evaluate(model, batches, log_threshold=log_t, **statics)["density"]
+        return evaluate(model, batches, log_threshold=log_t, bases=bases, **statics)["density"]
 
     return bisect_for_density(density, LOWEST_LOG_THRESHOLD, 0.0, target, steps,
                               f"{statics['family']}: even at p >= exp({LOWEST_LOG_THRESHOLD})")
@@ -439,7 +490,7 @@ def plan(config) -> list[dict]:
     for family in config.families:
         if family not in FAMILIES[1:]:
             raise ValueError(f"unknown family {family!r} (known: {FAMILIES[1:]})")
-    for name in ("query_clusters", "key_block", "key_samples", "key_rank"):
+    for name in ("query_clusters", "key_block", "key_samples", "key_rank", "basis_rows"):
         if config[name] < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
     base = dict(fraction=1.0, window=config.window, sink=config.sink, clusters=1,
@@ -453,7 +504,7 @@ def plan(config) -> list[dict]:
             s = dict(base, family=family, target=float(target))
             if family in ("top_fraction", "top_keys", "threshold", "head_choice") + WINDOWED:
                 s["fraction"] = float(target)
-            elif family in KEY_SETS:
+            elif family in KEY_SETS or family in ("lagged_keys",) + FITTED_BASIS:
                 s["clusters"] = config.query_clusters
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
@@ -490,7 +541,13 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "centroid_keys": (">", "dimgray", "one key set per query cluster, from its centre"),
           "block_keys": ("s", "black", "key blocks per query block, by their mass (oracle)"),
           "pooled_keys": ("o", "tab:olive", "key blocks per query block, from the blocks' "
-                          "means")}
+                          "means"),
+          "lagged_keys": ("<", "tab:blue", "each query block the previous block's key set "
+                          "(oracle, causal)"),
+          "lagged_low_rank_keys": ("3", "tab:brown", "the previous block's key set from "
+                                   "fitted low-rank scores (causal)"),
+          "low_rank_threshold": ("2", "tab:orange", "per query, a threshold on fitted low-rank "
+                                 "scores (causal)")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -547,6 +604,13 @@ def describe(s: dict) -> str:
         "pooled_keys": lambda: f"blocks of {s['block']}, pooled {threshold}, {local}",
         "centroid_keys": lambda: f"{s['clusters']} query clusters, centre's {threshold}, "
                                  f"{local}",
+        "lagged_keys": lambda: f"{s['clusters']} query blocks, each the previous one's mean "
+                               f"{threshold}, {local}",
+        "lagged_low_rank_keys": lambda: f"{s['clusters']} query blocks, each the previous "
+                                        f"one's mean {threshold} of rank-{s['rank']} scores "
+                                        f"(fitted basis), {local}",
+        "low_rank_threshold": lambda: f"{threshold} of rank-{s['rank']} scores (fitted "
+                                      f"basis), {local}",
         "layer_window": lambda: f"windows {windows.min()}-{windows.max()} by layer, "
                                 f"sink {s['sink']}",
         "allocated_window": lambda: f"windows {windows.min()}-{windows.max()} (median "
@@ -560,6 +624,7 @@ def main(argv=None):
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows, thresholds = [], {}          # one calibration per target, shared by the families
+    bases = None                       # fitted once, on training rows, when a family asks
     stem = "toy" if args.toy else "mask_oracles"
 
     def save(complete: bool) -> dict:
@@ -573,9 +638,14 @@ def main(argv=None):
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
+        if s["family"] in FITTED_BASIS and bases is None:
+            bases = fitted_bases(setup.model, eval_batches(setup.train_data, 1,
+                                                           config.basis_rows), config.key_rank)
+        family_bases = bases if s["family"] in FITTED_BASIS else None
         if s["family"] in OWN_THRESHOLD:
             s["log_threshold"] = calibrate_threshold(setup.model, calibration, s["target"],
-                                                     config.threshold_steps, settings, own=True)
+                                                     config.threshold_steps, settings, own=True,
+                                                     bases=family_bases)
         elif s["family"] in CALIBRATED:
             if s["target"] not in thresholds:
                 thresholds[s["target"]] = calibrate_threshold(
@@ -591,7 +661,8 @@ def main(argv=None):
         heads, windows = s.get("dense_heads"), s.get("head_windows")
         for corpus, batches in corpora.items():
             r = evaluate(setup.model, batches, log_threshold=s.get("log_threshold", 0.0),
-                         dense_heads=heads, head_windows=windows, **settings)
+                         dense_heads=heads, head_windows=windows, bases=family_bases,
+                         **settings)
             rows.append(dict(family=s["family"], target=s["target"], corpus=corpus,
                              setting=describe(s), log_threshold=s.get("log_threshold"),
                              dense_heads=None if heads is None else heads.tolist(),

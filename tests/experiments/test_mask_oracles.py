@@ -14,9 +14,11 @@ from safetensors.numpy import load_file
 
 from experiment_script import load_experiment
 from numpy_llama import llama_ce
+from ultrametric_jax.run.data import eval_batches
 from ultrametric_jax.run.restricted_attention import (block_keys_mask, cluster_keys_mask,
-                                                      low_rank_scores, shared_key_affinity,
-                                                      spectral_clusters,
+                                                      key_basis, key_gram,
+                                                      lagged_block_keys_mask, low_rank_scores,
+                                                      shared_key_affinity, spectral_clusters,
                                                       threshold_mask, top_fraction_mask,
                                                       top_keys_mask)
 
@@ -136,6 +138,55 @@ def block_keys(scores, base, local, block, log_t, pooled=False):
     return base & (chosen[blk][:, blk] | local)
 
 
+def lagged_keys(scores, base, local, block, log_t):
+    """base & (local | own block | the key set block a - 1 chose, for block a), float64 numpy:
+    block a - 1 keeps key j when the mean probability over its queries that read j outside
+    local passes exp(log_t)."""
+    seq = base.shape[0]
+    blk = np.arange(seq) // block
+    outside = base & ~local
+    p = np.where(outside, softmax(scores, base), 0.0)
+    given = np.zeros((blk.max() + 1, seq), bool)         # the set block a reads
+    for a in range(1, blk.max() + 1):
+        rows = blk == a - 1
+        readers = outside[rows].sum(0)
+        with np.errstate(divide="ignore"):
+            given[a] = (readers > 0) & (np.log(p[rows].sum(0) / np.maximum(readers, 1))
+                                        >= log_t)
+    return base & (given[blk] | (blk[:, None] == blk[None, :]) | local)
+
+
+def test_lagged_key_sets_match_a_float64_construction_and_read_no_later_query():
+    rng = np.random.default_rng()
+    b, h, seq = 2, 3, 37                               # the last block is short
+    scores = (2 * rng.standard_normal((b, h, seq, seq))).astype(np.float32)
+    causal = np.tril(np.ones((seq, seq), bool))[None, None] & (rng.random((b, 1, 1, seq)) < 0.9)
+    pos = np.arange(seq)
+    local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
+    positions = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+
+    def mask(scores, block, log_t):
+        return np.asarray(lagged_block_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
+                                                 jnp.asarray(local)[None, None], positions,
+                                                 block, log_t))
+
+    for block, log_t in ((4, -1.5), (4, -3.0), (8, -2.0), (37, -2.0)):
+        got = mask(scores, block, log_t)
+        want = np.stack([np.stack([lagged_keys(scores[i, j].astype(np.float64), causal[i, 0],
+                                               local, block, log_t) for j in range(h)])
+                         for i in range(b)])
+        np.testing.assert_array_equal(got, want, err_msg=str((block, log_t)))
+    # causal: scores of the queries from position t on change no row before t's block
+    block, t = 8, 21
+    changed = scores.copy()
+    changed[..., t:, :] = (2 * rng.standard_normal(changed[..., t:, :].shape))
+    before = (t // block) * block
+    np.testing.assert_array_equal(mask(changed, block, -2.0)[..., :before, :],
+                                  mask(scores, block, -2.0)[..., :before, :])
+    # closed form: one block holds the sequence: its own block (everything causal), no set
+    np.testing.assert_array_equal(mask(scores, seq, -2.0), np.broadcast_to(causal, got.shape))
+
+
 def test_key_sets_of_query_groups_match_a_float64_construction():
     rng = np.random.default_rng()
     b, h, seq, clusters = 2, 3, 40, 5
@@ -230,6 +281,33 @@ def test_low_rank_scores_project_on_the_keys_principal_directions():
     with pytest.raises(ValueError, match=r"rank must lie in \[1, 8\] \(the head dimension\), "
                                          r"got 9"):
         low_rank_scores(jnp.asarray(q), jnp.asarray(k), 9, jnp.asarray(real))
+
+
+def test_low_rank_scores_on_a_fitted_basis_project_on_its_directions():
+    rng = np.random.default_rng()
+    b, s, h, g, d, rank = 2, 24, 4, 2, 8, 3
+    spread = np.array([8.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.3, 0.1])
+    fit = (rng.standard_normal((3, s, g, d)) * spread).astype(np.float32)   # other rows' keys
+    fit_real = rng.random((3, s)) < 0.8
+    k = (rng.standard_normal((b, s, g, d)) * spread).astype(np.float32)
+    q = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    gram = np.asarray(key_gram(jnp.asarray(fit), jnp.asarray(fit_real)))
+    want_gram = np.einsum("bsgd,bsge->bgde", np.where(fit_real[..., None, None], fit, 0.0)
+                          .astype(np.float64), np.where(fit_real[..., None, None], fit, 0.0)
+                          .astype(np.float64))
+    np.testing.assert_allclose(gram, want_gram, rtol=1e-5, atol=1e-3)
+    basis = key_basis(jnp.asarray(gram.sum(0)), rank)                     # [G, D, r]
+    got = np.asarray(low_rank_scores(jnp.asarray(q), jnp.asarray(k), rank, None, basis=basis))
+    for gi in range(g):
+        _, vectors = np.linalg.eigh(want_gram.sum(0)[gi])
+        proj = vectors[:, d - rank:] @ vectors[:, d - rank:].T          # sign-free projector
+        for hi in range(gi * (h // g), (gi + 1) * (h // g)):
+            want = (q[:, :, hi].astype(np.float64) @ proj) @ np.swapaxes(
+                k[:, :, gi].astype(np.float64) @ proj, -1, -2)
+            np.testing.assert_allclose(got[:, hi], want, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"basis has shape \(2, 8, 3\), expected \(kv heads, "
+                                         r"head dimension, rank\) = \(2, 8, 4\)"):
+        low_rank_scores(jnp.asarray(q), jnp.asarray(k), 4, None, basis=basis)
 
 
 def test_shared_key_affinity_is_the_overlap_of_two_rows_outside_the_window():
@@ -413,14 +491,15 @@ def test_an_unknown_family_is_refused_by_name():
                        r"'spectral_partition', 'allocated_partition', 'allocated_window', "
                        r"'layer_window', 'allocated_top_keys', 'cluster_keys', "
                        r"'chunk_keys', 'chunk_centroid_keys', 'low_rank_keys', 'sampled_keys', "
-                       r"'centroid_keys', 'block_keys', 'pooled_keys'\)\)"):
+                       r"'centroid_keys', 'block_keys', 'pooled_keys', 'lagged_keys', "
+                       r"'lagged_low_rank_keys', 'low_rank_threshold'\)\)"):
         script.plan(config)
 
 
 def test_key_set_settings_below_one_are_refused_by_name():
     script = load_script()
     import sweep_runs                  # on the path once the script is loaded
-    for name in ("query_clusters", "key_block", "key_samples", "key_rank"):
+    for name in ("query_clusters", "key_block", "key_samples", "key_rank", "basis_rows"):
         config = sweep_runs.load_config(str(script.CONFIG), "toy", [f"--config.{name}=0"])
         with pytest.raises(ValueError, match=rf"config.{name} must be >= 1, got 0"):
             script.plan(config)
@@ -469,7 +548,25 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                         "allocated_partition", "allocated_window", "layer_window",
                         "allocated_top_keys", "cluster_keys", "chunk_keys",
                         "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys",
-                        "block_keys", "pooled_keys"}
+                        "block_keys", "pooled_keys", "lagged_keys", "lagged_low_rank_keys",
+                        "low_rank_threshold"}
+    # the fitted-basis families' bases: the float64 keys' principal directions on the
+    # training rows, per layer and kv head
+    groups = TINY["ARCH"]["num_key_value_heads"]
+    grams = np.zeros((TINY["ARCH"]["num_hidden_layers"], groups) + (TINY["ARCH"]["hidden_size"]
+                                                                    // heads,) * 2)
+
+    def gather(layer, head, scores, base, q, k):
+        if head % (heads // groups) == 0:
+            kr = k[base.any(0)]
+            grams[layer, head // (heads // groups)] += kr.T @ kr
+        return base
+
+    for batch in eval_batches(setup.train_data, 1, config.basis_rows):
+        llama_ce(weights, TINY["ARCH"], np.asarray(batch["input_ids"]),
+                 np.asarray(batch["attention_mask"], bool), gather, with_qk=True)
+    projector = np.linalg.eigh(grams)[1][..., -config.key_rank:]
+    projector = projector @ np.swapaxes(projector, -1, -2)       # [layers, G, D, D]
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
@@ -532,6 +629,16 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                                     centroid="centroid" in family,
                                     samples=(setting["samples"] if family == "sampled_keys"
                                              else None))
+                elif family == "lagged_keys":
+                    keep = lagged_keys(scores, base, local, -(-seq // setting["clusters"]),
+                                       setting["log_threshold"])
+                elif family in ("lagged_low_rank_keys", "low_rank_threshold"):
+                    proj = projector[layer, head // (heads // groups)]
+                    fitted = (q @ proj) @ (k @ proj).T
+                    keep = (lagged_keys(fitted, base, local, -(-seq // setting["clusters"]),
+                                        setting["log_threshold"])
+                            if family == "lagged_low_rank_keys" else
+                            threshold(fitted, base, setting["log_threshold"]) | (base & local))
                 elif family in ("block_keys", "pooled_keys"):
                     keep = block_keys(scores, base, local, setting["block"],
                                       setting["log_threshold"], family == "pooled_keys")

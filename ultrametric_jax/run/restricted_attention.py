@@ -2,8 +2,8 @@
 mask baselines and oracles share (the sink + window mask of window_baseline.py; the masks of
 experiments/mask_oracles.py, built here: the per-row top fraction, the most-attended keys, one
 probability threshold, clusters of a head's own attention, one key set per group of queries,
-one set of key blocks per query block, and scores estimated at low rank). The routers of a
-surgical model are not used.
+one set of key blocks per query block, the key set a query block takes from the block before
+it, and scores estimated at low rank). The routers of a surgical model are not used.
 
 `probabilities(layer, scores, causal)` gets layer's scaled float32 scores [B, H, S, S] and the
 causal mask of real keys [B, 1, S, S], and returns the row probabilities (masked_softmax of
@@ -243,20 +243,68 @@ def block_keys_mask(scores, causal, local, positions, block: int, log_threshold,
     return causal & (per_pair | jnp.broadcast_to(local, scores.shape))
 
 
-def low_rank_scores(q, k, rank: int, real):
-    """float32 [B, H, S, S]: the scores q . k with queries and keys projected on the top `rank`
-    principal directions of the sequence's own real keys (real bool [B, S]), per kv head: an
-    estimate of the scores at rank / D of their cost. q [B, S, H, D] (scaled), k [B, S, G, D];
-    query head h reads kv head h // (H // G). With rank = D the projection is the identity."""
-    batch, seq, heads, dim = q.shape
-    groups = k.shape[2]
+def lagged_block_keys_mask(scores, causal, local, positions, block: int, log_threshold):
+    """bool [B, H, S, S], causal end to end: `local`, each query's own block of `block`
+    consecutive positions (positions int [B, S]; its causal part), and the key set that the
+    previous block's queries chose: the keys j whose mean dense probability over the queries
+    of block a - 1 that read j outside `local` passes exp(log_threshold) (traced) are open to
+    every query of block a. The one key set per query block of cluster_keys_mask on
+    consecutive blocks reads its own block's later queries; this one reads only queries that
+    precede every query it serves, so a decoder can fix it when a block completes."""
+    causal = jnp.broadcast_to(causal, scores.shape)
+    seq = scores.shape[-1]
+    blocks = -(-seq // block)
+    ids = positions // block                                                      # [B, S]
+    member = jax.nn.one_hot(ids, blocks, dtype=jnp.float32)                      # [B, S, N]
+    outside = causal & ~jnp.broadcast_to(local, scores.shape)
+    readers = jnp.einsum("bsa,bhsj->bhaj", member, outside.astype(jnp.float32))
+    p = jnp.where(outside, llama.masked_softmax(scores, causal), 0.0)
+    mean = jnp.einsum("bsa,bhsj->bhaj", member, p) / jnp.maximum(readers, 1.0)
+    chosen = (readers > 0) & (jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny))
+                              >= log_threshold)                                  # [B, H, N, S]
+    # block a reads block a - 1's choice; block 0 has none
+    lagged = jnp.concatenate([jnp.zeros_like(chosen[..., :1, :]), chosen[..., :-1, :]], -2)
+    rows = jnp.broadcast_to(ids[:, None, :, None], (*scores.shape[:2], seq, 1))
+    per_query = jnp.take_along_axis(lagged, rows, -2)                            # [B, H, S, S]
+    own_block = ids[:, None, :, None] == ids[:, None, None, :]
+    return causal & (per_query | own_block | jnp.broadcast_to(local, scores.shape))
+
+
+def key_gram(k, real):
+    """float32 [B, G, D, D]: sum over the real positions (bool [B, S]) of k_j k_j^T, per kv head
+    (k [B, S, G, D]): what the principal directions of the keys are read from."""
+    keys = jnp.where(real[:, :, None, None], k.astype(jnp.float32), 0.0)
+    return jnp.einsum("bsgd,bsge->bgde", keys, keys)
+
+
+def key_basis(gram, rank: int):
+    """float32 [..., D, rank]: the top `rank` eigenvectors of the key Gram matrices gram
+    [..., D, D] (symmetric), the directions a rank-r score estimate keeps."""
+    dim = gram.shape[-1]
     if not 1 <= rank <= dim:
         raise ValueError(f"low_rank_scores: rank must lie in [1, {dim}] (the head dimension), "
                          f"got {rank}")
-    keys = jnp.where(real[:, :, None, None], k, 0.0)
-    gram = jnp.einsum("bsgd,bsge->bgde", keys, keys)                           # [B, G, D, D]
     _, vectors = jnp.linalg.eigh(gram)                                        # ascending
-    basis = vectors[..., dim - rank:]                                          # [B, G, D, r]
+    return vectors[..., dim - rank:]
+
+
+def low_rank_scores(q, k, rank: int, real, basis=None):
+    """float32 [B, H, S, S]: the scores q . k with queries and keys projected on the top `rank`
+    principal directions of the sequence's own real keys (real bool [B, S]), per kv head, or
+    on a basis fitted elsewhere (basis [G, D, rank], e.g. key_basis of calibration rows'
+    key_gram: then no key of the sequence, later ones included, shapes any query's estimate):
+    an estimate of the scores at rank / D of their cost. q [B, S, H, D] (scaled), k
+    [B, S, G, D]; query head h reads kv head h // (H // G). With rank = D the projection is
+    the identity."""
+    batch, seq, heads, dim = q.shape
+    groups = k.shape[2]
+    if basis is None:
+        basis = key_basis(key_gram(k, real), rank)                             # [B, G, D, r]
+    else:
+        if basis.shape != (groups, dim, rank):
+            raise ValueError(f"low_rank_scores: basis has shape {tuple(basis.shape)}, expected "
+                             f"(kv heads, head dimension, rank) = {(groups, dim, rank)}")
+        basis = jnp.broadcast_to(basis, (batch, groups, dim, rank))
     kp = jnp.einsum("bsgd,bgdr->bgsr", k, basis)
     qp = jnp.einsum("bsgtd,bgdr->bgtsr", q.reshape(batch, seq, groups, heads // groups, dim),
                     basis)
