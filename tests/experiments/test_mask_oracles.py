@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from experiment_script import load_experiment
+from numpy_selector import np_bilinear
 from numpy_llama import llama_ce
 from ultrametric_jax.run.data import eval_batches
 from ultrametric_jax.run.restricted_attention import (block_keys_mask, cluster_keys_mask,
@@ -492,7 +493,8 @@ def test_an_unknown_family_is_refused_by_name():
                        r"'layer_window', 'allocated_top_keys', 'cluster_keys', "
                        r"'chunk_keys', 'chunk_centroid_keys', 'low_rank_keys', 'sampled_keys', "
                        r"'centroid_keys', 'block_keys', 'pooled_keys', 'lagged_keys', "
-                       r"'lagged_low_rank_keys', 'low_rank_threshold'\)\)"):
+                       r"'lagged_low_rank_keys', 'low_rank_threshold', "
+                       r"'bilinear_threshold'\)\)"):
         script.plan(config)
 
 
@@ -549,17 +551,24 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                         "allocated_top_keys", "cluster_keys", "chunk_keys",
                         "chunk_centroid_keys", "low_rank_keys", "sampled_keys", "centroid_keys",
                         "block_keys", "pooled_keys", "lagged_keys", "lagged_low_rank_keys",
-                        "low_rank_threshold"}
+                        "low_rank_threshold", "bilinear_threshold"}
     # the fitted-basis families' bases: the float64 keys' principal directions on the
     # training rows, per layer and kv head
     groups = TINY["ARCH"]["num_key_value_heads"]
-    grams = np.zeros((TINY["ARCH"]["num_hidden_layers"], groups) + (TINY["ARCH"]["hidden_size"]
-                                                                    // heads,) * 2)
+    dim = TINY["ARCH"]["hidden_size"] // heads
+    grams = np.zeros((TINY["ARCH"]["num_hidden_layers"], groups, dim, dim))
+    # and bilinear_threshold's estimate: per query head, the least-squares rank-r A of the
+    # scaled queries' second moment and the keys' covariance on those rows
+    q_rows = [[[] for _ in range(heads)] for _ in range(TINY["ARCH"]["num_hidden_layers"])]
+    k_rows = [[[] for _ in range(groups)] for _ in range(TINY["ARCH"]["num_hidden_layers"])]
 
     def gather(layer, head, scores, base, q, k):
+        real_rows = base.any(0)
+        q_rows[layer][head].append(q[real_rows])
         if head % (heads // groups) == 0:
-            kr = k[base.any(0)]
+            kr = k[real_rows]
             grams[layer, head // (heads // groups)] += kr.T @ kr
+            k_rows[layer][head // (heads // groups)].append(kr)
         return base
 
     for batch in eval_batches(setup.train_data, 1, config.basis_rows):
@@ -567,6 +576,13 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                  np.asarray(batch["attention_mask"], bool), gather, with_qk=True)
     projector = np.linalg.eigh(grams)[1][..., -config.key_rank:]
     projector = projector @ np.swapaxes(projector, -1, -2)       # [layers, G, D, D]
+    bilinear = np.zeros((TINY["ARCH"]["num_hidden_layers"], heads, dim, dim))
+    for layer, head in np.ndindex(bilinear.shape[:2]):
+        q = np.concatenate(q_rows[layer][head])
+        k = np.concatenate(k_rows[layer][head // (heads // groups)])
+        k = k - k.mean(0)
+        bilinear[layer, head] = np_bilinear(q.T @ q / len(q), k.T @ k / len(k),
+                                            config.key_rank)
     for row in result["rows"]:
         setting = next(s for s in script.plan(config) if s["family"] == row["family"]
                        and s["target"] == row["target"])
@@ -639,6 +655,9 @@ def test_toy_run_matches_a_float64_numpy_llama(tmp_path):
                                         setting["log_threshold"])
                             if family == "lagged_low_rank_keys" else
                             threshold(fitted, base, setting["log_threshold"]) | (base & local))
+                elif family == "bilinear_threshold":
+                    keep = (threshold(q @ bilinear[layer, head] @ k.T, base,
+                                      setting["log_threshold"]) | (base & local))
                 elif family in ("block_keys", "pooled_keys"):
                     keep = block_keys(scores, base, local, setting["block"],
                                       setting["log_threshold"], family == "pooled_keys")

@@ -2,7 +2,10 @@
 reader (torch_surgery.py); imports neither JAX nor torch.
 
 config.json carries the SurgeryConfig under SURGERY_CONFIG_KEY; ROUTER_FILE holds, per layer N,
-model.layers.N.self_attn.router.{fc1,fc2}.{weight,bias} in torch layout ([out, in]).
+model.layers.N.self_attn.router.{fc1,fc2}.{weight,bias} in torch layout ([out, in]). A
+surgery with key selectors (key_rank > 0) also has SELECTOR_FILE: per layer N,
+model.layers.N.self_attn.selector.{query_proj,key_proj} [heads, head dim, key_rank] and
+model.layers.N.self_attn.selector.log_threshold [1] (float32).
 """
 from __future__ import annotations
 
@@ -12,6 +15,40 @@ ROUTER_FILE = "router.safetensors"
 SURGERY_CONFIG_KEY = "ultrametric_surgery"
 EXPORT_INFO_KEY = "ultrametric_export"
 ROUTER_PARAM_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+SELECTOR_FILE = "key_selectors.safetensors"
+SELECTOR_PARAM_NAMES = ("query_proj", "key_proj", "log_threshold")
+
+
+def selector_param_name(layer_idx: int, name: str) -> str:
+    """Name of a key-selector tensor, e.g. model.layers.3.self_attn.selector.key_proj."""
+    return f"model.layers.{layer_idx}.self_attn.selector.{name}"
+
+
+def selector_shapes(config, surgery) -> dict[str, tuple]:
+    """{selector tensor name: shape} for a model config (LlamaConfig or transformers')."""
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size
+                                                     // config.num_attention_heads)
+    projection = (config.num_attention_heads, head_dim, surgery.key_rank)
+    shapes = {"query_proj": projection, "key_proj": projection, "log_threshold": (1,)}
+    return {selector_param_name(i, name): shapes[name]
+            for i in range(config.num_hidden_layers) for name in SELECTOR_PARAM_NAMES}
+
+
+def selector_shape_problem(shapes: dict, config, surgery) -> Optional[str]:
+    """What is wrong with key-selector tensors of the given {name: shape}, or None."""
+    expected = selector_shapes(config, surgery)
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        return (f"the key selectors lack {len(missing)} of {len(expected)} tensors, e.g. "
+                f"{missing[0]}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        return f"unexpected key-selector tensors: {extra[:4]}"
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            return (f"key-selector tensor {name} has shape {tuple(shapes[name])}, expected "
+                    f"{shape} (heads, head dimension, key_rank = {surgery.key_rank})")
+    return None
 
 
 def router_param_name(layer_idx: int, name: str) -> str:

@@ -12,6 +12,11 @@ with every query head using its own routes for queries and keys, and on top of t
 model's causal / padding mask. Attention runs with an explicit boolean mask, float32 scores
 and softmax, whatever the model dtype.
 
+A surgery with key selectors (key_rank > 0) narrows that mask, per query head h, to the keys
+whose probability under the estimated scores (query_proj[h]^T q_i) . (key_proj[h]^T k_j)
+(queries scaled, `key_rank` dimensions) passes exp(log_threshold), plus the row's most
+probable key, its own key, and the sink + window.
+
 Under generate() the cluster ids and positions of past keys ride along with the KV cache (a
 token's cluster id depends only on that token's input to the layer), so decoding never
 recomputes past routes; beam search and batch selection move them with the cache's rows.
@@ -30,8 +35,10 @@ import transformers
 from transformers.models.llama import modeling_llama
 
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.io.export_format import (ROUTER_FILE, ROUTER_PARAM_NAMES, SURGERY_CONFIG_KEY,
-                                           router_param_name, router_shape_problem)
+from ultrametric_jax.io.export_format import (ROUTER_FILE, ROUTER_PARAM_NAMES, SELECTOR_FILE,
+                                           SELECTOR_PARAM_NAMES, SURGERY_CONFIG_KEY,
+                                           router_param_name, router_shape_problem,
+                                           selector_param_name, selector_shape_problem)
 
 
 class UltrametricRouter(nn.Module):
@@ -63,6 +70,31 @@ def ultrametric_allowed(q_clusters, k_clusters, q_pos, k_pos, *, window: int, si
     qp, kp = q_pos[:, None, :, None], k_pos[:, None, None, :]
     same = q_clusters[..., :, None] == k_clusters[..., None, :]
     return (kp <= qp) & (same | (kp < sink_tokens) | (qp - kp < window))
+
+
+class KeySelector(nn.Module):
+    """The fitted key choice of one layer: query_proj, key_proj [H, D, r] and log_threshold
+    [1] (buffers)."""
+
+    def __init__(self, heads: int, head_dim: int, rank: int):
+        super().__init__()
+        for name in ("query_proj", "key_proj"):
+            self.register_buffer(name, torch.zeros(heads, head_dim, rank, dtype=torch.float32))
+        self.register_buffer("log_threshold", torch.zeros(1, dtype=torch.float32))
+
+    def forward(self, q, k, causal, scale: float) -> torch.Tensor:
+        """bool [B,H,Sq,Sk]: of the pairs in causal, those whose probability under the
+        projected scores passes the threshold, and each row's most probable key. q [B,H,Sq,D]
+        (unscaled), k [B,G,Sk,D]."""
+        groups = q.shape[1] // k.shape[1]
+        qp = torch.einsum("bhsd,hdr->bhsr", q.to(torch.float32) * scale,
+                          self.query_proj.to(q.device))
+        kp = torch.einsum("bhsd,hdr->bhsr", k.to(torch.float32).repeat_interleave(groups, dim=1),
+                          self.key_proj.to(q.device))
+        estimate = torch.matmul(qp, kp.transpose(-1, -2))
+        logp = torch.log_softmax(estimate.masked_fill(~causal, float("-inf")), dim=-1)
+        top = logp >= logp.max(dim=-1, keepdim=True).values
+        return causal & ((logp >= self.log_threshold.to(q.device)) | top)
 
 
 def masked_attention(q, k, v, allowed, scale: float):
@@ -170,6 +202,8 @@ class SurgicalLlamaAttention(modeling_llama.LlamaAttention):
         self.surgery = surgery
         self.router = UltrametricRouter(config.hidden_size, config.num_attention_heads,
                                         surgery.num_levels, surgery.arity)
+        self.selector = (KeySelector(config.num_attention_heads, self.head_dim, surgery.key_rank)
+                         if surgery.key_rank else None)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, past_key_value=None, position_ids=None, **kwargs):
@@ -205,19 +239,35 @@ class SurgicalLlamaAttention(modeling_llama.LlamaAttention):
         else:  # no mask given: plain causality over cache slots
             slots = torch.arange(k.shape[-2], device=q.device)
             q_slots = past_len + torch.arange(q_len, device=q.device)
-            allowed = allowed & (slots[None, :] <= q_slots[:, None])
+            model_mask = (slots[None, :] <= q_slots[:, None])[None, None]
+            allowed = allowed & model_mask
+        if self.selector is not None:
+            qp, kp = q_pos[:, None, :, None], k_pos[:, None, None, :]
+            causal = (kp <= qp) & model_mask
+            local = (kp < self.surgery.sink_tokens) | (qp - kp < self.surgery.window) | (kp == qp)
+            allowed = allowed & (self.selector(q, k, causal, self.scaling) | local)
         out, probs = masked_attention(q, k, v, allowed, self.scaling)
         out = out.reshape(bsz, q_len, -1).to(hidden_states.dtype)
         return self.o_proj(out), probs
 
 
-def attach_surgery(model, surgery: SurgeryConfig, router_state: dict):
+def attach_surgery(model, surgery: SurgeryConfig, router_state: dict,
+                   selector_state: Optional[dict] = None):
     """Swap every attention layer of a transformers LlamaForCausalLM, in place, for a surgical one
-    with the given router weights (HF names, see router_param_name); returns the model."""
+    with the given router weights (HF names, see router_param_name) and, for a surgery with
+    key_rank > 0, key selectors (selector_param_name); returns the model."""
     config = model.config
     problem = router_shape_problem({k: v.shape for k, v in router_state.items()}, config, surgery)
     if problem:
         raise ValueError(problem)
+    if surgery.key_rank:
+        if selector_state is None:
+            raise ValueError(f"the surgery has key selectors (key_rank={surgery.key_rank}) but "
+                             "no selector tensors were given")
+        problem = selector_shape_problem({k: tuple(v.shape) for k, v in selector_state.items()},
+                                         config, surgery)
+        if problem:
+            raise ValueError(problem)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the surgical attention needs a 4-D tensor mask
     else:
@@ -230,6 +280,9 @@ def attach_surgery(model, surgery: SurgeryConfig, router_state: dict):
         device = old.q_proj.weight.device
         state.update({f"router.{n}": router_state[router_param_name(i, n)].to(
             device=device, dtype=torch.float32) for n in ROUTER_PARAM_NAMES})
+        if surgery.key_rank:
+            state.update({f"selector.{n}": selector_state[selector_param_name(i, n)].to(
+                device=device, dtype=torch.float32) for n in SELECTOR_PARAM_NAMES})
         new.load_state_dict(state, strict=True, assign=True)
         new.train(old.training)
         layer.self_attn = new
@@ -263,5 +316,12 @@ def load_surgical_llama(hf_dir: str, dtype=torch.float32):
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = modeling_llama.LlamaForCausalLM.from_pretrained(
         hf_dir, attn_implementation="eager", **{dtype_kw: dtype})
-    attach_surgery(model, surgery, load_file(router_path))
+    selectors = None
+    if surgery.key_rank:
+        selector_path = os.path.join(hf_dir, SELECTOR_FILE)
+        if not os.path.isfile(selector_path):
+            raise FileNotFoundError(f"missing key selectors: {selector_path} does not exist "
+                                    f"(the surgery has key_rank={surgery.key_rank})")
+        selectors = load_file(selector_path)
+    attach_surgery(model, surgery, load_file(router_path), selectors)
     return model.eval()

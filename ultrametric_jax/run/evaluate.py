@@ -66,6 +66,8 @@ def _cross_entropy_and_routes(model, input_ids, mask, *, window, sink_tokens):
     clusters = aux["clusters"]
     counts = pair_counts(clusters, window, sink_tokens, mask.astype(bool)[None, :, None, :])
     per_layer = jnp.stack([jnp.sum(c, axis=(1, 2)) for c in counts])
+    if "allowed_pairs_per_layer" in aux:          # key selectors narrow the tree's pairs
+        per_layer = per_layer.at[1].set(aux["allowed_pairs_per_layer"])
     return token_cross_entropy(logits, input_ids, mask), (clusters, per_layer)
 
 
@@ -132,6 +134,8 @@ class EvalReport:
     tasks: Optional[dict] = None        # task name -> its one-line summary (run/tasks)
     # The sink + window mask alone at the surgical density (run/window_baseline), or None
     window_only: Optional[dict] = None
+    # The key selectors' fit (pipeline.fit_selection), or None without selectors
+    selection: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "dense": self.dense, "surgical": self.surgical}
@@ -141,6 +145,8 @@ class EvalReport:
             d["tasks"] = self.tasks
         if self.window_only is not None:
             d["window_only"] = self.window_only
+        if self.selection is not None:
+            d["selection"] = self.selection
         if self.by_corpus:
             d["by_corpus"] = {name: dict(r, perplexity_change=r["surgical"]["perplexity"]
                                          / r["dense"]["perplexity"] - 1)
@@ -161,6 +167,12 @@ class EvalReport:
         lines.append(f"attention density {100 * s['density']:.1f}% (tree only "
                      f"{100 * s['tree_density']:.1f}%); {s['dense_layers']} of "
                      f"{len(s['density_per_layer'])} layers fully dense in the tree")
+        if self.selection is not None:
+            f = self.selection
+            lines.append(f"key selectors at rank {f['key_rank']}: p >= "
+                         f"exp({f['log_threshold']:.3f}), density {100 * f['density']:.1f}% on "
+                         f"{f['calibration_rows']} training rows (target "
+                         f"{100 * f['target_density']:.0f}%)")
         for name, r in self.by_corpus.items():
             dense, surgical = r["dense"]["perplexity"], r["surgical"]["perplexity"]
             lines.append(f"{name}: perplexity dense {dense:.2f} -> surgical {surgical:.2f} "

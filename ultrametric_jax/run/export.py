@@ -28,20 +28,23 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.io.checkpoints import load_pretrained, save_hf
-from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SURGERY_CONFIG_KEY,
-                                              router_shape_problem)
+from ultrametric_jax.io.export_format import (EXPORT_INFO_KEY, ROUTER_FILE, SELECTOR_FILE,
+                                              SURGERY_CONFIG_KEY, router_shape_problem,
+                                              selector_param_name, selector_shape_problem)
 from ultrametric_jax.io.hf import hf_name, write_safetensors
 from ultrametric_jax.io.safetensors_files import read_tensor, tensor_table
 from ultrametric_jax.io.tokenizer import save_tokenizer, tokenizer_from_gguf
 from ultrametric_jax.run.checkpoint import CHECKPOINT_SUBDIR
 from ultrametric_jax.run.provenance import base_model_identity
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.surgery.inject import inject_topology, trainable_filter
+from ultrametric_jax.surgery.inject import inject_topology, surgical_layers, trainable_filter
 
 EXPORT_FORMAT_VERSION = 1
+SELECTION_INFO_KEY = "key_selection"        # a selector file's record of its fit
 # Tokenizer-side files of an HF directory, copied verbatim when the base model is one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -68,12 +71,80 @@ def router_tensors(router_params: nnx.State, config, surgery: SurgeryConfig) -> 
     return tensors
 
 
+def selector_tensors(model) -> dict:
+    """{tensor name (selector_param_name): float32 numpy array} of every surgical layer's key
+    selector (empty without selectors)."""
+    out = {}
+    for index, layer in enumerate(surgical_layers(model)):
+        if layer.selector is None:
+            continue
+        for name in ("query_proj", "key_proj"):
+            out[selector_param_name(index, name)] = np.asarray(
+                getattr(layer.selector, name)[...], np.float32)
+        out[selector_param_name(index, "log_threshold")] = np.asarray(
+            layer.selector.log_threshold[...], np.float32).reshape(1)
+    return out
+
+
+def _selector_holders(model) -> list:
+    """The surgical layers of `model`, each with a key selector (ExportError otherwise)."""
+    layers = surgical_layers(model)
+    if not layers or any(layer.selector is None for layer in layers):
+        raise ExportError("the model has no key selectors (a surgery with key_rank > 0)")
+    return layers
+
+
+def save_selectors(model, path: str, info: Optional[dict] = None) -> str:
+    """Writes every layer's key selector to the safetensors file `path`, atomically (a reader
+    sees the old file or the new one), with the surgery config and `info` as metadata."""
+    layers = _selector_holders(model)
+    tensors = selector_tensors(model)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write_safetensors(tmp, [(n, a.shape, np.float32) for n, a in tensors.items()],
+                          tensors.__getitem__, metadata={
+                              SURGERY_CONFIG_KEY: json.dumps(layers[0].surgery_config.to_dict()),
+                              SELECTION_INFO_KEY: json.dumps(info or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_selectors(model, path: str) -> None:
+    """Sets every layer's key selector from a file save_selectors (or an export) wrote;
+    ExportError naming the file when it is missing or does not fit the model."""
+    layers = _selector_holders(model)
+    if not os.path.isfile(path):
+        raise ExportError(f"missing key selectors: {path} does not exist (the surgery has "
+                          f"key_rank={layers[0].surgery_config.key_rank}; evaluating the run "
+                          "fits and writes them)")
+    problem = selector_shape_problem({n: shape for n, (shape, _) in tensor_table(path).items()},
+                                     model.config, layers[0].surgery_config)
+    if problem:
+        raise ExportError(f"{path}: {problem}")
+    for index, layer in enumerate(layers):
+        for name in ("query_proj", "key_proj"):
+            getattr(layer.selector, name)[...] = jnp.asarray(
+                read_tensor(path, selector_param_name(index, name)), jnp.float32)
+        layer.selector.log_threshold[...] = jnp.asarray(
+            read_tensor(path, selector_param_name(index, "log_threshold"))[0], jnp.float32)
+
+
+def selector_info(path: str) -> dict:
+    """The `info` save_selectors recorded in `path` ({} when there is none)."""
+    with safe_open(path, framework="np") as f:
+        return json.loads((f.metadata() or {}).get(SELECTION_INFO_KEY, "{}"))
+
+
 # ----------------------------------------------------------------------------- writing
 
 README = """# Ultrametric surgery export
 
 The dense base model plus a learned ultrametric attention topology (one router per attention
-layer, in `{router}`; its hyper-parameters are `{key}` in config.json).
+layer, in `{router}`; its hyper-parameters are `{key}` in config.json; with key selectors,
+their fitted score projections and thresholds in `{selectors}`).
 
 - Surgical model (hard block-sparse attention, works with `generate()`):
 
@@ -153,10 +224,20 @@ def export_surgical_model(model, surgery: SurgeryConfig, out_dir: str, *,
         write_safetensors(os.path.join(tmp, ROUTER_FILE),
                           [(n, t.shape, t.dtype) for n, t in tensors.items()], tensors.__getitem__,
                           metadata={SURGERY_CONFIG_KEY: json.dumps(surgery.to_dict())})
+        if surgery.key_rank:
+            selectors = selector_tensors(model)
+            problem = selector_shape_problem({n: a.shape for n, a in selectors.items()},
+                                             model.config, surgery)
+            if problem:
+                raise ExportError(f"the model's key selectors do not match the surgery: "
+                                  f"{problem}")
+            write_safetensors(os.path.join(tmp, SELECTOR_FILE),
+                              [(n, a.shape, np.float32) for n, a in selectors.items()],
+                              selectors.__getitem__)
         _write_tokenizer(tmp, tokenizer, tokenizer_dir, model.config)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(README.format(router=ROUTER_FILE, key=SURGERY_CONFIG_KEY,
-                                  name=os.path.basename(out_dir)))
+                                  selectors=SELECTOR_FILE, name=os.path.basename(out_dir)))
         os.chmod(tmp, 0o755)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
@@ -195,7 +276,8 @@ def surgery_export_config(directory: str) -> Optional[SurgeryConfig]:
 
 def load_surgical_export(directory: str, dtype="float32"):
     """(JAX model with the exported topology, evaluation mode; its SurgeryConfig) of an export
-    directory: the base weights, then the routers of ROUTER_FILE, checked complete."""
+    directory: the base weights, then the routers of ROUTER_FILE (and the key selectors of
+    SELECTOR_FILE), checked complete."""
     surgery = surgery_export_config(directory)
     if surgery is None:
         raise ExportError(f"{directory} is not a surgery export: its config.json has no "
@@ -212,6 +294,8 @@ def load_surgical_export(directory: str, dtype="float32"):
         value = read_tensor(router_path, name)
         var.set_value(jnp.asarray(value.T if transpose and value.ndim == 2 else value,
                                   jnp.float32))
+    if surgery.key_rank:
+        load_selectors(model, os.path.join(directory, SELECTOR_FILE))
     model.eval()
     return model, surgery
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from ultrametric_jax.errors import CheckpointError, ConfigError
 from ultrametric_jax.io import assets
+from ultrametric_jax.io.export_format import SELECTOR_FILE
 from ultrametric_jax.io.checkpoints import load_pretrained
 from ultrametric_jax.parallel import sharding
 from ultrametric_jax.run import evaluate as evaluation
@@ -31,8 +32,10 @@ from ultrametric_jax.run.checkpoint import (CHECKPOINT_SUBDIR, CorruptCheckpoint
                                             RunCheckpointReader)
 from ultrametric_jax.run.data import PackedSequences, build_splits, corpus_tokenizer, eval_batches
 from ultrametric_jax.run.host_memory import release_compiled
+from ultrametric_jax.run.key_selection import fit_key_selectors
 from ultrametric_jax.run.metrics import MetricsWriter
-from ultrametric_jax.run.export import (ExportError, export_surgical_model, tokenizer_source,
+from ultrametric_jax.run.export import (ExportError, export_surgical_model, load_selectors,
+                                        save_selectors, selector_info, tokenizer_source,
                                         verify_base_model)
 from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
                                             base_model_identity, check_same_base,
@@ -214,11 +217,36 @@ def make_trainer(run: RunConfig, setup: RunSetup, mesh: Mesh, workdir: str, *,
                           progress=progress)
 
 
+def fit_selection(run: RunConfig, setup: RunSetup, workdir: str, step: int) -> Optional[dict]:
+    """Fits the key selectors of a surgery with key_rank > 0 (run.selection: the score
+    projections on the first training rows, the threshold on the next ones) and writes them
+    beside the checkpoints (SELECTOR_FILE, atomically); what was fitted, or None."""
+    if not run.surgery.key_rank:
+        return None
+    selection, data = run.selection, setup.train_data
+    needed = selection.fit_rows + selection.calibration_rows
+    if len(data) < needed:
+        raise ConfigError(f"invalid config value selection.fit_rows={selection.fit_rows}: "
+                          f"the training split packs into {len(data)} rows, fewer than "
+                          f"fit_rows + calibration_rows = {needed}")
+    rows = [{"input_ids": data.tokens[i:i + 1], "attention_mask": data.mask[i:i + 1]}
+            for i in range(needed)]
+    fitted = fit_key_selectors(setup.model, rows[:selection.fit_rows],
+                               rows[selection.fit_rows:], selection.target_density,
+                               selection.steps)
+    info = {"key_rank": run.surgery.key_rank, "target_density": selection.target_density,
+            "calibration_rows": selection.calibration_rows, "step": step, **fitted}
+    save_selectors(setup.model, os.path.join(workdir, SELECTOR_FILE), info)
+    return info
+
+
 def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict],
              step: int) -> evaluation.EvalReport:
     """Evaluate the (trained, injected) setup.model on the training corpus's held-out split
     and on every extra corpus (dense through base_model_mode: the same parameters without the
-    topology); writes eval.json and eval.png."""
+    topology); writes eval.json and eval.png. Key selectors (surgery.key_rank > 0) are fitted
+    first, on training rows."""
+    selection = fit_selection(run, setup, workdir, step)
     surgical = evaluation.evaluate_surgical(setup.model, setup.val_batches, run.surgery)
     by_corpus = {}
     for corpus, batches in setup.extra_batches.items():
@@ -236,7 +264,7 @@ def evaluate(run: RunConfig, setup: RunSetup, workdir: str, dense: Optional[dict
                 setup.model, batches, by_corpus[corpus]["surgical"]["density"], sink)
     report = evaluation.EvalReport(dense=dense, surgical=surgical, step=step,
                                    surgery=run.surgery.to_dict(), by_corpus=by_corpus,
-                                   window_only=window_only)
+                                   window_only=window_only, selection=selection)
     evaluation.write_report(report, workdir)
     if run.eval.tasks:
         release_compiled()
@@ -383,9 +411,23 @@ def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
     finally:
         reader.close()
     nnx.update(model, state["router"], state["mutable"])
+    if run.surgery.key_rank:
+        restore_selectors(model, directory, step)
     model.eval()
     return RestoredRun(model=model, surgery=run.surgery, run=run, step=step,
                        base_model=meta["base_model"], checkpoint_dir=directory)
+
+
+def restore_selectors(model, directory: str, step: int) -> None:
+    """Loads the key selectors fitted beside the checkpoint directory; they must have been
+    fitted for the routers of `step` (ExportError otherwise, or when they are missing)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(directory)), SELECTOR_FILE)
+    load_selectors(model, path)
+    fitted = selector_info(path).get("step")
+    if fitted != step:
+        raise ExportError(f"the key selectors in {path} were fitted for the routers of step "
+                          f"{fitted}, not step {step}: evaluate the run at step {step} "
+                          f"(`ultrametric eval`) to fit them, or pick --step {fitted}")
 
 
 def export_run(directory: str, out_dir: str, *, step: Optional[int] = None,

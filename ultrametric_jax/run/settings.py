@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery.config import SurgeryConfig
@@ -131,6 +131,26 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """Fitting the key selectors of a surgery with key_rank > 0 (run/key_selection.py), after
+    the routers train: the score projections on the first fit_rows training rows, then one
+    threshold for every layer, `steps` bisection halvings on the next calibration_rows
+    training rows, so that their total attention density meets target_density (held-out text
+    plays no part)."""
+    target_density: Optional[float] = None   # required with surgery.key_rank > 0
+    fit_rows: int = 8
+    calibration_rows: int = 2
+    steps: int = 14
+
+    def __post_init__(self):
+        if self.target_density is not None:
+            _check(0.0 < self.target_density <= 1.0, "selection.target_density",
+                   self.target_density, "must lie in (0, 1]")
+        _positive_ints("selection", self, ("fit_rows", "calibration_rows"))
+        _check(self.steps >= 0, "selection.steps", self.steps, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; -1 takes all remaining devices."""
     data: int = -1
@@ -148,7 +168,7 @@ class MeshConfig:
 
 # Section name -> its dataclass (the surgery section is the method's SurgeryConfig).
 SECTIONS = {"model": ModelConfig, "surgery": SurgeryConfig, "objective": ObjectiveConfig,
-            "data": DataConfig,
+            "selection": SelectionConfig, "data": DataConfig,
             "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
             "mesh": MeshConfig}
 REQUIRED = ("name", "seed", "model", "surgery", "data", "train", "eval", "checkpoint")
@@ -182,11 +202,18 @@ class RunConfig:
     checkpoint: CheckpointConfig
     mesh: MeshConfig = MeshConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    selection: SelectionConfig = SelectionConfig()
     distributed: bool = False   # call jax.distributed.initialize() first
 
     def __post_init__(self):
         _check(self.surgery.max_len >= self.train.seq_len, "surgery.max_len",
                self.surgery.max_len, f"must be >= train.seq_len={self.train.seq_len}")
+        target = self.selection.target_density
+        _check(target is not None or not self.surgery.key_rank, "selection.target_density",
+               target, f"a surgery with key selectors (surgery.key_rank="
+               f"{self.surgery.key_rank}) needs the density to fit them for")
+        _check(target is None or self.surgery.key_rank > 0, "selection.target_density", target,
+               "needs key selectors: set surgery.key_rank (e.g. 32) or leave it None")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "RunConfig":

@@ -17,6 +17,11 @@ Three paths, chosen by the call, each a method of its own:
 - training (`model.train()`): Gumbel hard routes at temperature `tau` (a GumbelTemperature
   variable the trainer sets every step) and the straight-through bridge of tree.bridged_softmax.
 
+A layer may also hold a key selector (SurgeryConfig.key_rank > 0; surgery/key_selector.py): in
+evaluation it narrows the hard topology's pairs to the keys each query selects (and the sink +
+window). It is fitted after the routers train (run/key_selection.py), so training runs the tree
+alone.
+
 With a cache the evaluation path takes one of two forms, chosen by the cache's kind: the dense
 cache of llama.init_cache (the new tokens' mask over every stored key; any positions and
 padding) or the route cache of route_cache.init_route_caches (`_route_cached_attention`: a
@@ -40,7 +45,9 @@ from pallas_kernels import decode
 from ultrametric_jax.model import llama
 from ultrametric_jax.surgery import tree as um
 from ultrametric_jax.surgery.budget import route_density, soft_density
+from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery.config import SurgeryConfig
+from ultrametric_jax.surgery.key_selector import KeySelector
 from ultrametric_jax.surgery.objectives import attention_recall_loss
 from ultrametric_jax.surgery.route_cache import LayerRouteCache
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
@@ -124,6 +131,12 @@ class SurgicalAttention(nnx.Module):
         # rngs["gumbel"] (falling back to the default stream); rngs.gumbel would be the
         # Gumbel sampler method of nnx.Rngs when no such stream exists.
         self.rngs = nnx.Rngs(gumbel=rngs["gumbel"]())
+        if s.key_rank > c.head_dim:
+            raise ConfigError(f"invalid SurgeryConfig.key_rank={s.key_rank}: must lie in "
+                              f"[0, {c.head_dim}] (the model's head dimension)")
+        # data either way, so that the module's pytree structure is the same kind of node
+        self.selector = nnx.data(KeySelector(c.num_attention_heads, c.head_dim, s.key_rank)
+                                 if s.key_rank else None)
 
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by nnx.view: deterministic=True selects the evaluation path."""
@@ -181,11 +194,15 @@ class SurgicalAttention(nnx.Module):
             k_pos, k_valid, k_clusters = positions, attention_mask, clusters
 
         extras = {}
+        if self.selector is not None and use_kernel:
+            raise NotImplementedError(
+                "a key selector (surgery.key_rank > 0) runs in the masked dense evaluation "
+                "path: set_attention_impl(model, 'dense')")
         if use_kernel:
             out = self._kernel_attention(q, k, v, clusters)
         elif self.deterministic:
-            out = self._masked_attention(q, k, v, positions, k_pos, clusters, k_clusters,
-                                         k_valid)
+            out, extras = self._masked_attention(q, k, v, positions, k_pos, clusters,
+                                                 k_clusters, k_valid, attention_mask)
         else:
             out, extras = self._training_attention(q, k, v, logits, assign, positions,
                                                    clusters, attention_mask)
@@ -244,6 +261,9 @@ class SurgicalAttention(nnx.Module):
         s = self.surgery_config
         route = decode.append(cache.route, k, v, clusters)
         batch, steps = q.shape[:2]
+        if self.selector is not None:
+            raise NotImplementedError("a key selector (surgery.key_rank > 0) decodes with the "
+                                      "dense cache of init_cache, not a route cache")
         if steps == 1:
             out = decode.decode_attention(route, q, window=s.window, sink_tokens=s.sink_tokens,
                                           max_pages=cache.read_pages, scale=self.scale)
@@ -252,8 +272,8 @@ class SurgicalAttention(nnx.Module):
                                      (batch, route.k.shape[1]))
             new = jnp.broadcast_to(route.length - steps + jnp.arange(steps, dtype=jnp.int32),
                                    (batch, steps))
-            out = self._masked_attention(q, route.k, route.v, new, slots, clusters, route.ids,
-                                         slots < route.length)
+            out, _ = self._masked_attention(q, route.k, route.v, new, slots, clusters,
+                                            route.ids, slots < route.length)
         out = self.o_proj(out.reshape(batch, steps, -1))
         return out, dataclasses.replace(cache, route=route)
 
@@ -267,9 +287,26 @@ class SurgicalAttention(nnx.Module):
         return self.attention(q, k, v, clusters, window=s.window, sink_tokens=s.sink_tokens,
                               scale=self.scale)
 
-    def _masked_attention(self, q, k, v, positions, k_pos, clusters, k_clusters, k_valid):
+    def _masked_attention(self, q, k, v, positions, k_pos, clusters, k_clusters, k_valid,
+                          q_valid=None):
+        """(output, extras): the hard topology's mask, narrowed by the key selector if the
+        layer has one (extras then holds allowed_pairs, the allowed pairs of real queries)."""
         allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
-        return llama.masked_attention(q, k, v, allowed, self.scale)
+        if self.selector is None:
+            return llama.masked_attention(q, k, v, allowed, self.scale), {}
+        s = self.surgery_config
+        # the sink + window pairs: those allowed under cluster ids that never agree
+        never = jnp.zeros(positions.shape, jnp.int32)[:, None]
+        bypass = um.allowed_mask(positions, k_pos, never, jnp.ones(k_pos.shape, jnp.int32)[:, None],
+                                 s.window, s.sink_tokens, k_valid)
+        causal = llama.causal_mask(positions, k_pos, k_valid)
+        # a query always keeps its own key: with the tree's cluster it keeps one pair at least
+        own = positions[:, None, :, None] == k_pos[:, None, None, :]
+        allowed = allowed & (self.selector(q, k, causal, self.scale) | bypass | own)
+        real = (jnp.ones(positions.shape, bool) if q_valid is None
+                else q_valid.astype(bool))[:, None, :, None]
+        extras = {"allowed_pairs": jnp.sum(allowed & real, dtype=jnp.float32)}
+        return llama.masked_attention(q, k, v, allowed, self.scale), extras
 
     def _training_attention(self, q, k, v, logits, assign, positions, clusters, q_valid):
         """(output, extras): the straight-through bridge over the Gumbel routes. extras holds
@@ -316,6 +353,7 @@ class SurgicalAttention(nnx.Module):
         valid = None if attention_mask is None else attention_mask.astype(bool)[:, None]
         tree, kept, causal = um.pair_counts(clusters, s.window, s.sink_tokens, valid)
         causal = jnp.sum(causal)
+        kept = extras.get("allowed_pairs", kept)     # the key selector narrows the tree's pairs
         if "digits" in self.reporting:      # the whole hard route, not only its cut prefix
             extras = {**extras, "digits": um.hard_digits(assign)}
         self.sow(SurgeryAux, "aux", {

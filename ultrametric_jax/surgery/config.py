@@ -48,6 +48,10 @@ class SurgeryConfig:
     tau_steps: int = 1000
     lambda_max: float = 1.0
     lambda_ramp_steps: int = 100
+    # Key selector (surgery/key_selector.py): 0 = none; r = per query, the keys whose
+    # probability under scores estimated at rank r passes a calibrated threshold, beside the
+    # sink + window and within the tree's pairs. Fitted (run/key_selection.py), not trained.
+    key_rank: int = 0
 
     def __post_init__(self):
         def bad(field, why):
@@ -86,6 +90,8 @@ class SurgeryConfig:
             bad("gumbel_anneal", "must be a finite number >= 0")
         if self.lambda_max < 0:
             bad("lambda_max", "must be >= 0")
+        if int(self.key_rank) != self.key_rank or self.key_rank < 0:
+            bad("key_rank", "must be an integer >= 0 (0: no key selector)")
 
     @property
     def num_levels(self) -> int:

@@ -60,6 +60,9 @@ def route_cache_problem(model, max_len: int) -> Optional[str]:
         return "the surgical layers run as the base model (base_model_mode)"
     if not all(attn.deterministic for attn in layers):
         return "a KV cache is only supported in evaluation mode (model.eval())"
+    if any(attn.selector is not None for attn in layers):
+        return ("the layers hold key selectors (key_rank > 0): a query reads keys beyond its "
+                "cluster's pages, so they decode with the dense cache")
     clusters = num_clusters(layers[0].surgery_config)
     # One block table row per cluster: beyond max_len clusters the index outgrows the keys.
     if clusters > max_len:

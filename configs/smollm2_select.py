@@ -1,0 +1,44 @@
+"""SmolLM2-135M-Instruct on Shakespeare with key selectors, sized for a 2-core CPU (1024 tokens).
+
+Each attention layer keeps, per query, the keys whose probability under scores estimated at
+rank 32 (queries and keys projected on the top principal directions of training keys, per kv
+head) passes one threshold, calibrated on training rows for a 25% total attention density,
+beside a sink of 1 and a window of 64 (surgery/key_selector.py, run/key_selection.py). The tree
+keeps every pair (d_max = L: one cluster), so nothing is trained: evaluate it directly,
+
+  ultrametric eval --config configs/smollm2_select.py --workdir runs/select
+
+which fits the selectors on training rows, writes them beside the checkpoints, and reports
+held-out perplexity and density dense against surgical, in domain (the unseen plays) and out of
+domain (Python's own sources). Every knob is overridable (--config.surgery.key_rank=16,
+--config.selection.target_density=0.1, ...).
+"""
+import pathlib
+import runpy
+
+_default = runpy.run_path(str(pathlib.Path(__file__).with_name("smollm2_shakespeare.py")))
+
+
+def get_config():
+    config = _default["get_config"]()
+    config.name = "smollm2_select"
+    config.surgery.max_len = 1024
+    config.surgery.levels = 10         # 2**10 = 1024
+    config.surgery.d_max = 10          # the tree cuts at the root: one cluster, every pair
+    config.surgery.window = 64
+    config.surgery.sink_tokens = 1
+    config.surgery.key_rank = 32
+    config.selection.target_density = 0.25
+    config.selection.fit_rows = 8
+    config.selection.calibration_rows = 2
+    config.selection.steps = 14
+    config.train.seq_len = 1024
+    config.train.batch_size = 2
+    config.train.steps = 1             # `ultrametric run` trains nothing useful here
+    config.model.dtype = "float32"
+    config.eval.batches = 4
+    config.eval.batch_size = 1
+    config.eval.extra_corpora = "stdlib"
+    config.eval.extra_max_chars = 400_000
+    config.eval.tasks = ""             # perplexity only; --config.eval.tasks=all for behaviour
+    return config
