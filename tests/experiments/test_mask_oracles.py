@@ -157,14 +157,21 @@ def lagged_keys(scores, base, local, block, log_t):
     return base & (given[blk] | (blk[:, None] == blk[None, :]) | local)
 
 
-def test_lagged_key_sets_match_a_float64_construction_and_read_no_later_query():
+def random_blocks_layer():
+    """(rng, B, H, S, float32 scores [B, H, S, S], causal [B, 1, S, S] with a tenth of the keys
+    padding, local (window 3 + sink 1) [S, S], positions [B, S]) of a fresh random layer whose
+    last block of 4 or 8 is short."""
     rng = np.random.default_rng()
-    b, h, seq = 2, 3, 37                               # the last block is short
+    b, h, seq = 2, 3, 37
     scores = (2 * rng.standard_normal((b, h, seq, seq))).astype(np.float32)
     causal = np.tril(np.ones((seq, seq), bool))[None, None] & (rng.random((b, 1, 1, seq)) < 0.9)
     pos = np.arange(seq)
     local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
-    positions = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+    return rng, b, h, seq, scores, causal, local, jnp.broadcast_to(jnp.arange(seq), (b, seq))
+
+
+def test_lagged_key_sets_match_a_float64_construction_and_read_no_later_query():
+    rng, b, h, seq, scores, causal, local, positions = random_blocks_layer()
 
     def mask(scores, block, log_t):
         return np.asarray(lagged_block_keys_mask(jnp.asarray(scores), jnp.asarray(causal),
@@ -225,13 +232,7 @@ def test_key_sets_of_query_groups_match_a_float64_construction():
 
 
 def test_key_blocks_of_query_blocks_match_a_float64_construction():
-    rng = np.random.default_rng()
-    b, h, seq = 2, 3, 37                               # the last block is short
-    scores = (2 * rng.standard_normal((b, h, seq, seq))).astype(np.float32)
-    causal = np.tril(np.ones((seq, seq), bool))[None, None] & (rng.random((b, 1, 1, seq)) < 0.9)
-    pos = np.arange(seq)
-    local = (pos[:, None] - pos[None, :] < 3) | (pos[None, :] < 1)
-    positions = jnp.broadcast_to(jnp.arange(seq), (b, seq))
+    rng, b, h, seq, scores, causal, local, positions = random_blocks_layer()
     for pooled in (False, True):
         for block, log_t in ((4, -1.0), (4, -2.5), (8, -1.5)):
             got = np.asarray(block_keys_mask(jnp.asarray(scores), jnp.asarray(causal),

@@ -222,7 +222,7 @@ def test_fitting_sets_the_least_squares_score_estimate_and_meets_the_target_dens
     assert evaluate_surgical(model, calibration, cfg)["density"] < 0.6 <= at
 
 
-def test_selector_errors_name_the_problem():
+def test_selector_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"SurgeryConfig.key_rank=-1: must be an integer >= 0"):
         SurgeryConfig(key_rank=-1)
     with pytest.raises(ConfigError, match=r"key_rank=9: must lie in \[0, 8\] \(the model's "
@@ -239,6 +239,18 @@ def test_selector_errors_name_the_problem():
         key_selection.calibrate_threshold(model, batch, 1.5)
     with pytest.raises(ValueError, match="no training rows"):
         key_selection.fit_projections(model, [])
+    # a selector file that does not fit the model is refused by what is wrong with it
+    from ultrametric_jax.run.export import ExportError, load_selectors, save_selectors
+    path = save_selectors(model, str(tmp_path / "selectors.safetensors"), {"step": 3})
+    narrower, _ = selector_model(rank=2)
+    with pytest.raises(ExportError, match=r"key-selector tensor model\.layers\.0\.self_attn\."
+                                          r"selector\.query_proj has shape \(4, 8, 3\), expected "
+                                          r"\(4, 8, 2\) \(heads, head dimension, key_rank = 2\)"):
+        load_selectors(narrower, path)
+    with pytest.raises(ExportError, match="missing key selectors: .* does not exist"):
+        load_selectors(narrower, str(tmp_path / "nowhere.safetensors"))
+    with pytest.raises(ExportError, match="the model has no key selectors"):
+        load_selectors(plain, path)
     surgery.set_attention_impl(model, "kernel", interpret=True)
     with pytest.raises(NotImplementedError, match="runs in the masked dense evaluation path"):
         model(random_ids(1, 8))

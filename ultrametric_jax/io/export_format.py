@@ -36,18 +36,25 @@ def selector_shapes(config, surgery) -> dict[str, tuple]:
 
 def selector_shape_problem(shapes: dict, config, surgery) -> Optional[str]:
     """What is wrong with key-selector tensors of the given {name: shape}, or None."""
-    expected = selector_shapes(config, surgery)
+    return _shape_problem(shapes, selector_shapes(config, surgery), "key-selector tensor",
+                          "the key selectors", "",
+                          f"(heads, head dimension, key_rank = {surgery.key_rank})")
+
+
+def _shape_problem(shapes: dict, expected: dict, item: str, whole: str, incomplete: str,
+                   explained: str) -> Optional[str]:
+    """The first of: tensors missing (`whole` lacks ...`incomplete`), tensors not expected, a
+    tensor (`item`) of another shape than expected (`explained` says how it is made)."""
     missing = [name for name in expected if name not in shapes]
     if missing:
-        return (f"the key selectors lack {len(missing)} of {len(expected)} tensors, e.g. "
-                f"{missing[0]}")
+        return (f"{whole} lack {len(missing)} of {len(expected)} tensors, e.g. "
+                f"{missing[0]}{incomplete}")
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        return f"unexpected key-selector tensors: {extra[:4]}"
+        return f"unexpected {item}s: {extra[:4]}"
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
-            return (f"key-selector tensor {name} has shape {tuple(shapes[name])}, expected "
-                    f"{shape} (heads, head dimension, key_rank = {surgery.key_rank})")
+            return f"{item} {name} has shape {tuple(shapes[name])}, expected {shape} {explained}"
     return None
 
 
@@ -67,17 +74,7 @@ def router_shapes(config, surgery) -> dict[str, tuple]:
 
 def router_shape_problem(shapes: dict, config, surgery) -> Optional[str]:
     """What is wrong with router tensors of the given {name: shape}, or None when they fit."""
-    expected = router_shapes(config, surgery)
-    missing = [name for name in expected if name not in shapes]
-    if missing:
-        return (f"the router weights lack {len(missing)} of {len(expected)} tensors, e.g. "
-                f"{missing[0]}: no complete ultrametric topology")
-    extra = sorted(set(shapes) - set(expected))
-    if extra:
-        return f"unexpected router weights: {extra[:4]}"
-    for name, shape in expected.items():
-        if tuple(shapes[name]) != shape:
-            return (f"router weight {name} has shape {tuple(shapes[name])}, expected {shape} "
-                    f"(H*L*p = {config.num_attention_heads}*{surgery.num_levels}*"
-                    f"{surgery.arity})")
-    return None
+    return _shape_problem(shapes, router_shapes(config, surgery), "router weight",
+                          "the router weights", ": no complete ultrametric topology",
+                          f"(H*L*p = {config.num_attention_heads}*{surgery.num_levels}*"
+                          f"{surgery.arity})")

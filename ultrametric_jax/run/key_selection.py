@@ -18,6 +18,7 @@ from flax import nnx
 
 from ultrametric_jax.model import llama
 from ultrametric_jax.run.evaluate import evaluate_surgical
+from ultrametric_jax.run.metrics import progress_bar
 from ultrametric_jax.run.restricted_attention import restricted_logits
 from ultrametric_jax.surgery.inject import surgical_layers
 from ultrametric_jax.surgery.key_selector import bilinear_factors, key_gram
@@ -87,7 +88,8 @@ def set_threshold(model, log_threshold: float) -> None:
         layer.selector.log_threshold[...] = jnp.asarray(log_threshold, jnp.float32)
 
 
-def calibrate_threshold(model, batches: Sequence[dict], target: float, steps: int = 14) -> dict:
+def calibrate_threshold(model, batches: Sequence[dict], target: float, steps: int = 14,
+                        progress: bool = True) -> dict:
     """{"log_threshold", "density"}: the strictest shared threshold found (bisection on log t
     in [LOWEST_LOG_THRESHOLD, 0], `steps` halvings, one evaluation each) whose total density
     over `batches` is at or above target; the model keeps it. Raises ValueError when even the
@@ -98,33 +100,40 @@ def calibrate_threshold(model, batches: Sequence[dict], target: float, steps: in
     if steps < 0:
         raise ValueError(f"calibration steps must be >= 0, got {steps}")
     surgery = layers[0].surgery_config
+    bar = progress_bar(steps + 1, desc="key selection: threshold", enabled=progress)
 
     def density(log_t):
         set_threshold(model, log_t)
-        return evaluate_surgical(model, batches, surgery)["density"]
+        at = evaluate_surgical(model, batches, surgery)["density"]
+        bar.update()
+        bar.set_postfix(log_t=f"{log_t:.3f}", density=f"{at:.4f}")
+        return at
 
-    permissive, strict = LOWEST_LOG_THRESHOLD, 0.0
-    reached = density(permissive)
-    if reached < target:
-        raise ValueError(f"key selection: even at p >= exp({LOWEST_LOG_THRESHOLD}) the density "
-                         f"{reached:.4f} stays below the target {target}")
-    for _ in range(steps):
-        mid = (permissive + strict) / 2
-        at = density(mid)
-        if at >= target:
-            permissive, reached = mid, at
-        else:
-            strict = mid
+    try:
+        permissive, strict = LOWEST_LOG_THRESHOLD, 0.0
+        reached = density(permissive)
+        if reached < target:
+            raise ValueError(f"key selection: even at p >= exp({LOWEST_LOG_THRESHOLD}) the "
+                             f"density {reached:.4f} stays below the target {target}")
+        for _ in range(steps):
+            mid = (permissive + strict) / 2
+            at = density(mid)
+            if at >= target:
+                permissive, reached = mid, at
+            else:
+                strict = mid
+    finally:
+        bar.close()
     set_threshold(model, permissive)
     return {"log_threshold": permissive, "density": reached}
 
 
 def fit_key_selectors(model, train_batches: Sequence[dict], calibration_batches: Sequence[dict],
-                      target: float, steps: int = 14) -> dict:
+                      target: float, steps: int = 14, progress: bool = True) -> dict:
     """Fits every layer's key selector: the score projections on train_batches, then the
     shared threshold on calibration_batches for `target` total density. Returns
     {"log_threshold", "density", "fit_rows"} (density: on the calibration rows)."""
     fit_projections(model, train_batches)
-    result = calibrate_threshold(model, calibration_batches, target, steps)
+    result = calibrate_threshold(model, calibration_batches, target, steps, progress)
     return {**result, "fit_rows": int(sum(np.shape(b["input_ids"])[0] for b in train_batches))}
 
