@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ultrametric_jax.model import llama
-from ultrametric_jax.surgery.key_selector import (  # noqa: F401  (the masks' shared estimate)
-    key_basis, key_gram, low_rank_scores)
+from ultrametric_jax.surgery.key_selector import key_gram
 
 # (layer, scores, causal[, q, k]) -> row probabilities
 Probabilities = Callable[..., jax.Array]
@@ -270,3 +269,38 @@ def lagged_block_keys_mask(scores, causal, local, positions, block: int, log_thr
     per_query = jnp.take_along_axis(lagged, rows, -2)                            # [B, H, S, S]
     own_block = ids[:, None, :, None] == ids[:, None, None, :]
     return causal & (per_query | own_block | jnp.broadcast_to(local, scores.shape))
+
+
+def key_basis(gram, rank: int):
+    """float32 [..., D, rank]: the top `rank` eigenvectors of the key Gram matrices gram
+    [..., D, D] (symmetric), the directions a rank-r score estimate keeps."""
+    dim = gram.shape[-1]
+    if not 1 <= rank <= dim:
+        raise ValueError(f"low_rank_scores: rank must lie in [1, {dim}] (the head dimension), "
+                         f"got {rank}")
+    _, vectors = jnp.linalg.eigh(gram)                                        # ascending
+    return vectors[..., dim - rank:]
+
+
+def low_rank_scores(q, k, rank: int, real, basis=None):
+    """float32 [B, H, Sq, Sk]: the scores q . k with queries and keys projected on the top
+    `rank` principal directions of the sequence's own real keys (real bool [B, Sk]), per kv
+    head, or on a basis fitted elsewhere (basis [G, D, rank], e.g. key_basis of training rows'
+    key_gram: then no key of the sequence, later ones included, shapes any query's estimate):
+    an estimate of the scores at rank / D of their cost. q [B, Sq, H, D] (scaled), k
+    [B, Sk, G, D]; query head h reads kv head h // (H // G). With rank = D the projection is
+    the identity."""
+    batch, q_len, heads, dim = q.shape
+    groups = k.shape[2]
+    if basis is None:
+        basis = key_basis(key_gram(k, real), rank)                             # [B, G, D, r]
+    else:
+        if basis.shape != (groups, dim, rank):
+            raise ValueError(f"low_rank_scores: basis has shape {tuple(basis.shape)}, expected "
+                             f"(kv heads, head dimension, rank) = {(groups, dim, rank)}")
+        basis = jnp.broadcast_to(basis, (batch, groups, dim, rank))
+    kp = jnp.einsum("bsgd,bgdr->bgsr", k.astype(jnp.float32), basis)
+    qp = jnp.einsum("bsgtd,bgdr->bgtsr",
+                    q.astype(jnp.float32).reshape(batch, q_len, groups, heads // groups, dim),
+                    basis)
+    return jnp.einsum("bgtsr,bgjr->bgtsj", qp, kp).reshape(batch, heads, q_len, k.shape[1])

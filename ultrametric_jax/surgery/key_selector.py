@@ -38,17 +38,6 @@ def key_gram(k, real):
     return jnp.einsum("bsgd,bsge->bgde", keys, keys)
 
 
-def key_basis(gram, rank: int):
-    """float32 [..., D, rank]: the top `rank` eigenvectors of the key Gram matrices gram
-    [..., D, D] (symmetric), the directions a rank-r score estimate keeps."""
-    dim = gram.shape[-1]
-    if not 1 <= rank <= dim:
-        raise ValueError(f"low_rank_scores: rank must lie in [1, {dim}] (the head dimension), "
-                         f"got {rank}")
-    _, vectors = jnp.linalg.eigh(gram)                                        # ascending
-    return vectors[..., dim - rank:]
-
-
 def bilinear_factors(query_gram, key_cov, rank: int, ridge: float = 1e-6):
     """(W_q, W_k), float32 [..., D, rank] each: the factors of the rank-r matrix
     A = W_q W_k^T minimising the expected squared error of the estimate q^T A k of the scores
@@ -87,30 +76,6 @@ def projected_scores(q, k, query_proj, key_proj):
     kp = jnp.einsum("bjhd,hdr->bhjr", jnp.repeat(k.astype(jnp.float32), heads // groups, 2),
                     key_proj)
     return jnp.einsum("bhsr,bhjr->bhsj", qp, kp)
-
-
-def low_rank_scores(q, k, rank: int, real, basis=None):
-    """float32 [B, H, Sq, Sk]: the scores q . k with queries and keys projected on the top
-    `rank` principal directions of the sequence's own real keys (real bool [B, Sk]), per kv
-    head, or on a basis fitted elsewhere (basis [G, D, rank], e.g. key_basis of training rows'
-    key_gram: then no key of the sequence, later ones included, shapes any query's estimate):
-    an estimate of the scores at rank / D of their cost. q [B, Sq, H, D] (scaled), k
-    [B, Sk, G, D]; query head h reads kv head h // (H // G). With rank = D the projection is
-    the identity."""
-    batch, q_len, heads, dim = q.shape
-    groups = k.shape[2]
-    if basis is None:
-        basis = key_basis(key_gram(k, real), rank)                             # [B, G, D, r]
-    else:
-        if basis.shape != (groups, dim, rank):
-            raise ValueError(f"low_rank_scores: basis has shape {tuple(basis.shape)}, expected "
-                             f"(kv heads, head dimension, rank) = {(groups, dim, rank)}")
-        basis = jnp.broadcast_to(basis, (batch, groups, dim, rank))
-    kp = jnp.einsum("bsgd,bgdr->bgsr", k.astype(jnp.float32), basis)
-    qp = jnp.einsum("bsgtd,bgdr->bgtsr",
-                    q.astype(jnp.float32).reshape(batch, q_len, groups, heads // groups, dim),
-                    basis)
-    return jnp.einsum("bgtsr,bgjr->bgtsj", qp, kp).reshape(batch, heads, q_len, k.shape[1])
 
 
 def selected_keys(scores, causal, log_threshold):
