@@ -61,13 +61,16 @@ def _cross_entropy(model, input_ids, mask):
 @functools.partial(nnx.jit, static_argnames=("window", "sink_tokens"))
 def _cross_entropy_and_routes(model, input_ids, mask, *, window, sink_tokens):
     """((CE sum, count), (clusters [layers,B,H,S], per-layer (tree, allowed, causal) pair
-    counts [3, layers]))."""
+    counts [3, layers], with key selectors also their (visited, causal) 64 x 64 tiles:
+    [5, layers]))."""
     logits, aux = forward_with_aux(model, input_ids, mask)
     clusters = aux["clusters"]
     counts = pair_counts(clusters, window, sink_tokens, mask.astype(bool)[None, :, None, :])
     per_layer = jnp.stack([jnp.sum(c, axis=(1, 2)) for c in counts])
     if "allowed_pairs_per_layer" in aux:          # key selectors narrow the tree's pairs
-        per_layer = per_layer.at[1].set(aux["allowed_pairs_per_layer"])
+        per_layer = jnp.concatenate([per_layer.at[1].set(aux["allowed_pairs_per_layer"]),
+                                     jnp.stack([aux["visited_blocks_per_layer"],
+                                                aux["causal_blocks_per_layer"]])])
     return token_cross_entropy(logits, input_ids, mask), (clusters, per_layer)
 
 
@@ -93,9 +96,12 @@ def perplexity(model, batches: Sequence[dict]) -> dict:
 
 def evaluate_surgical(model, batches: Sequence[dict], surgery: SurgeryConfig) -> dict:
     """Perplexity, density per layer (tree / total) and routing entropy of the hard routes
-    (evaluation mode; the model's mode is restored afterwards)."""
+    (evaluation mode; the model's mode is restored afterwards); with key selectors also the
+    block density: of the 64 x 64 tiles holding a causal pair, the share holding an allowed
+    one."""
     layers = len(model.model.layers)
-    counts = np.zeros((3, layers), np.float64)            # tree, allowed, causal per layer
+    # tree, allowed, causal pairs per layer (and with key selectors visited, causal tiles)
+    counts = np.zeros((5 if surgery.key_rank else 3, layers), np.float64)
     entropy = np.zeros(surgery.cut_level)
 
     def visit(routes, mask):
@@ -109,9 +115,13 @@ def evaluate_surgical(model, batches: Sequence[dict], surgery: SurgeryConfig) ->
                                 sink_tokens=surgery.sink_tokens)
     with evaluation_mode(model):
         result = _held_out_loss(forward, model, batches, visit)
-    tree, allowed, causal = counts
+    tree, allowed, causal = counts[:3]
     density = allowed / np.maximum(causal, 1)
     tree_density = tree / np.maximum(causal, 1)
+    if surgery.key_rank:    # the share of causal 64 x 64 tiles a block-sparse kernel would visit
+        visited, tiles = counts[3:]
+        result = {**result, "block_density": float(visited.sum() / max(tiles.sum(), 1)),
+                  "block_density_per_layer": (visited / np.maximum(tiles, 1)).tolist()}
     return {**result,
             "density": float(allowed.sum() / max(causal.sum(), 1)),
             "tree_density": float(tree.sum() / max(causal.sum(), 1)),
@@ -172,7 +182,9 @@ class EvalReport:
             lines.append(f"key selectors at rank {f['key_rank']}: p >= "
                          f"exp({f['log_threshold']:.3f}), density {100 * f['density']:.1f}% on "
                          f"{f['calibration_rows']} training rows (target "
-                         f"{100 * f['target_density']:.0f}%)")
+                         f"{100 * f['target_density']:.0f}%); held out, the mask touches "
+                         f"{100 * s.get('block_density', float('nan')):.1f}% of the causal "
+                         "64 x 64 tiles")
         for name, r in self.by_corpus.items():
             dense, surgical = r["dense"]["perplexity"], r["surgical"]["perplexity"]
             lines.append(f"{name}: perplexity dense {dense:.2f} -> surgical {surgical:.2f} "

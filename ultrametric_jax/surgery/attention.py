@@ -47,7 +47,7 @@ from ultrametric_jax.surgery import tree as um
 from ultrametric_jax.surgery.budget import route_density, soft_density
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.surgery.config import SurgeryConfig
-from ultrametric_jax.surgery.key_selector import KeySelector
+from ultrametric_jax.surgery.key_selector import KeySelector, visited_blocks
 from ultrametric_jax.surgery.objectives import attention_recall_loss
 from ultrametric_jax.surgery.route_cache import LayerRouteCache
 from ultrametric_jax.surgery.router import DynamicTopologyRouter
@@ -290,7 +290,8 @@ class SurgicalAttention(nnx.Module):
     def _masked_attention(self, q, k, v, positions, k_pos, clusters, k_clusters, k_valid,
                           q_valid=None):
         """(output, extras): the hard topology's mask, narrowed by the key selector if the
-        layer has one (extras then holds allowed_pairs, the allowed pairs of real queries)."""
+        layer has one (extras then holds allowed_pairs, the allowed pairs of real queries, and
+        visited_blocks / causal_blocks, key_selector.visited_blocks of the mask)."""
         allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
         if self.selector is None:
             return llama.masked_attention(q, k, v, allowed, self.scale), {}
@@ -305,7 +306,9 @@ class SurgicalAttention(nnx.Module):
         allowed = allowed & (self.selector(q, k, causal, self.scale) | bypass | own)
         real = (jnp.ones(positions.shape, bool) if q_valid is None
                 else q_valid.astype(bool))[:, None, :, None]
-        extras = {"allowed_pairs": jnp.sum(allowed & real, dtype=jnp.float32)}
+        visited, tiles = visited_blocks(allowed & real, causal & real)
+        extras = {"allowed_pairs": jnp.sum(allowed & real, dtype=jnp.float32),
+                  "visited_blocks": visited, "causal_blocks": tiles}
         return llama.masked_attention(q, k, v, allowed, self.scale), extras
 
     def _training_attention(self, q, k, v, logits, assign, positions, clusters, q_valid):

@@ -7,12 +7,11 @@ the rank-r bilinear estimate of the scores q . k with the least expected squared
 training rows (bilinear_factors of their queries' second moment and keys' covariance; fitted
 by ultrametric_jax.run.key_selection, never trained). The probability is the softmax of the
 estimated scores over the query's causal keys; the threshold is one log-probability per layer,
-calibrated for a target density. The choice of query i reads
-q_i and the keys j <= i only: it is causal, so cached decoding selects what a full forward
-selects. A row keeps its most probable key and, in the layer, its own key whatever the
-threshold (it never goes empty: the tree's cluster holds the query itself). At
-initialisation the threshold selects every key, so a model with a selector equals the model
-without one until the selector is fitted.
+calibrated for a target density. The choice of query i reads q_i and the keys j <= i only: it
+is causal, so cached decoding selects what a full forward selects. A row keeps its most
+probable key and, in the layer, its own key whatever the threshold (it never goes empty: the
+tree's cluster holds the query itself). At initialisation the threshold selects every key, so
+a model with a selector equals the model without one until the selector is fitted.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ class SelectionThreshold(nnx.Variable):
 
 def key_gram(k, real):
     """float32 [B, G, D, D]: sum over the real positions (bool [B, S]) of k_j k_j^T, per kv head
-    (k [B, S, G, D]): what the principal directions of the keys are read from."""
+    (k [B, S, G, D]): the keys' second moment, from which their covariance is read."""
     keys = jnp.where(real[:, :, None, None], k.astype(jnp.float32), 0.0)
     return jnp.einsum("bsgd,bsge->bgde", keys, keys)
 
@@ -86,6 +85,26 @@ def selected_keys(scores, causal, log_threshold):
     logp = jax.nn.log_softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
     top = logp >= jnp.max(logp, -1, keepdims=True)
     return causal & ((logp >= log_threshold) | top)
+
+
+KERNEL_BLOCK = 64     # the query and key block of a block-sparse kernel (what visits count)
+
+
+def visited_blocks(allowed, causal, block: int = KERNEL_BLOCK):
+    """float32 (blocks holding an allowed pair, blocks holding a causal pair): allowed
+    [B, H, Sq, Sk] and causal (broadcast to it; real queries and keys only) cut into block x
+    block tiles, counted over B and H. A block-sparse kernel that runs the mask visits the
+    first count of tiles where dense causal attention visits the second."""
+    causal = jnp.broadcast_to(causal, allowed.shape)
+    batch, heads, q_len, k_len = allowed.shape
+    pad = ((0, 0), (0, 0), (0, -q_len % block), (0, -k_len % block))
+
+    def tiles(mask):
+        mask = jnp.pad(mask, pad)
+        shape = (batch, heads, mask.shape[2] // block, block, mask.shape[3] // block, block)
+        return jnp.sum(jnp.any(mask.reshape(shape), axis=(3, 5)), dtype=jnp.float32)
+
+    return tiles(allowed & causal), tiles(causal)
 
 
 class KeySelector(nnx.Module):
