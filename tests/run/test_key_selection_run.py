@@ -1,7 +1,9 @@
-"""Key selectors through a run: `ultrametric run` on the tiny random Llama with key_rank > 0
-fits them on training rows after the routers train, reports their calibration, writes them
-beside the checkpoints; `ultrametric export` carries them to PyTorch, where the surgical model
-gives the JAX model's logits and greedy tokens; a selector fitted for another step is refused."""
+"""Key selectors through a run: routers trained on the tiny random Llama without selectors, then
+`ultrametric eval --config.surgery.key_rank=...` fits them on training rows, reports their
+calibration and writes them beside the checkpoints; restoring the run adopts them, `ultrametric
+export` carries them to PyTorch, where the surgical model gives the JAX model's logits and
+greedy tokens; selectors fitted for another step are refused or, for a run trained without
+them, left out."""
 import json
 import os
 import runpy
@@ -15,14 +17,15 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import load_file  # noqa: E402
 
 from test_export import rel_err, torch_greedy, torch_logits  # noqa: E402
+from ultrametric_jax.cli import eval as eval_command  # noqa: E402
 from ultrametric_jax.cli import export as export_command  # noqa: E402
-from ultrametric_jax.cli import run as run_command  # noqa: E402
+from ultrametric_jax.cli import train as train_command  # noqa: E402
 from ultrametric_jax.pytorch import surgical_llama as torch_surgery  # noqa: E402
 from ultrametric_jax.run import generate as jax_generate  # noqa: E402
 from ultrametric_jax.run.evaluate import evaluate_surgical  # noqa: E402
 from ultrametric_jax.run.export import (SELECTOR_FILE, ExportError,  # noqa: E402
                                         load_surgical_export, selector_info)
-from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
+from ultrametric_jax.run.pipeline import restore_run, restore_selectors  # noqa: E402
 from ultrametric_jax.surgery.key_selector import SELECT_ALL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,11 +37,11 @@ def selector_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("selector_run")
     base = runpy.run_path(TINY_CONFIG)["write_model"](str(root / "base"))
     workdir, out = str(root / "run"), str(root / "hf")
-    rc = run_command.main(["--config", TINY_CONFIG, f"--config.model.path={base}",
-                           "--config.surgery.key_rank=3", "--config.selection.target_density=0.5",
-                           "--config.selection.fit_rows=4", "--config.selection.steps=12",
-                           "--workdir", workdir])
-    assert rc == 0
+    model = ["--config", TINY_CONFIG, f"--config.model.path={base}", "--workdir", workdir]
+    assert train_command.main(model) == 0
+    assert eval_command.main(model + [
+        "--config.surgery.key_rank=3", "--config.selection.target_density=0.5",
+        "--config.selection.fit_rows=4", "--config.selection.steps=12"]) == 0
     assert export_command.main(["--workdir", workdir, "--out", out]) == 0
     return workdir, out
 
@@ -99,12 +102,19 @@ def test_a_run_fits_reports_and_exports_its_key_selectors(selector_run):
 @pytest.mark.slow
 def test_selectors_of_another_step_or_missing_are_refused(selector_run, tmp_path):
     workdir, out = selector_run
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # the run trained without selectors: its step 8 restores as it trained, routers only
+    assert all(layer.self_attn.selector is None
+               for layer in restore_run(checkpoints, step=8).model.model.layers)
+    restored = restore_run(checkpoints)                  # step 12: the selectors fitted for it
     with pytest.raises(ExportError, match=r"fitted for the routers of step 12, not step 8"):
-        restore_run(os.path.join(workdir, "checkpoints"), step=8)
+        restore_selectors(restored.model, checkpoints, 8)
     os.rename(os.path.join(workdir, SELECTOR_FILE), str(tmp_path / "aside"))
     try:
         with pytest.raises(ExportError, match=r"missing key selectors: .* does not exist"):
-            restore_run(os.path.join(workdir, "checkpoints"))
+            restore_selectors(restored.model, checkpoints, 12)
+        # without the file, the run restores as it trained
+        assert restore_run(checkpoints).model.model.layers[0].self_attn.selector is None
     finally:
         os.rename(str(tmp_path / "aside"), os.path.join(workdir, SELECTOR_FILE))
     os.remove(os.path.join(out, SELECTOR_FILE))

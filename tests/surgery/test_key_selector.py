@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from numpy_selector import np_bilinear
-from test_surgery import perturb_routers, random_ids, run_layer, tiny_model
+from test_surgery import np_qkv, perturb_routers, random_ids, run_layer, tiny_model
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.model import llama
 from ultrametric_jax.run import key_selection
@@ -37,9 +37,7 @@ def np_selector_attention(attn, x, valid, clusters, window, sink, projections, l
     """float64 oracle of one surgical layer with a key selector: the output and the allowed
     pairs [B, H, S, S]."""
     batch, seq = x.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    q, k, v = (np.asarray(a, np.float64) for a in llama.project_qkv(
-        attn.config, attn.q_proj, attn.k_proj, attn.v_proj, jnp.asarray(x), positions))
+    q, k, v = np_qkv(attn, x)
     heads, groups, dim = q.shape[2], k.shape[2], q.shape[3]
     out = np.zeros_like(q)
     allowed = np.zeros((batch, heads, seq, seq), bool)

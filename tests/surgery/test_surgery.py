@@ -52,12 +52,18 @@ def lm_loss(logits, ids):
     return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
 
+def np_qkv(attn, x):
+    """float64 q [B,S,H,D], k, v [B,S,G,D] of a layer's projections (RoPE at positions 0..S-1)."""
+    batch, seq = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    return tuple(np.asarray(a, np.float64) for a in llama.project_qkv(
+        attn.config, attn.q_proj, attn.k_proj, attn.v_proj, jnp.asarray(x), positions))
+
+
 def np_surgical_attention(attn, x, valid, clusters, window, sink):
     """float64 oracle of one surgical attention layer given its routes (cluster ids)."""
     batch, seq = x.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    q, k, v = (np.asarray(a, np.float64) for a in llama.project_qkv(
-        attn.config, attn.q_proj, attn.k_proj, attn.v_proj, jnp.asarray(x), positions))
+    q, k, v = np_qkv(attn, x)
     heads, groups, dim = q.shape[2], k.shape[2], q.shape[3]
     clusters = np.asarray(clusters)
     out = np.zeros_like(q)

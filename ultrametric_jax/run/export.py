@@ -138,6 +138,13 @@ def selector_info(path: str) -> dict:
         return json.loads((f.metadata() or {}).get(SELECTION_INFO_KEY, "{}"))
 
 
+def selector_surgery(path: str) -> Optional[SurgeryConfig]:
+    """The SurgeryConfig save_selectors recorded in `path` (None when there is none)."""
+    with safe_open(path, framework="np") as f:
+        recorded = (f.metadata() or {}).get(SURGERY_CONFIG_KEY)
+    return None if recorded is None else SurgeryConfig.from_dict(json.loads(recorded))
+
+
 # ----------------------------------------------------------------------------- writing
 
 README = """# Ultrametric surgery export

@@ -35,11 +35,11 @@ from ultrametric_jax.run.host_memory import release_compiled
 from ultrametric_jax.run.key_selection import fit_key_selectors
 from ultrametric_jax.run.metrics import MetricsWriter
 from ultrametric_jax.run.export import (ExportError, export_surgical_model, load_selectors,
-                                        save_selectors, selector_info, tokenizer_source,
-                                        verify_base_model)
+                                        save_selectors, selector_info, selector_surgery,
+                                        tokenizer_source, verify_base_model)
 from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
                                             base_model_identity, check_same_base,
-                                            check_same_setup)
+                                            check_same_setup, surgery_changes)
 from ultrametric_jax.run.settings import RunConfig
 from ultrametric_jax.run.tasks import parse_task_names, run_tasks
 from ultrametric_jax.run.window_baseline import matched_baseline
@@ -390,7 +390,7 @@ def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
         if "config" not in meta or "base_model" not in meta:
             raise ExportError(f"checkpoint step {step} in {directory} records no run config "
                               "or base model identity")
-        run = RunConfig.from_dict(meta["config"])
+        run = with_fitted_selectors(RunConfig.from_dict(meta["config"]), directory, step)
         model = load_base_model(verify_base_model(meta["base_model"]), run)
         inject(run, model)
         model_config = dataclasses.asdict(model.config)
@@ -418,10 +418,30 @@ def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
                        base_model=meta["base_model"], checkpoint_dir=directory)
 
 
+def selector_path(directory: str) -> str:
+    """Where the key selectors of the run whose checkpoints are in `directory` are written."""
+    return os.path.join(os.path.dirname(os.path.abspath(directory)), SELECTOR_FILE)
+
+
+def with_fitted_selectors(run: RunConfig, directory: str, step: int) -> RunConfig:
+    """`run` with the key selectors fitted for its routers of `step`, where the run trained
+    without them and `ultrametric eval --config.surgery.key_rank=...` fitted them afterwards
+    (their file beside the checkpoints records the surgery, same topology, and the step)."""
+    path = selector_path(directory)
+    if run.surgery.key_rank or not os.path.isfile(path):
+        return run
+    surgery, info = selector_surgery(path), selector_info(path)
+    if (surgery is None or not surgery.key_rank or info.get("step") != step
+            or info.get("target_density") is None or surgery_changes(run.surgery, surgery)):
+        return run
+    selection = dataclasses.replace(run.selection, target_density=info.get("target_density"))
+    return dataclasses.replace(run, surgery=surgery, selection=selection)
+
+
 def restore_selectors(model, directory: str, step: int) -> None:
     """Loads the key selectors fitted beside the checkpoint directory; they must have been
     fitted for the routers of `step` (ExportError otherwise, or when they are missing)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(directory)), SELECTOR_FILE)
+    path = selector_path(directory)
     load_selectors(model, path)
     fitted = selector_info(path).get("step")
     if fitted != step:
