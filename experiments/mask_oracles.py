@@ -646,6 +646,7 @@ def main(argv=None):
                **setup.extra_batches}
     rows, thresholds = [], {}          # one calibration per target, shared by the families
     bases = bilinear = None            # fitted once, on training rows, when a family asks
+    training_rows = eval_batches(setup.train_data, 1, config.basis_rows)
     stem = "toy" if args.toy else "mask_oracles"
 
     def save(complete: bool) -> dict:
@@ -659,7 +660,6 @@ def main(argv=None):
     for s in plan(config):
         settings = {k: s[k] for k in keys}
         calibration = setup.val_batches[:config.calibration_rows]   # first in-domain rows only
-        training_rows = eval_batches(setup.train_data, 1, config.basis_rows)
         if s["family"] in FITTED_BASIS and bases is None:
             bases = fitted_bases(setup.model, training_rows, config.key_rank)
         if s["family"] in FITTED_BILINEAR and bilinear is None:

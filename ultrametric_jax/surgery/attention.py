@@ -295,21 +295,28 @@ class SurgicalAttention(nnx.Module):
         allowed = self._allowed(positions, k_pos, clusters, k_clusters, k_valid)
         if self.selector is None:
             return llama.masked_attention(q, k, v, allowed, self.scale), {}
-        s = self.surgery_config
-        # the sink + window pairs: those allowed under cluster ids that never agree
-        never = jnp.zeros(positions.shape, jnp.int32)[:, None]
-        bypass = um.allowed_mask(positions, k_pos, never, jnp.ones(k_pos.shape, jnp.int32)[:, None],
-                                 s.window, s.sink_tokens, k_valid)
         causal = llama.causal_mask(positions, k_pos, k_valid)
         # a query always keeps its own key: with the tree's cluster it keeps one pair at least
         own = positions[:, None, :, None] == k_pos[:, None, None, :]
-        allowed = allowed & (self.selector(q, k, causal, self.scale) | bypass | own)
-        real = (jnp.ones(positions.shape, bool) if q_valid is None
-                else q_valid.astype(bool))[:, None, :, None]
-        visited, tiles = visited_blocks(allowed & real, causal & real)
-        extras = {"allowed_pairs": jnp.sum(allowed & real, dtype=jnp.float32),
-                  "visited_blocks": visited, "causal_blocks": tiles}
+        allowed = allowed & (self.selector(q, k, causal, self.scale)
+                             | self._local_pairs(positions, k_pos, k_valid) | own)
+        extras = {}
+        if self.reporting is not None:        # the counts only a report reads
+            real = (jnp.ones(positions.shape, bool) if q_valid is None
+                    else q_valid.astype(bool))[:, None, :, None]
+            visited, tiles = visited_blocks(allowed & real, causal & real)
+            extras = {"allowed_pairs": jnp.sum(allowed & real, dtype=jnp.float32),
+                      "visited_blocks": visited, "causal_blocks": tiles}
         return llama.masked_attention(q, k, v, allowed, self.scale), extras
+
+    def _local_pairs(self, positions, k_pos, k_valid):
+        """bool [B, 1, Sq, Sk]: the sink + window pairs, those allowed under cluster ids that
+        never agree."""
+        s = self.surgery_config
+        never = jnp.zeros(positions.shape, jnp.int32)[:, None]
+        return um.allowed_mask(positions, k_pos, never,
+                               jnp.ones(k_pos.shape, jnp.int32)[:, None], s.window,
+                               s.sink_tokens, k_valid)
 
     def _training_attention(self, q, k, v, logits, assign, positions, clusters, q_valid):
         """(output, extras): the straight-through bridge over the Gumbel routes. extras holds
@@ -320,10 +327,7 @@ class SurgicalAttention(nnx.Module):
         s = self.surgery_config
         allowed = self._allowed(positions, positions, clusters, clusters, q_valid)
         causal = llama.causal_mask(positions, positions, q_valid)         # [B,1,S,S]
-        # Sink and window pairs: the pairs allowed under cluster ids that never agree.
-        never = jnp.zeros(positions.shape, jnp.int32)[:, None]            # [B,1,S]
-        bypass = um.allowed_mask(positions, positions, never, never + 1, s.window,
-                                 s.sink_tokens, q_valid)
+        bypass = self._local_pairs(positions, positions, q_valid)
         # O(S^2) memory per layer whatever L: the level products are recomputed backward.
         m = bridged_tree_mask(assign, allowed, causal & ~bypass, s.max_distance,
                               s.mask_temperature, s.depth_op)
