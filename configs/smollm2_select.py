@@ -1,17 +1,23 @@
-"""SmolLM2-135M-Instruct on Shakespeare with key selectors, sized for a 2-core CPU (1024 tokens).
+"""The main job (`ultrametric run`): SmolLM2-135M-Instruct on Shakespeare with key selectors,
+sized for a 2-core CPU (1024 tokens).
 
 Each attention layer keeps, per query, the keys whose probability under scores estimated at
-rank 32 (queries and keys projected on the top principal directions of training keys, per kv
-head) passes one threshold, calibrated on training rows for a 25% total attention density,
-beside a sink of 1 and a window of 64 (surgery/key_selector.py, run/key_selection.py). The tree
-keeps every pair (d_max = L: one cluster), so nothing is trained: evaluate it directly,
+rank 32 passes one threshold, beside a sink of 1 and a window of 64 (surgery/key_selector.py,
+run/key_selection.py). The estimate is the least-squares rank-32 fit of the layer's own scores
+on training rows (the queries' second moment and the keys' covariance, per query head); the
+threshold, shared by every layer, is calibrated on further training rows for a 25% total
+attention density. The tree keeps every pair (d_max = L: one cluster) and no router trains
+(train.steps = 0: the run's step-0 checkpoint holds the collapsed routers), so the selectors
+alone sparsify:
 
-  ultrametric eval --config configs/smollm2_select.py --workdir runs/select
+  ultrametric run                     # this config: about 5 minutes, 2.5 GB on 2 cores
 
-which fits the selectors on training rows, writes them beside the checkpoints, and reports
-held-out perplexity and density dense against surgical, in domain (the unseen plays) and out of
-domain (Python's own sources). Every knob is overridable (--config.surgery.key_rank=16,
---config.selection.target_density=0.1, ...).
+measures the dense baseline, fits the selectors, writes them beside the checkpoints, and
+reports held-out perplexity and density dense against surgical, in domain (the unseen plays)
+and out of domain (Python's own sources), then the fast behaviour tasks. Every knob is
+overridable (--config.surgery.key_rank=16, --config.selection.target_density=0.1,
+--config.eval.tasks= for perplexity only, ...). The tree recipe with trained routers is
+configs/smollm2_shakespeare.py (256 tokens) and smollm2_distill.py / smollm2_long.py.
 """
 import pathlib
 import runpy
@@ -34,11 +40,11 @@ def get_config():
     config.selection.steps = 14
     config.train.seq_len = 1024
     config.train.batch_size = 2
-    config.train.steps = 1             # `ultrametric run` trains nothing useful here
+    config.train.steps = 0             # the tree keeps every pair: no router to train
     config.model.dtype = "float32"
     config.eval.batches = 4
     config.eval.batch_size = 1
     config.eval.extra_corpora = "stdlib"
     config.eval.extra_max_chars = 400_000
-    config.eval.tasks = ""             # perplexity only; --config.eval.tasks=all for behaviour
+    # The fast subset of the behaviour tasks (as smollm2_shakespeare.py: under a minute)
     return config

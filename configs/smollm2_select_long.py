@@ -25,4 +25,5 @@ def get_config():
     config.eval.batches = 8
     config.eval.batch_size = 2
     config.eval.extra_max_chars = 1_500_000
+    config.eval.tasks = ""             # perplexity only; --config.eval.tasks=all for behaviour
     return config

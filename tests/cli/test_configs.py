@@ -14,7 +14,8 @@ from ultrametric_jax.surgery.objectives import ObjectiveConfig
 def surgery_config(config) -> SurgeryConfig:
     return RunConfig.from_config_dict(config).surgery
 
-CONFIGS = ["base", "smollm2_shakespeare", "llama3_8b_wikitext", "tinyllama", "tiny_random"]
+CONFIGS = ["base", "smollm2_shakespeare", "smollm2_select", "llama3_8b_wikitext", "tinyllama",
+           "tiny_random"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -22,7 +23,8 @@ def test_every_config_loads_and_validates(name):
     config, path, workdir = parse_flags(["--config", os.path.join(configs_dir(), name + ".py")])
     assert path.endswith(name + ".py") and workdir is None
     run = RunConfig.from_config_dict(config)
-    assert run.train.lr == 1e-3 or name in ("tiny_random", "smollm2_shakespeare")
+    assert run.train.lr == 1e-3 or name in ("tiny_random", "smollm2_shakespeare",
+                                            "smollm2_select")
     assert RunConfig.from_dict(run.to_dict()) == run        # what checkpoints record
     mesh = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     # The tests' tiny model pins one device; the others take every device there is.
@@ -53,12 +55,23 @@ def test_objective_section_is_objective_config():
 
 
 def test_default_config_is_the_cpu_setting():
+    """The main job: key selectors at 1k tokens for 25% density, the tree keeping every pair,
+    no router training, in and out of domain, with the fast behaviour tasks."""
     config, path, _ = parse_flags([])
-    assert os.path.basename(path) == "smollm2_shakespeare.py"
+    assert os.path.basename(path) == "smollm2_select.py"
+    run = RunConfig.from_config_dict(config)
+    s = run.surgery
+    assert (s.arity, s.num_levels, s.max_distance, s.cut_level) == (2, 10, 10, 0)
+    assert (s.window, s.sink_tokens, s.key_rank) == (64, 1, 32)
+    assert run.selection.target_density == 0.25 and run.train.steps == 0
+    assert (run.train.seq_len, run.model.dtype) == (1024, "float32")
+    assert run.model.path == "" and run.data.corpus == "shakespeare"
+    assert run.eval.extra_corpora == ("stdlib",) and run.eval.tasks
+    # the router recipe at 256 tokens stays a shipped config
+    config, path, _ = parse_flags(["--config", "smollm2_shakespeare"])
     s = surgery_config(config)
     assert (s.arity, s.num_levels, s.max_distance, s.cut_level, s.window) == (2, 8, 4, 4, 16)
     assert (config.train.batch_size, config.train.seq_len) == (2, 256)
-    assert config.model.path == "" and config.data.corpus == "shakespeare"
 
 
 def test_large_configs_derive_levels_in_integers():

@@ -14,7 +14,7 @@ import sys
 
 from ultrametric_jax import __version__
 from ultrametric_jax.errors import UserError
-from ultrametric_jax.run.host_memory import limit_malloc_arenas
+from ultrametric_jax.run.host_memory import fix_mmap_threshold, limit_malloc_arenas
 
 SUBCOMMANDS = {
     "convert": "ultrametric_jax.cli.convert",
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     limit_malloc_arenas()          # before jax starts its threads (see run/host_memory.py)
+    fix_mmap_threshold()
     if name not in SUBCOMMANDS:
         print(f"ultrametric: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from ml_collections import config_dict, config_flags
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.run.settings import RunConfig
 
-DEFAULT_CONFIG_NAME = "smollm2_shakespeare"
+DEFAULT_CONFIG_NAME = "smollm2_select"        # the main job
 CONFIG_FLAG = "config"
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=\s]+)(?:=(.*))?$", re.DOTALL)
 _NONE_TEXT = ("none", "None")

@@ -25,8 +25,9 @@ def _body(run: RunConfig, config_path: str, workdir: str) -> int:
         return 1
     name = os.path.splitext(os.path.basename(config_path))[0]
     resumed = f", resumed from step {outcome.resumed_from}" if outcome.resumed_from else ""
-    print(f"ultrametric run {name}: {outcome.step} router steps{resumed}, "
-          f"{time.time() - start:.0f} s in all")
+    trained = (f"{outcome.step} router steps{resumed}" if run.train.steps
+               else "no router training (train.steps = 0)")
+    print(f"ultrametric run {name}: {trained}, {time.time() - start:.0f} s in all")
     print(report.summary())
     print(f"results: {os.path.join(workdir, 'eval.json')}, {os.path.join(workdir, 'eval.png')}")
     return 0

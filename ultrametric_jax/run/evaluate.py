@@ -24,7 +24,7 @@ from flax import nnx
 
 from ultrametric_jax.surgery.config import SurgeryConfig
 from ultrametric_jax.surgery.losses import token_cross_entropy
-from ultrametric_jax.run.metrics import draw_layer_density, read_metrics
+from ultrametric_jax.run.metrics import TOTAL_LABEL, draw_layer_density, read_metrics
 from ultrametric_jax.surgery.inject import evaluation_mode, forward_with_aux
 from ultrametric_jax.surgery.tree import pair_counts
 
@@ -212,13 +212,7 @@ def write_report(report: EvalReport, workdir: str) -> tuple[str, str]:
     return json_path, png_path
 
 
-def plot_report(report: EvalReport, train_records: list[dict], path: str) -> None:
-    # matplotlib takes a second to import: only when a figure is drawn, with a file backend.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    fig, (ax_loss, ax_train, ax_density) = plt.subplots(1, 3, figsize=(17, 4.5))
+def _draw_training(ax_loss, ax_train, report: EvalReport, train_records: list[dict]) -> None:
     steps = [r["step"] for r in train_records]
     for key, label in (("loss", "total loss"), ("ce", "cross-entropy"),
                        ("balance_loss", "balance loss")):
@@ -236,9 +230,28 @@ def plot_report(report: EvalReport, train_records: list[dict], path: str) -> Non
     ax_loss.set_xlabel("step")
     ax_loss.set_title("training losses")
     ax_loss.legend(fontsize=8)
+
+
+def plot_report(report: EvalReport, train_records: list[dict], path: str) -> None:
+    # matplotlib takes a second to import: only when a figure is drawn, with a file backend.
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    total_label = ("total (tree and key selection, + sink + window)" if report.selection
+                   else TOTAL_LABEL)
+    title = f"held-out density per layer, hard routes (step {report.step})"
+    if not train_records:       # nothing trained (train.steps = 0): the held-out panel alone
+        fig, ax_density = plt.subplots(figsize=(8, 4.5))
+        if report.dense:
+            title += (f"\nperplexity dense {report.dense['perplexity']:.2f} -> surgical "
+                      f"{report.surgical['perplexity']:.2f} at density "
+                      f"{report.surgical['density']:.1%}")
+    else:
+        fig, (ax_loss, ax_train, ax_density) = plt.subplots(1, 3, figsize=(17, 4.5))
+        _draw_training(ax_loss, ax_train, report, train_records)
     draw_layer_density(ax_density, report.surgical["density_per_layer"],
-                       report.surgical["tree_density_per_layer"],
-                       f"held-out density per layer, hard routes (step {report.step})")
+                       report.surgical["tree_density_per_layer"], title, total_label)
     ax_density.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

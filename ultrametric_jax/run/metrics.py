@@ -64,13 +64,19 @@ def _tensorboard_writer(logdir: str):
     return None
 
 
+TOTAL_LABEL = "total (tree + sink + window)"
+
+
 def draw_layer_density(ax, density: Sequence[float], tree_density: Sequence[float],
-                       title: str) -> None:
+                       title: str, total_label: str = TOTAL_LABEL) -> None:
     """Bars of the attention density per layer (total, and the tree alone) on a matplotlib
-    axis: the figure TensorBoard gets and the last panel of eval.png."""
+    axis: the figure TensorBoard gets and the last panel of eval.png. The larger series is
+    drawn wide behind the narrower one (key selectors make the total the smaller)."""
     layers = range(len(density))
-    ax.bar(layers, density, color="tab:blue", label="total (tree + sink + window)")
-    ax.bar(layers, tree_density, color="tab:orange", width=0.5, label="tree only")
+    series = [(density, "tab:blue", total_label), (tree_density, "tab:orange", "tree only")]
+    series.sort(key=lambda s: -sum(s[0]))
+    for (values, color, label), width in zip(series, (0.8, 0.5)):
+        ax.bar(layers, values, color=color, width=width, label=label)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of causal pairs attended")

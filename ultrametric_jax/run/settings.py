@@ -2,7 +2,7 @@
 
 `RunConfig.from_config_dict(config)` checks every field and returns frozen dataclasses; the
 pipeline and everything below it take these, never the ConfigDict. A bad value is a
-ConfigError naming the field (`invalid config value train.steps=0: must be an integer >= 1`).
+ConfigError naming the field (`invalid config value train.batch_size=0: must be an integer >= 1`).
 The surgery section becomes the method's own `SurgeryConfig`, the objective section its
 `ObjectiveConfig` (absent from a config: CE + balance, no budget).
 """
@@ -62,7 +62,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Router training: steps, batch (split over grad_accum micro-batches), AdamW."""
+    """Router training: steps, batch (split over grad_accum micro-batches), AdamW.
+
+    steps = 0 trains nothing: the routers keep their collapse initialisation (the tree keeps
+    every pair) and the run's step-0 checkpoint holds them, so a surgery that sparsifies by
+    key selection alone (surgery.key_rank) runs, evaluates and exports without a pointless
+    training step."""
     steps: int
     batch_size: int
     grad_accum: int
@@ -74,7 +79,10 @@ class TrainConfig:
     log_every: int
 
     def __post_init__(self):
-        _positive_ints("train", self, ("steps", "batch_size", "grad_accum", "log_every"))
+        _positive_ints("train", self, ("batch_size", "grad_accum", "log_every"))
+        _check(isinstance(self.steps, int) and not isinstance(self.steps, bool)
+               and self.steps >= 0, "train.steps", self.steps,
+               "must be an integer >= 0 (0: no router training)")
         _check(self.seq_len >= 2, "train.seq_len", self.seq_len, "must be >= 2")
         _check(self.batch_size % self.grad_accum == 0, "train.batch_size", self.batch_size,
                f"must be a multiple of train.grad_accum={self.grad_accum}")

@@ -105,9 +105,17 @@ class SurgeryTrainer:
         self.data = BatchIterator(train_data, run.train.batch_size, seed=run.seed)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             keep=run.checkpoint.keep)
-        self._step_fn = cached_train_step(self.graphdef, run.train, run.surgery, shardings,
-                                          run.objective)
+        self._shardings = shardings
+        self._compiled_step = None        # built on the first step (none when steps = 0)
         self.metrics = MetricsWriter(workdir)
+
+    @property
+    def _step_fn(self):
+        if self._compiled_step is None:
+            self._compiled_step = cached_train_step(self.graphdef, self.run.train,
+                                                    self.run.surgery, self._shardings,
+                                                    self.run.objective)
+        return self._compiled_step
 
     # ------------------------------------------------------------------ state
 
@@ -170,7 +178,7 @@ class SurgeryTrainer:
         start_time, last = time.time(), {}
         pending, window_start = [], time.time()
         unsaved: Optional[Snapshot] = None
-        bar = progress_bar(total, initial=self.step, enabled=self.progress)
+        bar = progress_bar(total, initial=self.step, enabled=self.progress and total > 0)
         try:
             while self.step < total:
                 ids, mask = self._next_batch()
@@ -196,6 +204,9 @@ class SurgeryTrainer:
             if unsaved is not None:
                 self._trial_step(unsaved.step)
                 self.save(unsaved)
+            elif total == 0 and self.checkpointer.latest_step() is None:
+                # No training: the collapse-initialised routers are the run's step 0.
+                self.save(self.snapshot())
         finally:
             bar.close()
             self.sync_model()
