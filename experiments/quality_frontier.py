@@ -39,7 +39,8 @@ metrics.jsonl where present):
   metrics.jsonl logs no kd and no recall term: they are not distillation runs.
 - key selectors, rank 32 / rank 16: the collapse-initialised tree (step 0, every layer dense in
   the tree) with the low-rank key selectors fitted to a target density (1k on the CPU, 2k, 4k and
-  8k on the H200).
+  8k on the H200), and the 1k selector sweep (results/quality_sweep_select: target, window and
+  sink settings at rank 32, and rank 16).
 - trained routes + key selectors, rank 32: results/key_selection_gpu/routes_s2k_r32 (2k: routers
   trained with CE + KD + recall and a 50% per-layer target, then the rank-32 selectors).
 Each report is checked against its label where the files allow: surgery.key_rank must equal the
@@ -74,6 +75,7 @@ class Recipe(NamedTuple):
 
 ROUTERS_1K = "results/quality_1k"
 SELECT_GPU = "results/key_selection_gpu"
+SELECT_SWEEP = "results/quality_sweep_select"
 RECIPES = (
     Recipe("CE + balance (routers)", (f"{ROUTERS_1K}/ce_balance_eval.json",), "o",
            distils=False),
@@ -86,11 +88,13 @@ RECIPES = (
            distils=False),
     Recipe("key selectors, rank 32",
            ("results/key_selection_cpu/s1k_r32/eval.json", f"{SELECT_GPU}/s2k_r32/eval.json",
-            f"{SELECT_GPU}/s4k_r32/eval.json", f"{SELECT_GPU}/s8k_r32/eval.json"), "^",
-           key_rank=32),
+            f"{SELECT_GPU}/s4k_r32/eval.json", f"{SELECT_GPU}/s8k_r32/eval.json",
+            *(f"{SELECT_SWEEP}/{name}/eval.json" for name in
+              ("default", "target_50", "target_10", "target_05", "window_16", "window_128",
+               "sink_0"))), "^", key_rank=32),
     Recipe("key selectors, rank 16",
-           (f"{SELECT_GPU}/s2k_r16/eval.json", f"{SELECT_GPU}/s4k_r16/eval.json"), "v",
-           key_rank=16),
+           (f"{SELECT_GPU}/s2k_r16/eval.json", f"{SELECT_GPU}/s4k_r16/eval.json",
+            f"{SELECT_SWEEP}/rank_16/eval.json"), "v", key_rank=16),
     Recipe("trained routes + key selectors, rank 32",
            (f"{SELECT_GPU}/routes_s2k_r32/eval.json",), "*", key_rank=32, distils=True),
 )

@@ -65,7 +65,7 @@ def plot(rows: list[dict], path: Path) -> None:
     def draw(ax, mine):
         mine = sorted(mine, key=lambda r: r["density"])
         ax.plot([100 * r["density"] for r in mine], [r["perplexity"] for r in mine], "o",
-                color="tab:red", label="surgical (tree + sink + window)")
+                color="tab:red", label="surgical (its whole mask)")
         for r in mine:
             ax.annotate(r["setting"], (100 * r["density"], r["perplexity"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)

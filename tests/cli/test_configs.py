@@ -173,3 +173,28 @@ def test_parsing_twice_in_one_process_starts_afresh():
     second, _, workdir = parse_flags(["--config", "tiny_random"])
     assert (first.train.steps, second.train.steps, workdir) == (3, 12, None)
     assert parse_flags(["--config", "base"])[0].train.steps == 1000
+
+
+def test_the_selector_sweep_settings_are_valid_runs():
+    """configs/quality_sweep_select.py: every setting, over its common overrides and the base
+    config, is a valid run with key selectors and no router training, and changes its knob."""
+    import runpy
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(configs_dir()), "experiments"))
+    from sweep_runs import flags
+    sweep = runpy.run_path(os.path.join(configs_dir(), "quality_sweep_select.py"))["get_config"]()
+    base = os.path.join(configs_dir(), sweep.base_config)
+    runs = {name: RunConfig.from_config_dict(parse_flags(
+        ["--config", base, f"--config.train.steps={sweep.steps}", *flags(sweep.common),
+         *flags(sweep.settings[name])])[0]) for name in sweep.settings}
+    default = runs["default"]
+    assert default.train.steps == 0 and default.surgery.key_rank == 32
+    assert default.surgery.max_distance == default.surgery.num_levels == 10   # one cluster
+    assert default.eval.window_baseline and default.model.dtype == "float32"
+    assert runs["target_05"].selection.target_density == 0.05
+    assert runs["rank_64"].surgery.key_rank == 64 and runs["window_16"].surgery.window == 16
+    assert runs["sink_0"].surgery.sink_tokens == 0
+    for name, run in runs.items():      # one knob each: everything else as the default
+        differs = [section for section in ("surgery", "selection")
+                   if getattr(run, section) != getattr(default, section)]
+        assert len(differs) == (name != "default"), name

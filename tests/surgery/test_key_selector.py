@@ -5,6 +5,8 @@ identity
 at initialisation, cached decoding against full recomputation, the reported density against
 a count, the fit (the score estimate's closed form from training rows, the threshold by
 bisection) and its errors."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,7 +204,10 @@ def test_fitting_sets_the_least_squares_score_estimate_and_meets_the_target_dens
               "attention_mask": np.ones((2, 16), bool)} for s in (7, 8)]
     calibration = [{"input_ids": np.asarray(random_ids(2, 16, seed=9)),
                     "attention_mask": np.ones((2, 16), bool)}]
-    fitted = key_selection.fit_key_selectors(model, train, calibration, target=0.6, steps=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a reachable target: no floor warning
+        fitted = key_selection.fit_key_selectors(model, train, calibration, target=0.6,
+                                                 steps=12)
     # the estimate: per query head, np_bilinear of the float64 second moment of the scaled
     # queries and covariance of the keys on the training rows (a layer's input is the base
     # model's hidden state: the selectors play no part in fitting)
@@ -234,6 +239,16 @@ def test_fitting_sets_the_least_squares_score_estimate_and_meets_the_target_dens
     step = -key_selection.LOWEST_LOG_THRESHOLD / 2 ** 12
     key_selection.set_threshold(model, fitted["log_threshold"] + step)
     assert evaluate_surgical(model, calibration, cfg)["density"] < 0.6 <= at
+    # below the floor (sink, window, own and most probable key: what even p >= 1 keeps) the
+    # calibration says so, and keeps a density at or above that floor
+    key_selection.set_threshold(model, 0.0)
+    floor = evaluate_surgical(model, calibration, cfg)["density"]
+    with pytest.warns(RuntimeWarning, match=r"the target density 0.01 lies below what the sink, "
+                      r"the window and each query's own and most probable key keep \(0\.\d{4}\)"):
+        low = key_selection.calibrate_threshold(model, calibration, 0.01, steps=4,
+                                                progress=False)
+    assert 0.01 < floor <= low["density"]
+    assert low["log_threshold"] == pytest.approx(-2.5)     # every bisection step met 0.01
 
 
 def test_selector_errors_name_the_problem(tmp_path):

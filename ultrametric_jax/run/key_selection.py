@@ -10,6 +10,8 @@ concentrates.
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -125,6 +127,13 @@ def calibrate_threshold(model, batches: Sequence[dict], target: float, steps: in
     finally:
         bar.close()
     set_threshold(model, permissive)
+    if steps and strict == 0.0 and reached > target:
+        # Every threshold tried, up to the strictest, kept more than the target: what is left
+        # is what the selector keeps whatever the threshold.
+        warnings.warn(f"key selection: the target density {target} lies below what the sink, "
+                      f"the window and each query's own and most probable key keep "
+                      f"({reached:.4f}); the selectors keep that floor (lower surgery.window "
+                      f"or surgery.sink_tokens to go lower)", RuntimeWarning, stacklevel=2)
     return {"log_threshold": permissive, "density": reached}
 
 
