@@ -192,48 +192,6 @@ def test_workdir_that_is_a_file_is_refused(command, tiny_model_dir, tmp_path, ca
         assert f"--workdir '{workdir}'" in err and message in err
 
 
-def test_run_without_router_training_keeps_the_collapsed_routes(tiny_model_dir, tmp_path,
-                                                                capsys, monkeypatch):
-    """train.steps = 0: no train step runs, the collapse-initialised routers are written as the
-    run's step 0 (restorable, exportable), and the surgical model is the dense one."""
-    from ultrametric_jax.run import trainer as trainer_module
-    from ultrametric_jax.surgery.router import RouterParam
-
-    def no_step(*args, **kwargs):
-        raise AssertionError("a train step was built with train.steps = 0")
-
-    workdir = tmp_path / "z"
-    with monkeypatch.context() as m:
-        m.setattr(trainer_module, "cached_train_step", no_step)
-        assert cli.main(["run", *_args(tiny_model_dir, workdir, "train.steps=0")]) == 0
-    assert "no router training (train.steps = 0)" in capsys.readouterr().out
-    report = json.load(open(workdir / "eval.json"))
-    assert report["step"] == 0
-    assert report["surgical"]["perplexity"] == report["dense"]["perplexity"]
-    assert report["surgical"]["density"] == 1.0
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["0"]
-    # the step-0 checkpoint holds the collapse initialisation itself
-    restored = pipeline.restore_run(str(workdir / "checkpoints"))
-    fresh = pipeline.setup_run(tiny_run_config(f"--config.model.path={tiny_model_dir}")).model
-    pipeline.inject(tiny_run_config(f"--config.model.path={tiny_model_dir}"), fresh)
-    import jax
-    from flax import nnx
-    for got, want in zip(jax.tree.leaves(nnx.state(restored.model, RouterParam)),
-                         jax.tree.leaves(nnx.state(fresh, RouterParam)), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert restored.step == 0
-
-
-@pytest.mark.parametrize("override, message", [
-    ("train.steps=-1", "invalid config value train.steps=-1: must be an integer >= 0 "
-                       "(0: no router training)"),
-    ("train.steps=1.5", "--config.train.steps='1.5': expected a value of type int"),
-])
-def test_invalid_step_counts_are_named(override, message, tiny_model_dir, tmp_path, capsys):
-    assert cli.main(["train", *_args(tiny_model_dir, tmp_path / "w", override)]) == 2
-    assert message in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("command", ["run", "train", "eval"])
 @pytest.mark.parametrize("override, message", [
     ("mesh.data=16", "invalid config value mesh={'data': 16, 'fsdp': 1, 'tensor': 1}: mesh "

@@ -11,7 +11,6 @@ concentrates.
 from __future__ import annotations
 
 import warnings
-
 from typing import Sequence
 
 import jax.numpy as jnp
