@@ -10,7 +10,7 @@ attention density. The tree keeps every pair (d_max = L: one cluster) and no rou
 (train.steps = 0: the run's step-0 checkpoint holds the collapsed routers), so the selectors
 alone sparsify:
 
-  ultrametric run                     # this config: about 5 minutes, 2.5 GB on 2 cores
+  ultrametric run                     # this config: about 5 minutes, 2.9 GB on 2 cores
 
 measures the dense baseline, fits the selectors, writes them beside the checkpoints, and
 reports held-out perplexity and density dense against surgical, in domain (the unseen plays)
