@@ -60,6 +60,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_runs import corpora  # noqa: E402
+
+HELD_OUT = "held out"           # corpora()'s name of the training corpus's held-out split
+
 ROOT = Path(__file__).resolve().parents[1]
 IN_DOMAIN = "plays"
 PANELS = ("plays", "stdlib", "docs")          # drawn first, in this order; others after
@@ -103,8 +108,9 @@ RECIPES = (
 # ----------------------------------------------------------------------------- collect
 
 def corpus_name(name: str) -> str:
-    """"stdlib" -> "stdlib", "/tmp/docs" -> "docs": the basename of a by_corpus key."""
-    return Path(name.rstrip("/")).name or name
+    """The panel of one of sweep_runs.corpora's names: the training corpus's held-out split
+    is "plays", "stdlib" stays, "/tmp/docs" -> "docs" (the basename of a by_corpus key)."""
+    return IN_DOMAIN if name == HELD_OUT else Path(name.rstrip("/")).name or name
 
 
 def corpus_rank(corpus: str) -> tuple:
@@ -164,8 +170,7 @@ def collect(root: Path, recipes=RECIPES, log=None) -> list[dict]:
             rel = path.relative_to(root).as_posix()
             for warning in label_warnings(recipe, report, path):
                 print(f"WARNING: {rel} ({recipe.label}): {warning}", file=log)
-            points.append(point(recipe, rel, report, IN_DOMAIN, report))
-            for name, entry in report.get("by_corpus", {}).items():
+            for name, entry in corpora(report).items():
                 points.append(point(recipe, rel, report, corpus_name(name), entry))
     if not points:
         raise SystemExit(f"no evaluation report of any recipe under {root} (looked for "

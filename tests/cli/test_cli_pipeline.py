@@ -144,6 +144,7 @@ def test_run_without_router_training_keeps_the_collapsed_routes(tiny_model_dir, 
     assert report["step"] == 0
     assert report["surgical"]["perplexity"] == report["dense"]["perplexity"]
     assert report["surgical"]["density"] == 1.0
+    assert open(workdir / "eval.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"   # no curves
     assert sorted(os.listdir(workdir / "checkpoints")) == ["0"]
     # the step-0 checkpoint holds the collapse initialisation itself
     restored = pipeline.restore_run(str(workdir / "checkpoints"))
