@@ -44,7 +44,8 @@ WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
           "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192])}
 SMOKE = False  # --smoke: a CPU dry run (Pallas interpret mode, XLA attention for cuDNN)
-BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper)
+BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper;
+#                  "triton": jax-triton, whose sorted forward reads through the order)
 
 
 def random_inputs(seq, hq, hkv, d, dtype, seed):
@@ -143,7 +144,8 @@ def run(args):
               "shape": dict(B=1, Hq=shape["hq"], Hkv=shape["hkv"], D=shape["d"],
                             dtype="bfloat16", window=WINDOW, sink=SINK, block=BLOCK),
               "backend": BACKEND,
-              "correctness": check_correctness(shape, quick=args.breakdown), "rows": [],
+              "correctness": check_correctness(shape, quick=args.breakdown or args.quick_check),
+              "rows": [],
               "skipped": []}
     if args.breakdown:
         result["breakdown"] = run_breakdown(
@@ -260,8 +262,12 @@ def main():
     parser.add_argument("--breakdown", action="store_true",
                         help="time each stage of the sorted layout alone (forward, backward)")
     parser.add_argument("--out", default="results/bench_routed.json")
-    parser.add_argument("--backend", choices=["gpu", "mosaic"], default="gpu",
-                        help="the kernels: Pallas through Triton, or the Mosaic GPU forward")
+    parser.add_argument("--backend", choices=["gpu", "mosaic", "triton"], default="gpu",
+                        help="the kernels: Pallas through Triton, the Mosaic GPU forward, or "
+                             "the Triton kernels through jax-triton (sorted forward fused)")
+    parser.add_argument("--quick-check", action="store_true",
+                        help="check the sorted layout in bf16 only (the float32 kernels at "
+                             "D = 128 take minutes to compile)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global SMOKE, BACKEND

@@ -10,7 +10,7 @@ there loses. The file is $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
 """
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
 import os
 import statistics
@@ -113,16 +113,26 @@ def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, time
     if key in table and table[key].get("choice") in candidates:
         return table[key]["choice"]
     times, errors = {}, {}
-    # Called while an outer jax.jit traces the attention (q a tracer), the measurement must
-    # still run, not be staged into that trace.
-    traced = isinstance(q, jax.core.Tracer)
-    with jax.ensure_compile_time_eval() if traced else contextlib.nullcontext():
+
+    def measure_all():
         for backend in candidates:
             try:
-                times[backend] = timer(backend, q, k, window=window, sink_tokens=sink_tokens,
-                                       block_q=block_q, block_k=block_k)
+                times[backend] = timer(backend, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                       jax.ShapeDtypeStruct(k.shape, k.dtype), window=window,
+                                       sink_tokens=sink_tokens, block_q=block_q,
+                                       block_k=block_k)
             except Exception as e:  # a backend that cannot run this shape loses
                 errors[backend] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    # Called while an outer jax.jit traces the attention (q a tracer), the measurement must
+    # still run, not be staged into that trace: jax's trace state is per thread, so a fresh
+    # thread compiles and runs the kernels as at top level. (ensure_compile_time_eval would
+    # also evaluate the kernels' own input-free primitives, such as program_id, eagerly.)
+    if isinstance(q, jax.core.Tracer):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(measure_all).result()
+    else:
+        measure_all()
     if not times:
         raise RuntimeError(f"backend='auto': no GPU backend ran on {key}: {errors}")
     choice = min(times, key=times.get)

@@ -14,7 +14,8 @@ Nothing here is S x S. Work and memory, per head:
     token by token: O(Sq * block_k).
   - window and sink blocks and the "full" test are structural, O(1) per block pair, using the
     start of each run of equal ids.
-  - the block-level lists themselves: O(nq * nk).
+  - the block-level lists themselves: O(nq * nk), compacted from the flags by XLA passes or,
+    on a GPU with jax-triton, by one Triton kernel (triton_compact.py; compaction="auto").
 When every id lies in [0, SIGNATURE_IDS) (routes cut at a depth of at most 7 for p = 2, or any
 user's small cluster count), the shared-cluster test runs on per-block bit signatures instead:
 O(S + nq * nk), no sort, no scatter. A lax.cond picks that path from the ids' range, so the
@@ -218,10 +219,39 @@ def _compact(masked, full):
     return idx, count, n_masked
 
 
+COMPACTIONS = ("auto", "xla", "triton", "triton_interpret")
+
+
+def resolve_compaction(compaction: str) -> str:
+    """The list compaction build_schedule runs: "xla" (_compact, any device), "triton"
+    (triton_compact's kernel through jax_triton, a CUDA GPU) or "triton_interpret" (the same
+    kernel in triton's interpreter, for tests). "auto": "triton" where jax's default backend is
+    a GPU and jax_triton runs, else "xla" (BENCHMARKS.md times both)."""
+    if compaction not in COMPACTIONS:
+        raise ValueError(f"compaction must be one of {COMPACTIONS}, got {compaction!r}")
+    if compaction != "auto":
+        return compaction
+    if jax.default_backend() != "gpu":
+        return "xla"
+    from pallas_kernels.triton_backend import unavailable
+    return "xla" if unavailable(False) else "triton"
+
+
+def compact_lists(masked, full, compaction: str = "auto"):
+    """(indices, count, masked_count) of per-row flags [..., n]: masked entries, then full
+    ones, padding repeating the last (_compact), by the resolved compaction."""
+    how = resolve_compaction(compaction)
+    if how == "xla":
+        return _compact(masked, full)
+    from pallas_kernels.triton_compact import compact
+    return compact(masked, full, interpret=how == "triton_interpret")
+
+
 def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
-                   block_q=128, block_k=128) -> BlockSchedule:
+                   block_q=128, block_k=128, compaction: str = "auto") -> BlockSchedule:
     """Block schedule for clusters q_clusters [B, H, Sq] and k_clusters [B, H, Sk] (int ids),
-    queries at positions q_offset .. q_offset + Sq - 1 and keys at 0 .. Sk - 1."""
+    queries at positions q_offset .. q_offset + Sq - 1 and keys at 0 .. Sk - 1. compaction:
+    how the flags become lists (resolve_compaction); every choice gives the same schedule."""
     if q_clusters.ndim != 3 or k_clusters.ndim != 3 or q_clusters.shape[:2] != k_clusters.shape[:2]:
         raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
                          f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
@@ -241,8 +271,9 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
              & (jnp.min(kc) >= 0) & (jnp.max(kc) < SIGNATURE_IDS))
     visited, full, causal = jax.lax.cond(small, flags(True), flags(False), qc, kc)
     masked = visited & ~full
-    kv_indices, kv_num, kv_masked = _compact(masked, full)
-    q_indices, q_num, q_masked = _compact(jnp.swapaxes(masked, -1, -2), jnp.swapaxes(full, -1, -2))
+    kv_indices, kv_num, kv_masked = compact_lists(masked, full, compaction)
+    q_indices, q_num, q_masked = compact_lists(jnp.swapaxes(masked, -1, -2),
+                                               jnp.swapaxes(full, -1, -2), compaction)
     density = jnp.sum(visited) / jnp.maximum(jnp.sum(causal), 1)
     return BlockSchedule(kv_indices, kv_num, kv_masked, q_indices, q_num, q_masked,
                          density.astype(jnp.float32))

@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import pad_axis
 from pallas_kernels.masking import safe_max
 from pallas_kernels.ops import (attention_with_schedule, kernel_backward, kernel_forward,
                                 output_delta, prepare_schedule)
@@ -296,14 +297,42 @@ def _group_sum(x, group):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def sorted_attention(q, k, v, qc, cfg, backend):
     """The sorted layout's (out in q's dtype, lse float32), with the global-statistics VJP."""
+    if backend == "triton":  # nothing to keep for a backward: no sorted copies at all
+        return _fused_forward(q, k, v, qc, sorted_plan(qc, cfg), cfg)
     return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
+
+
+def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
+    """(out, lse) of the sorted layout in two Triton launches (backend="triton"): the tree pass
+    reads q, k and v through plan.order and writes its result in token order, and the band
+    pass (window and sink keys) starts its softmax from that result. No permuted copy, no
+    un-permute and no merge pass exist; the sum is the same as merge_partials'."""
+    from pallas_kernels.triton_backend import forward_routed
+    seq = q.shape[1]
+    tqc, tkc, tsched, tcfg = prepare_schedule(
+        q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree, backend="triton",
+        config=dataclasses.replace(cfg, window=0, sink_tokens=0))
+    sp = tcfg.num_q_blocks * tcfg.block_q
+    qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
+    out, lse = forward_routed(qp, kp, vp, pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched,
+                              tcfg, order=pad_axis(plan.order, sp, 2))
+    if plan.band is not None or has_sink_pairs(cfg):
+        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, cfg, "triton", cfg.sink_tokens)
+        out, lse = forward_routed(qp, kp, vp, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2),
+                                  bsched, bcfg, init=(out, lse))
+    return out[:, :seq], lse[..., :seq]
 
 
 def _sorted_fwd(q, k, v, qc, cfg, backend):
     plan = sorted_plan(qc, cfg)
     group = q.shape[2] // k.shape[2]
+    # The sorted copies: the kernels' inputs, except on the fused Triton path, where they are
+    # only the backward's residuals.
     qs, ks, vs = (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
                   _gather_heads(v, plan.order, group))
+    if backend == "triton":
+        out, lse = _fused_forward(q, k, v, qc, plan, cfg)
+        return (out, lse), (q, k, v, qc, plan, qs, ks, vs, out, lse)
     tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
     out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)
     parts = [_gather_heads(out_t, plan.inverse, 1),
