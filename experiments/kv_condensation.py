@@ -277,6 +277,7 @@ def plot(result, path):
             ax.axhline(value(caches[name]), linestyle=style[1:], color=style[0], label=name)
         ax.set(xlabel="capacity C (slots beyond sink + window)", ylabel=label, xscale="log")
         ax.set_xticks(caps, labels=[str(c) for c in caps])
+        ax.minorticks_off()  # the log axis' own minor labels would overprint the capacities
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['model']}: window {result['window']}, sink {result['sink']}, "
                  f"{result['num_clusters']} clusters, S={result['config']['seq_len']}")

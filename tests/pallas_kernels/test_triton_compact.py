@@ -6,14 +6,9 @@ kernel through jax_triton on a GPU host; each host runs one and skips the other,
 """
 from __future__ import annotations
 
-import os
-import sys
-
-import jax
-
-ON_GPU = jax.default_backend() == "gpu"
-if not ON_GPU and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# First: test_triton_backend sets TRITON_INTERPRET before triton's first import on a host
+# without a GPU, and holds the runner fixture.
+from test_triton_backend import ON_GPU, interpret  # noqa: F401
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,22 +18,11 @@ from test_block_schedule import assert_matches_brute_force, cluster_variants  # 
 from pallas_kernels import build_schedule  # noqa: E402
 from pallas_kernels.schedule import resolve_compaction  # noqa: E402
 
-RUNNERS = {"interpreter": "triton_interpret", "jax_triton": "triton"}
 
-
-@pytest.fixture(params=list(RUNNERS))
-def compaction(request):
-    if request.param == "jax_triton" and not ON_GPU:
-        pytest.skip(f"jax_triton runner: no GPU here (jax's default backend is "
-                    f"{jax.default_backend()!r}); it runs on a GPU host")
-    if request.param == "interpreter" and ON_GPU:
-        pytest.skip("interpreter runner: a GPU host imports triton compiled, and triton "
-                    "cannot interpret in the same process; it runs on hosts without a GPU")
-    from pallas_kernels.triton_backend import unavailable
-    reason = unavailable(request.param == "interpreter")
-    if reason:
-        pytest.skip(f"{request.param} runner: {reason}")
-    return RUNNERS[request.param]
+@pytest.fixture
+def compaction(interpret):  # noqa: F811
+    """build_schedule's compaction for the runner: the interpreter or the compiled kernel."""
+    return "triton_interpret" if interpret else "triton"
 
 
 def numpy_lists(flags):

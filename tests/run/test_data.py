@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from types import SimpleNamespace
 
 import jax
@@ -325,6 +326,20 @@ def test_undecodable_text_is_refused_not_trained_on(tmp_path):
                                             r"valid UTF-8"):
         docs = load_corpus(str(latin1))
     assert docs[0].text.count("\ufffd") == 20
+    # A directory names its noisy files in one warning, not one per file.
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_bytes(latin1.read_bytes())
+    (folder / "clean.txt").write_text("plain ascii text " * 10)
+    (folder / "records.jsonl").write_text('{"text": "ok"}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        docs = load_corpus(str(folder))
+    assert [str(w.message) for w in caught] == [
+        f"{folder}: 2 of 3 file(s) hold text that is not valid UTF-8, read as U+FFFD (1% or "
+        "more of their characters): a.txt, b.txt"]
+    assert [d.doc_id for d in docs] == ["a.txt", "b.txt", "clean.txt", "records.jsonl:1"]
     records = tmp_path / "bad.jsonl"
     records.write_bytes(b'{"text": "ok"}\n{"text": "' + bytes(range(200, 240)) + b'"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: \d+% of its characters are not valid"):

