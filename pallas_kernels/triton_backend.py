@@ -236,10 +236,11 @@ def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, order=None, 
     kernel's softmax starts from, so (out, lse) are those of both key sets together."""
     launch = routed_forward_launch(cfg, q.shape, k.shape, q.dtype, gather=order is not None,
                                    init=init is not None)
+    # Pointers the kernel does not read (GATHER or INIT off) are given existing arrays.
     order = qc if order is None else order
-    out0, lse0 = (q, jnp.zeros(qc.shape, jnp.float32)) if init is None else init
+    out0, lse0 = (q, qc) if init is None else (init[0].astype(q.dtype), init[1])
     return _call(cfg, launch, q, k, v, qc, kc, sched.kv_indices, sched.kv_num_masked,
-                 sched.kv_num_blocks, order, out0.astype(q.dtype), lse0)
+                 sched.kv_num_blocks, order, out0, lse0)
 
 
 def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
