@@ -57,9 +57,10 @@ def test_lists_match_numpy(compaction, rows, n, p_masked, p_full):
         np.testing.assert_array_equal(np.asarray(g), w)
 
 
+# The lists themselves are checked above; these show build_schedule wired to the kernel
+# (row lists and the transposed column lists; no window; a query offset with sinks).
 @pytest.mark.parametrize("geometry, window, sink", [
-    ((100, 100, 16, 32, 0), 20, 0), ((257, 257, 32, 16, 0), 0, 0),
-    ((37, 100, 16, 16, 63), 5, 1), ((200, 150, 16, 32, 10), 1000, 4)])
+    ((257, 257, 32, 16, 0), 0, 0), ((37, 100, 16, 16, 63), 5, 1)])
 def test_schedule_through_kernel_matches_brute_force(compaction, geometry, window, sink):
     q_len, kv_len, bq, bk, q_offset = geometry
     rng = np.random.default_rng(q_len + kv_len + window)
