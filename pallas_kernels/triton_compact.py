@@ -11,6 +11,8 @@ torch tensors, TRITON_INTERPRET=1) for tests on hosts without one, like triton_b
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import triton
@@ -80,12 +82,6 @@ def compact(masked, full, *, interpret: bool = False):
     lead, n = masked.shape[:-1], masked.shape[-1]
     flags = jnp.where(masked, jnp.int8(MASKED), jnp.where(full, jnp.int8(FULL),
                                                           jnp.int8(NOT_VISITED)))
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     idx, num, n_masked = call_launch(_launch(rows, n), interpret, flags.reshape(rows, n))
     return idx.reshape(*lead, n), num.reshape(lead), n_masked.reshape(lead)
-
-
-# True when triton was imported with TRITON_INTERPRET=1 (the kernel can only be interpreted).
-INTERPRETED = not isinstance(compact_kernel, triton.runtime.JITFunction)

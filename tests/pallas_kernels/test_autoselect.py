@@ -105,3 +105,30 @@ def test_candidates_hold_mosaic_only_where_it_can_run(monkeypatch):
     assert autoselect.usable_candidates(Q, block_q=64, block_k=64) == ["gpu"]
     f32 = jax.ShapeDtypeStruct(Q.shape, jnp.float32)
     assert autoselect.usable_candidates(f32, block_q=128, block_k=128) == ["gpu"]
+
+
+def test_measurement_under_jit_runs_outside_the_trace(cache):
+    """Called while jax.jit traces (q a tracer), the timer runs as at top level: its own jit
+    stages every primitive, one without inputs (what a kernel's program_id is) included,
+    instead of evaluating it eagerly, and returns concrete values."""
+    seen = []
+
+    def timer(backend, q, k, **kwargs):
+        staged = []
+
+        def f(x):
+            ramp = jax.lax.iota(jnp.float32, 2)  # no inputs
+            staged.append(isinstance(ramp, jax.core.Tracer))
+            return x * 2.0 + ramp
+
+        value = jax.jit(f)(jnp.full((2,), 3.0))
+        seen.append((backend, staged, isinstance(value, jax.core.Tracer), value.tolist()))
+        return {"gpu": 0.02, "triton": 0.01}[backend]
+
+    q = jnp.ones((1, 1000, 8, 64), jnp.bfloat16)
+    k = jnp.ones((1, 1000, 2, 64), jnp.bfloat16)
+    chosen = []
+    jax.jit(lambda q, k: chosen.append(autoselect.choose(
+        q, k, **MASK, candidates=["gpu", "triton"], timer=timer, device_kind="H200")) or q)(q, k)
+    assert chosen == ["triton"]
+    assert seen == [("gpu", [True], False, [6.0, 7.0]), ("triton", [True], False, [6.0, 7.0])]

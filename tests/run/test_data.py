@@ -337,8 +337,8 @@ def test_undecodable_text_is_refused_not_trained_on(tmp_path):
         warnings.simplefilter("always")
         docs = load_corpus(str(folder))
     assert [str(w.message) for w in caught] == [
-        f"{folder}: 2 of 3 file(s) hold text that is not valid UTF-8, read as U+FFFD (1% or "
-        "more of their characters): a.txt, b.txt"]
+        f"{folder}: 2 of 3 file(s) hold text that is not valid UTF-8, read as U+FFFD (more "
+        "than 1% of their characters): a.txt, b.txt"]
     assert [d.doc_id for d in docs] == ["a.txt", "b.txt", "clean.txt", "records.jsonl:1"]
     records = tmp_path / "bad.jsonl"
     records.write_bytes(b'{"text": "ok"}\n{"text": "' + bytes(range(200, 240)) + b'"}\n')

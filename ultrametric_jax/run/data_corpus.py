@@ -45,8 +45,7 @@ def check_decoded(text: str, where: str, warn: bool = True) -> str:
     """`text` unchanged, unless too much of it is U+FFFD: binary or non-UTF-8 data must not
     pass for a corpus (an error when mostly undecodable, a warning when noticeably so, unless
     warn is False: the caller then reports it, see noticeably_undecodable)."""
-    bad = text.count("\ufffd")
-    fraction = bad / max(len(text), 1)
+    bad, fraction = _replacements(text)
     if fraction > REPLACEMENT_ERROR_FRACTION:
         raise ConfigError(f"{where}: {100 * fraction:.0f}% of its characters are not valid "
                           "UTF-8 (binary data?); data.corpus must point at UTF-8 text")
@@ -56,9 +55,15 @@ def check_decoded(text: str, where: str, warn: bool = True) -> str:
     return text
 
 
+def _replacements(text: str) -> tuple[int, float]:
+    """(count, share) of U+FFFD, the characters that were not valid UTF-8, in `text`."""
+    bad = text.count("\ufffd")
+    return bad, bad / max(len(text), 1)
+
+
 def noticeably_undecodable(text: str) -> bool:
     """Whether check_decoded warns about `text`."""
-    return text.count("\ufffd") / max(len(text), 1) > REPLACEMENT_WARN_FRACTION
+    return _replacements(text)[1] > REPLACEMENT_WARN_FRACTION
 
 
 def _read(path: str, warn: bool = True) -> str:
@@ -74,7 +79,7 @@ def _file_documents(root: str, paths: Iterable[str]) -> list[Document]:
     if noisy:
         named = ", ".join(noisy[:3]) + (f" and {len(noisy) - 3} more" if len(noisy) > 3 else "")
         warnings.warn(f"{root}: {len(noisy)} of {len(docs)} file(s) hold text that is not valid "
-                      f"UTF-8, read as U+FFFD ({REPLACEMENT_WARN_FRACTION:.0%} or more of their "
+                      f"UTF-8, read as U+FFFD (more than {REPLACEMENT_WARN_FRACTION:.0%} of their "
                       f"characters): {named}", RuntimeWarning, stacklevel=3)
     return docs
 
