@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sweep_runs import (CONFIGS, corpora, flags, run_all, sweep_setup,  # noqa: E402
+from sweep_runs import (CONFIGS, collect_runs, corpora, flags, sweep_setup,  # noqa: E402
                         toy_model)
 from ultrametric_jax.surgery.config import levels_for  # noqa: E402
 
@@ -152,12 +152,12 @@ def main(argv=None):
     args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
     runs = plan(config, out)
     trees = {name: tree for name, _, _, tree in runs}
-    results = run_all([run[:3] for run in runs], base_config=base, steps=config.steps,
-                      jobs=args.jobs)
+    results, unfinished = collect_runs([run[:3] for run in runs], base_config=base,
+                                       steps=config.steps, jobs=args.jobs, report=args.report)
     rows = rows_of(results, trees)
     stem = "toy" if args.toy else "arity"
     result = dict(config=config.to_dict(), trees=trees,
-                  runs={n: str(out / n) for n in results}, rows=rows)
+                  runs={n: str(out / n) for n in results}, unfinished=unfinished, rows=rows)
     text = json.dumps(result, indent=1)
     (out / f"{stem}.json").write_text(text)
     result = json.loads(text)          # what the file holds (tuples become lists)

@@ -2,6 +2,7 @@
 and the whole model's prefill, against cuDNN and the dense model, in one run.
 
   python3 experiments/bench_model_routes.py RUN_DIR --seq-lens 2048,4096,8192 [--text PATH]
+  python3 experiments/bench_model_routes.py --routes OUT/model_routes.json --backends gpu,triton
   python3 experiments/bench_model_routes.py --toy          # CPU: a tiny random run built here
 
 RUN_DIR is a run's --workdir (or its checkpoints/ directory); the model is restored from its
@@ -13,11 +14,13 @@ length S:
   - per layer: the share of causal 128 x 128 blocks the kernels visit in token order (the
     natural schedule) and on the cluster-sorted layout (tree segments + band), and the share of
     causal token pairs allowed;
-  - per layer: routed_attention (layouts auto, sorted, natural) forward and forward + backward
-    on those routes, q, k, v random bf16 at the model's attention shape, against cuDNN causal
-    attention on the same q, k, v (backward = (f+b) - f);
+  - per layer: routed_attention (layouts auto, sorted, natural; on every backend of
+    --backends) forward and forward + backward on those routes, q, k, v random bf16 at the
+    model's attention shape, against cuDNN causal attention on the same q, k, v
+    (backward = (f+b) - f);
   - the whole model's prefill (logits of all S positions, routers included): the surgical
-    model through the kernels (set_attention_impl(model, "kernel"), layout auto) against the
+    model through the kernels (set_attention_impl(model, "kernel"), layout auto, every backend)
+    against the
     same model in base mode (dense causal softmax in XLA, routers unused) and against the base
     model with its attention through cuDNN (cast to bf16 when the model computes in float32);
     plus, at the first S, the surgical kernel logits against the surgical masked dense ones.
@@ -25,9 +28,12 @@ length S:
 Times are medians after warm-up (routes and inputs are arguments of the compiled functions).
 The router's tree is sized for surgery.max_len: a length above it is run and flagged (its
 routes are outside what the run trained). The routes of every length come first, then the
-whole model at every length, then attention per layer; what is left once --budget-s has
-passed is skipped with a note (--parts and --layouts trim it beforehand). Writes JSON (and
-the routes, .npz) to --out and prints the tables last.
+parts of --parts in their order (by default the whole model at every length, then attention per
+layer); what is left once --budget-s has passed is skipped with a note (--parts, --layouts and
+--backends trim it beforehand). Writes JSON (and
+the routes, .npz) to --out after every part and prints the tables last. --routes takes an
+earlier result's routes instead of a run (no model, no extraction), for attention timings on a
+machine without the model.
 """
 from __future__ import annotations
 
@@ -64,6 +70,9 @@ from ultrametric_jax.surgery.inject import (base_model_mode, extract_routes,  # 
 from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
 
 LAYOUTS = ("auto", "sorted", "natural")
+BACKENDS = ("gpu", "triton", "mosaic")
+DEFAULT_BACKEND = "gpu"
+PARTS = ("model", "attention")
 TINY_CONFIG = ROOT / "configs" / "tiny_random.py"
 
 
@@ -121,10 +130,15 @@ def block_densities(ids, *, window, sink, block):
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_timings(ids, shape, *, layouts, window, sink, block, reps, smoke, deadline, notes,
-                      label):
-    """{layout: [per layer {fwd_ms, fwd_bwd_ms}]} and cuDNN's {fwd_ms, fwd_bwd_ms} for ids
-    [layers, 1, H, S] on random bf16 q, k, v."""
+def variant_key(layout, backend):
+    """The JSON key of one timed variant: the layout alone for the default backend."""
+    return layout if backend == DEFAULT_BACKEND else f"{layout}:{backend}"
+
+
+def attention_timings(ids, shape, *, layouts, backends, window, sink, block, reps, smoke,
+                      deadline, notes, label):
+    """{variant_key: [per layer {fwd_ms, fwd_bwd_ms}]} for every (backend, layout), and cuDNN's
+    {fwd_ms, fwd_bwd_ms}, for ids [layers, 1, H, S] on random bf16 q, k, v."""
     layers, _, heads, seq = ids.shape
     ids = jnp.asarray(ids)           # on the device once, not at every timed call
     keys = jax.random.split(jax.random.PRNGKey(seq), 4)
@@ -148,18 +162,19 @@ def attention_timings(ids, shape, *, layouts, window, sink, block, reps, smoke, 
     cudnn = measure(both(lambda q, k, v, ids: jax.nn.dot_product_attention(
         q, k, v, implementation=impl, is_causal=True)), ids[0])
     out = {}
-    for layout in layouts:
-        fns = both(lambda q, k, v, ids, layout=layout: routed_attention(
-            q, k, v, ids, window=window, sink_tokens=sink, layout=layout, backend="gpu",
-            interpret=smoke, block_q=block, block_k=block))
-        rows = []
-        for layer in range(layers):
-            if time.perf_counter() > deadline:
-                notes.append(f"{label} {layout}: layers {layer}..{layers - 1} not timed, the "
-                             "time budget is spent")
-                break
-            rows.append(measure(fns, ids[layer]))
-        out[layout] = rows
+    for backend in backends:
+        for layout in layouts:
+            fns = both(lambda q, k, v, ids, layout=layout, backend=backend: routed_attention(
+                q, k, v, ids, window=window, sink_tokens=sink, layout=layout, backend=backend,
+                interpret=smoke, block_q=block, block_k=block))
+            key, rows = variant_key(layout, backend), []
+            for layer in range(layers):
+                if time.perf_counter() > deadline:
+                    notes.append(f"{label} {key}: layers {layer}..{layers - 1} not timed, the "
+                                 "time budget is spent")
+                    break
+                rows.append(measure(fns, ids[layer]))
+            out[key] = rows
     return out, cudnn
 
 
@@ -191,9 +206,11 @@ def _compiled_prefill(model):
     return jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)), state
 
 
-def model_prefills(model, tokens, *, kernel_options, smoke, reps, check):
-    """{mode: ms} of the whole model's forward on tokens [1, S]; with check, also the logits'
-    relative differences (kernel vs masked dense surgical; cuDNN base vs XLA base)."""
+def model_prefills(model, tokens, *, backends, kernel_options, smoke, reps, check):
+    """{mode: ms} of the whole model's forward on tokens [1, S], the surgical model through the
+    kernels of every backend ("surgical_kernel" for the default one, "surgical_kernel:<name>"
+    for the others); with check, also the logits' relative differences (each backend's kernel
+    path vs the masked dense surgical path; cuDNN base vs XLA base)."""
     times, logits = {}, {}
 
     def run(mode, time_it=True):
@@ -207,8 +224,12 @@ def model_prefills(model, tokens, *, kernel_options, smoke, reps, check):
         return float(jnp.max(jnp.abs(logits[a] - logits[b]))
                      / jnp.maximum(1.0, jnp.max(jnp.abs(logits[b]))))
 
-    set_attention_impl(model, "kernel", **kernel_options)
-    run("surgical_kernel")
+    kernel_modes = {}
+    for backend in backends:
+        mode = "surgical_kernel" + ("" if backend == DEFAULT_BACKEND else f":{backend}")
+        set_attention_impl(model, "kernel", backend=backend, **kernel_options)
+        run(mode)
+        kernel_modes[backend] = mode
     if check:
         set_attention_impl(model, "dense")
         run("surgical_dense", time_it=False)
@@ -223,11 +244,13 @@ def model_prefills(model, tokens, *, kernel_options, smoke, reps, check):
     finally:
         for layer, attn in zip(layers, surgical):
             layer.self_attn = attn
-    set_attention_impl(model, "kernel", **kernel_options)
+    set_attention_impl(model, "kernel", backend=backends[0], **kernel_options)
     checks = {}
     if check:
-        checks = dict(kernel_vs_masked_dense=rel("surgical_kernel", "surgical_dense"),
-                      cudnn_vs_xla_base=rel("dense_base_cudnn", "dense_base"))
+        checks = {("kernel_vs_masked_dense" if b == DEFAULT_BACKEND
+                   else f"kernel_vs_masked_dense:{b}"): rel(mode, "surgical_dense")
+                  for b, mode in kernel_modes.items()}
+        checks["cudnn_vs_xla_base"] = rel("dense_base_cudnn", "dense_base")
     return times, checks
 
 
@@ -290,85 +313,147 @@ def layer_means(rows):
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]} if rows else None
 
 
-def run(args):
+def fresh_routes(args, result):
+    """Restores the run and extracts its routes at every length: (model, entries, routes_npz,
+    tokens, shape, surgery options); fills result's description of the run."""
     start = time.perf_counter()
-    deadline = start + args.budget_s
     restored = restore_run(checkpoints_of(args.run_dir))
     if args.toy:
         perturb_routers(restored.model)
     model, surgery, c = restored.model, restored.surgery, restored.model.config
     shape = dict(hq=c.num_attention_heads, hkv=c.num_key_value_heads, d=c.head_dim)
-    window, sink, block = surgery.window, surgery.sink_tokens, args.block
     tokens, source = text_tokens(restored, args.text, max(args.seq_lens))
-    kernel_options = dict(backend="gpu", interpret=args.toy, block_q=block, block_k=block)
-    result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-              "run_dir": os.path.abspath(args.run_dir), "step": restored.step,
-              "model": dict(layers=c.num_hidden_layers, Hq=shape["hq"], Hkv=shape["hkv"],
-                            D=shape["d"], dtype=jnp.dtype(model.dtype).name,
-                            max_position_embeddings=c.max_position_embeddings),
-              "surgery": dict(max_len=surgery.max_len, arity=surgery.arity,
-                              levels=surgery.num_levels, d_max=surgery.max_distance,
-                              clusters_at_most=surgery.arity ** surgery.cut_level,
-                              window=window, sink=sink),
-              "text": source, "block": block, "seqs": [], "notes": [],
-              "cudnn_stands_in": "XLA attention (toy, CPU)" if args.toy else None}
+    result.update({
+        "run_dir": os.path.abspath(args.run_dir), "step": restored.step,
+        "model": dict(layers=c.num_hidden_layers, Hq=shape["hq"], Hkv=shape["hkv"],
+                      D=shape["d"], dtype=jnp.dtype(model.dtype).name,
+                      max_position_embeddings=c.max_position_embeddings),
+        "surgery": dict(max_len=surgery.max_len, arity=surgery.arity,
+                        levels=surgery.num_levels, d_max=surgery.max_distance,
+                        clusters_at_most=surgery.arity ** surgery.cut_level,
+                        window=surgery.window, sink=surgery.sink_tokens),
+        "text": source})
     print(f"jax {jax.__version__} on {result['device']}; run {args.run_dir} step "
           f"{restored.step}; text: {source}", flush=True)
-    # Routes and densities of every length first, then the whole model, then attention per
-    # layer: what the budget cuts is the last and most detailed part.
-    entries, routes_npz, elapsed = [], {}, {"restore": time.perf_counter() - start}
-    result["elapsed_s"] = elapsed
+    result["elapsed_s"]["restore"] = time.perf_counter() - start
+    entries, routes_npz = [], {}
     for seq in args.seq_lens:
-        entries.append(route_entry(model, tokens, seq, surgery, block, result["notes"]))
+        entries.append(route_entry(model, tokens, seq, surgery, args.block, result["notes"]))
         routes_npz[f"S{seq}"] = entries[-1].pop("clusters")
-        elapsed[f"routes S={seq}"] = time.perf_counter() - start
+        result["elapsed_s"][f"routes S={seq}"] = time.perf_counter() - start
         print(f"S={seq}: routes extracted, blocks visited natural "
               f"{np.mean([r['natural_density'] for r in entries[-1]['layers']]):.1%}, sorted "
               f"{np.mean([r['sorted_density'] for r in entries[-1]['layers']]):.1%}", flush=True)
-    for index, entry in enumerate(entries):
-        label = f"S={entry['seq']}"
-        if "model" not in args.parts:
-            continue
-        if time.perf_counter() > deadline:
-            result["notes"].append(f"{label}: whole model not timed, the time budget is spent")
-            continue
-        ids = jnp.asarray(tokens[None, :entry["seq"]])
-        entry["model_ms"], entry["checks"] = model_prefills(
-            model, ids, kernel_options=kernel_options, smoke=args.toy, reps=args.model_reps,
-            check=index == 0)
-        elapsed[f"model {label}"] = time.perf_counter() - start
-        print(f"{label}: whole model (ms) {entry['model_ms']} {entry['checks']}", flush=True)
-    for entry in entries:
-        label = f"S={entry['seq']}"
-        if "attention" not in args.parts:
-            continue
-        if time.perf_counter() > deadline:
-            result["notes"].append(f"{label}: attention not timed, the time budget is spent")
-            continue
-        clusters = routes_npz[f"S{entry['seq']}"]
-        times, entry["cudnn"] = attention_timings(
-            clusters, shape, layouts=args.layouts, window=window, sink=sink, block=block,
-            reps=args.reps, smoke=args.toy, deadline=deadline, notes=result["notes"],
-            label=label)
-        for layout, rows in times.items():
-            for row, t in zip(entry["layers"], rows):
-                row[layout] = t
-        elapsed[f"attention {label}"] = time.perf_counter() - start
-        print_seq(entry)
+    return model, entries, routes_npz, tokens, shape
+
+
+TIMING_KEYS = ("model_ms", "checks", "cudnn", "mean")
+
+
+def saved_routes(args, result):
+    """The routes and densities of an earlier run of this script (--routes JSON and the .npz
+    beside it), for the lengths asked (all when --seq-lens is not given): (entries,
+    routes_npz, shape); its timings are dropped."""
+    path = Path(args.routes)
+    npz_path = path.with_suffix(".routes.npz")
+    if not path.is_file() or not npz_path.is_file():
+        raise SystemExit(f"--routes needs an earlier result JSON and its routes beside it: "
+                         f"{path} and {npz_path} (both must exist)")
+    earlier = json.loads(path.read_text())
+    npz = np.load(npz_path)
+    by_seq = {e["seq"]: e for e in earlier["seqs"]}
+    seqs = args.seq_lens or sorted(by_seq)
+    missing = [s for s in seqs if s not in by_seq or f"S{s}" not in npz]
+    if missing:
+        raise SystemExit(f"{path} holds the routes of S={sorted(by_seq)}, not of S={missing}")
+    args.seq_lens = seqs
+    for key in ("run_dir", "step", "model", "surgery", "text"):
+        result[key] = earlier[key]
+    result["routes_from"] = str(path)
+    print(f"jax {jax.__version__} on {result['device']}; routes of {earlier['run_dir']} (step "
+          f"{earlier['step']}) from {path}", flush=True)
+    entries = []
+    for seq in seqs:
+        entry = {k: v for k, v in by_seq[seq].items() if k not in TIMING_KEYS}
+        entry["layers"] = [{k: v for k, v in row.items() if not isinstance(v, dict)}
+                           for row in entry["layers"]]
+        entries.append(entry)
+    m = result["model"]
+    return entries, {f"S{s}": npz[f"S{s}"] for s in seqs}, dict(hq=m["Hq"], hkv=m["Hkv"],
+                                                                   d=m["D"])
+
+
+def finish_means(entries):
+    """entry["mean"]: the layer means of the densities and of every timed variant."""
     for entry in entries:
         layers = entry["layers"]
         entry["mean"] = layer_means([{k: v for k, v in r.items() if isinstance(v, float)}
                                      for r in layers])
-        for layout in LAYOUTS:
-            timed_rows = [r[layout] for r in layers if layout in r]
-            if timed_rows:
-                entry["mean"][layout] = layer_means(timed_rows)
-        result["seqs"].append(entry)
+        keys = dict.fromkeys(k for r in layers for k, v in r.items() if isinstance(v, dict))
+        for key in keys:
+            entry["mean"][key] = layer_means([r[key] for r in layers if key in r])
+
+
+def save(result, entries, routes_npz, out):
+    finish_means(entries)
+    result["seqs"] = entries
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")        # a call cut short leaves the last whole file
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)
+
+
+def run(args):
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    block = args.block
+    # Without a GPU (the toy, or saved routes timed on a CPU) the kernels are interpreted and
+    # XLA attention stands in for cuDNN.
+    smoke = args.toy or jax.default_backend() != "gpu"
+    result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "block": block,
+              "backends": args.backends, "seqs": [], "notes": [], "elapsed_s": {},
+              "cudnn_stands_in": "XLA attention (no GPU: kernels interpreted)" if smoke
+              else None}
+    elapsed = result["elapsed_s"]
+    if args.routes:
+        entries, routes_npz, shape = saved_routes(args, result)
+        model = tokens = None
+    else:
+        model, entries, routes_npz, tokens, shape = fresh_routes(args, result)
+    window, sink = result["surgery"]["window"], result["surgery"]["sink"]
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / ("toy.json" if args.toy else "model_routes.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)
+    save(result, entries, routes_npz, out)
+    kernel_options = dict(interpret=smoke, block_q=block, block_k=block)
+    # The parts in the order asked: what the budget cuts is the last.
+    for part in args.parts:
+        for index, entry in enumerate(entries):
+            label = f"S={entry['seq']}"
+            if time.perf_counter() > deadline:
+                result["notes"].append(f"{label}: {'whole model' if part == 'model' else part} "
+                                       "not timed, the time budget is spent")
+                continue
+            if part == "model":
+                ids = jnp.asarray(tokens[None, :entry["seq"]])
+                entry["model_ms"], entry["checks"] = model_prefills(
+                    model, ids, backends=args.backends, kernel_options=kernel_options,
+                    smoke=smoke, reps=args.model_reps, check=index == 0)
+                print(f"{label}: whole model (ms) {entry['model_ms']} {entry['checks']}",
+                      flush=True)
+            else:
+                times, entry["cudnn"] = attention_timings(
+                    routes_npz[f"S{entry['seq']}"], shape, layouts=args.layouts,
+                    backends=args.backends, window=window, sink=sink, block=block,
+                    reps=args.reps, smoke=smoke, deadline=deadline, notes=result["notes"],
+                    label=label)
+                for key, rows in times.items():
+                    for row, t in zip(entry["layers"], rows):
+                        row[key] = t
+                print_seq(entry)
+            elapsed[f"{part} {label}"] = time.perf_counter() - start
+            save(result, entries, routes_npz, out)
+    save(result, entries, routes_npz, out)
     print(f"wrote {out}, {out.with_suffix('.routes.npz')}")
     print_tables(result)
     return result
@@ -380,19 +465,26 @@ def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def variants_of(layers):
+    """The timed variants' keys in the order they were timed."""
+    return list(dict.fromkeys(k for r in layers for k, v in r.items() if isinstance(v, dict)))
+
+
 def print_seq(entry):
     """Per-layer table of one length."""
+    keys = variants_of(entry["layers"])
     print(f"\nS={entry['seq']} per layer (blocks: visited / causal 128-blocks; ms: "
-          "routed_attention bf16 random q, k, v on the layer's routes)")
-    print("| layer | natural blocks | sorted blocks | pairs | auto | auto fwd | sorted fwd | "
-          "natural fwd | auto f+b | sorted f+b | natural f+b |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "routed_attention bf16 random q, k, v on the layer's routes; layout or "
+          "layout:backend)")
+    print("| layer | natural blocks | sorted blocks | pairs | auto | "
+          + " | ".join(f"{k} fwd" for k in keys) + " | "
+          + " | ".join(f"{k} f+b" for k in keys) + " |")
+    print("|" + "---|" * (5 + 2 * len(keys)))
     for r in entry["layers"]:
-        t = {lay: r.get(lay, {}) for lay in LAYOUTS}
         print(f"| {r['layer']} | {r['natural_density']:.1%} | {r['sorted_density']:.1%} | "
               f"{r['pair_density']:.1%} | {'sorted' if r['auto_runs_sorted'] else 'natural'} | "
-              + " | ".join(_fmt(t[lay].get("fwd_ms")) for lay in LAYOUTS) + " | "
-              + " | ".join(_fmt(t[lay].get("fwd_bwd_ms")) for lay in LAYOUTS) + " |",
+              + " | ".join(_fmt(r.get(k, {}).get("fwd_ms")) for k in keys) + " | "
+              + " | ".join(_fmt(r.get(k, {}).get("fwd_bwd_ms")) for k in keys) + " |",
               flush=True)
 
 
@@ -403,42 +495,51 @@ def print_tables(result):
           f"L={s['levels']} d_max={s['d_max']} (<= {s['clusters_at_most']} clusters), window "
           f"{s['window']}, sink {s['sink']}, surgery.max_len {s['max_len']}; text: "
           f"{result['text']}; on {result['device']}.")
-    print("\nAttention, mean over layers (ms; routed_attention and cuDNN causal on the same "
-          "random bf16 q, k, v; x = cuDNN / routed):\n")
-    print("| S | > max_len | natural blocks | sorted blocks | pairs | layers auto->sorted | "
-          "auto fwd | sorted fwd | natural fwd | cuDNN fwd | x auto | auto f+b | sorted f+b | "
-          "natural f+b | cuDNN f+b | x auto |")
-    print("|" + "---|" * 16)
+    print("\nRoutes, mean over layers (blocks visited / causal 128-blocks):\n")
+    print("| S | > max_len | natural blocks | sorted blocks | pairs | layers auto->sorted |")
+    print("|---|---|---|---|---|---|")
     for e in result["seqs"]:
-        mean, cud = e["mean"], e.get("cudnn")
-        t = {lay: mean.get(lay) or {} for lay in LAYOUTS}
+        mean = e["mean"]
         n_sorted = sum(r["auto_runs_sorted"] for r in e["layers"])
-        speed = lambda key: (None if not cud or key not in t["auto"]  # noqa: E731
-                             else cud[key] / t["auto"][key])
         print(f"| {e['seq']} | {'YES' if e['exceeds_max_len'] else 'no'} | "
               f"{mean['natural_density']:.1%} | {mean['sorted_density']:.1%} | "
-              f"{mean['pair_density']:.1%} | {n_sorted}/{len(e['layers'])} | "
-              + " | ".join(_fmt(t[lay].get("fwd_ms")) for lay in LAYOUTS)
-              + f" | {_fmt(cud and cud['fwd_ms'])} | {_fmt(speed('fwd_ms'), '.2f')} | "
-              + " | ".join(_fmt(t[lay].get("fwd_bwd_ms")) for lay in LAYOUTS)
-              + f" | {_fmt(cud and cud['fwd_bwd_ms'])} | {_fmt(speed('fwd_bwd_ms'), '.2f')} |")
+              f"{mean['pair_density']:.1%} | {n_sorted}/{len(e['layers'])} |")
+    print("\nAttention, mean over layers (ms; routed_attention, layout or layout:backend, and "
+          "cuDNN causal on the same random bf16 q, k, v; x = cuDNN / routed):\n")
+    print("| S | variant | fwd | cuDNN fwd | x | fwd+bwd | cuDNN fwd+bwd | x | bwd | cuDNN bwd "
+          "| x |")
+    print("|" + "---|" * 11)
+    for e in result["seqs"]:
+        cud = e.get("cudnn")
+        for key in variants_of(e["layers"]):
+            t = e["mean"][key]
+            bwd = t["fwd_bwd_ms"] - t["fwd_ms"]
+            cbwd = cud and cud["fwd_bwd_ms"] - cud["fwd_ms"]
+            x = lambda a, b: None if not a or not b else a / b  # noqa: E731
+            print(f"| {e['seq']} | {key} | {_fmt(t['fwd_ms'])} | {_fmt(cud and cud['fwd_ms'])} | "
+                  f"{_fmt(x(cud and cud['fwd_ms'], t['fwd_ms']), '.2f')} | "
+                  f"{_fmt(t['fwd_bwd_ms'])} | {_fmt(cud and cud['fwd_bwd_ms'])} | "
+                  f"{_fmt(x(cud and cud['fwd_bwd_ms'], t['fwd_bwd_ms']), '.2f')} | "
+                  f"{_fmt(bwd)} | {_fmt(cbwd)} | {_fmt(x(cbwd, bwd), '.2f')} |")
     base = ("dense base, cuDNN attention" + (" (bf16 attention)" if m["dtype"] == "float32"
                                                else ""))
     print(f"\nWhole-model prefill (ms, logits of every position; surgical = routers + "
-          f"routed_attention layout auto; dense base = the same model in base mode, XLA "
-          f"softmax attention; {base}; x = baseline / surgical):\n")
-    print("| S | surgical kernel | dense base (XLA) | x | dense base (cuDNN) | x | "
+          f"routed_attention layout auto, per backend; dense base = the same model in base "
+          f"mode, XLA softmax attention; {base}; x = baseline / surgical):\n")
+    print("| S | surgical kernel (backend) | ms | dense base (XLA) | x | dense base (cuDNN) | x | "
           "kernel vs masked dense logits |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for e in result["seqs"]:
         t = e.get("model_ms")
         if not t:
             continue
-        chk = e.get("checks", {}).get("kernel_vs_masked_dense")
-        print(f"| {e['seq']} | {t['surgical_kernel']:.2f} | {t['dense_base']:.2f} | "
-              f"{t['dense_base'] / t['surgical_kernel']:.2f} | {t['dense_base_cudnn']:.2f} | "
-              f"{t['dense_base_cudnn'] / t['surgical_kernel']:.2f} | "
-              f"{_fmt(chk, '.1e')} |")
+        for mode in (k for k in t if k.startswith("surgical_kernel")):
+            backend = mode.partition(":")[2] or DEFAULT_BACKEND
+            suffix = mode[len("surgical_kernel"):]
+            chk = e.get("checks", {}).get("kernel_vs_masked_dense" + suffix)
+            print(f"| {e['seq']} | {backend} | {t[mode]:.2f} | {t['dense_base']:.2f} | "
+                  f"{t['dense_base'] / t[mode]:.2f} | {t['dense_base_cudnn']:.2f} | "
+                  f"{t['dense_base_cudnn'] / t[mode]:.2f} | {_fmt(chk, '.1e')} |")
     if result.get("cudnn_stands_in"):
         print(f"(every cuDNN column is {result['cudnn_stands_in']} in this run)")
     for note in result["notes"]:
@@ -448,6 +549,11 @@ def print_tables(result):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", help="a surgery run's --workdir")
+    parser.add_argument("--routes", default=None,
+                        help="an earlier result JSON of this script (its .routes.npz beside it): "
+                        "time attention on its routes, no model needed (--parts attention)")
+    parser.add_argument("--backends", default=DEFAULT_BACKEND,
+                        help=f"kernel backends timed, comma-separated, of {BACKENDS}")
     parser.add_argument("--seq-lens", default=None,
                         help="comma-separated lengths (default 2048,4096,8192; --toy 32,64)")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the run's "
@@ -461,27 +567,37 @@ def parse_args(argv=None):
                         help="skip the timings left once this many seconds have passed")
     parser.add_argument("--layouts", default=",".join(LAYOUTS),
                         help="routed_attention layouts timed per layer (comma-separated)")
-    parser.add_argument("--parts", default="model,attention",
-                        help="what to time besides the routes: model, attention or both")
+    parser.add_argument("--parts", default=None,
+                        help="what to time besides the routes, in this order: model, attention "
+                        "or both (default model,attention; with --routes attention)")
     parser.add_argument("--toy", action="store_true",
                         help="a tiny random run built here, Pallas interpret mode (CPU)")
     args = parser.parse_args(argv)
-    if not args.toy and not args.run_dir:
-        parser.error("give RUN_DIR (a surgery run's --workdir) or --toy")
-    seqs = args.seq_lens or ("32,64" if args.toy else "2048,4096,8192")
-    try:
-        args.seq_lens = [int(x) for x in seqs.split(",")]
-    except ValueError:
-        parser.error(f"--seq-lens must be comma-separated integers, got {seqs!r}")
-    if any(s < 1 for s in args.seq_lens):
-        parser.error(f"--seq-lens must be positive, got {seqs!r}")
+    if args.routes and (args.run_dir or args.toy or args.text):
+        parser.error("--routes times saved routes: give it without RUN_DIR, --toy or --text")
+    if not args.toy and not args.run_dir and not args.routes:
+        parser.error("give RUN_DIR (a surgery run's --workdir), --routes or --toy")
+    seqs = args.seq_lens or (None if args.routes else "32,64" if args.toy else "2048,4096,8192")
+    if seqs is not None:
+        try:
+            args.seq_lens = [int(x) for x in seqs.split(",")]
+        except ValueError:
+            parser.error(f"--seq-lens must be comma-separated integers, got {seqs!r}")
+        if any(s < 1 for s in args.seq_lens):
+            parser.error(f"--seq-lens must be positive, got {seqs!r}")
     args.block = args.block or (16 if args.toy else 128)
     args.layouts = [x for x in args.layouts.split(",") if x]
-    args.parts = [x for x in args.parts.split(",") if x]
+    args.parts = [x for x in (args.parts or ("attention" if args.routes
+                                             else "model,attention")).split(",") if x]
+    args.backends = [x for x in args.backends.split(",") if x]
     if not set(args.layouts) <= set(LAYOUTS):
         parser.error(f"--layouts must name some of {LAYOUTS}, got {args.layouts}")
-    if not set(args.parts) <= {"model", "attention"}:
-        parser.error(f"--parts must name model and/or attention, got {args.parts}")
+    if not set(args.parts) <= set(PARTS) or len(set(args.parts)) != len(args.parts):
+        parser.error(f"--parts must name model and/or attention once each, got {args.parts}")
+    if not args.backends or not set(args.backends) <= set(BACKENDS):
+        parser.error(f"--backends must name some of {BACKENDS}, got {args.backends}")
+    if args.routes and "model" in args.parts:
+        parser.error("--parts model needs the run (RUN_DIR): --routes holds routes only")
     return args
 
 

@@ -640,7 +640,7 @@ def describe(s: dict) -> str:
 
 
 def main(argv=None):
-    args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
+    args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG, runs=False)
     setup = setup_run(run_config(config, base, out), install=True)
     corpora = {TRAINING_CORPUS: setup.val_batches,
                **setup.extra_batches}

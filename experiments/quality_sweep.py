@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_runs import (CONFIGS, corpora, flags, plot_per_corpus, run_all,  # noqa: E402
+from sweep_runs import (CONFIGS, collect_runs, corpora, flags, plot_per_corpus,  # noqa: E402
                         selected, sweep_setup, toy_model)
 
 CONFIG = CONFIGS / "quality_sweep.py"
@@ -95,10 +95,12 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None):
     args, config, out, base = sweep_setup(argv, __doc__.splitlines()[0], CONFIG)
-    results = run_all(plan(config, out), base_config=base, steps=config.steps, jobs=args.jobs)
+    results, unfinished = collect_runs(plan(config, out), base_config=base, steps=config.steps,
+                                       jobs=args.jobs, report=args.report)
     rows = rows_of(results, config)
     stem = "toy" if args.toy else "quality_sweep"
-    result = dict(config=config.to_dict(), runs={n: str(out / n) for n in results}, rows=rows)
+    result = dict(config=config.to_dict(), runs={n: str(out / n) for n in results},
+                  unfinished=unfinished, rows=rows)
     text = json.dumps(result, indent=1)
     (out / f"{stem}.json").write_text(text)
     result = json.loads(text)          # what the file holds (tuples become lists)

@@ -135,8 +135,8 @@ class Children:
         raise SystemExit(f"stopped by signal {signum}; run the same command again to resume")
 
 
-def parse_sweep_args(description: str, config_path, argv):
-    """(args, overrides) of a sweep script: --toy, --config, --out, --jobs, and the
+def parse_sweep_args(description: str, config_path, argv, runs: bool = True):
+    """(args, overrides) of a sweep script: --toy, --config, --out, --jobs, --report and the
     --config.KEY=VALUE flags left over."""
     import argparse
     parser = argparse.ArgumentParser(description=description)
@@ -145,21 +145,46 @@ def parse_sweep_args(description: str, config_path, argv):
     parser.add_argument("--out", default=None,
                         help="sweep directory (default results/<config.name>)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one accelerator)")
+    if runs:        # only sweeps of `ultrametric run`s have runs to report on
+        parser.add_argument("--report", action="store_true",
+                            help="start no run: tabulate the runs finished so far and name the "
+                            "others (a sweep cut short by a time limit)")
     args, rest = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args, rest
 
 
-def sweep_setup(argv, description: str, config_path):
-    """(args, config, out directory, base config path) of a sweep script's command line."""
-    args, overrides = parse_sweep_args(description, config_path, argv)
+def sweep_setup(argv, description: str, config_path, runs: bool = True):
+    """(args, config, out directory, base config path) of a sweep script's command line; runs:
+    the script starts `ultrametric run`s (and so takes --report)."""
+    args, overrides = parse_sweep_args(description, config_path, argv, runs)
     config = load_config(args.config, "toy" if args.toy else "", overrides)
     out = Path(args.out or ROOT / "results" / config.name)
     out.mkdir(parents=True, exist_ok=True)
     base = config.base_config if Path(config.base_config).is_absolute() else str(
         CONFIGS / config.base_config)
     return args, config, out, base
+
+
+def collect_runs(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps: int,
+                 jobs: int, report: bool) -> tuple[dict, list[str]]:
+    """(results, unfinished): run_all's results and [], or with report the eval.json of the
+    runs already finished at `steps` and the names of the others, none of them started."""
+    if not report:
+        return run_all(runs, base_config=base_config, steps=steps, jobs=jobs), []
+    results = {}
+    for name, workdir, _ in runs:
+        done = finished(workdir, steps)
+        if done is not None:
+            results[name] = done
+    unfinished = [name for name, _, _ in runs if name not in results]
+    if not results:
+        raise SystemExit(f"--report: none of the {len(runs)} runs has finished {steps} steps "
+                         f"(an eval.json at step {steps}) under {runs[0][1].parent}")
+    if unfinished:
+        print(f"--report: not finished, left out: {', '.join(unfinished)}", flush=True)
+    return results, unfinished
 
 
 def run_all(runs: list[tuple[str, Path, list[str]]], *, base_config: str, steps: int,

@@ -100,3 +100,17 @@ def test_toy_run_json_holds_the_runs_numbers(tmp_path):
             assert 0 <= h <= top + 1e-9
     assert names == {"matched_p2", "matched_p3", "preprint_p2", "preprint_p3"}
     assert {r["corpus"] for r in result["rows"]} == {"held out", "stdlib"}
+    assert result["unfinished"] == []
+
+    # A sweep cut short: --report tabulates the finished runs, names the other, starts none.
+    cut = tmp_path / "preprint_p3"
+    (cut / "eval.json").unlink()
+    log_size = (cut / "run.log").stat().st_size
+    report = arity.main(["--toy", "--out", str(tmp_path), "--report"])
+    assert report["unfinished"] == ["preprint_p3"]
+    assert report["rows"] == [r for r in result["rows"] if r["run"] != "preprint_p3"]
+    assert not (cut / "eval.json").exists() and (cut / "run.log").stat().st_size == log_size
+    for name in names - {"preprint_p3"}:
+        (tmp_path / name / "eval.json").unlink()
+    with pytest.raises(SystemExit, match=r"--report: none of the 4 runs has finished 4 steps"):
+        arity.main(["--toy", "--out", str(tmp_path), "--report"])

@@ -95,3 +95,46 @@ def test_too_short_text_is_refused(toy, tmp_path):
                        r"longer --text"):
         bench.main([workdir, "--toy", "--seq-lens", str(SEQ), "--text", str(text),
                     "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.slow
+def test_saved_routes_are_timed_again_without_the_model(toy, tmp_path):
+    bench, _, result, routes = toy
+    out = tmp_path / "again.json"
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(result))
+    np.savez(src.with_suffix(".routes.npz"), **{f"S{SEQ}": routes})
+    again = bench.main(["--routes", str(src), "--layouts", "sorted", "--reps", "1",
+                        "--block", str(BLOCK), "--out", str(out)])
+    (entry,) = again["seqs"]
+    assert again["routes_from"] == str(src) and again["step"] == result["step"]
+    (old,) = result["seqs"]
+    for row, before, ids in zip(entry["layers"], old["layers"], routes[:, 0]):
+        c = np.sum([numpy_counts(h) for h in ids], axis=0)
+        assert row["sorted_density"] == pytest.approx(c[1] / c[5], rel=1e-6)
+        assert row["pair_density"] == before["pair_density"]
+        assert set(k for k, v in row.items() if isinstance(v, dict)) == {"sorted"}
+        assert 0 < row["sorted"]["fwd_ms"] < 1e5
+    assert "model_ms" not in entry and entry["cudnn"]["fwd_ms"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["seqs"][0]["mean"]["sorted"]["fwd_ms"] == pytest.approx(
+        np.mean([r["sorted"]["fwd_ms"] for r in entry["layers"]]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--routes", "x.json", "--toy"], "without RUN_DIR, --toy or --text"),
+    (["--routes", "x.json", "--parts", "model"], "--parts model needs the run"),
+    (["--toy", "--backends", "cuda"], "--backends must name some of"),
+    (["--toy", "--parts", "attention,attention"], "once each"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    bench = load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_saved_routes_are_named(tmp_path):
+    bench = load_script()
+    with pytest.raises(SystemExit, match=r"--routes needs an earlier result JSON"):
+        bench.main(["--routes", str(tmp_path / "none.json")])
