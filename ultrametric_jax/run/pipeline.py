@@ -40,7 +40,7 @@ from ultrametric_jax.run.export import (ExportError, export_surgical_model, load
 from ultrametric_jax.run.provenance import (CheckpointMismatchError, ConfigDriftError,
                                             base_model_identity, check_same_base,
                                             check_same_setup, surgery_changes)
-from ultrametric_jax.run.settings import RunConfig
+from ultrametric_jax.run.settings import DTYPES, RunConfig
 from ultrametric_jax.run.tasks import parse_task_names, run_tasks
 from ultrametric_jax.run.window_baseline import matched_baseline
 from ultrametric_jax.run.tasks.chat import chat_template_from_gguf
@@ -361,10 +361,14 @@ class RestoredRun:
     checkpoint_dir: str
 
 
-def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
+def restore_run(directory: str, step: Optional[int] = None,
+                dtype: Optional[str] = None) -> RestoredRun:
     """The surgical model of a run's checkpoint (latest step by default), evaluation mode,
-    after checking that the base model on disk is the one the run trained on. Read only: it
+    after checking that the base model on disk is the one the run trained on. dtype: a compute
+    dtype other than the run's (model.dtype; its weights keep model.param_dtype). Read only: it
     never prunes, quarantines or cleans the run's directory."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not a compute dtype; expected one of {DTYPES}")
 
     def unreadable(e: CorruptCheckpointError) -> ExportError:
         if e.cause is None:
@@ -391,6 +395,8 @@ def restore_run(directory: str, step: Optional[int] = None) -> RestoredRun:
             raise ExportError(f"checkpoint step {step} in {directory} records no run config "
                               "or base model identity")
         run = with_fitted_selectors(RunConfig.from_dict(meta["config"]), directory, step)
+        if dtype is not None:
+            run = dataclasses.replace(run, model=dataclasses.replace(run.model, dtype=dtype))
         model = load_base_model(verify_base_model(meta["base_model"]), run)
         inject(run, model)
         model_config = dataclasses.asdict(model.config)
