@@ -61,10 +61,6 @@ from pallas_kernels.routed import prefer_sorted  # noqa: E402
 from pallas_kernels.schedule import natural_density_bound  # noqa: E402
 from pallas_kernels.sorted_layout import band_sink_tokens, sort_by_cluster  # noqa: E402
 from ultrametric_jax.model import llama  # noqa: E402
-from ultrametric_jax.run.data import corpus_tokenizer, pack_documents  # noqa: E402
-from ultrametric_jax.run.data_corpus import load_corpus, split_documents  # noqa: E402
-from ultrametric_jax.run.export import checkpoint_dir_of  # noqa: E402
-from ultrametric_jax.run.pipeline import restore_run  # noqa: E402
 from ultrametric_jax.surgery.inject import (base_model_mode, extract_routes,  # noqa: E402
                                             set_attention_impl)
 from ultrametric_jax.surgery.router import RouterParam  # noqa: E402
@@ -80,6 +76,9 @@ TINY_CONFIG = ROOT / "configs" / "tiny_random.py"
 
 def checkpoints_of(run_dir: str) -> str:
     """The checkpoints directory of a run's workdir, or run_dir itself when it is one."""
+    # The run stack (data, checkpoints, GGUF) is imported where a run is read, so that --routes
+    # runs with the kernels' packages alone.
+    from ultrametric_jax.run.export import checkpoint_dir_of
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return checkpoint_dir_of(workdir=run_dir)[0]
     return checkpoint_dir_of(checkpoint=run_dir)[0]
@@ -87,6 +86,8 @@ def checkpoints_of(run_dir: str) -> str:
 
 def text_tokens(restored, text_path, length):
     """int32 [length]: BOS then the text's tokens (--text) or the run's held-out documents."""
+    from ultrametric_jax.run.data import corpus_tokenizer, pack_documents
+    from ultrametric_jax.run.data_corpus import load_corpus, split_documents
     tok = corpus_tokenizer(restored.base_model["path"], restored.model.config)
     if text_path:
         ids = [tok.bos_id] + tok.encode_batch([Path(text_path).read_text(encoding="utf-8")])[0]
@@ -316,6 +317,7 @@ def layer_means(rows):
 def fresh_routes(args, result):
     """Restores the run and extracts its routes at every length: (model, entries, routes_npz,
     tokens, shape, surgery options); fills result's description of the run."""
+    from ultrametric_jax.run.pipeline import restore_run
     start = time.perf_counter()
     restored = restore_run(checkpoints_of(args.run_dir))
     if args.toy:

@@ -138,3 +138,17 @@ def test_missing_saved_routes_are_named(tmp_path):
     bench = load_script()
     with pytest.raises(SystemExit, match=r"--routes needs an earlier result JSON"):
         bench.main(["--routes", str(tmp_path / "none.json")])
+
+
+def test_saved_routes_need_no_run_stack():
+    """--routes runs where only the kernels' packages are installed (a GPU host carrying a few
+    wheels): importing the script loads neither the data pipeline nor the checkpoint readers."""
+    import subprocess
+    import sys
+    heavy = ("grain", "gguf", "ultrametric_jax.run.pipeline", "ultrametric_jax.run.data",
+             "ultrametric_jax.run.export")
+    code = ("import sys; sys.path.insert(0, 'experiments'); import bench_model_routes; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -16,7 +16,7 @@ def toy(tmp_path_factory):
     bench = load_experiment("bench_model_routes")
     workdir = bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
     out = tmp_path_factory.mktemp("out") / "toy.json"
-    result = script.main([workdir, "--toy", "--out", str(out)])
+    result = script.main([workdir, "--toy", "--seq-len", "16", "--out", str(out)])
     return workdir, result, json.loads(out.read_text()), np.load(out.with_suffix(".npz"))
 
 
@@ -51,7 +51,7 @@ def test_numbers_match_a_recomputation_from_the_saved_arrays(toy):
         assert r["kl_nats"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
         assert r["ids_differ"] == pytest.approx(moved)
         assert r["ids_differ_per_layer"] == pytest.approx(per_layer)
-    assert arrays["float32_dense_clusters"].shape == (2, 4, 32)     # layers, heads, tokens
+    assert arrays["float32_dense_clusters"].shape == (2, 4, 16)     # layers, heads, tokens
     assert len(np.unique(arrays["float32_dense_clusters"])) > 1      # the routes split
 
 
