@@ -20,9 +20,9 @@ length S:
     (backward = (f+b) - f);
   - the whole model's prefill (logits of all S positions, routers included): the surgical
     model through the kernels (set_attention_impl(model, "kernel"), layout auto, every backend)
-    against the
-    same model in base mode (dense causal softmax in XLA, routers unused) and against the base
-    model with its attention through cuDNN (cast to bf16 when the model computes in float32);
+    against the same model in base mode (dense causal softmax in XLA, routers unused) and
+    against the base model with its attention through cuDNN (cast to bf16 when the model
+    computes in float32);
     plus, at the first S, the surgical kernel logits against the surgical masked dense ones.
 
 Times are medians after warm-up (routes and inputs are arguments of the compiled functions).
@@ -30,10 +30,10 @@ The router's tree is sized for surgery.max_len: a length above it is run and fla
 routes are outside what the run trained). The routes of every length come first, then the
 parts of --parts in their order (by default the whole model at every length, then attention per
 layer); what is left once --budget-s has passed is skipped with a note (--parts, --layouts and
---backends trim it beforehand). Writes JSON (and
-the routes, .npz) to --out after every part and prints the tables last. --routes takes an
-earlier result's routes instead of a run (no model, no extraction), for attention timings on a
-machine without the model.
+--backends trim it beforehand). Writes the routes (.npz) once extracted and the JSON after
+every part to --out, and prints the tables last. --routes takes an earlier result's routes
+instead of a run (no model, no extraction), for attention timings on a machine without the
+model.
 """
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ def layer_means(rows):
 
 def fresh_routes(args, result):
     """Restores the run and extracts its routes at every length: (model, entries, routes_npz,
-    tokens, shape, surgery options); fills result's description of the run."""
+    tokens, shape); fills result's description of the run."""
     from ultrametric_jax.run.pipeline import restore_run
     start = time.perf_counter()
     restored = restore_run(checkpoints_of(args.run_dir))
@@ -391,19 +391,17 @@ def finish_means(entries):
         layers = entry["layers"]
         entry["mean"] = layer_means([{k: v for k, v in r.items() if isinstance(v, float)}
                                      for r in layers])
-        keys = dict.fromkeys(k for r in layers for k, v in r.items() if isinstance(v, dict))
-        for key in keys:
+        for key in variants_of(layers):
             entry["mean"][key] = layer_means([r[key] for r in layers if key in r])
 
 
-def save(result, entries, routes_npz, out):
+def save(result, entries, out):
     finish_means(entries)
     result["seqs"] = entries
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")        # a call cut short leaves the last whole file
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
-    np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)
 
 
 def run(args):
@@ -426,7 +424,9 @@ def run(args):
     window, sink = result["surgery"]["window"], result["surgery"]["sink"]
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / ("toy.json" if args.toy else "model_routes.json")
-    save(result, entries, routes_npz, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out.with_suffix(".routes.npz"), **routes_npz)    # they do not change
+    save(result, entries, out)
     kernel_options = dict(interpret=smoke, block_q=block, block_k=block)
     # The parts in the order asked: what the budget cuts is the last.
     for part in args.parts:
@@ -454,8 +454,8 @@ def run(args):
                         row[key] = t
                 print_seq(entry)
             elapsed[f"{part} {label}"] = time.perf_counter() - start
-            save(result, entries, routes_npz, out)
-    save(result, entries, routes_npz, out)
+            save(result, entries, out)
+    save(result, entries, out)
     print(f"wrote {out}, {out.with_suffix('.routes.npz')}")
     print_tables(result)
     return result

@@ -61,15 +61,19 @@ def run(args, run_dir):
     # backend="auto" off a GPU is XLA's masked attention, the reference itself: interpret the
     # Pallas kernels instead.
     backend = args.backend or ("auto" if on_gpu else "gpu")
+    if backend == "auto" and not on_gpu:
+        raise SystemExit("--backend auto without a GPU runs XLA's masked attention, the "
+                         "reference itself: give --backend gpu (Pallas, interpreted)")
     kernel = dict(layout="sorted", backend=backend, interpret=not on_gpu,
                   block_q=args.block, block_k=args.block)
     paths, arrays, meta = {}, {}, {}
-    for dtype in dict.fromkeys(("float32", args.dtype)):
+    for dtype in ("float32", args.dtype):
         restored = restore_run(checkpoints_of(run_dir), dtype=dtype)
         if args.toy:
             perturb_routers(restored.model)      # the same seed: the same routers each time
         tokens, source = text_tokens(restored, args.text, args.seq_len)
-        meta = dict(step=restored.step, text=source, layers=restored.model.config.num_hidden_layers)
+        meta = dict(step=restored.step, text=source,
+                    layers=restored.model.config.num_hidden_layers)
         for impl in ("dense", "kernel"):
             set_attention_impl(restored.model, impl, **(kernel if impl == "kernel" else {}))
             logits, aux = forward_with_aux(restored.model, jnp.asarray(tokens[None]))
@@ -80,15 +84,14 @@ def run(args, run_dir):
             arrays[f"{dtype}_{impl}_clusters"] = paths[(dtype, impl)][1]
             print(f"{dtype} {impl}: done", flush=True)
     result = dict(run_dir=str(run_dir), seq_len=args.seq_len, dtype=args.dtype, block=args.block,
-                  backend=backend,
-                  device=jax.devices()[0].device_kind, jax=jax.__version__, **meta,
+                  backend=backend, device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  **meta,
                   reference="float32 masked dense", paths={})
     for key, value in paths.items():
         if key != REFERENCE:
             result["paths"][" ".join(key)] = compare(paths[REFERENCE], value)
-    if args.dtype != "float32":
-        result["paths"][f"{args.dtype} kernel vs {args.dtype} dense"] = compare(
-            paths[(args.dtype, "dense")], paths[(args.dtype, "kernel")])
+    result["paths"][f"{args.dtype} kernel vs {args.dtype} dense"] = compare(
+        paths[(args.dtype, "dense")], paths[(args.dtype, "kernel")])
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / ("toy.json" if args.toy else "precision.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,12 @@ def test_restore_run_takes_a_compute_dtype(toy):
     assert restore_run(directory).model.dtype == jnp.float32
     with pytest.raises(ExportError, match=r"dtype='int8' is not a compute dtype"):
         restore_run(directory, dtype="int8")
+
+
+@pytest.mark.slow
+def test_auto_backend_without_a_gpu_is_refused(toy, tmp_path):
+    workdir, _, _, _ = toy
+    script = load_experiment("route_precision")
+    with pytest.raises(SystemExit, match=r"--backend auto without a GPU runs XLA's masked "
+                       r"attention, the reference itself"):
+        script.main([workdir, "--toy", "--backend", "auto", "--out", str(tmp_path / "x.json")])
