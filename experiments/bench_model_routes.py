@@ -23,7 +23,9 @@ length S:
     against the same model in base mode (dense causal softmax in XLA, routers unused) and
     against the base model with its attention through cuDNN (cast to bf16 when the model
     computes in float32);
-    plus, at the first S, the surgical kernel logits against the surgical masked dense ones.
+    plus, at the first S, the surgical kernel logits against the surgical masked dense ones;
+    with --profile N, a trace of N calls of each of those prefills says where the device time
+    goes (kernels, launches, time per kind of kernel: experiments/trace_summary.py).
 
 Times are medians after warm-up (routes and inputs are arguments of the compiled functions).
 The router's tree is sized for surgery.max_len: a length above it is run and flagged (its
@@ -54,6 +56,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trace_summary  # noqa: E402
 from bench_attention import timed  # noqa: E402
 from pallas_kernels import (band_schedule, build_schedule, routed_attention,  # noqa: E402
                             segment_schedule)
@@ -207,17 +210,22 @@ def _compiled_prefill(model):
     return jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)), state
 
 
-def model_prefills(model, tokens, *, backends, kernel_options, smoke, reps, check):
-    """{mode: ms} of the whole model's forward on tokens [1, S], the surgical model through the
-    kernels of every backend ("surgical_kernel" for the default one, "surgical_kernel:<name>"
-    for the others); with check, also the logits' relative differences (each backend's kernel
-    path vs the masked dense surgical path; cuDNN base vs XLA base)."""
-    times, logits = {}, {}
+def model_prefills(model, tokens, *, backends, kernel_options, smoke, reps, check,
+                   profile_reps=0):
+    """({mode: ms}, checks, {mode: trace summary}) of the whole model's forward on tokens
+    [1, S], the surgical model through the kernels of every backend ("surgical_kernel" for the
+    default one, "surgical_kernel:<name>" for the others); with check, the logits' relative
+    differences (each backend's kernel path vs the masked dense surgical path; cuDNN base vs
+    XLA base); with profile_reps, every timed mode's device time per kernel and kind over that
+    many traced calls (trace_summary)."""
+    times, logits, profiles = {}, {}, {}
 
     def run(mode, time_it=True):
         fn, state = _compiled_prefill(model)
         if time_it:
             times[mode] = 1e3 * timed(fn, state, tokens, reps=reps)
+            if profile_reps:
+                profiles[mode] = trace_summary.profile(fn, state, tokens, reps=profile_reps)
         if check:
             logits[mode] = fn(state, tokens)
 
@@ -252,7 +260,7 @@ def model_prefills(model, tokens, *, backends, kernel_options, smoke, reps, chec
                    else f"kernel_vs_masked_dense:{b}"): rel(mode, "surgical_dense")
                   for b, mode in kernel_modes.items()}
         checks["cudnn_vs_xla_base"] = rel("dense_base_cudnn", "dense_base")
-    return times, checks
+    return times, checks, profiles
 
 
 # ----------------------------------------------------------------------------- toy run
@@ -438,11 +446,17 @@ def run(args):
                 continue
             if part == "model":
                 ids = jnp.asarray(tokens[None, :entry["seq"]])
-                entry["model_ms"], entry["checks"] = model_prefills(
+                entry["model_ms"], entry["checks"], profiles = model_prefills(
                     model, ids, backends=args.backends, kernel_options=kernel_options,
-                    smoke=smoke, reps=args.model_reps, check=index == 0)
+                    smoke=smoke, reps=args.model_reps, check=index == 0,
+                    profile_reps=args.profile)
                 print(f"{label}: whole model (ms) {entry['model_ms']} {entry['checks']}",
                       flush=True)
+                if profiles:
+                    entry["model_profile"] = profiles
+                    for mode, summary in profiles.items():
+                        print(trace_summary.format_summary(f"{label} {mode}", summary),
+                              flush=True)
             else:
                 times, entry["cudnn"] = attention_timings(
                     routes_npz[f"S{entry['seq']}"], shape, layouts=args.layouts,
@@ -565,6 +579,9 @@ def parse_args(argv=None):
     parser.add_argument("--block", type=int, default=None, help="kernel blocks (128; --toy 16)")
     parser.add_argument("--reps", type=int, default=3, help="repeats per attention timing")
     parser.add_argument("--model-reps", type=int, default=5)
+    parser.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                        help="also trace CALLS calls of every whole-model prefill and record "
+                        "its device time per kernel and kind of kernel (0: no trace)")
     parser.add_argument("--budget-s", type=float, default=150.0,
                         help="skip the timings left once this many seconds have passed")
     parser.add_argument("--layouts", default=",".join(LAYOUTS),
@@ -600,6 +617,8 @@ def parse_args(argv=None):
         parser.error(f"--backends must name some of {BACKENDS}, got {args.backends}")
     if args.routes and "model" in args.parts:
         parser.error("--parts model needs the run (RUN_DIR): --routes holds routes only")
+    if args.profile < 0 or (args.profile and "model" not in args.parts):
+        parser.error(f"--profile {args.profile}: give a number of calls >= 1 with --parts model")
     return args
 
 

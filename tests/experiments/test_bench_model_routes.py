@@ -126,6 +126,8 @@ def test_saved_routes_are_timed_again_without_the_model(toy, tmp_path):
     (["--routes", "x.json", "--parts", "model"], "--parts model needs the run"),
     (["--toy", "--backends", "cuda"], "--backends must name some of"),
     (["--toy", "--parts", "attention,attention"], "once each"),
+    (["--toy", "--parts", "attention", "--profile", "2"], "calls >= 1 with --parts model"),
+    (["--toy", "--profile", "-1"], "calls >= 1 with --parts model"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     bench = load_script()

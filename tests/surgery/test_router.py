@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from ultrametric_jax.surgery.router import DynamicTopologyRouter, RouterLinear, RouterParam, collapse_bias
+from ultrametric_jax.surgery.router import (DynamicTopologyRouter, RouterLinear, RouterParam,
+                                           bf16_pieces, collapse_bias, router_matmul)
 
 
 def np_router(x, w1, b1, w2, b2, heads, levels, arity):
@@ -120,3 +121,53 @@ def test_router_shape_errors():
         RouterLinear(4, 5, jnp.zeros((4, 3)), jnp.zeros((3,)), ("embed", "router_hidden"))
     with pytest.raises(ValueError, match=r"bias \(4,\) do not match \(4, 5\)"):
         RouterLinear(4, 5, jnp.zeros((4, 5)), jnp.zeros((4,)), ("embed", "router_hidden"))
+
+
+# ----------------------------------------------------------------------------- router_matmul
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_split_matmul_is_a_float32_matmul(x_dtype):
+    # Against float64: the split form keeps float32's accuracy (TF32 would be ~1e-3 off, one
+    # bfloat16 pass ~1e-2), for float32 inputs (three pieces) and bfloat16 ones (one piece).
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 70, 96)), x_dtype)
+    w = jnp.asarray(rng.normal(size=(96, 45)) * np.exp(rng.normal(size=(96, 45))), jnp.float32)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w, np.float64)
+    got = np.asarray(jax.jit(lambda x, w: router_matmul(x, w, True))(x, w), np.float64)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < 1e-6
+    one_pass = np.asarray(jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                                  preferred_element_type=jnp.float32), np.float64)
+    assert np.abs(one_pass - want).max() / scale > 1e-4        # the oracle can tell them apart
+
+
+def test_bf16_pieces_sum_to_the_float32_exactly():
+    rng = np.random.default_rng(4)
+    w = (rng.normal(size=(64, 33)) * 10.0 ** rng.integers(-30, 30, size=(64, 33))).astype(np.float32)
+    pieces = bf16_pieces(jnp.asarray(w))
+    assert [p.dtype for p in pieces] == [jnp.bfloat16] * 3
+    np.testing.assert_array_equal(sum(np.asarray(p, np.float64) for p in pieces),
+                                  w.astype(np.float64))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_router_matmul_gradients_against_float64(split):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 24, 40)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(40, 12)) * 0.2, jnp.float32)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(jnp.sin(router_matmul(x, w, split))),
+                      argnums=(0, 1))(x, w)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    g = np.cos(x64 @ w64)
+    np.testing.assert_allclose(dx, g @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bsi,bso->io", x64, g), rtol=1e-5, atol=1e-4)
+
+
+def test_router_matmul_splits_on_cuda_only():
+    # The platform decides: a CUDA lowering holds the bfloat16 matmul, a CPU one the float32.
+    x, w = jnp.ones((2, 8, 16)), jnp.ones((16, 4))
+    traced = jax.jit(lambda x, w: router_matmul(x, w)).trace(x, w)
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert "bf16" in cuda and "bf16" not in cpu
+    np.testing.assert_allclose(router_matmul(x, w), np.full((2, 8, 4), 16.0))

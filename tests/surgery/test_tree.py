@@ -81,6 +81,30 @@ def test_hard_digits_and_cluster_ids():
     assert um.cluster_ids(digits, 3, 2).dtype == jnp.int32
 
 
+@pytest.mark.parametrize("arity", [2, 3, 4, 8])
+def test_small_argmax_equals_numpy_argmax_with_ties_nans_and_infinities(arity):
+    rng = np.random.default_rng(arity)
+    # Few distinct values, so ties are common; NaN and +-inf sprinkled in.
+    x = rng.integers(-2, 3, size=(7, 33, 5, arity)).astype(np.float32)
+    special = rng.random(x.shape)
+    x[special < 0.05] = np.nan
+    x[(special >= 0.05) & (special < 0.08)] = np.inf
+    x[(special >= 0.08) & (special < 0.11)] = -np.inf
+    got = np.asarray(jax.jit(um.small_argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert np.isnan(x).any(axis=-1).any() and (got > 0).any()
+
+
+def test_hard_digits_run_without_a_reduction():
+    # A reduction over the p children is what was slow on the GPU: the digits are elementwise.
+    jaxpr = jax.make_jaxpr(um.hard_digits)(jnp.zeros((2, 16, 4, 3)))
+    names = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+    assert not names & {"argmax", "reduce_max", "reduce"}, names
+    slow = jax.make_jaxpr(lambda x: jnp.argmax(x, -1))(jnp.zeros((2, 16, 4, 3)))
+    assert "argmax" in {eqn.primitive.name for eqn in slow.jaxpr.eqns}
+
+
 def test_cluster_ids_errors():
     digits = jnp.zeros((4, 3), jnp.int32)
     with pytest.raises(ValueError, match="cut_level=4 must lie in"):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrametric_jax.surgery.tree import straight_through
+from ultrametric_jax.surgery.tree import small_argmax, straight_through
 
 BUDGETS = ("penalty", "dual")
 
@@ -70,7 +70,7 @@ def route_agreement(logits: jax.Array, tau, cut_level: int) -> jax.Array:
     routes one_hot(argmax) + softmax(logits / tau) - sg(softmax(logits / tau)) at every level.
     logits: the router's [B, H, S, L, p]."""
     logits = logits[..., :cut_level, :].astype(jnp.float32)
-    hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    hard = jax.nn.one_hot(small_argmax(logits), logits.shape[-1], dtype=jnp.float32)
     routes = straight_through(hard, jax.nn.softmax(logits / tau, axis=-1))
     agree = jnp.ones(routes.shape[:3] + routes.shape[2:3], jnp.float32)
     for level in range(cut_level):
