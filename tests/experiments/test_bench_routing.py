@@ -37,8 +37,13 @@ def test_rows_match_a_float64_router(tmp_path):
         assert row["ms_all_layers"] == pytest.approx(row["ms_per_layer"] * shape["layers"])
 
 
-def test_bad_lengths_are_refused():
+@pytest.mark.parametrize("bad, message", [
+    ("0,16", "--seqs must be positive lengths, got '0,16'"),
+    ("", "--seqs must be positive lengths, got ''"),
+    ("a,b", "--seqs must be comma-separated integers, got 'a,b'"),
+])
+def test_bad_lengths_are_refused(bad, message, capsys):
     script = load_experiment("bench_routing")
-    for bad in ("0,16", "a,b", ""):
-        with pytest.raises(SystemExit):
-            script.parse_args(["--seqs", bad])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--seqs", bad])
+    assert message in capsys.readouterr().err
