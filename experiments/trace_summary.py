@@ -9,7 +9,8 @@ fusions, Triton's and Pallas' kernel functions). Those events are what is summed
 lines ("XLA Ops", "XLA Modules", "Steps") repeat the same time under other names and are left
 out. Without a device process (the CPU backend) the summary says so and holds no numbers.
 
-Kinds, by the kernel's name (first match): cudnn attention, gemm (cuBLAS, cuBLASLt, CUTLASS,
+Kinds, by the kernel's name (first match): this project's kernels (Pallas, Triton: "custom
+kernels"), cudnn attention, gemm (cuBLAS, cuBLASLt, CUTLASS,
 XLA's Triton GEMMs), sort (CUB's radix sort, XLA's sort), copy (memcpy, memset), xla fusion
 (XLA's generated kernels) and, for the rest, custom kernels (Pallas, Triton, jax-triton).
 """
@@ -24,7 +25,11 @@ import tempfile
 
 import jax
 
+CUSTOM = "custom kernels"
 KINDS = (
+    # This project's kernels first, by their names, whatever words they hold ("sorted", "dot").
+    (CUSTOM, re.compile(r"^(block_sparse_attention|routed_attention|block_schedule|fwd_|dq_"
+                        r"|dkv_|compact_kernel|decode_kernel)")),
     ("cudnn attention", re.compile(r"cudnn|sdpa|fmha|flash_fprop|flash_bprop")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|_dot_|^dot|matmul")),
     ("sort", re.compile(r"sort|radix|cub::")),
@@ -32,7 +37,6 @@ KINDS = (
     ("xla fusion", re.compile(r"fusion|^wrapped_|^loop_|^input_|^copy|^transpose|^concatenate"
                               r"|^dynamic|^slice|^gather|^scatter|^iota|^reduce|^select")),
 )
-CUSTOM = "custom kernels"
 DEVICE = re.compile(r"^/device:(GPU|TPU)")
 
 

@@ -35,14 +35,15 @@ def test_sums_per_kind_and_kernel_and_busy_time():
         kernel(2, 20, "block_sparse_attention_fwd", 600, 60),
         kernel(2, 21, "memcpy32_post", 120, 100),                         # overlaps 120..180
         kernel(2, 20, "cub::DeviceRadixSortOnesweepKernel", 700, 20),
+        kernel(2, 20, "block_sparse_attention_dkv_sorted_dot", 800, 40),    # ours, by name
     ]}
     s = ts.summarize(trace, calls=2, top=3)
-    assert s["kernels_per_call"] == 7 / 2
-    # union: [0,220) + [400,460) + [600,660) + [700,720) = 360 us
-    assert s["busy_ms_per_call"] == pytest.approx(0.360 / 2)
-    assert s["kernel_ms_per_call"] == pytest.approx(0.420 / 2)
+    assert s["kernels_per_call"] == 8 / 2
+    # union: [0,220) + [400,460) + [600,660) + [700,720) + [800,840) = 400 us
+    assert s["busy_ms_per_call"] == pytest.approx(0.400 / 2)
+    assert s["kernel_ms_per_call"] == pytest.approx(0.460 / 2)
     assert s["kinds_ms_per_call"] == pytest.approx({
-        "cudnn attention": 0.05, "gemm": 0.025, "xla fusion": 0.015, "custom kernels": 0.06,
+        "cudnn attention": 0.05, "gemm": 0.025, "xla fusion": 0.015, "custom kernels": 0.08,
         "copy": 0.05, "sort": 0.01})
     assert [k["name"] for k in s["top_kernels"]] == [
         "block_sparse_attention_fwd", "cudnn_generated_fort_native_sdpa_sm90", "memcpy32_post"]
