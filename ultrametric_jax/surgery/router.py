@@ -34,17 +34,17 @@ def bf16_pieces(x: jax.Array, pieces: int = 3) -> list:
 
 
 def split_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w in float32 from one bfloat16 matmul: x (one piece if it is bfloat16, else three)
-    and w (three pieces) split by bf16_pieces, every cross product at once as
-    [x_1 .. x_n] @ [[w_1 w_2 w_3]] * n (rows tiled), float32 accumulation, and the three output
-    slices summed. A bfloat16 product is exact in float32, so this is the float32 matmul up
-    to the order of its sums (no TF32, no dropped terms), on tensor cores."""
-    xs = [x] if x.dtype == jnp.bfloat16 else bf16_pieces(x)
-    ws = jnp.concatenate(bf16_pieces(w), axis=-1)                       # [d, 3 o]
-    y = jnp.dot(jnp.concatenate(xs, axis=-1), jnp.tile(ws, (len(xs), 1)),
-                preferred_element_type=jnp.float32)                      # [..., 3 o]
-    y = y.reshape(*y.shape[:-1], 3, w.shape[-1])
-    return (y[..., 0, :] + y[..., 1, :]) + y[..., 2, :]
+    """x @ w in float32 from one bfloat16 matmul: w cut into three pieces (bf16_pieces) laid
+    side by side, [d, 3 o]; x one piece if it is bfloat16, else three stacked on a leading
+    axis; float32 accumulation; then the partial products summed. A bfloat16 product is exact
+    in float32, so this is the float32 matmul up to the order of its sums (no TF32, no dropped
+    terms), on tensor cores."""
+    o = w.shape[-1]
+    xs = jnp.stack([x] if x.dtype == jnp.bfloat16 else bf16_pieces(x))   # [n, ..., d]
+    y = jnp.dot(xs, jnp.concatenate(bf16_pieces(w), axis=-1),
+                preferred_element_type=jnp.float32)                      # [n, ..., 3 o]
+    y = jnp.sum(y, axis=0)
+    return (y[..., :o] + y[..., o:2 * o]) + y[..., 2 * o:]
 
 
 def _highest_matmul(x, w):
