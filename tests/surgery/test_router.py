@@ -143,7 +143,8 @@ def test_split_matmul_is_a_float32_matmul(x_dtype):
 
 def test_bf16_pieces_sum_to_the_float32_exactly():
     rng = np.random.default_rng(4)
-    w = (rng.normal(size=(64, 33)) * 10.0 ** rng.integers(-30, 30, size=(64, 33))).astype(np.float32)
+    scale = 10.0 ** rng.integers(-30, 30, size=(64, 33))
+    w = (rng.normal(size=(64, 33)) * scale).astype(np.float32)
     pieces = bf16_pieces(jnp.asarray(w))
     assert [p.dtype for p in pieces] == [jnp.bfloat16] * 3
     np.testing.assert_array_equal(sum(np.asarray(p, np.float64) for p in pieces),

@@ -2,9 +2,9 @@
 
 logits = gelu_exact(x W1 + b1) W2 + b2, reshaped to [B, H, S, L, p]; all in float32 whatever
 the model's dtype. On a GPU the float32 matmuls run on the tensor cores as bfloat16 pieces
-(router_matmul), whose products float32 holds exactly, instead of on the CUDA cores. Collapse initialisation (W2 = 0, b2 = +margin for child 0, -margin for the
-others) routes every token to child 0 at every level, so the injected topology starts as the
-dense model.
+(router_matmul), whose products float32 holds exactly, instead of on the CUDA cores.
+Collapse initialisation (W2 = 0, b2 = +margin for child 0, -margin for the others) routes
+every token to child 0 at every level, so the injected topology starts as the dense model.
 """
 from __future__ import annotations
 
