@@ -28,6 +28,10 @@ class GpuTuning:
     dkv_tile_k: int = 128
     dkv_warps: int = 8
     dkv_stages: int = 2
+    band_tile_q: int = 64      # the sorted layout's window + sink pass (triton band_fwd_kernel)
+    band_tile_k: int = 32
+    band_warps: int = 4
+    band_stages: int = 2
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -50,7 +54,7 @@ class GpuTuning:
             return cls()
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
-                   dkv_stages=1)
+                   dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)

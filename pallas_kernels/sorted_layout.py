@@ -18,6 +18,12 @@ h // (Hq // Hkv) at its own order), so the sorted pass holds [B, S, Hq, D] keys 
 Hq / Hkv times the K/V memory (4x for Llama-3-8B's 32 / 8), plus sorted copies of q and of the
 tree output.
 
+On backend="triton" the forward is two launches and no copy (_fused_forward): the tree kernel
+reads q, k and v through the order and writes in token order; band_fwd_kernel runs the window
+and sink sets in closed form (its key tiles from each query tile's window, plus tiles of the
+sink keys alone, not the 128-key block holding them) and starts its softmax from the tree's
+result, which merges the two.
+
 sorted_attention's backward does not differentiate the merge: with the merged softmax's lse and
 delta = rowsum(dout * out), each set's pairs have p_ij = exp(s_ij - lse_i) and
 ds_ij = p_ij (dp_ij - delta_i), so every pass runs its own backward kernel on its own layout
@@ -305,9 +311,10 @@ def sorted_attention(q, k, v, qc, cfg, backend):
 def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
     """(out, lse) of the sorted layout in two Triton launches (backend="triton"): the tree pass
     reads q, k and v through plan.order and writes its result in token order, and the band
-    pass (window and sink keys) starts its softmax from that result. No permuted copy, no
-    un-permute and no merge pass exist; the sum is the same as merge_partials'."""
-    from pallas_kernels.triton_backend import forward_routed
+    pass (window and sink keys, in closed form: forward_band) starts its softmax from that
+    result. No permuted copy, no un-permute and no merge pass exist; the sum is the same as
+    merge_partials'."""
+    from pallas_kernels.triton_backend import forward_band, forward_routed
     seq = q.shape[1]
     tqc, tkc, tsched, tcfg = prepare_schedule(
         q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree, backend="triton",
@@ -316,10 +323,8 @@ def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
     out, lse = forward_routed(qp, kp, vp, pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched,
                               tcfg, order=pad_axis(plan.order, sp, 2))
-    if plan.band is not None or has_sink_pairs(cfg):
-        bqc, bkc, bsched, bcfg = _band_args(q, k, v, qc, cfg, "triton", cfg.sink_tokens)
-        out, lse = forward_routed(qp, kp, vp, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2),
-                                  bsched, bcfg, init=(out, lse))
+    if cfg.window > 0 or cfg.sink_tokens > 0:
+        out, lse = forward_band(qp, kp, vp, pad_axis(qc, sp, 2), cfg, init=(out, lse))
     return out[:, :seq], lse[..., :seq]
 
 

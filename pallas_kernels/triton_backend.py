@@ -100,6 +100,37 @@ def routed_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *, gath
                                name="routed_attention_fwd")
 
 
+def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """band_fwd_kernel on self-attention inputs padded to sp positions: its query tile and
+    key tile are the largest powers of two up to cfg.gpu's band tiles that divide sp; its sink
+    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile."""
+    from pallas_kernels.triton_kernels import band_fwd_kernel
+    batch, sp, hq, _ = q_shape
+    if tuple(k_shape[:2]) != (batch, sp):
+        raise ValueError(f"the band pass is self-attention over one padded length: q "
+                         f"{tuple(q_shape)}, k {tuple(k_shape)}")
+    t = cfg.gpu
+    bq, tk = _dividing_tile(t.band_tile_q, sp), _dividing_tile(t.band_tile_k, sp)
+    ts = min(tk, max(16, 1 << max(cfg.sink_tokens - 1, 0).bit_length()))
+    full = _meta(cfg, q_shape, k_shape, dtype)
+    meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "WINDOW", "SINK", "KV_LEN",
+                                          "C", "IEEE", "UPCAST")}
+    meta.update(SP=sp, BQ=bq, TK=tk, TS=ts)
+    return Launch(band_fwd_kernel, (sp // bq, batch * hq),
+                  (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
+                   jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
+                  meta, t.band_warps, t.band_stages, "routed_attention_band_fwd")
+
+
+def _dividing_tile(tile: int, sp: int) -> int:
+    """The largest power of two <= tile that divides sp (>= 16: sp is whole blocks)."""
+    while sp % tile:
+        tile //= 2
+    if tile < 16:
+        raise ValueError(f"no tile of 16 or more positions divides the padded length {sp}")
+    return tile
+
+
 def dq_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
     from pallas_kernels.triton_kernels import dq_kernel
     batch, sqp, hq, _ = q_shape
@@ -241,6 +272,14 @@ def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, order=None, 
     out0, lse0 = (q, qc) if init is None else (init[0].astype(q.dtype), init[1])
     return _call(cfg, launch, q, k, v, qc, kc, sched.kv_indices, sched.kv_num_masked,
                  sched.kv_num_blocks, order, out0, lse0)
+
+
+def forward_band(q, k, v, qc, cfg: AttentionConfig, init):
+    """The band set (window and sink pairs of other clusters) of self-attention on inputs
+    padded to one length, merged into init = (out0, lse0), a partial result over the other
+    pairs (band_fwd_kernel). Returns (out, lse) as forward()."""
+    launch = band_forward_launch(cfg, q.shape, k.shape, q.dtype)
+    return _call(cfg, launch, q, k, v, qc, init[0].astype(q.dtype), init[1])
 
 
 def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):

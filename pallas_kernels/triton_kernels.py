@@ -175,6 +175,91 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINI
                  EXCLUDE, IEEE, UPCAST, GATHER, INIT, Q_LEN)
 
 
+# ----------------------------------------------------------------------------- band forward
+
+@triton.jit
+def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, cols_d, d_ok,
+                ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
+                SINK: tl.constexpr, KV_LEN: tl.constexpr, IEEE: tl.constexpr,
+                UPCAST: tl.constexpr, SINK_SET: tl.constexpr):
+    """Key tiles first..stop-1 of TK keys, masked to the window pairs of other clusters
+    (q - k < WINDOW) or, SINK_SET, to the sink pairs outside the window (k < SINK,
+    q - k >= WINDOW): disjoint sets, so a key in both kinds of tile counts once."""
+    for t in range(first, stop):
+        keys = t * TK + tl.arange(0, TK)
+        k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                    other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+        gap = q_pos[:, None] - keys[None, :]
+        if SINK_SET:
+            ok = (keys[None, :] < SINK) & (gap >= WINDOW)
+        else:
+            ok = gap < WINDOW
+        ok = ok & (gap >= 0) & (keys[None, :] < KV_LEN)
+        ok = ok & (q_ids[:, None] != tl.load(kc_ptr + keys)[None, :])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+        l = l * alpha + tl.sum(p, 1)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
+                    HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+                    BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, TS: tl.constexpr,
+                    WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The sorted layout's band set in token order, self-attention over SP padded positions:
+    pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
+    query block i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
+    when one of its rows lies WINDOW or more past key 0, the TS-key tiles of the SINK first
+    keys (not the whole block that holds them). The softmax starts from OINIT [B, SP, HQ, D]
+    and LSEINIT [B, HQ, SP] (fwd_routed_kernel's INIT), so O and LSE are the merge of both."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    HKV: tl.constexpr = HQ // GROUP
+    rows = i * BQ + tl.arange(0, BQ)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    o_off = b.to(tl.int64) * (SP * HQ * D) + h * D + rows[:, None] * (HQ * D) + cols_d[None, :]
+    q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
+    ids_ptr = QC + bh.to(tl.int64) * SP  # self-attention: key ids are the query ids
+    q_ids = tl.load(ids_ptr + rows)
+    kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
+    lse0 = tl.load(LSEINIT + bh.to(tl.int64) * SP + rows)
+    has = lse0 > float("-inf")
+    m = tl.where(has, lse0 * 1.4426950408889634, float("-inf"))
+    l = tl.where(has, 1.0, 0.0)
+    acc = tl.load(OINIT + o_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.where(has[:, None], acc, 0.0)
+    if WINDOW > 0:
+        first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
+        acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr,
+                                first, (i * BQ + BQ - 1) // TK + 1, cols_d, d_ok, HKV * D, TK, C,
+                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False)
+    if SINK > 0:
+        far = i * BQ + BQ - 1 >= WINDOW  # some row has sink keys outside its window
+        tiles = tl.where(far, (SINK + TS - 1) // TS, 0)
+        acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr, 0,
+                                tiles, cols_d, d_ok, HKV * D, TS, C, WINDOW, SINK, KV_LEN, IEEE,
+                                UPCAST, True)
+    empty = l == 0.0
+    tl.store(O + o_off, (acc / tl.where(empty, 1.0, l)[:, None]).to(O.dtype.element_ty),
+             mask=d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l)))
+                   * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * SP + rows, lse)
+
+
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit

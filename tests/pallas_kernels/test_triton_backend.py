@@ -206,6 +206,62 @@ class TestTritonKernels:
                               (*want, *want_grads)):
             assert_close(name, g, w, TOL[dtype])
 
+    @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, dtype, partial", [
+        (70, 4, 2, 5, 1, (16, 32), "float32", True),     # key tile over two query tiles
+        (96, 2, 1, 0, 40, (32, 16), "float32", False),   # sinks alone, three sink tiles
+        (64, 3, 3, 20, 3, (16, 16), "float32", True),    # the window over several tiles
+        (50, 2, 1, 64, 2, (16, 16), "float32", False),   # a window past the sequence
+        (61, 4, 1, 9, 2, (32, 32), "bfloat16", True)])
+    def test_band_kernel_in_closed_form(self, interpret, seq, hq, hkv, window, sink, tiles,
+                                        dtype, partial):
+        """band_fwd_kernel against float64 numpy: the window and sink pairs of other clusters,
+        padded positions and GQA, started from a partial over the same-cluster pairs (the
+        result is then every allowed pair's) or from none (lse -inf: the band set alone, rows
+        without a band key give 0 and -inf)."""
+        from pallas_kernels.config import GpuTuning
+        from pallas_kernels.triton_backend import band_forward_launch, forward_band
+        rng = np.random.default_rng(seq + window)
+        sp, d = -(-seq // 32) * 32, 16
+        q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
+        ids = rng.integers(0, 3, (1, hq, sp))
+        i, j = np.arange(sp)[:, None], np.arange(sp)[None, :]
+        same = ids[0][:, :, None] == ids[0][:, None, :]
+        causal = (j <= i) & (j < seq)
+        band = causal & ~same & ((i - j < window) | (j < sink))
+
+        def softmax(mask):  # float64 (out [1, sp, hq, d], lse [1, hq, sp]) over mask [hq, ..]
+            kk, vv = (np.repeat(x[0], hq // hkv, axis=1) for x in (k, v))
+            s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
+            s = np.where(mask, s, -np.inf)
+            top = np.max(s, -1, keepdims=True)
+            p = np.exp(s - np.where(np.isfinite(top), top, 0))
+            total = p.sum(-1)
+            out = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1)[..., None], vv)
+            return out[None], np.where(total > 0, np.log(np.maximum(total, 1e-300)) + top[..., 0],
+                                        -np.inf)[None]
+
+        init = softmax(causal & same) if partial else (np.zeros((1, sp, hq, d)),
+                                                       np.full((1, hq, sp), -np.inf))
+        want_out, want_lse = softmax(causal & (same | band) if partial else band)
+        cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=window, sink_tokens=sink,
+                          q_offset=0, scale=None, backend="triton", interpret=interpret,
+                          block_q=16, block_k=16,
+                          gpu_tuning=GpuTuning(band_tile_q=tiles[0], band_tile_k=tiles[1]))
+        launch = band_forward_launch(cfg, q.shape, k.shape, dtype)
+        assert (launch.meta["BQ"], launch.meta["TK"]) == tiles
+        assert launch.meta["TS"] == min(tiles[1], max(16, 1 << (sink - 1).bit_length()))
+        out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
+                                init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)))
+        out, lse = np.asarray(out, np.float32)[:, :seq], np.asarray(lse)[..., :seq]
+        want_out, want_lse = want_out[:, :seq], want_lse[..., :seq]
+        assert np.abs(want_out).max() > 0.1  # a real comparison, not zeros
+        none = np.isneginf(want_lse)
+        assert none.any() != partial  # without a partial, some rows have no band key
+        np.testing.assert_array_equal(np.isneginf(lse), none)
+        assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
+        assert_close("out", out, want_out, TOL[dtype])
+
     def test_fused_sorted_forward_builds_no_permuted_copy(self, interpret):
         """Without a backward, the sorted layout on the Triton kernels gathers no [B, S, H, D]
         array: the kernels read q, k and v through the order and write in token order."""
@@ -282,6 +338,17 @@ def test_compiled_kernels_without_gpu_say_why():
                                backend="triton")
 
 
+def test_band_tiles_divide_the_padded_length():
+    """The band kernel's tiles: the largest power of two up to the tuning's that divides the
+    padded length (a tile past it would read past the arrays), never below 16."""
+    from pallas_kernels.triton_backend import _dividing_tile
+    assert [_dividing_tile(64, sp) for sp in (128, 96, 80, 48)] == [64, 32, 16, 16]
+    assert _dividing_tile(32, 1 << 17) == 32
+    with pytest.raises(ValueError, match="no tile of 16 or more positions divides the padded "
+                                         "length 40"):
+        _dividing_tile(64, 40)
+
+
 def test_blocks_below_sixteen_are_refused():
     q = jnp.ones((1, 16, 2, 16))
     ids = jnp.zeros((1, 2, 16), jnp.int32)
@@ -310,9 +377,11 @@ shared = {}
 routed = functools.partial(tb.routed_forward_launch, gather=True, init=True)
 for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4, 2, []),
                                 (tb.dkv_launch, 4, 2, []), (tb.dkv_sink_launch, 4, 2, []),
-                                (routed, 3, 0, ["*i32", "*bf16", "*fp32"])]:
+                                (routed, 3, 0, ["*i32", "*bf16", "*fp32"]),
+                                (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"])]:
     launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
-    dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * 5 + tail
+    ints = 1 if make is tb.band_forward_launch else 5  # ids (and the schedule's lists)
+    dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * ints + tail
               + [ptr[jnp.dtype(s.dtype).name] for s in launch.out_shapes])
     sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
     src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
@@ -354,6 +423,7 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(shared) == ["block_schedule_compact", "block_sparse_attention_dkv",
                               "block_sparse_attention_dkv_sink", "block_sparse_attention_dq",
-                              "block_sparse_attention_fwd", "routed_attention_fwd"]
+                              "block_sparse_attention_fwd", "routed_attention_band_fwd",
+                              "routed_attention_fwd"]
     for name, used in shared.items():
         assert 0 < used <= shared_limit, (name, used, shared_limit)

@@ -1,0 +1,241 @@
+"""The sorted layout's fused Triton forward (backend="triton") stage by stage, with its launch
+parameters swept, against cuDNN in the same run.
+
+  python3 experiments/fused_stages.py --out results/bench_routed/fused_stages.json
+  python3 experiments/fused_stages.py --seqs 32768 --clusters 32 --no-sweep
+  python3 experiments/fused_stages.py --toy       # CPU: triton's interpreter at toy size
+
+Per (S, clusters), each token's cluster drawn at random, the Llama-3-8B attention shape (B=1,
+Hq=32, Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks), each stage jitted alone on
+inputs computed beforehand (medians):
+
+  - sort: sort_by_cluster (argsort, sorted ids, inverse);
+  - tree schedule: segment_schedule of the sorted ids;
+  - tree kernel: fwd_routed_kernel reading q, k, v through the order, per GpuTuning fwd_*
+    variant (tile, warps, stages);
+  - band kernel: the window and sink pairs merged into the tree's result, the closed-form
+    band_fwd_kernel per band_* variant, and the schedule-driven launch it replaced (its sink
+    keys a whole key block);
+  - end to end: sorted_attention with the default tuning and with the fastest variant of each
+    kernel; cuDNN's causal attention on the same q, k, v.
+
+Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
+in every case, each variant's output and LSE against the default's on the case's own inputs
+(the band kernels against the schedule-driven launch). Writes JSON to --out and prints the
+tables last; exits 1 when a check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+TOY = "--toy" in sys.argv
+if TOY:  # before triton's first import: its kernels then run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import finish, rel_err, timed  # noqa: E402
+from pallas_kernels import reference_attention, segment_schedule  # noqa: E402
+from pallas_kernels.common import pad_axis  # noqa: E402
+from pallas_kernels.config import GpuTuning  # noqa: E402
+from pallas_kernels.ops import make_config, prepare_schedule  # noqa: E402
+from pallas_kernels.sorted_layout import (_band_args, _gather_heads,  # noqa: E402
+                                          sort_by_cluster, sorted_attention, sorted_plan)
+
+SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
+TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
+# (fwd_tile_k, fwd_warps, fwd_stages), the default first
+TREE_VARIANTS = [(128, 8, 3), (64, 8, 3), (128, 8, 2), (128, 8, 4), (64, 4, 3), (128, 4, 2)]
+# (band_tile_q, band_tile_k, band_warps, band_stages), the default first
+BAND_VARIANTS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
+                 (64, 16, 4, 2)]
+TOY_TREE = [(16, 4, 1), (16, 4, 2)]
+TOY_BAND = [(16, 16, 4, 1), (32, 16, 4, 1)]
+
+
+def tree_tuning(variant) -> dict:
+    return dict(zip(("fwd_tile_k", "fwd_warps", "fwd_stages"), variant))
+
+
+def band_tuning(variant) -> dict:
+    return dict(zip(("band_tile_q", "band_tile_k", "band_warps", "band_stages"), variant))
+
+
+def inputs(seq, clusters, shape, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (1, seq, shape["hq"], shape["d"]), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (1, seq, shape["hkv"], shape["d"]), jnp.bfloat16)
+            for key in keys[1:3])
+    ids = jax.random.randint(keys[3], (1, shape["hq"], seq), 0, clusters, jnp.int32)
+    return q, k, v, ids
+
+
+def config(q, k, shape, **tuning):
+    return make_config(q, k, window=shape["window"], sink_tokens=shape["sink"], q_offset=0,
+                       scale=None, backend="triton", interpret=TOY, block_q=shape["block"],
+                       block_k=shape["block"], gpu_tuning=GpuTuning(**tuning))
+
+
+def check_reference(shape) -> dict:
+    """The fused forward (default tuning) against the float32 reference, bf16 inputs."""
+    seq = 100 if TOY else 1000
+    q, k, v, ids = inputs(seq, 16, shape, seed=seq)
+    cfg = config(q, k, shape)
+    got = jax.jit(lambda *a: sorted_attention(*a, cfg, "triton"))(q, k, v, ids)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = reference_attention(*f32, ids, ids, window=shape["window"],
+                               sink_tokens=shape["sink"], return_lse=True)
+    errs = dict(out=rel_err(got[0], want[0]), lse=rel_err(got[1], want[1]))
+    row = dict(seq=seq, what="fused forward vs reference", tol=2e-2, **errs,
+               ok=all(e <= 2e-2 for e in errs.values()))
+    print(f"correctness S={seq}: out={errs['out']:.2e} lse={errs['lse']:.2e} "
+          + ("OK" if row["ok"] else "FAILED"), flush=True)
+    return row
+
+
+def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
+    """(timing rows, correctness rows) of one (S, clusters)."""
+    from pallas_kernels.triton_backend import forward_band, forward_routed
+    q, k, v, ids = inputs(seq, clusters, shape, seed=seq + clusters)
+    base = config(q, k, shape)
+    plan = jax.jit(lambda ids: sorted_plan(ids, base))(ids)
+    tqc, tkc, tsched, tcfg = prepare_schedule(
+        q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree, backend="triton",
+        config=dataclasses.replace(base, window=0, sink_tokens=0))
+    sp = tcfg.num_q_blocks * tcfg.block_q
+    qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
+    tqc, tkc, order, qcp = (pad_axis(x, sp, 2) for x in (tqc, tkc, plan.order, ids))
+    rows, checks = [], []
+
+    def add(stage, variant, fn, *args):
+        ms = 1e3 * timed(jax.jit(fn), *args, reps=reps)
+        rows.append(dict(seq=seq, clusters=clusters, stage=stage, variant=str(variant), ms=ms))
+        print(f"S={seq} clusters={clusters} {stage} {variant}: {ms:.3f} ms", flush=True)
+        return ms
+
+    def check(what, got, want):
+        errs = [rel_err(g, w) for g, w in zip(got, want)]
+        checks.append(dict(seq=seq, clusters=clusters, what=what, tol=2e-2, out=errs[0],
+                           lse=errs[1], ok=max(errs) <= 2e-2))
+
+    cudnn_ms = add("cuDNN causal", "-", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="xla" if TOY else "cudnn", is_causal=True), q, k, v)
+    add("sort", "-", sort_by_cluster, ids)
+    add("tree schedule", "-", lambda s: segment_schedule(s, block_q=tcfg.block_q,
+                                                         block_k=tcfg.block_k),
+        plan.sorted_ids)
+
+    def tree(variant):
+        cfg = dataclasses.replace(tcfg, gpu=dataclasses.replace(tcfg.gpu,
+                                                                **tree_tuning(variant)))
+        return lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, tsched, cfg,
+                                                     order=order)
+
+    tree_variants = TOY_TREE if TOY else TREE_VARIANTS
+    partial = jax.jit(tree(tree_variants[0]))(qp, kp, vp, order)
+    tree_ms = {}
+    for variant in tree_variants if sweep else tree_variants[:1]:
+        tree_ms[variant] = add("tree kernel", variant, tree(variant), qp, kp, vp, order)
+        check(f"tree kernel {variant} vs default", jax.jit(tree(variant))(qp, kp, vp, order),
+              partial)
+
+    if sweep:  # where the tree kernel's time goes: its gathers, its token mask
+        copies = [pad_axis(_gather_heads(x, plan.order, q.shape[2] // x.shape[2]),
+                           sp, 1) for x in (q, k, v)]
+        flat = lambda q, k, v: forward_routed(q, k, v, tqc, tkc, tsched, tcfg)  # noqa: E731
+        add("tree kernel on sorted copies (no gather)", tree_variants[0], flat, *copies)
+        sorted_want = [_gather_heads(partial[0], order, 1),
+                       jnp.take_along_axis(partial[1], order, axis=-1)]
+        check("tree kernel on sorted copies vs through the order",
+              jax.jit(flat)(*copies), sorted_want)
+        unmasked = tsched._replace(kv_num_masked=jnp.zeros_like(tsched.kv_num_masked))
+        add("tree kernel, no token mask (timing only: wrong pairs)", tree_variants[0],
+            lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, unmasked, tcfg,
+                                                  order=order), qp, kp, vp, order)
+
+    bqc, bkc, bsched, bcfg = _band_args(q, k, v, ids, base, "triton", base.sink_tokens)
+    scheduled = lambda q, k, v, o, l: forward_routed(  # noqa: E731
+        q, k, v, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2), bsched, bcfg, init=(o, l))
+    add("band kernel, scheduled (sink = a key block)", "-", scheduled, qp, kp, vp, *partial)
+    want = jax.jit(scheduled)(qp, kp, vp, *partial)
+
+    def band(variant):
+        cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
+                                                                **band_tuning(variant)))
+        return lambda q, k, v, o, l: forward_band(q, k, v, qcp, cfg, init=(o, l))
+
+    band_variants = TOY_BAND if TOY else BAND_VARIANTS
+    band_ms = {}
+    for variant in band_variants if sweep else band_variants[:1]:
+        band_ms[variant] = add("band kernel, closed form", variant, band(variant), qp, kp, vp,
+                               *partial)
+        check(f"band kernel {variant} vs scheduled", jax.jit(band(variant))(qp, kp, vp,
+                                                                            *partial), want)
+
+    best = (min(tree_ms, key=tree_ms.get), min(band_ms, key=band_ms.get))
+    for name, (tv, bv) in {"default": (tree_variants[0], band_variants[0]),
+                           "fastest kernels": best}.items():
+        if name == "fastest kernels" and best == (tree_variants[0], band_variants[0]):
+            continue
+        cfg = config(q, k, shape, **tree_tuning(tv), **band_tuning(bv))
+        ms = add("end to end", f"{name} {tv} {bv}",
+                 lambda q, k, v, ids, cfg=cfg: sorted_attention(q, k, v, ids, cfg, "triton"),
+                 q, k, v, ids)
+        rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
+    return rows, checks
+
+
+def print_tables(result):
+    print("\n| S | clusters | stage | variant | ms | vs cuDNN |")
+    print("|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        ratio = f"{r['speedup_vs_cudnn']:.2f}x" if "speedup_vs_cudnn" in r else ""
+        print(f"| {r['seq']} | {r['clusters']} | {r['stage']} | {r['variant']} | "
+              f"{r['ms']:.3f} | {ratio} |")
+    bad = [c for c in result["correctness"] if not c["ok"]]
+    print(f"\n{len(result['correctness']) - len(bad)} of {len(result['correctness'])} checks "
+          "within 2e-2" + "".join(f"\nFAILED: {c}" for c in bad))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=None)
+    parser.add_argument("--clusters", type=int, nargs="+", default=[32])
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="the default tuning only")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="results/bench_routed/fused_stages.json")
+    parser.add_argument("--toy", action="store_true",
+                        help="CPU dry run: triton's interpreter, toy shape and lengths")
+    args = parser.parse_args(argv)
+    global TOY
+    TOY = args.toy
+    if TOY:  # triton reads it at its first import (the kernels' modules import it lazily)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    shape = TOY_SHAPE if TOY else SHAPE
+    seqs = args.seqs or ([64, 96] if TOY else [8192, 32768, 131072])
+    if min(seqs) < shape["block"] or min(args.clusters) < 1:
+        parser.error(f"--seqs must be >= one block ({shape['block']}) and --clusters >= 1")
+    if not TOY and jax.default_backend() != "gpu":
+        parser.error("the fused forward compiles for a GPU; on this host run --toy")
+    result = dict(shape=shape, device=str(jax.devices()[0]), correctness=[check_reference(shape)],
+                  rows=[])
+    for seq in seqs:
+        for clusters in args.clusters:
+            rows, checks = run_case(seq, clusters, shape, sweep=args.sweep, reps=args.reps)
+            result["rows"] += rows
+            result["correctness"] += checks
+    code = finish(result, args.out, lambda: print_tables(result))
+    result["exit_code"] = code
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main()["exit_code"])

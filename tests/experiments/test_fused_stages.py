@@ -1,0 +1,63 @@
+"""experiments/fused_stages.py at toy size (CPU, triton's interpreter, in its own process: triton
+reads TRITON_INTERPRET at its first import): the float32 reference check, every variant's
+check against the default, and the table's arithmetic."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiment_script import EXPERIMENTS, load_experiment
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_toy_run_checks_every_variant(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "fused.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "fused_stages.py"), "--toy",
+                           "--seqs", "64", "--reps", "1", "--out", str(out)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    script = load_experiment("fused_stages")
+
+    reference, *checks = result["correctness"]
+    # bf16 kernels against the float32 reference: close, and not trivially equal
+    assert 0 < reference["out"] < 2e-2 and 0 < reference["lse"] < 2e-2 and reference["ok"]
+    assert [c["what"] for c in checks] == (
+        [f"tree kernel {v} vs default" for v in script.TOY_TREE]
+        + ["tree kernel on sorted copies vs through the order"]
+        + [f"band kernel {v} vs scheduled" for v in script.TOY_BAND])
+    assert checks[0]["out"] == checks[0]["lse"] == 0.0          # the default against itself
+    # the closed-form band kernel against the schedule-driven one: the same pairs
+    assert all(c["ok"] and max(c["out"], c["lse"]) < 2e-2 for c in checks)
+
+    rows = result["rows"]
+    stages = [r["stage"] for r in rows]
+    assert stages[:3] == ["cuDNN causal", "sort", "tree schedule"]
+    assert stages.count("tree kernel") == len(script.TOY_TREE)
+    assert stages.count("band kernel, closed form") == len(script.TOY_BAND)
+    assert all(r["ms"] > 0 for r in rows)
+    cudnn = rows[0]["ms"]
+    for row in (r for r in rows if r["stage"] == "end to end"):
+        assert row["speedup_vs_cudnn"] == pytest.approx(cudnn / row["ms"])
+    assert proc.stdout.rstrip().endswith(f"{len(checks) + 1} of {len(checks) + 1} checks "
+                                         "within 2e-2")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seqs", "64"], "--seqs must be >= one block (128)"),
+    (["--seqs", "8192", "--clusters", "0"], "--clusters >= 1"),
+    (["--seqs", "8192"], "the fused forward compiles for a GPU; on this host run --toy")])
+def test_bad_options_are_named(argv, message, capsys):
+    script = load_experiment("fused_stages")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
