@@ -11,8 +11,8 @@ inputs computed beforehand (medians):
 
   - sort: sort_by_cluster (argsort, sorted ids, inverse);
   - tree schedule: segment_schedule of the sorted ids;
-  - tree kernel: fwd_routed_kernel reading q, k, v through the order, per GpuTuning fwd_*
-    variant (tile, warps, stages);
+  - tree kernel: fwd_routed_kernel reading q, k, v through the order, per GpuTuning tree_*
+    variant (blocks, warps, stages);
   - band kernel: the window and sink pairs merged into the tree's result, the closed-form
     band_fwd_kernel per band_* variant, and the schedule-driven launch it replaced (its sink
     keys a whole key block);
@@ -45,14 +45,16 @@ from bench_attention import finish, rel_err, timed  # noqa: E402
 from pallas_kernels import reference_attention, segment_schedule  # noqa: E402
 from pallas_kernels.common import pad_axis  # noqa: E402
 from pallas_kernels.config import GpuTuning  # noqa: E402
-from pallas_kernels.ops import make_config, prepare_schedule  # noqa: E402
+from pallas_kernels.ops import make_config  # noqa: E402
 from pallas_kernels.sorted_layout import (_band_args, _gather_heads,  # noqa: E402
-                                          sort_by_cluster, sorted_attention, sorted_plan)
+                                          fused_tree_args, sort_by_cluster, sorted_attention,
+                                          sorted_plan)
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
-# (fwd_tile_k, fwd_warps, fwd_stages), the default first
-TREE_VARIANTS = [(128, 8, 3), (64, 8, 3), (128, 8, 2), (128, 8, 4), (64, 4, 3), (128, 4, 2)]
+# (tree_tile, tree_warps, tree_stages): the tree pass's blocks, warps, stages; default first
+TREE_VARIANTS = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 3), (128, 8, 2), (128, 4, 2),
+                 (32, 4, 2)]
 # (band_tile_q, band_tile_k, band_warps, band_stages), the default first
 BAND_VARIANTS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
                  (64, 16, 4, 2)]
@@ -61,7 +63,7 @@ TOY_BAND = [(16, 16, 4, 1), (32, 16, 4, 1)]
 
 
 def tree_tuning(variant) -> dict:
-    return dict(zip(("fwd_tile_k", "fwd_warps", "fwd_stages"), variant))
+    return dict(zip(("tree_tile", "tree_warps", "tree_stages"), variant))
 
 
 def band_tuning(variant) -> dict:
@@ -106,12 +108,19 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
     q, k, v, ids = inputs(seq, clusters, shape, seed=seq + clusters)
     base = config(q, k, shape)
     plan = jax.jit(lambda ids: sorted_plan(ids, base))(ids)
-    tqc, tkc, tsched, tcfg = prepare_schedule(
-        q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree, backend="triton",
-        config=dataclasses.replace(base, window=0, sink_tokens=0))
-    sp = tcfg.num_q_blocks * tcfg.block_q
+    tree_variants = TOY_TREE if TOY else TREE_VARIANTS
+    # one padded length for every variant: the tree's blocks are at most the call's
+    sp = -(-seq // shape["block"]) * shape["block"]
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
-    tqc, tkc, order, qcp = (pad_axis(x, sp, 2) for x in (tqc, tkc, plan.order, ids))
+    order, qcp = (pad_axis(x, sp, 2) for x in (plan.order, ids))
+
+    def tree_args(variant):
+        cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
+                                                                **tree_tuning(variant)))
+        tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, plan, cfg)
+        return pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched, tcfg
+
+    tqc, tkc, tsched, tcfg = tree_args(tree_variants[0])
     rows, checks = [], []
 
     def add(stage, variant, fn, *args):
@@ -133,12 +142,9 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
         plan.sorted_ids)
 
     def tree(variant):
-        cfg = dataclasses.replace(tcfg, gpu=dataclasses.replace(tcfg.gpu,
-                                                                **tree_tuning(variant)))
-        return lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, tsched, cfg,
-                                                     order=order)
+        args = tree_args(variant)
+        return lambda q, k, v, order: forward_routed(q, k, v, *args, order=order)
 
-    tree_variants = TOY_TREE if TOY else TREE_VARIANTS
     partial = jax.jit(tree(tree_variants[0]))(qp, kp, vp, order)
     tree_ms = {}
     for variant in tree_variants if sweep else tree_variants[:1]:
@@ -219,7 +225,7 @@ def main(argv=None) -> dict:
     TOY = args.toy
     if TOY:  # triton reads it at its first import (the kernels' modules import it lazily)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    shape = TOY_SHAPE if TOY else SHAPE
+    shape = dict(TOY_SHAPE if TOY else SHAPE)
     seqs = args.seqs or ([64, 96] if TOY else [8192, 32768, 131072])
     if min(seqs) < shape["block"] or min(args.clusters) < 1:
         parser.error(f"--seqs must be >= one block ({shape['block']}) and --clusters >= 1")

@@ -13,7 +13,8 @@ from pallas_kernels.validation import check_block_size
 class GpuTuning:
     """Launch parameters of the GPU kernels. Each kernel walks the schedule's blocks in
     sub-tiles (divisors of block_q / block_k) so that its tiles fit registers and shared memory.
-    The defaults are the fastest of a sweep on an H200 (bf16, D=128, 128 x 128 blocks).
+    The defaults are the fastest of a sweep on an H200 (bf16, D=128, 128 x 128 blocks); band_*
+    and tree_* are those of the sorted layout's fused forward (experiments/fused_stages.py).
 
     Tiles are powers of two >= 16 (Triton's dot needs 16), so a tile either covers its
     power-of-two block or divides it; warps are powers of two and stages at least 1."""
@@ -32,6 +33,9 @@ class GpuTuning:
     band_tile_k: int = 32
     band_warps: int = 4
     band_stages: int = 2
+    tree_tile: int = 64        # the sorted layout's fused tree pass (triton): its square blocks
+    tree_warps: int = 4        # (at most the call's blocks), its warps and stages
+    tree_stages: int = 2
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -39,7 +43,7 @@ class GpuTuning:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"GpuTuning.{name} must be an int, got {type(value).__name__}")
             power_of_two = value > 0 and not value & (value - 1)
-            if "_tile_" in name and not (power_of_two and value >= 16):
+            if ("_tile" in name) and not (power_of_two and value >= 16):
                 raise ValueError(f"GpuTuning.{name} must be a power of two >= 16, got {value}")
             if name.endswith("_warps") and not power_of_two:
                 raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
@@ -54,7 +58,8 @@ class GpuTuning:
             return cls()
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
-                   dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1)
+                   dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1,
+                   tree_tile=32, tree_warps=4, tree_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)

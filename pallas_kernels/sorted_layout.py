@@ -308,6 +308,25 @@ def sorted_attention(q, k, v, qc, cfg, backend):
     return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
 
 
+def fused_tree_args(q, k, v, plan: SortedPlan, cfg):
+    """prepare_schedule's (qc, kc, schedule, config) of the fused forward's tree pass: square
+    blocks of min(block_q, block_k, cfg.gpu.tree_tile), walked in whole blocks with the tree_*
+    warps and stages. Smaller blocks than the band's suit the tree set: its lists are short
+    (segments of a few blocks), so a block cut at a segment's start or diagonal wastes less and
+    two programs share a streaming multiprocessor. plan.tree is reused when its blocks match."""
+    t = cfg.gpu
+    block = min(cfg.block_q, cfg.block_k, t.tree_tile)
+    tree = plan.tree
+    if (block, block) != (cfg.block_q, cfg.block_k):
+        tree = segment_schedule(plan.sorted_ids, block_q=block, block_k=block)
+    tcfg = dataclasses.replace(
+        cfg, window=0, sink_tokens=0, block_q=block, block_k=block,
+        gpu=dataclasses.replace(t, fwd_tile_k=block, fwd_warps=t.tree_warps,
+                                fwd_stages=t.tree_stages))
+    return prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, tree, backend="triton",
+                            config=tcfg)
+
+
 def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
     """(out, lse) of the sorted layout in two Triton launches (backend="triton"): the tree pass
     reads q, k and v through plan.order and writes its result in token order, and the band
@@ -316,9 +335,7 @@ def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
     merge_partials'."""
     from pallas_kernels.triton_backend import forward_band, forward_routed
     seq = q.shape[1]
-    tqc, tkc, tsched, tcfg = prepare_schedule(
-        q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree, backend="triton",
-        config=dataclasses.replace(cfg, window=0, sink_tokens=0))
+    tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, plan, cfg)
     sp = tcfg.num_q_blocks * tcfg.block_q
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
     out, lse = forward_routed(qp, kp, vp, pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched,

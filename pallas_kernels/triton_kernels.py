@@ -41,6 +41,43 @@ def _mask(s, q_pos, k_pos, q_ids, k_ids, WINDOW: tl.constexpr, SINK: tl.constexp
     return tl.where(ok, s, float("-inf"))
 
 
+@triton.jit
+def _online_softmax(acc, m, l, s, v, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """One key tile's scores s (base 2) and values v into the running (acc, m, l)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    if MASKED:  # a row that has seen only masked keys: exp2(-inf - 0) = 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.math.exp2(m - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+    return acc, m_new, l * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _partial_state(OINIT, LSEINIT, o_off, lse_off, d_ok):
+    """(acc, m, l) of a partial result over other keys: m its LSE in base 2, l = 1, acc its
+    output (rows with LSE -inf: none, acc 0)."""
+    lse0 = tl.load(LSEINIT + lse_off)
+    has = lse0 > float("-inf")
+    m = tl.where(has, lse0 * 1.4426950408889634, float("-inf"))
+    l = tl.where(has, 1.0, 0.0)
+    acc = tl.load(OINIT + o_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
+    return tl.where(has[:, None], acc, 0.0), m, l
+
+
+@triton.jit
+def _finish(acc, m, l):
+    """(out float32, natural-log LSE) of the running state; no allowed key: 0 and -inf."""
+    empty = l == 0.0
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l)))
+                   * 0.6931471805599453)
+    return out, lse
+
+
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -63,18 +100,9 @@ def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, ord_p
             if MASKED:
                 s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
                           tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            if MASKED:  # a row that has seen only masked keys: exp2(-inf - 0) = 0, not NaN
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            alpha = tl.math.exp2(m - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
             v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                         other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
+            acc, m, l = _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
     return acc, m, l
 
 
@@ -120,13 +148,8 @@ def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O,
     ord_ptr = ORD + bh.to(tl.int64) * SKP
     q_pos = Q_OFFSET + rows
     o_off = b.to(tl.int64) * (SQP * HQ * D) + h * D + at[:, None] * (HQ * D) + cols_d[None, :]
-    if INIT:  # state of the partial: m = lse in base 2, l = 1, acc = its output
-        lse0 = tl.load(LSEINIT + bh.to(tl.int64) * SQP + at)
-        has = lse0 > float("-inf")
-        m = tl.where(has, lse0 * 1.4426950408889634, float("-inf"))
-        l = tl.where(has, 1.0, 0.0)
-        acc = tl.load(OINIT + o_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.where(has[:, None], acc, 0.0)
+    if INIT:
+        acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh.to(tl.int64) * SQP + at, d_ok)
     else:
         acc = tl.zeros((BQ, BD), tl.float32)
         m = tl.full((BQ,), float("-inf"), tl.float32)
@@ -137,11 +160,8 @@ def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O,
     acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
                             ord_ptr, masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW,
                             SINK, KV_LEN, EXCLUDE, IEEE, UPCAST, False, GATHER)
-    empty = l == 0.0  # no allowed key: output 0, LSE -inf
-    out = acc / tl.where(empty, 1.0, l)[:, None]
+    out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :] & real[:, None])
-    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l)))
-                   * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * SQP + at, lse, mask=real)
 
 
@@ -198,15 +218,9 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
         ok = ok & (gap >= 0) & (keys[None, :] < KV_LEN)
         ok = ok & (q_ids[:, None] != tl.load(kc_ptr + keys)[None, :])
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
         v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                     other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
-        l = l * alpha + tl.sum(p, 1)
-        m = m_new
+        acc, m, l = _online_softmax(acc, m, l, s, v, True, IEEE, UPCAST)
     return acc, m, l
 
 
@@ -235,12 +249,7 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
     ids_ptr = QC + bh.to(tl.int64) * SP  # self-attention: key ids are the query ids
     q_ids = tl.load(ids_ptr + rows)
     kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
-    lse0 = tl.load(LSEINIT + bh.to(tl.int64) * SP + rows)
-    has = lse0 > float("-inf")
-    m = tl.where(has, lse0 * 1.4426950408889634, float("-inf"))
-    l = tl.where(has, 1.0, 0.0)
-    acc = tl.load(OINIT + o_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.where(has[:, None], acc, 0.0)
+    acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh.to(tl.int64) * SP + rows, d_ok)
     if WINDOW > 0:
         first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
         acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr,
@@ -252,11 +261,8 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
         acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr, 0,
                                 tiles, cols_d, d_ok, HKV * D, TS, C, WINDOW, SINK, KV_LEN, IEEE,
                                 UPCAST, True)
-    empty = l == 0.0
-    tl.store(O + o_off, (acc / tl.where(empty, 1.0, l)[:, None]).to(O.dtype.element_ty),
-             mask=d_ok[None, :])
-    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l)))
-                   * 0.6931471805599453)
+    out, lse = _finish(acc, m, l)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * SP + rows, lse)
 
 

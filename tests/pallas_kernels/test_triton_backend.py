@@ -206,6 +206,45 @@ class TestTritonKernels:
                               (*want, *want_grads)):
             assert_close(name, g, w, TOL[dtype])
 
+    @pytest.mark.parametrize("tree_tile, dtype", [(16, "float32"), (64, "bfloat16")])
+    def test_fused_tree_pass_at_its_own_blocks(self, interpret, tree_tile, dtype):
+        """The fused forward's tree pass runs in blocks of min(block, tree_tile): 16 inside a
+        call of 32-blocks (its own schedule; the backward keeps the 32-block one), or the
+        call's 32 when the tile is larger. Outputs, LSE and gradients against the reference."""
+        from pallas_kernels.config import GpuTuning
+        from pallas_kernels.sorted_layout import fused_tree_args, sorted_attention, sorted_plan
+        rng = np.random.default_rng(tree_tile)
+        seq, hq, hkv = 75, 4, 2
+        q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, 16)), dtype)
+                   for h in (hq, hkv, hkv))
+        ids = jnp.asarray(rng.integers(0, 3, (1, hq, seq)), jnp.int32)
+        d_out = jnp.asarray(rng.standard_normal((1, seq, hq, 16)), jnp.float32)
+        cfg = make_config(q, k, window=6, sink_tokens=2, q_offset=0, scale=None,
+                          backend="triton", interpret=interpret, block_q=32, block_k=32,
+                          gpu_tuning=GpuTuning(tree_tile=tree_tile, tree_warps=4,
+                                               tree_stages=1))
+        tcfg = fused_tree_args(q, k, v, sorted_plan(ids, cfg), cfg)[3]
+        block = min(tree_tile, 32)
+        assert (tcfg.block_q, tcfg.block_k, tcfg.gpu.fwd_tile_k) == (block,) * 3
+        assert (tcfg.window, tcfg.sink_tokens, tcfg.gpu.fwd_warps) == (0, 0, 4)
+
+        def loss(attend, q, k, v):
+            out, lse = attend(q, k, v)
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.tanh(lse)), (out, lse)
+
+        fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
+        ref = lambda q, k, v: reference_attention(  # noqa: E731
+            q, k, v, ids, ids, window=6, sink_tokens=2, return_lse=True)
+        (_, got), got_grads = jax.value_and_grad(
+            lambda *a: loss(fused, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, want), want_grads = jax.value_and_grad(
+            lambda *a: loss(ref, *a), argnums=(0, 1, 2), has_aux=True)(
+                *(x.astype(jnp.float32) for x in (q, k, v)))
+        assert np.abs(np.asarray(want[0])).max() > 0.1
+        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (*got, *got_grads),
+                              (*want, *want_grads)):
+            assert_close(name, g, w, TOL[dtype])
+
     @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, dtype, partial", [
         (70, 4, 2, 5, 1, (16, 32), "float32", True),     # key tile over two query tiles
         (96, 2, 1, 0, 40, (32, 16), "float32", False),   # sinks alone, three sink tiles
