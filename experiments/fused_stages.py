@@ -48,7 +48,7 @@ from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import make_config  # noqa: E402
 from pallas_kernels.sorted_layout import (_band_args, _gather_heads,  # noqa: E402
                                           fused_tree_args, sort_by_cluster, sorted_attention,
-                                          sorted_plan)
+                                          sorted_plan, with_fused_tree)
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
@@ -117,7 +117,7 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
     def tree_args(variant):
         cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
                                                                 **tree_tuning(variant)))
-        tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, plan, cfg)
+        tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, with_fused_tree(plan, cfg), cfg)
         return pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched, tcfg
 
     tqc, tkc, tsched, tcfg = tree_args(tree_variants[0])

@@ -156,10 +156,12 @@ class SortedPlan(NamedTuple):
     band: Optional[BlockSchedule]  # band_schedule of the window (None: no band pair)
 
 
-def sorted_plan(qc, cfg) -> SortedPlan:
-    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]."""
+def sorted_plan(qc, cfg, tree_block: Optional[int] = None) -> SortedPlan:
+    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]; the tree
+    schedule in the call's blocks, or in square tree_block ones (fused_tree_block)."""
     order, sorted_ids, inverse = sort_by_cluster(qc)
-    tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
+    bq, bk = (cfg.block_q, cfg.block_k) if tree_block is None else (tree_block, tree_block)
+    tree = segment_schedule(sorted_ids, block_q=bq, block_k=bk)
     band = None
     sink = band_sink_tokens(cfg.sink_tokens)
     if cfg.window > 0 or sink > 0:
@@ -304,31 +306,42 @@ def _group_sum(x, group):
 def sorted_attention(q, k, v, qc, cfg, backend):
     """The sorted layout's (out in q's dtype, lse float32), with the global-statistics VJP."""
     if backend == "triton":  # nothing to keep for a backward: no sorted copies at all
-        return _fused_forward(q, k, v, qc, sorted_plan(qc, cfg), cfg)
+        return _fused_forward(q, k, v, qc, sorted_plan(qc, cfg, fused_tree_block(cfg)), cfg)
     return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
 
 
+def fused_tree_block(cfg) -> int:
+    """The fused forward's tree blocks: min(block_q, block_k, cfg.gpu.tree_tile), square.
+    Smaller blocks than the band's suit the tree set: its lists are short (segments of a few
+    blocks), so a block cut at a segment's start or diagonal wastes less, and two programs
+    share a streaming multiprocessor."""
+    return min(cfg.block_q, cfg.block_k, cfg.gpu.tree_tile)
+
+
+def with_fused_tree(plan: SortedPlan, cfg) -> SortedPlan:
+    """plan (its tree in the call's blocks) with the tree schedule the fused forward runs."""
+    block = fused_tree_block(cfg)
+    if (block, block) == (cfg.block_q, cfg.block_k):
+        return plan
+    return plan._replace(tree=segment_schedule(plan.sorted_ids, block_q=block, block_k=block))
+
+
 def fused_tree_args(q, k, v, plan: SortedPlan, cfg):
-    """prepare_schedule's (qc, kc, schedule, config) of the fused forward's tree pass: square
-    blocks of min(block_q, block_k, cfg.gpu.tree_tile), walked in whole blocks with the tree_*
-    warps and stages. Smaller blocks than the band's suit the tree set: its lists are short
-    (segments of a few blocks), so a block cut at a segment's start or diagonal wastes less and
-    two programs share a streaming multiprocessor. plan.tree is reused when its blocks match."""
-    t = cfg.gpu
-    block = min(cfg.block_q, cfg.block_k, t.tree_tile)
-    tree = plan.tree
-    if (block, block) != (cfg.block_q, cfg.block_k):
-        tree = segment_schedule(plan.sorted_ids, block_q=block, block_k=block)
+    """prepare_schedule's (qc, kc, schedule, config) of the fused forward's tree pass, for a
+    plan whose tree is in fused_tree_block(cfg) blocks: walked in whole blocks with the tree_*
+    warps and stages."""
+    t, block = cfg.gpu, fused_tree_block(cfg)
     tcfg = dataclasses.replace(
         cfg, window=0, sink_tokens=0, block_q=block, block_k=block,
         gpu=dataclasses.replace(t, fwd_tile_k=block, fwd_warps=t.tree_warps,
                                 fwd_stages=t.tree_stages))
-    return prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, tree, backend="triton",
-                            config=tcfg)
+    return prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree,
+                            backend="triton", config=tcfg)
 
 
 def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
-    """(out, lse) of the sorted layout in two Triton launches (backend="triton"): the tree pass
+    """(out, lse) of the sorted layout in two Triton launches (backend="triton"; plan.tree in
+    fused_tree_block(cfg) blocks): the tree pass
     reads q, k and v through plan.order and writes its result in token order, and the band
     pass (window and sink keys, in closed form: forward_band) starts its softmax from that
     result. No permuted copy, no un-permute and no merge pass exist; the sum is the same as
@@ -353,7 +366,7 @@ def _sorted_fwd(q, k, v, qc, cfg, backend):
     qs, ks, vs = (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
                   _gather_heads(v, plan.order, group))
     if backend == "triton":
-        out, lse = _fused_forward(q, k, v, qc, plan, cfg)
+        out, lse = _fused_forward(q, k, v, qc, with_fused_tree(plan, cfg), cfg)
         return (out, lse), (q, k, v, qc, plan, qs, ks, vs, out, lse)
     tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
     out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)

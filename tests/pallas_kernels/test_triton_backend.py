@@ -85,6 +85,29 @@ def _check(interpret, case, seed, kv_len=None):
                                     TOL[case.dtype])
 
 
+def _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads=True, **mask):
+    """fused(q, k, v) -> (out, lse) against reference_attention on float32 copies: outputs,
+    LSE and, with grads, the gradients of <out, d_out> + sum(tanh(lse))."""
+    def loss(attend, q, k, v):
+        out, lse = attend(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.tanh(lse)), (out, lse)
+
+    ref = lambda q, k, v: reference_attention(  # noqa: E731
+        q, k, v, ids, ids, **mask, return_lse=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    if grads:
+        (_, got), got_grads = jax.value_and_grad(
+            lambda *a: loss(fused, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, want), want_grads = jax.value_and_grad(
+            lambda *a: loss(ref, *a), argnums=(0, 1, 2), has_aux=True)(*f32)
+    else:
+        got, want, got_grads, want_grads = fused(q, k, v), ref(*f32), (), ()
+    assert np.abs(np.asarray(want[0])).max() > 0.1  # a real comparison, not zeros
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (*got, *got_grads),
+                          (*want, *want_grads)):
+        assert_close(name, g, w, TOL[dtype])
+
+
 class TestTritonKernels:
 
     @pytest.mark.parametrize("case", CASES, ids=str)
@@ -184,27 +207,10 @@ class TestTritonKernels:
         ids = jnp.asarray(rng.integers(0, 4, (1, hq, seq)), jnp.int32)
         d_out = jnp.asarray(rng.standard_normal((1, seq, hq, 16)), jnp.float32)
         kw = dict(window=window, sink_tokens=sink)
-
-        def loss(attend, q, k, v):
-            out, lse = attend(q, k, v)
-            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.tanh(lse)), (out, lse)
-
         fused = lambda q, k, v: routed_attention(  # noqa: E731
             q, k, v, ids, **kw, layout="sorted", backend="triton", interpret=interpret,
             block_q=16, block_k=16, return_lse=True)
-        ref = lambda q, k, v: reference_attention(  # noqa: E731
-            q, k, v, ids, ids, **kw, return_lse=True)
-        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        if grads:
-            (_, got), got_grads = jax.value_and_grad(
-                lambda *a: loss(fused, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-            (_, want), want_grads = jax.value_and_grad(
-                lambda *a: loss(ref, *a), argnums=(0, 1, 2), has_aux=True)(*f32)
-        else:
-            got, want, got_grads, want_grads = fused(q, k, v), ref(*f32), (), ()
-        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (*got, *got_grads),
-                              (*want, *want_grads)):
-            assert_close(name, g, w, TOL[dtype])
+        _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads, **kw)
 
     @pytest.mark.parametrize("tree_tile, dtype", [(16, "float32"), (64, "bfloat16")])
     def test_fused_tree_pass_at_its_own_blocks(self, interpret, tree_tile, dtype):
@@ -212,7 +218,8 @@ class TestTritonKernels:
         call of 32-blocks (its own schedule; the backward keeps the 32-block one), or the
         call's 32 when the tile is larger. Outputs, LSE and gradients against the reference."""
         from pallas_kernels.config import GpuTuning
-        from pallas_kernels.sorted_layout import fused_tree_args, sorted_attention, sorted_plan
+        from pallas_kernels.sorted_layout import (fused_tree_args, sorted_attention, sorted_plan,
+                                                  with_fused_tree)
         rng = np.random.default_rng(tree_tile)
         seq, hq, hkv = 75, 4, 2
         q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, 16)), dtype)
@@ -223,27 +230,18 @@ class TestTritonKernels:
                           backend="triton", interpret=interpret, block_q=32, block_k=32,
                           gpu_tuning=GpuTuning(tree_tile=tree_tile, tree_warps=4,
                                                tree_stages=1))
-        tcfg = fused_tree_args(q, k, v, sorted_plan(ids, cfg), cfg)[3]
+        plan = sorted_plan(ids, cfg)
+        _, _, sched, tcfg = fused_tree_args(q, k, v, with_fused_tree(plan, cfg), cfg)
         block = min(tree_tile, 32)
         assert (tcfg.block_q, tcfg.block_k, tcfg.gpu.fwd_tile_k) == (block,) * 3
+        assert sched.kv_indices.shape[-2:] == (-(-seq // block),) * 2
+        if block < 32:  # a plan whose tree is in the call's blocks is refused, by name
+            with pytest.raises(ValueError, match="schedule.kv_indices has shape"):
+                fused_tree_args(q, k, v, plan, cfg)
         assert (tcfg.window, tcfg.sink_tokens, tcfg.gpu.fwd_warps) == (0, 0, 4)
-
-        def loss(attend, q, k, v):
-            out, lse = attend(q, k, v)
-            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.tanh(lse)), (out, lse)
-
         fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
-        ref = lambda q, k, v: reference_attention(  # noqa: E731
-            q, k, v, ids, ids, window=6, sink_tokens=2, return_lse=True)
-        (_, got), got_grads = jax.value_and_grad(
-            lambda *a: loss(fused, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        (_, want), want_grads = jax.value_and_grad(
-            lambda *a: loss(ref, *a), argnums=(0, 1, 2), has_aux=True)(
-                *(x.astype(jnp.float32) for x in (q, k, v)))
-        assert np.abs(np.asarray(want[0])).max() > 0.1
-        for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (*got, *got_grads),
-                              (*want, *want_grads)):
-            assert_close(name, g, w, TOL[dtype])
+        _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, window=6,
+                                        sink_tokens=2)
 
     @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, dtype, partial", [
         (70, 4, 2, 5, 1, (16, 32), "float32", True),     # key tile over two query tiles
@@ -375,6 +373,16 @@ def test_compiled_kernels_without_gpu_say_why():
     with pytest.raises(RuntimeError, match="triton"):
         block_sparse_attention(q, q[:, :, :1], q[:, :, :1], ids, ids, window=2, sink_tokens=1,
                                backend="triton")
+
+
+def test_band_pass_refuses_unequal_lengths():
+    from pallas_kernels.triton_backend import band_forward_launch
+    q = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
+    cfg = make_config(q, q, window=4, sink_tokens=1, q_offset=0, scale=None, backend="triton",
+                      interpret=not ON_GPU, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=r"the band pass is self-attention over one padded "
+                                         r"length: q \(1, 64, 2, 16\), k \(1, 48, 2, 16\)"):
+        band_forward_launch(cfg, q.shape, (1, 48, 2, 16), jnp.float32)
 
 
 def test_band_tiles_divide_the_padded_length():
