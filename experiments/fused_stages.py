@@ -9,19 +9,21 @@ Per (S, clusters), each token's cluster drawn at random, the Llama-3-8B attentio
 Hq=32, Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks), each stage jitted alone on
 inputs computed beforehand (medians):
 
-  - sort: sort_by_cluster (argsort, sorted ids, inverse);
-  - tree schedule: segment_schedule of the sorted ids;
-  - tree kernel: fwd_routed_kernel reading q, k, v through the order, per GpuTuning tree_*
-    variant (blocks, warps, stages);
+  - sort: cluster_order (the stable argsort, sorted ids); the segment starts of the sorted
+    ids;
+  - tree kernel: segment_fwd_kernel in closed form (no schedule) reading q, k, v through the
+    order, per GpuTuning tree_* variant (query and key blocks, warps, stages); the
+    schedule-driven fwd_routed_kernel it replaced and that schedule's build, at the default
+    variant;
   - band kernel: the window and sink pairs merged into the tree's result, the closed-form
-    band_fwd_kernel per band_* variant, and the schedule-driven launch it replaced (its sink
-    keys a whole key block);
+    band_fwd_kernel per band_* variant (heads first in the grid; tiles first for the default
+    too), and the schedule-driven launch (its sink keys a whole key block);
   - end to end: sorted_attention with the default tuning and with the fastest variant of each
     kernel; cuDNN's causal attention on the same q, k, v.
 
 Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
 in every case, each variant's output and LSE against the default's on the case's own inputs
-(the band kernels against the schedule-driven launch). Writes JSON to --out and prints the
+(the band kernels and the closed-form tree kernel against the schedule-driven launches). Writes JSON to --out and prints the
 tables last; exits 1 when a check failed.
 """
 from __future__ import annotations
@@ -46,24 +48,27 @@ from pallas_kernels import reference_attention, segment_schedule  # noqa: E402
 from pallas_kernels.common import pad_axis  # noqa: E402
 from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import make_config  # noqa: E402
-from pallas_kernels.sorted_layout import (_band_args, _gather_heads,  # noqa: E402
-                                          fused_tree_args, sort_by_cluster, sorted_attention,
-                                          sorted_plan, with_fused_tree)
+from pallas_kernels.ops import prepare_schedule  # noqa: E402
+from pallas_kernels.segment_schedule import segment_starts  # noqa: E402
+from pallas_kernels.sorted_layout import (_band_args, cluster_order,  # noqa: E402
+                                          sorted_attention, sorted_plan)
+from pallas_kernels.triton_backend import forward_routed  # noqa: E402
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
-# (tree_tile, tree_warps, tree_stages): the tree pass's blocks, warps, stages; default first
-TREE_VARIANTS = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 3), (128, 8, 2), (128, 4, 2),
-                 (32, 4, 2)]
+# (tree_tile_q, tree_tile_k, tree_warps, tree_stages): the tree pass's query and key blocks,
+# warps, stages; the default first
+TREE_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                 (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 8, 2)]
 # (band_tile_q, band_tile_k, band_warps, band_stages), the default first
 BAND_VARIANTS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
                  (64, 16, 4, 2)]
-TOY_TREE = [(16, 4, 1), (16, 4, 2)]
+TOY_TREE = [(16, 16, 4, 1), (32, 16, 4, 1)]
 TOY_BAND = [(16, 16, 4, 1), (32, 16, 4, 1)]
 
 
 def tree_tuning(variant) -> dict:
-    return dict(zip(("tree_tile", "tree_warps", "tree_stages"), variant))
+    return dict(zip(("tree_tile_q", "tree_tile_k", "tree_warps", "tree_stages"), variant))
 
 
 def band_tuning(variant) -> dict:
@@ -102,25 +107,33 @@ def check_reference(shape) -> dict:
     return row
 
 
+def scheduled_tree(q, k, v, plan, base, variant):
+    """The tree pass as it ran before its closed form: fwd_routed_kernel on segment_schedule's
+    lists in the variant's query blocks, squared (reading through the order). Returns a
+    function of padded (q, k, v, order)."""
+    tile, _, warps, stages = variant
+    sp = -(-q.shape[1] // base.block_q) * base.block_q
+    cfg = dataclasses.replace(base, window=0, sink_tokens=0, block_q=tile, block_k=tile,
+                              gpu=dataclasses.replace(base.gpu, fwd_tile_k=tile, fwd_warps=warps,
+                                                      fwd_stages=stages))
+    sched = segment_schedule(plan.sorted_ids, block_q=tile, block_k=tile)
+    tqc, tkc, tsched, tcfg = prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, sched,
+                                              backend="triton", config=cfg)
+    tqc, tkc = pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2)
+    return lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, tsched, tcfg, order=order)
+
+
 def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
     """(timing rows, correctness rows) of one (S, clusters)."""
-    from pallas_kernels.triton_backend import forward_band, forward_routed
+    from pallas_kernels.triton_backend import forward_band, forward_segment
     q, k, v, ids = inputs(seq, clusters, shape, seed=seq + clusters)
     base = config(q, k, shape)
     plan = jax.jit(lambda ids: sorted_plan(ids, base))(ids)
+    starts = jax.jit(segment_starts)(plan.sorted_ids)
     tree_variants = TOY_TREE if TOY else TREE_VARIANTS
-    # one padded length for every variant: the tree's blocks are at most the call's
-    sp = -(-seq // shape["block"]) * shape["block"]
+    sp = -(-seq // shape["block"]) * shape["block"]  # the call's padded length
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
-    order, qcp = (pad_axis(x, sp, 2) for x in (plan.order, ids))
-
-    def tree_args(variant):
-        cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
-                                                                **tree_tuning(variant)))
-        tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, with_fused_tree(plan, cfg), cfg)
-        return pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched, tcfg
-
-    tqc, tkc, tsched, tcfg = tree_args(tree_variants[0])
+    order, qcp = pad_axis(plan.order, sp, 2), pad_axis(ids, sp, 2)
     rows, checks = [], []
 
     def add(stage, variant, fn, *args):
@@ -136,46 +149,41 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
 
     cudnn_ms = add("cuDNN causal", "-", lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, implementation="xla" if TOY else "cudnn", is_causal=True), q, k, v)
-    add("sort", "-", sort_by_cluster, ids)
-    add("tree schedule", "-", lambda s: segment_schedule(s, block_q=tcfg.block_q,
-                                                         block_k=tcfg.block_k),
-        plan.sorted_ids)
+    add("sort", "-", cluster_order, ids)
+    add("segment starts", "-", segment_starts, plan.sorted_ids)
 
     def tree(variant):
-        args = tree_args(variant)
-        return lambda q, k, v, order: forward_routed(q, k, v, *args, order=order)
+        cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
+                                                                **tree_tuning(variant)))
+        return lambda q, k, v, order, starts: forward_segment(q, k, v, order, starts, cfg)
 
-    partial = jax.jit(tree(tree_variants[0]))(qp, kp, vp, order)
+    partial = jax.jit(tree(tree_variants[0]))(qp, kp, vp, plan.order, starts)
     tree_ms = {}
     for variant in tree_variants if sweep else tree_variants[:1]:
-        tree_ms[variant] = add("tree kernel", variant, tree(variant), qp, kp, vp, order)
-        check(f"tree kernel {variant} vs default", jax.jit(tree(variant))(qp, kp, vp, order),
-              partial)
-
-    if sweep:  # where the tree kernel's time goes: its gathers, its token mask
-        copies = [pad_axis(_gather_heads(x, plan.order, q.shape[2] // x.shape[2]),
-                           sp, 1) for x in (q, k, v)]
-        flat = lambda q, k, v: forward_routed(q, k, v, tqc, tkc, tsched, tcfg)  # noqa: E731
-        add("tree kernel on sorted copies (no gather)", tree_variants[0], flat, *copies)
-        sorted_want = [_gather_heads(partial[0], order, 1),
-                       jnp.take_along_axis(partial[1], order, axis=-1)]
-        check("tree kernel on sorted copies vs through the order",
-              jax.jit(flat)(*copies), sorted_want)
-        unmasked = tsched._replace(kv_num_masked=jnp.zeros_like(tsched.kv_num_masked))
-        add("tree kernel, no token mask (timing only: wrong pairs)", tree_variants[0],
-            lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, unmasked, tcfg,
-                                                  order=order), qp, kp, vp, order)
+        tree_ms[variant] = add("tree kernel, closed form", variant, tree(variant), qp, kp, vp,
+                               plan.order, starts)
+        check(f"tree kernel {variant} vs default",
+              jax.jit(tree(variant))(qp, kp, vp, plan.order, starts), partial)
+    scheduled = scheduled_tree(q, k, v, plan, base, tree_variants[0])
+    add("tree kernel, scheduled (before)", tree_variants[0], scheduled, qp, kp, vp, order)
+    add("tree schedule (before)", tree_variants[0], lambda s: segment_schedule(
+        s, block_q=tree_variants[0][0], block_k=tree_variants[0][0]), plan.sorted_ids)
+    got = jax.jit(scheduled)(qp, kp, vp, order)
+    check("tree kernel, scheduled vs closed form", [x[:, :seq] if x.ndim == 4 else x[..., :seq]
+                                                    for x in got],
+          [x[:, :seq] if x.ndim == 4 else x[..., :seq] for x in partial])
 
     bqc, bkc, bsched, bcfg = _band_args(q, k, v, ids, base, "triton", base.sink_tokens)
-    scheduled = lambda q, k, v, o, l: forward_routed(  # noqa: E731
+    by_schedule = lambda q, k, v, o, l: forward_routed(  # noqa: E731
         q, k, v, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2), bsched, bcfg, init=(o, l))
-    add("band kernel, scheduled (sink = a key block)", "-", scheduled, qp, kp, vp, *partial)
-    want = jax.jit(scheduled)(qp, kp, vp, *partial)
+    add("band kernel, scheduled (sink = a key block)", "-", by_schedule, qp, kp, vp, *partial)
+    want = jax.jit(by_schedule)(qp, kp, vp, *partial)
 
-    def band(variant):
+    def band(variant, heads_first=True):
         cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
                                                                 **band_tuning(variant)))
-        return lambda q, k, v, o, l: forward_band(q, k, v, qcp, cfg, init=(o, l))
+        return lambda q, k, v, o, l: forward_band(q, k, v, qcp, cfg, init=(o, l),
+                                                  heads_first=heads_first)
 
     band_variants = TOY_BAND if TOY else BAND_VARIANTS
     band_ms = {}
@@ -184,6 +192,10 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
                                *partial)
         check(f"band kernel {variant} vs scheduled", jax.jit(band(variant))(qp, kp, vp,
                                                                             *partial), want)
+    add("band kernel, closed form, tiles first", band_variants[0], band(band_variants[0], False),
+        qp, kp, vp, *partial)
+    check("band kernel, tiles first vs scheduled",
+          jax.jit(band(band_variants[0], False))(qp, kp, vp, *partial), want)
 
     best = (min(tree_ms, key=tree_ms.get), min(band_ms, key=band_ms.get))
     for name, (tv, bv) in {"default": (tree_variants[0], band_variants[0]),

@@ -33,8 +33,9 @@ class GpuTuning:
     band_tile_k: int = 32
     band_warps: int = 4
     band_stages: int = 2
-    tree_tile: int = 64        # the sorted layout's fused tree pass (triton): its square blocks
-    tree_warps: int = 4        # (at most the call's blocks), its warps and stages
+    tree_tile_q: int = 64      # the sorted layout's tree pass (triton segment_fwd_kernel):
+    tree_tile_k: int = 64      # its query and key blocks, warps and stages
+    tree_warps: int = 4
     tree_stages: int = 2
 
     def __post_init__(self):
@@ -59,7 +60,8 @@ class GpuTuning:
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
                    dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1,
-                   tree_tile=32, tree_warps=4, tree_stages=1)
+                   tree_tile_q=32, tree_tile_k=32, tree_warps=4,
+                   tree_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,11 @@ def _segment_ranges(ids, bq, bk):
     return rows, cols
 
 
+def segment_starts(sorted_ids):
+    """[B, H, S] int32: the slot where each slot's segment (run of equal ids) begins."""
+    return jax.vmap(jax.vmap(_run_starts))(sorted_ids)
+
+
 def segment_schedule(sorted_ids, *, block_q: int = 128, block_k: int = 128) -> BlockSchedule:
     """Self-attention schedule (window = sink = 0, q_offset = 0) for ids [B, H, S] in which
     equal ids are contiguous, e.g. cluster ids after a stable argsort. Equal to

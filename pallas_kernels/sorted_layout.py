@@ -18,11 +18,12 @@ h // (Hq // Hkv) at its own order), so the sorted pass holds [B, S, Hq, D] keys 
 Hq / Hkv times the K/V memory (4x for Llama-3-8B's 32 / 8), plus sorted copies of q and of the
 tree output.
 
-On backend="triton" the forward is two launches and no copy (_fused_forward): the tree kernel
-reads q, k and v through the order and writes in token order; band_fwd_kernel runs the window
-and sink sets in closed form (its key tiles from each query tile's window, plus tiles of the
-sink keys alone, not the 128-key block holding them) and starts its softmax from the tree's
-result, which merges the two.
+On backend="triton" the forward is two launches, no copy and no schedule (_fused_forward): the
+tree kernel (segment_fwd_kernel) walks each query block's key blocks from its segment's start to
+its diagonal, reading q, k and v through the order and writing in token order; band_fwd_kernel
+runs the window and sink sets (its key tiles from each query tile's window, plus tiles of the
+sink keys alone) and starts its softmax from the tree's result, which merges the two. Only the
+backward builds the schedules.
 
 sorted_attention's backward does not differentiate the merge: with the merged softmax's lse and
 delta = rowsum(dout * out), each set's pairs have p_ij = exp(s_ij - lse_i) and
@@ -47,7 +48,7 @@ from pallas_kernels.masking import safe_max
 from pallas_kernels.ops import (attention_with_schedule, kernel_backward, kernel_forward,
                                 output_delta, prepare_schedule)
 from pallas_kernels.schedule import BlockSchedule
-from pallas_kernels.segment_schedule import band_schedule, segment_schedule
+from pallas_kernels.segment_schedule import band_schedule, segment_schedule, segment_starts
 
 # Up to this many sink keys run as a jnp partial (sink_pass); its scores are
 # [B, Hq, S, sink] float32, a small fraction of the outputs' memory at this width.
@@ -78,12 +79,17 @@ def merge_partials(*outs_and_lses):
 def sort_by_cluster(clusters):
     """(order, sorted_ids, inverse) of ids [B, H, S]: sorted_ids = ids[order] is grouped by id
     with positions ascending inside a group; inverse undoes order."""
-    order = jnp.argsort(clusters, axis=-1, stable=True).astype(jnp.int32)
-    sorted_ids = jnp.take_along_axis(clusters, order, axis=-1)
+    order, sorted_ids = cluster_order(clusters)
     seq = clusters.shape[-1]
     inverse = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(
         jnp.arange(seq, dtype=o.dtype))))(order)
     return order, sorted_ids, inverse
+
+
+def cluster_order(ids):
+    """(order, ids[order]): the stable argsort of ids [B, H, S] along S."""
+    order = jnp.argsort(ids, axis=-1, stable=True).astype(jnp.int32)
+    return order, jnp.take_along_axis(ids, order, axis=-1)
 
 
 def _gather_heads(x, order, group):
@@ -156,12 +162,10 @@ class SortedPlan(NamedTuple):
     band: Optional[BlockSchedule]  # band_schedule of the window (None: no band pair)
 
 
-def sorted_plan(qc, cfg, tree_block: Optional[int] = None) -> SortedPlan:
-    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]; the tree
-    schedule in the call's blocks, or in square tree_block ones (fused_tree_block)."""
+def sorted_plan(qc, cfg) -> SortedPlan:
+    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]."""
     order, sorted_ids, inverse = sort_by_cluster(qc)
-    bq, bk = (cfg.block_q, cfg.block_k) if tree_block is None else (tree_block, tree_block)
-    tree = segment_schedule(sorted_ids, block_q=bq, block_k=bk)
+    tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
     band = None
     sink = band_sink_tokens(cfg.sink_tokens)
     if cfg.window > 0 or sink > 0:
@@ -306,53 +310,22 @@ def _group_sum(x, group):
 def sorted_attention(q, k, v, qc, cfg, backend):
     """The sorted layout's (out in q's dtype, lse float32), with the global-statistics VJP."""
     if backend == "triton":  # nothing to keep for a backward: no sorted copies at all
-        return _fused_forward(q, k, v, qc, sorted_plan(qc, cfg, fused_tree_block(cfg)), cfg)
+        order, sorted_ids = cluster_order(qc)
+        return _fused_forward(q, k, v, qc, order, sorted_ids, cfg)
     return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
 
 
-def fused_tree_block(cfg) -> int:
-    """The fused forward's tree blocks: min(block_q, block_k, cfg.gpu.tree_tile), square.
-    Smaller blocks than the band's suit the tree set: its lists are short (segments of a few
-    blocks), so a block cut at a segment's start or diagonal wastes less, and two programs
-    share a streaming multiprocessor."""
-    return min(cfg.block_q, cfg.block_k, cfg.gpu.tree_tile)
-
-
-def with_fused_tree(plan: SortedPlan, cfg) -> SortedPlan:
-    """plan (its tree in the call's blocks) with the tree schedule the fused forward runs."""
-    block = fused_tree_block(cfg)
-    if (block, block) == (cfg.block_q, cfg.block_k):
-        return plan
-    return plan._replace(tree=segment_schedule(plan.sorted_ids, block_q=block, block_k=block))
-
-
-def fused_tree_args(q, k, v, plan: SortedPlan, cfg):
-    """prepare_schedule's (qc, kc, schedule, config) of the fused forward's tree pass, for a
-    plan whose tree is in fused_tree_block(cfg) blocks: walked in whole blocks with the tree_*
-    warps and stages."""
-    t, block = cfg.gpu, fused_tree_block(cfg)
-    tcfg = dataclasses.replace(
-        cfg, window=0, sink_tokens=0, block_q=block, block_k=block,
-        gpu=dataclasses.replace(t, fwd_tile_k=block, fwd_warps=t.tree_warps,
-                                fwd_stages=t.tree_stages))
-    return prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, plan.tree,
-                            backend="triton", config=tcfg)
-
-
-def _fused_forward(q, k, v, qc, plan: SortedPlan, cfg):
-    """(out, lse) of the sorted layout in two Triton launches (backend="triton"; plan.tree in
-    fused_tree_block(cfg) blocks): the tree pass
-    reads q, k and v through plan.order and writes its result in token order, and the band
-    pass (window and sink keys, in closed form: forward_band) starts its softmax from that
-    result. No permuted copy, no un-permute and no merge pass exist; the sum is the same as
-    merge_partials'."""
-    from pallas_kernels.triton_backend import forward_band, forward_routed
+def _fused_forward(q, k, v, qc, order, sorted_ids, cfg):
+    """(out, lse) of the sorted layout in two Triton launches (backend="triton"), both in
+    closed form, without a schedule: the tree pass (forward_segment) reads q, k and v through
+    the order and writes its result in token order; the band pass (forward_band: window and
+    sink keys) starts its softmax from that result. No permuted copy, no un-permute and no
+    merge pass exist; the sum is the same as merge_partials'."""
+    from pallas_kernels.triton_backend import forward_band, forward_segment
     seq = q.shape[1]
-    tqc, tkc, tsched, tcfg = fused_tree_args(q, k, v, plan, cfg)
-    sp = tcfg.num_q_blocks * tcfg.block_q
+    sp = cfg.num_q_blocks * cfg.block_q
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
-    out, lse = forward_routed(qp, kp, vp, pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2), tsched,
-                              tcfg, order=pad_axis(plan.order, sp, 2))
+    out, lse = forward_segment(qp, kp, vp, order, segment_starts(sorted_ids), cfg)
     if cfg.window > 0 or cfg.sink_tokens > 0:
         out, lse = forward_band(qp, kp, vp, pad_axis(qc, sp, 2), cfg, init=(out, lse))
     return out[:, :seq], lse[..., :seq]
@@ -366,7 +339,7 @@ def _sorted_fwd(q, k, v, qc, cfg, backend):
     qs, ks, vs = (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
                   _gather_heads(v, plan.order, group))
     if backend == "triton":
-        out, lse = _fused_forward(q, k, v, qc, with_fused_tree(plan, cfg), cfg)
+        out, lse = _fused_forward(q, k, v, qc, plan.order, plan.sorted_ids, cfg)
         return (out, lse), (q, k, v, qc, plan, qs, ks, vs, out, lse)
     tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
     out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)

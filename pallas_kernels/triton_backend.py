@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import pad_axis
 from pallas_kernels.config import AttentionConfig
 from pallas_kernels.masking import LOG2E
 
@@ -100,10 +101,13 @@ def routed_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *, gath
                                name="routed_attention_fwd")
 
 
-def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
+                        heads_first: bool = True) -> Launch:
     """band_fwd_kernel on self-attention inputs padded to sp positions: its query tile and
     key tile are the largest powers of two up to cfg.gpu's band tiles that divide sp; its sink
-    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile."""
+    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile.
+    heads_first: the grid's first axis runs over (batch, head), so a query tile's heads run
+    together (False: tiles first, as the other kernels)."""
     from pallas_kernels.triton_kernels import band_fwd_kernel
     batch, sp, hq, _ = q_shape
     if tuple(k_shape[:2]) != (batch, sp):
@@ -115,11 +119,31 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch
     full = _meta(cfg, q_shape, k_shape, dtype)
     meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "WINDOW", "SINK", "KV_LEN",
                                           "C", "IEEE", "UPCAST")}
-    meta.update(SP=sp, BQ=bq, TK=tk, TS=ts)
-    return Launch(band_fwd_kernel, (sp // bq, batch * hq),
+    meta.update(SP=sp, BQ=bq, TK=tk, TS=ts, HEADS_FIRST=heads_first)
+    grid = (batch * hq, sp // bq) if heads_first else (sp // bq, batch * hq)
+    return Launch(band_fwd_kernel, grid,
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
                   meta, t.band_warps, t.band_stages, "routed_attention_band_fwd")
+
+
+def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """segment_fwd_kernel on self-attention inputs padded to sp positions: its query and key
+    blocks are the largest powers of two up to cfg.gpu's tree tiles that divide sp."""
+    from pallas_kernels.triton_kernels import segment_fwd_kernel
+    batch, sp, hq, _ = q_shape
+    if tuple(k_shape[:2]) != (batch, sp):
+        raise ValueError(f"the tree pass is self-attention over one padded length: q "
+                         f"{tuple(q_shape)}, k {tuple(k_shape)}")
+    t = cfg.gpu
+    bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
+    full = _meta(cfg, q_shape, k_shape, dtype)
+    meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "C", "IEEE", "UPCAST")}
+    meta.update(SP=sp, BQ=bq, BK=bk)
+    return Launch(segment_fwd_kernel, (sp // bq, batch * hq),
+                  (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
+                   jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
+                  meta, t.tree_warps, t.tree_stages, "routed_attention_tree_fwd")
 
 
 def _dividing_tile(tile: int, sp: int) -> int:
@@ -274,11 +298,25 @@ def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, order=None, 
                  sched.kv_num_blocks, order, out0, lse0)
 
 
-def forward_band(q, k, v, qc, cfg: AttentionConfig, init):
+def forward_segment(q, k, v, order, starts, cfg: AttentionConfig):
+    """The tree set (same-cluster causal pairs) of self-attention on inputs padded to one
+    length sp (segment_fwd_kernel). order [B, Hq, S] int32: the token at each slot of the
+    cluster-sorted layout; starts [B, Hq, S] int32: the slot where each slot's segment begins.
+    The sp - S padding slots become one more segment, of the padding positions themselves, so
+    every row of out [B, sp, Hq, D] (q.dtype) and lse [B, Hq, sp] float32 is written."""
+    seq, sp = order.shape[-1], q.shape[1]
+    pad = jnp.broadcast_to(jnp.arange(seq, sp, dtype=jnp.int32), (*order.shape[:2], sp - seq))
+    order = jnp.concatenate([order.astype(jnp.int32), pad], axis=-1)
+    starts = pad_axis(starts.astype(jnp.int32), sp, 2, value=seq)
+    return _call(cfg, segment_forward_launch(cfg, q.shape, k.shape, q.dtype), q, k, v, order,
+                 starts)
+
+
+def forward_band(q, k, v, qc, cfg: AttentionConfig, init, *, heads_first: bool = True):
     """The band set (window and sink pairs of other clusters) of self-attention on inputs
     padded to one length, merged into init = (out0, lse0), a partial result over the other
     pairs (band_fwd_kernel). Returns (out, lse) as forward()."""
-    launch = band_forward_launch(cfg, q.shape, k.shape, q.dtype)
+    launch = band_forward_launch(cfg, q.shape, k.shape, q.dtype, heads_first=heads_first)
     return _call(cfg, launch, q, k, v, qc, init[0].astype(q.dtype), init[1])
 
 

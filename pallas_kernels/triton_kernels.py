@@ -195,6 +195,79 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINI
                  EXCLUDE, IEEE, UPCAST, GATHER, INIT, Q_LEN)
 
 
+# ----------------------------------------------------------------------------- tree forward
+
+@triton.jit
+def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
+                    ROW: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """Key blocks first..stop-1 of the sorted layout (keys read through the order); MASKED:
+    a row's keys are the slots from its segment's start seg up to itself."""
+    for j in range(first, stop):
+        keys = j * BK + tl.arange(0, BK)
+        rows_k = tl.load(ord_ptr + keys)
+        k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                    other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+        if MASKED:
+            ok = (keys[None, :] >= seg[:, None]) & (keys[None, :] <= rows[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+                    other=0.0)
+        acc, m, l = _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
+    return acc, m, l
+
+
+@triton.jit
+def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
+                       HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr,
+                       D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                       C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The sorted layout's tree set in closed form, no schedule: slot t of head (b, h) holds
+    token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
+    attends to the slots START[t] .. t. Query block i (rows r0..r1, BQ of them) walks the
+    BK-key blocks from the one holding START[r0] to the one holding r1; those from the first
+    starting at or after START[r1] up to the last ending before r0 hold allowed pairs only and
+    run unmasked. q, k, v are read through the order and O, LSE written at the tokens, in
+    token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot: ORD is a permutation of
+    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    HKV: tl.constexpr = HQ // GROUP
+    r0 = i * BQ
+    rows = r0 + tl.arange(0, BQ)
+    ord_ptr = ORD + bh.to(tl.int64) * SP
+    start_ptr = START + bh.to(tl.int64) * SP
+    at = tl.load(ord_ptr + rows)
+    seg = tl.load(start_ptr + rows)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    o_off = b.to(tl.int64) * (SP * HQ * D) + h * D + at[:, None] * (HQ * D) + cols_d[None, :]
+    q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
+    kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
+    lo = tl.load(start_ptr + r0) // BK
+    diag = r0 // BK  # the blocks from here to r1's hold keys past some row: masked
+    # Unmasked: the blocks of r1's segment before diag (none when the rows straddle two
+    # segments); before them, masked.
+    full = tl.minimum((tl.load(start_ptr + r0 + BQ - 1) + BK - 1) // BK, diag)
+    acc = tl.zeros((BQ, BD), tl.float32)
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
+    k_ptr, v_ptr = K + kv_off, V + kv_off
+    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, lo, full,
+                                cols_d, d_ok, HKV * D, BK, C, IEEE, UPCAST, True)
+    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, full, diag,
+                                cols_d, d_ok, HKV * D, BK, C, IEEE, UPCAST, False)
+    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, diag,
+                                (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, C, IEEE,
+                                UPCAST, True)
+    out, lse = _finish(acc, m, l)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * SP + at, lse)
+
+
 # ----------------------------------------------------------------------------- band forward
 
 @triton.jit
@@ -229,15 +302,22 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
                     HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                     BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, TS: tl.constexpr,
                     WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
-                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    HEADS_FIRST: tl.constexpr):
     """The sorted layout's band set in token order, self-attention over SP padded positions:
     pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
     query block i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
     when one of its rows lies WINDOW or more past key 0, the TS-key tiles of the SINK first
     keys (not the whole block that holds them). The softmax starts from OINIT [B, SP, HQ, D]
-    and LSEINIT [B, HQ, SP] (fwd_routed_kernel's INIT), so O and LSE are the merge of both."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
+    and LSEINIT [B, HQ, SP] (fwd_routed_kernel's INIT), so O and LSE are the merge of both.
+    HEADS_FIRST: the grid is (B * HQ, tiles), so the heads of one query tile run together and
+    read each key tile of their kv head once from memory, not once per query head."""
+    if HEADS_FIRST:
+        i = tl.program_id(1)
+        bh = tl.program_id(0)
+    else:
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
     HKV: tl.constexpr = HQ // GROUP

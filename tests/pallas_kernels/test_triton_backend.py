@@ -212,15 +212,17 @@ class TestTritonKernels:
             block_q=16, block_k=16, return_lse=True)
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads, **kw)
 
-    @pytest.mark.parametrize("tree_tile, dtype", [(16, "float32"), (64, "bfloat16")])
-    def test_fused_tree_pass_at_its_own_blocks(self, interpret, tree_tile, dtype):
-        """The fused forward's tree pass runs in blocks of min(block, tree_tile): 16 inside a
-        call of 32-blocks (its own schedule; the backward keeps the 32-block one), or the
-        call's 32 when the tile is larger. Outputs, LSE and gradients against the reference."""
+    @pytest.mark.parametrize("tiles, dtype", [((16, 16), "float32"), ((64, 16), "bfloat16"),
+                                              ((16, 32), "float32")])
+    def test_fused_forward_tree_tiles(self, interpret, tiles, dtype):
+        """The fused forward's tree pass in blocks of its own (tree_tile_q x tree_tile_k, each
+        cut to the largest power of two dividing the padded length 96: 64 -> 32), smaller or
+        larger than the call's 32-blocks, while the backward keeps the call's schedule.
+        Outputs, LSE and gradients against the reference."""
         from pallas_kernels.config import GpuTuning
-        from pallas_kernels.sorted_layout import (fused_tree_args, sorted_attention, sorted_plan,
-                                                  with_fused_tree)
-        rng = np.random.default_rng(tree_tile)
+        from pallas_kernels.sorted_layout import sorted_attention
+        from pallas_kernels.triton_backend import segment_forward_launch
+        rng = np.random.default_rng(sum(tiles))
         seq, hq, hkv = 75, 4, 2
         q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, 16)), dtype)
                    for h in (hq, hkv, hkv))
@@ -228,20 +230,63 @@ class TestTritonKernels:
         d_out = jnp.asarray(rng.standard_normal((1, seq, hq, 16)), jnp.float32)
         cfg = make_config(q, k, window=6, sink_tokens=2, q_offset=0, scale=None,
                           backend="triton", interpret=interpret, block_q=32, block_k=32,
-                          gpu_tuning=GpuTuning(tree_tile=tree_tile, tree_warps=4,
-                                               tree_stages=1))
-        plan = sorted_plan(ids, cfg)
-        _, _, sched, tcfg = fused_tree_args(q, k, v, with_fused_tree(plan, cfg), cfg)
-        block = min(tree_tile, 32)
-        assert (tcfg.block_q, tcfg.block_k, tcfg.gpu.fwd_tile_k) == (block,) * 3
-        assert sched.kv_indices.shape[-2:] == (-(-seq // block),) * 2
-        if block < 32:  # a plan whose tree is in the call's blocks is refused, by name
-            with pytest.raises(ValueError, match="schedule.kv_indices has shape"):
-                fused_tree_args(q, k, v, plan, cfg)
-        assert (tcfg.window, tcfg.sink_tokens, tcfg.gpu.fwd_warps) == (0, 0, 4)
+                          gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
+                                               tree_warps=4, tree_stages=1))
+        launch = segment_forward_launch(cfg, (1, 96, hq, 16), (1, 96, hkv, 16), dtype)
+        bq, bk = (min(t, 32) for t in tiles)
+        assert (launch.meta["BQ"], launch.meta["BK"]) == (bq, bk)
+        assert launch.grid == (96 // bq, hq)
         fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, window=6,
                                         sink_tokens=2)
+
+    @pytest.mark.parametrize("seq, sp, hq, hkv, clusters, tiles, dtype", [
+        (70, 80, 4, 2, 3, (16, 16), "float32"),    # long segments: unmasked blocks, padding
+        (64, 64, 2, 1, 40, (16, 16), "float32"),   # many one-token segments, no padding
+        (90, 96, 3, 3, 2, (32, 32), "float32"),    # two segments over several blocks each
+        (93, 128, 2, 1, 3, (32, 16), "float32"),   # key blocks smaller than query blocks
+        (93, 128, 2, 2, 4, (16, 32), "float32"),   # ... and larger
+        (61, 64, 4, 1, 5, (16, 16), "bfloat16")])
+    def test_tree_kernel_in_closed_form(self, interpret, seq, sp, hq, hkv, clusters, tiles,
+                                        dtype):
+        """segment_fwd_kernel against float64 numpy: per head, a random permutation grouped
+        into random segments; slot t attends to the slots from its segment's start to t, read
+        through the order, written in token order (padding slots too, as their own segment)."""
+        from pallas_kernels.config import GpuTuning
+        from pallas_kernels.segment_schedule import segment_starts
+        from pallas_kernels.sorted_layout import cluster_order
+        from pallas_kernels.triton_backend import forward_segment
+        rng = np.random.default_rng(seq * clusters)
+        d = 16
+        q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
+        ids = rng.integers(0, clusters, (1, hq, seq))
+        order = np.argsort(ids, axis=-1, kind="stable")
+        sorted_ids = np.take_along_axis(ids, order, axis=-1)
+        got_order, got_sorted = cluster_order(jnp.asarray(ids, jnp.int32))
+        np.testing.assert_array_equal(got_order, order)
+        np.testing.assert_array_equal(got_sorted, sorted_ids)
+        # float64: token x attends to the tokens of its cluster up to itself
+        same = ids[0][:, :, None] == ids[0][:, None, :]
+        allowed = same & np.tril(np.ones((seq, seq), bool))
+        kk, vv = (np.repeat(x[0, :seq], hq // hkv, axis=1) for x in (k, v))
+        s = np.einsum("qhd,khd->hqk", q[0, :seq], kk) / np.sqrt(d)
+        s = np.where(allowed, s, -np.inf)
+        top = s.max(-1, keepdims=True)
+        p = np.exp(s - top)
+        want_out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), vv)
+        want_lse = np.log(p.sum(-1)) + top[..., 0]
+        cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=0, sink_tokens=0,
+                          q_offset=0, scale=None, backend="triton", interpret=interpret,
+                          block_q=16, block_k=16,
+                          gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1]))
+        out, lse = forward_segment(cast(q), cast(k), cast(v), jnp.asarray(order, jnp.int32),
+                                   segment_starts(jnp.asarray(sorted_ids)), cfg)
+        out, lse = np.asarray(out, np.float32), np.asarray(lse)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))  # padding rows written
+        assert np.abs(want_out).max() > 0.1
+        assert_close("out", out[0, :seq], want_out, TOL[dtype])
+        assert_close("lse", lse[0, :, :seq], want_lse, TOL[dtype])
 
     @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, dtype, partial", [
         (70, 4, 2, 5, 1, (16, 32), "float32", True),     # key tile over two query tiles
@@ -288,16 +333,19 @@ class TestTritonKernels:
         launch = band_forward_launch(cfg, q.shape, k.shape, dtype)
         assert (launch.meta["BQ"], launch.meta["TK"]) == tiles
         assert launch.meta["TS"] == min(tiles[1], max(16, 1 << (sink - 1).bit_length()))
-        out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
-                                init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)))
-        out, lse = np.asarray(out, np.float32)[:, :seq], np.asarray(lse)[..., :seq]
+        assert launch.grid == (hq, sp // tiles[0])  # heads first
         want_out, want_lse = want_out[:, :seq], want_lse[..., :seq]
         assert np.abs(want_out).max() > 0.1  # a real comparison, not zeros
         none = np.isneginf(want_lse)
         assert none.any() != partial  # without a partial, some rows have no band key
-        np.testing.assert_array_equal(np.isneginf(lse), none)
-        assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
-        assert_close("out", out, want_out, TOL[dtype])
+        for heads_first in (True, False):  # the grid's two orders
+            out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
+                                    init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)),
+                                    heads_first=heads_first)
+            out, lse = np.asarray(out, np.float32)[:, :seq], np.asarray(lse)[..., :seq]
+            np.testing.assert_array_equal(np.isneginf(lse), none)
+            assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
+            assert_close("out", out, want_out, TOL[dtype])
 
     def test_fused_sorted_forward_builds_no_permuted_copy(self, interpret):
         """Without a backward, the sorted layout on the Triton kernels gathers no [B, S, H, D]
@@ -425,9 +473,11 @@ routed = functools.partial(tb.routed_forward_launch, gather=True, init=True)
 for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4, 2, []),
                                 (tb.dkv_launch, 4, 2, []), (tb.dkv_sink_launch, 4, 2, []),
                                 (routed, 3, 0, ["*i32", "*bf16", "*fp32"]),
-                                (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"])]:
+                                (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"]),
+                                (tb.segment_forward_launch, 3, 0, [])]:
     launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
-    ints = 1 if make is tb.band_forward_launch else 5  # ids (and the schedule's lists)
+    # ids and the schedule's lists; the band's ids; the tree's order and segment starts
+    ints = {tb.band_forward_launch: 1, tb.segment_forward_launch: 2}.get(make, 5)
     dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * ints + tail
               + [ptr[jnp.dtype(s.dtype).name] for s in launch.out_shapes])
     sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
@@ -471,6 +521,6 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
     assert sorted(shared) == ["block_schedule_compact", "block_sparse_attention_dkv",
                               "block_sparse_attention_dkv_sink", "block_sparse_attention_dq",
                               "block_sparse_attention_fwd", "routed_attention_band_fwd",
-                              "routed_attention_fwd"]
+                              "routed_attention_fwd", "routed_attention_tree_fwd"]
     for name, used in shared.items():
         assert 0 < used <= shared_limit, (name, used, shared_limit)
