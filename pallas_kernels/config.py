@@ -60,8 +60,7 @@ class GpuTuning:
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
                    dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1,
-                   tree_tile_q=32, tree_tile_k=32, tree_warps=4,
-                   tree_stages=1)
+                   tree_tile_q=32, tree_tile_k=32, tree_warps=4, tree_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,16 +110,12 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
     together (False: tiles first, as the other kernels)."""
     from pallas_kernels.triton_kernels import band_fwd_kernel
     batch, sp, hq, _ = q_shape
-    if tuple(k_shape[:2]) != (batch, sp):
-        raise ValueError(f"the band pass is self-attention over one padded length: q "
-                         f"{tuple(q_shape)}, k {tuple(k_shape)}")
+    meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "band",
+                                ("WINDOW", "SINK", "KV_LEN"))
     t = cfg.gpu
     bq, tk = _dividing_tile(t.band_tile_q, sp), _dividing_tile(t.band_tile_k, sp)
     ts = min(tk, max(16, 1 << max(cfg.sink_tokens - 1, 0).bit_length()))
-    full = _meta(cfg, q_shape, k_shape, dtype)
-    meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "WINDOW", "SINK", "KV_LEN",
-                                          "C", "IEEE", "UPCAST")}
-    meta.update(SP=sp, BQ=bq, TK=tk, TS=ts, HEADS_FIRST=heads_first)
+    meta.update(BQ=bq, TK=tk, TS=ts, HEADS_FIRST=heads_first)
     grid = (batch * hq, sp // bq) if heads_first else (sp // bq, batch * hq)
     return Launch(band_fwd_kernel, grid,
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
@@ -132,18 +128,28 @@ def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Lau
     blocks are the largest powers of two up to cfg.gpu's tree tiles that divide sp."""
     from pallas_kernels.triton_kernels import segment_fwd_kernel
     batch, sp, hq, _ = q_shape
-    if tuple(k_shape[:2]) != (batch, sp):
-        raise ValueError(f"the tree pass is self-attention over one padded length: q "
-                         f"{tuple(q_shape)}, k {tuple(k_shape)}")
+    meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ())
     t = cfg.gpu
     bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
-    full = _meta(cfg, q_shape, k_shape, dtype)
-    meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "C", "IEEE", "UPCAST")}
-    meta.update(SP=sp, BQ=bq, BK=bk)
+    meta.update(BQ=bq, BK=bk)
     return Launch(segment_fwd_kernel, (sp // bq, batch * hq),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
                   meta, t.tree_warps, t.tree_stages, "routed_attention_tree_fwd")
+
+
+def _self_attention_meta(cfg: AttentionConfig, q_shape, k_shape, dtype, what: str,
+                         extra: tuple) -> dict:
+    """The constexprs of a sorted-layout pass over one padded length SP (the common ones and
+    extra); what names the pass in the error for keys of another length."""
+    batch, sp = q_shape[:2]
+    if tuple(k_shape[:2]) != (batch, sp):
+        raise ValueError(f"the {what} pass is self-attention over one padded length: q "
+                         f"{tuple(q_shape)}, k {tuple(k_shape)}")
+    full = _meta(cfg, q_shape, k_shape, dtype)
+    meta = {name: full[name] for name in ("HQ", "GROUP", "D", "BD", "C", "IEEE", "UPCAST",
+                                          *extra)}
+    return dict(meta, SP=sp)
 
 
 def _dividing_tile(tile: int, sp: int) -> int:

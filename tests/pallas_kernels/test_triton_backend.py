@@ -423,14 +423,16 @@ def test_compiled_kernels_without_gpu_say_why():
                                backend="triton")
 
 
-def test_band_pass_refuses_unequal_lengths():
-    from pallas_kernels.triton_backend import band_forward_launch
+@pytest.mark.parametrize("what", ["band", "tree"])
+def test_sorted_passes_refuse_unequal_lengths(what):
+    from pallas_kernels.triton_backend import band_forward_launch, segment_forward_launch
+    launch = band_forward_launch if what == "band" else segment_forward_launch
     q = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
     cfg = make_config(q, q, window=4, sink_tokens=1, q_offset=0, scale=None, backend="triton",
                       interpret=not ON_GPU, block_q=16, block_k=16)
-    with pytest.raises(ValueError, match=r"the band pass is self-attention over one padded "
+    with pytest.raises(ValueError, match=rf"the {what} pass is self-attention over one padded "
                                          r"length: q \(1, 64, 2, 16\), k \(1, 48, 2, 16\)"):
-        band_forward_launch(cfg, q.shape, (1, 48, 2, 16), jnp.float32)
+        launch(cfg, q.shape, (1, 48, 2, 16), jnp.float32)
 
 
 def test_band_tiles_divide_the_padded_length():
