@@ -12,18 +12,18 @@ inputs computed beforehand (medians):
   - sort: cluster_order (the stable argsort, sorted ids); the segment starts of the sorted
     ids;
   - tree kernel: segment_fwd_kernel in closed form (no schedule) reading q, k, v through the
-    order, per GpuTuning tree_* variant (query and key blocks, warps, stages); the
-    schedule-driven fwd_routed_kernel it replaced and that schedule's build, at the default
-    variant;
+    order, per GpuTuning tree_* variant (query and key blocks, warps, stages, order loaded a
+    block ahead);
   - band kernel: the window and sink pairs merged into the tree's result, the closed-form
-    band_fwd_kernel per band_* variant (heads first in the grid; tiles first for the default
-    too), and the schedule-driven launch (its sink keys a whole key block);
+    band_fwd_kernel per band_* variant (query and key tiles, warps, stages, query heads per
+    program; heads first in the grid, tiles first for the default too), and the
+    schedule-driven launch (its sink keys a whole key block);
   - end to end: sorted_attention with the default tuning and with the fastest variant of each
     kernel; cuDNN's causal attention on the same q, k, v.
 
 Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
 in every case, each variant's output and LSE against the default's on the case's own inputs
-(the band kernels and the closed-form tree kernel against the schedule-driven launches). Writes JSON to --out and prints the
+(the band kernels against the schedule-driven launch). Writes JSON to --out and prints the
 tables last; exits 1 when a check failed.
 """
 from __future__ import annotations
@@ -44,11 +44,10 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import finish, rel_err, timed  # noqa: E402
-from pallas_kernels import reference_attention, segment_schedule  # noqa: E402
+from pallas_kernels import reference_attention  # noqa: E402
 from pallas_kernels.common import pad_axis  # noqa: E402
 from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import make_config  # noqa: E402
-from pallas_kernels.ops import prepare_schedule  # noqa: E402
 from pallas_kernels.segment_schedule import segment_starts  # noqa: E402
 from pallas_kernels.sorted_layout import (_band_args, cluster_order,  # noqa: E402
                                           sorted_attention, sorted_plan)
@@ -56,23 +55,24 @@ from pallas_kernels.triton_backend import forward_routed  # noqa: E402
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
-# (tree_tile_q, tree_tile_k, tree_warps, tree_stages): the tree pass's query and key blocks,
-# warps, stages; the default first
-TREE_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-                 (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 8, 2)]
-# (band_tile_q, band_tile_k, band_warps, band_stages), the default first
-BAND_VARIANTS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
-                 (64, 16, 4, 2)]
-TOY_TREE = [(16, 16, 4, 1), (32, 16, 4, 1)]
-TOY_BAND = [(16, 16, 4, 1), (32, 16, 4, 1)]
+# (tree_tile_q, tree_tile_k, tree_warps, tree_stages, tree_prefetch): the tree pass's query
+# and key blocks, warps, stages, order loaded a block ahead; the default first
+TREE_VARIANTS = [(64, 32, 4, 3, 1), (64, 64, 4, 2, 0), (64, 64, 4, 2, 1), (64, 64, 4, 3, 1),
+                 (128, 128, 8, 2, 1)]
+# (band_tile_q, band_tile_k, band_warps, band_stages, band_heads), the default first
+BAND_VARIANTS = [(16, 16, 4, 2, 4), (64, 32, 4, 2, 1), (16, 32, 4, 2, 4)]
+TOY_TREE = [(16, 16, 4, 1, 0), (32, 16, 4, 1, 1)]
+TOY_BAND = [(16, 16, 4, 1, 1), (16, 16, 4, 1, 2)]
 
 
 def tree_tuning(variant) -> dict:
-    return dict(zip(("tree_tile_q", "tree_tile_k", "tree_warps", "tree_stages"), variant))
+    return dict(zip(("tree_tile_q", "tree_tile_k", "tree_warps", "tree_stages",
+                     "tree_prefetch"), variant))
 
 
 def band_tuning(variant) -> dict:
-    return dict(zip(("band_tile_q", "band_tile_k", "band_warps", "band_stages"), variant))
+    return dict(zip(("band_tile_q", "band_tile_k", "band_warps", "band_stages", "band_heads"),
+                    variant))
 
 
 def inputs(seq, clusters, shape, seed):
@@ -107,33 +107,16 @@ def check_reference(shape) -> dict:
     return row
 
 
-def scheduled_tree(q, k, v, plan, base, variant):
-    """The tree pass as it ran before its closed form: fwd_routed_kernel on segment_schedule's
-    lists in the variant's query blocks, squared (reading through the order). Returns a
-    function of padded (q, k, v, order)."""
-    tile, _, warps, stages = variant
-    sp = -(-q.shape[1] // base.block_q) * base.block_q
-    cfg = dataclasses.replace(base, window=0, sink_tokens=0, block_q=tile, block_k=tile,
-                              gpu=dataclasses.replace(base.gpu, fwd_tile_k=tile, fwd_warps=warps,
-                                                      fwd_stages=stages))
-    sched = segment_schedule(plan.sorted_ids, block_q=tile, block_k=tile)
-    tqc, tkc, tsched, tcfg = prepare_schedule(q, k, v, plan.sorted_ids, plan.sorted_ids, sched,
-                                              backend="triton", config=cfg)
-    tqc, tkc = pad_axis(tqc, sp, 2), pad_axis(tkc, sp, 2)
-    return lambda q, k, v, order: forward_routed(q, k, v, tqc, tkc, tsched, tcfg, order=order)
-
-
 def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
     """(timing rows, correctness rows) of one (S, clusters)."""
     from pallas_kernels.triton_backend import forward_band, forward_segment
     q, k, v, ids = inputs(seq, clusters, shape, seed=seq + clusters)
     base = config(q, k, shape)
     plan = jax.jit(lambda ids: sorted_plan(ids, base))(ids)
-    starts = jax.jit(segment_starts)(plan.sorted_ids)
     tree_variants = TOY_TREE if TOY else TREE_VARIANTS
     sp = -(-seq // shape["block"]) * shape["block"]  # the call's padded length
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
-    order, qcp = pad_axis(plan.order, sp, 2), pad_axis(ids, sp, 2)
+    qcp = pad_axis(ids, sp, 2)
     rows, checks = [], []
 
     def add(stage, variant, fn, *args):
@@ -151,6 +134,7 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
         q, k, v, implementation="xla" if TOY else "cudnn", is_causal=True), q, k, v)
     add("sort", "-", cluster_order, ids)
     add("segment starts", "-", segment_starts, plan.sorted_ids)
+    starts = jax.jit(segment_starts)(plan.sorted_ids)
 
     def tree(variant):
         cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
@@ -164,15 +148,6 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
                                plan.order, starts)
         check(f"tree kernel {variant} vs default",
               jax.jit(tree(variant))(qp, kp, vp, plan.order, starts), partial)
-    scheduled = scheduled_tree(q, k, v, plan, base, tree_variants[0])
-    add("tree kernel, scheduled (before)", tree_variants[0], scheduled, qp, kp, vp, order)
-    add("tree schedule (before)", tree_variants[0], lambda s: segment_schedule(
-        s, block_q=tree_variants[0][0], block_k=tree_variants[0][0]), plan.sorted_ids)
-    got = jax.jit(scheduled)(qp, kp, vp, order)
-    check("tree kernel, scheduled vs closed form", [x[:, :seq] if x.ndim == 4 else x[..., :seq]
-                                                    for x in got],
-          [x[:, :seq] if x.ndim == 4 else x[..., :seq] for x in partial])
-
     bqc, bkc, bsched, bcfg = _band_args(q, k, v, ids, base, "triton", base.sink_tokens)
     by_schedule = lambda q, k, v, o, l: forward_routed(  # noqa: E731
         q, k, v, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2), bsched, bcfg, init=(o, l))

@@ -29,14 +29,16 @@ class GpuTuning:
     dkv_tile_k: int = 128
     dkv_warps: int = 8
     dkv_stages: int = 2
-    band_tile_q: int = 64      # the sorted layout's window + sink pass (triton band_fwd_kernel)
-    band_tile_k: int = 32
+    band_tile_q: int = 16      # the sorted layout's window + sink pass (triton band_fwd_kernel)
+    band_tile_k: int = 16
     band_warps: int = 4
     band_stages: int = 2
+    band_heads: int = 4        # query heads of one kv group per band program (a power of two)
     tree_tile_q: int = 64      # the sorted layout's tree pass (triton segment_fwd_kernel):
-    tree_tile_k: int = 64      # its query and key blocks, warps and stages
+    tree_tile_k: int = 32      # its query and key blocks, warps and stages
     tree_warps: int = 4
-    tree_stages: int = 2
+    tree_stages: int = 3
+    tree_prefetch: int = 1     # 1: the tree pass loads each key block's order one block ahead
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -46,7 +48,7 @@ class GpuTuning:
             power_of_two = value > 0 and not value & (value - 1)
             if ("_tile" in name) and not (power_of_two and value >= 16):
                 raise ValueError(f"GpuTuning.{name} must be a power of two >= 16, got {value}")
-            if name.endswith("_warps") and not power_of_two:
+            if name.endswith(("_warps", "_heads")) and not power_of_two:
                 raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
             if name.endswith("_stages") and value < 1:
                 raise ValueError(f"GpuTuning.{name} must be >= 1, got {value}")
@@ -60,7 +62,7 @@ class GpuTuning:
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
                    dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1,
-                   tree_tile_q=32, tree_tile_k=32, tree_warps=4, tree_stages=1)
+                   band_heads=1, tree_tile_q=32, tree_tile_k=32, tree_warps=4, tree_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,18 +105,25 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
                         heads_first: bool = True) -> Launch:
     """band_fwd_kernel on self-attention inputs padded to sp positions: its query tile and
     key tile are the largest powers of two up to cfg.gpu's band tiles that divide sp; its sink
-    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile.
-    heads_first: the grid's first axis runs over (batch, head), so a query tile's heads run
-    together (False: tiles first, as the other kernels)."""
+    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile. Its
+    programs run hb query heads, the largest power of two up to cfg.gpu.band_heads that
+    divides the kv group; when hb falls short, the query tile grows by the same factor, so a
+    program keeps band_tile_q * band_heads rows. heads_first: the grid's first axis runs over
+    (batch, heads), so a query tile's heads run together (False: tiles first)."""
     from pallas_kernels.triton_kernels import band_fwd_kernel
     batch, sp, hq, _ = q_shape
     meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "band",
                                 ("WINDOW", "SINK", "KV_LEN"))
     t = cfg.gpu
-    bq, tk = _dividing_tile(t.band_tile_q, sp), _dividing_tile(t.band_tile_k, sp)
+    hb = t.band_heads
+    while meta["GROUP"] % hb:
+        hb //= 2
+    bq = _dividing_tile(t.band_tile_q * (t.band_heads // hb), sp)
+    tk = _dividing_tile(t.band_tile_k, sp)
     ts = min(tk, max(16, 1 << max(cfg.sink_tokens - 1, 0).bit_length()))
-    meta.update(BQ=bq, TK=tk, TS=ts, HEADS_FIRST=heads_first)
-    grid = (batch * hq, sp // bq) if heads_first else (sp // bq, batch * hq)
+    meta.update(BQ=bq, TK=tk, TS=ts, HB=hb, HEADS_FIRST=heads_first)
+    groups = batch * hq // hb
+    grid = (groups, sp // bq) if heads_first else (sp // bq, groups)
     return Launch(band_fwd_kernel, grid,
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
@@ -131,7 +138,7 @@ def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Lau
     meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ())
     t = cfg.gpu
     bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
-    meta.update(BQ=bq, BK=bk)
+    meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch))
     return Launch(segment_fwd_kernel, (sp // bq, batch * hq),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),

@@ -199,13 +199,22 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINI
 
 @triton.jit
 def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
-                    ROW: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr, MASKED: tl.constexpr):
+                    ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr, C: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """Key blocks first..stop-1 of the sorted layout (keys read through the order); MASKED:
-    a row's keys are the slots from its segment's start seg up to itself."""
+    a row's keys are the slots from its segment's start seg up to itself. PREFETCH: the next
+    block's order entries load one step ahead, so the key gathers need not wait for them."""
+    slots = tl.arange(0, BK)
+    if PREFETCH:
+        ahead = tl.load(ord_ptr + first * BK + slots, mask=first * BK + slots < SP, other=0)
     for j in range(first, stop):
-        keys = j * BK + tl.arange(0, BK)
-        rows_k = tl.load(ord_ptr + keys)
+        keys = j * BK + slots
+        if PREFETCH:
+            rows_k = ahead
+            ahead = tl.load(ord_ptr + keys + BK, mask=keys + BK < SP, other=0)
+        else:
+            rows_k = tl.load(ord_ptr + keys)
         k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                     other=0.0)
         s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
@@ -222,7 +231,8 @@ def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop,
 def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                        HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr,
                        D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                       C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                       C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                       PREFETCH: tl.constexpr):
     """The sorted layout's tree set in closed form, no schedule: slot t of head (b, h) holds
     token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
     attends to the slots START[t] .. t. Query block i (rows r0..r1, BQ of them) walks the
@@ -230,7 +240,8 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     starting at or after START[r1] up to the last ending before r0 hold allowed pairs only and
     run unmasked. q, k, v are read through the order and O, LSE written at the tokens, in
     token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot: ORD is a permutation of
-    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP."""
+    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP.
+    PREFETCH: each key block's order entries load a block ahead (_segment_blocks)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -257,12 +268,12 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     l = tl.zeros((BQ,), tl.float32)
     k_ptr, v_ptr = K + kv_off, V + kv_off
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, lo, full,
-                                cols_d, d_ok, HKV * D, BK, C, IEEE, UPCAST, True)
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, PREFETCH)
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, full, diag,
-                                cols_d, d_ok, HKV * D, BK, C, IEEE, UPCAST, False)
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, PREFETCH)
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, diag,
-                                (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, C, IEEE,
-                                UPCAST, True)
+                                (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, SP, C, IEEE,
+                                UPCAST, True, PREFETCH)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * SP + at, lse)
@@ -274,10 +285,11 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
 def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, cols_d, d_ok,
                 ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
                 SINK: tl.constexpr, KV_LEN: tl.constexpr, IEEE: tl.constexpr,
-                UPCAST: tl.constexpr, SINK_SET: tl.constexpr):
+                UPCAST: tl.constexpr, SINK_SET: tl.constexpr, HB: tl.constexpr):
     """Key tiles first..stop-1 of TK keys, masked to the window pairs of other clusters
     (q - k < WINDOW) or, SINK_SET, to the sink pairs outside the window (k < SINK,
-    q - k >= WINDOW): disjoint sets, so a key in both kinds of tile counts once."""
+    q - k >= WINDOW): disjoint sets, so a key in both kinds of tile counts once. kc_ptr: the
+    key ids of the (one) head, or with HB > 1 heads per program a [rows, 1] pointer per row."""
     for t in range(first, stop):
         keys = t * TK + tl.arange(0, TK)
         k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
@@ -289,7 +301,11 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
         else:
             ok = gap < WINDOW
         ok = ok & (gap >= 0) & (keys[None, :] < KV_LEN)
-        ok = ok & (q_ids[:, None] != tl.load(kc_ptr + keys)[None, :])
+        if HB == 1:
+            k_ids = tl.load(kc_ptr + keys)[None, :]
+        else:
+            k_ids = tl.load(kc_ptr + keys[None, :])
+        ok = ok & (q_ids[:, None] != k_ids)
         s = tl.where(ok, s, float("-inf"))
         v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                     other=0.0)
@@ -301,49 +317,58 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
 def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
                     HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                     BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, TS: tl.constexpr,
-                    WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
-                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    HEADS_FIRST: tl.constexpr):
+                    HB: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
+                    KV_LEN: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """The sorted layout's band set in token order, self-attention over SP padded positions:
     pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
-    query block i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
+    query tile i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
     when one of its rows lies WINDOW or more past key 0, the TS-key tiles of the SINK first
     keys (not the whole block that holds them). The softmax starts from OINIT [B, SP, HQ, D]
-    and LSEINIT [B, HQ, SP] (fwd_routed_kernel's INIT), so O and LSE are the merge of both.
-    HEADS_FIRST: the grid is (B * HQ, tiles), so the heads of one query tile run together and
-    read each key tile of their kv head once from memory, not once per query head."""
+    and LSEINIT [B, HQ, SP] (the tree pass's result), so O and LSE are the merge of both.
+    HB query heads of one kv group share a program: its HB * BQ rows (head-major) read each
+    key tile once, and a narrow query tile still fills the matrix units.
+    HEADS_FIRST: the grid is (B * HQ / HB, tiles), so the heads of one query tile run
+    together and read each key tile of their kv head once from memory, not once per head."""
     if HEADS_FIRST:
         i = tl.program_id(1)
-        bh = tl.program_id(0)
+        g = tl.program_id(0)
     else:
         i = tl.program_id(0)
-        bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
+        g = tl.program_id(1)
+    b = g // (HQ // HB)
+    h0 = (g % (HQ // HB)) * HB
     HKV: tl.constexpr = HQ // GROUP
-    rows = i * BQ + tl.arange(0, BQ)
+    r = tl.arange(0, HB * BQ)
+    pos = i * BQ + r % BQ
+    h = h0 + r // BQ
+    bh = b.to(tl.int64) * HQ + h
     cols_d = tl.arange(0, BD)
     d_ok = cols_d < D
-    o_off = b.to(tl.int64) * (SP * HQ * D) + h * D + rows[:, None] * (HQ * D) + cols_d[None, :]
+    o_off = b.to(tl.int64) * (SP * HQ * D) + h[:, None] * D + pos[:, None] * (HQ * D) \
+        + cols_d[None, :]
     q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
-    ids_ptr = QC + bh.to(tl.int64) * SP  # self-attention: key ids are the query ids
-    q_ids = tl.load(ids_ptr + rows)
-    kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
-    acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh.to(tl.int64) * SP + rows, d_ok)
+    q_ids = tl.load(QC + bh * SP + pos)  # self-attention: key ids are the query ids
+    if HB == 1:
+        kc_ptr = QC + (b.to(tl.int64) * HQ + h0) * SP
+    else:
+        kc_ptr = (QC + bh * SP)[:, None]
+    kv_off = b.to(tl.int64) * (SP * HKV * D) + (h0 // GROUP) * D
+    acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh * SP + pos, d_ok)
     if WINDOW > 0:
         first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
-        acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr,
+        acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr,
                                 first, (i * BQ + BQ - 1) // TK + 1, cols_d, d_ok, HKV * D, TK, C,
-                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False)
+                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False, HB)
     if SINK > 0:
         far = i * BQ + BQ - 1 >= WINDOW  # some row has sink keys outside its window
         tiles = tl.where(far, (SINK + TS - 1) // TS, 0)
-        acc, m, l = _band_tiles(acc, m, l, q, rows, q_ids, K + kv_off, V + kv_off, ids_ptr, 0,
+        acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr, 0,
                                 tiles, cols_d, d_ok, HKV * D, TS, C, WINDOW, SINK, KV_LEN, IEEE,
-                                UPCAST, True)
+                                UPCAST, True, HB)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * SP + rows, lse)
+    tl.store(LSE + bh * SP + pos, lse)
 
 
 # ----------------------------------------------------------------------------- backward

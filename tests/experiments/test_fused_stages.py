@@ -32,12 +32,11 @@ def test_toy_run_checks_every_variant(tmp_path):
     assert 0 < reference["out"] < 2e-2 and 0 < reference["lse"] < 2e-2 and reference["ok"]
     assert [c["what"] for c in checks] == (
         [f"tree kernel {v} vs default" for v in script.TOY_TREE]
-        + ["tree kernel, scheduled vs closed form"]
         + [f"band kernel {v} vs scheduled" for v in script.TOY_BAND]
         + ["band kernel, tiles first vs scheduled"])
     assert checks[0]["out"] == checks[0]["lse"] == 0.0          # the default against itself
-    # the closed-form kernels against the schedule-driven ones: the same pairs, summed in
-    # another order (bf16 outputs: not bit-equal, close)
+    # the other tree variants and the closed-form band kernels against the schedule-driven
+    # one: the same pairs, summed in another order (bf16 outputs: not bit-equal, close)
     assert all(c["ok"] and max(c["out"], c["lse"]) < 2e-2 for c in checks)
 
     rows = result["rows"]
@@ -45,8 +44,7 @@ def test_toy_run_checks_every_variant(tmp_path):
     assert stages[:3] == ["cuDNN causal", "sort", "segment starts"]
     assert stages.count("tree kernel, closed form") == len(script.TOY_TREE)
     assert stages.count("band kernel, closed form") == len(script.TOY_BAND)
-    assert {"tree kernel, scheduled (before)", "tree schedule (before)",
-            "band kernel, closed form, tiles first"} <= set(stages)
+    assert "band kernel, closed form, tiles first" in stages
     assert all(r["ms"] > 0 for r in rows)
     cudnn = rows[0]["ms"]
     for row in (r for r in rows if r["stage"] == "end to end"):

@@ -259,47 +259,53 @@ class TestTritonKernels:
         rng = np.random.default_rng(seq * clusters)
         d = 16
         q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
-        ids = rng.integers(0, clusters, (1, hq, seq))
+        ids = rng.integers(0, clusters, (1, hq, seq)) - (clusters - 1)
         order = np.argsort(ids, axis=-1, kind="stable")
         sorted_ids = np.take_along_axis(ids, order, axis=-1)
         got_order, got_sorted = cluster_order(jnp.asarray(ids, jnp.int32))
         np.testing.assert_array_equal(got_order, order)
         np.testing.assert_array_equal(got_sorted, sorted_ids)
-        # float64: token x attends to the tokens of its cluster up to itself
-        same = ids[0][:, :, None] == ids[0][:, None, :]
-        allowed = same & np.tril(np.ones((seq, seq), bool))
-        kk, vv = (np.repeat(x[0, :seq], hq // hkv, axis=1) for x in (k, v))
-        s = np.einsum("qhd,khd->hqk", q[0, :seq], kk) / np.sqrt(d)
+        # float64: token x attends to the tokens of its cluster up to itself; the padding
+        # positions (their rows too) are one more cluster
+        every = np.concatenate([ids[0], np.full((hq, sp - seq), clusters)], axis=-1)
+        same = every[:, :, None] == every[:, None, :]
+        allowed = same & np.tril(np.ones((sp, sp), bool))
+        kk, vv = (np.repeat(x[0], hq // hkv, axis=1) for x in (k, v))
+        s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
         s = np.where(allowed, s, -np.inf)
         top = s.max(-1, keepdims=True)
         p = np.exp(s - top)
         want_out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), vv)
         want_lse = np.log(p.sum(-1)) + top[..., 0]
         cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-        cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=0, sink_tokens=0,
-                          q_offset=0, scale=None, backend="triton", interpret=interpret,
-                          block_q=16, block_k=16,
-                          gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1]))
-        out, lse = forward_segment(cast(q), cast(k), cast(v), jnp.asarray(order, jnp.int32),
-                                   segment_starts(jnp.asarray(sorted_ids)), cfg)
-        out, lse = np.asarray(out, np.float32), np.asarray(lse)
-        assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))  # padding rows written
         assert np.abs(want_out).max() > 0.1
-        assert_close("out", out[0, :seq], want_out, TOL[dtype])
-        assert_close("lse", lse[0, :, :seq], want_lse, TOL[dtype])
+        for prefetch in (0, 1):  # the order read in step with the keys, or a block ahead
+            cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=0, sink_tokens=0,
+                              q_offset=0, scale=None, backend="triton", interpret=interpret,
+                              block_q=16, block_k=16,
+                              gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
+                                                   tree_prefetch=prefetch))
+            out, lse = forward_segment(cast(q), cast(k), cast(v), jnp.asarray(order, jnp.int32),
+                                       segment_starts(jnp.asarray(sorted_ids)), cfg)
+            out, lse = np.asarray(out, np.float32), np.asarray(lse)
+            assert_close("out", out[0], want_out, TOL[dtype])  # padding rows too
+            assert_close("lse", lse[0], want_lse, TOL[dtype])
 
-    @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, dtype, partial", [
-        (70, 4, 2, 5, 1, (16, 32), "float32", True),     # key tile over two query tiles
-        (96, 2, 1, 0, 40, (32, 16), "float32", False),   # sinks alone, three sink tiles
-        (64, 3, 3, 20, 3, (16, 16), "float32", True),    # the window over several tiles
-        (50, 2, 1, 64, 2, (16, 16), "float32", False),   # a window past the sequence
-        (61, 4, 1, 9, 2, (32, 32), "bfloat16", True)])
+    @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, heads, dtype, partial", [
+        (70, 4, 2, 5, 1, (16, 32), (1, 1), "float32", True),   # key tile over two query tiles
+        (96, 2, 1, 0, 40, (32, 16), (2, 2), "float32", False),  # sinks alone, 3 sink tiles
+        (64, 3, 3, 20, 3, (16, 16), (2, 1), "float32", True),  # no group to share: one head
+        (50, 2, 1, 64, 2, (16, 16), (1, 1), "float32", False),  # a window past the sequence
+        (70, 8, 2, 7, 1, (16, 16), (2, 2), "float32", True),   # two programs per kv group
+        (61, 4, 1, 9, 2, (32, 32), (4, 4), "bfloat16", True),
+        (61, 6, 2, 9, 2, (16, 32), (4, 1), "bfloat16", True)])  # group 3: one head
     def test_band_kernel_in_closed_form(self, interpret, seq, hq, hkv, window, sink, tiles,
-                                        dtype, partial):
+                                        heads, dtype, partial):
         """band_fwd_kernel against float64 numpy: the window and sink pairs of other clusters,
         padded positions and GQA, started from a partial over the same-cluster pairs (the
         result is then every allowed pair's) or from none (lse -inf: the band set alone, rows
-        without a band key give 0 and -inf)."""
+        without a band key give 0 and -inf). heads: (band_heads asked, query heads per
+        program: the largest power of two up to it dividing the group)."""
         from pallas_kernels.config import GpuTuning
         from pallas_kernels.triton_backend import band_forward_launch, forward_band
         rng = np.random.default_rng(seq + window)
@@ -329,11 +335,14 @@ class TestTritonKernels:
         cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=window, sink_tokens=sink,
                           q_offset=0, scale=None, backend="triton", interpret=interpret,
                           block_q=16, block_k=16,
-                          gpu_tuning=GpuTuning(band_tile_q=tiles[0], band_tile_k=tiles[1]))
+                          gpu_tuning=GpuTuning(band_tile_q=tiles[0], band_tile_k=tiles[1],
+                                               band_heads=heads[0]))
         launch = band_forward_launch(cfg, q.shape, k.shape, dtype)
-        assert (launch.meta["BQ"], launch.meta["TK"]) == tiles
+        bq = tiles[0] * heads[0] // heads[1]  # fewer heads per program: a longer query tile
+        assert (launch.meta["BQ"], launch.meta["TK"], launch.meta["HB"]) == (bq, tiles[1],
+                                                                             heads[1])
         assert launch.meta["TS"] == min(tiles[1], max(16, 1 << (sink - 1).bit_length()))
-        assert launch.grid == (hq, sp // tiles[0])  # heads first
+        assert launch.grid == (hq // heads[1], sp // bq)  # heads first
         want_out, want_lse = want_out[:, :seq], want_lse[..., :seq]
         assert np.abs(want_out).max() > 0.1  # a real comparison, not zeros
         none = np.isneginf(want_lse)
