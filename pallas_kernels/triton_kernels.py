@@ -81,62 +81,48 @@ def _finish(acc, m, l):
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, ord_ptr, start,
-                stop, cols_d, d_ok, ROW: tl.constexpr, BK: tl.constexpr, TK: tl.constexpr,
+def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, start, stop,
+                cols_d, d_ok, ROW: tl.constexpr, BK: tl.constexpr, TK: tl.constexpr,
                 C: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                 EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                MASKED: tl.constexpr, GATHER: tl.constexpr):
+                MASKED: tl.constexpr):
     for t in range(start, stop):
         j = tl.load(idx_ptr + t)
         for r in tl.static_range(BK // TK):
             keys = j * BK + r * TK + tl.arange(0, TK)
-            if GATHER:  # key slot -> the token whose row holds it
-                rows_k = tl.load(ord_ptr + keys)
-            else:
-                rows_k = keys
-            k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+            k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                         other=0.0)
             s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
             if MASKED:
                 s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
                           tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
-            v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
+            v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                         other=0.0)
             acc, m, l = _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
     return acc, m, l
 
 
 @triton.jit
-def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O, LSE,
+def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE,
                  HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
                  D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                  TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, Q_OFFSET: tl.constexpr,
                  WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                  C: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
-                 UPCAST: tl.constexpr, GATHER: tl.constexpr, INIT: tl.constexpr,
-                 Q_LEN: tl.constexpr):
-    """One query block of the forward. GATHER: the schedule, ids and positions are those of a
-    permuted layout (the cluster-sorted one) whose slot t of head (b, h) holds token
-    ORD[b, h, t] of Q, K and V: rows are read there and O, LSE written there, so the permuted
-    copies never exist (self-attention: one order for queries and keys). INIT: the online
-    softmax starts from a partial result over other keys, OINIT [B, SQP, HQ, D] and LSEINIT
-    [B, HQ, SQP] (natural log, -inf: none), so the output is the merge of both key sets."""
+                 UPCAST: tl.constexpr, INIT: tl.constexpr):
+    """One query block of the forward. INIT: the online softmax starts from a partial result
+    over other keys, OINIT [B, SQP, HQ, D] and LSEINIT [B, HQ, SQP] (natural log, -inf: none),
+    so the output is the merge of both key sets."""
     i = NQ - 1 - tl.program_id(0)  # the longest rows (last blocks) start first
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
     HKV: tl.constexpr = HQ // GROUP
     rows = i * BQ + tl.arange(0, BQ)
-    if GATHER:
-        at = tl.load(ORD + bh.to(tl.int64) * SQP + rows)
-        real = rows < Q_LEN  # padding slots: their order entry may name a real token
-    else:
-        at = rows
-        real = rows >= 0
     cols_d = tl.arange(0, BD)
     d_ok = cols_d < D
     q_ptr = Q + b.to(tl.int64) * (SQP * HQ * D) + h * D
-    q = tl.load(q_ptr + at[:, None] * (HQ * D) + cols_d[None, :], mask=d_ok[None, :],
+    q = tl.load(q_ptr + rows[:, None] * (HQ * D) + cols_d[None, :], mask=d_ok[None, :],
                 other=0.0)
     q_ids = tl.load(QC + bh.to(tl.int64) * SQP + rows)
     kv_off = b.to(tl.int64) * (SKP * HKV * D) + (h // GROUP) * D
@@ -145,24 +131,23 @@ def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O,
     total = tl.load(NBLOCKS + row)
     idx_ptr = IDX + row.to(tl.int64) * NK
     kc_ptr = KC + bh.to(tl.int64) * SKP
-    ord_ptr = ORD + bh.to(tl.int64) * SKP
     q_pos = Q_OFFSET + rows
-    o_off = b.to(tl.int64) * (SQP * HQ * D) + h * D + at[:, None] * (HQ * D) + cols_d[None, :]
+    o_off = b.to(tl.int64) * (SQP * HQ * D) + h * D + rows[:, None] * (HQ * D) + cols_d[None, :]
     if INIT:
-        acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh.to(tl.int64) * SQP + at, d_ok)
+        acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh.to(tl.int64) * SQP + rows, d_ok)
     else:
         acc = tl.zeros((BQ, BD), tl.float32)
         m = tl.full((BQ,), float("-inf"), tl.float32)
         l = tl.zeros((BQ,), tl.float32)
     acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
-                            ord_ptr, 0, masked, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK,
-                            KV_LEN, EXCLUDE, IEEE, UPCAST, True, GATHER)
+                            0, masked, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK, KV_LEN,
+                            EXCLUDE, IEEE, UPCAST, True)
     acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
-                            ord_ptr, masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW,
-                            SINK, KV_LEN, EXCLUDE, IEEE, UPCAST, False, GATHER)
+                            masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK,
+                            KV_LEN, EXCLUDE, IEEE, UPCAST, False)
     out, lse = _finish(acc, m, l)
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :] & real[:, None])
-    tl.store(LSE + bh.to(tl.int64) * SQP + at, lse, mask=real)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * SQP + rows, lse)
 
 
 @triton.jit
@@ -174,25 +159,24 @@ def fwd_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, O, LSE,
                C: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
                UPCAST: tl.constexpr):
     """O [B, SQP, HQ, D] (Q's dtype), LSE [B, HQ, SQP] float32 natural log (-inf: no key)."""
-    _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, QC, O, LSE, O, LSE, HQ, GROUP, SQP,
-                 SKP, D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE,
-                 IEEE, UPCAST, False, False, SQP)
+    _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, O, LSE, O, LSE, HQ, GROUP, SQP, SKP,
+                 D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE,
+                 UPCAST, False)
 
 
 @triton.jit
-def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O, LSE,
+def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE,
                       HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr,
                       SKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
                       BK: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
                       Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                       KV_LEN: tl.constexpr, C: tl.constexpr, EXCLUDE: tl.constexpr,
-                      IEEE: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr,
-                      INIT: tl.constexpr, Q_LEN: tl.constexpr):
-    """The forward of routed attention's passes (_fwd_program's GATHER and INIT): ORD
-    [B, HQ, SQP] int32, OINIT, LSEINIT as described there (unused ones may be any array)."""
-    _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, ORD, OINIT, LSEINIT, O, LSE, HQ, GROUP,
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr, INIT: tl.constexpr):
+    """The forward started from a partial result (_fwd_program's INIT): OINIT, LSEINIT as
+    described there (without INIT they may be any array)."""
+    _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE, HQ, GROUP,
                  SQP, SKP, D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C,
-                 EXCLUDE, IEEE, UPCAST, GATHER, INIT, Q_LEN)
+                 EXCLUDE, IEEE, UPCAST, INIT)
 
 
 # ----------------------------------------------------------------------------- tree forward

@@ -480,10 +480,10 @@ cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backe
                   interpret=False, block_q=None, block_k=None)
 ptr = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
 shared = {}
-routed = functools.partial(tb.routed_forward_launch, gather=True, init=True)
+routed = functools.partial(tb.routed_forward_launch, init=True)
 for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4, 2, []),
                                 (tb.dkv_launch, 4, 2, []), (tb.dkv_sink_launch, 4, 2, []),
-                                (routed, 3, 0, ["*i32", "*bf16", "*fp32"]),
+                                (routed, 3, 0, ["*bf16", "*fp32"]),
                                 (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"]),
                                 (tb.segment_forward_launch, 3, 0, [])]:
     launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
