@@ -52,6 +52,8 @@ class GpuTuning:
                 raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
             if name.endswith("_stages") and value < 1:
                 raise ValueError(f"GpuTuning.{name} must be >= 1, got {value}")
+            if name.endswith("_prefetch") and value not in (0, 1):
+                raise ValueError(f"GpuTuning.{name} must be 0 or 1, got {value}")
 
     @classmethod
     def for_dtype(cls, dtype):

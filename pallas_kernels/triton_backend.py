@@ -91,13 +91,11 @@ def forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
                   meta, cfg.gpu.fwd_warps, cfg.gpu.fwd_stages, "block_sparse_attention_fwd")
 
 
-def routed_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
-                          init: bool) -> Launch:
+def routed_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
     """forward_launch for fwd_routed_kernel: its inputs gain OINIT and LSEINIT."""
     from pallas_kernels.triton_kernels import fwd_routed_kernel
-    launch = forward_launch(cfg, q_shape, k_shape, dtype)
-    return dataclasses.replace(launch, kernel=fwd_routed_kernel,
-                               meta=dict(launch.meta, INIT=init), name="routed_attention_fwd")
+    return dataclasses.replace(forward_launch(cfg, q_shape, k_shape, dtype),
+                               kernel=fwd_routed_kernel, name="routed_attention_fwd")
 
 
 def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
@@ -295,15 +293,13 @@ def forward(q, k, v, qc, kc, sched, cfg: AttentionConfig):
     return out, lse
 
 
-def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, init=None):
+def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, init):
     """forward() through fwd_routed_kernel. init (out0 [B, Sqp, Hq, D], lse0 [B, Hq, Sqp]): a
     partial result over other keys that the kernel's softmax starts from, so (out, lse) are
     those of both key sets together."""
-    launch = routed_forward_launch(cfg, q.shape, k.shape, q.dtype, init=init is not None)
-    # Without INIT the kernel reads no partial: it is given existing arrays.
-    out0, lse0 = (q, qc) if init is None else (init[0].astype(q.dtype), init[1])
+    launch = routed_forward_launch(cfg, q.shape, k.shape, q.dtype)
     return _call(cfg, launch, q, k, v, qc, kc, sched.kv_indices, sched.kv_num_masked,
-                 sched.kv_num_blocks, out0, lse0)
+                 sched.kv_num_blocks, init[0].astype(q.dtype), init[1])
 
 
 def forward_segment(q, k, v, order, starts, cfg: AttentionConfig):

@@ -57,6 +57,22 @@ def _online_softmax(acc, m, l, s, v, MASKED: tl.constexpr, IEEE: tl.constexpr,
 
 
 @triton.jit
+def _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr, C: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores (base 2) of q against the key rows rows_k."""
+    k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :], other=0.0)
+    return _dot(q, tl.trans(k), IEEE, UPCAST) * C
+
+
+@triton.jit
+def _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr,
+                 MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The value rows rows_k, weighted by the (masked) scores s, into the running state."""
+    v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :], other=0.0)
+    return _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
+
+
+@triton.jit
 def _partial_state(OINIT, LSEINIT, o_off, lse_off, d_ok):
     """(acc, m, l) of a partial result over other keys: m its LSE in base 2, l = 1, acc its
     output (rows with LSE -inf: none, acc 0)."""
@@ -90,15 +106,12 @@ def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, start
         j = tl.load(idx_ptr + t)
         for r in tl.static_range(BK // TK):
             keys = j * BK + r * TK + tl.arange(0, TK)
-            k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                        other=0.0)
-            s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+            s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, C, IEEE, UPCAST)
             if MASKED:
                 s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
                           tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
-            v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                        other=0.0)
-            acc, m, l = _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
+            acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, MASKED, IEEE,
+                                     UPCAST)
     return acc, m, l
 
 
@@ -171,12 +184,12 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
                       BK: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
                       Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                       KV_LEN: tl.constexpr, C: tl.constexpr, EXCLUDE: tl.constexpr,
-                      IEEE: tl.constexpr, UPCAST: tl.constexpr, INIT: tl.constexpr):
-    """The forward started from a partial result (_fwd_program's INIT): OINIT, LSEINIT as
-    described there (without INIT they may be any array)."""
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The forward started from a partial result over other keys (_fwd_program's INIT):
+    OINIT [B, SQP, HQ, D] and LSEINIT [B, HQ, SQP]."""
     _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE, HQ, GROUP,
                  SQP, SKP, D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C,
-                 EXCLUDE, IEEE, UPCAST, INIT)
+                 EXCLUDE, IEEE, UPCAST, True)
 
 
 # ----------------------------------------------------------------------------- tree forward
@@ -199,15 +212,12 @@ def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop,
             ahead = tl.load(ord_ptr + keys + BK, mask=keys + BK < SP, other=0)
         else:
             rows_k = tl.load(ord_ptr + keys)
-        k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+        s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, C, IEEE, UPCAST)
         if MASKED:
             ok = (keys[None, :] >= seg[:, None]) & (keys[None, :] <= rows[:, None])
             s = tl.where(ok, s, float("-inf"))
-        v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        acc, m, l = _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
+        acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, MASKED, IEEE,
+                                 UPCAST)
     return acc, m, l
 
 
@@ -276,9 +286,7 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
     key ids of the (one) head, or with HB > 1 heads per program a [rows, 1] pointer per row."""
     for t in range(first, stop):
         keys = t * TK + tl.arange(0, TK)
-        k = tl.load(k_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+        s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, C, IEEE, UPCAST)
         gap = q_pos[:, None] - keys[None, :]
         if SINK_SET:
             ok = (keys[None, :] < SINK) & (gap >= WINDOW)
@@ -291,9 +299,8 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
             k_ids = tl.load(kc_ptr + keys[None, :])
         ok = ok & (q_ids[:, None] != k_ids)
         s = tl.where(ok, s, float("-inf"))
-        v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        acc, m, l = _online_softmax(acc, m, l, s, v, True, IEEE, UPCAST)
+        acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, True, IEEE,
+                                 UPCAST)
     return acc, m, l
 
 

@@ -353,6 +353,8 @@ def test_attention_with_schedule_rejects_mismatches():
      r"GpuTuning.band_tile_q must be a power of two >= 16, got 24"),
     (lambda: GpuTuning(band_heads=3), ValueError,
      "GpuTuning.band_heads must be a positive power of two, got 3"),
+    (lambda: GpuTuning(tree_prefetch=2), ValueError,
+     "GpuTuning.tree_prefetch must be 0 or 1, got 2"),
     (lambda: GpuTuning(tree_tile_k=8), ValueError,
      r"GpuTuning.tree_tile_k must be a power of two >= 16, got 8"),
     (lambda: AttentionConfig(q_len=8, kv_len=8, q_offset=0, window=1, sink_tokens=0, scale=1.0,

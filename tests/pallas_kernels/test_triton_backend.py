@@ -466,7 +466,7 @@ def test_blocks_below_sixteen_are_refused():
 # Compiles every kernel for a GPU target without a GPU (triton ships ptxas), in a process that
 # imports triton compiled, and prints each kernel's shared memory.
 _COMPILE = r"""
-import functools, json, sys
+import json, sys
 import jax, jax.numpy as jnp, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -480,10 +480,9 @@ cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backe
                   interpret=False, block_q=None, block_k=None)
 ptr = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
 shared = {}
-routed = functools.partial(tb.routed_forward_launch, init=True)
 for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4, 2, []),
                                 (tb.dkv_launch, 4, 2, []), (tb.dkv_sink_launch, 4, 2, []),
-                                (routed, 3, 0, ["*bf16", "*fp32"]),
+                                (tb.routed_forward_launch, 3, 0, ["*bf16", "*fp32"]),
                                 (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"]),
                                 (tb.segment_forward_launch, 3, 0, [])]:
     launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
