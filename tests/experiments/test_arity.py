@@ -68,7 +68,10 @@ def test_bad_config_is_refused():
 @pytest.mark.slow
 def test_toy_run_json_holds_the_runs_numbers(tmp_path):
     arity = load_script()
-    result = arity.main(["--toy", "--out", str(tmp_path)])
+    # One arity, both parts: two runs, not four. p = 3, not the run config's default 2, so that
+    # the arity must reach the runs; its matched cut (3 clusters for 4) is rounded.
+    argv = ["--toy", "--out", str(tmp_path), "--config.arities=3"]
+    result = arity.main(argv)
     assert json.loads((tmp_path / "toy.json").read_text()) == result
     assert (tmp_path / "toy.png").stat().st_size > 10_000
     seq, clusters, density = 32, 4, 0.5            # configs/arity.py, toy
@@ -98,7 +101,7 @@ def test_toy_run_json_holds_the_runs_numbers(tmp_path):
         for level, (h, top) in enumerate(zip(row["entropy_bits"], row["entropy_max_bits"])):
             assert top == pytest.approx((level + 1) * math.log2(p))
             assert 0 <= h <= top + 1e-9
-    assert names == {"matched_p2", "matched_p3", "preprint_p2", "preprint_p3"}
+    assert names == {"matched_p3", "preprint_p3"}
     assert {r["corpus"] for r in result["rows"]} == {"held out", "stdlib"}
     assert result["unfinished"] == []
 
@@ -106,11 +109,11 @@ def test_toy_run_json_holds_the_runs_numbers(tmp_path):
     cut = tmp_path / "preprint_p3"
     (cut / "eval.json").unlink()
     log_size = (cut / "run.log").stat().st_size
-    report = arity.main(["--toy", "--out", str(tmp_path), "--report"])
+    report = arity.main([*argv, "--report"])
     assert report["unfinished"] == ["preprint_p3"]
     assert report["rows"] == [r for r in result["rows"] if r["run"] != "preprint_p3"]
     assert not (cut / "eval.json").exists() and (cut / "run.log").stat().st_size == log_size
     for name in names - {"preprint_p3"}:
         (tmp_path / name / "eval.json").unlink()
-    with pytest.raises(SystemExit, match=r"--report: none of the 4 runs has finished 4 steps"):
-        arity.main(["--toy", "--out", str(tmp_path), "--report"])
+    with pytest.raises(SystemExit, match=r"--report: none of the 2 runs has finished 4 steps"):
+        arity.main([*argv, "--report"])

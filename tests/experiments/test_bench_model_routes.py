@@ -17,9 +17,9 @@ def load_script():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_run_dir):
     bench = load_script()
-    workdir = bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
+    workdir = toy_run_dir
     out = tmp_path_factory.mktemp("out") / "toy.json"
     bench.main([workdir, "--toy", "--seq-lens", str(SEQ), "--reps", "1", "--model-reps", "1",
                 "--out", str(out)])

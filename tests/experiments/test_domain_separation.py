@@ -14,13 +14,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_run_dir):
     spec = importlib.util.spec_from_file_location(
         "domain_separation", ROOT / "experiments" / "domain_separation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("domains")
-    module.main(["--toy", "--out", str(out)])
+    module.main(["--toy", "--run-dir", toy_run_dir, "--out", str(out)])
     return json.loads((out / "toy.json").read_text()), dict(np.load(out / "toy.npz")), out
 
 

@@ -16,14 +16,14 @@ ROWS = 2               # rows recomputed here (the reference loops over every qu
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_run_dir):
     spec = importlib.util.spec_from_file_location(
         "kv_condensation", ROOT / "experiments" / "kv_condensation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from bench_model_routes import build_toy_run, checkpoints_of, perturb_routers
+    from bench_model_routes import checkpoints_of, perturb_routers
     from ultrametric_jax.run.pipeline import restore_run
-    workdir = build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
+    workdir = toy_run_dir
     out = tmp_path_factory.mktemp("out")
     module.main(["--toy", "--run-dir", workdir, "--out", str(out)])
     result = json.loads((out / "toy.json").read_text())

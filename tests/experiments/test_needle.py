@@ -7,21 +7,21 @@ import pathlib
 import re
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_forward
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_run_dir):
     spec = importlib.util.spec_from_file_location("needle", ROOT / "experiments" / "needle.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("needle")
-    module.main(["--toy", "--out", str(out)])
+    module.main(["--toy", "--run-dir", toy_run_dir, "--out", str(out)])
     return json.loads((out / "toy.json").read_text()), dict(np.load(out / "toy.routes.npz")), out
 
 
@@ -95,17 +95,18 @@ def test_replies_match_a_cache_free_greedy_decode(toy):
     restored = restore_run(checkpoints_of(result["runs"][0]["run_dir"]))
     perturb_routers(restored.model)
     model = restored.model
+    # The whole prefix through the model at every step (jitted: eager dispatch of a new length
+    # every step is what made this slow, not the model), in either mode.
+    with base_model_mode(model):
+        dense_forward = jit_forward(model)
+    surgical_forward = jit_forward(model)
     case = result["cases"][0]
-    for reply, dense in ((result["dense"][0]["replies"][0], True),
-                         (result["runs"][0]["replies"][0], False)):
+    for reply, forward in ((result["dense"][0]["replies"][0], dense_forward),
+                           (result["runs"][0]["replies"][0], surgical_forward)):
         tokens = list(case["ids"])
         for _ in range(len(reply["ids"])):
-            if dense:
-                with base_model_mode(model):
-                    logits = model(jnp.asarray([tokens]))
-            else:
-                logits = model(jnp.asarray([tokens]))
-            tokens.append(int(np.argmax(np.asarray(logits[0, -1]))))
+            logits = forward([tokens])
+            tokens.append(int(np.argmax(logits[0, -1])))
         assert tokens[len(case["ids"]):] == reply["ids"] and len(reply["ids"]) > 0
 
 

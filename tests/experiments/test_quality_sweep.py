@@ -112,7 +112,9 @@ def load_script():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    result = load_script().main(["--toy", "--out", str(out)])
+    # Two of the toy's three settings (one run each): the default, and target_30 with an
+    # objective and a surgery override (d_max_2 would add a third run for one more override).
+    result = load_script().main(["--toy", "--out", str(out), "--config.only=default,target_30"])
     return out, result
 
 
@@ -122,7 +124,7 @@ def test_sweep_json_holds_the_runs_eval_json_numbers(sweep):
     assert json.loads((out / "toy.json").read_text()) == result
     assert (out / "toy.png").stat().st_size > 10_000
     settings = {r["setting"] for r in result["rows"]}
-    assert settings == {"default", "d_max_2", "target_30"}
+    assert settings == {"default", "target_30"}
     for row in result["rows"]:
         ev = json.loads((out / row["setting"] / "eval.json").read_text())
         r = ev if row["corpus"] == "held out" else ev["by_corpus"][row["corpus"]]
@@ -131,8 +133,11 @@ def test_sweep_json_holds_the_runs_eval_json_numbers(sweep):
         assert row["density"] == r["surgical"]["density"]
         assert row["window_only"]["perplexity"] == r["window_only"]["perplexity"]
         # The settings reached the runs.
-        assert ev["surgery"]["d_max"] == (2 if row["setting"] == "d_max_2" else 1)
+        run = json.loads((out / row["setting"] / "config.json").read_text())
+        assert ev["surgery"]["d_max"] == 1
         assert ev["surgery"]["sink_tokens"] == (2 if row["setting"] == "target_30" else 1)
+        assert run["objective"]["density_target"] == (0.3 if row["setting"] == "target_30"
+                                                       else None)
         # The baseline's window: the best integer window for the surgical density, by search.
         w = row["window_only"]
         seq, sink = 32, ev["surgery"]["sink_tokens"]

@@ -82,17 +82,17 @@ def test_the_ring_matches_the_reference_and_the_figure_is_written(toy):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_run_digits_are_the_routes_of_the_trained_layers(tmp_path):
+def test_run_digits_are_the_routes_of_the_trained_layers(toy_run_dir):
     """A run's leaf digits, cut at each layer's k = L - d_max, are the cluster ids its own
     evaluation forward gives (every layer as trained, not re-cut), on scattered routes."""
     spec = importlib.util.spec_from_file_location("ring_pruning",
                                                   ROOT / "experiments" / "ring_pruning.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from bench_model_routes import build_toy_run, checkpoints_of, perturb_routers, text_tokens
+    from bench_model_routes import checkpoints_of, perturb_routers, text_tokens
     from ultrametric_jax.run.pipeline import restore_run
     from ultrametric_jax.surgery.inject import extract_routes
-    restored = restore_run(checkpoints_of(build_toy_run(str(tmp_path))))
+    restored = restore_run(checkpoints_of(toy_run_dir))
     perturb_routers(restored.model)          # two toy steps leave the routes collapsed
     digits, surgery = module.restored_digits(restored, 32)
     tokens, _ = text_tokens(restored, None, 32)

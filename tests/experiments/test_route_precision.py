@@ -11,10 +11,9 @@ from experiment_script import load_experiment
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_run_dir):
     script = load_experiment("route_precision")
-    bench = load_experiment("bench_model_routes")
-    workdir = bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
+    workdir = toy_run_dir
     out = tmp_path_factory.mktemp("out") / "toy.json"
     result = script.main([workdir, "--toy", "--seq-len", "16", "--out", str(out)])
     return workdir, result, json.loads(out.read_text()), np.load(out.with_suffix(".npz"))

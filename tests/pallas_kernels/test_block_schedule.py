@@ -116,10 +116,11 @@ def test_signature_branch_matches_brute_force(geometry, window, sink):
     from pallas_kernels.schedule import _block_flags
     q_len, kv_len, bq, bk, q_offset = geometry
     rng = np.random.default_rng(q_len + 7 * kv_len + window)
+    # jitted: one compile for every variant (eager, each call dispatched hundreds of ops)
+    flags = jax.jit(jax.vmap(jax.vmap(lambda a, b: _block_flags(
+        a, b, bq=bq, bk=bk, q_offset=q_offset, window=min(window, 2**31 - 1),
+        sink_tokens=min(sink, 2**31 - 1), small_ids=True))))
     for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
-        flags = jax.vmap(jax.vmap(lambda a, b: _block_flags(
-            a, b, bq=bq, bk=bk, q_offset=q_offset, window=min(window, 2**31 - 1),
-            sink_tokens=min(sink, 2**31 - 1), small_ids=True)))
         visited, full, _ = flags(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32))
         want_visited, want_full, _ = brute_force(qc, kc, window=window, sink=sink,
                                                  q_offset=q_offset, bq=bq, bk=bk)

@@ -130,12 +130,17 @@ def test_global_statistics_vjp_equals_autodiff_through_the_merge(window, sink):
     cfg = make_config(q, k, window=window, sink_tokens=sink, q_offset=0, scale=None,
                       backend=kernel_backend("gpu"), interpret=INTERPRET, block_q=16,
                       block_k=16)
+
+    def outputs_and_vjp(fn, q, k, v):
+        (out, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, ids, cfg, kernel_backend("gpu")),
+                                  q, k, v)
+        return (out, lse, *vjp((d_out, d_lse)))
+
     results = []
     for fn in (sorted_attention, sorted_attention_autodiff):
         poison_device_memory()
-        (out, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, ids, cfg, kernel_backend("gpu")),
-                                  q, k, v)
-        results.append((out, lse, *vjp((d_out, d_lse))))
+        # jitted: eager, the stages dispatched a few hundred small programs
+        results.append(jax.jit(outputs_and_vjp, static_argnums=0)(fn, q, k, v))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5,
                                    err_msg=name)
@@ -258,11 +263,16 @@ def test_density_bound_is_exact_below_64_ids_and_an_upper_bound_above(seq, bq, b
     10,000."""
     rng = np.random.default_rng(seq)
     kw = dict(window=window, sink_tokens=sink, block_q=bq, block_k=bk)
+    # compiled once per kw (a fresh jit per call compiled every call)
+    bound_of = jax.jit(natural_density_bound, static_argnames=tuple(kw))
+    exact_of = jax.jit(lambda ids, **kw: build_schedule(ids, ids, **kw).density,
+                       static_argnames=tuple(kw))
+
     def bound(ids):
-        return jax.jit(lambda ids: natural_density_bound(ids, **kw))(ids)
+        return bound_of(ids, **kw)
 
     def exact(ids):
-        return jax.jit(lambda ids: build_schedule(ids, ids, **kw).density)(ids)
+        return exact_of(ids, **kw)
 
     runs = np.repeat(np.arange(seq // 20 + 1), 20)[:seq]
     shape = (2, 3, seq)

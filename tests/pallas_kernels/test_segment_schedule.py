@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import band_schedule, build_schedule, segment_schedule
-from test_block_schedule import brute_force, unpack
+from pallas_kernels import band_schedule, segment_schedule
+# schedule: build_schedule jitted (eager, every shape compiled each of its ops)
+from test_block_schedule import brute_force, schedule, unpack
 
 segments = jax.jit(segment_schedule, static_argnames=("block_q", "block_k"))
 band = jax.jit(band_schedule, static_argnums=(0, 1, 2),
@@ -45,9 +46,8 @@ def test_segment_schedule_matches_brute_force(seq, bq, bk, clusters):
     np.testing.assert_array_equal(got_visited, visited)
     np.testing.assert_array_equal(got_full, full)
     assert float(s.density) == pytest.approx(density, abs=1e-6)
-    general = jax.tree.map(np.asarray, build_schedule(jnp.asarray(ids), jnp.asarray(ids),
-                                                      window=0, sink_tokens=0, block_q=bq,
-                                                      block_k=bk))
+    general = jax.tree.map(np.asarray, schedule(jnp.asarray(ids), jnp.asarray(ids), window=0,
+                                                sink_tokens=0, block_q=bq, block_k=bk))
     np.testing.assert_array_equal(np.asarray(s.kv_num_blocks), general.kv_num_blocks)
     np.testing.assert_array_equal(np.asarray(s.q_num_masked), general.q_num_masked)
 
@@ -75,8 +75,8 @@ def test_sorted_layout_visits_far_fewer_blocks(clusters):
     seq, block = 4096, 64
     rng = np.random.default_rng(clusters)
     ids = rng.integers(0, clusters, (1, 2, seq)).astype(np.int32)
-    natural = build_schedule(jnp.asarray(ids), jnp.asarray(ids), window=0, sink_tokens=0,
-                             block_q=block, block_k=block)
+    natural = schedule(jnp.asarray(ids), jnp.asarray(ids), window=0, sink_tokens=0,
+                       block_q=block, block_k=block)
     nq = seq // block
     assert int(jnp.sum(natural.kv_num_blocks)) == 2 * nq * (nq + 1) // 2
     sorted_s = segments(jnp.sort(jnp.asarray(ids), axis=-1), block_q=block, block_k=block)

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import jit_forward
 from ultrametric_jax.surgery import inject as surgery
 from ultrametric_jax.errors import ConfigError
 from ultrametric_jax.model.config import LlamaConfig
@@ -445,9 +446,11 @@ def test_collapse_on_smollm2(smollm2_jax, smollm2_tokenizer, shakespeare_text):
     assert not isinstance(smollm2_jax.model.layers[0].self_attn, SurgicalAttention)
     np.testing.assert_array_equal(np.asarray(model(ids)), base)
     model.train()
+    # compiled once for the seeds (eager, each training-mode forward of 30 layers took ~10 s)
+    step = nnx.jit(lambda m, i: surgery.forward_with_aux(m, i))
     for seed in range(3):
         nnx.reseed(model, gumbel=seed)
-        logits, aux = surgery.forward_with_aux(model, ids)
+        logits, aux = step(model, ids)
         np.testing.assert_array_equal(np.asarray(aux["tree_density_per_layer"]), 1.0)
         assert np.abs(np.asarray(logits) - base).max() <= 1e-5 * np.abs(base).max()
 
@@ -480,9 +483,9 @@ def test_generate_with_left_padding_matches_full_recomputation():
     perturb_routers(model, seed=3)
     prompts = [[5, 17, 33, 2, 71, 8, 40], [9, 60, 12]]          # the second is left-padded
     tokens, logits = generate(model, prompts, 5, return_logits=True)
+    forward = jit_forward(model)                 # eager dispatch is slow on CPU
     for row, prompt in enumerate(prompts):
-        seq = jnp.asarray(prompt + list(tokens[row, :-1]))[None]
-        full = np.asarray(model(seq))[0, len(prompt) - 1:]
+        full = forward([prompt + list(tokens[row, :-1])])[0, len(prompt) - 1:]
         np.testing.assert_allclose(logits[row], full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
