@@ -1,4 +1,4 @@
-"""experiments/domain_separation.py at toy size (a tiny random run built here): fingerprints
+"""experiments/domain_separation.py at toy size (the session's tiny random run): fingerprints
 recomputed from the saved cluster ids, PCA against an eigendecomposition of the covariance,
 silhouette by a double loop and k-NN by an explicit distance matrix, all in float64."""
 import hashlib

@@ -1,4 +1,4 @@
-"""experiments/needle.py at toy size (a tiny random run built here): reachability against an
+"""experiments/needle.py at toy size (the session's tiny random run): reachability against an
 explicit S x S mask of the saved routes, tree distances by explicit prefix comparison, accuracy
 recomputed from the saved replies, and the replies against a cache-free greedy decode."""
 import importlib.util
@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import jit_forward
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
