@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +98,35 @@ def tiny_hf(tmp_path):
     return make
 
 
+# ----------------------------------------------------------------------------- scheduling
+
+# scripts/test.sh runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: every file is one
+# unit of work (its module fixtures built once), except that the files loading the real
+# SmolLM2 form one unit, so one worker loads it (~40 s in JAX and transformers) instead of
+# both. Units are handed out longest first (by a CPU run's durations), so that the run does not
+# end with one worker alone on a long file.
+SMOLLM2_FIXTURES = {"smollm2_jax", "smollm2_torch", "smollm2_forward"}
+LONGEST_FIRST = ["smollm2", "pallas_kernels/test_mosaic_backend.py",
+                 "pallas_kernels/test_routed_attention.py", "pallas_kernels/test_triton_backend.py",
+                 "pallas_kernels/test_kernels.py", "parallel/test_sharded_training.py",
+                 "surgery/test_route_cache.py", "experiments/test_mask_oracles.py",
+                 "run/test_objective_training.py", "surgery/test_tree.py", "run/test_tasks.py",
+                 "experiments/test_quality_sweep.py", "run/test_key_selection_run.py"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    file_of = {id(item): os.path.relpath(str(item.path), tests).replace(os.sep, "/")
+               for item in items}
+    real = {file_of[id(item)] for item in items if SMOLLM2_FIXTURES & set(item.fixturenames)}
+    group = {key: "smollm2" if name in real else name for key, name in file_of.items()}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[id(item)]))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group[id(item)], len(rank)))  # stable: files stay whole
+
+
 # ----------------------------------------------------------------------------- real model
 
 def smollm2_gguf_path() -> str | None:
@@ -166,8 +196,21 @@ def shakespeare_text():
 @pytest.fixture(scope="session")
 def toy_run_dir(tmp_path_factory):
     """The workdir of experiments/bench_model_routes.build_toy_run (the tiny random Llama, two
-    router steps), trained once per session: the experiments' tests that need a trained run
-    only read it, and training the same deterministic run once per test file cost ~10 s each."""
+    router steps), trained once per test run: the experiments' tests that need a trained run
+    only read it, and training the same deterministic run once per test file cost ~10 s each.
+    Under pytest-xdist the workers share it through the run's common temporary root: the first
+    to ask trains it under a file lock, the others wait for it and read the same directory."""
+    from filelock import FileLock
+
     from experiment_script import load_experiment
-    bench = load_experiment("bench_model_routes")
-    return bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base is a folder of the run's common root
+    home, trained = root / "toy_run", root / "toy_run.trained"
+    with FileLock(str(root / "toy_run.lock")):
+        if not trained.exists():  # a run that broke off half way is trained again
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            workdir = load_experiment("bench_model_routes").build_toy_run(str(home))
+            trained.write_text(workdir)
+    return trained.read_text()
