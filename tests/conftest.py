@@ -103,10 +103,12 @@ def tiny_hf(tmp_path):
 # scripts/test.sh runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: every file is one
 # unit of work (its module fixtures built once), except that the files loading the real
 # SmolLM2 form one unit, so one worker loads it (~40 s in JAX and transformers) instead of
-# both. Units are handed out longest first (by a CPU run's durations), so that the run does not
-# end with one worker alone on a long file.
-SMOLLM2_FIXTURES = {"smollm2_jax", "smollm2_torch", "smollm2_forward"}
-LONGEST_FIRST = ["smollm2", "pallas_kernels/test_mosaic_backend.py",
+# both, and those reading the trained toy run another, so that no worker waits on the other's
+# training. Units are handed out longest first (by a CPU run's durations), so that the run
+# does not end with one worker alone on a long file.
+SHARED_UNITS = {"smollm2": {"smollm2_jax", "smollm2_torch", "smollm2_forward"},
+                "toy_run": {"toy_run_dir"}}
+LONGEST_FIRST = ["smollm2", "toy_run", "pallas_kernels/test_mosaic_backend.py",
                  "pallas_kernels/test_routed_attention.py", "pallas_kernels/test_triton_backend.py",
                  "pallas_kernels/test_kernels.py", "parallel/test_sharded_training.py",
                  "surgery/test_route_cache.py", "experiments/test_mask_oracles.py",
@@ -119,8 +121,9 @@ def pytest_collection_modifyitems(config, items):
     tests = os.path.dirname(os.path.abspath(__file__))
     file_of = {id(item): os.path.relpath(str(item.path), tests).replace(os.sep, "/")
                for item in items}
-    real = {file_of[id(item)] for item in items if SMOLLM2_FIXTURES & set(item.fixturenames)}
-    group = {key: "smollm2" if name in real else name for key, name in file_of.items()}
+    unit_of_file = {file_of[id(item)]: unit for item in items
+                    for unit, fixtures in SHARED_UNITS.items() if fixtures & set(item.fixturenames)}
+    group = {key: unit_of_file.get(name, name) for key, name in file_of.items()}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group[id(item)]))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
