@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -199,21 +198,10 @@ def shakespeare_text():
 @pytest.fixture(scope="session")
 def toy_run_dir(tmp_path_factory):
     """The workdir of experiments/bench_model_routes.build_toy_run (the tiny random Llama, two
-    router steps), trained once per test run: the experiments' tests that need a trained run
+    router steps), trained once per session: the experiments' tests that need a trained run
     only read it, and training the same deterministic run once per test file cost ~10 s each.
-    Under pytest-xdist the workers share it through the run's common temporary root: the first
-    to ask trains it under a file lock, the others wait for it and read the same directory."""
-    from filelock import FileLock
-
+    scripts/test.sh runs every file that reads it in one worker (pytest_collection_modifyitems
+    above), so a test run trains it once."""
     from experiment_script import load_experiment
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # each worker's base is a folder of the run's common root
-    home, trained = root / "toy_run", root / "toy_run.trained"
-    with FileLock(str(root / "toy_run.lock")):
-        if not trained.exists():  # a run that broke off half way is trained again
-            shutil.rmtree(home, ignore_errors=True)
-            home.mkdir()
-            workdir = load_experiment("bench_model_routes").build_toy_run(str(home))
-            trained.write_text(workdir)
-    return trained.read_text()
+    bench = load_experiment("bench_model_routes")
+    return bench.build_toy_run(str(tmp_path_factory.mktemp("toy_run")))
