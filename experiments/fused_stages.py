@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 TOY = "--toy" in sys.argv
+SLACK: dict = {}  # GpuTuning.rescale_slack when --rescale-slack is given
 if TOY:  # before triton's first import: its kernels then run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -87,7 +88,7 @@ def inputs(seq, clusters, shape, seed):
 def config(q, k, shape, **tuning):
     return make_config(q, k, window=shape["window"], sink_tokens=shape["sink"], q_offset=0,
                        scale=None, backend="triton", interpret=TOY, block_q=shape["block"],
-                       block_k=shape["block"], gpu_tuning=GpuTuning(**tuning))
+                       block_k=shape["block"], gpu_tuning=GpuTuning(**SLACK, **tuning))
 
 
 def check_reference(shape) -> dict:
@@ -207,9 +208,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="results/bench_routed/fused_stages.json")
     parser.add_argument("--toy", action="store_true",
                         help="CPU dry run: triton's interpreter, toy shape and lengths")
+    parser.add_argument("--rescale-slack", type=int, default=None,
+                        help="GpuTuning.rescale_slack of every kernel (default: its own)")
     args = parser.parse_args(argv)
-    global TOY
+    global TOY, SLACK
     TOY = args.toy
+    SLACK = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
     if TOY:  # triton reads it at its first import (the kernels' modules import it lazily)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     shape = dict(TOY_SHAPE if TOY else SHAPE)

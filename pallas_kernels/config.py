@@ -39,6 +39,8 @@ class GpuTuning:
     tree_warps: int = 4
     tree_stages: int = 3
     tree_prefetch: int = 1     # 1: the tree pass loads each key block's order one block ahead
+    rescale_slack: int = 8     # forward softmax: the running max moves only past this (base 2);
+                               # 0: every tile (triton_kernels._online_softmax)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -52,6 +54,9 @@ class GpuTuning:
                 raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
             if name.endswith("_stages") and value < 1:
                 raise ValueError(f"GpuTuning.{name} must be >= 1, got {value}")
+            if name == "rescale_slack" and not 0 <= value <= 16:
+                raise ValueError(f"GpuTuning.rescale_slack must be in [0, 16] (the weights "
+                                 f"stay below 2^slack), got {value}")
             if name.endswith("_prefetch") and value not in (0, 1):
                 raise ValueError(f"GpuTuning.{name} must be 0 or 1, got {value}")
 

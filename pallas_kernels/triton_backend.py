@@ -80,11 +80,36 @@ def _meta(cfg: AttentionConfig, q_shape, k_shape, dtype) -> dict:
                 IEEE=dtype == jnp.float32, UPCAST=INTERPRETED and dtype.itemsize == 2)
 
 
+def compute_capability() -> int | None:
+    """The major compute capability of jax's first GPU; None without one."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return None
+    return int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+
+
+def _rescale_meta(cfg: AttentionConfig, rows: int, warps: int, bd: int, dtype) -> dict:
+    """SLACK and PACK of the forward kernels' online softmax (triton_kernels._online_softmax):
+    the running max's slack (cfg.gpu.rescale_slack), and PACK > 0, the accumulator elements per
+    thread, where the rescale may be skipped per thread. That path reads two rows per thread,
+    so it is taken where the accumulator is Hopper's warpgroup fragment with 16 rows of a
+    program per warp: compiled for compute capability 9, 2-byte inputs. (Ampere's fragment
+    spreads these rows otherwise; the compile test checks the machine code.)"""
+    from pallas_kernels.triton_kernels import INTERPRETED
+    slack = cfg.gpu.rescale_slack
+    per_thread = rows * bd // (32 * warps)
+    lazy = (slack > 0 and not INTERPRETED and jnp.dtype(dtype).itemsize == 2
+            and rows == 16 * warps and per_thread in (32, 64, 128)
+            and compute_capability() == 9)
+    return dict(SLACK=slack, PACK=per_thread if lazy else 0)
+
+
 def forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
     from pallas_kernels.triton_kernels import fwd_kernel
     batch, sqp, hq, _ = q_shape
     meta = _meta(cfg, q_shape, k_shape, dtype)
     meta["TK"] = min(cfg.gpu.fwd_tile_k, cfg.block_k)
+    meta.update(_rescale_meta(cfg, cfg.block_q, cfg.gpu.fwd_warps, meta["BD"], dtype))
     return Launch(fwd_kernel, (cfg.num_q_blocks, batch * hq),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sqp), jnp.float32)),
@@ -118,7 +143,8 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
     bq = _dividing_tile(t.band_tile_q * (t.band_heads // hb), sp)
     tk = _dividing_tile(t.band_tile_k, sp)
     ts = min(tk, max(16, 1 << max(cfg.sink_tokens - 1, 0).bit_length()))
-    meta.update(BQ=bq, TK=tk, TS=ts, HB=hb, HEADS_FIRST=heads_first)
+    meta.update(BQ=bq, TK=tk, TS=ts, HB=hb, HEADS_FIRST=heads_first,
+                **_rescale_meta(cfg, hb * bq, t.band_warps, meta["BD"], dtype))
     groups = batch * hq // hb
     grid = (groups, sp // bq) if heads_first else (sp // bq, groups)
     return Launch(band_fwd_kernel, grid,
@@ -135,7 +161,8 @@ def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Lau
     meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ())
     t = cfg.gpu
     bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
-    meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch))
+    meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch),
+                **_rescale_meta(cfg, bq, t.tree_warps, meta["BD"], dtype))
     return Launch(segment_fwd_kernel, (sp // bq, batch * hq),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),

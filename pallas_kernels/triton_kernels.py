@@ -4,7 +4,8 @@ The same walk as gpu.py (the Pallas kernels), so that both backends consume one 
 one forward program per (query block, batch x query head), longest rows first; one dq program
 per query sub-tile; one dk/dv program per key sub-tile and kv head, which runs the query heads
 of its group in turn. Each loops over its schedule list: the masked entries first (token mask
-from positions and cluster ids), then the full ones without it. Scores live in base 2 (exp2).
+from positions and cluster ids), then the full ones without it. Scores live in base 2 (exp2);
+the forward's running max moves only past a slack, so most key tiles skip the rescale.
 
 Arrays are [B, S, heads, D] row-major with S padded to whole blocks; the head dim is padded
 to BD (a power of two >= 16) by masked loads instead of copies. Every size is a constexpr: a
@@ -41,35 +42,86 @@ def _mask(s, q_pos, k_pos, q_ids, k_ids, WINDOW: tl.constexpr, SINK: tl.constexp
     return tl.where(ok, s, float("-inf"))
 
 
+def _lazy_rescale_asm(pack: int) -> tuple[str, str]:
+    """PTX for acc * alpha over one thread's pack accumulator elements, skipped when the
+    thread's rows keep their running max (alpha == 1). Its branch is the thread's own, so no
+    reduction across the program's warps decides it. It reads the thread's rows from elements
+    0 and 2: in Hopper's warpgroup accumulator fragment a thread holds rows r and r + 8 as
+    elements (0, 1) and (2, 3) of every 8-column group, and with 16 rows of a program per warp
+    (the only launches that take this path) no others. The compile test checks it on the
+    machine code."""
+    outs = " ".join(f"mov.b32 ${i}, ${pack + i};" for i in range(pack))
+    muls = " ".join(f"mul.f32 ${i}, ${i}, ${2 * pack + i};" for i in range(pack))
+    asm = ("{ .reg .pred %lz<2>; "
+           f"setp.neu.f32 %lz0, ${2 * pack}, 0f3F800000; "
+           f"setp.neu.f32 %lz1, ${2 * pack + 2}, 0f3F800000; "
+           f"or.pred %lz0, %lz0, %lz1; {outs} @!%lz0 bra LZ_SKIP; {muls} LZ_SKIP: }}")
+    return asm, ",".join(["=f"] * pack + ["f"] * (2 * pack))
+
+
+_LAZY_ASM_32, _LAZY_CONS_32 = (tl.constexpr(x) for x in _lazy_rescale_asm(32))
+_LAZY_ASM_64, _LAZY_CONS_64 = (tl.constexpr(x) for x in _lazy_rescale_asm(64))
+_LAZY_ASM_128, _LAZY_CONS_128 = (tl.constexpr(x) for x in _lazy_rescale_asm(128))
+
+
 @triton.jit
-def _online_softmax(acc, m, l, s, v, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    """One key tile's scores s (base 2) and values v into the running (acc, m, l)."""
-    m_new = tl.maximum(m, tl.max(s, 1))
+def _rescale(acc, alpha, PACK: tl.constexpr):
+    """acc * alpha[:, None]; PACK > 0 (compiled, PACK accumulator elements per thread): the
+    multiply is skipped by the threads whose rows' alpha is 1 (_lazy_rescale_asm)."""
+    if PACK == 0:
+        out = acc * alpha[:, None]
+    else:
+        a = tl.broadcast_to(alpha[:, None], acc.shape)
+        if PACK == 32:
+            out = tl.inline_asm_elementwise(_LAZY_ASM_32, _LAZY_CONS_32, [acc, a],
+                                            dtype=tl.float32, is_pure=True, pack=32)
+        elif PACK == 64:
+            out = tl.inline_asm_elementwise(_LAZY_ASM_64, _LAZY_CONS_64, [acc, a],
+                                            dtype=tl.float32, is_pure=True, pack=64)
+        else:
+            out = tl.inline_asm_elementwise(_LAZY_ASM_128, _LAZY_CONS_128, [acc, a],
+                                            dtype=tl.float32, is_pure=True, pack=128)
+    return out
+
+
+@triton.jit
+def _online_softmax(acc, m, l, s, v, C: tl.constexpr, MASKED: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, SLACK: tl.constexpr,
+                    PACK: tl.constexpr):
+    """One key tile's raw scores s (q . k, -inf where masked) and values v into the running
+    (acc, m, l); m is in base 2 (scores times C). SLACK > 0: the running max moves only when a
+    row's tile max passes it by more than SLACK, so most tiles leave alpha at 1 and skip the
+    rescale (_rescale); the weights stay below 2^SLACK and out, LSE are unchanged."""
+    top = tl.max(s, 1) * C  # C > 0: the max of the raw scores, scaled once per row
+    if SLACK > 0:
+        m_new = tl.where(top > m + SLACK, top, m)
+    else:
+        m_new = tl.maximum(m, top)
     if MASKED:  # a row that has seen only masked keys: exp2(-inf - 0) = 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
     alpha = tl.math.exp2(m - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+    p = tl.math.exp2(s * C - m_use[:, None])  # one fused multiply-add per score
+    acc = _rescale(acc, alpha, PACK) + _dot(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, m_new, l * alpha + tl.sum(p, 1)
 
 
 @triton.jit
-def _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr, C: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores (base 2) of q against the key rows rows_k."""
+def _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Raw scores q . k of q against the key rows rows_k (the softmax scales them)."""
     k = tl.load(k_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :], other=0.0)
-    return _dot(q, tl.trans(k), IEEE, UPCAST) * C
+    return _dot(q, tl.trans(k), IEEE, UPCAST)
 
 
 @triton.jit
-def _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr,
-                 MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """The value rows rows_k, weighted by the (masked) scores s, into the running state."""
+def _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr, C: tl.constexpr,
+                 MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 SLACK: tl.constexpr, PACK: tl.constexpr):
+    """The value rows rows_k, weighted by the (masked) raw scores s, into the running state."""
     v = tl.load(v_ptr + rows_k[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :], other=0.0)
-    return _online_softmax(acc, m, l, s, v, MASKED, IEEE, UPCAST)
+    return _online_softmax(acc, m, l, s, v, C, MASKED, IEEE, UPCAST, SLACK, PACK)
 
 
 @triton.jit
@@ -101,17 +153,17 @@ def _fwd_blocks(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_ptr, start
                 cols_d, d_ok, ROW: tl.constexpr, BK: tl.constexpr, TK: tl.constexpr,
                 C: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                 EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     for t in range(start, stop):
         j = tl.load(idx_ptr + t)
         for r in tl.static_range(BK // TK):
             keys = j * BK + r * TK + tl.arange(0, TK)
-            s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, C, IEEE, UPCAST)
+            s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, IEEE, UPCAST)
             if MASKED:
                 s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
                           tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
-            acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, MASKED, IEEE,
-                                     UPCAST)
+            acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, C, MASKED,
+                                     IEEE, UPCAST, SLACK, PACK)
     return acc, m, l
 
 
@@ -122,7 +174,8 @@ def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE,
                  TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, Q_OFFSET: tl.constexpr,
                  WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                  C: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
-                 UPCAST: tl.constexpr, INIT: tl.constexpr):
+                 UPCAST: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr,
+                 INIT: tl.constexpr):
     """One query block of the forward. INIT: the online softmax starts from a partial result
     over other keys, OINIT [B, SQP, HQ, D] and LSEINIT [B, HQ, SQP] (natural log, -inf: none),
     so the output is the merge of both key sets."""
@@ -154,10 +207,10 @@ def _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE,
         l = tl.zeros((BQ,), tl.float32)
     acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
                             0, masked, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK, KV_LEN,
-                            EXCLUDE, IEEE, UPCAST, True)
+                            EXCLUDE, IEEE, UPCAST, True, SLACK, PACK)
     acc, m, l = _fwd_blocks(acc, m, l, q, q_pos, q_ids, K + kv_off, V + kv_off, kc_ptr, idx_ptr,
                             masked, total, cols_d, d_ok, HKV * D, BK, TK, C, WINDOW, SINK,
-                            KV_LEN, EXCLUDE, IEEE, UPCAST, False)
+                            KV_LEN, EXCLUDE, IEEE, UPCAST, False, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * SQP + rows, lse)
@@ -170,11 +223,12 @@ def fwd_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, O, LSE,
                TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, Q_OFFSET: tl.constexpr,
                WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                C: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """O [B, SQP, HQ, D] (Q's dtype), LSE [B, HQ, SQP] float32 natural log (-inf: no key)."""
+               UPCAST: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
+    """O [B, SQP, HQ, D] (Q's dtype), LSE [B, HQ, SQP] float32 natural log (-inf: no key).
+    SLACK, PACK: the online softmax's lazy rescale (_online_softmax, _rescale)."""
     _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, O, LSE, O, LSE, HQ, GROUP, SQP, SKP,
                  D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE,
-                 UPCAST, False)
+                 UPCAST, SLACK, PACK, False)
 
 
 @triton.jit
@@ -184,12 +238,13 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
                       BK: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
                       Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                       KV_LEN: tl.constexpr, C: tl.constexpr, EXCLUDE: tl.constexpr,
-                      IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr, SLACK: tl.constexpr,
+                      PACK: tl.constexpr):
     """The forward started from a partial result over other keys (_fwd_program's INIT):
     OINIT [B, SQP, HQ, D] and LSEINIT [B, HQ, SQP]."""
     _fwd_program(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O, LSE, HQ, GROUP,
                  SQP, SKP, D, BD, BQ, BK, TK, NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C,
-                 EXCLUDE, IEEE, UPCAST, True)
+                 EXCLUDE, IEEE, UPCAST, SLACK, PACK, True)
 
 
 # ----------------------------------------------------------------------------- tree forward
@@ -198,7 +253,7 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
 def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
                     ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr, C: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     """Key blocks first..stop-1 of the sorted layout (keys read through the order); MASKED:
     a row's keys are the slots from its segment's start seg up to itself. PREFETCH: the next
     block's order entries load one step ahead, so the key gathers need not wait for them."""
@@ -212,12 +267,12 @@ def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop,
             ahead = tl.load(ord_ptr + keys + BK, mask=keys + BK < SP, other=0)
         else:
             rows_k = tl.load(ord_ptr + keys)
-        s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, C, IEEE, UPCAST)
+        s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, IEEE, UPCAST)
         if MASKED:
             ok = (keys[None, :] >= seg[:, None]) & (keys[None, :] <= rows[:, None])
             s = tl.where(ok, s, float("-inf"))
-        acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, MASKED, IEEE,
-                                 UPCAST)
+        acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, C, MASKED,
+                                 IEEE, UPCAST, SLACK, PACK)
     return acc, m, l
 
 
@@ -226,7 +281,7 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                        HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr,
                        D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                        C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     """The sorted layout's tree set in closed form, no schedule: slot t of head (b, h) holds
     token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
     attends to the slots START[t] .. t. Query block i (rows r0..r1, BQ of them) walks the
@@ -262,12 +317,14 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     l = tl.zeros((BQ,), tl.float32)
     k_ptr, v_ptr = K + kv_off, V + kv_off
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, lo, full,
-                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, PREFETCH)
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, PREFETCH,
+                                SLACK, PACK)
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, full, diag,
-                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, PREFETCH)
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, PREFETCH,
+                                SLACK, PACK)
     acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, diag,
                                 (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, SP, C, IEEE,
-                                UPCAST, True, PREFETCH)
+                                UPCAST, True, PREFETCH, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * SP + at, lse)
@@ -279,14 +336,15 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
 def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, cols_d, d_ok,
                 ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
                 SINK: tl.constexpr, KV_LEN: tl.constexpr, IEEE: tl.constexpr,
-                UPCAST: tl.constexpr, SINK_SET: tl.constexpr, HB: tl.constexpr):
+                UPCAST: tl.constexpr, SINK_SET: tl.constexpr, HB: tl.constexpr,
+                SLACK: tl.constexpr, PACK: tl.constexpr):
     """Key tiles first..stop-1 of TK keys, masked to the window pairs of other clusters
     (q - k < WINDOW) or, SINK_SET, to the sink pairs outside the window (k < SINK,
     q - k >= WINDOW): disjoint sets, so a key in both kinds of tile counts once. kc_ptr: the
     key ids of the (one) head, or with HB > 1 heads per program a [rows, 1] pointer per row."""
     for t in range(first, stop):
         keys = t * TK + tl.arange(0, TK)
-        s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, C, IEEE, UPCAST)
+        s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, IEEE, UPCAST)
         gap = q_pos[:, None] - keys[None, :]
         if SINK_SET:
             ok = (keys[None, :] < SINK) & (gap >= WINDOW)
@@ -299,8 +357,8 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
             k_ids = tl.load(kc_ptr + keys[None, :])
         ok = ok & (q_ids[:, None] != k_ids)
         s = tl.where(ok, s, float("-inf"))
-        acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, True, IEEE,
-                                 UPCAST)
+        acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, C, True, IEEE,
+                                 UPCAST, SLACK, PACK)
     return acc, m, l
 
 
@@ -310,7 +368,8 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
                     BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, TS: tl.constexpr,
                     HB: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                     KV_LEN: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr, HEADS_FIRST: tl.constexpr):
+                    UPCAST: tl.constexpr, HEADS_FIRST: tl.constexpr, SLACK: tl.constexpr,
+                    PACK: tl.constexpr):
     """The sorted layout's band set in token order, self-attention over SP padded positions:
     pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
     query tile i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
@@ -350,13 +409,13 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
         first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
         acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr,
                                 first, (i * BQ + BQ - 1) // TK + 1, cols_d, d_ok, HKV * D, TK, C,
-                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False, HB)
+                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False, HB, SLACK, PACK)
     if SINK > 0:
         far = i * BQ + BQ - 1 >= WINDOW  # some row has sink keys outside its window
         tiles = tl.where(far, (SINK + TS - 1) // TS, 0)
         acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr, 0,
                                 tiles, cols_d, d_ok, HKV * D, TS, C, WINDOW, SINK, KV_LEN, IEEE,
-                                UPCAST, True, HB)
+                                UPCAST, True, HB, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh * SP + pos, lse)
@@ -378,11 +437,12 @@ def _dq_blocks(dq, q, do, lse2, delta, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, idx_p
                         other=0.0)
             v = tl.load(v_ptr + keys[:, None] * ROW + cols_d[None, :], mask=d_ok[None, :],
                         other=0.0)
-            s = _dot(q, tl.trans(k), IEEE, UPCAST) * C
+            # the exponent as one fused multiply-add per score, masked after
+            x = _dot(q, tl.trans(k), IEEE, UPCAST) * C - lse2[:, None]
             if MASKED:
-                s = _mask(s, q_pos[:, None], keys[None, :], q_ids[:, None],
+                x = _mask(x, q_pos[:, None], keys[None, :], q_ids[:, None],
                           tl.load(kc_ptr + keys)[None, :], WINDOW, SINK, KV_LEN, EXCLUDE)
-            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.math.exp2(x)
             ds = p * (_dot(do, tl.trans(v), IEEE, UPCAST) - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE, UPCAST)
     return dq
@@ -444,12 +504,13 @@ def _dkv_blocks(dk, dv, k, v, k_pos, k_ids, q_ptr, do_ptr, lse2_ptr, delta_ptr, 
             at = rows[:, None] * ROW + cols_d[None, :]
             q = tl.load(q_ptr + at, mask=d_ok[None, :], other=0.0)
             do = tl.load(do_ptr + at, mask=d_ok[None, :], other=0.0)
-            s = _dot(k, tl.trans(q), IEEE, UPCAST) * C                        # [TK, TQ]
+            x = (_dot(k, tl.trans(q), IEEE, UPCAST) * C                      # [TK, TQ]
+                 - tl.load(lse2_ptr + rows)[None, :])
             if MASKED:
-                s = _mask(s, (Q_OFFSET + rows)[None, :], k_pos[:, None],
+                x = _mask(x, (Q_OFFSET + rows)[None, :], k_pos[:, None],
                           tl.load(qc_ptr + rows)[None, :], k_ids[:, None], WINDOW, SINK,
                           KV_LEN, EXCLUDE)
-            p = tl.math.exp2(s - tl.load(lse2_ptr + rows)[None, :])
+            p = tl.math.exp2(x)
             dv += _dot(p.to(do.dtype), do, IEEE, UPCAST)
             ds = p * (_dot(v, tl.trans(do), IEEE, UPCAST) - tl.load(delta_ptr + rows)[None, :])
             dk += _dot(ds.to(q.dtype), q, IEEE, UPCAST)

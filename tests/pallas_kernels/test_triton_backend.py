@@ -356,6 +356,47 @@ class TestTritonKernels:
             assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
             assert_close("out", out, want_out, TOL[dtype])
 
+    @pytest.mark.parametrize("slack", [8, 0])
+    def test_forward_rescale_with_peaked_scores(self, interpret, slack):
+        """The forward kernels' running max with a slack (GpuTuning.rescale_slack): scores of
+        std ~9 make a row's max jump past the slack in the middle of its keys as well as stay
+        within it. The block-sparse forward (128-row blocks, 8 warps) and the sorted layout's
+        tree and band kernels, at head dim 64, where compiled bf16 kernels skip the rescale
+        per thread (PACK > 0); outputs and LSE against the float32 reference (the backward
+        reads the LSE, not the running max; at these scores bf16 gradients are off the
+        reference by the inputs' rounding alone)."""
+        from pallas_kernels.config import GpuTuning
+        from pallas_kernels.triton_backend import (band_forward_launch, forward_launch,
+                                                   segment_forward_launch)
+        rng = np.random.default_rng(41 + slack)
+        seq, hq, hkv, d, dtype = 200, 4, 2, 64, "bfloat16"
+        q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, d)) * (3.0 if h == hq or x
+                                                                       else 1.0), dtype)
+                   for x, h in ((0, hq), (1, hkv), (0, hkv)))
+        ids = jnp.asarray(rng.integers(0, 3, (1, hq, seq)), jnp.int32)
+        d_out = jnp.asarray(rng.standard_normal((1, seq, hq, d)), jnp.float32)
+        kw = dict(window=8, sink_tokens=1)
+        tuning = GpuTuning(rescale_slack=slack)
+        cfg = make_config(q, k, **kw, q_offset=0, scale=None, backend="triton",
+                          interpret=interpret, block_q=128, block_k=128, gpu_tuning=tuning)
+        padded = ((1, 256, hq, d), (1, 256, hkv, d), dtype)
+        lazy = slack > 0 and not interpret
+        for make in (forward_launch, segment_forward_launch, band_forward_launch):
+            meta = make(cfg, *padded).meta
+            assert meta["SLACK"] == slack
+            assert meta["PACK"] == (32 if lazy else 0), make.__name__  # 64 rows x 64 / 128
+        scores = np.einsum("qhd,khd->hqk", np.asarray(q[0], np.float32),
+                           np.repeat(np.asarray(k[0], np.float32), 2, axis=1)) / np.sqrt(d)
+        assert scores.std() > 6  # max jumps of more than 8 (base 2) along a row
+        from pallas_kernels.ops import attention_with_schedule
+        from pallas_kernels.sorted_layout import sorted_attention
+        fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
+        _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, False, **kw)
+        sched = build_schedule(ids, ids, **kw, q_offset=0, block_q=128, block_k=128)
+        block = lambda q, k, v: attention_with_schedule(  # noqa: E731
+            q, k, v, ids, ids, sched, backend="triton", config=cfg)
+        _assert_fused_matches_reference(block, q, k, v, ids, d_out, dtype, False, **kw)
+
     def test_fused_sorted_forward_builds_no_permuted_copy(self, interpret):
         """Without a backward, the sorted layout on the Triton kernels gathers no [B, S, H, D]
         array: the kernels read q, k and v through the order and write in token order."""
@@ -466,7 +507,7 @@ def test_blocks_below_sixteen_are_refused():
 # Compiles every kernel for a GPU target without a GPU (triton ships ptxas), in a process that
 # imports triton compiled, and prints each kernel's shared memory.
 _COMPILE = r"""
-import json, sys
+import json, os, subprocess, sys
 import jax, jax.numpy as jnp, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -474,6 +515,7 @@ from pallas_kernels import triton_backend as tb
 from pallas_kernels.ops import make_config
 
 cc = int(sys.argv[1])
+tb.compute_capability = lambda: cc // 10  # the launches for that target, not this host
 q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
 k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
 cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backend="gpu",
@@ -498,6 +540,15 @@ for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4,
                                          num_stages=launch.num_stages))
     assert kernel.asm["cubin"], launch.name
     shared[launch.name] = kernel.metadata.shared
+    if launch.meta.get("PACK"):  # the lazy rescale: its machine code, for the test to read
+        cubin = os.path.join(sys.argv[2], launch.name + ".cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                            "cuobjdump")
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True)
+        with open(cubin[:-6] + ".sass", "w") as f:
+            f.write(f"PACK {launch.meta['PACK']}\n" + sass.stdout)
 from pallas_kernels import triton_compact
 launch = triton_compact._launch(32 * 1024, 1024)
 dtypes = ["*i8", "*i32", "*i32", "*i32"]
@@ -524,8 +575,8 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # a writable one on any host
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(cc), str(tmp_path)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(shared) == ["block_schedule_compact", "block_sparse_attention_dkv",
@@ -534,3 +585,47 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
                               "routed_attention_fwd", "routed_attention_tree_fwd"]
     for name, used in shared.items():
         assert 0 < used <= shared_limit, (name, used, shared_limit)
+    # The forward kernels' lazy rescale (triton_kernels._lazy_rescale_asm) tests two
+    # accumulator elements per thread against 1.0 and skips the multiplies of all of them:
+    # right only if those two carry every row the thread holds. In the machine code, every
+    # skipped multiply must scale by one of the two tested registers.
+    # Hopper only: Ampere's fragment spreads a program's rows otherwise.
+    lazy = {p.stem: p.read_text() for p in tmp_path.glob("*.sass")}
+    assert sorted(lazy) == (["block_sparse_attention_fwd", "routed_attention_band_fwd",
+                             "routed_attention_fwd", "routed_attention_tree_fwd"]
+                            if cc == 90 else [])
+    for name, sass in lazy.items():
+        pack = int(sass.split()[1])
+        blocks = _skipped_multiplies(sass)
+        assert blocks, f"{name}: no branch over the rescale"
+        for tested, factors, count in blocks:
+            assert count == pack and len(tested) == 2 and factors <= tested, (
+                name, tested, factors, count, pack)
+
+
+def _skipped_multiplies(sass: str) -> list[tuple[set, set, int]]:
+    """Each block of in-place multiplies behind a `@!P BRA` in SASS: (the registers the branch's
+    predicate compares with 1.0, the registers the multiplies scale by, their number)."""
+    import re
+    lines = [re.sub(r"/\*.*?\*/", "", line).strip().rstrip(" ;") for line in sass.splitlines()]
+    lines = [line for line in lines if line]
+    blocks = []
+    for i, line in enumerate(lines):
+        branch = re.match(r"@!(P\d) BRA", line)
+        if not branch:
+            continue
+        factors = []
+        for after in lines[i + 1:]:  # FMUL Rd, Rd, Ra (sm_90) or FMUL Rd, Ra, Rd (sm_80)
+            mul = re.match(r"FMUL (R\d+), (R\d+)(?:\.reuse)?, (R\d+)(?:\.reuse)?$", after)
+            if not mul or mul.group(1) not in mul.group(2, 3):
+                break
+            factors.append(mul.group(3) if mul.group(1) == mul.group(2) else mul.group(2))
+        if not factors:
+            continue
+        pred, tested = branch.group(1), set()
+        for before in lines[max(0, i - 150):i]:
+            test = re.match(rf"FSETP\.NEU\.(AND|OR) {pred}, PT, (R\d+), 1, (PT|{pred})$", before)
+            if test:
+                tested.add(test.group(2))
+        blocks.append((tested, set(factors), len(factors)))
+    return blocks
