@@ -24,6 +24,9 @@ from bench_attention import timed  # noqa: E402
 from bench_backends import SINK, Shape, contiguous_ids, random_inputs  # noqa: E402
 
 
+CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}
+
+
 def run(args):
     from pallas_kernels import build_schedule
     from pallas_kernels.config import MosaicTuning
@@ -46,8 +49,8 @@ def run(args):
         density = float(sched.density)
         want = jax.jit(lambda q, k, v: kernel_forward(q, k, v, ids, ids, sched, "gpu",
                                                       cfg))(q, k, v)
-        for stages, pingpong, persistent in itertools.product(args.stages, (True, False),
-                                                              (False, True)):
+        for stages, pingpong, persistent in itertools.product(
+                args.stages, CHOICES[args.pingpong], CHOICES[args.persistent][::-1]):
             tuning = MosaicTuning(stages=stages, pingpong=pingpong, persistent=persistent)
             f = jax.jit(lambda q, k, v, t=tuning: mosaic_forward(q, k, v, ids, ids, sched, cfg,
                                                                  t))
@@ -152,6 +155,10 @@ def main():
     parser.add_argument("--block-k", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--pingpong", choices=tuple(CHOICES), default="both",
+                        help="MosaicTuning.pingpong variants timed")
+    parser.add_argument("--persistent", choices=tuple(CHOICES), default="both",
+                        help="MosaicTuning.persistent variants timed")
     parser.add_argument("--backwards", action="store_true",
                         help="also time forward + backward with each MosaicTuning.backward")
     parser.add_argument("--out", default="")
