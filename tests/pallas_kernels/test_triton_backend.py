@@ -590,42 +590,17 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
     # right only if those two carry every row the thread holds. In the machine code, every
     # skipped multiply must scale by one of the two tested registers.
     # Hopper only: Ampere's fragment spreads a program's rows otherwise.
+    from experiment_script import load_experiment
+    skipped_multiplies = load_experiment("kernel_sass").skipped_multiplies
     lazy = {p.stem: p.read_text() for p in tmp_path.glob("*.sass")}
     assert sorted(lazy) == (["block_sparse_attention_fwd", "routed_attention_band_fwd",
                              "routed_attention_fwd", "routed_attention_tree_fwd"]
                             if cc == 90 else [])
     for name, sass in lazy.items():
         pack = int(sass.split()[1])
-        blocks = _skipped_multiplies(sass)
+        blocks = skipped_multiplies(sass)
         assert blocks, f"{name}: no branch over the rescale"
         for tested, factors, count in blocks:
             assert count == pack and len(tested) == 2 and factors <= tested, (
                 name, tested, factors, count, pack)
 
-
-def _skipped_multiplies(sass: str) -> list[tuple[set, set, int]]:
-    """Each block of in-place multiplies behind a `@!P BRA` in SASS: (the registers the branch's
-    predicate compares with 1.0, the registers the multiplies scale by, their number)."""
-    import re
-    lines = [re.sub(r"/\*.*?\*/", "", line).strip().rstrip(" ;") for line in sass.splitlines()]
-    lines = [line for line in lines if line]
-    blocks = []
-    for i, line in enumerate(lines):
-        branch = re.match(r"@!(P\d) BRA", line)
-        if not branch:
-            continue
-        factors = []
-        for after in lines[i + 1:]:  # FMUL Rd, Rd, Ra (sm_90) or FMUL Rd, Ra, Rd (sm_80)
-            mul = re.match(r"FMUL (R\d+), (R\d+)(?:\.reuse)?, (R\d+)(?:\.reuse)?$", after)
-            if not mul or mul.group(1) not in mul.group(2, 3):
-                break
-            factors.append(mul.group(3) if mul.group(1) == mul.group(2) else mul.group(2))
-        if not factors:
-            continue
-        pred, tested = branch.group(1), set()
-        for before in lines[max(0, i - 150):i]:
-            test = re.match(rf"FSETP\.NEU\.(AND|OR) {pred}, PT, (R\d+), 1, (PT|{pred})$", before)
-            if test:
-                tested.add(test.group(2))
-        blocks.append((tested, set(factors), len(factors)))
-    return blocks

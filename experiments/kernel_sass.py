@@ -1,0 +1,190 @@
+"""The Triton kernels' machine code for a GPU target, read on any host (no GPU): per loop, the
+instructions one key tile issues, and with the forward's rescale skipped; registers, spills
+and shared memory per program.
+
+  python3 experiments/kernel_sass.py                             # every kernel, sm_90
+  python3 experiments/kernel_sass.py --kernels tree band --rescale-slack 0
+  python3 experiments/kernel_sass.py --cc 80
+
+Each default launch of backend="triton" at the Llama-3-8B attention shape (S = 32768, Hq=32,
+Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks) is compiled by triton for the
+target and disassembled by the cuobjdump that triton ships. A loop body is the code from a
+backward branch's target to the branch. Where a loop holds the forward's skippable rescale
+(a `@!P BRA` over in-place multiplies, triton_kernels._lazy_rescale_asm), the skipped path's
+count leaves those multiplies out. Counts are static: each instruction once per tile. Run it
+where triton is imported compiled (TRITON_INTERPRET unset).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax  # only its dtypes: the kernels compile for a target, no device is used
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pallas_kernels.config import AttentionConfig, GpuTuning  # noqa: E402
+
+SHAPE = dict(seq=32768, hq=32, hkv=8, d=128)
+# kernel -> (launch maker in triton_backend, pointer dtypes of its inputs)
+KERNELS = {
+    "fwd": ("forward_launch", ["*bf16"] * 3 + ["*i32"] * 5),
+    "tree": ("segment_forward_launch", ["*bf16"] * 3 + ["*i32"] * 2),
+    "band": ("band_forward_launch", ["*bf16"] * 3 + ["*i32", "*bf16", "*fp32"]),
+    "dq": ("dq_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
+    "dkv": ("dkv_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
+}
+_POINTER = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_kernel(kernel: str, cc: int, tuning: GpuTuning):
+    """(launch, compiled triton kernel) of one default launch for compute capability cc."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pallas_kernels import triton_backend as tb
+    s, hq, hkv, d = (SHAPE[n] for n in ("seq", "hq", "hkv", "d"))
+    cfg = AttentionConfig(q_len=s, kv_len=s, q_offset=0, window=128, sink_tokens=1,
+                          scale=d ** -0.5, block_q=128, block_k=128, gpu=tuning)
+    tb.compute_capability = lambda: cc // 10  # the launches for that target, not this host
+    maker, inputs = KERNELS[kernel]
+    launch = getattr(tb, maker)(cfg, (1, s, hq, d), (1, s, hkv, d), jnp.bfloat16)
+    dtypes = inputs + [_POINTER[jnp.dtype(o.dtype).name] for o in launch.out_shapes]
+    signature = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr"
+                                                              for m in launch.meta}
+    source = ASTSource(launch.kernel, signature, constexprs=dict(launch.meta),
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
+    compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                              options=dict(num_warps=launch.num_warps,
+                                           num_stages=launch.num_stages))
+    return launch, compiled
+
+
+def disassemble(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        return subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def ptxas_usage(ptx: str, cc: int) -> dict:
+    """Registers per thread and spilled bytes, as ptxas reports them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        Path(path).write_text(ptx)
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        log = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", path, "-o",
+                              os.path.join(tmp, "out.cubin")], capture_output=True,
+                             text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spill.group(1)) if spill else 0)
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction without predicate comments) in program order."""
+    found = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            found.append((int(m.group(1), 16), m.group(2).strip()))
+    return found
+
+
+def skipped_multiplies(sass: str) -> list[tuple[set, set, int]]:
+    """Each block of in-place multiplies behind a `@!P BRA`: (the registers the branch's
+    predicate compares with 1.0, the registers the multiplies scale by, their number)."""
+    lines = [text for _, text in instructions(sass)]
+    blocks = []
+    for i, line in enumerate(lines):
+        branch = re.match(r"@!(P\d) BRA", line)
+        if not branch:
+            continue
+        factors = []
+        for after in lines[i + 1:]:  # FMUL Rd, Rd, Ra (sm_90) or FMUL Rd, Ra, Rd (sm_80)
+            mul = re.match(r"FMUL (R\d+), (R\d+)(?:\.reuse)?, (R\d+)(?:\.reuse)?$", after)
+            if not mul or mul.group(1) not in mul.group(2, 3):
+                break
+            factors.append(mul.group(3) if mul.group(1) == mul.group(2) else mul.group(2))
+        if not factors:
+            continue
+        pred, tested = branch.group(1), set()
+        for before in lines[max(0, i - 150):i]:
+            test = re.match(rf"FSETP\.NEU\.(AND|OR) {pred}, PT, (R\d+), 1, (PT|{pred})$", before)
+            if test:
+                tested.add(test.group(2))
+        blocks.append((tested, set(factors), len(factors)))
+    return blocks
+
+
+def loops(sass: str) -> list[dict]:
+    """Each loop body (a backward branch and its target): instruction count, the count with
+    its skippable multiplies left out, and the most frequent opcodes."""
+    code = instructions(sass)
+    index = {address: i for i, (address, _) in enumerate(code)}
+    found = []
+    for i, (address, text) in enumerate(code):
+        branch = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if not branch or int(branch.group(1), 16) >= address:
+            continue
+        body = code[index[int(branch.group(1), 16)]:i + 1]
+        body_sass = "\n".join(f"        /*{a:04x}*/ {t} ;" for a, t in body)
+        skipped = sum(count for _, _, count in skipped_multiplies(body_sass))
+        opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                                      for _, t in body)
+        found.append(dict(start=body[0][0], end=address, instructions=len(body),
+                          rescale_skipped=len(body) - skipped,
+                          top=", ".join(f"{op} {n}" for op, n in opcodes.most_common(6))))
+    return found
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", nargs="+", choices=tuple(KERNELS), default=list(KERNELS))
+    parser.add_argument("--cc", type=int, default=90, help="compute capability, e.g. 90, 80")
+    parser.add_argument("--rescale-slack", type=int, default=None,
+                        help="GpuTuning.rescale_slack (default: its own)")
+    parser.add_argument("--out", default="", help="JSON of the rows")
+    args = parser.parse_args(argv)
+    tuning = GpuTuning()
+    if args.rescale_slack is not None:
+        tuning = dataclasses.replace(tuning, rescale_slack=args.rescale_slack)
+    rows = []
+    for kernel in args.kernels:
+        launch, compiled = compile_kernel(kernel, args.cc, tuning)
+        usage = ptxas_usage(compiled.asm["ptx"], args.cc)
+        for n, loop in enumerate(loops(disassemble(compiled.asm["cubin"]))):
+            rows.append(dict(kernel=kernel, loop=n, warps=launch.num_warps,
+                             stages=launch.num_stages, shared=compiled.metadata.shared,
+                             pack=launch.meta.get("PACK", 0), **usage, **loop))
+            print(rows[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"\nsm_{args.cc}, jax {jax.__version__}; per loop body (one key tile), static counts")
+    print("| kernel | loop | instructions | rescale skipped | registers | spill B | shared B "
+          "| top opcodes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['loop']} | {r['instructions']} | {r['rescale_skipped']} | "
+              f"{r['registers']} | {r['spill_bytes']} | {r['shared']} | {r['top']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
