@@ -39,8 +39,8 @@ class GpuTuning:
     tree_warps: int = 4
     tree_stages: int = 3
     tree_prefetch: int = 1     # 1: the tree pass loads each key block's order one block ahead
-    rescale_slack: int = 8     # forward softmax: the running max moves only past this (base 2);
-                               # 0: every tile (triton_kernels._online_softmax)
+    rescale_slack: int = 8     # tree and band softmax: the running max moves only past this
+                               # (base 2); 0: every tile (triton_kernels._online_softmax)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -89,7 +89,7 @@ def compute_capability() -> int | None:
 
 
 def _rescale_meta(cfg: AttentionConfig, rows: int, warps: int, bd: int, dtype) -> dict:
-    """SLACK and PACK of the forward kernels' online softmax (triton_kernels._online_softmax):
+    """SLACK and PACK of the tree and band kernels' online softmax (_online_softmax):
     the running max's slack (cfg.gpu.rescale_slack), and PACK > 0, the accumulator elements per
     thread, where the rescale may be skipped per thread. That path reads two rows per thread,
     so it is taken where the accumulator is Hopper's warpgroup fragment with 16 rows of a
@@ -109,7 +109,9 @@ def forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
     batch, sqp, hq, _ = q_shape
     meta = _meta(cfg, q_shape, k_shape, dtype)
     meta["TK"] = min(cfg.gpu.fwd_tile_k, cfg.block_k)
-    meta.update(_rescale_meta(cfg, cfg.block_q, cfg.gpu.fwd_warps, meta["BD"], dtype))
+    # rescaled every tile: with the per-thread skip this forward measured no faster on the
+    # H200 (BENCHMARKS.md), unlike the sorted layout's tree and band passes
+    meta.update(SLACK=0, PACK=0)
     return Launch(fwd_kernel, (cfg.num_q_blocks, batch * hq),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sqp), jnp.float32)),

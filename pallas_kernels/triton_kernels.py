@@ -5,7 +5,8 @@ one forward program per (query block, batch x query head), longest rows first; o
 per query sub-tile; one dk/dv program per key sub-tile and kv head, which runs the query heads
 of its group in turn. Each loops over its schedule list: the masked entries first (token mask
 from positions and cluster ids), then the full ones without it. Scores live in base 2 (exp2);
-the forward's running max moves only past a slack, so most key tiles skip the rescale.
+the tree and band passes' running max moves only past a slack, so most key tiles skip the
+rescale.
 
 Arrays are [B, S, heads, D] row-major with S padded to whole blocks; the head dim is padded
 to BD (a power of two >= 16) by masked loads instead of copies. Every size is a constexpr: a
