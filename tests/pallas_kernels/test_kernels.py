@@ -369,11 +369,30 @@ def test_bad_kernel_config_raises(make, error, match):
         make()
 
 
-def test_bench_tuning_reports_when_no_backward_variant_runs(monkeypatch):
+def _bench_attention():
     path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_forward_schedule_is_the_schedules_key_block_lists():
+    """bench_attention times "what a forward alone builds": the key-block lists and the
+    density of the whole schedule, equal to its fields."""
+    bench = _bench_attention()
+    prob = bench.Problem(512)
+    ids = jnp.broadcast_to(jnp.arange(512) // 32 % 7, (1, bench.HQ, 512))  # 7 clusters, cycled
+    whole = prob.schedule_fn(ids, 32, 32, "xla")
+    forward = jax.jit(lambda ids: bench._forward_lists(prob.schedule(ids, 32, 32, "xla")))(ids)
+    assert float(whole.density) < 0.9  # blocks skipped: the lists are not all full
+    for got, want in zip(forward, (whole.kv_indices, whole.kv_num_blocks, whole.kv_num_masked,
+                                   whole.density)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_bench_tuning_reports_when_no_backward_variant_runs(monkeypatch):
+    bench = _bench_attention()
 
     def time_kernels(self, *args, fwd=True, bwd=True, reps=7):
         if bwd:
