@@ -278,8 +278,9 @@ def run(args):
             rows.append(row)
             print(f"S={seq} {row['variant']} density {density:.3f}: fwd {row['fwd_ms']:.3f} ms "
                   f"bwd {row.get('bwd_ms', float('nan')):.3f} ms sched {row['sched_ms']:.3f} ms "
-                  f"(the forward's lists alone {row['sched_fwd_ms']:.3f} ms, sorted-table path {row['sched_table_ms']:.3f} ms, XLA compaction "
-                  f"{row['sched_xla_ms']:.3f} ms)", flush=True)
+                  f"(the forward's lists alone {row['sched_fwd_ms']:.3f} ms, sorted-table path "
+                  f"{row['sched_table_ms']:.3f} ms, XLA compaction {row['sched_xla_ms']:.3f} ms)",
+                  flush=True)
         del prob
     result["rows"] = rows
     return finish(result, args.out, lambda: print_table(rows))
