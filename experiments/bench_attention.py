@@ -37,7 +37,6 @@ TABLE_OFFSET = 1 << 20
 SMOKE = False
 # --backend: the kernels timed (gpu: Pallas with the Triton lowering; mosaic; triton).
 BACKEND = "gpu"
-SLACK: dict = {}  # GpuTuning.rescale_slack when --rescale-slack is given
 
 
 def timed(fn, *args, reps=7, min_batch_s=0.05):
@@ -226,7 +225,7 @@ def pick_clusters(prob, target, block_q, block_k, cache):
 
 def run(args):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    tuning, (bq, bk) = GpuTuning(**SLACK), (128, 128)
+    tuning, (bq, bk) = GpuTuning(), (128, 128)
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "backend": BACKEND,
               "shape": dict(B=1, Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16", window=WINDOW,
@@ -338,13 +337,10 @@ def main():
     parser.add_argument("--out", default="results/bench_attention.json")
     parser.add_argument("--backend", choices=("gpu", "mosaic", "triton"), default="gpu",
                         help="the kernels timed (gpu: Pallas with the Triton lowering)")
-    parser.add_argument("--rescale-slack", type=int, default=None,
-                        help="GpuTuning.rescale_slack of the triton forward (default: its own)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global SMOKE, BACKEND, SLACK
+    global SMOKE, BACKEND
     SMOKE, BACKEND = args.smoke, args.backend
-    SLACK = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
     sys.exit(run(args))
 
 

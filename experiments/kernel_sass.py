@@ -37,10 +37,12 @@ SHAPE = dict(seq=32768, hq=32, hkv=8, d=128)
 # kernel -> (launch maker in triton_backend, pointer dtypes of its inputs)
 KERNELS = {
     "fwd": ("forward_launch", ["*bf16"] * 3 + ["*i32"] * 5),
+    "routed": ("routed_forward_launch", ["*bf16"] * 3 + ["*i32"] * 5 + ["*bf16", "*fp32"]),
     "tree": ("segment_forward_launch", ["*bf16"] * 3 + ["*i32"] * 2),
     "band": ("band_forward_launch", ["*bf16"] * 3 + ["*i32", "*bf16", "*fp32"]),
     "dq": ("dq_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
     "dkv": ("dkv_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
+    "dkv_sink": ("dkv_sink_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
 }
 _POINTER = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
 
@@ -50,28 +52,35 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_kernel(kernel: str, cc: int, tuning: GpuTuning):
-    """(launch, compiled triton kernel) of one default launch for compute capability cc."""
+def compile_launch(launch, dtypes: list[str], cc: int):
+    """A Launch compiled by triton for compute capability cc; dtypes: one per pointer
+    argument, outputs included. Every pointer is taken 16-byte aligned, as jax_triton does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from pallas_kernels import triton_backend as tb
-    s, hq, hkv, d = (SHAPE[n] for n in ("seq", "hq", "hkv", "d"))
-    cfg = AttentionConfig(q_len=s, kv_len=s, q_offset=0, window=128, sink_tokens=1,
-                          scale=d ** -0.5, block_q=128, block_k=128, gpu=tuning)
-    tb.compute_capability = lambda: cc // 10  # the launches for that target, not this host
-    maker, inputs = KERNELS[kernel]
-    launch = getattr(tb, maker)(cfg, (1, s, hq, d), (1, s, hkv, d), jnp.bfloat16)
-    dtypes = inputs + [_POINTER[jnp.dtype(o.dtype).name] for o in launch.out_shapes]
     signature = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr"
                                                               for m in launch.meta}
     source = ASTSource(launch.kernel, signature, constexprs=dict(launch.meta),
                        attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
-    compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
-                              options=dict(num_warps=launch.num_warps,
-                                           num_stages=launch.num_stages))
-    return launch, compiled
+    return triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+
+
+def compile_kernel(kernel: str, cc: int, tuning: GpuTuning):
+    """(launch, compiled triton kernel) of one default launch for compute capability cc."""
+    from pallas_kernels import triton_backend as tb
+    s, hq, hkv, d = (SHAPE[n] for n in ("seq", "hq", "hkv", "d"))
+    cfg = AttentionConfig(q_len=s, kv_len=s, q_offset=0, window=128, sink_tokens=1,
+                          scale=d ** -0.5, block_q=128, block_k=128, gpu=tuning)
+    maker, inputs = KERNELS[kernel]
+    host = tb.compute_capability
+    tb.compute_capability = lambda: cc // 10  # the launch for that target, not this host
+    try:
+        launch = getattr(tb, maker)(cfg, (1, s, hq, d), (1, s, hkv, d), jnp.bfloat16)
+    finally:
+        tb.compute_capability = host
+    outputs = [_POINTER[jnp.dtype(o.dtype).name] for o in launch.out_shapes]
+    return launch, compile_launch(launch, inputs + outputs, cc)
 
 
 def disassemble(cubin: bytes) -> str:

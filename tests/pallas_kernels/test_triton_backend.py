@@ -509,56 +509,24 @@ def test_blocks_below_sixteen_are_refused():
 # Compiles every kernel for a GPU target without a GPU (triton ships ptxas), in a process that
 # imports triton compiled, and prints each kernel's shared memory.
 _COMPILE = r"""
-import json, os, subprocess, sys
-import jax, jax.numpy as jnp, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pallas_kernels import triton_backend as tb
-from pallas_kernels.ops import make_config
+import json, os, sys
+sys.path.insert(0, "experiments")
+import kernel_sass
+from pallas_kernels import triton_compact
+from pallas_kernels.config import GpuTuning
 
-cc = int(sys.argv[1])
-tb.compute_capability = lambda: cc // 10  # the launches for that target, not this host
-q = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.bfloat16)
-k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
-cfg = make_config(q, k, window=128, sink_tokens=1, q_offset=0, scale=None, backend="gpu",
-                  interpret=False, block_q=None, block_k=None)
-ptr = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
+cc, out = int(sys.argv[1]), sys.argv[2]
 shared = {}
-for make, n_in, n_f32, tail in [(tb.forward_launch, 3, 0, []), (tb.dq_launch, 4, 2, []),
-                                (tb.dkv_launch, 4, 2, []), (tb.dkv_sink_launch, 4, 2, []),
-                                (tb.routed_forward_launch, 3, 0, ["*bf16", "*fp32"]),
-                                (tb.band_forward_launch, 3, 0, ["*bf16", "*fp32"]),
-                                (tb.segment_forward_launch, 3, 0, [])]:
-    launch = make(cfg, q.shape, k.shape, jnp.bfloat16)
-    # ids and the schedule's lists; the band's ids; the tree's order and segment starts
-    ints = {tb.band_forward_launch: 1, tb.segment_forward_launch: 2}.get(make, 5)
-    dtypes = (["*bf16"] * n_in + ["*fp32"] * n_f32 + ["*i32"] * ints + tail
-              + [ptr[jnp.dtype(s.dtype).name] for s in launch.out_shapes])
-    sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
-    src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
-                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
-    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                            options=dict(num_warps=launch.num_warps,
-                                         num_stages=launch.num_stages))
+for name in kernel_sass.KERNELS:
+    launch, kernel = kernel_sass.compile_kernel(name, cc, GpuTuning())
     assert kernel.asm["cubin"], launch.name
     shared[launch.name] = kernel.metadata.shared
     if launch.meta.get("PACK"):  # the lazy rescale: its machine code, for the test to read
-        cubin = os.path.join(sys.argv[2], launch.name + ".cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                            "cuobjdump")
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True)
-        with open(cubin[:-6] + ".sass", "w") as f:
-            f.write(f"PACK {launch.meta['PACK']}\n" + sass.stdout)
-from pallas_kernels import triton_compact
+        with open(os.path.join(out, launch.name + ".sass"), "w") as f:
+            f.write(f"PACK {launch.meta['PACK']}\n"
+                    + kernel_sass.disassemble(kernel.asm["cubin"]))
 launch = triton_compact._launch(32 * 1024, 1024)
-dtypes = ["*i8", "*i32", "*i32", "*i32"]
-sig = dict(zip(launch.kernel.arg_names, dtypes)) | {m: "constexpr" for m in launch.meta}
-src = ASTSource(launch.kernel, sig, constexprs=dict(launch.meta),
-                attrs={(i,): [["tt.divisibility", 16]] for i in range(len(dtypes))})
-kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                        options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+kernel = kernel_sass.compile_launch(launch, ["*i8", "*i32", "*i32", "*i32"], cc)
 shared[launch.name] = kernel.metadata.shared
 print(json.dumps(shared))
 """
