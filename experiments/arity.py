@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,8 +38,10 @@ def matched_tree(arity: int, clusters: int, seq_len: int) -> dict:
     if clusters < 1:
         raise SystemExit(f"config.clusters must be >= 1, got {clusters}")
     below = max(1, int(math.floor(math.log(clusters, arity) + 1e-9)))
-    cut = min((below, below + 1),
-              key=lambda k: (abs(k * math.log(arity) - math.log(clusters)), k))
+    # The ratio in exact fractions: at a tie (clusters = p**(k + 1/2)) floats would pick by
+    # rounding; the smaller tree wins it.
+    cut = min((below, below + 1), key=lambda k: (max(Fraction(arity ** k, clusters),
+                                                     Fraction(clusters, arity ** k)), k))
     levels = max(levels_for(arity, seq_len), cut)
     return dict(arity=arity, levels=levels, d_max=levels - cut, clusters=arity ** cut)
 

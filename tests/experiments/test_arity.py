@@ -3,6 +3,7 @@ and at toy size its JSON against the runs' eval.json and config.json files."""
 import json
 import math
 import pathlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ def brute_force_tree(p, clusters, seq):
     best = None
     for levels in range(smallest_levels(p, seq), 40):
         for d_max in range(0, levels):
-            key = (abs(math.log(p ** (levels - d_max) / clusters)), levels, levels - d_max)
+            ratio = Fraction(p ** (levels - d_max), clusters)
+            key = (max(ratio, 1 / ratio), levels, levels - d_max)
             if best is None or key < best[0]:
                 best = (key, levels, d_max)
     return best[1], best[2]
@@ -34,10 +36,13 @@ def brute_force_tree(p, clusters, seq):
 
 def test_trees_match_a_brute_force_search():
     arity = load_script()
-    rng = np.random.default_rng()
-    for _ in range(30):
-        p, clusters, seq = int(rng.integers(2, 10)), int(rng.integers(2, 300)), \
-            int(rng.integers(2, 5000))
+    rng = np.random.default_rng(7)
+    # Random cases, then the ties: p a square and clusters = p**(k + 1/2), equally far in
+    # ratio from p**k and p**(k + 1).
+    cases = [(int(rng.integers(2, 10)), int(rng.integers(2, 300)), int(rng.integers(2, 5000)))
+             for _ in range(30)]
+    cases += [(4, 8, 100), (4, 32, 1000), (4, 128, 3000), (9, 27, 50), (9, 243, 4000)]
+    for p, clusters, seq in cases:
         tree = arity.matched_tree(p, clusters, seq)
         levels, d_max = brute_force_tree(p, clusters, seq)
         assert math.log(tree["clusters"]) == pytest.approx(math.log(p ** (levels - d_max)))
