@@ -9,8 +9,9 @@ Per (S, clusters), each token's cluster drawn at random, the Llama-3-8B attentio
 Hq=32, Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks), each stage jitted alone on
 inputs computed beforehand (medians):
 
-  - sort: cluster_order (the stable argsort, sorted ids); the segment starts of the sorted
-    ids;
+  - sort: cluster_order (the stable argsort, sorted ids) and the segment starts of the
+    sorted ids; the counting sort (order and starts) per (bins, tile); the forward's padded
+    sort_clusters both ways (the counting one with its range check and lax.cond);
   - tree kernel: segment_fwd_kernel in closed form (no schedule) reading q, k, v through the
     order, per GpuTuning tree_* variant (query and key blocks, warps, stages, order loaded a
     block ahead);
@@ -19,7 +20,8 @@ inputs computed beforehand (medians):
     program; heads first in the grid, tiles first for the default too), and the
     schedule-driven launch (its sink keys a whole key block);
   - end to end: sorted_attention with the default tuning and with the fastest variant of each
-    kernel; cuDNN's causal attention on the same q, k, v.
+    kernel, with the number of clusters given (no range check), and with the argsort in place
+    of the counting sort; cuDNN's causal attention on the same q, k, v.
 
 Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
 in every case, each variant's output and LSE against the default's on the case's own inputs
@@ -32,6 +34,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 TOY = "--toy" in sys.argv
@@ -50,18 +53,21 @@ from pallas_kernels.common import pad_axis  # noqa: E402
 from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import make_config  # noqa: E402
 from pallas_kernels.segment_schedule import segment_starts  # noqa: E402
+from pallas_kernels import sorted_layout  # noqa: E402
 from pallas_kernels.sorted_layout import (_band_args, cluster_order,  # noqa: E402
-                                          sorted_attention, sorted_plan)
-from pallas_kernels.triton_backend import forward_routed  # noqa: E402
+                                          sort_clusters, sorted_attention, sorted_plan)
+from pallas_kernels.triton_backend import counting_sort, forward_routed  # noqa: E402
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
 # (tree_tile_q, tree_tile_k, tree_warps, tree_stages, tree_prefetch): the tree pass's query
 # and key blocks, warps, stages, order loaded a block ahead; the default first
-TREE_VARIANTS = [(64, 32, 4, 3, 1), (64, 64, 4, 2, 0), (64, 64, 4, 2, 1), (64, 64, 4, 3, 1),
-                 (128, 128, 8, 2, 1)]
+TREE_VARIANTS = [(64, 32, 4, 3, 1), (64, 64, 4, 3, 1), (128, 128, 8, 2, 1), (64, 32, 4, 4, 1),
+                 (128, 32, 8, 3, 1), (64, 16, 4, 3, 1)]
 # (band_tile_q, band_tile_k, band_warps, band_stages, band_heads), the default first
-BAND_VARIANTS = [(16, 16, 4, 2, 4), (64, 32, 4, 2, 1), (16, 32, 4, 2, 4)]
+BAND_VARIANTS = [(16, 16, 4, 2, 4), (64, 32, 4, 2, 1), (16, 16, 4, 3, 4), (32, 16, 8, 2, 4)]
+# (bins, tile) of the counting sort, the default first
+SORT_VARIANTS = [(256, 512), (256, 1024), (256, 256), (64, 512)]
 TOY_TREE = [(16, 16, 4, 1, 0), (32, 16, 4, 1, 1)]
 TOY_BAND = [(16, 16, 4, 1, 1), (16, 16, 4, 1, 2)]
 
@@ -133,9 +139,29 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
 
     cudnn_ms = add("cuDNN causal", "-", lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, implementation="xla" if TOY else "cudnn", is_causal=True), q, k, v)
-    add("sort", "-", cluster_order, ids)
-    add("segment starts", "-", segment_starts, plan.sorted_ids)
+    add("sort", "argsort", cluster_order, ids)
+    add("segment starts", "argsort", segment_starts, plan.sorted_ids)
     starts = jax.jit(segment_starts)(plan.sorted_ids)
+    padded = jax.jit(lambda ids: sort_clusters(ids, length=sp, full=False))(ids)
+    for bins, tile in SORT_VARIANTS if sweep else SORT_VARIANTS[:1]:
+        add("sort and starts, counting", (bins, tile), lambda ids, bins=bins, tile=tile:
+            counting_sort(ids, bins, length=sp, tile=tile, invert=False, interpret=TOY)[:2],
+            ids)
+    fwd_sort = {backend: lambda ids, backend=backend: sort_clusters(
+        ids, backend=backend, interpret=TOY, length=sp, full=False)[:2]
+        for backend in ("xla", "triton")}
+    add("sort and starts, padded (the forward's)", "argsort", fwd_sort["xla"], ids)
+    add("sort and starts, padded (the forward's)", "counting, range checked",
+        fwd_sort["triton"], ids)
+    add("sort and starts, padded (the forward's)", "counting, num_clusters given",
+        lambda ids: sort_clusters(ids, backend="triton", interpret=TOY, length=sp, full=False,
+                                  num_ids=clusters)[:2], ids)
+    got = jax.jit(fwd_sort["triton"])(ids)
+    checks.append(dict(seq=seq, clusters=clusters, what="counting sort vs argsort", tol=0,
+                       out=float(jnp.sum(got[0] != padded.order)),
+                       lse=float(jnp.sum(got[1] != padded.starts)),
+                       ok=bool(jnp.all(got[0] == padded.order)
+                               & jnp.all(got[1] == padded.starts))))
 
     def tree(variant):
         cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
@@ -183,6 +209,19 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
                  lambda q, k, v, ids, cfg=cfg: sorted_attention(q, k, v, ids, cfg, "triton"),
                  q, k, v, ids)
         rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
+    promised = dataclasses.replace(base, num_ids=clusters)
+    ms = add("end to end", f"default, num_clusters given {tree_variants[0]} {band_variants[0]}",
+             lambda q, k, v, ids: sorted_attention(q, k, v, ids, promised, "triton"),
+             q, k, v, ids)
+    rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
+    counting, sorted_layout.COUNTING_BINS = sorted_layout.COUNTING_BINS, 0  # argsort only
+    try:
+        ms = add("end to end", f"default, argsort {tree_variants[0]} {band_variants[0]}",
+                 lambda q, k, v, ids: sorted_attention(q, k, v, ids, base, "triton"),
+                 q, k, v, ids)
+    finally:
+        sorted_layout.COUNTING_BINS = counting
+    rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
     return rows, checks
 
 
@@ -205,7 +244,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="the default tuning only")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default="results/bench_routed/fused_stages.json")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default results/bench_routed/fused_stages.json; "
+                             "with --toy, fused_stages_toy.json in the temp folder)")
     parser.add_argument("--toy", action="store_true",
                         help="CPU dry run: triton's interpreter, toy shape and lengths")
     parser.add_argument("--rescale-slack", type=int, default=None,
@@ -229,7 +270,9 @@ def main(argv=None) -> dict:
             rows, checks = run_case(seq, clusters, shape, sweep=args.sweep, reps=args.reps)
             result["rows"] += rows
             result["correctness"] += checks
-    code = finish(result, args.out, lambda: print_tables(result))
+    out = args.out or (Path(tempfile.gettempdir()) / "fused_stages_toy.json" if TOY
+                       else "results/bench_routed/fused_stages.json")
+    code = finish(result, out, lambda: print_tables(result))
     result["exit_code"] = code
     return result
 

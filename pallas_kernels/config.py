@@ -116,10 +116,15 @@ class AttentionConfig:
     gpu: GpuTuning = GpuTuning()
     exclude_same_cluster: bool = False
     mosaic: MosaicTuning = MosaicTuning()
+    # > 0: the cluster ids are promised in [0, num_ids) (routed_attention's num_clusters)
+    num_ids: int = 0
 
     def __post_init__(self):
         check_block_size("block_q", self.block_q)
         check_block_size("block_k", self.block_k)
+        if not isinstance(self.num_ids, int) or self.num_ids < 0:
+            raise ValueError(f"num_ids (the number of cluster ids) must be an integer >= 0, "
+                             f"got {self.num_ids!r}")
 
     @property
     def num_q_blocks(self):

@@ -9,6 +9,7 @@ schedule's density, so that the sorted layout does not pay for a schedule it nev
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import jax
@@ -43,6 +44,22 @@ def prefer_sorted(natural_density, sorted_above: float = SORTED_ABOVE):
     return natural_density > sorted_above
 
 
+def _check_num_clusters(num_clusters, clusters):
+    """num_clusters: None, or an int >= 1 that the ids lie below (checked where they are
+    concrete; under jit a broken promise makes NaN rows on backend="triton")."""
+    if num_clusters is None:
+        return 0
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) \
+            or num_clusters < 1:
+        raise ValueError(f"num_clusters must be an integer >= 1 or None, got {num_clusters!r}")
+    if not isinstance(clusters, jax.core.Tracer):
+        lo, hi = int(jnp.min(clusters)), int(jnp.max(clusters))
+        if lo < 0 or hi >= num_clusters:
+            raise ValueError(f"clusters must lie in [0, num_clusters = {num_clusters}), got ids "
+                             f"from {lo} to {hi}")
+    return int(num_clusters)
+
+
 def _check_options(layout, sorted_above, q, k, clusters):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -61,7 +78,7 @@ def _check_options(layout, sorted_above, q, k, clusters):
 
 def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layout="auto",
                      sorted_above=SORTED_ABOVE, backend="auto", interpret=False, block_q=None,
-                     block_k=None, return_lse=False):
+                     block_k=None, return_lse=False, num_clusters=None):
     """Causal self-attention restricted to the allowed pairs of one set of cluster ids (the
     mask of block_sparse_attention with q_clusters = k_clusters = clusters, q_offset 0).
 
@@ -70,11 +87,14 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     the window pairs as a band and the sink pairs as a jnp partial (module docstring); "auto"
     takes the sorted layout where prefer_sorted(natural_density_bound(...), sorted_above) holds
     (a lax.cond: both paths are compiled, one runs; the natural one builds its schedule).
-    Returns out
+    num_clusters: the ids lie in [0, num_clusters) (a surgical model's p ** cut); it lets
+    backend="triton" sort by counting without checking their range on the device. Where the
+    ids are concrete a broken promise raises; under jit its rows come out NaN. Returns out
     [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
     Differentiable in q, k, v.
     """
     _check_options(layout, sorted_above, q, k, clusters)
+    num_ids = _check_num_clusters(num_clusters, clusters)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
     backend = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
@@ -86,6 +106,7 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
                                q_offset=0, scale=scale, return_lse=return_lse)
     cfg = make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=scale,
                       backend=backend, interpret=interpret, block_q=block_q, block_k=block_k)
+    cfg = dataclasses.replace(cfg, num_ids=num_ids)
     if layout == "natural":
         out, lse = _natural(q, k, v, qc, cfg, backend)
     elif layout == "sorted":

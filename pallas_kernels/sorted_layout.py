@@ -6,7 +6,8 @@ The allowed pairs of one set of cluster ids split in disjoint sets:
   local set  j <= i and i - j < window and c_i != c_j     (a band in token order)
   sink set   j < sink, i - j >= window and c_i != c_j     (band kernel's forward; jnp backward)
 
-Per (batch, head) a stable argsort of the ids makes every cluster one contiguous segment in
+Per (batch, head) a stable sort of the ids (sort_clusters: a counting sort on
+backend="triton", an argsort elsewhere) makes every cluster one contiguous segment in
 position order, so the tree set is causal attention within segments (as packed sequences): the
 kernels run it on the sorted layout with window = sink = 0 and segment_schedule's lists, which
 visit about sum_c n_c^2 / (2 block_q block_k) blocks instead of all of them. Each set gives
@@ -80,16 +81,81 @@ def sort_by_cluster(clusters):
     """(order, sorted_ids, inverse) of ids [B, H, S]: sorted_ids = ids[order] is grouped by id
     with positions ascending inside a group; inverse undoes order."""
     order, sorted_ids = cluster_order(clusters)
-    seq = clusters.shape[-1]
-    inverse = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(
+    return order, sorted_ids, _invert(order)
+
+
+def _invert(order):
+    seq = order.shape[-1]
+    return jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(
         jnp.arange(seq, dtype=o.dtype))))(order)
-    return order, sorted_ids, inverse
 
 
 def cluster_order(ids):
     """(order, ids[order]): the stable argsort of ids [B, H, S] along S."""
     order = jnp.argsort(ids, axis=-1, stable=True).astype(jnp.int32)
     return order, jnp.take_along_axis(ids, order, axis=-1)
+
+
+# On backend="triton", ids spanning fewer than this many values less one (the padding's) sort
+# by counting (triton_sort.py); wider ranges take the argsort. 0: always the argsort.
+COUNTING_BINS = 256
+# Promised ids (num_ids) count in bins up to this many; more take the range-checked path (the
+# per-tile counts grow with the bins).
+COUNTING_BINS_MAX = 1024
+
+
+class ClusterSort(NamedTuple):
+    """The stable sort of ids [B, H, N] by (id, position); None where not asked for."""
+    order: jax.Array                  # [B, H, N] int32: token at each sorted slot
+    starts: jax.Array                 # [B, H, N] int32: first slot of each slot's segment
+    sorted_ids: Optional[jax.Array]   # [B, H, N]: ids[order]
+    inverse: Optional[jax.Array]      # [B, H, N] int32: sorted slot of each token
+
+
+def sort_clusters(ids, *, backend: str = "xla", interpret: bool = False,
+                  length: Optional[int] = None, full: bool = True,
+                  num_ids: int = 0) -> ClusterSort:
+    """The sorted layout's permutation of ids [B, H, S]. length: the ids padded to this many
+    positions with an id past all of them, so the padding is the last segment, in position
+    order (the fused forward's padded layout). full=False leaves sorted_ids and inverse out.
+    backend="triton" sorts by counting: with num_ids > 0 (ids promised in [0, num_ids); a
+    token outside gets start -1, a NaN row in the tree kernel) in bins enough for them;
+    otherwise where the ids span fewer than COUNTING_BINS - 1 values (a lax.cond on their
+    range: both branches compile, one runs). Wider ids, and the other backends, take a stable
+    argsort."""
+    seq = ids.shape[-1]
+    length = seq if length is None else length
+    if length < seq:
+        raise ValueError(f"sort_clusters pads to length {length}, shorter than the ids' {seq}")
+    if backend == "triton" and 0 < num_ids < COUNTING_BINS_MAX and COUNTING_BINS:
+        return _counting_clusters(ids, None, length, full, interpret, num_ids)
+    if backend != "triton" or not COUNTING_BINS:
+        return _argsort_clusters(ids, length, full)
+    lo, hi = jnp.min(ids), jnp.max(ids)
+    # unsigned, so ids at both ends of int32 cannot overflow the span
+    span = hi.astype(jnp.uint32) - lo.astype(jnp.uint32)
+    return jax.lax.cond(span < COUNTING_BINS - 1,
+                        lambda ids: _counting_clusters(ids, lo, length, full, interpret),
+                        lambda ids: _argsort_clusters(ids, length, full), ids)
+
+
+def _argsort_clusters(ids, length, full):
+    top = jnp.iinfo(ids.dtype).max
+    padded = pad_axis(ids, length, 2, value=top)
+    order, sorted_ids = cluster_order(padded)
+    return ClusterSort(order, segment_starts(sorted_ids), sorted_ids if full else None,
+                       _invert(order) if full else None)
+
+
+def _counting_clusters(ids, lo, length, full, interpret, num_ids=0):
+    from pallas_kernels.triton_backend import counting_sort
+    bins = 1 << num_ids.bit_length() if num_ids else COUNTING_BINS  # > num_ids: the padding's
+    order, starts, inverse = counting_sort(ids, bins, lo=lo, length=length, invert=full,
+                                           num_ids=num_ids, interpret=interpret)
+    if not full:
+        return ClusterSort(order, starts, None, None)
+    padded = pad_axis(ids, length, 2, value=jnp.iinfo(ids.dtype).max)
+    return ClusterSort(order, starts, jnp.take_along_axis(padded, order, axis=-1), inverse)
 
 
 def _gather_heads(x, order, group):
@@ -158,13 +224,17 @@ class SortedPlan(NamedTuple):
     order: jax.Array         # [B, H, S] int32: token at each sorted slot
     sorted_ids: jax.Array    # [B, H, S]: ids[order]
     inverse: jax.Array       # [B, H, S] int32: sorted slot of each token
+    starts: jax.Array        # [B, H, S] int32: first slot of each slot's segment
     tree: BlockSchedule      # segment_schedule of sorted_ids
     band: Optional[BlockSchedule]  # band_schedule of the window (None: no band pair)
 
 
-def sorted_plan(qc, cfg) -> SortedPlan:
-    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]."""
-    order, sorted_ids, inverse = sort_by_cluster(qc)
+def sorted_plan(qc, cfg, backend: str = "xla") -> SortedPlan:
+    """The permutation and both schedules of the sorted layout for ids qc [B, H, S]
+    (the permutation by sort_clusters on this backend)."""
+    order, starts, sorted_ids, inverse = sort_clusters(qc, backend=backend,
+                                                       interpret=cfg.interpret,
+                                                       num_ids=cfg.num_ids)
     tree = segment_schedule(sorted_ids, block_q=cfg.block_q, block_k=cfg.block_k)
     band = None
     sink = band_sink_tokens(cfg.sink_tokens)
@@ -172,7 +242,7 @@ def sorted_plan(qc, cfg) -> SortedPlan:
         batch, heads, seq = qc.shape
         band = band_schedule(batch, heads, seq, window=cfg.window, sink_tokens=sink,
                              block_q=cfg.block_q, block_k=cfg.block_k)
-    return SortedPlan(order, sorted_ids, inverse, tree, band)
+    return SortedPlan(order, sorted_ids, inverse, starts, tree, band)
 
 
 def permute_inputs(q, k, v, plan: SortedPlan):
@@ -310,12 +380,14 @@ def _group_sum(x, group):
 def sorted_attention(q, k, v, qc, cfg, backend):
     """The sorted layout's (out in q's dtype, lse float32), with the global-statistics VJP."""
     if backend == "triton":  # nothing to keep for a backward: no sorted copies at all
-        order, sorted_ids = cluster_order(qc)
-        return _fused_forward(q, k, v, qc, order, sorted_ids, cfg)
+        srt = sort_clusters(qc, backend=backend, interpret=cfg.interpret,
+                            length=cfg.num_q_blocks * cfg.block_q, full=False,
+                            num_ids=cfg.num_ids)
+        return _fused_forward(q, k, v, qc, srt.order, srt.starts, cfg)
     return _sorted_fwd(q, k, v, qc, cfg, backend)[0]
 
 
-def _fused_forward(q, k, v, qc, order, sorted_ids, cfg):
+def _fused_forward(q, k, v, qc, order, starts, cfg):
     """(out, lse) of the sorted layout in two Triton launches (backend="triton"), both in
     closed form, without a schedule: the tree pass (forward_segment) reads q, k and v through
     the order and writes its result in token order; the band pass (forward_band: window and
@@ -325,21 +397,21 @@ def _fused_forward(q, k, v, qc, order, sorted_ids, cfg):
     seq = q.shape[1]
     sp = cfg.num_q_blocks * cfg.block_q
     qp, kp, vp = (pad_axis(x, sp, 1) for x in (q, k, v))
-    out, lse = forward_segment(qp, kp, vp, order, segment_starts(sorted_ids), cfg)
+    out, lse = forward_segment(qp, kp, vp, order, starts, cfg)
     if cfg.window > 0 or cfg.sink_tokens > 0:
         out, lse = forward_band(qp, kp, vp, pad_axis(qc, sp, 2), cfg, init=(out, lse))
     return out[:, :seq], lse[..., :seq]
 
 
 def _sorted_fwd(q, k, v, qc, cfg, backend):
-    plan = sorted_plan(qc, cfg)
+    plan = sorted_plan(qc, cfg, backend)
     group = q.shape[2] // k.shape[2]
     # The sorted copies: the kernels' inputs, except on the fused Triton path, where they are
     # only the backward's residuals.
     qs, ks, vs = (_gather_heads(q, plan.order, 1), _gather_heads(k, plan.order, group),
                   _gather_heads(v, plan.order, group))
     if backend == "triton":
-        out, lse = _fused_forward(q, k, v, qc, plan.order, plan.sorted_ids, cfg)
+        out, lse = _fused_forward(q, k, v, qc, plan.order, plan.starts, cfg)
         return (out, lse), (q, k, v, qc, plan, qs, ks, vs, out, lse)
     tqc, tkc, tsched, tcfg = _tree_args(plan, cfg, backend, qs, ks, vs)
     out_t, lse_t = kernel_forward(qs, ks, vs, tqc, tkc, tsched, backend, tcfg)

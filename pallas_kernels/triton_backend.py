@@ -246,6 +246,74 @@ def dkv_sink_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
                   t.dkv_stages, "block_sparse_attention_dkv_sink")
 
 
+# ----------------------------------------------------------------------------- counting sort
+
+def _check_sort(bins: int, tile: int) -> None:
+    if bins < 2 or bins & (bins - 1):
+        raise ValueError(f"the counting sort's bins must be a power of two >= 2, got {bins}")
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"the counting sort's tile must be a power of two >= 16, got {tile}")
+    if (bins + 1) * tile >= 2 ** 31:
+        raise ValueError(f"the counting sort's keys (id x tile) overflow int32: bins {bins}, "
+                         f"tile {tile}")
+
+
+def count_launch(rows: int, n_ids: int, n: int, bins: int, tile: int,
+                 num_ids: int = 0) -> Launch:
+    from pallas_kernels.triton_sort import cluster_count_kernel
+    _check_sort(bins, tile)
+    tiles = -(-n // tile)
+    return Launch(cluster_count_kernel, (tiles, rows),
+                  (jax.ShapeDtypeStruct((rows, tiles, bins), jnp.int32),),
+                  dict(N_IDS=n_ids, N=n, TILE=tile, BINS=bins, NUM_IDS=num_ids), 4, 1,
+                  "cluster_count")
+
+
+def place_launch(rows: int, n_ids: int, n: int, bins: int, tile: int, invert: bool,
+                 num_ids: int = 0) -> Launch:
+    from pallas_kernels.triton_sort import cluster_place_kernel
+    _check_sort(bins, tile)
+    perm = jax.ShapeDtypeStruct((rows, n), jnp.int32)
+    return Launch(cluster_place_kernel, (-(-n // tile), rows), (perm, perm, perm),
+                  dict(N_IDS=n_ids, N=n, TILE=tile, BINS=bins, INVERT=invert,
+                       NUM_IDS=num_ids), 4, 1, "cluster_place")
+
+
+def counting_sort(ids, bins: int, *, lo=None, length: int | None = None, tile: int = 512,
+                  invert: bool = True, num_ids: int = 0, interpret: bool = False):
+    """The stable sort by (id, position) of ids [..., N] int32 in [lo, lo + bins - 1) (bins a
+    power of two; lo an int32 scalar, default 0), padded to length positions (default N) whose
+    padding takes id lo + bins - 1, in two Triton launches (triton_sort.py). An id outside
+    gives a wrong order: callers check the range, or pass num_ids > 0 (ids promised in
+    [0, num_ids), num_ids < bins, lo 0): then an id outside gets start -1, which the tree kernel
+    turns into a NaN row. tile: the positions a program counts and places (a power of two,
+    cut to the row). Returns (order, starts, inverse), int32
+    [..., length]: the position at each sorted slot, the first slot of each slot's run of equal
+    ids, and the slot of each position (with invert=False, inverse is left unwritten)."""
+    lead, n_ids = ids.shape[:-1], ids.shape[-1]
+    n = n_ids if length is None else length
+    if n < n_ids:
+        raise ValueError(f"counting_sort pads to length {n}, shorter than the ids' {n_ids}")
+    rows = int(np.prod(lead, dtype=np.int64))
+    tile = min(tile, max(16, 1 << (n - 1).bit_length()))  # a short row in one tile
+    flat = ids.reshape(rows, n_ids).astype(jnp.int32)
+    lo = jnp.zeros((1,), jnp.int32) if lo is None else jnp.reshape(lo, (1,)).astype(jnp.int32)
+    if not 0 <= num_ids < bins:
+        raise ValueError(f"counting_sort's num_ids must lie in [0, bins = {bins}), got "
+                         f"{num_ids}")
+    (counts,) = call_launch(count_launch(rows, n_ids, n, bins, tile, num_ids), interpret, flat,
+                            lo)
+    # base[r, t, c]: the slots before tile t's first token of id c, over (id, tile) order
+    total = jnp.sum(counts, axis=1)                                     # [rows, bins]
+    first = jnp.cumsum(total, axis=1, dtype=jnp.int32) - total          # each id's first slot
+    base = first[:, None, :] + jnp.cumsum(counts, axis=1, dtype=jnp.int32) - counts
+    within = jnp.cumsum(counts, axis=2, dtype=jnp.int32) - counts       # smaller ids in the tile
+    order, starts, inverse = call_launch(
+        place_launch(rows, n_ids, n, bins, tile, invert, num_ids), interpret, flat, lo,
+        base - within, first)
+    return tuple(x.reshape(*lead, n) for x in (order, starts, inverse))
+
+
 # ----------------------------------------------------------------------------- running
 
 def _one_element_index():
@@ -336,11 +404,14 @@ def forward_segment(q, k, v, order, starts, cfg: AttentionConfig):
     length sp (segment_fwd_kernel). order [B, Hq, S] int32: the token at each slot of the
     cluster-sorted layout; starts [B, Hq, S] int32: the slot where each slot's segment begins.
     The sp - S padding slots become one more segment, of the padding positions themselves, so
-    every row of out [B, sp, Hq, D] (q.dtype) and lse [B, Hq, sp] float32 is written."""
+    every row of out [B, sp, Hq, D] (q.dtype) and lse [B, Hq, sp] float32 is written (order
+    and starts may come padded already, as sort_clusters(length=sp) gives them)."""
     seq, sp = order.shape[-1], q.shape[1]
-    pad = jnp.broadcast_to(jnp.arange(seq, sp, dtype=jnp.int32), (*order.shape[:2], sp - seq))
-    order = jnp.concatenate([order.astype(jnp.int32), pad], axis=-1)
-    starts = pad_axis(starts.astype(jnp.int32), sp, 2, value=seq)
+    if seq < sp:
+        pad = jnp.broadcast_to(jnp.arange(seq, sp, dtype=jnp.int32),
+                               (*order.shape[:2], sp - seq))
+        order = jnp.concatenate([order.astype(jnp.int32), pad], axis=-1)
+        starts = pad_axis(starts.astype(jnp.int32), sp, 2, value=seq)
     return _call(cfg, segment_forward_launch(cfg, q.shape, k.shape, q.dtype), q, k, v, order,
                  starts)
 

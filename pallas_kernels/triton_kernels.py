@@ -128,9 +128,9 @@ def _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW: tl.constexpr, C
 @triton.jit
 def _partial_state(OINIT, LSEINIT, o_off, lse_off, d_ok):
     """(acc, m, l) of a partial result over other keys: m its LSE in base 2, l = 1, acc its
-    output (rows with LSE -inf: none, acc 0)."""
+    output (rows with LSE -inf: none, acc 0; a NaN row stays NaN)."""
     lse0 = tl.load(LSEINIT + lse_off)
-    has = lse0 > float("-inf")
+    has = lse0 != float("-inf")
     m = tl.where(has, lse0 * 1.4426950408889634, float("-inf"))
     l = tl.where(has, 1.0, 0.0)
     acc = tl.load(OINIT + o_off, mask=d_ok[None, :], other=0.0).to(tl.float32)
@@ -290,7 +290,8 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     starting at or after START[r1] up to the last ending before r0 hold allowed pairs only and
     run unmasked. q, k, v are read through the order and O, LSE written at the tokens, in
     token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot: ORD is a permutation of
-    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP.
+    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP. A
+    START of -1 (counting_sort's poison) makes the row NaN.
     PREFETCH: each key block's order entries load a block ahead (_segment_blocks)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -303,16 +304,20 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     start_ptr = START + bh.to(tl.int64) * SP
     at = tl.load(ord_ptr + rows)
     seg = tl.load(start_ptr + rows)
+    # START -1: the token's cluster id broke counting_sort's num_ids promise. Its row attends
+    # to itself alone and comes out NaN; the block's walk follows the other rows' segments.
+    poison = seg < 0
+    seg = tl.where(poison, rows, seg)
     cols_d = tl.arange(0, BD)
     d_ok = cols_d < D
     o_off = b.to(tl.int64) * (SP * HQ * D) + h * D + at[:, None] * (HQ * D) + cols_d[None, :]
     q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
     kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
-    lo = tl.load(start_ptr + r0) // BK
+    lo = tl.min(seg, axis=0) // BK
     diag = r0 // BK  # the blocks from here to r1's hold keys past some row: masked
-    # Unmasked: the blocks of r1's segment before diag (none when the rows straddle two
-    # segments); before them, masked.
-    full = tl.minimum((tl.load(start_ptr + r0 + BQ - 1) + BK - 1) // BK, diag)
+    # Unmasked: the blocks from the last segment start on, before diag (none when the rows
+    # straddle two segments); before them, masked.
+    full = tl.minimum((tl.max(seg, axis=0) + BK - 1) // BK, diag)
     acc = tl.zeros((BQ, BD), tl.float32)
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
@@ -327,6 +332,8 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                                 (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, SP, C, IEEE,
                                 UPCAST, True, PREFETCH, SLACK, PACK)
     out, lse = _finish(acc, m, l)
+    out = tl.where(poison[:, None], float("nan"), out)
+    lse = tl.where(poison, float("nan"), lse)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * SP + at, lse)
 

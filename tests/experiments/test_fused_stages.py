@@ -30,6 +30,10 @@ def test_toy_run_checks_every_variant(tmp_path):
     reference, *checks = result["correctness"]
     # bf16 kernels against the float32 reference: close, and not trivially equal
     assert 0 < reference["out"] < 2e-2 and 0 < reference["lse"] < 2e-2 and reference["ok"]
+    counting, *checks = checks
+    # the counting sort's order and starts against the argsort's: equal, slot for slot
+    assert counting["what"] == "counting sort vs argsort"
+    assert counting["out"] == counting["lse"] == 0 and counting["ok"]
     assert [c["what"] for c in checks] == (
         [f"tree kernel {v} vs default" for v in script.TOY_TREE]
         + [f"band kernel {v} vs scheduled" for v in script.TOY_BAND]
@@ -45,11 +49,16 @@ def test_toy_run_checks_every_variant(tmp_path):
     assert stages.count("tree kernel, closed form") == len(script.TOY_TREE)
     assert stages.count("band kernel, closed form") == len(script.TOY_BAND)
     assert "band kernel, closed form, tiles first" in stages
+    assert stages.count("sort and starts, counting") == len(script.SORT_VARIANTS)
+    assert [r["variant"] for r in rows if r["stage"].startswith("sort and starts, padded")] \
+        == ["argsort", "counting, range checked", "counting, num_clusters given"]
+    assert [r["variant"].split(" (")[0] for r in rows if r["stage"] == "end to end"][-2:] \
+        == ["default, num_clusters given", "default, argsort"]
     assert all(r["ms"] > 0 for r in rows)
     cudnn = rows[0]["ms"]
     for row in (r for r in rows if r["stage"] == "end to end"):
         assert row["speedup_vs_cudnn"] == pytest.approx(cudnn / row["ms"])
-    assert proc.stdout.rstrip().endswith(f"{len(checks) + 1} of {len(checks) + 1} checks "
+    assert proc.stdout.rstrip().endswith(f"{len(checks) + 2} of {len(checks) + 2} checks "
                                          "within 2e-2")
 
 

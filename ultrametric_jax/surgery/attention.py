@@ -75,8 +75,9 @@ class KernelAttention:
     options: tuple = ()                 # (name, value) pairs for routed_attention
     mesh: Optional[Mesh] = None
 
-    def __call__(self, q, k, v, clusters, *, window, sink_tokens, scale):
-        kwargs = dict(window=window, sink_tokens=sink_tokens, scale=scale, **dict(self.options))
+    def __call__(self, q, k, v, clusters, *, window, sink_tokens, scale, num_clusters=None):
+        kwargs = dict(window=window, sink_tokens=sink_tokens, scale=scale,
+                      num_clusters=num_clusters, **dict(self.options))
         if self.mesh is not None:
             return sharded_routed_attention(self.mesh, q, k, v, clusters, **kwargs)
         return routed_attention(q, k, v, clusters, **kwargs)
@@ -284,8 +285,9 @@ class SurgicalAttention(nnx.Module):
 
     def _kernel_attention(self, q, k, v, clusters):
         s = self.surgery_config
+        # the ids are tree nodes at the cut: p ** cut of them, which lets the kernels count
         return self.attention(q, k, v, clusters, window=s.window, sink_tokens=s.sink_tokens,
-                              scale=self.scale)
+                              scale=self.scale, num_clusters=s.arity ** s.cut_level)
 
     def _masked_attention(self, q, k, v, positions, k_pos, clusters, k_clusters, k_valid,
                           q_valid=None):
