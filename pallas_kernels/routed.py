@@ -52,8 +52,8 @@ def _check_num_clusters(num_clusters, clusters):
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) \
             or num_clusters < 1:
         raise ValueError(f"num_clusters must be an integer >= 1 or None, got {num_clusters!r}")
-    if not isinstance(clusters, jax.core.Tracer):
-        lo, hi = int(jnp.min(clusters)), int(jnp.max(clusters))
+    if not isinstance(clusters, jax.core.Tracer):  # one transfer for both ends
+        lo, hi = (int(x) for x in jnp.stack([jnp.min(clusters), jnp.max(clusters)]))
         if lo < 0 or hi >= num_clusters:
             raise ValueError(f"clusters must lie in [0, num_clusters = {num_clusters}), got ids "
                              f"from {lo} to {hi}")

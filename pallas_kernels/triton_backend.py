@@ -249,9 +249,10 @@ def dkv_sink_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
 # ----------------------------------------------------------------------------- counting sort
 
 def _check_sort(bins: int, tile: int) -> None:
-    if bins < 2 or bins & (bins - 1):
+    from pallas_kernels.validation import check_block_size
+    if check_block_size("the counting sort's bins", bins) < 2:
         raise ValueError(f"the counting sort's bins must be a power of two >= 2, got {bins}")
-    if tile < 16 or tile & (tile - 1):
+    if check_block_size("the counting sort's tile", tile) < 16:
         raise ValueError(f"the counting sort's tile must be a power of two >= 16, got {tile}")
     if (bins + 1) * tile >= 2 ** 31:
         raise ValueError(f"the counting sort's keys (id x tile) overflow int32: bins {bins}, "
@@ -294,13 +295,13 @@ def counting_sort(ids, bins: int, *, lo=None, length: int | None = None, tile: i
     n = n_ids if length is None else length
     if n < n_ids:
         raise ValueError(f"counting_sort pads to length {n}, shorter than the ids' {n_ids}")
+    if not 0 <= num_ids < bins:
+        raise ValueError(f"counting_sort's num_ids must lie in [0, bins = {bins}), got "
+                         f"{num_ids}")
     rows = int(np.prod(lead, dtype=np.int64))
     tile = min(tile, max(16, 1 << (n - 1).bit_length()))  # a short row in one tile
     flat = ids.reshape(rows, n_ids).astype(jnp.int32)
     lo = jnp.zeros((1,), jnp.int32) if lo is None else jnp.reshape(lo, (1,)).astype(jnp.int32)
-    if not 0 <= num_ids < bins:
-        raise ValueError(f"counting_sort's num_ids must lie in [0, bins = {bins}), got "
-                         f"{num_ids}")
     (counts,) = call_launch(count_launch(rows, n_ids, n, bins, tile, num_ids), interpret, flat,
                             lo)
     # base[r, t, c]: the slots before tile t's first token of id c, over (id, tile) order

@@ -102,13 +102,15 @@ class TestCountingSort:
 
 def test_bad_sort_arguments_are_refused():
     ids = jnp.zeros((1, 1, 8), jnp.int32)
-    with pytest.raises(ValueError, match="bins must be a power of two"):
+    with pytest.raises(ValueError, match="bins must be a positive power of two, got 48"):
         counting_sort(ids, 48)
     with pytest.raises(ValueError, match="overflow int32"):
         counting_sort(jnp.zeros((1, 1, 4096), jnp.int32), 1 << 21, tile=1024)
     with pytest.raises(ValueError, match="shorter than the ids"):
         counting_sort(ids, 64, length=4)
-    with pytest.raises(ValueError, match="tile must be a power of two"):
+    with pytest.raises(ValueError, match=r"num_ids must lie in \[0, bins = 64\), got 64"):
+        counting_sort(ids, 64, num_ids=64)
+    with pytest.raises(ValueError, match="tile must be a positive power of two, got 24"):
         counting_sort(jnp.zeros((1, 1, 4096), jnp.int32), 64, tile=24)
     with pytest.raises(ValueError, match="shorter than the ids"):
         sort_clusters(ids, backend="triton", length=4)
@@ -172,3 +174,7 @@ def test_a_broken_cluster_count_is_refused_where_the_ids_are_concrete():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="num_clusters must be an integer >= 1"):
             routed_attention(q, k, v, ids, window=2, sink_tokens=1, num_clusters=bad)
+    from pallas_kernels.config import AttentionConfig
+    with pytest.raises(ValueError, match="num_ids .* must be an integer >= 0, got -1"):
+        AttentionConfig(q_len=20, kv_len=20, q_offset=0, window=2, sink_tokens=1, scale=0.25,
+                        block_q=16, block_k=16, num_ids=-1)
