@@ -33,7 +33,7 @@ SORTED_ABOVE = 0.25
 def _natural(q, k, v, qc, cfg, backend, schedule=None):
     if schedule is None:
         schedule = build_schedule(qc, qc, window=cfg.window, sink_tokens=cfg.sink_tokens,
-                                  block_q=cfg.block_q, block_k=cfg.block_k)
+                                  block_q=cfg.block_q, block_k=cfg.block_k, num_ids=cfg.num_ids)
     return attention_with_schedule(q, k, v, qc, qc, schedule, backend=backend, config=cfg)
 
 
@@ -88,8 +88,10 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     takes the sorted layout where prefer_sorted(natural_density_bound(...), sorted_above) holds
     (a lax.cond: both paths are compiled, one runs; the natural one builds its schedule).
     num_clusters: the ids lie in [0, num_clusters) (a surgical model's p ** cut); it lets
-    backend="triton" sort by counting without checking their range on the device. Where the
-    ids are concrete a broken promise raises; under jit its rows come out NaN. Returns out
+    backend="triton" sort by counting, and the natural layout's schedule take its signature
+    path, without checking their range on the device. Where the ids are concrete a broken
+    promise raises; under jit its rows come out NaN on the sorted layout, and the natural
+    layout visits more blocks than it needs (still exact). Returns out
     [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
     Differentiable in q, k, v.
     """

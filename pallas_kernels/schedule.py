@@ -15,21 +15,26 @@ Nothing here is S x S. Work and memory, per head:
   - window and sink blocks and the "full" test are structural, O(1) per block pair, using the
     start of each run of equal ids.
   - the block-level lists themselves: O(nq * nk), compacted from the flags by XLA passes or,
-    on a GPU with jax-triton, by one Triton kernel (triton_compact.py; compaction="auto").
+    on a GPU with jax-triton, by one Triton kernel (triton_compact.py; compaction="auto"). On
+    the signature path with a window, that kernel decides the flags itself: signatures and
+    run starts in, lists out, one launch per direction.
 When every id lies in [0, SIGNATURE_IDS) (routes cut at a depth of at most 7 for p = 2, or any
 user's small cluster count), the shared-cluster test runs on per-block bit signatures instead:
 O(S + nq * nk), no sort, no scatter. A lax.cond picks that path from the ids' range, so the
-schedule is the same either way. With a window of at least one token the straddle test is
+schedule is the same either way; build_schedule(num_ids=n <= SIGNATURE_IDS), a promise about
+the ids, skips that check. With a window of at least one token the straddle test is
 skipped: every block crossing the diagonal holds some token's pair with itself (i - j = 0),
 which the window allows whatever the ids.
 """
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.common import cdiv, pad_axis
 from pallas_kernels.masking import allowed_pairs
@@ -119,12 +124,12 @@ def _block_geometry(q_len, kv_len, bq, bk, q_offset):
 
 
 def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids):
-    """(visited, full, causal) [nq, nk] bool for one head. small_ids: every id lies in
+    """(visited, full) [nq, nk] bool for one head (full blocks are visited ones). small_ids: every id lies in
     [0, SIGNATURE_IDS) (signatures decide shared clusters)."""
     q_len, kv_len = qc.shape[0], kc.shape[0]
     nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     j = jnp.arange(nk)[None, :]
-    q_first, q_last, k_first, k_last, causal, straddle, below = _block_geometry(
+    q_first, q_last, k_first, k_last, _, straddle, below = _block_geometry(
         q_len, kv_len, bq, bk, q_offset)
 
     if small_ids:
@@ -154,7 +159,7 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids):
               & (qc[r_hi_c] == kc[k_lo_c]))
     no_padding = (j + 1) * bk <= kv_len
     full = below & no_padding & (none_left | one_id)
-    return visited, full, jnp.broadcast_to(causal, visited.shape)
+    return visited, full
 
 
 def _block_signatures(ids, block, words=2):
@@ -247,11 +252,87 @@ def compact_lists(masked, full, compaction: str = "auto"):
     return compact(masked, full, interpret=how == "triton_interpret")
 
 
+def causal_block_count(q_len: int, kv_len: int, bq: int, bk: int, q_offset: int) -> int:
+    """How many [nq, nk] blocks of one head hold a causal pair: the density's denominator."""
+    nk = cdiv(kv_len, bk)
+    q_last = q_offset + np.minimum(np.arange(1, cdiv(q_len, bq) + 1) * bq, q_len) - 1
+    return int(np.sum(np.minimum(q_last // bk + 1, nk)))
+
+
+def _check_num_ids(num_ids):
+    if isinstance(num_ids, bool) or not isinstance(num_ids, numbers.Integral) or num_ids < 0:
+        raise ValueError(f"num_ids (the number of cluster ids, 0 for unknown) must be an "
+                         f"integer >= 0, got {num_ids!r}")
+    return int(num_ids)
+
+
+def _block_changes(ids, block):
+    """(offsets within its block [S] int32, whether each position's id differs from the one
+    before it in its block [S] bool)."""
+    t = jnp.arange(ids.shape[0], dtype=jnp.int32)
+    offset = t % block
+    return offset, (offset != 0) & (ids != jnp.roll(ids, 1))
+
+
+def _block_reduce(x, block, init, op):
+    return jax.lax.reduce(pad_axis(x, cdiv(x.shape[0], block) * block, value=init)
+                          .reshape(-1, block), init, op, (1,))
+
+
+def _query_block_facts(ids, block):
+    """[SIGNATURE_IDS // 32 + 2, n_blocks] int32 of one head's query ids [S], per block: its id
+    signature's words, the last offset where the id changes (-1: one id), its last id. Rows
+    from offset r to the block's end hold one id exactly when that offset is <= r."""
+    offset, change = _block_changes(ids, block)
+    last_change = _block_reduce(jnp.where(change, offset, -1), block, jnp.int32(-1),
+                                jax.lax.max)
+    last = jnp.minimum(jnp.arange(cdiv(ids.shape[0], block), dtype=jnp.int32) * block + block,
+                       ids.shape[0]) - 1
+    sig = jax.lax.bitcast_convert_type(_block_signatures(ids, block, SIGNATURE_IDS // 32),
+                                       jnp.int32)
+    return jnp.concatenate([sig.T, last_change[None], ids[last].astype(jnp.int32)[None]])
+
+
+def _key_block_facts(ids, block, sink_tokens):
+    """[SIGNATURE_IDS // 32 + 2, n_blocks] int32 of one head's key ids [S], per block: its id
+    signature's words, the first offset past the sink keys where the id changes (block: none),
+    and the id of its first key past the sink. Keys from that first one to offset k hold one
+    id exactly when that change offset is > k."""
+    n = ids.shape[0]
+    offset, change = _block_changes(ids, block)
+    past_sink = jnp.arange(n, dtype=jnp.int32) > sink_tokens
+    first_change = _block_reduce(jnp.where(change & past_sink, offset, block), block,
+                                 jnp.int32(block), jax.lax.min)
+    first = jnp.arange(cdiv(n, block), dtype=jnp.int32) * block
+    lo = jnp.clip(jnp.maximum(first, sink_tokens), 0, n - 1)
+    sig = jax.lax.bitcast_convert_type(_block_signatures(ids, block, SIGNATURE_IDS // 32),
+                                       jnp.int32)
+    return jnp.concatenate([sig.T, first_change[None], ids[lo].astype(jnp.int32)[None]])
+
+
+def _signature_lists(qc, kc, *, bq, bk, q_offset, window, sink_tokens, interpret):
+    """Both directions' lists on the signature path, each decided and written by one Triton
+    launch (triton_compact.signature_lists) from per-block facts."""
+    from pallas_kernels.triton_compact import signature_lists
+    facts = (jax.vmap(jax.vmap(lambda x: _query_block_facts(x, bq)))(qc),
+             jax.vmap(jax.vmap(lambda x: _key_block_facts(x, bk, sink_tokens)))(kc))
+    geometry = dict(block_q=bq, block_k=bk, q_offset=q_offset, q_len=qc.shape[-1],
+                    kv_len=kc.shape[-1], window=window, sink_tokens=sink_tokens,
+                    interpret=interpret)
+    return (*signature_lists(*facts, transposed=False, **geometry),
+            *signature_lists(*facts, transposed=True, **geometry))
+
+
 def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
-                   block_q=128, block_k=128, compaction: str = "auto") -> BlockSchedule:
+                   block_q=128, block_k=128, compaction: str = "auto",
+                   num_ids: int = 0) -> BlockSchedule:
     """Block schedule for clusters q_clusters [B, H, Sq] and k_clusters [B, H, Sk] (int ids),
     queries at positions q_offset .. q_offset + Sq - 1 and keys at 0 .. Sk - 1. compaction:
-    how the flags become lists (resolve_compaction); every choice gives the same schedule."""
+    how the flags become lists (resolve_compaction); every choice gives the same schedule.
+    num_ids: a promise that every id lies in [0, num_ids) (0: none). Up to SIGNATURE_IDS it
+    skips the device-side range check (a lax.cond, a host round trip on a GPU): the signature
+    path runs directly. Ids that break the promise alias others' signature bits, so the
+    schedule may visit blocks it need not (never fewer): the attention stays exact."""
     if q_clusters.ndim != 3 or k_clusters.ndim != 3 or q_clusters.shape[:2] != k_clusters.shape[:2]:
         raise ValueError("q_clusters and k_clusters must be [B, H, S] with the same B and H, got "
                          f"{tuple(q_clusters.shape)} and {tuple(k_clusters.shape)}")
@@ -260,20 +341,36 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
     window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset, q_len, kv_len)
     block_q = check_block_size("block_q", block_q, power_of_two=False)
     block_k = check_block_size("block_k", block_k, power_of_two=False)
+    num_ids = _check_num_ids(num_ids)
+    how = resolve_compaction(compaction)
+    # One Triton launch per direction decides and writes the lists (no straddle test to run).
+    in_kernel = how != "xla" and window >= 1
 
-    def flags(small_ids):
-        per_head = functools.partial(
-            _block_flags, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
-            sink_tokens=sink_tokens, small_ids=small_ids)
-        return lambda qc, kc: jax.vmap(jax.vmap(per_head))(qc, kc)
+    def lists(small_ids):
+        def build(qc, kc):
+            if small_ids and in_kernel:
+                return _signature_lists(qc, kc, bq=block_q, bk=block_k, q_offset=q_offset,
+                                        window=window, sink_tokens=sink_tokens,
+                                        interpret=how == "triton_interpret")
+            per_head = functools.partial(
+                _block_flags, bq=block_q, bk=block_k, q_offset=q_offset, window=window,
+                sink_tokens=sink_tokens, small_ids=small_ids)
+            visited, full = jax.vmap(jax.vmap(per_head))(qc, kc)
+            masked = visited & ~full
+            return (*compact_lists(masked, full, how),
+                    *compact_lists(jnp.swapaxes(masked, -1, -2), jnp.swapaxes(full, -1, -2),
+                                   how))
+        return build
 
-    small = ((jnp.min(qc) >= 0) & (jnp.max(qc) < SIGNATURE_IDS)
-             & (jnp.min(kc) >= 0) & (jnp.max(kc) < SIGNATURE_IDS))
-    visited, full, causal = jax.lax.cond(small, flags(True), flags(False), qc, kc)
-    masked = visited & ~full
-    kv_indices, kv_num, kv_masked = compact_lists(masked, full, compaction)
-    q_indices, q_num, q_masked = compact_lists(jnp.swapaxes(masked, -1, -2),
-                                               jnp.swapaxes(full, -1, -2), compaction)
-    density = jnp.sum(visited) / jnp.maximum(jnp.sum(causal), 1)
+    if 0 < num_ids <= SIGNATURE_IDS:
+        parts = lists(True)(qc, kc)
+    else:
+        small = ((jnp.min(qc) >= 0) & (jnp.max(qc) < SIGNATURE_IDS)
+                 & (jnp.min(kc) >= 0) & (jnp.max(kc) < SIGNATURE_IDS))
+        parts = jax.lax.cond(small, lists(True), lists(False), qc, kc)
+    kv_indices, kv_num, kv_masked, q_indices, q_num, q_masked = parts
+    # Full blocks are visited ones, so the visited blocks are what the lists count.
+    causal = batch * heads * causal_block_count(q_len, kv_len, block_q, block_k, q_offset)
+    density = jnp.sum(kv_num) / max(causal, 1)
     return BlockSchedule(kv_indices, kv_num, kv_masked, q_indices, q_num, q_masked,
                          density.astype(jnp.float32))

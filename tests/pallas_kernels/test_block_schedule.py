@@ -121,7 +121,7 @@ def test_signature_branch_matches_brute_force(geometry, window, sink):
         a, b, bq=bq, bk=bk, q_offset=q_offset, window=min(window, 2**31 - 1),
         sink_tokens=min(sink, 2**31 - 1), small_ids=True))))
     for qc, kc in cluster_variants(rng, 1, 2, q_len, kv_len, q_offset):
-        visited, full, _ = flags(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32))
+        visited, full = flags(jnp.asarray(qc, jnp.int32), jnp.asarray(kc, jnp.int32))
         want_visited, want_full, _ = brute_force(qc, kc, window=window, sink=sink,
                                                  q_offset=q_offset, bq=bq, bk=bk)
         np.testing.assert_array_equal(np.asarray(visited), want_visited)

@@ -385,10 +385,12 @@ def test_bench_forward_schedule_is_the_schedules_key_block_lists():
     ids = jnp.broadcast_to(jnp.arange(512) // 32 % 7, (1, bench.HQ, 512))  # 7 clusters, cycled
     whole = prob.schedule_fn(ids, 32, 32, "xla")
     forward = jax.jit(lambda ids: bench._forward_lists(prob.schedule(ids, 32, 32, "xla")))(ids)
+    promised = prob.forward_schedule_fn(ids, 32, 32, 7)  # the ids' range promised
     assert float(whole.density) < 0.9  # blocks skipped: the lists are not all full
-    for got, want in zip(forward, (whole.kv_indices, whole.kv_num_blocks, whole.kv_num_masked,
-                                   whole.density)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for lists in (forward, promised):
+        for got, want in zip(lists, (whole.kv_indices, whole.kv_num_blocks,
+                                     whole.kv_num_masked, whole.density)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bench_tuning_reports_when_no_backward_variant_runs(monkeypatch):

@@ -526,7 +526,12 @@ for name in kernel_sass.KERNELS:
             f.write(f"PACK {launch.meta['PACK']}\n"
                     + kernel_sass.disassemble(kernel.asm["cubin"]))
 launch = triton_compact._launch(32 * 1024, 1024)
-kernel = kernel_sass.compile_launch(launch, ["*i8", "*i32", "*i32", "*i32"], cc)
+kernel = kernel_sass.compile_launch(launch, ["*i8"] * 3 + ["*i32"] * 3, cc)
+shared[launch.name] = kernel.metadata.shared
+launch = triton_compact._launch(32 * 1024, 1024, FROM_SIGNATURES=True, ROWS=1024, NQ=1024,
+                                NK=1024, TRANSPOSED=False, Q_LEN=131072, KV_LEN=131072, BQ=128,
+                                BK=128, Q_OFFSET=0, WINDOW=128, SINK=1, WORDS=4)
+kernel = kernel_sass.compile_launch(launch, ["*i8"] + ["*i32"] * 5, cc)
 shared[launch.name] = kernel.metadata.shared
 print(json.dumps(shared))
 """
@@ -549,7 +554,8 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted(shared) == ["block_schedule_compact", "block_sparse_attention_dkv",
+    assert sorted(shared) == ["block_schedule_compact", "block_schedule_signature_lists",
+                              "block_sparse_attention_dkv",
                               "block_sparse_attention_dkv_sink", "block_sparse_attention_dq",
                               "block_sparse_attention_fwd", "routed_attention_band_fwd",
                               "routed_attention_fwd", "routed_attention_tree_fwd"]
