@@ -16,8 +16,8 @@ Nothing here is S x S. Work and memory, per head:
     start of each run of equal ids.
   - the block-level lists themselves: O(nq * nk), compacted from the flags by XLA passes or,
     on a GPU with jax-triton, by one Triton kernel (triton_compact.py; compaction="auto"). On
-    the signature path with a window, that kernel decides the flags itself: signatures and
-    run starts in, lists out, one launch per direction.
+    the signature path with a window, that kernel decides the flags itself from a few facts
+    per block (O(S) reductions, no scan): one launch per direction, no [nq, nk] flags.
 When every id lies in [0, SIGNATURE_IDS) (routes cut at a depth of at most 7 for p = 2, or any
 user's small cluster count), the shared-cluster test runs on per-block bit signatures instead:
 O(S + nq * nk), no sort, no scatter. A lax.cond picks that path from the ids' range, so the
@@ -124,8 +124,8 @@ def _block_geometry(q_len, kv_len, bq, bk, q_offset):
 
 
 def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids):
-    """(visited, full) [nq, nk] bool for one head (full blocks are visited ones). small_ids: every id lies in
-    [0, SIGNATURE_IDS) (signatures decide shared clusters)."""
+    """(visited, full) [nq, nk] bool for one head (full blocks are visited ones). small_ids:
+    every id lies in [0, SIGNATURE_IDS) (signatures decide shared clusters)."""
     q_len, kv_len = qc.shape[0], kc.shape[0]
     nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
     j = jnp.arange(nk)[None, :]
@@ -279,6 +279,12 @@ def _block_reduce(x, block, init, op):
                           .reshape(-1, block), init, op, (1,))
 
 
+def _signature_words(ids, block):
+    """[SIGNATURE_IDS // 32, n_blocks] int32: the blocks' id signatures, word-major."""
+    sig = _block_signatures(ids, block, SIGNATURE_IDS // 32)
+    return jax.lax.bitcast_convert_type(sig, jnp.int32).T
+
+
 def _query_block_facts(ids, block):
     """[SIGNATURE_IDS // 32 + 2, n_blocks] int32 of one head's query ids [S], per block: its id
     signature's words, the last offset where the id changes (-1: one id), its last id. Rows
@@ -288,9 +294,8 @@ def _query_block_facts(ids, block):
                                 jax.lax.max)
     last = jnp.minimum(jnp.arange(cdiv(ids.shape[0], block), dtype=jnp.int32) * block + block,
                        ids.shape[0]) - 1
-    sig = jax.lax.bitcast_convert_type(_block_signatures(ids, block, SIGNATURE_IDS // 32),
-                                       jnp.int32)
-    return jnp.concatenate([sig.T, last_change[None], ids[last].astype(jnp.int32)[None]])
+    return jnp.concatenate([_signature_words(ids, block), last_change[None],
+                            ids[last].astype(jnp.int32)[None]])
 
 
 def _key_block_facts(ids, block, sink_tokens):
@@ -305,9 +310,8 @@ def _key_block_facts(ids, block, sink_tokens):
                                  jnp.int32(block), jax.lax.min)
     first = jnp.arange(cdiv(n, block), dtype=jnp.int32) * block
     lo = jnp.clip(jnp.maximum(first, sink_tokens), 0, n - 1)
-    sig = jax.lax.bitcast_convert_type(_block_signatures(ids, block, SIGNATURE_IDS // 32),
-                                       jnp.int32)
-    return jnp.concatenate([sig.T, first_change[None], ids[lo].astype(jnp.int32)[None]])
+    return jnp.concatenate([_signature_words(ids, block), first_change[None],
+                            ids[lo].astype(jnp.int32)[None]])
 
 
 def _signature_lists(qc, kc, *, bq, bk, q_offset, window, sink_tokens, interpret):
