@@ -6,7 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from pallas_kernels.common import cdiv
-from pallas_kernels.validation import check_block_size
+from pallas_kernels.validation import check_block_size, check_num_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +122,7 @@ class AttentionConfig:
     def __post_init__(self):
         check_block_size("block_q", self.block_q)
         check_block_size("block_k", self.block_k)
-        if not isinstance(self.num_ids, int) or self.num_ids < 0:
-            raise ValueError(f"num_ids (the number of cluster ids) must be an integer >= 0, "
-                             f"got {self.num_ids!r}")
+        check_num_ids(self.num_ids)
 
     @property
     def num_q_blocks(self):

@@ -12,8 +12,8 @@ Nothing here is S x S. Work and memory, per head:
     O(S log S + Sq * nk / 32).
   - blocks straddling the diagonal (at most block_q // block_k + 2 per query block) are decided
     token by token: O(Sq * block_k).
-  - window and sink blocks and the "full" test are structural, O(1) per block pair, using the
-    start of each run of equal ids.
+  - window and sink blocks and the "full" test are structural, O(1) per block pair, using where
+    each block's ids change (O(S) reductions, no scan).
   - the block-level lists themselves: O(nq * nk), compacted from the flags by XLA passes or,
     on a GPU with jax-triton, by one Triton kernel (triton_compact.py; compaction="auto"). On
     the signature path with a window, that kernel decides the flags itself from a few facts
@@ -29,7 +29,6 @@ which the window allows whatever the ids.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -38,7 +37,8 @@ import numpy as np
 
 from pallas_kernels.common import cdiv, pad_axis
 from pallas_kernels.masking import allowed_pairs
-from pallas_kernels.validation import check_block_size, check_clusters, check_mask_params
+from pallas_kernels.validation import (check_block_size, check_clusters, check_mask_params,
+                                       check_num_ids)
 
 # Ids the signature path covers exactly: one bit each in SIGNATURE_IDS / 32 words per block.
 SIGNATURE_IDS = 128
@@ -146,19 +146,18 @@ def _block_flags(qc, kc, *, bq, bk, q_offset, window, sink_tokens, small_ids):
 
     # Full: the pairs that neither the sink nor the window allow (keys [k_lo, k_hi] against
     # rows [r_lo, q_last]) must all share one cluster id. Row q_last meets every such key and
-    # key k_lo every such row, so both ranges must hold one id each, and the same one.
+    # key k_lo every such row, so both ranges must hold one id each, and the same one. The
+    # keys start at the block's first key past the sink and the rows run to the block's end,
+    # so per-block facts decide it (_query_run_facts, _key_run_facts; the kernel's test too).
+    q_change, q_id = _query_run_facts(qc, bq)
+    k_change, k_id = _key_run_facts(kc, bk, sink_tokens)
     k_lo = jnp.maximum(k_first, sink_tokens)
     k_hi = jnp.minimum(k_last, q_last - window)
-    none_left = k_lo > k_hi
-    r_lo = jnp.maximum(q_first, k_lo + window) - q_offset
-    r_hi = q_last - q_offset
-    k_lo_c = jnp.clip(k_lo, 0, kv_len - 1)
-    k_hi_c = jnp.clip(k_hi, 0, kv_len - 1)
-    r_hi_c = jnp.clip(r_hi, 0, q_len - 1)
-    one_id = ((_run_starts(qc)[r_hi_c] <= r_lo) & (_run_starts(kc)[k_hi_c] <= k_lo)
-              & (qc[r_hi_c] == kc[k_lo_c]))
+    rows_from = jnp.maximum(q_first, k_lo + window) - q_first
+    one_id = ((q_change[:, None] <= rows_from) & (k_change[None, :] > k_hi - k_first)
+              & (q_id[:, None] == k_id[None, :]))
     no_padding = (j + 1) * bk <= kv_len
-    full = below & no_padding & (none_left | one_id)
+    full = below & no_padding & ((k_lo > k_hi) | one_id)
     return visited, full
 
 
@@ -259,13 +258,6 @@ def causal_block_count(q_len: int, kv_len: int, bq: int, bk: int, q_offset: int)
     return int(np.sum(np.minimum(q_last // bk + 1, nk)))
 
 
-def _check_num_ids(num_ids):
-    if isinstance(num_ids, bool) or not isinstance(num_ids, numbers.Integral) or num_ids < 0:
-        raise ValueError(f"num_ids (the number of cluster ids, 0 for unknown) must be an "
-                         f"integer >= 0, got {num_ids!r}")
-    return int(num_ids)
-
-
 def _block_changes(ids, block):
     """(offsets within its block [S] int32, whether each position's id differs from the one
     before it in its block [S] bool)."""
@@ -285,41 +277,47 @@ def _signature_words(ids, block):
     return jax.lax.bitcast_convert_type(sig, jnp.int32).T
 
 
-def _query_block_facts(ids, block):
-    """[SIGNATURE_IDS // 32 + 2, n_blocks] int32 of one head's query ids [S], per block: its id
-    signature's words, the last offset where the id changes (-1: one id), its last id. Rows
-    from offset r to the block's end hold one id exactly when that offset is <= r."""
+def _query_run_facts(ids, block):
+    """([n_blocks], [n_blocks]) int32 of one head's query ids [S], per block: the last offset
+    where the id changes (-1: one id) and its last id. Rows from offset r to the block's end
+    hold one id exactly when that offset is <= r."""
     offset, change = _block_changes(ids, block)
     last_change = _block_reduce(jnp.where(change, offset, -1), block, jnp.int32(-1),
                                 jax.lax.max)
     last = jnp.minimum(jnp.arange(cdiv(ids.shape[0], block), dtype=jnp.int32) * block + block,
                        ids.shape[0]) - 1
-    return jnp.concatenate([_signature_words(ids, block), last_change[None],
-                            ids[last].astype(jnp.int32)[None]])
+    return last_change, ids[last].astype(jnp.int32)
 
 
-def _key_block_facts(ids, block, sink_tokens):
-    """[SIGNATURE_IDS // 32 + 2, n_blocks] int32 of one head's key ids [S], per block: its id
-    signature's words, the first offset past the sink keys where the id changes (block: none),
-    and the id of its first key past the sink. Keys from that first one to offset k hold one
-    id exactly when that change offset is > k."""
+def _key_run_facts(ids, block, sink_tokens):
+    """([n_blocks], [n_blocks]) int32 of one head's key ids [S], per block: the first offset
+    past the sink keys where the id changes (block: none) and the id of its first key past
+    the sink. Keys from that first one to offset k hold one id exactly when that change offset
+    is > k."""
     n = ids.shape[0]
     offset, change = _block_changes(ids, block)
     past_sink = jnp.arange(n, dtype=jnp.int32) > sink_tokens
     first_change = _block_reduce(jnp.where(change & past_sink, offset, block), block,
                                  jnp.int32(block), jax.lax.min)
     first = jnp.arange(cdiv(n, block), dtype=jnp.int32) * block
-    lo = jnp.clip(jnp.maximum(first, sink_tokens), 0, n - 1)
-    return jnp.concatenate([_signature_words(ids, block), first_change[None],
-                            ids[lo].astype(jnp.int32)[None]])
+    return first_change, ids[jnp.clip(jnp.maximum(first, sink_tokens), 0, n - 1)].astype(jnp.int32)
+
+
+def _block_facts(ids, block, run_facts):
+    """[SIGNATURE_IDS // 32 + 2, n_blocks] int32: the blocks' signature words, then their run
+    facts (what triton_compact's kernel reads)."""
+    sig = _block_signatures(ids, block, SIGNATURE_IDS // 32)
+    return jnp.concatenate([jax.lax.bitcast_convert_type(sig, jnp.int32).T,
+                            jnp.stack(run_facts)])
 
 
 def _signature_lists(qc, kc, *, bq, bk, q_offset, window, sink_tokens, interpret):
     """Both directions' lists on the signature path, each decided and written by one Triton
     launch (triton_compact.signature_lists) from per-block facts."""
     from pallas_kernels.triton_compact import signature_lists
-    facts = (jax.vmap(jax.vmap(lambda x: _query_block_facts(x, bq)))(qc),
-             jax.vmap(jax.vmap(lambda x: _key_block_facts(x, bk, sink_tokens)))(kc))
+    facts = (jax.vmap(jax.vmap(lambda x: _block_facts(x, bq, _query_run_facts(x, bq))))(qc),
+             jax.vmap(jax.vmap(lambda x: _block_facts(
+                 x, bk, _key_run_facts(x, bk, sink_tokens))))(kc))
     geometry = dict(block_q=bq, block_k=bk, q_offset=q_offset, q_len=qc.shape[-1],
                     kv_len=kc.shape[-1], window=window, sink_tokens=sink_tokens,
                     interpret=interpret)
@@ -345,7 +343,7 @@ def build_schedule(q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
     window, sink_tokens, q_offset = check_mask_params(window, sink_tokens, q_offset, q_len, kv_len)
     block_q = check_block_size("block_q", block_q, power_of_two=False)
     block_k = check_block_size("block_k", block_k, power_of_two=False)
-    num_ids = _check_num_ids(num_ids)
+    num_ids = check_num_ids(num_ids)
     how = resolve_compaction(compaction)
     # One Triton launch per direction decides and writes the lists (no straddle test to run).
     in_kernel = how != "xla" and window >= 1

@@ -8,8 +8,8 @@ last entry: the same lists, in two reads of one byte per block pair.
 
 On the signature path (every id in [0, SIGNATURE_IDS), a window of at least one token) the
 kernel does not read flags at all: it decides each block pair itself, from the two blocks'
-id signatures, their positions and the run starts of the ids (the same tests as
-schedule._block_flags), so the whole schedule is the signatures, the run starts and one launch
+id signatures, their positions and where their ids change (schedule._block_facts; the same
+tests as schedule._block_flags), so the whole schedule is a few O(S) reductions and one launch
 per list direction, with no [nq, nk] array in memory.
 
 Compiled through jax_triton.triton_call on a CUDA GPU; interpreted (triton's interpreter on CPU
@@ -40,7 +40,7 @@ def _signature_flags(row, cols, N: tl.constexpr, QB, KB, TRANSPOSED: tl.constexp
     or TRANSPOSED key block row and query blocks cols (the row's quantities stay scalars).
     Columns past N read column N - 1 (the caller masks them). schedule._block_flags with its
     straddle shortcut (WINDOW >= 1), from per-block facts QB / KB [WORDS + 2, blocks]
-    (schedule._query_block_facts / _key_block_facts)."""
+    (schedule._block_facts: signature words, then _query_run_facts / _key_run_facts)."""
     col = tl.minimum(cols, N - 1)
     if TRANSPOSED:
         i = col
@@ -195,8 +195,8 @@ def signature_lists(q_facts, k_facts, *, block_q: int, block_k: int, q_offset: i
                     interpret: bool = False):
     """(indices, count, masked_count) of build_schedule's key-block lists per query block
     (transposed: query-block lists per key block), decided in the kernel from per-block facts
-    q_facts [B, H, W + 2, nq] and k_facts [B, H, W + 2, nk] int32 (schedule._query_block_facts
-    and _key_block_facts: W id-signature words, then where the ids change and which id).
+    q_facts [B, H, W + 2, nq] and k_facts [B, H, W + 2, nk] int32 (schedule._block_facts: W
+    id-signature words, then where the ids change and which id).
     Needs window >= 1 (every block crossing the diagonal is visited)."""
     from pallas_kernels.triton_backend import call_launch
     if window < 1:

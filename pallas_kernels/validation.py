@@ -18,6 +18,14 @@ def _nonnegative_int(name, value):
     return int(value)
 
 
+def check_num_ids(num_ids):
+    """A promise that cluster ids lie in [0, num_ids), 0 for none: an int >= 0."""
+    if isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer)) or num_ids < 0:
+        raise ValueError(f"num_ids (the number of cluster ids, 0 for unknown) must be an "
+                         f"integer >= 0, got {num_ids!r}")
+    return int(num_ids)
+
+
 def check_mask_params(window, sink_tokens, q_offset, q_len, kv_len):
     """Checked (window, sink_tokens, q_offset). The window is clamped to q_offset + Sq (it then
     holds every causal pair) and sink_tokens to Sk (every key is then a sink): the mask is

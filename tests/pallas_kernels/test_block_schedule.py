@@ -128,6 +128,29 @@ def test_signature_branch_matches_brute_force(geometry, window, sink):
         np.testing.assert_array_equal(np.asarray(full), want_full)
 
 
+def cut_range_ids():
+    """[1, 2, 768] ids in blocks of 128 whose key or row ranges a window of 200 cuts (offsets
+    0..55 of the key block before the diagonal, rows 72..127 of the query block) change id
+    inside the range (not full: query block 1, changes at 80 and 90; key block 2, at 40) or
+    only outside it (full: key block 4, at 60; query block 5, at 10); with a one-token sink,
+    key block 0 is cut past it."""
+    a, b = 3, 9
+    ids = np.array([a] * 128 + [a] * 80 + [b] * 10 + [a] * 38 + [a] * 40 + [b] * 88 + [a] * 128
+                   + [a] * 60 + [b] * 68 + [b] * 10 + [a] * 118)
+    return np.broadcast_to(ids, (1, 2, ids.size))
+
+
+@pytest.mark.parametrize("sink", [0, 1])
+def test_cut_ranges_see_every_change_of_id(sink):
+    """The full-block test on ranges the window cuts, on both shared-cluster paths."""
+    ids = cut_range_ids()
+    for shift in (0, 1000):  # signature path, sorted-table path
+        s = schedule(jnp.asarray(ids + shift, jnp.int32), jnp.asarray(ids + shift, jnp.int32),
+                     window=200, sink_tokens=sink, block_q=128, block_k=128)
+        assert_matches_brute_force(s, ids, ids, window=200, sink=sink, q_offset=0, bq=128,
+                                   bk=128)
+
+
 @pytest.mark.parametrize("geometry", [(100, 100, 16, 32, 0), (37, 100, 16, 16, 63),
                                       (120, 120, 32, 16, 0), (64, 300, 32, 32, 200)])
 def test_window_of_one_keeps_exactly_the_diagonal_blocks(geometry):

@@ -15,7 +15,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from test_block_schedule import (  # noqa: E402
-    GEOMETRIES, assert_matches_brute_force, brute_force, cluster_variants, unpack)
+    GEOMETRIES, assert_matches_brute_force, brute_force, cluster_variants, cut_range_ids,
+    unpack)
 
 from pallas_kernels import build_schedule  # noqa: E402
 from pallas_kernels.schedule import resolve_compaction  # noqa: E402
@@ -175,14 +176,8 @@ def test_signature_lists_over_several_chunks(compaction, geometry, window, sink,
 
 @pytest.mark.parametrize("sink", [0, 1])
 def test_cut_ranges_see_every_change_of_id(compaction, sink):
-    """Blocks of 128 whose key or row ranges a window of 200 cuts (offsets 0..55 of the key
-    block before the diagonal, rows 72..127 of the query block) change id inside the range
-    (not full: query block 1, changes at 80 and 90; key block 2, at 40) or only outside it
-    (full: key block 4, at 60; query block 5, at 10); key block 0 past a one-token sink."""
-    a, b = 3, 9
-    ids = np.array([a] * 128 + [a] * 80 + [b] * 10 + [a] * 38 + [a] * 40 + [b] * 88 + [a] * 128
-                   + [a] * 60 + [b] * 68 + [b] * 10 + [a] * 118)
-    ids = np.broadcast_to(ids, (1, 2, ids.size))
+    """test_block_schedule's cut ranges, decided in the kernel."""
+    ids = cut_range_ids()
     s = build_schedule(jnp.asarray(ids, jnp.int32), jnp.asarray(ids, jnp.int32), window=200,
                        sink_tokens=sink, block_q=128, block_k=128, compaction=compaction,
                        num_ids=16)
