@@ -251,7 +251,7 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
 # ----------------------------------------------------------------------------- tree forward
 
 @triton.jit
-def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
+def _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
                     ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr, C: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
                     PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
@@ -269,8 +269,8 @@ def _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, first, stop,
         else:
             rows_k = tl.load(ord_ptr + keys)
         s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, IEEE, UPCAST)
-        if MASKED:
-            ok = (keys[None, :] >= seg[:, None]) & (keys[None, :] <= rows[:, None])
+        if MASKED:  # seg <= key <= row in one unsigned comparison; span = row - seg
+            ok = (keys[None, :] - seg[:, None]).to(tl.uint32) <= span[:, None]
             s = tl.where(ok, s, float("-inf"))
         acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, C, MASKED,
                                  IEEE, UPCAST, SLACK, PACK)
@@ -318,17 +318,18 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     # Unmasked: the blocks from the last segment start on, before diag (none when the rows
     # straddle two segments); before them, masked.
     full = tl.minimum((tl.max(seg, axis=0) + BK - 1) // BK, diag)
+    span = (rows - seg).to(tl.uint32)
     acc = tl.zeros((BQ, BD), tl.float32)
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     k_ptr, v_ptr = K + kv_off, V + kv_off
-    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, lo, full,
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, lo, full,
                                 cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, PREFETCH,
                                 SLACK, PACK)
-    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, full, diag,
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, full, diag,
                                 cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, PREFETCH,
                                 SLACK, PACK)
-    acc, m, l = _segment_blocks(acc, m, l, q, rows, seg, k_ptr, v_ptr, ord_ptr, diag,
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, diag,
                                 (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, SP, C, IEEE,
                                 UPCAST, True, PREFETCH, SLACK, PACK)
     out, lse = _finish(acc, m, l)
