@@ -306,9 +306,7 @@ def _key_run_facts(ids, block, sink_tokens):
 def _block_facts(ids, block, run_facts):
     """[SIGNATURE_IDS // 32 + 2, n_blocks] int32: the blocks' signature words, then their run
     facts (what triton_compact's kernel reads)."""
-    sig = _block_signatures(ids, block, SIGNATURE_IDS // 32)
-    return jnp.concatenate([jax.lax.bitcast_convert_type(sig, jnp.int32).T,
-                            jnp.stack(run_facts)])
+    return jnp.concatenate([_signature_words(ids, block), jnp.stack(run_facts)])
 
 
 def _signature_lists(qc, kc, *, bq, bk, q_offset, window, sink_tokens, interpret):
