@@ -20,8 +20,9 @@ inputs computed beforehand (medians):
     program; heads first in the grid, tiles first for the default too), and the
     schedule-driven launch (its sink keys a whole key block);
   - end to end: sorted_attention with the default tuning and with the fastest variant of each
-    kernel, with the number of clusters given (no range check), and with the argsort in place
-    of the counting sort; cuDNN's causal attention on the same q, k, v.
+    kernel, with the number of clusters given (no range check), with the order given (the
+    two kernels alone, no sort), and with the argsort in place of the counting sort; cuDNN's
+    causal attention on the same q, k, v.
 
 Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
 in every case, each variant's output and LSE against the default's on the case's own inputs
@@ -213,6 +214,12 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
     ms = add("end to end", f"default, num_clusters given {tree_variants[0]} {band_variants[0]}",
              lambda q, k, v, ids: sorted_attention(q, k, v, ids, promised, "triton"),
              q, k, v, ids)
+    rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
+    # the two kernels alone: what the forward would take with a free sort
+    ms = add("end to end", "default, the order given (tree and band kernels, no sort)",
+             lambda q, k, v, ids, order, starts: sorted_layout._fused_forward(
+                 q, k, v, ids, order, starts, promised), q, k, v, ids, padded.order,
+             padded.starts)
     rows[-1]["speedup_vs_cudnn"] = cudnn_ms / ms
     counting, sorted_layout.COUNTING_BINS = sorted_layout.COUNTING_BINS, 0  # argsort only
     try:

@@ -39,6 +39,8 @@ class GpuTuning:
     tree_warps: int = 4
     tree_stages: int = 3
     tree_prefetch: int = 1     # 1: the tree pass loads each key block's order one block ahead
+    tree_tail: int = 512       # programs the tree grid runs last: its cheapest query blocks (the
+                               # first of each head), so the grid ends on short programs; 0: none
     rescale_slack: int = 8     # tree and band softmax: the running max moves only past this
                                # (base 2); 0: every tile (triton_kernels._online_softmax)
 
@@ -54,6 +56,8 @@ class GpuTuning:
                 raise ValueError(f"GpuTuning.{name} must be a positive power of two, got {value}")
             if name.endswith("_stages") and value < 1:
                 raise ValueError(f"GpuTuning.{name} must be >= 1, got {value}")
+            if name == "tree_tail" and value < 0:
+                raise ValueError(f"GpuTuning.tree_tail must be >= 0, got {value}")
             if name == "rescale_slack" and not 0 <= value <= 16:
                 raise ValueError(f"GpuTuning.rescale_slack must be in [0, 16] (the weights "
                                  f"stay below 2^slack), got {value}")

@@ -163,9 +163,13 @@ def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Lau
     meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ())
     t = cfg.gpu
     bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
-    meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch),
+    blocks, rows = sp // bq, batch * hq
+    # the first TAIL query blocks of every row run last, heads first (segment_fwd_kernel);
+    # one block at least stays in the grid's first part
+    tail = min(-(-t.tree_tail // rows), blocks - 1)
+    meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch), NT=blocks, TAIL=tail,
                 **_rescale_meta(cfg, bq, t.tree_warps, meta["BD"], dtype))
-    return Launch(segment_fwd_kernel, (sp // bq, batch * hq),
+    return Launch(segment_fwd_kernel, (blocks * rows,),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
                    jax.ShapeDtypeStruct((batch, hq, sp), jnp.float32)),
                   meta, t.tree_warps, t.tree_stages, "routed_attention_tree_fwd")

@@ -282,7 +282,8 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                        HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr,
                        D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                        C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
+                       PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr,
+                       NT: tl.constexpr, TAIL: tl.constexpr):
     """The sorted layout's tree set in closed form, no schedule: slot t of head (b, h) holds
     token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
     attends to the slots START[t] .. t. Query block i (rows r0..r1, BQ of them) walks the
@@ -292,9 +293,24 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot: ORD is a permutation of
     0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP. A
     START of -1 (counting_sort's poison) makes the row NaN.
-    PREFETCH: each key block's order entries load a block ahead (_segment_blocks)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
+    PREFETCH: each key block's order entries load a block ahead (_segment_blocks).
+    The grid is one axis over the NT query blocks of every (b, h): blocks TAIL.. of each head
+    in turn, then blocks TAIL-1 down to 0, heads fastest (TAIL < NT). A block costs about its
+    rows' distance from their segment's start, so the grid ends on its cheapest programs (the
+    first rows of every head's first segment) and the SMs run out of work together; the rest
+    keeps one head's blocks side by side, sharing its keys in L2."""
+    MAIN: tl.constexpr = NT - TAIL  # >= 1 (segment_forward_launch)
+    g = tl.program_id(0)
+    heads = tl.num_programs(0) // NT  # B * HQ
+    # a branch, not a select: the select's indices stayed live through the loops (12 more
+    # registers, 2 programs per SM instead of 3)
+    if g < heads * MAIN:
+        bh = g // MAIN
+        i = g % MAIN + TAIL
+    else:
+        late = g - heads * MAIN
+        bh = late % heads
+        i = TAIL - 1 - late // heads
     b = bh // HQ
     h = bh % HQ
     HKV: tl.constexpr = HQ // GROUP

@@ -52,8 +52,8 @@ def test_toy_run_checks_every_variant(tmp_path):
     assert stages.count("sort and starts, counting") == len(script.SORT_VARIANTS)
     assert [r["variant"] for r in rows if r["stage"].startswith("sort and starts, padded")] \
         == ["argsort", "counting, range checked", "counting, num_clusters given"]
-    assert [r["variant"].split(" (")[0] for r in rows if r["stage"] == "end to end"][-2:] \
-        == ["default, num_clusters given", "default, argsort"]
+    assert [r["variant"].split(" (")[0] for r in rows if r["stage"] == "end to end"][-3:] \
+        == ["default, num_clusters given", "default, the order given", "default, argsort"]
     assert all(r["ms"] > 0 for r in rows)
     cudnn = rows[0]["ms"]
     for row in (r for r in rows if r["stage"] == "end to end"):

@@ -39,3 +39,22 @@ def test_tree_loops_and_the_skipped_rescale(slack, tmp_path):
         assert 0 < r["shared"] <= 227 * 1024
     # the middle loop runs the key blocks that need no mask: fewer instructions
     assert rows[1]["instructions"] < min(rows[0]["instructions"], rows[2]["instructions"])
+    if slack:  # the default launch keeps 3 programs (12 warps) per SM: fewer would cost it its
+        # latency hiding (a select in the grid's index math once took it to 174 registers, 2)
+        assert programs_per_sm(rows[0]) == 3, rows[0]
+
+
+def programs_per_sm(row) -> int:
+    """Resident programs per Hopper SM: 64K registers, allocated per warp in 256-register
+    units; 228 KB of shared memory, 1 KB of it reserved per program."""
+    per_warp = -(-row["registers"] * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * row["warps"])
+    by_shared = 228 * 1024 // (row["shared"] + 1024)
+    return min(by_registers, by_shared, 64 // row["warps"])
+
+
+@pytest.mark.parametrize("registers, warps, shared, want", [
+    (162, 4, 65536, 3), (164, 4, 65536, 3), (168, 4, 65536, 3), (169, 4, 65536, 2),
+    (174, 4, 65536, 2), (124, 4, 36864, 4), (64, 4, 16384, 8), (128, 8, 0, 2)])
+def test_programs_per_sm_in_closed_form(registers, warps, shared, want):
+    assert programs_per_sm(dict(registers=registers, warps=warps, shared=shared)) == want

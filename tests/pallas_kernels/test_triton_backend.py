@@ -235,7 +235,8 @@ class TestTritonKernels:
         launch = segment_forward_launch(cfg, (1, 96, hq, 16), (1, 96, hkv, 16), dtype)
         bq, bk = (min(t, 32) for t in tiles)
         assert (launch.meta["BQ"], launch.meta["BK"]) == (bq, bk)
-        assert launch.grid == (96 // bq, hq)
+        assert launch.grid == (96 // bq * hq,)
+        assert launch.meta["TAIL"] == min(-(-512 // hq), 96 // bq - 1)  # 512 programs last
         fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, window=6,
                                         sink_tokens=2)
@@ -279,12 +280,14 @@ class TestTritonKernels:
         want_lse = np.log(p.sum(-1)) + top[..., 0]
         cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
         assert np.abs(want_out).max() > 0.1
-        for prefetch in (0, 1):  # the order read in step with the keys, or a block ahead
+        # the order read in step with the keys or a block ahead; no block run last, three per
+        # head, every block but one per head (the most the launch defers)
+        for prefetch, tail in ((0, 0), (1, 2 * hq + 1), (1, 10 ** 6)):
             cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=0, sink_tokens=0,
                               q_offset=0, scale=None, backend="triton", interpret=interpret,
                               block_q=16, block_k=16,
                               gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
-                                                   tree_prefetch=prefetch))
+                                                   tree_prefetch=prefetch, tree_tail=tail))
             out, lse = forward_segment(cast(q), cast(k), cast(v), jnp.asarray(order, jnp.int32),
                                        segment_starts(jnp.asarray(sorted_ids)), cfg)
             out, lse = np.asarray(out, np.float32), np.asarray(lse)
