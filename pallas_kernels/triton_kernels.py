@@ -404,13 +404,16 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
     HB query heads of one kv group share a program: its HB * BQ rows (head-major) read each
     key tile once, and a narrow query tile still fills the matrix units.
     HEADS_FIRST: the grid is (B * HQ / HB, tiles), so the heads of one query tile run
-    together and read each key tile of their kv head once from memory, not once per head."""
+    together and read each key tile of their kv head once from memory, not once per head.
+    Tiles run last to first: the first WINDOW rows have fewer keys and no sink tiles, so the
+    grid ends on its cheapest programs."""
     if HEADS_FIRST:
-        i = tl.program_id(1)
+        i = tl.num_programs(1) - 1 - tl.program_id(1)
         g = tl.program_id(0)
     else:
-        i = tl.program_id(0)
+        i = tl.num_programs(0) - 1 - tl.program_id(0)
         g = tl.program_id(1)
+    tl.assume(i >= 0)  # lets the compiler keep the tile's address math as it was (275 per tile)
     b = g // (HQ // HB)
     h0 = (g % (HQ // HB)) * HB
     HKV: tl.constexpr = HQ // GROUP
