@@ -66,7 +66,7 @@ TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
 TREE_VARIANTS = [(64, 32, 4, 3, 1), (64, 64, 4, 3, 1), (128, 128, 8, 2, 1), (64, 32, 4, 4, 1),
                  (128, 32, 8, 3, 1), (64, 16, 4, 3, 1)]
 # (band_tile_q, band_tile_k, band_warps, band_stages, band_heads), the default first
-BAND_VARIANTS = [(16, 16, 4, 2, 4), (64, 32, 4, 2, 1), (16, 16, 4, 3, 4), (32, 16, 8, 2, 4)]
+BAND_VARIANTS = [(16, 16, 4, 3, 4), (64, 32, 4, 2, 1), (16, 16, 4, 2, 4), (32, 16, 8, 2, 4)]
 # (bins, tile) of the counting sort, the default first
 SORT_VARIANTS = [(256, 512), (256, 1024), (256, 256), (64, 512)]
 TOY_TREE = [(16, 16, 4, 1, 0), (32, 16, 4, 1, 1)]

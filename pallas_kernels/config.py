@@ -32,7 +32,7 @@ class GpuTuning:
     band_tile_q: int = 16      # the sorted layout's window + sink pass (triton band_fwd_kernel)
     band_tile_k: int = 16
     band_warps: int = 4
-    band_stages: int = 2
+    band_stages: int = 3
     band_heads: int = 4        # query heads of one kv group per band program (a power of two)
     tree_tile_q: int = 64      # the sorted layout's tree pass (triton segment_fwd_kernel):
     tree_tile_k: int = 32      # its query and key blocks, warps and stages

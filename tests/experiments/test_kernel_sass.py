@@ -1,6 +1,6 @@
-"""experiments/kernel_sass.py: the tree kernel compiled for sm_90 on this host (no GPU), its
-loops read from the machine code. In its own process: triton compiles only where it was not
-imported for its interpreter."""
+"""experiments/kernel_sass.py: the tree and band kernels compiled for sm_90 on this host (no
+GPU), their loops read from the machine code. In its own process: triton compiles only where it
+was not imported for its interpreter."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,15 +21,7 @@ def test_tree_loops_and_the_skipped_rescale(slack, tmp_path):
     """The tree kernel walks three loops (masked, unmasked, masked). With the slack on, each
     holds one branch over its thread's 64 accumulator multiplies (64 query rows x 128 / 128
     threads), so the skipped path issues exactly 64 fewer instructions; with it off, none."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "kernel_sass.py"), "--kernels",
-                           "tree", "--rescale-slack", str(slack), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tree | 1 |" in proc.stdout
-    rows = json.loads(out.read_text())
+    rows = sass_rows("tree", slack, tmp_path)
     assert [r["loop"] for r in rows] == [0, 1, 2]
     pack = 64 if slack else 0
     for r in rows:
@@ -42,6 +34,29 @@ def test_tree_loops_and_the_skipped_rescale(slack, tmp_path):
     if slack:  # the default launch keeps 3 programs (12 warps) per SM: fewer would cost it its
         # latency hiding (a select in the grid's index math once took it to 174 registers, 2)
         assert programs_per_sm(rows[0]) == 3, rows[0]
+
+
+def test_band_loop_keeps_four_programs_per_sm(tmp_path):
+    """The band kernel's default launch (16 positions x 4 heads, 16-key tiles, 4 warps, 3
+    stages): its key-tile loop skips the 64 accumulator multiplies like the tree's, and 4
+    programs (16 warps) stay resident per SM; a third stage must not cost one of them."""
+    (row,) = sass_rows("band", 8, tmp_path)
+    assert row["instructions"] - row["rescale_skipped"] == 64, row
+    assert row["spill_bytes"] == 0 and row["stages"] == 3, row
+    assert programs_per_sm(row) == 4, row
+
+
+def sass_rows(kernel: str, slack: int, tmp_path) -> list[dict]:
+    """kernel_sass.py's rows (one per loop) for one kernel's default launch on sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "kernel_sass.py"), "--kernels",
+                           kernel, "--rescale-slack", str(slack), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"| {kernel} | 0 |" in proc.stdout
+    return json.loads(out.read_text())
 
 
 def programs_per_sm(row) -> int:

@@ -301,7 +301,11 @@ class TestTritonKernels:
         (50, 2, 1, 64, 2, (16, 16), (1, 1), "float32", False),  # a window past the sequence
         (70, 8, 2, 7, 1, (16, 16), (2, 2), "float32", True),   # two programs per kv group
         (61, 4, 1, 9, 2, (32, 32), (4, 4), "bfloat16", True),
-        (61, 6, 2, 9, 2, (16, 32), (4, 1), "bfloat16", True)])  # group 3: one head
+        (61, 6, 2, 9, 2, (16, 32), (4, 1), "bfloat16", True),  # group 3: one head
+        # the default's alignment: a window of whole key tiles (128 / 16 there), three tiles
+        # per query tile, and a sink tile from query tile 2 on
+        (100, 4, 2, 32, 1, (16, 16), (2, 2), "float32", True),
+        (100, 4, 2, 32, 2, (16, 16), (2, 2), "float32", False)])
     def test_band_kernel_in_closed_form(self, interpret, seq, hq, hkv, window, sink, tiles,
                                         heads, dtype, partial):
         """band_fwd_kernel against float64 numpy: the window and sink pairs of other clusters,
