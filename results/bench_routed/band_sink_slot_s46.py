@@ -1,6 +1,7 @@
 """One code tree (run from its checkout): the sorted forward end to end (num_clusters given),
 the band kernel alone (on the tree pass's result), and cuDNN, in alternating rounds, with the
-band pipelined 2 and 3 stages deep. Prints one JSON line."""
+checkout's band tuning ("default": 2 stages when this ran) and 3 stages. Prints one JSON line
+and saves the band's output for the first 4096 tokens under $OUT, to compare two checkouts."""
 import sys, json, dataclasses, statistics
 import jax, jax.numpy as jnp
 sys.path.insert(0, "experiments")
