@@ -128,11 +128,11 @@ def routed_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Laun
 def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
                         heads_first: bool = True) -> Launch:
     """band_fwd_kernel on self-attention inputs padded to sp positions: its query tile and
-    key tile are the largest powers of two up to cfg.gpu's band tiles that divide sp; its sink
-    tiles hold the sink keys rounded up to a power of two >= 16, at most a key tile. Its
-    programs run hb query heads, the largest power of two up to cfg.gpu.band_heads that
-    divides the kv group; when hb falls short, the query tile grows by the same factor, so a
-    program keeps band_tile_q * band_heads rows. heads_first: the grid's first axis runs over
+    key tile are the largest powers of two up to cfg.gpu's band tiles that divide sp; the sink
+    keys run in key tiles too, ahead of the window's. Its programs run hb query heads, the
+    largest power of two up to cfg.gpu.band_heads that divides the kv group; when hb falls
+    short, the query tile grows by the same factor, so a program keeps band_tile_q *
+    band_heads rows. heads_first: the grid's first axis runs over
     (batch, heads), so a query tile's heads run together (False: tiles first)."""
     from pallas_kernels.triton_kernels import band_fwd_kernel
     batch, sp, hq, _ = q_shape
@@ -144,8 +144,7 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
         hb //= 2
     bq = _dividing_tile(t.band_tile_q * (t.band_heads // hb), sp)
     tk = _dividing_tile(t.band_tile_k, sp)
-    ts = min(tk, max(16, 1 << max(cfg.sink_tokens - 1, 0).bit_length()))
-    meta.update(BQ=bq, TK=tk, TS=ts, HB=hb, HEADS_FIRST=heads_first,
+    meta.update(BQ=bq, TK=tk, HB=hb, HEADS_FIRST=heads_first,
                 **_rescale_meta(cfg, hb * bq, t.band_warps, meta["BD"], dtype))
     groups = batch * hq // hb
     grid = (groups, sp // bq) if heads_first else (sp // bq, groups)

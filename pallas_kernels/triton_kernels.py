@@ -358,24 +358,26 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
 # ----------------------------------------------------------------------------- band forward
 
 @triton.jit
-def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, cols_d, d_ok,
-                ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
-                SINK: tl.constexpr, KV_LEN: tl.constexpr, IEEE: tl.constexpr,
-                UPCAST: tl.constexpr, SINK_SET: tl.constexpr, HB: tl.constexpr,
+def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, sink_tiles, first, stop,
+                cols_d, d_ok, ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr,
+                WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, HB: tl.constexpr,
                 SLACK: tl.constexpr, PACK: tl.constexpr):
-    """Key tiles first..stop-1 of TK keys, masked to the window pairs of other clusters
-    (q - k < WINDOW) or, SINK_SET, to the sink pairs outside the window (k < SINK,
-    q - k >= WINDOW): disjoint sets, so a key in both kinds of tile counts once. kc_ptr: the
-    key ids of the (one) head, or with HB > 1 heads per program a [rows, 1] pointer per row."""
-    for t in range(first, stop):
-        keys = t * TK + tl.arange(0, TK)
+    """sink_tiles key tiles of TK keys from key 0, masked to the sink pairs outside the window
+    (k < SINK, q - k >= WINDOW), then the key tiles first..stop-1, masked to the window pairs
+    (q - k < WINDOW): disjoint sets, so a key in both kinds of tile counts once; other
+    clusters' keys only. One loop, so the sink tiles' loads are pipelined with the others'.
+    kc_ptr: the key ids of the (one) head, or with HB > 1 heads per program a [rows, 1]
+    pointer per row."""
+    for u in range(first - sink_tiles, stop):
+        sink = u < first  # the same for the whole tile: its keys' addresses stay affine
+        keys = tl.where(sink, u - first + sink_tiles, u) * TK + tl.arange(0, TK)
         s = _tile_scores(q, k_ptr, keys, cols_d, d_ok, ROW, IEEE, UPCAST)
-        gap = q_pos[:, None] - keys[None, :]
-        if SINK_SET:
-            ok = (keys[None, :] < SINK) & (gap >= WINDOW)
-        else:
-            ok = gap < WINDOW
-        ok = ok & (gap >= 0) & (keys[None, :] < KV_LEN)
+        # each row's keys lo < k <= hi: its window (q - WINDOW, q] or its sink keys outside
+        # the window, [0, min(SINK, q - WINDOW + 1)); both cut at KV_LEN
+        lo = tl.where(sink, -1, q_pos - WINDOW)
+        hi = tl.minimum(tl.where(sink, tl.minimum(q_pos - WINDOW, SINK - 1), q_pos), KV_LEN - 1)
+        ok = (keys[None, :] > lo[:, None]) & (keys[None, :] <= hi[:, None])
         if HB == 1:
             k_ids = tl.load(kc_ptr + keys)[None, :]
         else:
@@ -390,17 +392,17 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, first, stop, c
 @triton.jit
 def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
                     HQ: tl.constexpr, GROUP: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
-                    BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, TS: tl.constexpr,
-                    HB: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
-                    KV_LEN: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr, HEADS_FIRST: tl.constexpr, SLACK: tl.constexpr,
-                    PACK: tl.constexpr):
+                    BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, HB: tl.constexpr,
+                    WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
+                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    HEADS_FIRST: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     """The sorted layout's band set in token order, self-attention over SP padded positions:
     pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
     query tile i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
-    when one of its rows lies WINDOW or more past key 0, the TS-key tiles of the SINK first
-    keys (not the whole block that holds them). The softmax starts from OINIT [B, SP, HQ, D]
-    and LSEINIT [B, HQ, SP] (the tree pass's result), so O and LSE are the merge of both.
+    when one of its rows lies WINDOW or more past key 0, first the TK-key tiles of the SINK
+    first keys (not the whole block that holds them), in the same loop. The softmax starts
+    from OINIT [B, SP, HQ, D] and LSEINIT [B, HQ, SP] (the tree pass's result), so O and LSE
+    are the merge of both.
     HB query heads of one kv group share a program: its HB * BQ rows (head-major) read each
     key tile once, and a narrow query tile still fills the matrix units.
     HEADS_FIRST: the grid is (B * HQ / HB, tiles), so the heads of one query tile run
@@ -413,7 +415,7 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
     else:
         i = tl.num_programs(0) - 1 - tl.program_id(0)
         g = tl.program_id(1)
-    tl.assume(i >= 0)  # lets the compiler keep the tile's address math as it was (275 per tile)
+    tl.assume(i >= 0)  # without it the reversed index costs registers and per-tile instructions
     b = g // (HQ // HB)
     h0 = (g % (HQ // HB)) * HB
     HKV: tl.constexpr = HQ // GROUP
@@ -433,17 +435,17 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
         kc_ptr = (QC + bh * SP)[:, None]
     kv_off = b.to(tl.int64) * (SP * HKV * D) + (h0 // GROUP) * D
     acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh * SP + pos, d_ok)
-    if WINDOW > 0:
-        first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
-        acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr,
-                                first, (i * BQ + BQ - 1) // TK + 1, cols_d, d_ok, HKV * D, TK, C,
-                                WINDOW, SINK, KV_LEN, IEEE, UPCAST, False, HB, SLACK, PACK)
+    sink_tiles = 0
     if SINK > 0:
         far = i * BQ + BQ - 1 >= WINDOW  # some row has sink keys outside its window
-        tiles = tl.where(far, (SINK + TS - 1) // TS, 0)
-        acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr, 0,
-                                tiles, cols_d, d_ok, HKV * D, TS, C, WINDOW, SINK, KV_LEN, IEEE,
-                                UPCAST, True, HB, SLACK, PACK)
+        sink_tiles = tl.where(far, (SINK + TK - 1) // TK, 0)
+    first, stop = 0, 0
+    if WINDOW > 0:
+        first = tl.maximum(i * BQ - WINDOW + 1, 0) // TK
+        stop = (i * BQ + BQ - 1) // TK + 1
+    acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr, sink_tiles,
+                            first, stop, cols_d, d_ok, HKV * D, TK, C, WINDOW, SINK, KV_LEN,
+                            IEEE, UPCAST, HB, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh * SP + pos, lse)

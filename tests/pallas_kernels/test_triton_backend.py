@@ -348,17 +348,15 @@ class TestTritonKernels:
         bq = tiles[0] * heads[0] // heads[1]  # fewer heads per program: a longer query tile
         assert (launch.meta["BQ"], launch.meta["TK"], launch.meta["HB"]) == (bq, tiles[1],
                                                                              heads[1])
-        assert launch.meta["TS"] == min(tiles[1], max(16, 1 << (sink - 1).bit_length()))
         assert launch.grid == (hq // heads[1], sp // bq)  # heads first
-        want_out, want_lse = want_out[:, :seq], want_lse[..., :seq]
         assert np.abs(want_out).max() > 0.1  # a real comparison, not zeros
-        none = np.isneginf(want_lse)
-        assert none.any() != partial  # without a partial, some rows have no band key
+        none = np.isneginf(want_lse)  # padding rows too: they attend no padding key
+        assert none[..., :seq].any() != partial  # without a partial, some rows have no band key
         for heads_first in (True, False):  # the grid's two orders
             out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
                                     init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)),
                                     heads_first=heads_first)
-            out, lse = np.asarray(out, np.float32)[:, :seq], np.asarray(lse)[..., :seq]
+            out, lse = np.asarray(out, np.float32), np.asarray(lse)
             np.testing.assert_array_equal(np.isneginf(lse), none)
             assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
             assert_close("out", out, want_out, TOL[dtype])
