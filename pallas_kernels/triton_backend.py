@@ -132,8 +132,8 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
     keys run in key tiles too, ahead of the window's. Its programs run hb query heads, the
     largest power of two up to cfg.gpu.band_heads that divides the kv group; when hb falls
     short, the query tile grows by the same factor, so a program keeps band_tile_q *
-    band_heads rows. heads_first: the grid's first axis runs over
-    (batch, heads), so a query tile's heads run together (False: tiles first)."""
+    band_heads rows. heads_first: the grid's first axis runs over (batch, heads), so a query
+    tile's heads run together (False: tiles first)."""
     from pallas_kernels.triton_kernels import band_fwd_kernel
     batch, sp, hq, _ = q_shape
     meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "band",
