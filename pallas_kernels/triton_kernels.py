@@ -415,7 +415,6 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
     else:
         i = tl.num_programs(0) - 1 - tl.program_id(0)
         g = tl.program_id(1)
-    tl.assume(i >= 0)  # without it the reversed index costs registers and per-tile instructions
     b = g // (HQ // HB)
     h0 = (g % (HQ // HB)) * HB
     HKV: tl.constexpr = HQ // GROUP
