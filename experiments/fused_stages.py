@@ -3,6 +3,7 @@ parameters swept, against cuDNN in the same run.
 
   python3 experiments/fused_stages.py --out results/bench_routed/fused_stages.json
   python3 experiments/fused_stages.py --seqs 32768 --clusters 32 --no-sweep
+  python3 experiments/fused_stages.py --seqs 32768 --band-by-position 1   # the other split
   python3 experiments/fused_stages.py --toy       # CPU: triton's interpreter at toy size
 
 Per (S, clusters), each token's cluster drawn at random, the Llama-3-8B attention shape (B=1,
@@ -17,8 +18,7 @@ inputs computed beforehand (medians):
     block ahead);
   - band kernel: the window and sink pairs merged into the tree's result, the closed-form
     band_fwd_kernel per band_* variant (query and key tiles, warps, stages, query heads per
-    program; heads first in the grid, tiles first for the default too), and the
-    schedule-driven launch (its sink keys a whole key block);
+    program; heads first in the grid, tiles first for the default too);
   - end to end: sorted_attention with the default tuning and with the fastest variant of each
     kernel, with the number of clusters given (no range check), with the order given (the
     two kernels alone, no sort), and with the argsort in place of the counting sort; cuDNN's
@@ -26,7 +26,8 @@ inputs computed beforehand (medians):
 
 Correctness first: the fused forward against the float32 reference at S = 1000 (bf16); then,
 in every case, each variant's output and LSE against the default's on the case's own inputs
-(the band kernels against the schedule-driven launch). Writes JSON to --out and prints the
+(the band kernels, after the default tree kernel, against the natural layout's
+block-sparse kernels: every allowed pair). Writes JSON to --out and prints the
 tables last; exits 1 when a check failed.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 TOY = "--toy" in sys.argv
-SLACK: dict = {}  # GpuTuning.rescale_slack when --rescale-slack is given
+TUNING: dict = {}  # GpuTuning fields given on the command line (--rescale-slack, ...)
 if TOY:  # before triton's first import: its kernels then run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -55,9 +56,10 @@ from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.ops import make_config  # noqa: E402
 from pallas_kernels.segment_schedule import segment_starts  # noqa: E402
 from pallas_kernels import sorted_layout  # noqa: E402
-from pallas_kernels.sorted_layout import (_band_args, cluster_order,  # noqa: E402
-                                          sort_clusters, sorted_attention, sorted_plan)
-from pallas_kernels.triton_backend import counting_sort, forward_routed  # noqa: E402
+from pallas_kernels.routed import routed_attention  # noqa: E402
+from pallas_kernels.sorted_layout import (cluster_order, sort_clusters,  # noqa: E402
+                                          sorted_attention, sorted_plan)
+from pallas_kernels.triton_backend import counting_sort  # noqa: E402
 
 SHAPE = dict(hq=32, hkv=8, d=128, window=128, sink=1, block=128)
 TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
@@ -66,7 +68,8 @@ TOY_SHAPE = dict(hq=2, hkv=1, d=16, window=8, sink=1, block=16)
 TREE_VARIANTS = [(64, 32, 4, 3, 1), (64, 64, 4, 3, 1), (128, 128, 8, 2, 1), (64, 32, 4, 4, 1),
                  (128, 32, 8, 3, 1), (64, 16, 4, 3, 1)]
 # (band_tile_q, band_tile_k, band_warps, band_stages, band_heads), the default first
-BAND_VARIANTS = [(16, 16, 4, 3, 4), (64, 32, 4, 2, 1), (16, 16, 4, 2, 4), (32, 16, 8, 2, 4)]
+BAND_VARIANTS = [(16, 16, 4, 3, 4), (16, 32, 4, 2, 4), (16, 32, 4, 3, 4), (32, 32, 8, 2, 4),
+                 (16, 16, 4, 2, 4), (32, 16, 8, 2, 4)]
 # (bins, tile) of the counting sort, the default first
 SORT_VARIANTS = [(256, 512), (256, 1024), (256, 256), (64, 512)]
 TOY_TREE = [(16, 16, 4, 1, 0), (32, 16, 4, 1, 1)]
@@ -95,7 +98,7 @@ def inputs(seq, clusters, shape, seed):
 def config(q, k, shape, **tuning):
     return make_config(q, k, window=shape["window"], sink_tokens=shape["sink"], q_offset=0,
                        scale=None, backend="triton", interpret=TOY, block_q=shape["block"],
-                       block_k=shape["block"], gpu_tuning=GpuTuning(**SLACK, **tuning))
+                       block_k=shape["block"], gpu_tuning=GpuTuning(**TUNING, **tuning))
 
 
 def check_reference(shape) -> dict:
@@ -134,7 +137,10 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
         return ms
 
     def check(what, got, want):
-        errs = [rel_err(g, w) for g, w in zip(got, want)]
+        # rows without a key (the tree pass's first tokens): LSE -inf in both, else inf
+        empty = jnp.isneginf(want[1])
+        lse = [jnp.where(empty & jnp.isneginf(x), 0.0, x) for x in (got[1], want[1])]
+        errs = [rel_err(got[0], want[0]), rel_err(*lse)]
         checks.append(dict(seq=seq, clusters=clusters, what=what, tol=2e-2, out=errs[0],
                            lse=errs[1], ok=max(errs) <= 2e-2))
 
@@ -176,11 +182,12 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
                                plan.order, starts)
         check(f"tree kernel {variant} vs default",
               jax.jit(tree(variant))(qp, kp, vp, plan.order, starts), partial)
-    bqc, bkc, bsched, bcfg = _band_args(q, k, v, ids, base, "triton", base.sink_tokens)
-    by_schedule = lambda q, k, v, o, l: forward_routed(  # noqa: E731
-        q, k, v, pad_axis(bqc, sp, 2), pad_axis(bkc, sp, 2), bsched, bcfg, init=(o, l))
-    add("band kernel, scheduled (sink = a key block)", "-", by_schedule, qp, kp, vp, *partial)
-    want = jax.jit(by_schedule)(qp, kp, vp, *partial)
+    # every allowed pair's (out, lse) by another path: the natural layout's block-sparse
+    # kernels with their schedule
+    want = jax.jit(lambda q, k, v, ids: routed_attention(
+        q, k, v, ids, window=shape["window"], sink_tokens=shape["sink"], layout="natural",
+        backend="triton", interpret=TOY, block_q=shape["block"], block_k=shape["block"],
+        return_lse=True))(q, k, v, ids)
 
     def band(variant, heads_first=True):
         cfg = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu,
@@ -188,17 +195,20 @@ def run_case(seq, clusters, shape, *, sweep, reps) -> tuple[list, list]:
         return lambda q, k, v, o, l: forward_band(q, k, v, qcp, cfg, init=(o, l),
                                                   heads_first=heads_first)
 
+    def check_real(what, got):  # the real rows (the padded kernels' first seq)
+        check(what, (got[0][:, :seq], got[1][..., :seq]), want)
+
     band_variants = TOY_BAND if TOY else BAND_VARIANTS
     band_ms = {}
     for variant in band_variants if sweep else band_variants[:1]:
         band_ms[variant] = add("band kernel, closed form", variant, band(variant), qp, kp, vp,
                                *partial)
-        check(f"band kernel {variant} vs scheduled", jax.jit(band(variant))(qp, kp, vp,
-                                                                            *partial), want)
+        check_real(f"band kernel {variant} after the tree vs the natural layout",
+                   jax.jit(band(variant))(qp, kp, vp, *partial))
     add("band kernel, closed form, tiles first", band_variants[0], band(band_variants[0], False),
         qp, kp, vp, *partial)
-    check("band kernel, tiles first vs scheduled",
-          jax.jit(band(band_variants[0], False))(qp, kp, vp, *partial), want)
+    check_real("band kernel, tiles first, after the tree vs the natural layout",
+               jax.jit(band(band_variants[0], False))(qp, kp, vp, *partial))
 
     best = (min(tree_ms, key=tree_ms.get), min(band_ms, key=band_ms.get))
     for name, (tv, bv) in {"default": (tree_variants[0], band_variants[0]),
@@ -258,10 +268,15 @@ def main(argv=None) -> dict:
                         help="CPU dry run: triton's interpreter, toy shape and lengths")
     parser.add_argument("--rescale-slack", type=int, default=None,
                         help="GpuTuning.rescale_slack of every kernel (default: its own)")
+    parser.add_argument("--band-by-position", type=int, choices=(0, 1), default=None,
+                        help="GpuTuning.band_by_position: how the tree and band passes split "
+                             "the pairs (default: its own)")
     args = parser.parse_args(argv)
-    global TOY, SLACK
+    global TOY, TUNING
     TOY = args.toy
-    SLACK = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
+    TUNING = {name: value for name, value in (("rescale_slack", args.rescale_slack),
+                                              ("band_by_position", args.band_by_position))
+              if value is not None}
     if TOY:  # triton reads it at its first import (the kernels' modules import it lazily)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     shape = dict(TOY_SHAPE if TOY else SHAPE)
@@ -270,8 +285,8 @@ def main(argv=None) -> dict:
         parser.error(f"--seqs must be >= one block ({shape['block']}) and --clusters >= 1")
     if not TOY and jax.default_backend() != "gpu":
         parser.error("the fused forward compiles for a GPU; on this host run --toy")
-    result = dict(shape=shape, device=str(jax.devices()[0]), correctness=[check_reference(shape)],
-                  rows=[])
+    result = dict(shape=shape, device=str(jax.devices()[0]), tuning=TUNING,
+                  correctness=[check_reference(shape)], rows=[])
     for seq in seqs:
         for clusters in args.clusters:
             rows, checks = run_case(seq, clusters, shape, sweep=args.sweep, reps=args.reps)

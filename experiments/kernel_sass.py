@@ -5,6 +5,7 @@ and shared memory per program.
   python3 experiments/kernel_sass.py                             # every kernel, sm_90
   python3 experiments/kernel_sass.py --kernels tree band --rescale-slack 0
   python3 experiments/kernel_sass.py --cc 80
+  python3 experiments/kernel_sass.py --kernels tree band --tuning band_by_position=1
 
 Each default launch of backend="triton" at the Llama-3-8B attention shape (S = 32768, Hq=32,
 Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks) is compiled by triton for the
@@ -169,11 +170,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cc", type=int, default=90, help="compute capability, e.g. 90, 80")
     parser.add_argument("--rescale-slack", type=int, default=None,
                         help="GpuTuning.rescale_slack (default: its own)")
+    parser.add_argument("--tuning", nargs="+", default=[], metavar="FIELD=INT",
+                        help="other GpuTuning fields, e.g. band_by_position=1 band_tile_k=32")
     parser.add_argument("--out", default="", help="JSON of the rows")
     args = parser.parse_args(argv)
-    tuning = GpuTuning()
-    if args.rescale_slack is not None:
-        tuning = dataclasses.replace(tuning, rescale_slack=args.rescale_slack)
+    changes = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
+    fields = {f.name for f in dataclasses.fields(GpuTuning)}
+    for item in args.tuning:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.lstrip("-").isdigit():
+            parser.error(f"--tuning {item!r}: expected FIELD=INT with FIELD one of "
+                         f"GpuTuning's: {', '.join(sorted(fields))}")
+        changes[name] = int(value)
+    try:
+        tuning = GpuTuning(**changes)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     rows = []
     for kernel in args.kernels:
         launch, compiled = compile_kernel(kernel, args.cc, tuning)

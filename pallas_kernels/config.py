@@ -43,6 +43,9 @@ class GpuTuning:
                                # first of each head), so the grid ends on short programs; 0: none
     rescale_slack: int = 8     # tree and band softmax: the running max moves only past this
                                # (base 2); 0: every tile (triton_kernels._online_softmax)
+    band_by_position: int = 0  # 1: the band pass takes every window and sink pair, reading
+                               # no ids, and the tree pass leaves them out; 0: the band takes
+                               # other clusters' pairs only, the tree every same-cluster pair
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -61,7 +64,7 @@ class GpuTuning:
             if name == "rescale_slack" and not 0 <= value <= 16:
                 raise ValueError(f"GpuTuning.rescale_slack must be in [0, 16] (the weights "
                                  f"stay below 2^slack), got {value}")
-            if name.endswith("_prefetch") and value not in (0, 1):
+            if name.endswith(("_prefetch", "_by_position")) and value not in (0, 1):
                 raise ValueError(f"GpuTuning.{name} must be 0 or 1, got {value}")
 
     @classmethod

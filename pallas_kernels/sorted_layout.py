@@ -23,8 +23,11 @@ On backend="triton" the forward is two launches, no copy and no schedule (_fused
 tree kernel (segment_fwd_kernel) walks each query block's key blocks from its segment's start to
 its diagonal, reading q, k and v through the order and writing in token order; band_fwd_kernel
 runs the window and sink sets (its key tiles from each query tile's window, plus tiles of the
-sink keys alone) and starts its softmax from the tree's result, which merges the two. Only the
-backward builds the schedules.
+sink keys alone) and starts its softmax from the tree's result, which merges the two. With
+GpuTuning.band_by_position the two split the pairs another way: the band takes every window
+and sink pair whatever the clusters (it reads no ids, its mask is positions alone) and the tree
+leaves them out (its walk then ends at its rows' windows). Only the backward builds the
+schedules.
 
 sorted_attention's backward does not differentiate the merge: with the merged softmax's lse and
 delta = rowsum(dout * out), each set's pairs have p_ij = exp(s_ij - lse_i) and

@@ -144,7 +144,7 @@ def band_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype, *,
         hb //= 2
     bq = _dividing_tile(t.band_tile_q * (t.band_heads // hb), sp)
     tk = _dividing_tile(t.band_tile_k, sp)
-    meta.update(BQ=bq, TK=tk, HB=hb, HEADS_FIRST=heads_first,
+    meta.update(BQ=bq, TK=tk, HB=hb, HEADS_FIRST=heads_first, EXCLUDE=not t.band_by_position,
                 **_rescale_meta(cfg, hb * bq, t.band_warps, meta["BD"], dtype))
     groups = batch * hq // hb
     grid = (groups, sp // bq) if heads_first else (sp // bq, groups)
@@ -159,14 +159,17 @@ def segment_forward_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Lau
     blocks are the largest powers of two up to cfg.gpu's tree tiles that divide sp."""
     from pallas_kernels.triton_kernels import segment_fwd_kernel
     batch, sp, hq, _ = q_shape
-    meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ())
+    meta = _self_attention_meta(cfg, q_shape, k_shape, dtype, "tree", ("WINDOW", "SINK"))
     t = cfg.gpu
     bq, bk = _dividing_tile(t.tree_tile_q, sp), _dividing_tile(t.tree_tile_k, sp)
     blocks, rows = sp // bq, batch * hq
     # the first TAIL query blocks of every row run last, heads first (segment_fwd_kernel);
     # one block at least stays in the grid's first part
     tail = min(-(-t.tree_tail // rows), blocks - 1)
+    if not t.band_by_position:  # every same-cluster pair: the band pass excludes them
+        meta.update(WINDOW=0, SINK=0)
     meta.update(BQ=bq, BK=bk, PREFETCH=bool(t.tree_prefetch), NT=blocks, TAIL=tail,
+                NEAR=min(1 << max(meta["WINDOW"] + bq - 2, 0).bit_length(), 256),
                 **_rescale_meta(cfg, bq, t.tree_warps, meta["BD"], dtype))
     return Launch(segment_fwd_kernel, (blocks * rows,),
                   (jax.ShapeDtypeStruct(tuple(q_shape), dtype),
@@ -404,11 +407,13 @@ def forward_routed(q, k, v, qc, kc, sched, cfg: AttentionConfig, *, init):
 
 
 def forward_segment(q, k, v, order, starts, cfg: AttentionConfig):
-    """The tree set (same-cluster causal pairs) of self-attention on inputs padded to one
-    length sp (segment_fwd_kernel). order [B, Hq, S] int32: the token at each slot of the
-    cluster-sorted layout; starts [B, Hq, S] int32: the slot where each slot's segment begins.
-    The sp - S padding slots become one more segment, of the padding positions themselves, so
-    every row of out [B, sp, Hq, D] (q.dtype) and lse [B, Hq, sp] float32 is written (order
+    """The tree set of self-attention on inputs padded to one length sp (segment_fwd_kernel):
+    the same-cluster causal pairs, with cfg.gpu.band_by_position less those of the band pass
+    (keys within cfg.window of the query or among its cfg.sink_tokens first). order
+    [B, Hq, S] int32: the token at each slot of the cluster-sorted layout; starts [B, Hq, S]
+    int32: the slot where each slot's segment begins. The sp - S padding slots become one more
+    segment, of the padding positions themselves, so every row of out [B, sp, Hq, D]
+    (q.dtype) and lse [B, Hq, sp] float32 is written (a row without a key: 0 and -inf; order
     and starts may come padded already, as sort_clusters(length=sp) gives them)."""
     seq, sp = order.shape[-1], q.shape[1]
     if seq < sp:
@@ -421,9 +426,11 @@ def forward_segment(q, k, v, order, starts, cfg: AttentionConfig):
 
 
 def forward_band(q, k, v, qc, cfg: AttentionConfig, init, *, heads_first: bool = True):
-    """The band set (window and sink pairs of other clusters) of self-attention on inputs
-    padded to one length, merged into init = (out0, lse0), a partial result over the other
-    pairs (band_fwd_kernel). Returns (out, lse) as forward()."""
+    """The band set of self-attention on inputs padded to one length (band_fwd_kernel): the
+    causal pairs with the key within cfg.window of the query or among the cfg.sink_tokens
+    first, of other clusters than the query's (qc [B, Hq, sp] the ids) or, with
+    cfg.gpu.band_by_position, of every cluster (qc is not read). Merged into init =
+    (out0, lse0), a partial result over the other pairs. Returns (out, lse) as forward()."""
     launch = band_forward_launch(cfg, q.shape, k.shape, q.dtype, heads_first=heads_first)
     return _call(cfg, launch, q, k, v, qc, init[0].astype(q.dtype), init[1])
 

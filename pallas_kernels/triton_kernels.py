@@ -251,13 +251,16 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
 # ----------------------------------------------------------------------------- tree forward
 
 @triton.jit
-def _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, first, stop, cols_d, d_ok,
-                    ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr, C: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+def _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, first, stop, cols_d,
+                    d_ok, ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr,
+                    C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    MASKED: tl.constexpr, LOCAL: tl.constexpr, SINK: tl.constexpr,
                     PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     """Key blocks first..stop-1 of the sorted layout (keys read through the order); MASKED:
-    a row's keys are the slots from its segment's start seg up to itself. PREFETCH: the next
-    block's order entries load one step ahead, so the key gathers need not wait for them."""
+    a row's keys are the slots from its segment's start seg up to itself; LOCAL: and of those
+    the tokens from SINK on, before the row's window: key position - SINK < room (per row).
+    PREFETCH: the next block's order entries load one step ahead, so the key gathers need
+    not wait for them."""
     slots = tl.arange(0, BK)
     if PREFETCH:
         ahead = tl.load(ord_ptr + first * BK + slots, mask=first * BK + slots < SP, other=0)
@@ -271,6 +274,10 @@ def _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, first, stop,
         s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, IEEE, UPCAST)
         if MASKED:  # seg <= key <= row in one unsigned comparison; span = row - seg
             ok = (keys[None, :] - seg[:, None]).to(tl.uint32) <= span[:, None]
+            if LOCAL:  # SINK <= key position < SINK + room, the same way; the positions
+                # loaded again in the scores' layout (rows_k's took 24 more registers)
+                at_k = tl.load(ord_ptr + keys)
+                ok = ok & ((at_k[None, :] - SINK).to(tl.uint32) < room[:, None])
             s = tl.where(ok, s, float("-inf"))
         acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, C, MASKED,
                                  IEEE, UPCAST, SLACK, PACK)
@@ -283,16 +290,21 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                        D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                        C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                        PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr,
-                       NT: tl.constexpr, TAIL: tl.constexpr):
+                       NT: tl.constexpr, TAIL: tl.constexpr, WINDOW: tl.constexpr,
+                       SINK: tl.constexpr, NEAR: tl.constexpr):
     """The sorted layout's tree set in closed form, no schedule: slot t of head (b, h) holds
     token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
-    attends to the slots START[t] .. t. Query block i (rows r0..r1, BQ of them) walks the
-    BK-key blocks from the one holding START[r0] to the one holding r1; those from the first
-    starting at or after START[r1] up to the last ending before r0 hold allowed pairs only and
-    run unmasked. q, k, v are read through the order and O, LSE written at the tokens, in
-    token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot: ORD is a permutation of
-    0..SP-1 per head, padding slots included). BQ and BK are powers of two dividing SP. A
-    START of -1 (counting_sort's poison) makes the row NaN.
+    attends to the slots START[t] .. t, less, where WINDOW or SINK is above 0, the tokens
+    that are sinks (position < SINK) or in its window (position > its own - WINDOW): the band
+    pass then takes those. Query block i (rows
+    r0..r1, BQ of them) walks the BK-key blocks from the one holding START[r0] to the one
+    holding r1; those from the first starting at or after START[r1] + SINK up to the last
+    ending before r0's window hold allowed pairs only and run unmasked. q, k, v are read
+    through the order and O, LSE written at the tokens, in token order, [B, SP, HQ, D] and
+    [B, HQ, SP] (every slot: ORD is a permutation of 0..SP-1 per head, padding slots
+    included). BQ and BK are powers of two dividing SP; NEAR, a power of two: the slots of
+    r0's window read at a time. A START
+    of -1 (counting_sort's poison) makes the row NaN.
     PREFETCH: each key block's order entries load a block ahead (_segment_blocks).
     The grid is one axis over the NT query blocks of every (b, h): blocks TAIL.. of each head
     in turn, then blocks TAIL-1 down to 0, heads fastest (TAIL < NT). A block costs about its
@@ -300,6 +312,7 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     first rows of every head's first segment) and the SMs run out of work together; the rest
     keeps one head's blocks side by side, sharing its keys in L2."""
     MAIN: tl.constexpr = NT - TAIL  # >= 1 (segment_forward_launch)
+    LOCAL: tl.constexpr = WINDOW > 0 or SINK > 0
     g = tl.program_id(0)
     heads = tl.num_programs(0) // NT  # B * HQ
     # a branch, not a select: the select's indices stayed live through the loops (12 more
@@ -330,24 +343,51 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
     kv_off = b.to(tl.int64) * (SP * HKV * D) + (h // GROUP) * D
     lo = tl.min(seg, axis=0) // BK
-    diag = r0 // BK  # the blocks from here to r1's hold keys past some row: masked
-    # Unmasked: the blocks from the last segment start on, before diag (none when the rows
-    # straddle two segments); before them, masked.
-    full = tl.minimum((tl.max(seg, axis=0) + BK - 1) // BK, diag)
+    # Unmasked: the blocks from the last segment start (past its sinks) on, before the first
+    # row's window; none when the rows straddle two segments. Before and after them, masked,
+    # up to the last row's window.
+    r1 = r0 + BQ - 1
+    if WINDOW > 0:
+        # a row's window in its segment: the slots in (row - WINDOW, row] (positions rise
+        # along a segment by 1 at least) whose tokens lie within WINDOW of the row's; counted
+        # for r0 and r1 over the slots (r0 - WINDOW, r1]
+        seg0 = tl.maximum(tl.load(start_ptr + r0), 0)
+        seg1 = tl.load(start_ptr + r1)
+        edge0 = tl.load(ord_ptr + r0) - WINDOW
+        edge1 = tl.load(ord_ptr + r1) - WINDOW
+        seen0 = 0
+        seen1 = 0
+        for c in range(0, WINDOW + BQ - 1, NEAR):  # NEAR slots at a time
+            near = r0 - WINDOW + 1 + c + tl.arange(0, NEAR)
+            valid = (near >= 0) & (near <= r1)
+            near_at = tl.load(ord_ptr + near, mask=valid, other=0)
+            seen0 += tl.sum((valid & (near >= seg0) & (near <= r0) & (near_at > edge0))
+                            .to(tl.int32), 0)
+            seen1 += tl.sum((valid & (near >= seg1) & (near > r1 - WINDOW) & (near_at > edge1))
+                            .to(tl.int32), 0)
+        cut = tl.maximum(tl.maximum(r0 + 1 - seen0, 0) // BK, lo)
+        # a poisoned r1 (START -1) says nothing of the other rows: the blocks up to r1's
+        stop = tl.where(seg1 < 0, r1 // BK, tl.maximum(r1 - seen1, 0) // BK) + 1
+    else:
+        cut = r0 // BK  # the blocks from here to r1's hold keys past some row: masked
+        stop = r1 // BK + 1
+    full = tl.minimum((tl.max(seg, axis=0) + SINK + BK - 1) // BK, cut)
     span = (rows - seg).to(tl.uint32)
+    # keys at positions SINK .. at - WINDOW: key position - SINK < room (none: room 0)
+    room = tl.maximum(at - WINDOW - SINK + 1, 0).to(tl.uint32)
     acc = tl.zeros((BQ, BD), tl.float32)
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     k_ptr, v_ptr = K + kv_off, V + kv_off
-    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, lo, full,
-                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, PREFETCH,
-                                SLACK, PACK)
-    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, full, diag,
-                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, PREFETCH,
-                                SLACK, PACK)
-    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, k_ptr, v_ptr, ord_ptr, diag,
-                                (r0 + BQ - 1) // BK + 1, cols_d, d_ok, HKV * D, BK, SP, C, IEEE,
-                                UPCAST, True, PREFETCH, SLACK, PACK)
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, lo, full,
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, LOCAL,
+                                SINK, PREFETCH, SLACK, PACK)
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, full, cut,
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, LOCAL,
+                                SINK, PREFETCH, SLACK, PACK)
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, cut,
+                                stop, cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, LOCAL,
+                                SINK, PREFETCH, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     out = tl.where(poison[:, None], float("nan"), out)
     lse = tl.where(poison, float("nan"), lse)
@@ -362,13 +402,13 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, sink_tiles, fi
                 cols_d, d_ok, ROW: tl.constexpr, TK: tl.constexpr, C: tl.constexpr,
                 WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                 IEEE: tl.constexpr, UPCAST: tl.constexpr, HB: tl.constexpr,
-                SLACK: tl.constexpr, PACK: tl.constexpr):
+                EXCLUDE: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
     """sink_tiles key tiles of TK keys from key 0, masked to the sink pairs outside the window
     (k < SINK, q - k >= WINDOW), then the key tiles first..stop-1, masked to the window pairs
-    (q - k < WINDOW): disjoint sets, so a key in both kinds of tile counts once; other
-    clusters' keys only. One loop, so the sink tiles' loads are pipelined with the others'.
-    kc_ptr: the key ids of the (one) head, or with HB > 1 heads per program a [rows, 1]
-    pointer per row."""
+    (q - k < WINDOW): disjoint sets, so a key in both kinds of tile counts once. EXCLUDE:
+    other clusters' keys only (kc_ptr: the key ids of the (one) head, or with HB > 1 heads per
+    program a [rows, 1] pointer per row); else every cluster's, and no id is read. One loop,
+    so the sink tiles' loads are pipelined with the others'."""
     for u in range(first - sink_tiles, stop):
         sink = u < first  # the same for the whole tile: its keys' addresses stay affine
         keys = tl.where(sink, u - first + sink_tiles, u) * TK + tl.arange(0, TK)
@@ -378,11 +418,12 @@ def _band_tiles(acc, m, l, q, q_pos, q_ids, k_ptr, v_ptr, kc_ptr, sink_tiles, fi
         lo = tl.where(sink, -1, q_pos - WINDOW)
         hi = tl.minimum(tl.where(sink, tl.minimum(q_pos - WINDOW, SINK - 1), q_pos), KV_LEN - 1)
         ok = (keys[None, :] > lo[:, None]) & (keys[None, :] <= hi[:, None])
-        if HB == 1:
-            k_ids = tl.load(kc_ptr + keys)[None, :]
-        else:
-            k_ids = tl.load(kc_ptr + keys[None, :])
-        ok = ok & (q_ids[:, None] != k_ids)
+        if EXCLUDE:
+            if HB == 1:
+                k_ids = tl.load(kc_ptr + keys)[None, :]
+            else:
+                k_ids = tl.load(kc_ptr + keys[None, :])
+            ok = ok & (q_ids[:, None] != k_ids)
         s = tl.where(ok, s, float("-inf"))
         acc, m, l = _tile_update(acc, m, l, s, v_ptr, keys, cols_d, d_ok, ROW, C, True, IEEE,
                                  UPCAST, SLACK, PACK)
@@ -395,14 +436,16 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
                     BD: tl.constexpr, BQ: tl.constexpr, TK: tl.constexpr, HB: tl.constexpr,
                     WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                     C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    HEADS_FIRST: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
+                    HEADS_FIRST: tl.constexpr, EXCLUDE: tl.constexpr, SLACK: tl.constexpr,
+                    PACK: tl.constexpr):
     """The sorted layout's band set in token order, self-attention over SP padded positions:
-    pairs of other clusters with q - k < WINDOW or k < SINK (causal). Closed form, no schedule:
-    query tile i reads the TK-key tiles holding keys i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and,
-    when one of its rows lies WINDOW or more past key 0, first the TK-key tiles of the SINK
-    first keys (not the whole block that holds them), in the same loop. The softmax starts
-    from OINIT [B, SP, HQ, D] and LSEINIT [B, HQ, SP] (the tree pass's result), so O and LSE
-    are the merge of both.
+    the causal pairs with q - k < WINDOW or k < SINK, of other clusters (EXCLUDE; QC [B, HQ,
+    SP] the ids) or of every cluster (QC is not read; the tree pass then leaves these out).
+    Closed form, no schedule: query tile i reads the TK-key tiles holding keys
+    i*BQ - WINDOW + 1 .. i*BQ + BQ - 1 and, when one of its rows lies WINDOW or more past key
+    0, first the TK-key tiles of the SINK first keys (not the whole block that holds them), in
+    the same loop. The softmax starts from OINIT [B, SP, HQ, D] and LSEINIT [B, HQ, SP] (the
+    tree pass's result), so O and LSE are the merge of both.
     HB query heads of one kv group share a program: its HB * BQ rows (head-major) read each
     key tile once, and a narrow query tile still fills the matrix units.
     HEADS_FIRST: the grid is (B * HQ / HB, tiles), so the heads of one query tile run
@@ -427,11 +470,14 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
     o_off = b.to(tl.int64) * (SP * HQ * D) + h[:, None] * D + pos[:, None] * (HQ * D) \
         + cols_d[None, :]
     q = tl.load(Q + o_off, mask=d_ok[None, :], other=0.0)
-    q_ids = tl.load(QC + bh * SP + pos)  # self-attention: key ids are the query ids
-    if HB == 1:
-        kc_ptr = QC + (b.to(tl.int64) * HQ + h0) * SP
-    else:
-        kc_ptr = (QC + bh * SP)[:, None]
+    q_ids = pos  # unread without EXCLUDE
+    kc_ptr = QC
+    if EXCLUDE:
+        q_ids = tl.load(QC + bh * SP + pos)  # self-attention: key ids are the query ids
+        if HB == 1:
+            kc_ptr = QC + (b.to(tl.int64) * HQ + h0) * SP
+        else:
+            kc_ptr = (QC + bh * SP)[:, None]
     kv_off = b.to(tl.int64) * (SP * HKV * D) + (h0 // GROUP) * D
     acc, m, l = _partial_state(OINIT, LSEINIT, o_off, bh * SP + pos, d_ok)
     sink_tiles = 0
@@ -444,7 +490,7 @@ def band_fwd_kernel(Q, K, V, QC, OINIT, LSEINIT, O, LSE,
         stop = (i * BQ + BQ - 1) // TK + 1
     acc, m, l = _band_tiles(acc, m, l, q, pos, q_ids, K + kv_off, V + kv_off, kc_ptr, sink_tiles,
                             first, stop, cols_d, d_ok, HKV * D, TK, C, WINDOW, SINK, KV_LEN,
-                            IEEE, UPCAST, HB, SLACK, PACK)
+                            IEEE, UPCAST, HB, EXCLUDE, SLACK, PACK)
     out, lse = _finish(acc, m, l)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh * SP + pos, lse)

@@ -15,17 +15,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_toy_run_checks_every_variant(tmp_path):
+@pytest.mark.parametrize("split", [[], ["--band-by-position", "1"]])
+def test_toy_run_checks_every_variant(tmp_path, split):
+    """Each split of the pairs between the tree and band passes (GpuTuning.band_by_position):
+    every variant checked, every stage timed."""
     pytest.importorskip("triton")
     out = tmp_path / "fused.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / "fused_stages.py"), "--toy",
-                           "--seqs", "64", "--reps", "1", "--out", str(out)],
+                           "--seqs", "64", "--reps", "1", "--out", str(out), *split],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     script = load_experiment("fused_stages")
+    assert result["tuning"] == ({"band_by_position": 1} if split else {})
 
     reference, *checks = result["correctness"]
     # bf16 kernels against the float32 reference: close, and not trivially equal
@@ -36,12 +40,14 @@ def test_toy_run_checks_every_variant(tmp_path):
     assert counting["out"] == counting["lse"] == 0 and counting["ok"]
     assert [c["what"] for c in checks] == (
         [f"tree kernel {v} vs default" for v in script.TOY_TREE]
-        + [f"band kernel {v} vs scheduled" for v in script.TOY_BAND]
-        + ["band kernel, tiles first vs scheduled"])
+        + [f"band kernel {v} after the tree vs the natural layout" for v in script.TOY_BAND]
+        + ["band kernel, tiles first, after the tree vs the natural layout"])
     assert checks[0]["out"] == checks[0]["lse"] == 0.0          # the default against itself
-    # the other tree variants and the closed-form band kernels against the schedule-driven
-    # one: the same pairs, summed in another order (bf16 outputs: not bit-equal, close)
+    # the other tree variants against the default, and the band kernels after the tree
+    # against the natural layout's block-sparse kernels: the same pairs, summed in another
+    # order and split otherwise (bf16 outputs: not bit-equal, close)
     assert all(c["ok"] and max(c["out"], c["lse"]) < 2e-2 for c in checks)
+    assert all(max(c["out"], c["lse"]) > 0 for c in checks[len(script.TOY_TREE):])
 
     rows = result["rows"]
     stages = [r["stage"] for r in rows]

@@ -46,14 +46,29 @@ def test_band_loop_keeps_four_programs_per_sm(tmp_path):
     assert programs_per_sm(row) == 4, row
 
 
-def sass_rows(kernel: str, slack: int, tmp_path) -> list[dict]:
-    """kernel_sass.py's rows (one per loop) for one kernel's default launch on sm_90."""
+def test_band_by_position_keeps_the_programs_per_sm(tmp_path):
+    """With GpuTuning.band_by_position the band kernel reads no cluster ids: fewer
+    instructions per key tile than by cluster, 4 programs per SM kept; the tree kernel, whose
+    masked loops then test key positions too, keeps its 3 programs per SM."""
+    (by_cluster,) = sass_rows("band", 8, tmp_path)
+    (band,) = sass_rows("band", 8, tmp_path, "band_by_position=1")
+    assert band["rescale_skipped"] < by_cluster["rescale_skipped"], (band, by_cluster)
+    assert programs_per_sm(band) == 4, band
+    tree = sass_rows("tree", 8, tmp_path, "band_by_position=1")
+    assert [r["loop"] for r in tree] == [0, 1, 2]
+    assert all(r["spill_bytes"] == 0 for r in tree) and programs_per_sm(tree[0]) == 3, tree
+
+
+def sass_rows(kernel: str, slack: int, tmp_path, *tuning: str) -> list[dict]:
+    """kernel_sass.py's rows (one per loop) for one kernel's default launch on sm_90, with
+    other GpuTuning fields as FIELD=INT."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     out = tmp_path / "rows.json"
+    extra = ["--tuning", *tuning] if tuning else []
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / "kernel_sass.py"), "--kernels",
-                           kernel, "--rescale-slack", str(slack), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                           kernel, "--rescale-slack", str(slack), "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"| {kernel} | 0 |" in proc.stdout
     return json.loads(out.read_text())
@@ -73,3 +88,16 @@ def programs_per_sm(row) -> int:
     (174, 4, 65536, 2), (124, 4, 36864, 4), (64, 4, 16384, 8), (128, 8, 0, 2)])
 def test_programs_per_sm_in_closed_form(registers, warps, shared, want):
     assert programs_per_sm(dict(registers=registers, warps=warps, shared=shared)) == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tuning", "bogus=1"], "--tuning 'bogus=1': expected FIELD=INT with FIELD one of"),
+    (["--tuning", "band_warps"], "--tuning 'band_warps': expected FIELD=INT"),
+    (["--tuning", "band_warps=3"], "GpuTuning.band_warps must be a positive power of two"),
+    (["--tuning", "band_by_position=2"], "GpuTuning.band_by_position must be 0 or 1")])
+def test_bad_tuning_is_named(argv, message, capsys):
+    from experiment_script import load_experiment
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("kernel_sass").main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -108,6 +108,21 @@ def _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads=Tru
         assert_close(name, g, w, TOL[dtype])
 
 
+def _softmax64(q, k, v, mask):
+    """float64 attention of q [1, S, Hq, D] over k, v [1, S, Hkv, D] (GQA) on the pairs of
+    mask [Hq, S, S]: out [S, Hq, D] and natural-log lse [Hq, S]; a row without a pair gives 0
+    and -inf."""
+    hq, d = q.shape[2], q.shape[3]
+    kk, vv = (np.repeat(x[0], hq // x.shape[2], axis=1) for x in (k, v))
+    s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
+    s = np.where(mask, s, -np.inf)
+    top = np.max(s, -1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(top), top, 0))
+    total = p.sum(-1)
+    out = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1)[..., None], vv)
+    return out, np.where(total > 0, np.log(np.maximum(total, 1e-300)) + top[..., 0], -np.inf)
+
+
 class TestTritonKernels:
 
     @pytest.mark.parametrize("case", CASES, ids=str)
@@ -212,13 +227,15 @@ class TestTritonKernels:
             block_q=16, block_k=16, return_lse=True)
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads, **kw)
 
-    @pytest.mark.parametrize("tiles, dtype", [((16, 16), "float32"), ((64, 16), "bfloat16"),
-                                              ((16, 32), "float32")])
-    def test_fused_forward_tree_tiles(self, interpret, tiles, dtype):
+    @pytest.mark.parametrize("tiles, dtype, split", [
+        ((16, 16), "float32", 0), ((64, 16), "bfloat16", 0), ((16, 32), "float32", 0),
+        ((16, 16), "float32", 1), ((64, 16), "bfloat16", 1), ((32, 16), "float32", 1)])
+    def test_fused_forward_tree_tiles(self, interpret, tiles, dtype, split):
         """The fused forward's tree pass in blocks of its own (tree_tile_q x tree_tile_k, each
         cut to the largest power of two dividing the padded length 96: 64 -> 32), smaller or
-        larger than the call's 32-blocks, while the backward keeps the call's schedule.
-        Outputs, LSE and gradients against the reference."""
+        larger than the call's 32-blocks, while the backward keeps the call's schedule; the
+        pairs split between the passes by cluster or by position (band_by_position). Outputs,
+        LSE and gradients against the reference."""
         from pallas_kernels.config import GpuTuning
         from pallas_kernels.sorted_layout import sorted_attention
         from pallas_kernels.triton_backend import segment_forward_launch
@@ -231,33 +248,47 @@ class TestTritonKernels:
         cfg = make_config(q, k, window=6, sink_tokens=2, q_offset=0, scale=None,
                           backend="triton", interpret=interpret, block_q=32, block_k=32,
                           gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
-                                               tree_warps=4, tree_stages=1))
+                                               tree_warps=4, tree_stages=1,
+                                               band_by_position=split))
         launch = segment_forward_launch(cfg, (1, 96, hq, 16), (1, 96, hkv, 16), dtype)
         bq, bk = (min(t, 32) for t in tiles)
         assert (launch.meta["BQ"], launch.meta["BK"]) == (bq, bk)
         assert launch.grid == (96 // bq * hq,)
         assert launch.meta["TAIL"] == min(-(-512 // hq), 96 // bq - 1)  # 512 programs last
+        assert (launch.meta["WINDOW"], launch.meta["SINK"]) == ((6, 2) if split else (0, 0))
         fused = lambda q, k, v: sorted_attention(q, k, v, ids, cfg, "triton")  # noqa: E731
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, window=6,
                                         sink_tokens=2)
 
-    @pytest.mark.parametrize("seq, sp, hq, hkv, clusters, tiles, dtype", [
-        (70, 80, 4, 2, 3, (16, 16), "float32"),    # long segments: unmasked blocks, padding
-        (64, 64, 2, 1, 40, (16, 16), "float32"),   # many one-token segments, no padding
-        (90, 96, 3, 3, 2, (32, 32), "float32"),    # two segments over several blocks each
-        (93, 128, 2, 1, 3, (32, 16), "float32"),   # key blocks smaller than query blocks
-        (93, 128, 2, 2, 4, (16, 32), "float32"),   # ... and larger
-        (61, 64, 4, 1, 5, (16, 16), "bfloat16")])
+    @pytest.mark.parametrize("seq, sp, hq, hkv, clusters, tiles, dtype, window, sink, split", [
+        (70, 80, 4, 2, 3, (16, 16), "float32", 0, 0, 0),   # long segments: unmasked blocks, padding
+        (64, 64, 2, 1, 40, (16, 16), "float32", 0, 0, 0),  # many one-token segments, no padding
+        (90, 96, 3, 3, 2, (32, 32), "float32", 0, 0, 0),   # two segments over several blocks each
+        (93, 128, 2, 1, 3, (32, 16), "float32", 0, 0, 0),  # key blocks smaller than query blocks
+        (93, 128, 2, 2, 4, (16, 32), "float32", 0, 0, 0),  # ... and larger
+        (61, 64, 4, 1, 5, (16, 16), "bfloat16", 0, 0, 0),
+        (100, 128, 4, 2, 2, (16, 16), "float32", 7, 1, 0),  # a window, the band's by cluster
+        # band_by_position: less the band's pairs: a window, sinks, both, a window of whole
+        # blocks, one segment, a window read 256 slots at a time
+        (100, 128, 4, 2, 2, (16, 16), "float32", 7, 0, 1),
+        (100, 128, 2, 1, 3, (32, 16), "float32", 0, 3, 1),
+        (150, 160, 4, 2, 2, (32, 16), "float32", 9, 1, 1),
+        (150, 160, 2, 2, 2, (16, 32), "float32", 32, 2, 1),
+        (120, 128, 4, 1, 4, (16, 16), "bfloat16", 20, 1, 1),
+        (200, 208, 2, 1, 1, (16, 16), "float32", 40, 1, 1),
+        (400, 400, 2, 1, 2, (32, 16), "float32", 300, 0, 1)])
     def test_tree_kernel_in_closed_form(self, interpret, seq, sp, hq, hkv, clusters, tiles,
-                                        dtype):
+                                        dtype, window, sink, split):
         """segment_fwd_kernel against float64 numpy: per head, a random permutation grouped
         into random segments; slot t attends to the slots from its segment's start to t, read
-        through the order, written in token order (padding slots too, as their own segment)."""
+        through the order, written in token order (padding slots too, as their own segment);
+        with band_by_position (split), less the band pass's pairs: keys within the window of
+        the query, or sinks. Rows with no such key come out 0 with LSE -inf."""
         from pallas_kernels.config import GpuTuning
         from pallas_kernels.segment_schedule import segment_starts
         from pallas_kernels.sorted_layout import cluster_order
         from pallas_kernels.triton_backend import forward_segment
-        rng = np.random.default_rng(seq * clusters)
+        rng = np.random.default_rng(seq * clusters + window)
         d = 16
         q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
         ids = rng.integers(0, clusters, (1, hq, seq)) - (clusters - 1)
@@ -270,29 +301,31 @@ class TestTritonKernels:
         # positions (their rows too) are one more cluster
         every = np.concatenate([ids[0], np.full((hq, sp - seq), clusters)], axis=-1)
         same = every[:, :, None] == every[:, None, :]
-        allowed = same & np.tril(np.ones((sp, sp), bool))
-        kk, vv = (np.repeat(x[0], hq // hkv, axis=1) for x in (k, v))
-        s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
-        s = np.where(allowed, s, -np.inf)
-        top = s.max(-1, keepdims=True)
-        p = np.exp(s - top)
-        want_out = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), vv)
-        want_lse = np.log(p.sum(-1)) + top[..., 0]
+        i, j = np.arange(sp)[:, None], np.arange(sp)[None, :]
+        allowed = same & (j <= i)
+        if split:
+            allowed &= (i - j >= window) & (j >= sink)
+        want_out, want_lse = _softmax64(q, k, v, allowed)
+        none = np.isneginf(want_lse)
+        assert none.any() == bool(split)  # the first tokens keep no tree key
+        assert (~none).sum() >= sp // 4  # many rows do
         cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
         assert np.abs(want_out).max() > 0.1
         # the order read in step with the keys or a block ahead; no block run last, three per
         # head, every block but one per head (the most the launch defers)
         for prefetch, tail in ((0, 0), (1, 2 * hq + 1), (1, 10 ** 6)):
-            cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=0, sink_tokens=0,
-                              q_offset=0, scale=None, backend="triton", interpret=interpret,
-                              block_q=16, block_k=16,
+            cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=window,
+                              sink_tokens=sink, q_offset=0, scale=None, backend="triton",
+                              interpret=interpret, block_q=16, block_k=16,
                               gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
-                                                   tree_prefetch=prefetch, tree_tail=tail))
+                                                   tree_prefetch=prefetch, tree_tail=tail,
+                                                   band_by_position=split))
             out, lse = forward_segment(cast(q), cast(k), cast(v), jnp.asarray(order, jnp.int32),
                                        segment_starts(jnp.asarray(sorted_ids)), cfg)
             out, lse = np.asarray(out, np.float32), np.asarray(lse)
+            np.testing.assert_array_equal(np.isneginf(lse[0]), none)
             assert_close("out", out[0], want_out, TOL[dtype])  # padding rows too
-            assert_close("lse", lse[0], want_lse, TOL[dtype])
+            assert_close("lse", lse[0][~none], want_lse[~none], TOL[dtype])
 
     @pytest.mark.parametrize("seq, hq, hkv, window, sink, tiles, heads, dtype, partial", [
         (70, 4, 2, 5, 1, (16, 32), (1, 1), "float32", True),   # key tile over two query tiles
@@ -300,50 +333,43 @@ class TestTritonKernels:
         (64, 3, 3, 20, 3, (16, 16), (2, 1), "float32", True),  # no group to share: one head
         (50, 2, 1, 64, 2, (16, 16), (1, 1), "float32", False),  # a window past the sequence
         (70, 8, 2, 7, 1, (16, 16), (2, 2), "float32", True),   # two programs per kv group
+        (70, 4, 2, 5, 0, (16, 16), (2, 2), "float32", False),  # padding rows past any key
         (61, 4, 1, 9, 2, (32, 32), (4, 4), "bfloat16", True),
         (61, 6, 2, 9, 2, (16, 32), (4, 1), "bfloat16", True),  # group 3: one head
         # the default's alignment: a window of whole key tiles (128 / 16 there), three tiles
         # per query tile, and a sink tile from query tile 2 on
         (100, 4, 2, 32, 1, (16, 16), (2, 2), "float32", True),
         (100, 4, 2, 32, 2, (16, 16), (2, 2), "float32", False)])
+    @pytest.mark.parametrize("split", [0, 1])
     def test_band_kernel_in_closed_form(self, interpret, seq, hq, hkv, window, sink, tiles,
-                                        heads, dtype, partial):
-        """band_fwd_kernel against float64 numpy: the window and sink pairs of other clusters,
-        padded positions and GQA, started from a partial over the same-cluster pairs (the
-        result is then every allowed pair's) or from none (lse -inf: the band set alone, rows
-        without a band key give 0 and -inf). heads: (band_heads asked, query heads per
-        program: the largest power of two up to it dividing the group)."""
+                                        heads, dtype, partial, split):
+        """band_fwd_kernel against float64 numpy: the causal pairs with the key within the
+        window or among the sinks, of other clusters or, with band_by_position (split), of
+        every cluster; padded positions and GQA, started from a partial over the other
+        same-cluster pairs (the result is then every allowed pair's) or from none (lse -inf:
+        the band set alone; rows without a band key give 0 and -inf). heads: (band_heads
+        asked, query heads per program: the largest power of two up to it dividing the
+        group)."""
         from pallas_kernels.config import GpuTuning
         from pallas_kernels.triton_backend import band_forward_launch, forward_band
         rng = np.random.default_rng(seq + window)
         sp, d = -(-seq // 32) * 32, 16
         q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
-        ids = rng.integers(0, 3, (1, hq, sp))
+        ids = rng.integers(0, 3, (hq, sp))
         i, j = np.arange(sp)[:, None], np.arange(sp)[None, :]
-        same = ids[0][:, :, None] == ids[0][:, None, :]
+        same = ids[:, :, None] == ids[:, None, :]
         causal = (j <= i) & (j < seq)
-        band = causal & ~same & ((i - j < window) | (j < sink))
-
-        def softmax(mask):  # float64 (out [1, sp, hq, d], lse [1, hq, sp]) over mask [hq, ..]
-            kk, vv = (np.repeat(x[0], hq // hkv, axis=1) for x in (k, v))
-            s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
-            s = np.where(mask, s, -np.inf)
-            top = np.max(s, -1, keepdims=True)
-            p = np.exp(s - np.where(np.isfinite(top), top, 0))
-            total = p.sum(-1)
-            out = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1)[..., None], vv)
-            return out[None], np.where(total > 0, np.log(np.maximum(total, 1e-300)) + top[..., 0],
-                                        -np.inf)[None]
-
-        init = softmax(causal & same) if partial else (np.zeros((1, sp, hq, d)),
-                                                       np.full((1, hq, sp), -np.inf))
-        want_out, want_lse = softmax(causal & (same | band) if partial else band)
+        band = causal & ((i - j < window) | (j < sink))
+        band = band & ~same if not split else np.broadcast_to(band, same.shape)
+        init = _softmax64(q, k, v, causal & same & ~band) if partial else (
+            np.zeros((sp, hq, d)), np.full((hq, sp), -np.inf))
+        want_out, want_lse = _softmax64(q, k, v, causal & same | band if partial else band)
         cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
         cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=window, sink_tokens=sink,
                           q_offset=0, scale=None, backend="triton", interpret=interpret,
                           block_q=16, block_k=16,
                           gpu_tuning=GpuTuning(band_tile_q=tiles[0], band_tile_k=tiles[1],
-                                               band_heads=heads[0]))
+                                               band_heads=heads[0], band_by_position=split))
         launch = band_forward_launch(cfg, q.shape, k.shape, dtype)
         bq = tiles[0] * heads[0] // heads[1]  # fewer heads per program: a longer query tile
         assert (launch.meta["BQ"], launch.meta["TK"], launch.meta["HB"]) == (bq, tiles[1],
@@ -351,18 +377,24 @@ class TestTritonKernels:
         assert launch.grid == (hq // heads[1], sp // bq)  # heads first
         assert np.abs(want_out).max() > 0.1  # a real comparison, not zeros
         none = np.isneginf(want_lse)  # padding rows too: they attend no padding key
-        assert none[..., :seq].any() != partial  # without a partial, some rows have no band key
+        # without a partial and by cluster, some rows have no band key; by position a real
+        # row has itself or a sink, and padding rows past every real key's window none
+        assert none[:, :seq].any() == (not partial and not split)
+        if split:
+            assert none.any() == (not partial and sink == 0 and sp - seq >= window)
         for heads_first in (True, False):  # the grid's two orders
-            out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
-                                    init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)),
+            out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids[None], jnp.int32),
+                                    cfg,
+                                    init=(cast(init[0][None]),
+                                          jnp.asarray(init[1][None], jnp.float32)),
                                     heads_first=heads_first)
-            out, lse = np.asarray(out, np.float32), np.asarray(lse)
+            out, lse = np.asarray(out[0], np.float32), np.asarray(lse[0])
             np.testing.assert_array_equal(np.isneginf(lse), none)
             assert_close("lse", lse[~none], want_lse[~none], TOL[dtype])
             assert_close("out", out, want_out, TOL[dtype])
 
-    @pytest.mark.parametrize("slack", [8, 0])
-    def test_forward_rescale_with_peaked_scores(self, interpret, slack):
+    @pytest.mark.parametrize("slack, split", [(8, 0), (0, 0), (8, 1)])
+    def test_forward_rescale_with_peaked_scores(self, interpret, slack, split):
         """The tree and band kernels' running max with a slack (GpuTuning.rescale_slack): scores
         of std ~9 make a row's max jump past the slack in the middle of its keys as well as
         stay within it. The sorted layout at head dim 64, where compiled bf16 kernels skip the
@@ -381,7 +413,7 @@ class TestTritonKernels:
         ids = jnp.asarray(rng.integers(0, 3, (1, hq, seq)), jnp.int32)
         d_out = jnp.asarray(rng.standard_normal((1, seq, hq, d)), jnp.float32)
         kw = dict(window=8, sink_tokens=1)
-        tuning = GpuTuning(rescale_slack=slack)
+        tuning = GpuTuning(rescale_slack=slack, band_by_position=split)
         cfg = make_config(q, k, **kw, q_offset=0, scale=None, backend="triton",
                           interpret=interpret, block_q=128, block_k=128, gpu_tuning=tuning)
         padded = ((1, 256, hq, d), (1, 256, hkv, d), dtype)
