@@ -254,13 +254,14 @@ def fwd_routed_kernel(Q, K, V, QC, KC, IDX, NMASKED, NBLOCKS, OINIT, LSEINIT, O,
 def _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, first, stop, cols_d,
                     d_ok, ROW: tl.constexpr, BK: tl.constexpr, SP: tl.constexpr,
                     C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    MASKED: tl.constexpr, LOCAL: tl.constexpr, SINK: tl.constexpr,
+                    SLOTS: tl.constexpr, LOCAL: tl.constexpr, SINK: tl.constexpr,
                     PREFETCH: tl.constexpr, SLACK: tl.constexpr, PACK: tl.constexpr):
-    """Key blocks first..stop-1 of the sorted layout (keys read through the order); MASKED:
-    a row's keys are the slots from its segment's start seg up to itself; LOCAL: and of those
-    the tokens from SINK on, before the row's window: key position - SINK < room (per row).
+    """Key blocks first..stop-1 of the sorted layout (keys read through the order), masked to
+    SLOTS: a row's slots from its segment's start seg up to itself; LOCAL: the tokens from
+    SINK on, before the row's window: key position - SINK < room (per row). Neither: no mask.
     PREFETCH: the next block's order entries load one step ahead, so the key gathers need
     not wait for them."""
+    MASKED: tl.constexpr = SLOTS or LOCAL
     slots = tl.arange(0, BK)
     if PREFETCH:
         ahead = tl.load(ord_ptr + first * BK + slots, mask=first * BK + slots < SP, other=0)
@@ -272,13 +273,14 @@ def _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, first,
         else:
             rows_k = tl.load(ord_ptr + keys)
         s = _tile_scores(q, k_ptr, rows_k, cols_d, d_ok, ROW, IEEE, UPCAST)
-        if MASKED:  # seg <= key <= row in one unsigned comparison; span = row - seg
-            ok = (keys[None, :] - seg[:, None]).to(tl.uint32) <= span[:, None]
-            if LOCAL:  # SINK <= key position < SINK + room, the same way; the positions
-                # loaded again in the scores' layout (rows_k's took 24 more registers)
-                at_k = tl.load(ord_ptr + keys)
-                ok = ok & ((at_k[None, :] - SINK).to(tl.uint32) < room[:, None])
-            s = tl.where(ok, s, float("-inf"))
+        if SLOTS:  # seg <= key <= row in one unsigned comparison; span = row - seg
+            s = tl.where((keys[None, :] - seg[:, None]).to(tl.uint32) <= span[:, None], s,
+                         float("-inf"))
+        if LOCAL:  # SINK <= key position < SINK + room, the same way; the positions loaded
+            # again in the scores' layout (rows_k's took 24 more registers)
+            at_k = tl.load(ord_ptr + keys)
+            s = tl.where((at_k[None, :] - SINK).to(tl.uint32) < room[:, None], s,
+                         float("-inf"))
         acc, m, l = _tile_update(acc, m, l, s, v_ptr, rows_k, cols_d, d_ok, ROW, C, MASKED,
                                  IEEE, UPCAST, SLACK, PACK)
     return acc, m, l
@@ -383,9 +385,22 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
                                 cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, LOCAL,
                                 SINK, PREFETCH, SLACK, PACK)
     acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, full, cut,
-                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, LOCAL,
+                                cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False, False,
                                 SINK, PREFETCH, SLACK, PACK)
-    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, cut,
+    if LOCAL:
+        # From the first row's window on, keys of the rows' one segment need no slot test:
+        # a key past a row there has a later position, which the window's test refuses. Most
+        # blocks lie inside one segment (every row's starts at or before the first key, and
+        # the keys end at r1): their masked blocks run in the first loop, the others' in the
+        # second.
+        inside = (cut * BK >= tl.max(seg, axis=0)) & (stop * BK <= r1 + 1)
+        split = tl.where(inside, stop, cut)
+        acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, cut,
+                                    split, cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, False,
+                                    True, SINK, PREFETCH, SLACK, PACK)
+    else:
+        split = cut
+    acc, m, l = _segment_blocks(acc, m, l, q, span, seg, room, k_ptr, v_ptr, ord_ptr, split,
                                 stop, cols_d, d_ok, HKV * D, BK, SP, C, IEEE, UPCAST, True, LOCAL,
                                 SINK, PREFETCH, SLACK, PACK)
     out, lse = _finish(acc, m, l)

@@ -48,14 +48,17 @@ def test_band_loop_keeps_four_programs_per_sm(tmp_path):
 
 def test_band_by_position_keeps_the_programs_per_sm(tmp_path):
     """With GpuTuning.band_by_position the band kernel reads no cluster ids: fewer
-    instructions per key tile than by cluster, 4 programs per SM kept; the tree kernel, whose
-    masked loops then test key positions too, keeps its 3 programs per SM."""
+    instructions per key tile than by cluster, 4 programs per SM kept. The tree kernel walks
+    four loops: slots and positions tested, none, positions alone (the block inside one
+    segment), both; it keeps its 3 programs per SM."""
     (by_cluster,) = sass_rows("band", 8, tmp_path)
     (band,) = sass_rows("band", 8, tmp_path, "band_by_position=1")
     assert band["rescale_skipped"] < by_cluster["rescale_skipped"], (band, by_cluster)
     assert programs_per_sm(band) == 4, band
     tree = sass_rows("tree", 8, tmp_path, "band_by_position=1")
-    assert [r["loop"] for r in tree] == [0, 1, 2]
+    assert [r["loop"] for r in tree] == [0, 1, 2, 3]
+    both, none, alone, _ = (r["rescale_skipped"] for r in tree)
+    assert none < alone < both, tree
     assert all(r["spill_bytes"] == 0 for r in tree) and programs_per_sm(tree[0]) == 3, tree
 
 
