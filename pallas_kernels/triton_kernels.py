@@ -298,15 +298,14 @@ def segment_fwd_kernel(Q, K, V, ORD, START, O, LSE,
     token ORD[b, h, t] and its segment (cluster) begins at slot START[b, h, t]; query slot t
     attends to the slots START[t] .. t, less, where WINDOW or SINK is above 0, the tokens
     that are sinks (position < SINK) or in its window (position > its own - WINDOW): the band
-    pass then takes those. Query block i (rows
-    r0..r1, BQ of them) walks the BK-key blocks from the one holding START[r0] to the one
-    holding r1; those from the first starting at or after START[r1] + SINK up to the last
-    ending before r0's window hold allowed pairs only and run unmasked. q, k, v are read
-    through the order and O, LSE written at the tokens, in token order, [B, SP, HQ, D] and
-    [B, HQ, SP] (every slot: ORD is a permutation of 0..SP-1 per head, padding slots
-    included). BQ and BK are powers of two dividing SP; NEAR, a power of two: the slots of
-    r0's window read at a time. A START
-    of -1 (counting_sort's poison) makes the row NaN.
+    pass then takes those. Query block i (rows r0..r1, BQ of them) walks the BK-key blocks
+    from the one holding START[r0] to the one holding r1 (or r1's window); those from the
+    first starting at or after START[r1] + SINK up to the last ending before r0 (or r0's
+    window) hold allowed pairs only and run unmasked. q, k, v are read through the order and
+    O, LSE written at the tokens, in token order, [B, SP, HQ, D] and [B, HQ, SP] (every slot:
+    ORD is a permutation of 0..SP-1 per head, padding slots included). BQ and BK are powers
+    of two dividing SP; NEAR, a power of two: the slots before the block read at a time to
+    find its rows' windows. A START of -1 (counting_sort's poison) makes the row NaN.
     PREFETCH: each key block's order entries load a block ahead (_segment_blocks).
     The grid is one axis over the NT query blocks of every (b, h): blocks TAIL.. of each head
     in turn, then blocks TAIL-1 down to 0, heads fastest (TAIL < NT). A block costs about its
