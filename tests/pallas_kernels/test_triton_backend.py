@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from test_kernels import (TOL, Case, assert_close, assert_matches_reference,  # noqa: E402
                           make_inputs, outputs_and_grads)
+from test_routed_attention import float64_attention_over  # noqa: E402
 
 from pallas_kernels import (block_sparse_attention, build_schedule,  # noqa: E402
                             reference_attention, routed_attention)
@@ -106,21 +107,6 @@ def _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads=Tru
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), (*got, *got_grads),
                           (*want, *want_grads)):
         assert_close(name, g, w, TOL[dtype])
-
-
-def _softmax64(q, k, v, mask):
-    """float64 attention of q [1, S, Hq, D] over k, v [1, S, Hkv, D] (GQA) on the pairs of
-    mask [Hq, S, S]: out [S, Hq, D] and natural-log lse [Hq, S]; a row without a pair gives 0
-    and -inf."""
-    hq, d = q.shape[2], q.shape[3]
-    kk, vv = (np.repeat(x[0], hq // x.shape[2], axis=1) for x in (k, v))
-    s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(d)
-    s = np.where(mask, s, -np.inf)
-    top = np.max(s, -1, keepdims=True)
-    p = np.exp(s - np.where(np.isfinite(top), top, 0))
-    total = p.sum(-1)
-    out = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1)[..., None], vv)
-    return out, np.where(total > 0, np.log(np.maximum(total, 1e-300)) + top[..., 0], -np.inf)
 
 
 class TestTritonKernels:
@@ -300,13 +286,11 @@ class TestTritonKernels:
         np.testing.assert_array_equal(got_sorted, sorted_ids)
         # float64: token x attends to the tokens of its cluster up to itself; the padding
         # positions (their rows too) are one more cluster
-        every = np.concatenate([ids[0], np.full((hq, sp - seq), clusters)], axis=-1)
-        same = every[:, :, None] == every[:, None, :]
-        i, j = np.arange(sp)[:, None], np.arange(sp)[None, :]
-        allowed = same & (j <= i)
-        if split:
-            allowed &= (i - j >= window) & (j >= sink)
-        want_out, want_lse = _softmax64(q, k, v, allowed)
+        every = np.concatenate([ids[0], np.full((hq, sp - seq), clusters)], axis=-1)[None]
+        want_out, want_lse = float64_attention_over(
+            q, k, v, every, lambda i, j, same: same and not (split and (i - j < window
+                                                                       or j < sink)))
+        want_out, want_lse = want_out[0], want_lse[0]
         none = np.isneginf(want_lse)
         assert none.any() == bool(split)  # the first tokens keep no tree key
         assert (~none).sum() >= sp // 4  # many rows do
@@ -356,15 +340,17 @@ class TestTritonKernels:
         rng = np.random.default_rng(seq + window)
         sp, d = -(-seq // 32) * 32, 16
         q, k, v = (rng.standard_normal((1, sp, h, d)) for h in (hq, hkv, hkv))
-        ids = rng.integers(0, 3, (hq, sp))
-        i, j = np.arange(sp)[:, None], np.arange(sp)[None, :]
-        same = ids[:, :, None] == ids[:, None, :]
-        causal = (j <= i) & (j < seq)
-        band = causal & ((i - j < window) | (j < sink))
-        band = band & ~same if not split else np.broadcast_to(band, same.shape)
-        init = _softmax64(q, k, v, causal & same & ~band) if partial else (
-            np.zeros((sp, hq, d)), np.full((hq, sp), -np.inf))
-        want_out, want_lse = _softmax64(q, k, v, causal & same | band if partial else band)
+        ids = rng.integers(0, 3, (1, hq, sp))
+
+        def in_band(i, j, same):  # causal already; the padding keys are in no set
+            return j < seq and (i - j < window or j < sink) and (split or not same)
+
+        init = float64_attention_over(q, k, v, ids, lambda i, j, same: (
+            j < seq and same and not in_band(i, j, same))) if partial else (
+            np.zeros((1, sp, hq, d)), np.full((1, hq, sp), -np.inf))
+        want_out, want_lse = float64_attention_over(q, k, v, ids, lambda i, j, same: (
+            in_band(i, j, same) or partial and j < seq and same))
+        want_out, want_lse = want_out[0], want_lse[0]
         cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
         cfg = make_config(cast(q[:, :seq]), cast(k[:, :seq]), window=window, sink_tokens=sink,
                           q_offset=0, scale=None, backend="triton", interpret=interpret,
@@ -384,10 +370,8 @@ class TestTritonKernels:
         if split:
             assert none.any() == (not partial and sink == 0 and sp - seq >= window)
         for heads_first in (True, False):  # the grid's two orders
-            out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids[None], jnp.int32),
-                                    cfg,
-                                    init=(cast(init[0][None]),
-                                          jnp.asarray(init[1][None], jnp.float32)),
+            out, lse = forward_band(cast(q), cast(k), cast(v), jnp.asarray(ids, jnp.int32), cfg,
+                                    init=(cast(init[0]), jnp.asarray(init[1], jnp.float32)),
                                     heads_first=heads_first)
             out, lse = np.asarray(out[0], np.float32), np.asarray(lse[0])
             np.testing.assert_array_equal(np.isneginf(lse), none)
