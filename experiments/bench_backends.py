@@ -11,10 +11,12 @@ bf16. Times are medians. Writes JSON and prints the table last; exits 1 when a c
 
   python3 experiments/bench_backends.py --out results/bench_backends.json
   python3 experiments/bench_backends.py --toy       # a CPU dry run (interpreters, XLA for cuDNN)
+  python3 experiments/bench_backends.py --backends triton triton_dq_atomic mosaic mosaic_dq_atomic
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -29,9 +31,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import timed  # noqa: E402
 
-# name in the table -> backend argument
-BACKENDS = {"pallas": "gpu", "triton": "triton", "mosaic": "mosaic"}
+# name in the table -> (backend argument, GpuTuning fields over the dtype's defaults); the
+# *_dq_atomic rows run the Triton backward as one launch that adds dq with atomics (the
+# Mosaic forward's backward is the Triton one)
+BACKENDS = {"pallas": ("gpu", {}), "triton": ("triton", {}),
+            "triton_dq_atomic": ("triton", {"dq_atomic": 1}), "mosaic": ("mosaic", {}),
+            "mosaic_dq_atomic": ("mosaic", {"dq_atomic": 1})}
 SINK = 1
+
+
+def config(name, q, k, *, window, sink_tokens, block, interpret):
+    """The AttentionConfig of a table row's backend and tuning."""
+    from pallas_kernels.config import GpuTuning
+    from pallas_kernels.ops import make_config
+    backend, tuning = BACKENDS[name]
+    gpu = dataclasses.replace(GpuTuning.for_dtype(q.dtype), **tuning)
+    return make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=None,
+                       backend=backend, interpret=interpret, block_q=block, block_k=block,
+                       gpu_tuning=gpu)
 
 
 class Shape:
@@ -76,7 +93,8 @@ def rel_err(got, want):
 
 def check_correctness(shape, backends):
     """Each backend's out, LSE, dq, dk, dv against the reference on float32 inputs."""
-    from pallas_kernels import block_sparse_attention, reference_attention
+    from pallas_kernels import build_schedule, reference_attention
+    from pallas_kernels.ops import attention_with_schedule
     rows = []
     seq_bf16, seq_f32 = (100, 77) if shape.toy else (1000, 777)
     for seq, dtype, ids_fn, clusters, window, sink, tol in [
@@ -99,18 +117,21 @@ def check_correctness(shape, backends):
 
         f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
         want = out_lse_grads(reference, *f32, ids)
-        for name, backend in backends.items():
-            if dtype == jnp.float32 and name == "triton" and not shape.toy:
+        for name, (backend, _) in backends.items():
+            if dtype == jnp.float32 and backend == "triton" and not shape.toy:
                 # Measured on the H200: compiling the float32 Triton kernels for this check
                 # outlasted a 10-minute device call; tests/pallas_kernels/test_triton_backend.py
                 # checks them compiled instead.
                 continue
-            if dtype == jnp.float32 and name == "mosaic":
+            if dtype == jnp.float32 and backend == "mosaic":
                 continue  # wgmma on 2-byte inputs only: the backend refuses float32
-            def kernel(q, k, v, ids, backend=backend):
-                return block_sparse_attention(q, k, v, ids, ids, backend=backend,
-                                              interpret=shape.toy, return_lse=True, **kw,
-                                              block_q=shape.block, block_k=shape.block)
+            cfg = config(name, q, k, **kw, block=shape.block, interpret=shape.toy)
+
+            def kernel(q, k, v, ids, backend=backend, cfg=cfg):
+                sched = build_schedule(ids, ids, **kw, block_q=cfg.block_q,
+                                       block_k=cfg.block_k)
+                return attention_with_schedule(q, k, v, ids, ids, sched, backend=backend,
+                                               config=cfg)
             got = out_lse_grads(kernel, q, k, v, ct, ids)
             errs = {"out": rel_err(got[0], want[0]), "lse": rel_err(got[1], want[1])}
             errs.update({n: rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), got[2], want[2])})
@@ -155,12 +176,13 @@ class Problem:
         fwd, both = self._time_pair(forward)
         return fwd(), both()
 
-    def kernel_timers(self, backend):
-        """Timers of one backend; the config is static, so each compiles once per length."""
-        from pallas_kernels.ops import attention_with_schedule, make_config
-        cfg = make_config(self.q, self.k, window=self.shape.window, sink_tokens=SINK, q_offset=0,
-                          scale=None, backend=backend, interpret=self.shape.toy,
-                          block_q=self.shape.block, block_k=self.shape.block)
+    def kernel_timers(self, name):
+        """Timers of one row's backend; the config is static, so each compiles once per
+        length."""
+        from pallas_kernels.ops import attention_with_schedule
+        backend = BACKENDS[name][0]
+        cfg = config(name, self.q, self.k, window=self.shape.window, sink_tokens=SINK,
+                     block=self.shape.block, interpret=self.shape.toy)
 
         def forward(q, k, v, ids, sched):
             return attention_with_schedule(q, k, v, ids, ids, sched, backend=backend,
@@ -199,7 +221,7 @@ def run(args):
                          fwd_bwd_ms=1e3 * dense_both))
         print(f"S={seq} cudnn fwd {1e3 * dense_fwd:.3f} ms fwd+bwd {1e3 * dense_both:.3f} ms",
               flush=True)
-        timers = {name: prob.kernel_timers(b) for name, b in backends.items()}
+        timers = {name: prob.kernel_timers(name) for name in backends}
         densities = args.densities if seq <= 32768 else args.long_densities
         cache = {}
         for target in densities:
@@ -234,12 +256,12 @@ def print_table(checks, rows):
               + " ".join(f"{n} {r[n]:.1e}" for n in ("out", "lse", "dq", "dk", "dv"))
               + f"  (tol {r['tol']:g}) {'OK' if r['ok'] else 'FAILED'}")
     print("\nratio = time / (density x cuDNN time) of the same S; 1.0 is cuDNN's efficiency.")
-    head = (f"{'S':>7} {'variant':>12} {'density':>7} {'fwd ms':>9} {'ratio':>6} "
+    head = (f"{'S':>7} {'variant':>22} {'density':>7} {'fwd ms':>9} {'ratio':>6} "
             f"{'fwd+bwd ms':>10} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['seq']:>7} {r['variant']:>12} {r['density']:>7.3f} {r['fwd_ms']:>9.3f} "
+        print(f"{r['seq']:>7} {r['variant']:>22} {r['density']:>7.3f} {r['fwd_ms']:>9.3f} "
               f"{r.get('fwd_ratio', 1.0):>6.2f} {r['fwd_bwd_ms']:>10.3f} "
               f"{r.get('fwd_bwd_ratio', 1.0):>6.2f}")
 
@@ -259,9 +281,10 @@ def main():
                         help="CPU dry run: small shape, interpreted kernels, XLA for cuDNN")
     args = parser.parse_args()
     if args.toy:
-        if "mosaic" in args.backends:  # its blocks start at 128 rows: more than a toy sequence
+        if any(BACKENDS[b][0] == "mosaic" for b in args.backends):
+            # its blocks start at 128 rows: more than a toy sequence
             print("--toy: mosaic left out (its 128-row blocks exceed the toy shape's)")
-            args.backends = [b for b in args.backends if b != "mosaic"]
+            args.backends = [b for b in args.backends if BACKENDS[b][0] != "mosaic"]
         # triton decides interpreted vs compiled when first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.seqs = args.seqs or [128]

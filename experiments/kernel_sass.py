@@ -1,11 +1,13 @@
 """The Triton kernels' machine code for a GPU target, read on any host (no GPU): per loop, the
-instructions one key tile issues, and with the forward's rescale skipped; registers, spills
-and shared memory per program.
+instructions one key tile issues, and with the forward's rescale skipped; the tensor cores'
+multiply-adds and the elements added to global memory (RED) per program and loop body;
+registers, spills and shared memory per program.
 
   python3 experiments/kernel_sass.py                             # every kernel, sm_90
   python3 experiments/kernel_sass.py --kernels tree band --rescale-slack 0
   python3 experiments/kernel_sass.py --cc 80
   python3 experiments/kernel_sass.py --kernels tree band --tuning band_by_position=1
+  python3 experiments/kernel_sass.py --kernels dq dkv dkv_dq    # the backward, both forms
 
 Each default launch of backend="triton" at the Llama-3-8B attention shape (S = 32768, Hq=32,
 Hkv=8, D=128, bf16, window 128, sink 1, 128 x 128 blocks) is compiled by triton for the
@@ -44,6 +46,7 @@ KERNELS = {
     "dq": ("dq_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
     "dkv": ("dkv_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
     "dkv_sink": ("dkv_sink_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
+    "dkv_dq": ("dkv_dq_launch", ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 5),
 }
 _POINTER = {"bfloat16": "*bf16", "float32": "*fp32", "int32": "*i32"}
 
@@ -143,6 +146,25 @@ def skipped_multiplies(sass: str) -> list[tuple[set, set, int]]:
     return blocks
 
 
+def _warp_macs(opcode: str) -> int:
+    """Multiply-adds one warp's share of a tensor-core instruction does: HGMMA.MxNxK is issued
+    by the 4 warps of a warpgroup together, HMMA.MNK (16816: 16 x 8 x 16) by one warp."""
+    if m := re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode):
+        return int(m[1]) * int(m[2]) * int(m[3]) // 4
+    if m := re.match(r"HMMA\.(16)(8)(8|16)\b", opcode):
+        return int(m[1]) * int(m[2]) * int(m[3])
+    return 0
+
+
+def _warp_reduced(opcode: str) -> int:
+    """Elements one warp adds to global memory with a RED instruction: REDG.E.ADD.F32x4
+    (sm_90) adds 4 per thread, RED.E.ADD.F32 (sm_80) one."""
+    if not re.match(r"REDG?\.", opcode):
+        return 0
+    width = re.search(r"\.[A-Z]+\d+x(\d+)\b", opcode)
+    return 32 * (int(width[1]) if width else 1)
+
+
 def loops(sass: str) -> list[dict]:
     """Each loop body (a backward branch and its target): instruction count, the count with
     its skippable multiplies left out, and the most frequent opcodes."""
@@ -156,10 +178,12 @@ def loops(sass: str) -> list[dict]:
         body = code[index[int(branch.group(1), 16)]:i + 1]
         body_sass = "\n".join(f"        /*{a:04x}*/ {t} ;" for a, t in body)
         skipped = sum(count for _, _, count in skipped_multiplies(body_sass))
-        opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                                      for _, t in body)
+        names = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in body]
+        opcodes = collections.Counter(name.split(".")[0] for name in names)
         found.append(dict(start=body[0][0], end=address, instructions=len(body),
                           rescale_skipped=len(body) - skipped,
+                          warp_macs=sum(map(_warp_macs, names)),
+                          warp_reduced=sum(map(_warp_reduced, names)),
                           top=", ".join(f"{op} {n}" for op, n in opcodes.most_common(6))))
     return found
 
@@ -194,16 +218,19 @@ def main(argv=None) -> list[dict]:
             rows.append(dict(kernel=kernel, loop=n, warps=launch.num_warps,
                              stages=launch.num_stages, shared=compiled.metadata.shared,
                              pack=launch.meta.get("PACK", 0), **usage, **loop))
+            rows[-1].update(macs=loop["warp_macs"] * launch.num_warps,
+                            reduced=loop["warp_reduced"] * launch.num_warps)
             print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"\nsm_{args.cc}, jax {jax.__version__}; per loop body (one key tile), static counts")
     print("| kernel | loop | instructions | rescale skipped | registers | spill B | shared B "
-          "| top opcodes |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| tensor-core MACs | RED elements | top opcodes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['loop']} | {r['instructions']} | {r['rescale_skipped']} | "
-              f"{r['registers']} | {r['spill_bytes']} | {r['shared']} | {r['top']} |")
+              f"{r['registers']} | {r['spill_bytes']} | {r['shared']} | {r['macs']} | "
+              f"{r['reduced']} | {r['top']} |")
     return rows
 
 

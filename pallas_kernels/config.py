@@ -46,6 +46,9 @@ class GpuTuning:
     band_by_position: int = 0  # 1: the band pass takes every window and sink pair, reading
                                # no ids, and the tree pass leaves them out; 0: the band takes
                                # other clusters' pairs only, the tree every same-cluster pair
+    dq_atomic: int = 0         # 1: the backward is one launch (dkv_dq_kernel) that adds each
+                               # tile's dq into float32 with atomics: 5 matrix products per
+                               # tile, not 7; 0: separate dq and dk/dv kernels (deterministic)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -64,7 +67,7 @@ class GpuTuning:
             if name == "rescale_slack" and not 0 <= value <= 16:
                 raise ValueError(f"GpuTuning.rescale_slack must be in [0, 16] (the weights "
                                  f"stay below 2^slack), got {value}")
-            if name.endswith(("_prefetch", "_by_position")) and value not in (0, 1):
+            if name.endswith(("_prefetch", "_by_position", "_atomic")) and value not in (0, 1):
                 raise ValueError(f"GpuTuning.{name} must be 0 or 1, got {value}")
 
     @classmethod

@@ -65,6 +65,7 @@ class Launch:
     num_warps: int
     num_stages: int
     name: str
+    zeroed: tuple[int, ...] = ()  # outputs zeroed before the kernel runs (it adds into them)
 
 
 def _meta(cfg: AttentionConfig, q_shape, k_shape, dtype) -> dict:
@@ -252,6 +253,21 @@ def dkv_sink_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
                   t.dkv_stages, "block_sparse_attention_dkv_sink")
 
 
+def dkv_dq_launch(cfg: AttentionConfig, q_shape, k_shape, dtype) -> Launch:
+    """GpuTuning.dq_atomic: dkv_launch's programs, then dkv_sink_launch's parts, in one launch
+    that also adds dq (unscaled) into a zeroed float32 [B, Sqp, Hq, D]. Outputs dk, dv, the
+    sink parts (as dkv_sink_launch's) and that dq."""
+    from pallas_kernels.triton_kernels import dkv_dq_kernel
+    main, sink = dkv_launch(cfg, q_shape, k_shape, dtype), dkv_sink_launch(cfg, q_shape,
+                                                                           k_shape, dtype)
+    meta = dict(main.meta, CHUNK=sink.meta["CHUNK"], SINK_ROWS=sink.meta["SINK_ROWS"])
+    parts = sink.grid[0] * sink.grid[2] if meta["FIRST_SUB"] else 0
+    dq = jax.ShapeDtypeStruct(tuple(q_shape), jnp.float32)
+    return Launch(dkv_dq_kernel, (main.grid[0] + parts, main.grid[1]),
+                  (*main.out_shapes, *sink.out_shapes, dq), meta, main.num_warps,
+                  main.num_stages, "block_sparse_attention_dkv_dq", zeroed=(4,))
+
+
 # ----------------------------------------------------------------------------- counting sort
 
 def _check_sort(bins: int, tile: int) -> None:
@@ -341,14 +357,15 @@ def _one_element_index():
 
 def launch_interpreted(launch: Launch, *inputs):
     """Runs launch in triton's interpreter on torch CPU tensors; returns the output tensors.
-    Outputs start as NaN (integers: -1), so an element the kernel forgets to write shows."""
+    Outputs start as NaN (integers: -1), so an element the kernel forgets to write shows;
+    launch.zeroed ones start as 0."""
     import torch
     _one_element_index()
     outs = []
-    for s in launch.out_shapes:
+    for i, s in enumerate(launch.out_shapes):
         dtype = getattr(torch, jnp.dtype(s.dtype).name)  # float32, bfloat16, float16, int32
         fill = float("nan") if dtype.is_floating_point else -1
-        outs.append(torch.full(s.shape, fill, dtype=dtype))
+        outs.append(torch.full(s.shape, 0 if i in launch.zeroed else fill, dtype=dtype))
     launch.kernel[launch.grid](*inputs, *outs, **launch.meta, num_warps=launch.num_warps,
                                num_stages=launch.num_stages)
     return outs
@@ -382,7 +399,8 @@ def call_launch(launch: Launch, interpret: bool, *arrays):
     import jax_triton
     return jax_triton.triton_call(*arrays, kernel=launch.kernel, out_shape=launch.out_shapes,
                                   grid=launch.grid, num_warps=launch.num_warps,
-                                  num_stages=launch.num_stages, name=launch.name, **launch.meta)
+                                  num_stages=launch.num_stages, name=launch.name,
+                                  zeroed_outputs=launch.zeroed, **launch.meta)
 
 
 def _call(cfg: AttentionConfig, launch: Launch, *arrays):
@@ -440,9 +458,14 @@ def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
     without keys (so their probabilities are 0); delta = rowsum(out * dout) - dlse."""
     lse2 = lse * LOG2E  # the kernels' scores are in base 2; +inf stays +inf
     common = (q, k, v, do, lse2, delta.astype(jnp.float32), qc, kc)
+    q_lists = (sched.q_indices, sched.q_num_masked, sched.q_num_blocks)
+    if cfg.gpu.dq_atomic:
+        launch = dkv_dq_launch(cfg, q.shape, k.shape, q.dtype)
+        dk, dv, pdk, pdv, dq = _call(cfg, launch, *common, *q_lists)
+        dk, dv = _with_sink_rows(dk, dv, pdk, pdv, launch.meta)
+        return (dq * cfg.scale).astype(q.dtype), dk, dv
     (dq,) = _call(cfg, dq_launch(cfg, q.shape, k.shape, q.dtype), *common, sched.kv_indices,
                   sched.kv_num_masked, sched.kv_num_blocks)
-    q_lists = (sched.q_indices, sched.q_num_masked, sched.q_num_blocks)
     main = dkv_launch(cfg, q.shape, k.shape, q.dtype)
     if main.grid[0]:
         dk, dv = _call(cfg, main, *common, *q_lists)
@@ -451,7 +474,14 @@ def backward(q, k, v, do, lse, delta, qc, kc, sched, cfg: AttentionConfig):
     if main.meta["FIRST_SUB"]:
         sink = dkv_sink_launch(cfg, q.shape, k.shape, q.dtype)
         pdk, pdv = _call(cfg, sink, *common, *q_lists)
-        rows = sink.meta["SINK_ROWS"]
-        dk = dk.at[:, :rows].set(jnp.sum(pdk, axis=0).astype(dk.dtype))
-        dv = dv.at[:, :rows].set(jnp.sum(pdv, axis=0).astype(dv.dtype))
+        dk, dv = _with_sink_rows(dk, dv, pdk, pdv, sink.meta)
     return dq, dk, dv
+
+
+def _with_sink_rows(dk, dv, pdk, pdv, meta: dict):
+    """dk, dv with the sink blocks' rows the sums of their parts (dkv_sink_launch's)."""
+    rows = meta["SINK_ROWS"]
+    if not rows:
+        return dk, dv
+    return (dk.at[:, :rows].set(jnp.sum(pdk, axis=0).astype(dk.dtype)),
+            dv.at[:, :rows].set(jnp.sum(pdv, axis=0).astype(dv.dtype)))

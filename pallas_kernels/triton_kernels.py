@@ -581,11 +581,13 @@ def dq_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DQ,
 
 @triton.jit
 def _dkv_blocks(dk, dv, k, v, k_pos, k_ids, q_ptr, do_ptr, lse2_ptr, delta_ptr, qc_ptr,
-                idx_ptr, start, stop, cols_d, d_ok, ROW: tl.constexpr, BQ: tl.constexpr,
-                TQ: tl.constexpr, Q_OFFSET: tl.constexpr, C: tl.constexpr,
+                dq_ptr, idx_ptr, start, stop, cols_d, d_ok, ROW: tl.constexpr,
+                BQ: tl.constexpr, TQ: tl.constexpr, Q_OFFSET: tl.constexpr, C: tl.constexpr,
                 WINDOW: tl.constexpr, SINK: tl.constexpr, KV_LEN: tl.constexpr,
                 EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """dk, dv summed over the listed query blocks. DQ_ATOMIC: each tile's share of dq,
+    ds @ k (unscaled), is also added into the float32 dq at dq_ptr (laid out as q)."""
     for t in range(start, stop):
         j = tl.load(idx_ptr + t)
         for r in tl.static_range(BQ // TQ):
@@ -603,7 +605,67 @@ def _dkv_blocks(dk, dv, k, v, k_pos, k_ids, q_ptr, do_ptr, lse2_ptr, delta_ptr, 
             dv += _dot(p.to(do.dtype), do, IEEE, UPCAST)
             ds = p * (_dot(v, tl.trans(do), IEEE, UPCAST) - tl.load(delta_ptr + rows)[None, :])
             dk += _dot(ds.to(q.dtype), q, IEEE, UPCAST)
+            if DQ_ATOMIC:
+                dq = _dot(tl.trans(ds.to(k.dtype)), k, IEEE, UPCAST)            # [TQ, D]
+                tl.atomic_add(dq_ptr + at, dq, mask=d_ok[None, :], sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _dkv_sums(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DQ, sub, bg, first,
+              CHUNK: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr,
+              SKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+              BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr,
+              NK: tl.constexpr, Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+              SINK: tl.constexpr, KV_LEN: tl.constexpr, C: tl.constexpr,
+              EXCLUDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              DQ_ATOMIC: tl.constexpr):
+    """(dk unscaled, dv) float32 [TK, BD] of key sub-tile sub of kv head bg (batch x kv head)
+    over entries [first, first + CHUNK) of its query-side lists (IDX, NMASKED, NBLOCKS), summed
+    over the GROUP query heads that read it; with DQ_ATOMIC the pairs' dq too (_dkv_blocks)."""
+    HKV: tl.constexpr = HQ // GROUP
+    b = bg // HKV
+    hk = bg % HKV
+    k_pos = sub * TK + tl.arange(0, TK)
+    cols_d = tl.arange(0, BD)
+    d_ok = cols_d < D
+    at = b.to(tl.int64) * (SKP * HKV * D) + hk * D + k_pos[:, None] * (HKV * D) + cols_d[None, :]
+    k = tl.load(K + at, mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + at, mask=d_ok[None, :], other=0.0)
+    dk = tl.zeros((TK, BD), tl.float32)
+    dv = tl.zeros((TK, BD), tl.float32)
+    for hh in range(GROUP):
+        h = hk * GROUP + hh
+        bh = b * HQ + h
+        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
+        row = bh * NK + sub // (BK // TK)
+        masked = tl.load(NMASKED + row)
+        last = tl.minimum(first + CHUNK, tl.load(NBLOCKS + row))
+        idx_ptr = IDX + row.to(tl.int64) * NQ
+        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
+        vec = bh.to(tl.int64) * SQP
+        dq_ptr = DQ + q_off if DQ_ATOMIC else DQ
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, dq_ptr, idx_ptr, first,
+                             tl.minimum(last, masked), cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET,
+                             C, WINDOW, SINK, KV_LEN, EXCLUDE, IEEE, UPCAST, True, DQ_ATOMIC)
+        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
+                             DELTA + vec, QC + vec, dq_ptr, idx_ptr, tl.maximum(first, masked),
+                             last, cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK,
+                             KV_LEN, EXCLUDE, IEEE, UPCAST, False, DQ_ATOMIC)
+    return dk, dv
+
+
+@triton.jit
+def _store_dkv(DK, DV, dk, dv, sub, bg, SKP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+               BD: tl.constexpr, TK: tl.constexpr, SCALE: tl.constexpr):
+    """dk * SCALE, dv into DK, DV [B, SKP, HKV, D] at key sub-tile sub of kv head bg."""
+    k_pos = sub * TK + tl.arange(0, TK)
+    cols_d = tl.arange(0, BD)
+    at = ((bg // HKV).to(tl.int64) * (SKP * HKV * D) + (bg % HKV) * D
+          + k_pos[:, None] * (HKV * D) + cols_d[None, :])
+    tl.store(DK + at, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols_d < D)[None, :])
+    tl.store(DV + at, dv.to(DV.dtype.element_ty), mask=(cols_d < D)[None, :])
 
 
 @triton.jit
@@ -620,39 +682,10 @@ def dkv_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, DV,
     Sub-tiles below FIRST_SUB (the sink blocks, dkv_sink_kernel's) are left unwritten."""
     sub = FIRST_SUB + tl.program_id(0)
     bg = tl.program_id(1)
-    HKV: tl.constexpr = HQ // GROUP
-    b = bg // HKV
-    hk = bg % HKV
-    k_pos = sub * TK + tl.arange(0, TK)
-    cols_d = tl.arange(0, BD)
-    d_ok = cols_d < D
-    kv_off = b.to(tl.int64) * (SKP * HKV * D) + hk * D
-    at = k_pos[:, None] * (HKV * D) + cols_d[None, :]
-    k = tl.load(K + kv_off + at, mask=d_ok[None, :], other=0.0)
-    v = tl.load(V + kv_off + at, mask=d_ok[None, :], other=0.0)
-    dk = tl.zeros((TK, BD), tl.float32)
-    dv = tl.zeros((TK, BD), tl.float32)
-    for hh in range(GROUP):
-        h = hk * GROUP + hh
-        bh = b * HQ + h
-        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
-        row = bh * NK + sub // (BK // TK)
-        masked = tl.load(NMASKED + row)
-        total = tl.load(NBLOCKS + row)
-        idx_ptr = IDX + row.to(tl.int64) * NQ
-        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
-        vec = bh.to(tl.int64) * SQP
-        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
-                             DELTA + vec, QC + vec, idx_ptr, 0, masked, cols_d, d_ok, HQ * D,
-                             BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN, EXCLUDE, IEEE, UPCAST,
-                             True)
-        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
-                             DELTA + vec, QC + vec, idx_ptr, masked, total, cols_d, d_ok,
-                             HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN, EXCLUDE, IEEE,
-                             UPCAST, False)
-    tl.store(DK + kv_off + at, (dk * SCALE).to(DK.dtype.element_ty), mask=d_ok[None, :])
-    tl.store(DV + kv_off + at, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
-
+    dk, dv = _dkv_sums(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, None, sub, bg,
+                       0, NQ, HQ, GROUP, SQP, SKP, D, BD, BQ, BK, TQ, TK, NQ, NK, Q_OFFSET,
+                       WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE, UPCAST, False)
+    _store_dkv(DK, DV, dk, dv, sub, bg, SKP, HQ // GROUP, D, BD, TK, SCALE)
 
 
 @triton.jit
@@ -671,41 +704,54 @@ def dkv_sink_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, PDK
     c = tl.program_id(0)
     bg = tl.program_id(1)
     sub = tl.program_id(2)
-    HKV: tl.constexpr = HQ // GROUP
-    b = bg // HKV
-    hk = bg % HKV
-    k_pos = sub * TK + tl.arange(0, TK)
-    cols_d = tl.arange(0, BD)
-    d_ok = cols_d < D
-    kv_off = b.to(tl.int64) * (SKP * HKV * D) + hk * D
-    at = k_pos[:, None] * (HKV * D) + cols_d[None, :]
-    k = tl.load(K + kv_off + at, mask=d_ok[None, :], other=0.0)
-    v = tl.load(V + kv_off + at, mask=d_ok[None, :], other=0.0)
-    dk = tl.zeros((TK, BD), tl.float32)
-    dv = tl.zeros((TK, BD), tl.float32)
-    first = c * CHUNK
-    for hh in range(GROUP):
-        h = hk * GROUP + hh
-        bh = b * HQ + h
-        k_ids = tl.load(KC + bh.to(tl.int64) * SKP + k_pos)
-        row = bh * NK + sub // (BK // TK)
-        masked = tl.load(NMASKED + row)
-        last = tl.minimum(first + CHUNK, tl.load(NBLOCKS + row))
-        idx_ptr = IDX + row.to(tl.int64) * NQ
-        q_off = b.to(tl.int64) * (SQP * HQ * D) + h * D
-        vec = bh.to(tl.int64) * SQP
-        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
-                             DELTA + vec, QC + vec, idx_ptr, first, tl.minimum(last, masked),
-                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
-                             EXCLUDE, IEEE, UPCAST, True)
-        dk, dv = _dkv_blocks(dk, dv, k, v, k_pos, k_ids, Q + q_off, DO + q_off, LSE2 + vec,
-                             DELTA + vec, QC + vec, idx_ptr, tl.maximum(first, masked), last,
-                             cols_d, d_ok, HQ * D, BQ, TQ, Q_OFFSET, C, WINDOW, SINK, KV_LEN,
-                             EXCLUDE, IEEE, UPCAST, False)
-    part = c.to(tl.int64) * (tl.num_programs(1) // HKV) + b  # [c, b] of [NCHUNK, B]
-    p_at = (part * SINK_ROWS * HKV + hk) * D + k_pos[:, None] * (HKV * D) + cols_d[None, :]
-    tl.store(PDK + p_at, dk * SCALE, mask=d_ok[None, :])
-    tl.store(PDV + p_at, dv, mask=d_ok[None, :])
+    dk, dv = _dkv_sums(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, None, sub, bg,
+                       c * CHUNK, CHUNK, HQ, GROUP, SQP, SKP, D, BD, BQ, BK, TQ, TK, NQ, NK,
+                       Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE, UPCAST, False)
+    _store_sink_part(PDK, PDV, dk, dv, c, sub, bg, HQ // GROUP, D, BD, TK, SCALE, SINK_ROWS)
+
+
+@triton.jit
+def _store_sink_part(PDK, PDV, dk, dv, c, sub, bg, HKV: tl.constexpr, D: tl.constexpr,
+                     BD: tl.constexpr, TK: tl.constexpr, SCALE: tl.constexpr,
+                     SINK_ROWS: tl.constexpr):
+    """Part c of the sink sub-tile sub's sums into PDK, PDV [NCHUNK, B, SINK_ROWS, HKV, D]:
+    part [c, b] is a [SINK_ROWS, HKV, D] array laid out as DK."""
+    part = (c * (tl.num_programs(1) // HKV) + bg // HKV).to(tl.int64) * (SINK_ROWS * HKV * D)
+    _store_dkv(PDK + part, PDV + part, dk, dv, sub, bg % HKV, SINK_ROWS, HKV, D, BD, TK, SCALE)
+
+
+@triton.jit
+def dkv_dq_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, DV, PDK, PDV,
+                  DQ, HQ: tl.constexpr, GROUP: tl.constexpr, SQP: tl.constexpr,
+                  SKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                  BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, NQ: tl.constexpr,
+                  NK: tl.constexpr, Q_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+                  SINK: tl.constexpr, KV_LEN: tl.constexpr, C: tl.constexpr,
+                  SCALE: tl.constexpr, EXCLUDE: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, CHUNK: tl.constexpr, SINK_ROWS: tl.constexpr,
+                  FIRST_SUB: tl.constexpr):
+    """The whole backward but dq's final scale in one launch (GpuTuning.dq_atomic): dkv_kernel's
+    programs, then dkv_sink_kernel's parts ((c, sub) flattened into program ids past them),
+    each also adding its pairs' share of dq into DQ, float32 [B, SQP, HQ, D] zeroed beforehand
+    and unscaled. Four matrix products per tile instead of dkv_kernel's and dq_kernel's
+    seven; dq's sums come in any order."""
+    i = tl.program_id(0)
+    bg = tl.program_id(1)
+    MAIN: tl.constexpr = SKP // TK - FIRST_SUB
+    if i < MAIN:
+        sub = FIRST_SUB + i
+        dk, dv = _dkv_sums(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DQ, sub,
+                           bg, 0, NQ, HQ, GROUP, SQP, SKP, D, BD, BQ, BK, TQ, TK, NQ, NK,
+                           Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE, UPCAST, True)
+        _store_dkv(DK, DV, dk, dv, sub, bg, SKP, HQ // GROUP, D, BD, TK, SCALE)
+    elif FIRST_SUB > 0:  # (without sinks the grid holds dkv_kernel's programs alone)
+        c = (i - MAIN) // FIRST_SUB
+        sub = (i - MAIN) % FIRST_SUB
+        dk, dv = _dkv_sums(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DQ, sub,
+                           bg, c * CHUNK, CHUNK, HQ, GROUP, SQP, SKP, D, BD, BQ, BK, TQ, TK,
+                           NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE, UPCAST,
+                           True)
+        _store_sink_part(PDK, PDV, dk, dv, c, sub, bg, HQ // GROUP, D, BD, TK, SCALE, SINK_ROWS)
 
 # True when triton was imported with TRITON_INTERPRET=1: the kernels then run on the CPU, in
 # triton's interpreter, and cannot be compiled.

@@ -62,18 +62,38 @@ def test_band_by_position_keeps_the_programs_per_sm(tmp_path):
     assert all(r["spill_bytes"] == 0 for r in tree) and programs_per_sm(tree[0]) == 3, tree
 
 
+def test_dq_atomic_backward_does_five_products_where_two_kernels_do_seven(tmp_path):
+    """GpuTuning.dq_atomic's one backward launch (dkv_dq_kernel), per query block x key tile
+    (128 x 128 at D = 128) of its masked and unmasked loops (then the same two for the sink
+    parts): the tensor-core work of 5 such products, where dq_kernel's loops do 3 and
+    dkv_kernel's 4, and each of the pair's 128 x 128 dq elements added to memory once."""
+    rows = sass_rows("dq dkv dkv_dq", 8, tmp_path)
+    product = 128 * 128 * 128
+    products = {}
+    for r in rows:
+        assert r["macs"] % product == 0, r
+        products.setdefault(r["kernel"], []).append(r["macs"] // product)
+    assert products["dq"] == [3, 3] and products["dkv"][:2] == [4, 4], products
+    assert products["dkv_dq"] == [5, 5, 10, 5, 5, 10], products  # (the third: the outer loop)
+    fused = [r for r in rows if r["kernel"] == "dkv_dq"]
+    assert [r["reduced"] for r in fused] == [128 * 128] * 2 + [2 * 128 * 128] + [128 * 128] * 2 \
+        + [2 * 128 * 128], fused
+    assert all(r["reduced"] == 0 for r in rows if r["kernel"] != "dkv_dq")
+    assert 0 < fused[0]["shared"] <= 227 * 1024, fused[0]
+
+
 def sass_rows(kernel: str, slack: int, tmp_path, *tuning: str) -> list[dict]:
-    """kernel_sass.py's rows (one per loop) for one kernel's default launch on sm_90, with
-    other GpuTuning fields as FIELD=INT."""
+    """kernel_sass.py's rows (one per loop) for the default launch on sm_90 of one kernel (or
+    several, named with spaces between), with other GpuTuning fields as FIELD=INT."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     out = tmp_path / "rows.json"
     extra = ["--tuning", *tuning] if tuning else []
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / "kernel_sass.py"), "--kernels",
-                           kernel, "--rescale-slack", str(slack), "--out", str(out), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+                           *kernel.split(), "--rescale-slack", str(slack), "--out", str(out),
+                           *extra], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"| {kernel} | 0 |" in proc.stdout
+    assert all(f"| {name} | 0 |" in proc.stdout for name in kernel.split())
     return json.loads(out.read_text())
 
 
@@ -91,6 +111,18 @@ def programs_per_sm(row) -> int:
     (174, 4, 65536, 2), (124, 4, 36864, 4), (64, 4, 16384, 8), (128, 8, 0, 2)])
 def test_programs_per_sm_in_closed_form(registers, warps, shared, want):
     assert programs_per_sm(dict(registers=registers, warps=warps, shared=shared)) == want
+
+
+@pytest.mark.parametrize("opcode, macs, reduced", [
+    ("HGMMA.64x128x16.F32.BF16", 64 * 128 * 16 // 4, 0),   # a warpgroup's: 4 warps share it
+    ("HGMMA.64x64x16.F32.BF16", 64 * 64 * 16 // 4, 0),
+    ("HMMA.16816.F32.BF16", 16 * 8 * 16, 0), ("HMMA.1688.F32.TF32", 16 * 8 * 8, 0),
+    ("REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU", 0, 32 * 4), ("RED.E.ADD.F32.FTZ.RN.STRONG.GPU", 0, 32),
+    ("REDUX.SUM", 0, 0), ("IMAD.WIDE", 0, 0)])
+def test_tensor_core_and_reduction_counts_in_closed_form(opcode, macs, reduced):
+    from experiment_script import load_experiment
+    sass = load_experiment("kernel_sass")
+    assert (sass._warp_macs(opcode), sass._warp_reduced(opcode)) == (macs, reduced)
 
 
 @pytest.mark.parametrize("argv, message", [

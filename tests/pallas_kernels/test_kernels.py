@@ -358,6 +358,7 @@ def test_attention_with_schedule_rejects_mismatches():
     (lambda: GpuTuning(tree_tail=-1), ValueError, "GpuTuning.tree_tail must be >= 0, got -1"),
     (lambda: GpuTuning(band_by_position=2), ValueError,
      "GpuTuning.band_by_position must be 0 or 1, got 2"),
+    (lambda: GpuTuning(dq_atomic=-1), ValueError, "GpuTuning.dq_atomic must be 0 or 1, got -1"),
     (lambda: GpuTuning(tree_tile_k=8), ValueError,
      r"GpuTuning.tree_tile_k must be a power of two >= 16, got 8"),
     (lambda: GpuTuning(rescale_slack=17), ValueError,

@@ -7,6 +7,7 @@ imported, so each host runs one runner and skips the other, saying why.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -30,8 +31,9 @@ from test_routed_attention import float64_attention_over  # noqa: E402
 
 from pallas_kernels import (block_sparse_attention, build_schedule,  # noqa: E402
                             reference_attention, routed_attention)
+from pallas_kernels.config import GpuTuning  # noqa: E402
 from pallas_kernels.masking import LOG2E  # noqa: E402
-from pallas_kernels.ops import make_config  # noqa: E402
+from pallas_kernels.ops import attention_with_schedule, make_config  # noqa: E402
 from pallas_kernels.triton_backend import unavailable  # noqa: E402
 
 RUNNERS = {"interpreter": True, "jax_triton": False}  # runner -> interpret flag
@@ -65,19 +67,29 @@ CASES = [
 ]
 
 
-def _attention(interpret, case):
-    def attention(q, k, v, qc, kc, **kwargs):
-        return block_sparse_attention(q, k, v, qc, kc, backend="triton", interpret=interpret,
-                                      block_q=case.block_q, block_k=case.block_k, **kwargs)
+def _attention(interpret, case, tuning=None):
+    """block_sparse_attention on the triton backend; with tuning (GpuTuning fields over the
+    dtype's defaults), the same through make_config and attention_with_schedule."""
+    def attention(q, k, v, qc, kc, *, return_lse, **mask):
+        if tuning is None:
+            return block_sparse_attention(q, k, v, qc, kc, backend="triton", interpret=interpret,
+                                          block_q=case.block_q, block_k=case.block_k,
+                                          return_lse=return_lse, **mask)
+        gpu = dataclasses.replace(GpuTuning.for_dtype(q.dtype), **tuning)
+        cfg = make_config(q, k, **mask, scale=None, backend="triton", interpret=interpret,
+                          block_q=case.block_q, block_k=case.block_k, gpu_tuning=gpu)
+        sched = build_schedule(qc, kc, **mask, block_q=case.block_q, block_k=case.block_k)
+        out, lse = attention_with_schedule(q, k, v, qc, kc, sched, backend="triton", config=cfg)
+        return (out, lse) if return_lse else out
     return attention
 
 
-def _check(interpret, case, seed, kv_len=None):
+def _check(interpret, case, seed, kv_len=None, tuning=None):
     """Outputs, LSE and the gradients of <out, d_out> + <lse, d_lse> against the reference."""
     q, k, v, qc, kc, d_out, d_lse = make_inputs(case, seed, kv_len)
     mask = dict(window=case.window, sink_tokens=case.sink, q_offset=case.q_offset)
-    out, lse, grads = outputs_and_grads(_attention(interpret, case), q, k, v, qc, kc, d_out,
-                                        d_lse, **mask)
+    out, lse, grads = outputs_and_grads(_attention(interpret, case, tuning), q, k, v, qc, kc,
+                                        d_out, d_lse, **mask)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
     ref_out, ref_lse, ref_grads = outputs_and_grads(reference_attention, *f32[:3], qc, kc,
                                                     f32[3], d_lse, **mask)
@@ -127,20 +139,30 @@ class TestTritonKernels:
         case = Case(3, 40, "interleaved", 4, 1, 2, 5, "float32", "triton", block_k=32)
         _check(interpret, case, seed=11 + kv_len, kv_len=kv_len)
 
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_backward_with_dq_atomic(self, interpret, case):
+        """GpuTuning.dq_atomic: dk, dv and dq from one launch, each tile's dq added into a
+        zeroed float32 array (sinks in their parts in the same grid, or none: S130)."""
+        _check(interpret, case, seed=zlib.crc32(str(case).encode()) + 1,
+               tuning=dict(dq_atomic=1))
+
     @pytest.mark.parametrize("sink", [40, 2**40])
-    def test_sinks_over_several_blocks(self, interpret, sink, monkeypatch):
+    @pytest.mark.parametrize("dq_atomic", [0, 1])
+    def test_sinks_over_several_blocks(self, interpret, sink, dq_atomic, monkeypatch):
         """Sink keys fill 3 key blocks (40 over 16-blocks) or all of them (every key a sink):
         the sink pass takes those blocks, the main dk/dv pass the others or none. Parts of 2
-        query blocks: the 4 query blocks' lists are summed from 2 parts."""
+        query blocks: the 4 query blocks' lists are summed from 2 parts. With dq_atomic the
+        parts run in the main pass's grid, after its programs (none when every key is a
+        sink)."""
         from pallas_kernels import triton_backend
         monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
         case = Case(3, 60, "interleaved", 2, sink, 2, 5, "float32", "triton")
-        _check(interpret, case, seed=17)
+        _check(interpret, case, seed=17, tuning=dict(dq_atomic=dq_atomic))
 
     def test_kernels_launched_directly(self, interpret, monkeypatch):
         """forward, then backward from the reference's own LSE and delta, without the custom
         VJP around them: each kernel's output on its own against the reference (the sink
-        pass in parts of 2 of the 4 query blocks)."""
+        pass in parts of 2 of the 4 query blocks); then dq_atomic's one backward launch."""
         from pallas_kernels import triton_backend
         monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
         case = Case(5, 64, "interleaved", 3, 1, 2, 0, "float32", "triton")
@@ -170,15 +192,25 @@ class TestTritonKernels:
             rows = sink.meta["SINK_ROWS"]  # the sink key block, summed over its parts
             dk[:, :rows], dv[:, :rows] = pdk.sum(0), pdv.sum(0)
             got = [x.numpy() for x in (out, lse, dq, dk, dv)]
+            # dq_atomic's one launch: dq unscaled in float32, the sink parts as above
+            dk, dv, pdk, pdv, dq = triton_backend.launch_interpreted(
+                triton_backend.dkv_dq_launch(cfg, q.shape, k.shape, q.dtype), *common, *s[3:6])
+            dk[:, :rows], dv[:, :rows] = pdk.sum(0), pdv.sum(0)
+            got_atomic = [x.numpy() for x in (dq * cfg.scale, dk, dv)]
         else:
             out, lse = jax.jit(lambda *a: triton_backend.forward(*a, sched, cfg))(q, k, v, qc, kc)
             delta = jnp.einsum("bqhd,bqhd->bhq", out, d_out)
-            grads = jax.jit(lambda *a: triton_backend.backward(*a, sched, cfg))(
-                q, k, v, d_out, ref_lse, delta, qc, kc)
-            got = [out, lse, *grads]
+            def backward(c):
+                return jax.jit(lambda *a: triton_backend.backward(*a, sched, c))(
+                    q, k, v, d_out, ref_lse, delta, qc, kc)
+            got = [out, lse, *backward(cfg)]
+            atomic = dataclasses.replace(cfg, gpu=dataclasses.replace(cfg.gpu, dq_atomic=1))
+            got_atomic = list(backward(atomic))
         for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got,
                               (ref_out, ref_lse, *ref_grads)):
             assert_close(name, g, w, TOL["float32"])
+        for name, g, w in zip(("dq", "dk", "dv"), got_atomic, ref_grads):
+            assert_close(name + " (dq_atomic)", g, w, TOL["float32"])
 
     def test_routed_attention_on_random_routes(self, interpret):
         """routed_attention's sorted layout (segment and band schedules, the "other cluster"
@@ -213,14 +245,15 @@ class TestTritonKernels:
             block_q=16, block_k=16, return_lse=True)
         _assert_fused_matches_reference(fused, q, k, v, ids, d_out, dtype, grads, **kw)
 
-    @pytest.mark.parametrize("tiles, dtype, split", [
-        ((16, 16), "float32", 0), ((64, 16), "bfloat16", 0), ((16, 32), "float32", 0),
-        ((16, 16), "float32", 1), ((64, 16), "bfloat16", 1), ((32, 16), "float32", 1)])
-    def test_fused_forward_tree_tiles(self, interpret, tiles, dtype, split):
+    @pytest.mark.parametrize("tiles, dtype, split, atomic", [
+        ((16, 16), "float32", 0, 0), ((64, 16), "bfloat16", 0, 1), ((16, 32), "float32", 0, 0),
+        ((16, 16), "float32", 1, 1), ((64, 16), "bfloat16", 1, 0), ((32, 16), "float32", 1, 0)])
+    def test_fused_forward_tree_tiles(self, interpret, tiles, dtype, split, atomic):
         """The fused forward's tree pass in blocks of its own (tree_tile_q x tree_tile_k, each
         cut to the largest power of two dividing the padded length 96: 64 -> 32), smaller or
         larger than the call's 32-blocks, while the backward keeps the call's schedule; the
-        pairs split between the passes by cluster or by position (band_by_position). Outputs,
+        pairs split between the passes by cluster or by position (band_by_position); the
+        backward's dq from its own kernel or added by the dk/dv kernel (dq_atomic). Outputs,
         LSE and gradients against the reference."""
         from pallas_kernels.config import GpuTuning
         from pallas_kernels.sorted_layout import sorted_attention
@@ -235,7 +268,7 @@ class TestTritonKernels:
                           backend="triton", interpret=interpret, block_q=32, block_k=32,
                           gpu_tuning=GpuTuning(tree_tile_q=tiles[0], tree_tile_k=tiles[1],
                                                tree_warps=4, tree_stages=1,
-                                               band_by_position=split))
+                                               band_by_position=split, dq_atomic=atomic))
         launch = segment_forward_launch(cfg, (1, 96, hq, 16), (1, 96, hkv, 16), dtype)
         bq, bk = (min(t, 32) for t in tiles)
         assert (launch.meta["BQ"], launch.meta["BK"]) == (bq, bk)
@@ -577,7 +610,7 @@ def test_kernels_compile_for_nvidia_gpus(cc, shared_limit, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(shared) == ["block_schedule_compact", "block_schedule_signature_lists",
-                              "block_sparse_attention_dkv",
+                              "block_sparse_attention_dkv", "block_sparse_attention_dkv_dq",
                               "block_sparse_attention_dkv_sink", "block_sparse_attention_dq",
                               "block_sparse_attention_fwd", "routed_attention_band_fwd",
                               "routed_attention_fwd", "routed_attention_tree_fwd"]
