@@ -1,6 +1,8 @@
 """backend="auto" on a GPU: the fastest of the Pallas kernels ("gpu"), the Triton kernels
-("triton") and, on Hopper with 2-byte inputs, the Mosaic GPU forward ("mosaic"), measured once
-per (device kind, shape class) and kept in a small JSON file.
+("triton") and, on Hopper with 2-byte inputs, the Mosaic GPU forward ("mosaic"), each of the
+last two also with the Triton backward as one launch that adds dq with atomics
+("triton+dq_atomic", "mosaic+dq_atomic": GpuTuning.dq_atomic), measured once per (device
+kind, shape class) and kept in a small JSON file.
 
 A choice is never guessed: with one usable backend that one runs (nothing to compare); with two,
 both run forward + backward on random inputs of the call's shape at full density (one cluster,
@@ -11,6 +13,7 @@ there loses. The file is $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import statistics
@@ -21,7 +24,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-CANDIDATES = ("gpu", "triton", "mosaic")
+CANDIDATES = ("gpu", "triton", "triton+dq_atomic", "mosaic", "mosaic+dq_atomic")
+# a candidate is a backend, then "+" and the names of GpuTuning changes from the dtype's defaults
+TUNINGS = {"dq_atomic": {"dq_atomic": 1}}
+
+
+def split_candidate(candidate: str, dtype):
+    """(backend, GpuTuning or None for the dtype's defaults) of a candidate's name."""
+    from pallas_kernels.config import GpuTuning
+    backend, *names = candidate.split("+")
+    unknown = [n for n in names if n not in TUNINGS]
+    if backend not in ("gpu", "triton", "mosaic") or unknown:
+        raise ValueError(f"backend='auto': unknown candidate {candidate!r} (known: "
+                         f"{', '.join(CANDIDATES)})")
+    if not names:
+        return backend, None
+    changes = {field: value for n in names for field, value in TUNINGS[n].items()}
+    return backend, dataclasses.replace(GpuTuning.for_dtype(dtype), **changes)
 
 
 def cache_path() -> Path:
@@ -55,9 +74,10 @@ def _store(path: Path, table: dict):
     os.replace(f.name, path)
 
 
-def measure(backend, q, k, *, window, sink_tokens, block_q, block_k, interpret=False, reps=3):
-    """Median seconds of forward + backward of `backend` on random inputs shaped like q, k
-    (one cluster: every causal block visited)."""
+def measure(candidate, q, k, *, window, sink_tokens, block_q, block_k, interpret=False,
+            reps=3):
+    """Median seconds of forward + backward of a candidate (a backend, with its tuning) on
+    random inputs shaped like q, k (one cluster: every causal block visited)."""
     from pallas_kernels.ops import attention_with_schedule, make_config
     from pallas_kernels.schedule import build_schedule
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -68,8 +88,9 @@ def measure(backend, q, k, *, window, sink_tokens, block_q, block_k, interpret=F
     qc = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.int32)
     kc = jnp.zeros((q.shape[0], q.shape[2], k.shape[1]), jnp.int32)
     mask = dict(window=window, sink_tokens=sink_tokens, q_offset=max(0, k.shape[1] - q.shape[1]))
+    backend, tuning = split_candidate(candidate, q.dtype)
     cfg = make_config(qr, kr, **mask, scale=None, backend=backend, interpret=interpret,
-                      block_q=block_q, block_k=block_k)
+                      block_q=block_q, block_k=block_k, gpu_tuning=tuning)
     sched = build_schedule(qc, kc, **mask, block_q=cfg.block_q, block_k=cfg.block_k)
 
     @jax.jit
@@ -88,19 +109,23 @@ def measure(backend, q, k, *, window, sink_tokens, block_q, block_k, interpret=F
 
 
 def usable_candidates(q, *, block_q, block_k) -> list:
-    """The GPU backends that can run a call like this one on this host, "gpu" first."""
+    """The candidates that can run a call like this one on this host, "gpu" first. The
+    Mosaic forward's backward is Triton's where jax-triton runs (else dq_atomic is moot)."""
     from pallas_kernels.config import AttentionConfig
     from pallas_kernels.mosaic_gpu import unavailable as mosaic_unavailable
     from pallas_kernels.triton_backend import unavailable as triton_unavailable
     cfg = AttentionConfig(q_len=q.shape[1], kv_len=q.shape[1], q_offset=0, window=0,
                           sink_tokens=0, scale=1.0, block_q=block_q, block_k=block_k)
-    return (["gpu"] + (["triton"] if triton_unavailable(False) is None else [])
-            + (["mosaic"] if mosaic_unavailable(cfg, q.dtype) is None else []))
+    triton = triton_unavailable(False) is None
+    mosaic = mosaic_unavailable(cfg, q.dtype) is None
+    return (["gpu"] + (["triton", "triton+dq_atomic"] if triton else [])
+            + (["mosaic"] if mosaic else []) + (["mosaic+dq_atomic"] if mosaic and triton else []))
 
 
 def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, timer=measure,
            device_kind=None) -> str:
-    """The recorded choice for this device kind and shape class, measured on first use."""
+    """The recorded choice (a candidate's name: split_candidate) for this device kind and
+    shape class, measured on first use."""
     if candidates is None:
         candidates = usable_candidates(q, block_q=block_q, block_k=block_k)
     if len(candidates) == 1:
@@ -115,14 +140,14 @@ def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, time
     times, errors = {}, {}
 
     def measure_all():
-        for backend in candidates:
+        for candidate in candidates:
             try:
-                times[backend] = timer(backend, jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                       jax.ShapeDtypeStruct(k.shape, k.dtype), window=window,
-                                       sink_tokens=sink_tokens, block_q=block_q,
-                                       block_k=block_k)
-            except Exception as e:  # a backend that cannot run this shape loses
-                errors[backend] = f"{type(e).__name__}: {str(e)[:300]}"
+                times[candidate] = timer(candidate, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                         jax.ShapeDtypeStruct(k.shape, k.dtype), window=window,
+                                         sink_tokens=sink_tokens, block_q=block_q,
+                                         block_k=block_k)
+            except Exception as e:  # a candidate that cannot run this shape loses
+                errors[candidate] = f"{type(e).__name__}: {str(e)[:300]}"
 
     # Called while an outer jax.jit traces the attention (q a tracer), the measurement must
     # still run, not be staged into that trace: jax's trace state is per thread, so a fresh

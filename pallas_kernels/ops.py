@@ -33,16 +33,18 @@ def resolve_backend(backend: str) -> str:
     return {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
-def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k) -> str:
-    """resolve_backend, where "auto" on a GPU takes the faster of the Pallas and the Triton
-    kernels for this device and shape class (autoselect.py: measured once, then recorded)."""
+def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k):
+    """(backend, GpuTuning or None for the defaults): resolve_backend's, where "auto" on a GPU
+    takes the fastest of the GPU kernels and their tunings for this device and shape class
+    (autoselect.py: measured once, then recorded)."""
     resolved = resolve_backend(backend)
     if backend != "auto" or resolved != "gpu":
-        return resolved
-    from pallas_kernels.autoselect import choose
-    return choose(q, k, window=window, sink_tokens=sink_tokens,
-                  block_q=block_q or DEFAULT_BLOCKS["gpu"][0],
-                  block_k=block_k or DEFAULT_BLOCKS["gpu"][1])
+        return resolved, None
+    from pallas_kernels.autoselect import choose, split_candidate
+    choice = choose(q, k, window=window, sink_tokens=sink_tokens,
+                    block_q=block_q or DEFAULT_BLOCKS["gpu"][0],
+                    block_k=block_k or DEFAULT_BLOCKS["gpu"][1])
+    return split_candidate(choice, q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -186,8 +188,8 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     """
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
-    backend = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
-                           block_q=block_q, block_k=block_k)
+    backend, gpu_tuning = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
+                                       block_q=block_q, block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)
@@ -195,7 +197,7 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
                                q_offset=q_offset, scale=scale, return_lse=return_lse)
     cfg = make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=q_offset,
                       scale=scale, backend=backend, interpret=interpret,
-                      block_q=block_q, block_k=block_k)
+                      block_q=block_q, block_k=block_k, gpu_tuning=gpu_tuning)
     sched = build_schedule(qc, kc, window=window, sink_tokens=sink_tokens, q_offset=q_offset,
                            block_q=cfg.block_q, block_k=cfg.block_k)
     out, lse = _attend(q, k, v, qc, kc, sched, backend, cfg)

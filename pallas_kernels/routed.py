@@ -99,15 +99,16 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     num_ids = _check_num_clusters(num_clusters, clusters)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
-    backend = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens, block_q=block_q,
-                           block_k=block_k)
+    backend, gpu_tuning = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
+                                       block_q=block_q, block_k=block_k)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)
         return dense_attention(q, k, v, qc, qc, window=window, sink_tokens=sink_tokens,
                                q_offset=0, scale=scale, return_lse=return_lse)
     cfg = make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=scale,
-                      backend=backend, interpret=interpret, block_q=block_q, block_k=block_k)
+                      backend=backend, interpret=interpret, block_q=block_q, block_k=block_k,
+                      gpu_tuning=gpu_tuning)
     cfg = dataclasses.replace(cfg, num_ids=num_ids)
     if layout == "natural":
         out, lse = _natural(q, k, v, qc, cfg, backend)

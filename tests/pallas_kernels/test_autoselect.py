@@ -4,6 +4,7 @@ test_triton_backend.py measures the real kernels)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,51 @@ def test_candidates_hold_mosaic_only_where_it_can_run(monkeypatch):
     assert autoselect.usable_candidates(Q, block_q=64, block_k=64) == ["gpu"]
     f32 = jax.ShapeDtypeStruct(Q.shape, jnp.float32)
     assert autoselect.usable_candidates(f32, block_q=128, block_k=128) == ["gpu"]
+
+
+def test_candidates_hold_the_atomic_dq_backward_where_triton_runs(monkeypatch):
+    """With jax-triton usable, each backend whose backward is Triton's is measured twice: as
+    it is and with dq added by atomics (GpuTuning.dq_atomic)."""
+    from pallas_kernels import mosaic_gpu, triton_backend
+    monkeypatch.setattr(triton_backend, "unavailable", lambda interpret: None)
+    monkeypatch.setattr(mosaic_gpu, "unavailable", lambda cfg, dtype: None)
+    assert autoselect.usable_candidates(Q, block_q=128, block_k=128) == [
+        "gpu", "triton", "triton+dq_atomic", "mosaic", "mosaic+dq_atomic"]
+    assert set(autoselect.usable_candidates(Q, block_q=128, block_k=128)) == set(
+        autoselect.CANDIDATES)
+    monkeypatch.setattr(mosaic_gpu, "unavailable", lambda cfg, dtype: "not Hopper")
+    assert autoselect.usable_candidates(Q, block_q=128, block_k=128) == [
+        "gpu", "triton", "triton+dq_atomic"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_candidate_names_split_into_backend_and_tuning(dtype):
+    from pallas_kernels.config import GpuTuning
+    assert autoselect.split_candidate("triton", dtype) == ("triton", None)
+    assert autoselect.split_candidate("gpu", dtype) == ("gpu", None)
+    backend, tuning = autoselect.split_candidate("mosaic+dq_atomic", dtype)
+    assert backend == "mosaic"
+    assert vars(tuning) == {**vars(GpuTuning.for_dtype(dtype)), "dq_atomic": 1}
+    for bad in ("cuda", "triton+fast", "triton+"):
+        with pytest.raises(ValueError, match=re.escape(f"unknown candidate '{bad}'")):
+            autoselect.split_candidate(bad, dtype)
+
+
+def test_recorded_tuned_choice_reaches_the_config(cache, monkeypatch):
+    """A recorded "triton+dq_atomic" makes backend="auto" run the Triton kernels with
+    dq_atomic on: pick_backend hands make_config that tuning."""
+    from pallas_kernels import ops
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    timer = fake_timer({"gpu": 0.03, "triton": 0.02, "triton+dq_atomic": 0.015}, [])
+    autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton", "triton+dq_atomic"],
+                      timer=timer, device_kind=jax.devices()[0].device_kind)
+    monkeypatch.setattr(autoselect, "usable_candidates",
+                        lambda q, **kw: ["gpu", "triton", "triton+dq_atomic"])
+    backend, tuning = ops.pick_backend("auto", Q, K, window=128, sink_tokens=1, block_q=128,
+                                       block_k=128)
+    assert backend == "triton" and tuning.dq_atomic == 1
+    assert ops.pick_backend("triton", Q, K, window=128, sink_tokens=1, block_q=128,
+                            block_k=128) == ("triton", None)
 
 
 def test_measurement_under_jit_runs_outside_the_trace(cache):

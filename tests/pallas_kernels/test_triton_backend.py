@@ -475,8 +475,9 @@ class TestTritonKernels:
         assert len(rank4_gathers("gpu")) >= 4  # the staged layout: q, k, v and the output
 
     def test_auto_measures_both_kernels(self, interpret, tmp_path, monkeypatch):
-        """backend="auto"'s measurement on the real kernels: both run forward + backward, and
-        the faster is recorded with both times."""
+        """backend="auto"'s measurement on the real kernels: each candidate (the Triton ones
+        as they are and with dq_atomic) runs forward + backward, and the fastest is recorded
+        with every time."""
         import functools
 
         from pallas_kernels import autoselect
@@ -485,9 +486,11 @@ class TestTritonKernels:
         k = jax.ShapeDtypeStruct((1, 40, 1, 16), jnp.float32)
         timer = functools.partial(autoselect.measure, interpret=interpret, reps=1)
         got = autoselect.choose(q, k, window=4, sink_tokens=1, block_q=16, block_k=16,
-                                candidates=["gpu", "triton"], timer=timer, device_kind="test")
+                                candidates=["gpu", "triton", "triton+dq_atomic"], timer=timer,
+                                device_kind="test")
         (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
-        assert entry["errors"] == {} and sorted(entry["seconds"]) == ["gpu", "triton"]
+        assert entry["errors"] == {}, entry
+        assert sorted(entry["seconds"]) == ["gpu", "triton", "triton+dq_atomic"]
         assert all(t > 0 for t in entry["seconds"].values())
         assert got == entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
 
