@@ -3,7 +3,8 @@
 The same walk as gpu.py (the Pallas kernels), so that both backends consume one BlockSchedule:
 one forward program per (query block, batch x query head), longest rows first; one dq program
 per query sub-tile; one dk/dv program per key sub-tile and kv head, which runs the query heads
-of its group in turn. Each loops over its schedule list: the masked entries first (token mask
+of its group in turn (or, with GpuTuning.dq_atomic, dk/dv programs that also add dq with
+atomics, in one launch). Each loops over its schedule list: the masked entries first (token mask
 from positions and cluster ids), then the full ones without it. Scores live in base 2 (exp2);
 the tree and band passes' running max moves only past a slack, so most key tiles skip the
 rescale.
@@ -733,7 +734,7 @@ def dkv_dq_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, D
     """The whole backward but dq's final scale in one launch (GpuTuning.dq_atomic): dkv_kernel's
     programs, then dkv_sink_kernel's parts ((c, sub) flattened into program ids past them),
     each also adding its pairs' share of dq into DQ, float32 [B, SQP, HQ, D] zeroed beforehand
-    and unscaled. Four matrix products per tile instead of dkv_kernel's and dq_kernel's
+    and unscaled. Five matrix products per tile instead of dkv_kernel's and dq_kernel's
     seven; dq's sums come in any order."""
     i = tl.program_id(0)
     bg = tl.program_id(1)
@@ -752,6 +753,7 @@ def dkv_dq_kernel(Q, K, V, DO, LSE2, DELTA, QC, KC, IDX, NMASKED, NBLOCKS, DK, D
                            NQ, NK, Q_OFFSET, WINDOW, SINK, KV_LEN, C, EXCLUDE, IEEE, UPCAST,
                            True)
         _store_sink_part(PDK, PDV, dk, dv, c, sub, bg, HQ // GROUP, D, BD, TK, SCALE, SINK_ROWS)
+
 
 # True when triton was imported with TRITON_INTERPRET=1: the kernels then run on the CPU, in
 # triton's interpreter, and cannot be compiled.
