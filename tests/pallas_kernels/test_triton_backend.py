@@ -157,7 +157,7 @@ class TestTritonKernels:
         from pallas_kernels import triton_backend
         monkeypatch.setattr(triton_backend, "SINK_CHUNK", 2)
         case = Case(3, 60, "interleaved", 2, sink, 2, 5, "float32", "triton")
-        _check(interpret, case, seed=17, tuning=dict(dq_atomic=dq_atomic))
+        _check(interpret, case, seed=17, tuning=dict(dq_atomic=1) if dq_atomic else None)
 
     def test_kernels_launched_directly(self, interpret, monkeypatch):
         """forward, then backward from the reference's own LSE and delta, without the custom
