@@ -4,10 +4,12 @@ last two also with the Triton backward as one launch that adds dq with atomics
 ("triton+dq_atomic", "mosaic+dq_atomic": GpuTuning.dq_atomic), measured once per (device
 kind, shape class) and kept in a small JSON file.
 
-A choice is never guessed: with one usable backend that one runs (nothing to compare); with two,
-both run forward + backward on random inputs of the call's shape at full density (one cluster,
-the call's window and sink) and the faster is recorded with both times. A backend that fails
-there loses. The file is $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
+A choice is never guessed: with one usable candidate that one runs (nothing to compare);
+with several, each runs forward + backward on random inputs of the call's shape at full density
+(one cluster, the call's window and sink) and the fastest is recorded with every time. A
+candidate that fails there loses. A record that lacks one of the candidates usable now (one
+added since, or jax-triton installed since) is measured again. The file is
+$PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
 ~/.cache/pallas_kernels/backend_choice.json; delete it to measure again.
 """
 from __future__ import annotations
@@ -135,8 +137,10 @@ def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, time
                                              block_q=block_q, block_k=block_k)
     path = cache_path()
     table = _load(path)
-    if key in table and table[key].get("choice") in candidates:
-        return table[key]["choice"]
+    entry = table.get(key, {})
+    measured = set(entry.get("seconds", {})) | set(entry.get("errors", {}))
+    if entry.get("choice") in candidates and measured >= set(candidates):
+        return entry["choice"]
     times, errors = {}, {}
 
     def measure_all():

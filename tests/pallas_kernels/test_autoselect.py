@@ -82,6 +82,27 @@ def test_no_backend_running_says_why(cache):
     assert not cache.exists()
 
 
+def test_a_record_without_a_candidate_usable_now_is_measured_again(cache):
+    """A record made before triton+dq_atomic existed (or before jax-triton was installed)
+    does not hide it: every candidate is measured again and the fastest recorded; after
+    that, the record serves the same candidates (and fewer) without measuring."""
+    calls = []
+    times = {"gpu": 0.03, "triton": 0.02, "triton+dq_atomic": 0.015}
+    timer = fake_timer(times, calls)
+    assert autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
+                             device_kind="H200") == "triton"
+    everything = ["gpu", "triton", "triton+dq_atomic"]
+    assert autoselect.choose(Q, K, **MASK, candidates=everything, timer=timer,
+                             device_kind="H200") == "triton+dq_atomic"
+    assert [c[0] for c in calls] == ["gpu", "triton", *everything]
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["seconds"] == times
+    for candidates in (everything, ["gpu", "triton+dq_atomic"]):
+        assert autoselect.choose(Q, K, **MASK, candidates=candidates, timer=timer,
+                                 device_kind="H200") == "triton+dq_atomic"
+    assert len(calls) == 5
+
+
 def test_a_damaged_cache_file_is_measured_over(cache):
     cache.write_text("{not json")
     calls = []
