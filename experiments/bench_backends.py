@@ -11,12 +11,11 @@ bf16. Times are medians. Writes JSON and prints the table last; exits 1 when a c
 
   python3 experiments/bench_backends.py --out results/bench_backends.json
   python3 experiments/bench_backends.py --toy       # a CPU dry run (interpreters, XLA for cuDNN)
-  python3 experiments/bench_backends.py --backends triton triton_dq_atomic mosaic mosaic_dq_atomic
+  python3 experiments/bench_backends.py --backends triton triton+dq_atomic mosaic mosaic+dq_atomic
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -29,26 +28,29 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attention import timed  # noqa: E402
+from bench_attention import rel_err, timed  # noqa: E402
 
-# name in the table -> (backend argument, GpuTuning fields over the dtype's defaults); the
-# *_dq_atomic rows run the Triton backward as one launch that adds dq with atomics (the
-# Mosaic forward's backward is the Triton one)
-BACKENDS = {"pallas": ("gpu", {}), "triton": ("triton", {}),
-            "triton_dq_atomic": ("triton", {"dq_atomic": 1}), "mosaic": ("mosaic", {}),
-            "mosaic_dq_atomic": ("mosaic", {"dq_atomic": 1})}
+# name in the table -> backend="auto"'s candidate (autoselect.split_candidate): a backend and
+# its tuning; the +dq_atomic rows run the Triton backward as one launch that adds dq with
+# atomics (the Mosaic forward's backward is the Triton one)
+BACKENDS = {"pallas": "gpu", "triton": "triton", "triton+dq_atomic": "triton+dq_atomic",
+            "mosaic": "mosaic", "mosaic+dq_atomic": "mosaic+dq_atomic"}
 SINK = 1
+
+
+def backend_of(name) -> str:
+    from pallas_kernels.autoselect import candidate_backend
+    return candidate_backend(BACKENDS[name])
 
 
 def config(name, q, k, *, window, sink_tokens, block, interpret):
     """The AttentionConfig of a table row's backend and tuning."""
-    from pallas_kernels.config import GpuTuning
+    from pallas_kernels.autoselect import split_candidate
     from pallas_kernels.ops import make_config
-    backend, tuning = BACKENDS[name]
-    gpu = dataclasses.replace(GpuTuning.for_dtype(q.dtype), **tuning)
+    backend, tuning = split_candidate(BACKENDS[name], q.dtype)
     return make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=None,
                        backend=backend, interpret=interpret, block_q=block, block_k=block,
-                       gpu_tuning=gpu)
+                       gpu_tuning=tuning)
 
 
 class Shape:
@@ -82,15 +84,6 @@ def random_inputs(shape, seq, dtype, seed):
     return q, k, v, jax.random.normal(keys[3], (1, seq, shape.hq, shape.d), dtype)
 
 
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    finite = np.isfinite(want)
-    if not np.array_equal(np.isfinite(got), finite):
-        return float("inf")
-    got, want = np.where(finite, got, 0), np.where(finite, want, 0)
-    return float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
-
-
 def check_correctness(shape, backends):
     """Each backend's out, LSE, dq, dk, dv against the reference on float32 inputs."""
     from pallas_kernels import build_schedule, reference_attention
@@ -117,7 +110,8 @@ def check_correctness(shape, backends):
 
         f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
         want = out_lse_grads(reference, *f32, ids)
-        for name, (backend, _) in backends.items():
+        for name in backends:
+            backend = backend_of(name)
             if dtype == jnp.float32 and backend == "triton" and not shape.toy:
                 # Measured on the H200: compiling the float32 Triton kernels for this check
                 # outlasted a 10-minute device call; tests/pallas_kernels/test_triton_backend.py
@@ -180,7 +174,7 @@ class Problem:
         """Timers of one row's backend; the config is static, so each compiles once per
         length."""
         from pallas_kernels.ops import attention_with_schedule
-        backend = BACKENDS[name][0]
+        backend = backend_of(name)
         cfg = config(name, self.q, self.k, window=self.shape.window, sink_tokens=SINK,
                      block=self.shape.block, interpret=self.shape.toy)
 
@@ -281,10 +275,10 @@ def main():
                         help="CPU dry run: small shape, interpreted kernels, XLA for cuDNN")
     args = parser.parse_args()
     if args.toy:
-        if any(BACKENDS[b][0] == "mosaic" for b in args.backends):
+        if any(backend_of(b) == "mosaic" for b in args.backends):
             # its blocks start at 128 rows: more than a toy sequence
             print("--toy: mosaic left out (its 128-row blocks exceed the toy shape's)")
-            args.backends = [b for b in args.backends if BACKENDS[b][0] != "mosaic"]
+            args.backends = [b for b in args.backends if backend_of(b) != "mosaic"]
         # triton decides interpreted vs compiled when first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.seqs = args.seqs or [128]

@@ -31,14 +31,18 @@ CANDIDATES = ("gpu", "triton", "triton+dq_atomic", "mosaic", "mosaic+dq_atomic")
 TUNINGS = {"dq_atomic": {"dq_atomic": 1}}
 
 
+def candidate_backend(candidate: str) -> str:
+    """The backend of a candidate's name."""
+    if candidate not in CANDIDATES:
+        raise ValueError(f"backend='auto': unknown candidate {candidate!r} (known: "
+                         f"{', '.join(CANDIDATES)})")
+    return candidate.split("+")[0]
+
+
 def split_candidate(candidate: str, dtype):
     """(backend, GpuTuning or None for the dtype's defaults) of a candidate's name."""
     from pallas_kernels.config import GpuTuning
-    backend, *names = candidate.split("+")
-    unknown = [n for n in names if n not in TUNINGS]
-    if backend not in ("gpu", "triton", "mosaic") or unknown:
-        raise ValueError(f"backend='auto': unknown candidate {candidate!r} (known: "
-                         f"{', '.join(CANDIDATES)})")
+    backend, names = candidate_backend(candidate), candidate.split("+")[1:]
     if not names:
         return backend, None
     changes = {field: value for n in names for field, value in TUNINGS[n].items()}

@@ -152,7 +152,9 @@ def test_candidate_names_split_into_backend_and_tuning(dtype):
     backend, tuning = autoselect.split_candidate("mosaic+dq_atomic", dtype)
     assert backend == "mosaic"
     assert vars(tuning) == {**vars(GpuTuning.for_dtype(dtype)), "dq_atomic": 1}
-    for bad in ("cuda", "triton+fast", "triton+"):
+    assert [autoselect.candidate_backend(c) for c in autoselect.CANDIDATES] == [
+        "gpu", "triton", "triton", "mosaic", "mosaic"]
+    for bad in ("cuda", "triton+fast", "triton+", "gpu+dq_atomic"):
         with pytest.raises(ValueError, match=re.escape(f"unknown candidate '{bad}'")):
             autoselect.split_candidate(bad, dtype)
 
