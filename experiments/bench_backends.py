@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import rel_err, timed  # noqa: E402
 
 # name in the table -> backend="auto"'s candidate (autoselect.split_candidate): a backend and
@@ -264,9 +265,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=None,
                         help="sequence lengths (default 32768 131072; --toy: 128)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
-    parser.add_argument("--long-densities", type=float, nargs="+", default=[1.0, 0.25, 0.05],
-                        help="densities timed at lengths above 32k (each costs seconds there)")
+    parser.add_argument("--densities", type=float, nargs="+", default=None,
+                        help="block densities timed up to 32k (default 1 0.5 0.25 0.1 0.05; "
+                             "--toy: 1 0.5)")
+    parser.add_argument("--long-densities", type=float, nargs="+", default=None,
+                        help="densities timed at lengths above 32k (each costs seconds there; "
+                             "default 1 0.25 0.05)")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS),
                         default=["pallas", "triton"])
     parser.add_argument("--reps", type=int, default=5)
@@ -282,9 +286,11 @@ def main():
         # triton decides interpreted vs compiled when first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.seqs = args.seqs or [128]
-        args.densities, args.long_densities = [1.0, 0.5], [1.0]
+        args.densities, args.long_densities = args.densities or [1.0, 0.5], [1.0]
         args.reps = 1
     args.seqs = args.seqs or [32768, 131072]
+    args.densities = args.densities or [1.0, 0.5, 0.25, 0.1, 0.05]
+    args.long_densities = args.long_densities or [1.0, 0.25, 0.05]
     sys.exit(run(args))
 
 
