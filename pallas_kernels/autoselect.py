@@ -5,10 +5,13 @@ last two also with the Triton backward as one launch that adds dq with atomics
 kind, shape class) and kept in a small JSON file.
 
 A choice is never guessed: with one usable candidate that one runs (nothing to compare);
-with several, each runs forward + backward on random inputs of the call's shape at full density
-(one cluster, the call's window and sink) and the fastest is recorded with every time. A
-candidate that fails there loses. A record that lacks one of the candidates usable now (one
-added since, or jax-triton installed since) is measured again. The file is
+with several, each runs forward + backward on random inputs of the call's shape, with the
+call's window and sink, at full density (one cluster) and at a sparse one (16 contiguous
+clusters per head: what a surgical layer visits is nearer that). Its score (RULE) is the sum
+over both of seconds / block density, so each density weighs as much as the other; the lowest
+score is recorded with every score. A candidate that fails there loses. A record that lacks one
+of the candidates usable now (one added since, or jax-triton installed since), or was scored
+by another rule, is measured again. The file is
 $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
 ~/.cache/pallas_kernels/backend_choice.json; delete it to measure again.
 """
@@ -27,6 +30,9 @@ import jax
 import jax.numpy as jnp
 
 CANDIDATES = ("gpu", "triton", "triton+dq_atomic", "mosaic", "mosaic+dq_atomic")
+SPARSE_CLUSTERS = 16
+RULE = (f"forward + backward seconds / block density, summed over 1 and {SPARSE_CLUSTERS} "
+        "contiguous clusters")
 # a candidate is a backend, then "+" and the names of GpuTuning changes from the dtype's defaults
 TUNINGS = {"dq_atomic": {"dq_atomic": 1}}
 
@@ -82,8 +88,9 @@ def _store(path: Path, table: dict):
 
 def measure(candidate, q, k, *, window, sink_tokens, block_q, block_k, interpret=False,
             reps=3):
-    """Median seconds of forward + backward of a candidate (a backend, with its tuning) on
-    random inputs shaped like q, k (one cluster: every causal block visited)."""
+    """A candidate's score (RULE): median seconds of forward + backward on random inputs
+    shaped like q, k, divided by the block density, at one cluster (every causal block
+    visited) plus at SPARSE_CLUSTERS contiguous clusters per head."""
     from pallas_kernels.ops import attention_with_schedule, make_config
     from pallas_kernels.schedule import build_schedule
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -91,25 +98,42 @@ def measure(candidate, q, k, *, window, sink_tokens, block_q, block_k, interpret
     kr = jax.random.normal(keys[1], k.shape, k.dtype)
     vr = jax.random.normal(keys[2], k.shape, k.dtype)
     ct = jax.random.normal(keys[3], q.shape, q.dtype)
-    qc = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.int32)
-    kc = jnp.zeros((q.shape[0], q.shape[2], k.shape[1]), jnp.int32)
     mask = dict(window=window, sink_tokens=sink_tokens, q_offset=max(0, k.shape[1] - q.shape[1]))
     backend, tuning = split_candidate(candidate, q.dtype)
     cfg = make_config(qr, kr, **mask, scale=None, backend=backend, interpret=interpret,
                       block_q=block_q, block_k=block_k, gpu_tuning=tuning)
-    sched = build_schedule(qc, kc, **mask, block_q=cfg.block_q, block_k=cfg.block_k)
 
     @jax.jit
-    def fwd_bwd(q, k, v, ct):
+    def fwd_bwd(q, k, v, ct, qc, kc, sched):
         out, vjp = jax.vjp(lambda q, k, v: attention_with_schedule(
             q, k, v, qc, kc, sched, backend=backend, config=cfg)[0], q, k, v)
         return out, vjp(ct)
 
-    jax.block_until_ready(fwd_bwd(qr, kr, vr, ct))
+    score = 0.0
+    for clusters in (1, SPARSE_CLUSTERS):
+        qc, kc = (contiguous_clusters(q.shape[0], q.shape[2], n, clusters, offset)
+                  for n, offset in ((q.shape[1], mask["q_offset"]), (k.shape[1], 0)))
+        sched = build_schedule(qc, kc, **mask, block_q=cfg.block_q, block_k=cfg.block_k)
+        args = (qr, kr, vr, ct, qc, kc, sched)
+        score += _seconds(fwd_bwd, args, reps) / float(sched.density)
+    return score
+
+
+def contiguous_clusters(batch, heads, length, clusters, offset=0):
+    """[batch, heads, length] int32: `clusters` runs of equal length over positions offset ..
+    offset + length of a sequence that ends at the last query."""
+    total = offset + length
+    pos = jnp.arange(offset, total, dtype=jnp.int32)
+    return jnp.broadcast_to(pos * clusters // max(total, 1), (batch, heads, length))
+
+
+def _seconds(f, args, reps):
+    """Median wall seconds of f(*args) over reps calls, after one untimed call."""
+    jax.block_until_ready(f(*args))
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(fwd_bwd(qr, kr, vr, ct))
+        jax.block_until_ready(f(*args))
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -142,15 +166,16 @@ def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, time
     path = cache_path()
     table = _load(path)
     entry = table.get(key, {})
-    measured = set(entry.get("seconds", {})) | set(entry.get("errors", {}))
-    if entry.get("choice") in candidates and measured >= set(candidates):
+    measured = set(entry.get("scores", {})) | set(entry.get("errors", {}))
+    if (entry.get("choice") in candidates and measured >= set(candidates)
+            and entry.get("rule") == RULE):
         return entry["choice"]
-    times, errors = {}, {}
+    scores, errors = {}, {}
 
     def measure_all():
         for candidate in candidates:
             try:
-                times[candidate] = timer(candidate, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                scores[candidate] = timer(candidate, jax.ShapeDtypeStruct(q.shape, q.dtype),
                                          jax.ShapeDtypeStruct(k.shape, k.dtype), window=window,
                                          sink_tokens=sink_tokens, block_q=block_q,
                                          block_k=block_k)
@@ -166,10 +191,10 @@ def choose(q, k, *, window, sink_tokens, block_q, block_k, candidates=None, time
             pool.submit(measure_all).result()
     else:
         measure_all()
-    if not times:
+    if not scores:
         raise RuntimeError(f"backend='auto': no GPU backend ran on {key}: {errors}")
-    choice = min(times, key=times.get)
+    choice = min(scores, key=scores.get)
     table = _load(path)  # another process may have written meanwhile
-    table[key] = dict(choice=choice, seconds=times, errors=errors)
+    table[key] = dict(choice=choice, scores=scores, errors=errors, rule=RULE)
     _store(path, table)
     return choice

@@ -43,8 +43,8 @@ def test_faster_backend_is_measured_once_and_recorded(cache):
     table = json.loads(cache.read_text())
     (key,) = table
     assert key == "H200 | bfloat16 B1 Hq8 Hkv2 D64 S<=1024 blocks128x128 window1 sink1"
-    assert table[key] == {"choice": "triton", "seconds": {"gpu": 0.030, "triton": 0.021},
-                          "errors": {}}
+    assert table[key] == {"choice": "triton", "scores": {"gpu": 0.030, "triton": 0.021},
+                          "errors": {}, "rule": autoselect.RULE}
     # Same class (1000 and 700 tokens both round up to 1024): read back, nothing measured.
     q700 = jax.ShapeDtypeStruct((1, 700, 8, 64), jnp.bfloat16)
     k700 = jax.ShapeDtypeStruct((1, 700, 2, 64), jnp.bfloat16)
@@ -70,7 +70,7 @@ def test_a_failing_backend_loses_and_the_failure_is_recorded(cache):
     assert autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"], timer=timer,
                              device_kind="H200") == "gpu"
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["seconds"] == {"gpu": 0.05}
+    assert entry["scores"] == {"gpu": 0.05}
     assert entry["errors"] == {"triton": "RuntimeError: triton out of shared memory"}
 
 
@@ -96,11 +96,60 @@ def test_a_record_without_a_candidate_usable_now_is_measured_again(cache):
                              device_kind="H200") == "triton+dq_atomic"
     assert [c[0] for c in calls] == ["gpu", "triton", *everything]
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["seconds"] == times
+    assert entry["scores"] == times
     for candidates in (everything, ["gpu", "triton+dq_atomic"]):
         assert autoselect.choose(Q, K, **MASK, candidates=candidates, timer=timer,
                                  device_kind="H200") == "triton+dq_atomic"
     assert len(calls) == 5
+
+
+def test_a_record_scored_by_another_rule_is_measured_again(cache):
+    """A record of full-density seconds alone (made before the sparse measurement) is not
+    served: the candidates are measured again under RULE."""
+    key = "H200 | bfloat16 B1 Hq8 Hkv2 D64 S<=1024 blocks128x128 window1 sink1"
+    cache.write_text(json.dumps({key: {"choice": "gpu", "seconds": {"gpu": 0.01, "triton": 0.02},
+                                       "errors": {}}}))
+    calls = []
+    assert autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton"],
+                             timer=fake_timer({"gpu": 0.03, "triton": 0.02}, calls),
+                             device_kind="H200") == "triton"
+    assert [c[0] for c in calls] == ["gpu", "triton"]
+    assert json.loads(cache.read_text())[key]["rule"] == autoselect.RULE
+
+
+def test_measure_scores_full_and_sparse_density(monkeypatch):
+    """measure's score in closed form: the seconds at one cluster plus the seconds at
+    SPARSE_CLUSTERS contiguous clusters over that schedule's block density, which matches a
+    numpy count of the blocks holding an allowed pair."""
+    import numpy as np
+    seen = []
+
+    def seconds(f, args, reps):
+        qc = np.asarray(args[4])
+        seen.append(len(np.unique(qc[0, 0])))
+        return {1: 0.5, autoselect.SPARSE_CLUSTERS: 0.125}[seen[-1]]
+
+    monkeypatch.setattr(autoselect, "_seconds", seconds)
+    q = jax.ShapeDtypeStruct((1, 96, 2, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 96, 1, 16), jnp.float32)
+    score = autoselect.measure("gpu", q, k, window=4, sink_tokens=1, block_q=16, block_k=16,
+                               interpret=True, reps=1)
+    assert seen == [1, autoselect.SPARSE_CLUSTERS]
+    ids = np.arange(96) * autoselect.SPARSE_CLUSTERS // 96
+    pos = np.arange(96)
+    allowed = (pos[None] <= pos[:, None]) & ((ids[:, None] == ids[None]) | (pos[None] < 1)
+                                             | (pos[:, None] - pos[None] < 4))
+    tiles = allowed.reshape(6, 16, 6, 16).any(axis=(1, 3))
+    density = tiles.sum() / np.tril(np.ones((6, 6))).sum()
+    assert tiles.sum() == 15  # of 21 causal: the diagonal, its neighbours, the sink column
+    np.testing.assert_allclose(score, 0.5 / 1.0 + 0.125 / density, rtol=1e-6)
+
+
+def test_contiguous_clusters_run_over_the_whole_sequence():
+    got = autoselect.contiguous_clusters(2, 3, 6, 4, offset=2)
+    assert got.shape == (2, 3, 6) and got.dtype == jnp.int32
+    # positions 2..7 of 8, in 4 runs of 2
+    assert got[1, 2].tolist() == [1, 1, 2, 2, 3, 3]
 
 
 def test_a_damaged_cache_file_is_measured_over(cache):

@@ -490,9 +490,9 @@ class TestTritonKernels:
                                 device_kind="test")
         (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
         assert entry["errors"] == {}, entry
-        assert sorted(entry["seconds"]) == ["gpu", "triton", "triton+dq_atomic"]
-        assert all(t > 0 for t in entry["seconds"].values())
-        assert got == entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+        assert sorted(entry["scores"]) == ["gpu", "triton", "triton+dq_atomic"]
+        assert all(t > 0 for t in entry["scores"].values())
+        assert got == entry["choice"] == min(entry["scores"], key=entry["scores"].get)
 
     def test_auto_inside_jit_matches_reference(self, interpret, tmp_path, monkeypatch):
         """backend="auto" on a GPU, called while jax.jit traces: the measurement runs (and is
@@ -507,7 +507,7 @@ class TestTritonKernels:
         (entry,) = json.loads((tmp_path / "backend_choice.json").read_text()).values()
         from pallas_kernels.autoselect import usable_candidates
         assert entry["errors"] == {}, entry  # every candidate measured, none failed
-        assert sorted(entry["seconds"]) == sorted(usable_candidates(q, block_q=128,
+        assert sorted(entry["scores"]) == sorted(usable_candidates(q, block_q=128,
                                                                     block_k=128)), entry
         want = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), qc, kc, **kw)
         assert_close("out", got, want, TOL["bfloat16"])
