@@ -314,6 +314,21 @@ def _forward_lists(sched):
     return sched.kv_indices, sched.kv_num_blocks, sched.kv_num_masked, sched.density
 
 
+def tuning_changes(items) -> dict:
+    """{field: int} of command-line items FIELD=INT naming GpuTuning fields; a ValueError that
+    names the item and the fields otherwise."""
+    fields = {f.name for f in dataclasses.fields(GpuTuning)}
+    changes = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.lstrip("-").isdigit():
+            raise ValueError(f"--tuning {item!r}: expected FIELD=INT with FIELD one of "
+                             f"GpuTuning's: {', '.join(sorted(fields))}")
+        changes[name] = int(value)
+    GpuTuning(**changes)  # the fields' own checks, with their messages
+    return changes
+
+
 def finish(result: dict, out, print_table) -> int:
     """Writes the JSON (when out is set), prints the table last, and fails (1) when the
     correctness check of the run failed: its timings would be of wrong results."""

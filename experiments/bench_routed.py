@@ -23,6 +23,7 @@ The natural layout visits nearly every block on these routes; it is timed up to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -33,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attention import finish, rel_err, timed  # noqa: E402
-from pallas_kernels import (band_schedule, build_schedule, reference_attention,  # noqa: E402
-                            routed_attention, segment_schedule)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import finish, rel_err, timed, tuning_changes  # noqa: E402
+from pallas_kernels import (GpuTuning, band_schedule, build_schedule,  # noqa: E402
+                            reference_attention, routed_attention, segment_schedule)
 from pallas_kernels.routed import prefer_sorted  # noqa: E402
 from pallas_kernels.sorted_layout import band_sink_tokens, sort_by_cluster  # noqa: E402
 from routed_breakdown import run_breakdown  # noqa: E402
@@ -46,6 +48,12 @@ SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
 SMOKE = False  # --smoke: a CPU dry run (Pallas interpret mode, XLA attention for cuDNN)
 BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper;
 #                  "triton": jax-triton, whose sorted forward reads through the order)
+TUNING = {}  # --tuning: GpuTuning fields changed from the dtype's defaults
+
+
+def gpu_tuning(dtype):
+    """The GpuTuning of --tuning for inputs of this dtype, or None for its defaults."""
+    return dataclasses.replace(GpuTuning.for_dtype(dtype), **TUNING) if TUNING else None
 
 
 def random_inputs(seq, hq, hkv, d, dtype, seed):
@@ -84,7 +92,8 @@ def check_correctness(shape, quick=False):
         for layout in ("sorted",) if quick else ("sorted", "natural"):
             def routed(q, k, v, ids, layout=layout):
                 return routed_attention(q, k, v, ids, layout=layout, backend=BACKEND,
-                                        interpret=SMOKE, return_lse=True, **kw)
+                                        interpret=SMOKE, return_lse=True,
+                                        gpu_tuning=gpu_tuning(q.dtype), **kw)
 
             got = jax.jit(out_lse_grads, static_argnums=0)(routed, q, k, v, ct, ids)
             errs = {"out": rel_err(got[0], want[0]), "lse": rel_err(got[1], want[1])}
@@ -143,7 +152,7 @@ def run(args):
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "shape": dict(B=1, Hq=shape["hq"], Hkv=shape["hkv"], D=shape["d"],
                             dtype="bfloat16", window=WINDOW, sink=SINK, block=BLOCK),
-              "backend": BACKEND,
+              "backend": BACKEND, "tuning": TUNING,
               "correctness": check_correctness(shape, quick=args.breakdown or args.quick_check),
               "rows": [],
               "skipped": []}
@@ -187,7 +196,8 @@ def run(args):
                 def fn(q, k, v, ids, layout=layout):
                     return routed_attention(q, k, v, ids, window=WINDOW, sink_tokens=SINK,
                                             layout=layout, backend=BACKEND, interpret=SMOKE,
-                                            block_q=BLOCK, block_k=BLOCK)
+                                            block_q=BLOCK, block_k=BLOCK,
+                                            gpu_tuning=gpu_tuning(q.dtype))
 
                 fwd, fb = time_case(q, k, v, ct, ids, fn, args.reps)
                 runs_sorted = layout == "sorted" or (layout == "auto"
@@ -268,9 +278,16 @@ def main():
     parser.add_argument("--quick-check", action="store_true",
                         help="check the sorted layout in bf16 only (the float32 kernels at "
                              "D = 128 take minutes to compile)")
+    parser.add_argument("--tuning", nargs="+", default=[], metavar="FIELD=INT",
+                        help="GpuTuning fields for the end-to-end rows and the check, e.g. "
+                             "dq_atomic=1 (default: the dtype's own)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global SMOKE, BACKEND
+    global SMOKE, BACKEND, TUNING
+    try:
+        TUNING = tuning_changes(args.tuning)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     SMOKE, BACKEND = args.smoke, args.backend
     sys.exit(run(args))
 

@@ -34,6 +34,8 @@ import jax  # only its dtypes: the kernels compile for a target, no device is us
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import tuning_changes  # noqa: E402
 from pallas_kernels.config import AttentionConfig, GpuTuning  # noqa: E402
 
 SHAPE = dict(seq=32768, hq=32, hkv=8, d=128)
@@ -199,14 +201,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default="", help="JSON of the rows")
     args = parser.parse_args(argv)
     changes = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
-    fields = {f.name for f in dataclasses.fields(GpuTuning)}
-    for item in args.tuning:
-        name, _, value = item.partition("=")
-        if name not in fields or not value.lstrip("-").isdigit():
-            parser.error(f"--tuning {item!r}: expected FIELD=INT with FIELD one of "
-                         f"GpuTuning's: {', '.join(sorted(fields))}")
-        changes[name] = int(value)
     try:
+        changes.update(tuning_changes(args.tuning))
         tuning = GpuTuning(**changes)
     except (TypeError, ValueError) as err:
         parser.error(str(err))

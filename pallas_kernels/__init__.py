@@ -7,7 +7,9 @@
   routed_attention        self-attention on scattered routes (cluster-sorted layout)
   init_route_cache        a decode cache paged per cluster (decode.append, decode_attention)
   allowed_pairs           the token-level mask every path reproduces
+  GpuTuning               the GPU kernels' tiles and variants (gpu_tuning=)
 """
+from pallas_kernels.config import GpuTuning
 from pallas_kernels.decode import RouteCache, decode_attention, init_route_cache
 from pallas_kernels.masking import allowed_pairs
 from pallas_kernels.ops import attention_with_schedule, block_sparse_attention
@@ -21,4 +23,4 @@ __all__ = ["allowed_pairs", "attention_with_schedule", "band_schedule", "block_s
            "reference_attention", "routed_attention", "segment_schedule",
            "sharded_block_sparse_attention", "sharded_routed_attention", "BlockSchedule",
            "build_schedule", "natural_density_bound", "RouteCache", "decode_attention",
-           "init_route_cache"]
+           "init_route_cache", "GpuTuning"]

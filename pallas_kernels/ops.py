@@ -33,18 +33,23 @@ def resolve_backend(backend: str) -> str:
     return {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
-def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k):
+def pick_backend(backend: str, q, k, *, window, sink_tokens, block_q, block_k,
+                 gpu_tuning=None):
     """(backend, GpuTuning or None for the defaults): resolve_backend's, where "auto" on a GPU
     takes the fastest of the GPU kernels and their tunings for this device and shape class
-    (autoselect.py: measured once, then recorded)."""
+    (autoselect.py: measured once, then recorded). A gpu_tuning given is used as it is."""
+    if gpu_tuning is not None and not isinstance(gpu_tuning, GpuTuning):
+        raise TypeError(f"gpu_tuning must be a pallas_kernels.GpuTuning or None, got "
+                        f"{type(gpu_tuning).__name__}")
     resolved = resolve_backend(backend)
     if backend != "auto" or resolved != "gpu":
-        return resolved, None
+        return resolved, gpu_tuning
     from pallas_kernels.autoselect import choose, split_candidate
     choice = choose(q, k, window=window, sink_tokens=sink_tokens,
                     block_q=block_q or DEFAULT_BLOCKS["gpu"][0],
                     block_k=block_k or DEFAULT_BLOCKS["gpu"][1])
-    return split_candidate(choice, q.dtype)
+    chosen, tuning = split_candidate(choice, q.dtype)
+    return chosen, gpu_tuning or tuning
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -176,7 +181,7 @@ def prepare_schedule(q, k, v, q_clusters, k_clusters, schedule: BlockSchedule, *
 
 def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_tokens, q_offset=0,
                            scale=None, backend="auto", interpret=False, return_lse=False,
-                           block_q=None, block_k=None):
+                           block_q=None, block_k=None, gpu_tuning=None):
     """Exact attention restricted to allowed pairs (see masking.allowed_pairs), computed only on
     the key blocks the cluster ids make reachable.
 
@@ -184,12 +189,14 @@ def block_sparse_attention(q, k, v, q_clusters, k_clusters, *, window, sink_toke
     h // (Hq // Hkv)); q_clusters [B, Hq, Sq] and k_clusters [B, Hq, Sk] integer ids; queries sit
     at positions q_offset .. q_offset + Sq - 1. Returns out [B, Sq, Hq, D] in q's dtype and, with
     return_lse, the natural-log LSE [B, Hq, Sq] float32 (-inf where a row has no allowed key,
-    whose output is 0). Differentiable in q, k and v on every backend.
+    whose output is 0). Differentiable in q, k and v on every backend. gpu_tuning: a GpuTuning
+    for the GPU kernels ("gpu", "triton", and the Triton backward of "mosaic"), in place of
+    the dtype's defaults or backend="auto"'s measured choice.
     """
     qc, kc, window, sink_tokens, q_offset = check_attention_args(
         q, k, v, q_clusters, k_clusters, window, sink_tokens, q_offset)
     backend, gpu_tuning = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
-                                       block_q=block_q, block_k=block_k)
+                                       block_q=block_q, block_k=block_k, gpu_tuning=gpu_tuning)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

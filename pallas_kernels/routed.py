@@ -78,7 +78,7 @@ def _check_options(layout, sorted_above, q, k, clusters):
 
 def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layout="auto",
                      sorted_above=SORTED_ABOVE, backend="auto", interpret=False, block_q=None,
-                     block_k=None, return_lse=False, num_clusters=None):
+                     block_k=None, return_lse=False, num_clusters=None, gpu_tuning=None):
     """Causal self-attention restricted to the allowed pairs of one set of cluster ids (the
     mask of block_sparse_attention with q_clusters = k_clusters = clusters, q_offset 0).
 
@@ -93,14 +93,14 @@ def routed_attention(q, k, v, clusters, *, window, sink_tokens, scale=None, layo
     promise raises; under jit its rows come out NaN on the sorted layout, and the natural
     layout visits more blocks than it needs (still exact). Returns out
     [B, S, Hq, D] in q's dtype and, with return_lse, the natural-log LSE [B, Hq, S] float32.
-    Differentiable in q, k, v.
+    Differentiable in q, k, v. gpu_tuning: as block_sparse_attention's.
     """
     _check_options(layout, sorted_above, q, k, clusters)
     num_ids = _check_num_clusters(num_clusters, clusters)
     qc, _, window, sink_tokens, _ = check_attention_args(q, k, v, clusters, clusters, window,
                                                          sink_tokens, 0)
     backend, gpu_tuning = pick_backend(backend, q, k, window=window, sink_tokens=sink_tokens,
-                                       block_q=block_q, block_k=block_k)
+                                       block_q=block_q, block_k=block_k, gpu_tuning=gpu_tuning)
     if backend == "xla":
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)

@@ -1,4 +1,5 @@
-"""experiments/bench_attention.py's rel_err: the error every benchmark's checks report."""
+"""experiments/bench_attention.py's rel_err (the error every benchmark's checks report) and
+tuning_changes (the --tuning FIELD=INT items of bench_routed and kernel_sass)."""
 import numpy as np
 import pytest
 from experiment_script import load_experiment
@@ -14,3 +15,16 @@ from experiment_script import load_experiment
 def test_rel_err_in_closed_form(got, want, err):
     rel_err = load_experiment("bench_attention").rel_err
     assert rel_err(np.array(got), np.array(want)) == pytest.approx(err, rel=1e-6)
+
+
+def test_tuning_changes_name_the_bad_item():
+    tuning_changes = load_experiment("bench_attention").tuning_changes
+    assert tuning_changes(["dq_atomic=1", "band_tile_k=32", "tree_tail=0"]) == {
+        "dq_atomic": 1, "band_tile_k": 32, "tree_tail": 0}
+    assert tuning_changes([]) == {}
+    for item in ("dq_atomic", "fast=1", "dq_atomic=yes"):
+        with pytest.raises(ValueError, match=f"--tuning '{item}': expected FIELD=INT with "
+                           "FIELD one of GpuTuning's: band_by_position, "):
+            tuning_changes([item])
+    with pytest.raises(ValueError, match="GpuTuning.dq_atomic must be 0 or 1, got 2"):
+        tuning_changes(["dq_atomic=2"])

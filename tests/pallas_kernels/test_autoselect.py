@@ -225,6 +225,24 @@ def test_recorded_tuned_choice_reaches_the_config(cache, monkeypatch):
                             block_k=128) == ("triton", None)
 
 
+def test_a_given_gpu_tuning_wins_over_the_recorded_one(cache, monkeypatch):
+    """pick_backend with gpu_tuning: backend="auto" still picks the backend, the caller's
+    tuning replaces the recorded one; anything but a GpuTuning is refused by name."""
+    from pallas_kernels import GpuTuning, ops
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(autoselect, "usable_candidates",
+                        lambda q, **kw: ["gpu", "triton", "triton+dq_atomic"])
+    autoselect.choose(Q, K, **MASK, candidates=["gpu", "triton", "triton+dq_atomic"],
+                      timer=fake_timer({"gpu": 0.03, "triton": 0.02, "triton+dq_atomic": 0.015},
+                                       []), device_kind=jax.devices()[0].device_kind)
+    mine = GpuTuning(fwd_tile_k=32)
+    assert ops.pick_backend("auto", Q, K, **MASK, gpu_tuning=mine) == ("triton", mine)
+    assert ops.pick_backend("gpu", Q, K, **MASK, gpu_tuning=mine) == ("gpu", mine)
+    with pytest.raises(TypeError, match="gpu_tuning must be a pallas_kernels.GpuTuning or "
+                       "None, got dict"):
+        ops.pick_backend("triton", Q, K, **MASK, gpu_tuning={"dq_atomic": 1})
+
+
 def test_measurement_under_jit_runs_outside_the_trace(cache):
     """Called while jax.jit traces (q a tracer), the timer runs as at top level: its own jit
     stages every primitive, one without inputs (what a kernel's program_id is) included,

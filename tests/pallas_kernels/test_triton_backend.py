@@ -226,6 +226,35 @@ class TestTritonKernels:
         want = reference_attention(q, k, v, ids, ids, **kw)
         assert_close("out", got, want, TOL["float32"])
 
+    @pytest.mark.parametrize("entry", ["block_sparse_attention", "routed_attention"])
+    def test_public_entry_points_take_a_gpu_tuning(self, interpret, entry, monkeypatch):
+        """gpu_tuning reaches the kernels from the public functions: with dq_atomic=1 the
+        backward is the one-launch kernel (counted), and out, LSE and gradients still match
+        the reference (the natural layout, and routed_attention's sorted one)."""
+        from pallas_kernels import GpuTuning, block_sparse_attention, triton_backend
+        launched = []
+        real = triton_backend.dkv_dq_launch
+        monkeypatch.setattr(triton_backend, "dkv_dq_launch",
+                            lambda *a: launched.append(a[1]) or real(*a))
+        rng = np.random.default_rng(23)
+        seq, hq, hkv, d = 52, 4, 2, 16
+        q, k, v = (jnp.asarray(rng.standard_normal((1, seq, h, d)), jnp.float32)
+                   for h in (hq, hkv, hkv))
+        ids = jnp.asarray(rng.integers(0, 3, (1, hq, seq)), jnp.int32)
+        d_out = jnp.asarray(rng.standard_normal((1, seq, hq, d)), jnp.float32)
+        kw = dict(window=4, sink_tokens=1)
+        common = dict(**kw, backend="triton", interpret=interpret, block_q=16, block_k=16,
+                      return_lse=True,
+                      gpu_tuning=dataclasses.replace(GpuTuning.for_dtype(jnp.float32),
+                                                     dq_atomic=1))
+        if entry == "block_sparse_attention":
+            attend = lambda q, k, v: block_sparse_attention(q, k, v, ids, ids, **common)  # noqa: E731,E501
+        else:
+            attend = lambda q, k, v: routed_attention(  # noqa: E731
+                q, k, v, ids, layout="sorted", **common)
+        _assert_fused_matches_reference(attend, q, k, v, ids, d_out, "float32", True, **kw)
+        assert launched, "dq_atomic=1 did not reach the backward"
+
     @pytest.mark.parametrize("seq, hq, hkv, window, sink, dtype, grads", [
         (70, 4, 2, 4, 1, "float32", True), (50, 2, 1, 0, 0, "float32", False),
         (45, 3, 1, 0, 3, "float32", True), (61, 4, 1, 8, 2, "bfloat16", False)])
