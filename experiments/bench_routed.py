@@ -23,7 +23,6 @@ The natural layout visits nearly every block on these routes; it is timed up to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time
@@ -53,7 +52,7 @@ TUNING = {}  # --tuning: GpuTuning fields changed from the dtype's defaults
 
 def gpu_tuning(dtype):
     """The GpuTuning of --tuning for inputs of this dtype, or None for its defaults."""
-    return dataclasses.replace(GpuTuning.for_dtype(dtype), **TUNING) if TUNING else None
+    return GpuTuning.for_dtype(dtype, **TUNING) if TUNING else None
 
 
 def random_inputs(seq, hq, hkv, d, dtype, seed):

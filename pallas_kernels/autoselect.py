@@ -18,7 +18,6 @@ $PALLAS_KERNELS_CACHE_DIR/backend_choice.json, else
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import statistics
@@ -52,7 +51,7 @@ def split_candidate(candidate: str, dtype):
     if not names:
         return backend, None
     changes = {field: value for n in names for field, value in TUNINGS[n].items()}
-    return backend, dataclasses.replace(GpuTuning.for_dtype(dtype), **changes)
+    return backend, GpuTuning.for_dtype(dtype, **changes)
 
 
 def cache_path() -> Path:

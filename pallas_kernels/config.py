@@ -71,11 +71,16 @@ class GpuTuning:
                 raise ValueError(f"GpuTuning.{name} must be 0 or 1, got {value}")
 
     @classmethod
-    def for_dtype(cls, dtype):
+    def for_dtype(cls, dtype, **changes):
         """The defaults for 2-byte inputs; 4-byte tiles need twice the shared memory, so
-        float32 runs narrow, single-stage tiles."""
+        float32 runs narrow, single-stage tiles. changes: fields set on top of them, e.g.
+        GpuTuning.for_dtype(q.dtype, dq_atomic=1)."""
         if jnp.dtype(dtype).itemsize <= 2:
-            return cls()
+            return cls(**changes)
+        return dataclasses.replace(cls._float32(), **changes)
+
+    @classmethod
+    def _float32(cls):
         return cls(fwd_tile_k=32, fwd_warps=4, fwd_stages=1, dq_tile_q=32, dq_tile_k=32,
                    dq_warps=4, dq_stages=1, dkv_tile_q=32, dkv_tile_k=32, dkv_warps=4,
                    dkv_stages=1, band_tile_q=32, band_tile_k=32, band_warps=4, band_stages=1,

@@ -373,6 +373,17 @@ def test_bad_kernel_config_raises(make, error, match):
         make()
 
 
+def test_tuning_for_a_dtype_takes_changes():
+    """for_dtype's changes sit on that dtype's tiles: float32 keeps its 32-wide tiles."""
+    f32 = GpuTuning.for_dtype(jnp.float32, dq_atomic=1)
+    assert (f32.dq_atomic, f32.dkv_tile_q, f32.fwd_stages) == (1, 32, 1)
+    assert GpuTuning.for_dtype(jnp.float32) == GpuTuning.for_dtype(jnp.float32, dq_atomic=0)
+    assert GpuTuning.for_dtype(jnp.bfloat16, band_tile_k=32) == GpuTuning(band_tile_k=32)
+    assert GpuTuning().dkv_tile_q != 32  # the bf16 tiles differ, so the check above can fail
+    with pytest.raises(ValueError, match="GpuTuning.dq_atomic must be 0 or 1, got 3"):
+        GpuTuning.for_dtype(jnp.float32, dq_atomic=3)
+
+
 def _bench_attention():
     path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)

@@ -245,8 +245,7 @@ class TestTritonKernels:
         kw = dict(window=4, sink_tokens=1)
         common = dict(**kw, backend="triton", interpret=interpret, block_q=16, block_k=16,
                       return_lse=True,
-                      gpu_tuning=dataclasses.replace(GpuTuning.for_dtype(jnp.float32),
-                                                     dq_atomic=1))
+                      gpu_tuning=GpuTuning.for_dtype(jnp.float32, dq_atomic=1))
         if entry == "block_sparse_attention":
             attend = lambda q, k, v: block_sparse_attention(q, k, v, ids, ids, **common)  # noqa: E731,E501
         else:
