@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import rel_err, timed  # noqa: E402
+from bench_attention import finish, rel_err, timed  # noqa: E402
 
 # name in the table -> backend="auto"'s candidate (autoselect.split_candidate): a backend and
 # its tuning; the +dq_atomic rows run the Triton backward as one launch that adds dq with
@@ -234,14 +233,7 @@ def run(args):
         print(f"S={seq} done in {time.perf_counter() - start:.0f} s", flush=True)
         del prob
     result["rows"] = rows
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print_table(result["correctness"], rows)
-    if not all(r["ok"] for r in result["correctness"]):
-        print("CORRECTNESS CHECK FAILED: the timings above are of wrong results")
-        return 1
-    return 0
+    return finish(result, args.out, lambda: print_table(result["correctness"], rows))
 
 
 def print_table(checks, rows):

@@ -1,6 +1,6 @@
 """experiments/bench_backends.py at toy size (CPU, triton's interpreter, in its own process:
 triton reads TRITON_INTERPRET at its first import): every backend checked against the float32
-reference, densities against a float64 numpy count of visited blocks, the table's ratios in
+reference, densities against the numpy block oracle (block_oracle.brute_force), the table's ratios in
 closed form, and a wrong backend reported as failed."""
 import json
 import os
@@ -11,43 +11,27 @@ import sys
 import numpy as np
 import pytest
 
+from block_oracle import brute_force
 from experiment_script import EXPERIMENTS, load_experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, script, *args):
+    """script --toy ... in its own process: (the process, the JSON it wrote or None)."""
     out = tmp_path / "backends.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_backends.py"), "--toy",
-                           "--out", str(out), *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(script), "--toy", "--out", str(out), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
-
-
-def _block_density(ids, *, window, sink, block):
-    """Visited blocks / blocks holding a causal pair, summed over heads, in numpy."""
-    seq = ids.shape[-1]
-    pos = np.arange(seq)
-    causal = pos[None, :] <= pos[:, None]
-    nb = -(-seq // block)
-    visited = total = 0
-    for head in ids.reshape(-1, seq):
-        allowed = causal & ((head[:, None] == head[None, :]) | (pos[None, :] < sink)
-                            | (pos[:, None] - pos[None, :] < window))
-        for i in range(nb):
-            for j in range(nb):
-                tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
-                visited += allowed[tile].any()
-                total += causal[tile].any()
-    return np.float64(visited) / total
 
 
 @pytest.mark.slow
 def test_toy_run_checks_and_times_each_backend(tmp_path):
     pytest.importorskip("triton")
-    proc, result = _run(tmp_path, "--backends", "triton", "triton+dq_atomic",
+    proc, result = _run(tmp_path, EXPERIMENTS / "bench_backends.py", "--backends", "triton",
+                        "triton+dq_atomic",
                         "--densities", "1.0", "0.3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     script = load_experiment("bench_backends")
@@ -68,10 +52,9 @@ def test_toy_run_checks_and_times_each_backend(tmp_path):
         (b, t) for t in (1.0, 0.3) for b in ("triton", "triton+dq_atomic")]
     # each row's density is that of the contiguous clusters whose numpy density is nearest
     # its target; the ratios are time / (density x cuDNN's time)
-    numpy_density = {
-        n: _block_density(np.asarray(script.contiguous_ids(shape, 128, n, seed=n)),
-                          window=shape.window, sink=script.SINK, block=shape.block)
-        for n in range(1, 7)}
+    ids = {n: np.asarray(script.contiguous_ids(shape, 128, n, seed=n)) for n in range(1, 7)}
+    numpy_density = {n: brute_force(x, x, window=shape.window, sink=script.SINK, q_offset=0,
+                                    bq=shape.block, bk=shape.block)[2] for n, x in ids.items()}
     for r in rows:
         nearest = min(numpy_density.values(), key=lambda d: abs(d - r["target"]))
         np.testing.assert_allclose(r["density"], nearest, rtol=1e-6)
@@ -92,7 +75,7 @@ def test_a_wrong_backend_fails_the_run(tmp_path):
     pytest.importorskip("triton")
     wrapper = tmp_path / "wrong_scale.py"
     wrapper.write_text(
-        "import dataclasses, runpy, sys\n"
+        "import dataclasses, sys\n"
         f"sys.path.insert(0, {str(EXPERIMENTS)!r})\n"
         "import bench_backends\n"
         "right = bench_backends.config\n"
@@ -102,13 +85,8 @@ def test_a_wrong_backend_fails_the_run(tmp_path):
         "bench_backends.config = wrong\n"
         "sys.argv[0] = bench_backends.__file__\n"
         "bench_backends.main()\n")
-    out = tmp_path / "backends.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(wrapper), "--toy", "--backends", "triton",
-                           "--densities", "1.0", "--out", str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc, result = _run(tmp_path, wrapper, "--backends", "triton", "--densities", "1.0")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "CORRECTNESS CHECK FAILED" in proc.stdout
-    checks = json.loads(out.read_text())["correctness"]
+    checks = result["correctness"]
     assert checks and not any(c["ok"] for c in checks)

@@ -119,9 +119,10 @@ def test_a_record_scored_by_another_rule_is_measured_again(cache):
 
 def test_measure_scores_full_and_sparse_density(monkeypatch):
     """measure's score in closed form: the seconds at one cluster plus the seconds at
-    SPARSE_CLUSTERS contiguous clusters over that schedule's block density, which matches a
-    numpy count of the blocks holding an allowed pair."""
+    SPARSE_CLUSTERS contiguous clusters over that schedule's block density, which matches the
+    numpy block oracle."""
     import numpy as np
+    from block_oracle import brute_force
     seen = []
 
     def seconds(f, args, reps):
@@ -135,13 +136,10 @@ def test_measure_scores_full_and_sparse_density(monkeypatch):
     score = autoselect.measure("gpu", q, k, window=4, sink_tokens=1, block_q=16, block_k=16,
                                interpret=True, reps=1)
     assert seen == [1, autoselect.SPARSE_CLUSTERS]
-    ids = np.arange(96) * autoselect.SPARSE_CLUSTERS // 96
-    pos = np.arange(96)
-    allowed = (pos[None] <= pos[:, None]) & ((ids[:, None] == ids[None]) | (pos[None] < 1)
-                                             | (pos[:, None] - pos[None] < 4))
-    tiles = allowed.reshape(6, 16, 6, 16).any(axis=(1, 3))
-    density = tiles.sum() / np.tril(np.ones((6, 6))).sum()
-    assert tiles.sum() == 15  # of 21 causal: the diagonal, its neighbours, the sink column
+    ids = np.broadcast_to(np.arange(96) * autoselect.SPARSE_CLUSTERS // 96, (1, 2, 96))
+    visited, _, density = brute_force(ids, ids, window=4, sink=1, q_offset=0, bq=16, bk=16)
+    # of 21 causal blocks per head: the diagonal, its neighbours, the sink column
+    assert visited[0, 0].sum() == 15 and density == pytest.approx(15 / 21)
     np.testing.assert_allclose(score, 0.5 / 1.0 + 0.125 / density, rtol=1e-6)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from pallas_kernels import band_schedule, segment_schedule
 # schedule: build_schedule jitted (eager, every shape compiled each of its ops)
-from test_block_schedule import brute_force, schedule, unpack
+from block_oracle import brute_force
+from test_block_schedule import schedule, unpack
 
 segments = jax.jit(segment_schedule, static_argnames=("block_q", "block_k"))
 band = jax.jit(band_schedule, static_argnums=(0, 1, 2),

@@ -14,9 +14,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from block_oracle import brute_force  # noqa: E402
 from test_block_schedule import (  # noqa: E402
-    GEOMETRIES, assert_matches_brute_force, brute_force, cluster_variants, cut_range_ids,
-    unpack)
+    GEOMETRIES, assert_matches_brute_force, cluster_variants, cut_range_ids, unpack)
 
 from pallas_kernels import build_schedule  # noqa: E402
 from pallas_kernels.schedule import resolve_compaction  # noqa: E402
