@@ -329,6 +329,20 @@ def tuning_changes(items) -> dict:
     return changes
 
 
+def add_tuning_flag(parser, help: str) -> None:
+    """--tuning FIELD=INT ...; the flag may be given more than once, and every item counts."""
+    parser.add_argument("--tuning", nargs="+", action="extend", default=[],
+                        metavar="FIELD=INT", help=help)
+
+
+def parsed_tuning(parser, items) -> dict:
+    """tuning_changes of --tuning's items; a bad item ends the run as argparse's errors do."""
+    try:
+        return tuning_changes(items)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+
 def finish(result: dict, out, print_table) -> int:
     """Writes the JSON (when out is set), prints the table last, and fails (1) when the
     correctness check of the run failed: its timings would be of wrong results."""

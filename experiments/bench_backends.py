@@ -12,10 +12,12 @@ bf16. Times are medians. Writes JSON and prints the table last; exits 1 when a c
   python3 experiments/bench_backends.py --out results/bench_backends.json
   python3 experiments/bench_backends.py --toy       # a CPU dry run (interpreters, XLA for cuDNN)
   python3 experiments/bench_backends.py --backends triton triton+dq_atomic mosaic mosaic+dq_atomic
+  python3 experiments/bench_backends.py --backends triton+dq_atomic --tuning dkv_tile_q=32
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -28,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import finish, rel_err, timed  # noqa: E402
+from bench_attention import add_tuning_flag, finish, parsed_tuning, rel_err, timed  # noqa: E402
 
 # name in the table -> backend="auto"'s candidate (autoselect.split_candidate): a backend and
 # its tuning; the +dq_atomic rows run the Triton backward as one launch that adds dq with
@@ -43,11 +45,21 @@ def backend_of(name) -> str:
     return candidate_backend(BACKENDS[name])
 
 
-def config(name, q, k, *, window, sink_tokens, block, interpret):
-    """The AttentionConfig of a table row's backend and tuning."""
+def row_tuning(name, dtype, changes=None):
+    """(backend, GpuTuning or None for the dtype's defaults) of a table row; changes: GpuTuning
+    fields set on top of the row's own (--tuning)."""
     from pallas_kernels.autoselect import split_candidate
+    from pallas_kernels.config import GpuTuning
+    backend, tuning = split_candidate(BACKENDS[name], dtype)
+    if changes:
+        tuning = dataclasses.replace(tuning or GpuTuning.for_dtype(dtype), **changes)
+    return backend, tuning
+
+
+def config(name, q, k, *, window, sink_tokens, block, interpret, changes=None):
+    """The AttentionConfig of a table row's backend and tuning (row_tuning)."""
     from pallas_kernels.ops import make_config
-    backend, tuning = split_candidate(BACKENDS[name], q.dtype)
+    backend, tuning = row_tuning(name, q.dtype, changes)
     return make_config(q, k, window=window, sink_tokens=sink_tokens, q_offset=0, scale=None,
                        backend=backend, interpret=interpret, block_q=block, block_k=block,
                        gpu_tuning=tuning)
@@ -84,7 +96,7 @@ def random_inputs(shape, seq, dtype, seed):
     return q, k, v, jax.random.normal(keys[3], (1, seq, shape.hq, shape.d), dtype)
 
 
-def check_correctness(shape, backends):
+def check_correctness(shape, backends, changes=None):
     """Each backend's out, LSE, dq, dk, dv against the reference on float32 inputs."""
     from pallas_kernels import build_schedule, reference_attention
     from pallas_kernels.ops import attention_with_schedule
@@ -119,7 +131,8 @@ def check_correctness(shape, backends):
                 continue
             if dtype == jnp.float32 and backend == "mosaic":
                 continue  # wgmma on 2-byte inputs only: the backend refuses float32
-            cfg = config(name, q, k, **kw, block=shape.block, interpret=shape.toy)
+            cfg = config(name, q, k, **kw, block=shape.block, interpret=shape.toy,
+                         changes=changes)
 
             def kernel(q, k, v, ids, backend=backend, cfg=cfg):
                 sched = build_schedule(ids, ids, **kw, block_q=cfg.block_q,
@@ -142,9 +155,9 @@ def check_correctness(shape, backends):
 class Problem:
     """Inputs of one sequence length and the jitted functions timed on them."""
 
-    def __init__(self, shape, seq, reps):
+    def __init__(self, shape, seq, reps, changes=None):
         from pallas_kernels import build_schedule
-        self.shape, self.seq, self.reps = shape, seq, reps
+        self.shape, self.seq, self.reps, self.changes = shape, seq, reps, changes
         self.q, self.k, self.v, self.ct = random_inputs(shape, seq, jnp.bfloat16, seed=seq)
         self.schedule = jax.jit(functools.partial(
             lambda ids, b, w: build_schedule(ids, ids, window=w, sink_tokens=SINK,
@@ -176,7 +189,7 @@ class Problem:
         from pallas_kernels.ops import attention_with_schedule
         backend = backend_of(name)
         cfg = config(name, self.q, self.k, window=self.shape.window, sink_tokens=SINK,
-                     block=self.shape.block, interpret=self.shape.toy)
+                     block=self.shape.block, interpret=self.shape.toy, changes=self.changes)
 
         def forward(q, k, v, ids, sched):
             return attention_with_schedule(q, k, v, ids, ids, sched, backend=backend,
@@ -204,12 +217,13 @@ def run(args):
           flush=True)
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "shape": dict(B=1, Hq=shape.hq, Hkv=shape.hkv, D=shape.d, dtype="bfloat16",
-                            window=shape.window, sink=SINK, block=shape.block)}
-    result["correctness"] = check_correctness(shape, backends)
+                            window=shape.window, sink=SINK, block=shape.block),
+              "tuning": args.tuning}
+    result["correctness"] = check_correctness(shape, backends, args.tuning)
     rows = []
     for seq in args.seqs:
         start = time.perf_counter()
-        prob = Problem(shape, seq, args.reps)
+        prob = Problem(shape, seq, args.reps, args.tuning)
         dense_fwd, dense_both = prob.time_cudnn()
         rows.append(dict(seq=seq, variant="cudnn", density=1.0, fwd_ms=1e3 * dense_fwd,
                          fwd_bwd_ms=1e3 * dense_both))
@@ -265,11 +279,13 @@ def main():
                              "default 1 0.25 0.05)")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS),
                         default=["pallas", "triton"])
+    add_tuning_flag(parser, "GpuTuning fields set on every row's tuning, e.g. dkv_tile_q=32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="results/bench_backends.json")
     parser.add_argument("--toy", action="store_true",
                         help="CPU dry run: small shape, interpreted kernels, XLA for cuDNN")
     args = parser.parse_args()
+    args.tuning = parsed_tuning(parser, args.tuning)
     if args.toy:
         if any(backend_of(b) == "mosaic" for b in args.backends):
             # its blocks start at 128 rows: more than a toy sequence

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import finish, rel_err, timed, tuning_changes  # noqa: E402
+from bench_attention import add_tuning_flag, finish, parsed_tuning, rel_err, timed  # noqa: E402
 from pallas_kernels import (GpuTuning, band_schedule, build_schedule,  # noqa: E402
                             reference_attention, routed_attention, segment_schedule)
 from pallas_kernels.routed import prefer_sorted  # noqa: E402
@@ -277,16 +277,12 @@ def main():
     parser.add_argument("--quick-check", action="store_true",
                         help="check the sorted layout in bf16 only (the float32 kernels at "
                              "D = 128 take minutes to compile)")
-    parser.add_argument("--tuning", nargs="+", default=[], metavar="FIELD=INT",
-                        help="GpuTuning fields for the end-to-end rows and the check, e.g. "
-                             "dq_atomic=1 (default: the dtype's own)")
+    add_tuning_flag(parser, "GpuTuning fields for the end-to-end rows and the check, e.g. "
+                            "dq_atomic=1 (default: the dtype's own)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global SMOKE, BACKEND, TUNING
-    try:
-        TUNING = tuning_changes(args.tuning)
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
+    TUNING = parsed_tuning(parser, args.tuning)
     SMOKE, BACKEND = args.smoke, args.backend
     sys.exit(run(args))
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import tuning_changes  # noqa: E402
+from bench_attention import add_tuning_flag, parsed_tuning  # noqa: E402
 from pallas_kernels.config import AttentionConfig, GpuTuning  # noqa: E402
 
 SHAPE = dict(seq=32768, hq=32, hkv=8, d=128)
@@ -195,13 +195,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cc", type=int, default=90, help="compute capability, e.g. 90, 80")
     parser.add_argument("--rescale-slack", type=int, default=None,
                         help="GpuTuning.rescale_slack (default: its own)")
-    parser.add_argument("--tuning", nargs="+", default=[], metavar="FIELD=INT",
-                        help="other GpuTuning fields, e.g. band_by_position=1 band_tile_k=32")
+    add_tuning_flag(parser, "other GpuTuning fields, e.g. band_by_position=1 band_tile_k=32")
     parser.add_argument("--out", default="", help="JSON of the rows")
     args = parser.parse_args(argv)
     changes = {} if args.rescale_slack is None else {"rescale_slack": args.rescale_slack}
+    changes.update(parsed_tuning(parser, args.tuning))
     try:
-        changes.update(tuning_changes(args.tuning))
         tuning = GpuTuning(**changes)
     except (TypeError, ValueError) as err:
         parser.error(str(err))

@@ -1,5 +1,8 @@
 """experiments/bench_attention.py's rel_err (the error every benchmark's checks report) and
-tuning_changes (the --tuning FIELD=INT items of bench_routed and kernel_sass)."""
+tuning_changes (the --tuning FIELD=INT items of bench_routed, bench_backends and kernel_sass)
+with the flag that reads them."""
+import argparse
+
 import numpy as np
 import pytest
 from experiment_script import load_experiment
@@ -28,3 +31,18 @@ def test_tuning_changes_name_the_bad_item():
             tuning_changes([item])
     with pytest.raises(ValueError, match="GpuTuning.dq_atomic must be 0 or 1, got 2"):
         tuning_changes(["dq_atomic=2"])
+
+
+def test_tuning_flag_adds_up_every_use(capsys):
+    bench = load_experiment("bench_attention")
+    parser = argparse.ArgumentParser()
+    bench.add_tuning_flag(parser, "fields")
+    args = parser.parse_args(["--tuning", "dq_atomic=1", "dkv_tile_q=32", "--tuning",
+                              "dkv_stages=1"])
+    assert bench.parsed_tuning(parser, args.tuning) == {
+        "dq_atomic": 1, "dkv_tile_q": 32, "dkv_stages": 1}
+    assert bench.parsed_tuning(parser, parser.parse_args([]).tuning) == {}
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parsed_tuning(parser, ["dkv_tile_q=24"])
+    assert exit_info.value.code == 2
+    assert "GpuTuning.dkv_tile_q must be a power of two >= 16, got 24" in capsys.readouterr().err

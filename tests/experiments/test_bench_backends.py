@@ -31,9 +31,10 @@ def _run(tmp_path, script, *args):
 def test_toy_run_checks_and_times_each_backend(tmp_path):
     pytest.importorskip("triton")
     proc, result = _run(tmp_path, EXPERIMENTS / "bench_backends.py", "--backends", "triton",
-                        "triton+dq_atomic",
-                        "--densities", "1.0", "0.3")
+                        "triton+dq_atomic", "--densities", "1.0", "0.3",
+                        "--tuning", "dkv_tile_q=16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert result["tuning"] == {"dkv_tile_q": 16}
     script = load_experiment("bench_backends")
     shape = script.Shape(toy=True)
 
@@ -90,3 +91,24 @@ def test_a_wrong_backend_fails_the_run(tmp_path):
     assert "CORRECTNESS CHECK FAILED" in proc.stdout
     checks = result["correctness"]
     assert checks and not any(c["ok"] for c in checks)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_tuning_changes_land_on_each_rows_own(dtype):
+    """--tuning's fields go on top of the row's tuning: dq_atomic kept on its +dq_atomic row,
+    the dtype's tiles kept where not changed, and nothing changed without the flag."""
+    from pallas_kernels.config import GpuTuning
+    script = load_experiment("bench_backends")
+
+    def tuning(name, changes):
+        backend, got = script.row_tuning(name, dtype, changes)
+        assert backend == "triton"
+        return got or GpuTuning.for_dtype(dtype)  # None: make_config takes the dtype's own
+
+    defaults = GpuTuning.for_dtype(dtype)
+    assert tuning("triton", None) == defaults
+    assert tuning("triton+dq_atomic", None) == GpuTuning.for_dtype(dtype, dq_atomic=1)
+    assert tuning("triton", {"dkv_stages": 3}) == GpuTuning.for_dtype(dtype, dkv_stages=3)
+    got = tuning("triton+dq_atomic", {"dkv_tile_q": 16, "dkv_stages": 3})
+    assert (got.dq_atomic, got.dkv_tile_q, got.dkv_stages) == (1, 16, 3)
+    assert (got.fwd_tile_k, got.dq_tile_q) == (defaults.fwd_tile_k, defaults.dq_tile_q)

@@ -129,7 +129,10 @@ def test_tensor_core_and_reduction_counts_in_closed_form(opcode, macs, reduced):
     (["--tuning", "bogus=1"], "--tuning 'bogus=1': expected FIELD=INT with FIELD one of"),
     (["--tuning", "band_warps"], "--tuning 'band_warps': expected FIELD=INT"),
     (["--tuning", "band_warps=3"], "GpuTuning.band_warps must be a positive power of two"),
-    (["--tuning", "band_by_position=2"], "GpuTuning.band_by_position must be 0 or 1")])
+    (["--tuning", "band_by_position=2"], "GpuTuning.band_by_position must be 0 or 1"),
+    # the flag given twice: the first's items count too (argparse's default kept the last)
+    (["--tuning", "band_warps=3", "--tuning", "band_by_position=1"],
+     "GpuTuning.band_warps must be a positive power of two")])
 def test_bad_tuning_is_named(argv, message, capsys):
     from experiment_script import load_experiment
     with pytest.raises(SystemExit) as exit_info:
