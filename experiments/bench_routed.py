@@ -11,6 +11,7 @@ the table last.
   python3 experiments/bench_routed.py --out results/bench_routed.json
   python3 experiments/bench_routed.py --smollm2-shape --out results/bench_routed_smollm2.json
   python3 experiments/bench_routed.py --breakdown --out results/bench_routed/breakdown.json
+  python3 experiments/bench_routed.py --toy --backend triton    # a CPU dry run, small shape
 
 --breakdown times each stage of the sorted layout alone instead (routed_breakdown.py), at 8k
 and 32k with 32 clusters unless --seqs / --clusters say otherwise.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,8 +45,9 @@ from routed_breakdown import run_breakdown  # noqa: E402
 
 WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
-          "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192])}
-SMOKE = False  # --smoke: a CPU dry run (Pallas interpret mode, XLA attention for cuDNN)
+          "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192]),
+          "toy": dict(hq=4, hkv=2, d=32, seqs=[256], window=32, block=32)}
+SMOKE = False  # --smoke / --toy: a CPU dry run (interpreted kernels, XLA attention for cuDNN)
 BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper;
 #                  "triton": jax-triton, whose sorted forward reads through the order)
 TUNING = {}  # --tuning: GpuTuning fields changed from the dtype's defaults
@@ -145,7 +148,7 @@ def time_case(q, k, v, ct, ids, fn, reps):
 
 
 def run(args):
-    shape = SHAPES["smollm2" if args.smollm2_shape else "llama3-8b"]
+    shape = SHAPES["toy" if args.toy else "smollm2" if args.smollm2_shape else "llama3-8b"]
     seqs = args.seqs or shape["seqs"]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
@@ -279,11 +282,19 @@ def main():
                              "D = 128 take minutes to compile)")
     add_tuning_flag(parser, "GpuTuning fields for the end-to-end rows and the check, e.g. "
                             "dq_atomic=1 (default: the dtype's own)")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--toy", action="store_true",
+                        help="CPU dry run: Hq=4, Hkv=2, D=32 at 256 tokens, 8 clusters, "
+                             "window 32, 32 x 32 blocks, interpreted kernels, XLA attention "
+                             "for cuDNN")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # full shape
     args = parser.parse_args()
-    global SMOKE, BACKEND, TUNING
+    global SMOKE, BACKEND, TUNING, WINDOW, BLOCK
     TUNING = parsed_tuning(parser, args.tuning)
-    SMOKE, BACKEND = args.smoke, args.backend
+    SMOKE, BACKEND = args.smoke or args.toy, args.backend
+    if args.toy:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read at triton's first import
+        args.clusters, args.reps = args.clusters or [8], 1
+        WINDOW, BLOCK = SHAPES["toy"]["window"], SHAPES["toy"]["block"]
     sys.exit(run(args))
 
 
