@@ -1,38 +1,20 @@
 """experiments/bench_backends.py at toy size (CPU, triton's interpreter, in its own process:
 triton reads TRITON_INTERPRET at its first import): every backend checked against the float32
-reference, densities against the numpy block oracle (block_oracle.brute_force), the table's ratios in
-closed form, and a wrong backend reported as failed."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
+reference, densities against the numpy block oracle (block_oracle.brute_force), the table's
+ratios in closed form, and a wrong backend reported as failed."""
 import numpy as np
 import pytest
 
 from block_oracle import brute_force
-from experiment_script import EXPERIMENTS, load_experiment
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _run(tmp_path, script, *args):
-    """script --toy ... in its own process: (the process, the JSON it wrote or None)."""
-    out = tmp_path / "backends.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(script), "--toy", "--out", str(out), *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return proc, (json.loads(out.read_text()) if out.exists() else None)
+from experiment_script import EXPERIMENTS, load_experiment, run_toy
 
 
 @pytest.mark.slow
 def test_toy_run_checks_and_times_each_backend(tmp_path):
     pytest.importorskip("triton")
-    proc, result = _run(tmp_path, EXPERIMENTS / "bench_backends.py", "--backends", "triton",
-                        "triton+dq_atomic", "--densities", "1.0", "0.3",
-                        "--tuning", "dkv_tile_q=16")
+    proc, result = run_toy(EXPERIMENTS / "bench_backends.py", tmp_path / "backends.json",
+                           "--backends", "triton", "triton+dq_atomic", "--densities", "1.0",
+                           "0.3", "--tuning", "dkv_tile_q=16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert result["tuning"] == {"dkv_tile_q": 16}
     script = load_experiment("bench_backends")
@@ -86,7 +68,8 @@ def test_a_wrong_backend_fails_the_run(tmp_path):
         "bench_backends.config = wrong\n"
         "sys.argv[0] = bench_backends.__file__\n"
         "bench_backends.main()\n")
-    proc, result = _run(tmp_path, wrapper, "--backends", "triton", "--densities", "1.0")
+    proc, result = run_toy(wrapper, tmp_path / "backends.json", "--backends", "triton",
+                           "--densities", "1.0")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "CORRECTNESS CHECK FAILED" in proc.stdout
     checks = result["correctness"]

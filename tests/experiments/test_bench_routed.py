@@ -3,29 +3,11 @@ triton reads TRITON_INTERPRET at its first import): both layouts checked against
 reference, each row's visited share against the numpy block oracle (block_oracle.brute_force)
 of the sorted and the natural layout, the speed-ups in closed form, and a wrong kernel reported
 as failed."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from block_oracle import brute_force
-from experiment_script import EXPERIMENTS, load_experiment
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _run(tmp_path, script, *args):
-    """script --toy ... in its own process: (the process, the JSON it wrote or None)."""
-    out = tmp_path / "routed.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(script), "--toy", "--out", str(out), *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return proc, (json.loads(out.read_text()) if out.exists() else None)
+from experiment_script import EXPERIMENTS, load_experiment, run_toy
 
 
 def oracle_shares(ids, *, window, sink, block):
@@ -48,7 +30,8 @@ def oracle_shares(ids, *, window, sink, block):
 @pytest.mark.slow
 def test_toy_run_checks_and_times_both_layouts(tmp_path):
     pytest.importorskip("triton")
-    proc, result = _run(tmp_path, EXPERIMENTS / "bench_routed.py", "--backend", "triton",
+    proc, result = run_toy(EXPERIMENTS / "bench_routed.py", tmp_path / "routed.json",
+                           "--backend", "triton",
                         "--tuning", "dq_atomic=1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     script = load_experiment("bench_routed")
@@ -101,7 +84,8 @@ def test_a_wrong_kernel_fails_the_run(tmp_path):
         "bench_routed.routed_attention = wrong\n"
         "sys.argv[0] = bench_routed.__file__\n"
         "bench_routed.main()\n")
-    proc, result = _run(tmp_path, wrapper, "--quick-check", "--layouts", "sorted")
+    proc, result = run_toy(wrapper, tmp_path / "routed.json", "--quick-check", "--layouts",
+                           "sorted")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "CORRECTNESS CHECK FAILED" in proc.stdout
     checks = result["correctness"]

@@ -1,17 +1,9 @@
 """experiments/fused_stages.py at toy size (CPU, triton's interpreter, in its own process: triton
 reads TRITON_INTERPRET at its first import): the float32 reference check, every variant's
 check against the default, and the table's arithmetic."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-from experiment_script import EXPERIMENTS, load_experiment
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from experiment_script import EXPERIMENTS, load_experiment, run_toy
 
 
 @pytest.mark.slow
@@ -20,14 +12,9 @@ def test_toy_run_checks_every_variant(tmp_path, split):
     """Each split of the pairs between the tree and band passes (GpuTuning.band_by_position):
     every variant checked, every stage timed."""
     pytest.importorskip("triton")
-    out = tmp_path / "fused.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "fused_stages.py"), "--toy",
-                           "--seqs", "64", "--reps", "1", "--out", str(out), *split],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc, result = run_toy(EXPERIMENTS / "fused_stages.py", tmp_path / "fused.json", "--seqs",
+                           "64", "--reps", "1", *split)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     script = load_experiment("fused_stages")
     assert result["tuning"] == ({"band_by_position": 1} if split else {})
 
