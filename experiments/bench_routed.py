@@ -46,7 +46,7 @@ WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
           "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192]),
           "toy": dict(hq=4, hkv=2, d=32, seqs=[256], window=32, block=32)}
-SMOKE = False  # --smoke / --toy: a CPU dry run (interpreted kernels, XLA attention for cuDNN)
+SMOKE = False  # --toy: a CPU dry run (interpreted kernels, XLA attention for cuDNN)
 BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper;
 #                  "triton": jax-triton, whose sorted forward reads through the order)
 TUNING = {}  # --tuning: GpuTuning fields changed from the dtype's defaults
@@ -285,11 +285,10 @@ def main():
                         help="CPU dry run: Hq=4, Hkv=2, D=32 at 256 tokens, 8 clusters, "
                              "window 32, 32 x 32 blocks, interpreted kernels, XLA attention "
                              "for cuDNN")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # full shape
     args = parser.parse_args()
     global SMOKE, BACKEND, TUNING, WINDOW, BLOCK
     TUNING = parsed_tuning(parser, args.tuning)
-    SMOKE, BACKEND = args.smoke or args.toy, args.backend
+    SMOKE, BACKEND = args.toy, args.backend
     if args.toy:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read at triton's first import
         args.clusters, args.reps = args.clusters or [8], 1

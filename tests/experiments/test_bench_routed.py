@@ -17,8 +17,8 @@ def oracle_shares(ids, *, window, sink, block):
     key is the sink pass's, not the band's); the natural layout takes every pair at once."""
     heads, seq = ids.shape[1], ids.shape[2]
     blocks = dict(q_offset=0, bq=block, bk=block)
-    tree, _, _ = brute_force(np.sort(ids, axis=-1, kind="stable"),
-                             np.sort(ids, axis=-1, kind="stable"), window=0, sink=0, **blocks)
+    in_order = np.sort(ids, axis=-1)  # the ids the sorted layout's tree pass sees
+    tree, _, _ = brute_force(in_order, in_order, window=0, sink=0, **blocks)
     positions = np.broadcast_to(np.arange(seq), ids.shape)  # every token its own cluster
     band, _, _ = brute_force(positions, positions, window=window, sink=0, **blocks)
     nq = -(-seq // block)
