@@ -46,7 +46,7 @@ WINDOW, SINK, BLOCK = 128, 1, 128
 SHAPES = {"llama3-8b": dict(hq=32, hkv=8, d=128, seqs=[8192, 32768, 131072]),
           "smollm2": dict(hq=9, hkv=3, d=64, seqs=[2048, 4096, 8192]),
           "toy": dict(hq=4, hkv=2, d=32, seqs=[256], window=32, block=32)}
-SMOKE = False  # --toy: a CPU dry run (interpreted kernels, XLA attention for cuDNN)
+TOY = False  # --toy: a CPU dry run (interpreted kernels, XLA attention for cuDNN)
 BACKEND = "gpu"  # --backend: the kernels' backend ("mosaic": Mosaic GPU forward on Hopper;
 #                  "triton": jax-triton, whose sorted forward reads through the order)
 TUNING = {}  # --tuning: GpuTuning fields changed from the dtype's defaults
@@ -74,8 +74,8 @@ def check_correctness(shape, quick=False):
     """Outputs, LSE and gradients of both layouts against the reference on float32 copies
     (quick: the sorted layout in bf16 only)."""
     rows = []
-    cases = [(200 if SMOKE else 1000, jnp.bfloat16, 16, WINDOW, SINK, 2e-2),
-             (150 if SMOKE else 777, jnp.float32, 5, 16, 4, 2e-5)]
+    cases = [(200 if TOY else 1000, jnp.bfloat16, 16, WINDOW, SINK, 2e-2),
+             (150 if TOY else 777, jnp.float32, 5, 16, 4, 2e-5)]
     cases = cases[:1] if quick or BACKEND == "mosaic" else cases  # mosaic: 2-byte inputs
     for seq, dtype, clusters, window, sink, tol in cases:
         q, k, v, ct = random_inputs(seq, shape["hq"], shape["hkv"], shape["d"], dtype, seed=seq)
@@ -93,7 +93,7 @@ def check_correctness(shape, quick=False):
         for layout in ("sorted",) if quick else ("sorted", "natural"):
             def routed(q, k, v, ids, layout=layout):
                 return routed_attention(q, k, v, ids, layout=layout, backend=BACKEND,
-                                        interpret=SMOKE, return_lse=True,
+                                        interpret=TOY, return_lse=True,
                                         gpu_tuning=gpu_tuning(q.dtype), **kw)
 
             got = jax.jit(out_lse_grads, static_argnums=0)(routed, q, k, v, ct, ids)
@@ -160,7 +160,7 @@ def run(args):
     if args.breakdown:
         result["breakdown"] = run_breakdown(
             shape, args.seqs or [8192, 32768], args.clusters or [32], reps=args.reps,
-            smoke=SMOKE, inputs=random_inputs, routes=random_routes, window=WINDOW, sink=SINK,
+            smoke=TOY, inputs=random_inputs, routes=random_routes, window=WINDOW, sink=SINK,
             block=BLOCK)
         return finish(result, args.out, lambda: print_breakdown(result))
     start = time.perf_counter()
@@ -175,7 +175,7 @@ def run(args):
                                     seed=seq)
 
         def cudnn(q, k, v, ids):
-            impl = "xla" if SMOKE else "cudnn"
+            impl = "xla" if TOY else "cudnn"
             return jax.nn.dot_product_attention(q, k, v, implementation=impl, is_causal=True)
 
         dense = time_case(q, k, v, ct, jnp.zeros((1, shape["hq"], seq), jnp.int32), cudnn,
@@ -196,7 +196,7 @@ def run(args):
                     continue
                 def fn(q, k, v, ids, layout=layout):
                     return routed_attention(q, k, v, ids, window=WINDOW, sink_tokens=SINK,
-                                            layout=layout, backend=BACKEND, interpret=SMOKE,
+                                            layout=layout, backend=BACKEND, interpret=TOY,
                                             block_q=BLOCK, block_k=BLOCK,
                                             gpu_tuning=gpu_tuning(q.dtype))
 
@@ -286,9 +286,9 @@ def main():
                              "window 32, 32 x 32 blocks, interpreted kernels, XLA attention "
                              "for cuDNN")
     args = parser.parse_args()
-    global SMOKE, BACKEND, TUNING, WINDOW, BLOCK
+    global TOY, BACKEND, TUNING, WINDOW, BLOCK
     TUNING = parsed_tuning(parser, args.tuning)
-    SMOKE, BACKEND = args.toy, args.backend
+    TOY, BACKEND = args.toy, args.backend
     if args.toy:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read at triton's first import
         args.clusters, args.reps = args.clusters or [8], 1

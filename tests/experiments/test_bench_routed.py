@@ -31,8 +31,7 @@ def oracle_shares(ids, *, window, sink, block):
 def test_toy_run_checks_and_times_both_layouts(tmp_path):
     pytest.importorskip("triton")
     proc, result = run_toy(EXPERIMENTS / "bench_routed.py", tmp_path / "routed.json",
-                           "--backend", "triton",
-                        "--tuning", "dq_atomic=1")
+                           "--backend", "triton", "--tuning", "dq_atomic=1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     script = load_experiment("bench_routed")
     toy = script.SHAPES["toy"]
